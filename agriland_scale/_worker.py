@@ -1,0 +1,51 @@
+"""Per-worker state: one copy of each model, TensorFlow threads set once.
+
+Tasks call :func:`get_model`; a worker process loads a model file the first time it is
+asked and keeps it for later tasks (keyed by path and modification time). A lock keeps
+concurrent tasks of one worker from running the same model at once, so TensorFlow's thread
+pool (sized to the worker's threads) is not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+_models: dict[tuple[str, float], Any] = {}
+_lock = threading.Lock()
+_configured = False
+
+
+def configure_tensorflow() -> None:
+    """Set TF intra-op threads from ``TF_NUM_INTRAOP_THREADS`` before TF starts (once)."""
+    global _configured
+    if _configured:
+        return
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    n = os.environ.get("TF_NUM_INTRAOP_THREADS")
+    try:
+        if n:
+            tf.config.threading.set_intra_op_parallelism_threads(int(n))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process
+        pass
+    _configured = True
+
+
+def get_model(path: str | Path) -> tuple[Any, threading.Lock]:
+    """The Keras model stored at ``path``, loaded once per process, and its run lock."""
+    configure_tensorflow()
+    import keras
+
+    from .models import dec, unet  # noqa: F401  (register custom objects)
+
+    p = Path(path)
+    key = (str(p.resolve()), p.stat().st_mtime)
+    with _lock:
+        if key not in _models:
+            _models[key] = (keras.saving.load_model(p, compile=False), threading.Lock())
+        return _models[key]

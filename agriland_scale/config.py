@@ -1,0 +1,314 @@
+"""Typed run configuration, loaded from a pipeline YAML file.
+
+One tree of frozen pydantic models; unknown keys and wrong types are refused with a
+:class:`~agriland_scale.errors.ConfigError` that names the key path, the value found and
+what is accepted. Defaults reproduce the seed method (see ``DESIGN.md`` §1) wherever that is
+affordable; the demo pipeline shortens the training schedules and says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, RegionError
+
+__all__ = [
+    "CAETrainConfig",
+    "ClusterConfig",
+    "CubeConfig",
+    "DECConfig",
+    "EmbedConfig",
+    "PatchConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SearchConfig",
+    "SegmentConfig",
+    "UNetTrainConfig",
+    "load_config",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchConfig(_Model):
+    """Where and what to search.
+
+    ``api`` is a STAC API URL, or ``local`` to serve the ``catalog`` folder (a
+    ``collection.json`` plus ``item*.json`` files) on 127.0.0.1 for the run's duration.
+    ``bbox`` is (min lon, min lat, max lon, max lat) in degrees, EPSG:4326.
+    """
+
+    api: str = "local"
+    catalog: str | None = None
+    collections: list[str] = Field(min_length=1)
+    bbox: tuple[float, float, float, float]
+    datetime: str | None = None
+    max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
+    limit: int = Field(default=100, ge=1)
+
+    @field_validator("bbox")
+    @classmethod
+    def _check_bbox(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        check_bbox(v)
+        return v
+
+    @model_validator(mode="after")
+    def _local_needs_catalog(self) -> SearchConfig:
+        if self.api == "local" and not self.catalog:
+            raise ValueError("search.api is 'local' but search.catalog is not set: give the folder "
+                             "with collection.json and item json files, or an API URL in search.api")
+        return self
+
+
+def check_bbox(bbox: tuple[float, float, float, float] | list[float]) -> None:
+    """Refuse a lon/lat bbox that is swapped, out of range, or looks projected (metres)."""
+    if len(bbox) != 4:
+        raise RegionError(f"bbox must have 4 numbers (min lon, min lat, max lon, max lat), got {list(bbox)}")
+    x0, y0, x1, y1 = bbox
+    if any(abs(v) > 180 for v in (x0, x1)) or any(abs(v) > 90 for v in (y0, y1)):
+        raise RegionError(
+            f"bbox {list(bbox)} is outside -180..180 / -90..90: it must be lon/lat degrees "
+            "(EPSG:4326) in the order (min lon, min lat, max lon, max lat); projected "
+            "coordinates (metres) are not accepted here")
+    if x0 >= x1 or y0 >= y1:
+        raise RegionError(
+            f"bbox {list(bbox)} has min >= max: the order is (min lon, min lat, max lon, max lat). "
+            f"Did you mean {[min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]}? A region "
+            "crossing the antimeridian is not supported: split it in two runs")
+
+
+class CubeConfig(_Model):
+    """How scenes become a cube: bands (STAC asset keys), grid and compositing.
+
+    ``resolution`` is in metres of the items' native UTM CRS; ``chunk`` in pixels must be a
+    multiple of the patch stride so that chunks align to the patch grid.
+    """
+
+    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "nir"], min_length=1)
+    resolution: float = Field(default=10.0, gt=0)
+    chunk: int = Field(default=256, ge=64)
+    composite: Literal["median", "mean", "first"] = "median"
+    cloud_mask: bool = True
+    scl_band: str = "scl"
+    scl_mask_classes: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10])
+
+
+class PatchConfig(_Model):
+    """The patch grid: ``size`` and ``stride`` in pixels (stride <= size)."""
+
+    size: int = Field(default=256, ge=32)
+    stride: int = Field(default=256, ge=1)
+    min_valid_fraction: float = Field(default=0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _stride(self) -> PatchConfig:
+        if self.stride > self.size:
+            raise ValueError(f"patches.stride ({self.stride}) must be <= patches.size ({self.size})")
+        return self
+
+
+class CAETrainConfig(_Model):
+    """Self-supervised CAE training schedule (seed: 200 epochs x 20 steps, batch 16, Adam 1e-3)."""
+
+    epochs: int = Field(default=200, ge=0)
+    steps_per_epoch: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    augment: bool = True
+
+
+class EmbedConfig(_Model):
+    """The CAE encoder: bands it reads, weights, head and batching.
+
+    ``weights``: ``imagenet`` (Keras cache, needs network once), a path to a ``.keras`` or
+    ``.weights.h5`` file, or ``none``. ``head``: ``flatten`` is the seed's
+    Flatten(8x8x2048) -> Dense 4096 -> Dense 100 (~537 M weights); ``gap`` replaces the Flatten
+    by global average pooling (2048 -> 4096 -> 100, ~9 M weights in the head).
+    ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1].
+    """
+
+    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
+    weights: str = "imagenet"
+    head: Literal["flatten", "gap"] = "flatten"
+    embedding_dim: int = Field(default=100, ge=2)
+    dense_units: int = Field(default=4096, ge=8)
+    reflectance_max: float = Field(default=0.3, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    train: CAETrainConfig = CAETrainConfig()
+
+
+class DECConfig(_Model):
+    """DEC refinement (Xie et al. 2016): SGD lr 0.01 momentum 0.9, alpha 1, tol 0.1 %."""
+
+    max_iter: int = Field(default=10_000, ge=0)
+    update_interval: int = Field(default=100, ge=1)
+    tol: float = Field(default=0.001, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    alpha: float = Field(default=1.0, gt=0)
+
+
+class ClusterConfig(_Model):
+    """Initial k-means (MiniBatchKMeans) and DEC refinement."""
+
+    k: int = Field(default=100, ge=2)
+    n_init: int = Field(default=20, ge=1)
+    kmeans_batch_size: int = Field(default=1024, ge=16)
+    dec: DECConfig = DECConfig()
+
+
+class UNetTrainConfig(_Model):
+    """U-Net training (seed: BCE, Adam 1e-4, batch 16, 50 epochs, patience 9, x15 augment)."""
+
+    epochs: int = Field(default=50, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    augment_factor: int = Field(default=15, ge=0)
+    patience: int = Field(default=9, ge=1)
+    validation: Literal["east", "west", "north", "south"] = "east"
+    validation_fraction: float = Field(default=0.25, gt=0, lt=1)
+
+
+class SegmentConfig(_Model):
+    """U-Net segmentation: encoder, weights, labels, windows and threshold.
+
+    ``labels``: a GeoJSON file of polygons with a ``class`` property (``arable`` = 1, anything
+    else = 0; pixels outside every polygon are ignored in training). ``window`` and
+    ``overlap`` are in pixels; windows are blended with a smooth weight.
+    """
+
+    encoder: Literal["plain", "resnet50", "inceptionv3"] = "inceptionv3"
+    weights: str = "imagenet"
+    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
+    reflectance_max: float = Field(default=0.3, gt=0)
+    labels: str | None = None
+    positive_classes: list[str] = Field(default_factory=lambda: ["arable"])
+    window: int = Field(default=256, ge=32)
+    overlap: int = Field(default=64, ge=0)
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    batch_size: int = Field(default=8, ge=1)
+    train: UNetTrainConfig = UNetTrainConfig()
+
+    @model_validator(mode="after")
+    def _overlap(self) -> SegmentConfig:
+        if self.overlap >= self.window // 2:
+            raise ValueError(f"segment.overlap ({self.overlap}) must be less than half the window "
+                             f"({self.window}); try {self.window // 4}")
+        return self
+
+
+class RuntimeConfig(_Model):
+    """Dask runtime: a LocalCluster by default, or an existing scheduler's address."""
+
+    scheduler: str | None = None
+    n_workers: int = Field(default=1, ge=1)
+    threads_per_worker: int = Field(default=2, ge=1)
+    memory_limit: str = "12GiB"
+    dashboard_address: str = ":8787"
+
+
+class RunConfig(_Model):
+    """A whole run: one pipeline file."""
+
+    name: str = "agriland-run"
+    seed: int = 0
+    search: SearchConfig
+    cube: CubeConfig = CubeConfig()
+    patches: PatchConfig = PatchConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    segment: SegmentConfig = SegmentConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        for section in ("embed", "segment"):
+            missing = [b for b in getattr(self, section).bands if b not in self.cube.bands]
+            if missing:
+                raise ValueError(f"{section}.bands {missing} are not in cube.bands "
+                                 f"{self.cube.bands}: add them to cube.bands")
+        if self.cube.chunk % self.patches.stride:
+            raise ValueError(f"cube.chunk ({self.cube.chunk}) must be a multiple of "
+                             f"patches.stride ({self.patches.stride}) so chunks align to patches")
+        return self
+
+    def with_overrides(self, **changes: Any) -> RunConfig:
+        """Return a copy with dotted-key overrides, e.g. ``{"embed.train.epochs": 1}``."""
+        data = self.model_dump()
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"override '{dotted}': no such key")
+            node[leaf] = value
+        return RunConfig.model_validate(data)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid pipeline file {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{path}': remove it or check its spelling "
+                         "(see the README's pipeline-file reference)")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {path}: {msg} (found {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """Load and validate a pipeline YAML file.
+
+    Relative paths in ``search.catalog`` and ``segment.labels`` are resolved against the
+    file's folder; ``builtin:NAME`` points at data shipped inside the package.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"pipeline file {path} must hold a mapping of sections (search, cube, ...)")
+    try:
+        cfg = RunConfig.model_validate(raw)
+        if overrides:
+            cfg = cfg.with_overrides(**overrides)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None
+    resolved = _resolved_paths(cfg, path.parent)
+    return cfg.with_overrides(**resolved) if resolved else cfg
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """Resolve ``builtin:NAME`` (package data) or a path relative to ``base``."""
+    if value.startswith("builtin:"):
+        return Path(__file__).parent / "data" / value.removeprefix("builtin:")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
+    out = {}
+    if cfg.search.catalog and not cfg.search.catalog.startswith("builtin:"):
+        r = str(resolve_path(cfg.search.catalog, base))
+        if r != cfg.search.catalog:
+            out["search.catalog"] = r
+    for key, value in (("segment.labels", cfg.segment.labels), ("embed.weights", cfg.embed.weights),
+                       ("segment.weights", cfg.segment.weights)):
+        if value and value not in ("imagenet", "none") and not value.startswith("builtin:"):
+            r = str(resolve_path(value, base))
+            if r != value:
+                out[key] = r
+    return out

@@ -1,0 +1,77 @@
+"""Embeddings: the CAE encoder on batches of patches, run on Dask workers.
+
+Each task reads one batch of patches from the Zarr cube, runs the encoder (loaded once per
+worker) and returns ``(n, embedding_dim)`` float32; patches below the valid-pixel threshold
+get NaN embeddings and are left out of clustering.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from . import _worker
+from .cube import open_cube
+from .errors import BandMismatch
+from .models.backbone import read_sidecar
+from .patches import iter_batches, read_patches
+
+__all__ = ["check_model_bands", "embed_patches"]
+
+
+def check_model_bands(model_path: str, bands: list[str], reflectance_max: float, size: int) -> dict:
+    """Refuse a model whose bands, normalisation or patch size differ from the run's."""
+    meta = read_sidecar(model_path)
+    if list(meta["bands"]) != list(bands):
+        raise BandMismatch(f"model {model_path} was trained on bands {meta['bands']} but the run "
+                           f"gives {list(bands)}: use the same bands, in the same order, or retrain")
+    rmax = meta["normalisation"]["reflectance_max"]
+    if abs(rmax - reflectance_max) > 1e-9:
+        raise BandMismatch(f"model {model_path} expects reflectance_max {rmax}, the run uses "
+                           f"{reflectance_max}: set it to {rmax} or retrain")
+    if meta["patch_size"] != size:
+        raise BandMismatch(f"model {model_path} takes {meta['patch_size']} px patches, the run uses "
+                           f"{size}: set the patch/window size to {meta['patch_size']}")
+    return meta
+
+
+def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
+                 size: int, bands: list[str], reflectance_max: float, dim: int) -> np.ndarray:
+    out = np.full((len(y0), dim), np.nan, dtype="float32")
+    if not valid.any():
+        return out
+    model, lock = _worker.get_model(model_path)
+    cube = open_cube(cube_store)
+    x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
+    with lock:
+        out[valid] = model.predict(x, batch_size=len(x), verbose=0)
+    return out
+
+
+def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: list[str],
+                  reflectance_max: float, *, batch_size: int, min_valid_fraction: float,
+                  resources: dict | None = None, tasks_batches: int = 4) -> xr.Dataset:
+    """Lazy embeddings ``(patch, dim)`` of every patch of ``index``; compute on a Dask client.
+
+    One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
+    few dozen patches and each ``predict`` call sees a full batch.
+    """
+    meta = check_model_bands(model_path, bands, reflectance_max, int(index.attrs["patch_size"]))
+    dim = int(meta["embedding_dim"])
+    size = int(index.attrs["patch_size"])
+    y0, x0 = index["y0"].values, index["x0"].values
+    valid = index["valid_fraction"].values >= min_valid_fraction
+    parts = []
+    fn = dask.delayed(_embed_batch, pure=True)
+    with dask.annotate(resources=resources or {}):
+        for sl in iter_batches(len(y0), batch_size * tasks_batches):
+            d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim)
+            parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
+    arr = da.concatenate(parts)
+    ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},
+                    coords={"patch": index["patch"].values, "dim": np.arange(dim)})
+    ds["embedding"].attrs.update(long_name="CAE patch embedding", model=str(model_path),
+                                 units="1", note="NaN for patches below min_valid_fraction")
+    return ds

@@ -1,0 +1,72 @@
+"""Labels: polygons (GeoJSON, any CRS) -> a mask aligned to the cube grid.
+
+Mask values: 1 = positive class (agricultural land), 0 = labelled negative,
+255 = unlabelled (ignored by training and metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import rasterio.features
+import xarray as xr
+from pyproj import CRS, Transformer
+from shapely.geometry import mapping, shape
+from shapely.ops import transform as shp_transform
+
+from .errors import CorruptInput, EmptyRegion
+
+__all__ = ["IGNORE", "rasterize_labels", "read_polygons"]
+
+IGNORE = 255
+
+
+def read_polygons(path: str | Path) -> tuple[list[tuple[object, str]], CRS]:
+    """Read a GeoJSON FeatureCollection: ``[(geometry, class), ...]`` and its CRS.
+
+    RFC 7946 files are lon/lat (EPSG:4326); a legacy ``crs`` member naming another CRS is
+    honoured. Every feature needs a ``class`` property.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CorruptInput(f"labels file {p} does not exist: fix segment.labels") from None
+    except json.JSONDecodeError as e:
+        raise CorruptInput(f"labels file {p} is not valid JSON ({e})") from None
+    crs = CRS.from_user_input(data.get("crs", {}).get("properties", {}).get("name", "EPSG:4326"))
+    out = []
+    for i, f in enumerate(data.get("features", [])):
+        cls = (f.get("properties") or {}).get("class")
+        if cls is None:
+            raise CorruptInput(f"feature {i} of {p} has no 'class' property (e.g. 'arable' or 'other')")
+        out.append((shape(f["geometry"]), str(cls)))
+    if not out:
+        raise CorruptInput(f"labels file {p} holds no features")
+    return out, crs
+
+
+def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) -> xr.DataArray:
+    """Rasterise label polygons onto the grid of ``like`` (a cube): uint8 (y, x) mask.
+
+    Polygons of a class in ``positive`` burn 1, others 0, the rest stays 255 (ignored).
+    Positive polygons are burnt last, so they win where classes overlap.
+    """
+    polys, crs = read_polygons(path)
+    to_cube = Transformer.from_crs(crs, like.rio.crs, always_xy=True).transform
+    shapes_neg = [(mapping(shp_transform(to_cube, g)), 0) for g, c in polys if c not in positive]
+    shapes_pos = [(mapping(shp_transform(to_cube, g)), 1) for g, c in polys if c in positive]
+    shp = (like.sizes["y"], like.sizes["x"])
+    mask = np.full(shp, IGNORE, dtype="uint8")
+    for shapes in (shapes_neg, shapes_pos):
+        if shapes:
+            rasterio.features.rasterize(shapes, out=mask, transform=like.rio.transform())
+    if (mask != IGNORE).sum() == 0:
+        raise EmptyRegion(f"no label polygon of {path} falls inside the cube "
+                          f"(bounds {like.rio.bounds()} in {like.rio.crs}): check the file's CRS")
+    da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
+    da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
+                    source=str(path))
+    return da.rio.write_crs(like.rio.crs)

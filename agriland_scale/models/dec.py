@@ -1,0 +1,106 @@
+"""Deep Embedded Clustering (Xie, Girshick & Farhadi 2016) on fixed embeddings.
+
+Soft assignment (Student's t, degrees of freedom ``alpha``)::
+
+    q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha + 1) / 2) / sum_j' (...)
+
+Target distribution ``p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j')`` with
+``f_j = sum_i q_ij``; loss ``KL(P || Q)``; the centroids ``mu`` are trained with SGD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import ops
+
+__all__ = ["ClusteringLayer", "DECResult", "fit_dec", "soft_assign", "target_distribution"]
+
+
+def soft_assign(z: np.ndarray, centroids: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """Student's-t soft assignments ``(n, k)`` of embeddings ``z (n, d)`` to ``centroids (k, d)``."""
+    d2 = ((z[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    q = (1.0 + d2 / alpha) ** (-(alpha + 1.0) / 2.0)
+    return q / q.sum(1, keepdims=True)
+
+
+def target_distribution(q: np.ndarray) -> np.ndarray:
+    """DEC's auxiliary target ``p (n, k)`` from soft assignments ``q (n, k)``."""
+    w = q**2 / q.sum(0)
+    return w / w.sum(1, keepdims=True)
+
+
+@keras.saving.register_keras_serializable(package="agriland")
+class ClusteringLayer(keras.layers.Layer):
+    """Holds ``k`` centroids; maps embeddings ``(n, d)`` to soft assignments ``(n, k)``."""
+
+    def __init__(self, n_clusters: int, alpha: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.n_clusters = n_clusters
+        self.alpha = alpha
+
+    def build(self, input_shape):
+        self.clusters = self.add_weight(shape=(self.n_clusters, input_shape[-1]),
+                                        initializer="glorot_uniform", name="clusters")
+
+    def call(self, z):
+        d2 = ops.sum(ops.square(ops.expand_dims(z, 1) - self.clusters), axis=2)
+        q = ops.power(1.0 + d2 / self.alpha, -(self.alpha + 1.0) / 2.0)
+        return q / ops.sum(q, axis=1, keepdims=True)
+
+    def get_config(self):
+        return super().get_config() | {"n_clusters": self.n_clusters, "alpha": self.alpha}
+
+
+@dataclass(frozen=True)
+class DECResult:
+    """Refined centroids ``(k, d)``, iterations run and fraction of labels changed at the end."""
+
+    centroids: np.ndarray
+    iterations: int
+    last_delta: float
+    converged: bool
+
+
+def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, max_iter: int = 10_000,
+            update_interval: int = 100, tol: float = 0.001, batch_size: int = 16,
+            learning_rate: float = 0.01, momentum: float = 0.9, seed: int = 0) -> DECResult:
+    """Refine ``init_centroids`` on embeddings ``z (n, d)`` by minimising KL(P || Q).
+
+    Every ``update_interval`` iterations the target ``P`` is recomputed on all of ``z``;
+    training stops when fewer than ``tol`` of the hard labels changed since the previous
+    refresh, or after ``max_iter`` iterations. Repeatable for a given ``seed``.
+    """
+    keras.utils.set_random_seed(seed)
+    z = np.asarray(z, dtype="float32")
+    k = init_centroids.shape[0]
+    inp = keras.Input((z.shape[1],))
+    layer = ClusteringLayer(k, alpha=alpha, name="clustering")
+    model = keras.Model(inp, layer(inp))
+    layer.set_weights([init_centroids.astype("float32")])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum), loss="kld")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(z))
+    labels_prev = soft_assign(z, init_centroids, alpha).argmax(1)
+    delta, converged, it, pos = 1.0, False, 0, 0
+    p = None
+    for it in range(max_iter):
+        if it % update_interval == 0:
+            q = soft_assign(z, layer.get_weights()[0], alpha)
+            p = target_distribution(q)
+            labels = q.argmax(1)
+            delta = float((labels != labels_prev).mean()) if it > 0 else 1.0
+            labels_prev = labels
+            if it > 0 and delta < tol:
+                converged = True
+                break
+        idx = order[pos:pos + batch_size]
+        if len(idx) < batch_size:
+            order = rng.permutation(len(z))
+            pos = 0
+            idx = order[:batch_size]
+        pos += batch_size
+        model.train_on_batch(z[idx], p[idx])
+    return DECResult(layer.get_weights()[0], it, delta, converged)

@@ -1,0 +1,101 @@
+"""U-Nets for per-pixel agricultural-land probability, built from keras.applications.
+
+Variants: ``plain`` (the seed's 32-64-128-256-512, two conv3x3-BN-ReLU per level),
+``resnet50`` and ``inceptionv3`` encoders. InceptionV3 uses 'valid' convolutions, so its
+feature maps at 256 px are 127, 62, 29, 14, 6 px; decoder maps are resized to each skip's
+size before concatenation, which makes every encoder work at any input size.
+Input ``(size, size, n_bands)`` in [0, 1]; output ``(size, size, 1)`` sigmoid probability.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from .backbone import build_backbone, load_weights_file
+
+__all__ = ["build_unet", "masked_bce", "masked_iou"]
+
+IGNORE = 255
+
+
+def _conv_block(x, f: int):
+    for _ in range(2):
+        x = layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+    return x
+
+
+def _up(x, skip, f: int):
+    x = layers.Conv2DTranspose(f, 2, strides=2, padding="same")(x)
+    h, w = skip.shape[1], skip.shape[2]
+    if (x.shape[1], x.shape[2]) != (h, w):
+        x = layers.Resizing(h, w, interpolation="bilinear")(x)
+    return _conv_block(layers.Concatenate()([x, skip]), f)
+
+
+def _pick_skips(backbone: keras.Model, size: int) -> list:
+    """Last layer output at each scale closest to size/2, /4, /8, /16 (largest first)."""
+    last_at: dict[int, object] = {}
+    for layer in backbone.layers[1:]:
+        shape = layer.output.shape
+        if len(shape) == 4 and shape[1] is not None and shape[1] <= size:
+            last_at[shape[1]] = layer.output
+    skips = []
+    for t in (size // 2, size // 4, size // 8, size // 16):
+        best = min(last_at, key=lambda s: (abs(s - t), -s))
+        skips.append(last_at[best])
+    return skips
+
+
+def build_unet(encoder: str = "plain", size: int = 256, n_bands: int = 3, *, weights: str = "none",
+               filters: tuple[int, ...] = (32, 64, 128, 256, 512)) -> keras.Model:
+    """Build a U-Net; ``weights``: ``imagenet`` (encoder), a file (whole model) or ``none``."""
+    inp = keras.Input((size, size, n_bands), name="image")
+    if encoder == "plain":
+        skips, x = [], inp
+        for f in filters[:-1]:
+            x = _conv_block(x, f)
+            skips.append(x)
+            x = layers.MaxPooling2D()(x)
+        x = _conv_block(x, filters[-1])
+        for f, skip in zip(reversed(filters[:-1]), reversed(skips)):
+            x = _up(x, skip, f)
+    else:
+        bb = build_backbone(encoder, size, n_bands, "imagenet" if weights == "imagenet" else "none")
+        feats = keras.Model(bb.input, _pick_skips(bb, size) + [bb.output], name=f"{encoder}_encoder")
+        *skips, x = feats(inp)
+        for f, skip in zip((256, 128, 64, 32), reversed(skips)):
+            x = _up(x, skip, f)
+        x = _up(x, inp, 16)
+    out = layers.Conv2D(1, 1, activation="sigmoid", name="probability", dtype="float32")(x)
+    model = keras.Model(inp, out, name=f"unet_{encoder}")
+    if weights not in ("imagenet", "none"):
+        load_weights_file(model, weights)
+    return model
+
+
+@keras.saving.register_keras_serializable(package="agriland")
+def masked_bce(y_true, y_pred):
+    """Binary cross-entropy over labelled pixels only (label 255 = unlabelled, ignored)."""
+    from keras import ops
+
+    valid = ops.cast(ops.not_equal(y_true, IGNORE), "float32")
+    y = ops.cast(ops.equal(y_true, 1), "float32")
+    p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+    bce = -(y * ops.log(p) + (1 - y) * ops.log(1 - p))
+    return ops.sum(bce * valid) / ops.maximum(ops.sum(valid), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="agriland")
+def masked_iou(y_true, y_pred):
+    """IoU of the positive class at threshold 0.5 over labelled pixels."""
+    from keras import ops
+
+    valid = ops.cast(ops.not_equal(y_true, IGNORE), "float32")
+    y = ops.cast(ops.equal(y_true, 1), "float32") * valid
+    p = ops.cast(y_pred > 0.5, "float32") * valid
+    inter = ops.sum(y * p)
+    union = ops.sum(ops.maximum(y, p))
+    return inter / ops.maximum(union, 1.0)

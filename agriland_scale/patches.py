@@ -1,0 +1,135 @@
+"""Patches: a grid of square windows over the cube, their georeferenced index, and
+blending window predictions back into a seamless mosaic.
+
+Pixel offsets are (row, col) of the top-left pixel in the cube's grid; bounds are in the
+cube's CRS (metres). Patches are read from the cube with ``isel``, never copied to disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import xarray as xr
+from affine import Affine
+
+__all__ = [
+    "blend_weight",
+    "iter_batches",
+    "patch_grid",
+    "patch_index",
+    "patch_map_transform",
+    "read_patches",
+    "window_starts",
+]
+
+
+def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left pixel offsets (rows, cols) of every whole ``size`` patch at ``stride``.
+
+    Only patches that lie entirely inside the image are kept; a margin narrower than a
+    stride at the bottom/right is not covered by any patch.
+    """
+    if size > min(height, width):
+        raise ValueError(f"patch size {size} px is larger than the cube ({height} x {width} px); "
+                         "use a larger region or smaller patches.size")
+    rows = np.arange(0, height - size + 1, stride)
+    cols = np.arange(0, width - size + 1, stride)
+    return rows, cols
+
+
+def patch_index(cube: xr.Dataset, size: int, stride: int) -> xr.Dataset:
+    """Georeferenced index of the patch grid over ``cube`` (dims ``patch``).
+
+    Variables: ``row``/``col`` (grid position), ``y0``/``x0`` (top-left pixel offsets),
+    ``minx, miny, maxx, maxy`` (bounds in the cube CRS, metres) and ``valid_fraction``
+    (fraction of pixels with a clear observation, computed from ``clear_count``).
+    """
+    h, w = cube.sizes["y"], cube.sizes["x"]
+    rows, cols = patch_grid(h, w, size, stride)
+    rr, cc = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
+    y0, x0 = rows[rr.ravel()], cols[cc.ravel()]
+    t = cube.rio.transform()
+    minx, maxy = t * (x0, y0)
+    maxx, miny = t * (x0 + size, y0 + size)
+    valid = (cube["clear_count"] > 0).astype("float32")
+    frac = _valid_fraction(valid, y0, x0, size)
+    idx = xr.Dataset(
+        {
+            "row": ("patch", rr.ravel().astype("int32")),
+            "col": ("patch", cc.ravel().astype("int32")),
+            "y0": ("patch", y0.astype("int64")),
+            "x0": ("patch", x0.astype("int64")),
+            "minx": ("patch", np.asarray(minx, "float64")),
+            "miny": ("patch", np.asarray(miny, "float64")),
+            "maxx": ("patch", np.asarray(maxx, "float64")),
+            "maxy": ("patch", np.asarray(maxy, "float64")),
+            "valid_fraction": ("patch", frac),
+        },
+        coords={"patch": np.arange(len(y0), dtype="int64")},
+        attrs={"patch_size": size, "stride": stride, "crs": str(cube.rio.crs),
+               "n_rows": len(rows), "n_cols": len(cols)},
+    )
+    return idx
+
+
+def _valid_fraction(valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int) -> np.ndarray:
+    """Valid fraction per patch from a stride-aligned block sum (one dask compute)."""
+    import dask.array as da
+
+    cs = np.gcd.reduce(np.concatenate([y0, x0, [size]])) or size
+    sums = da.coarsen(np.sum, valid.data, {0: cs, 1: cs}, trim_excess=True).compute()
+    k = size // cs
+    return np.array([sums[a // cs:a // cs + k, b // cs:b // cs + k].sum() / size**2
+                     for a, b in zip(y0, x0)], dtype="float32")
+
+
+def patch_map_transform(cube_transform: Affine, size: int, stride: int) -> Affine:
+    """Transform of a map with one pixel a patch: pixel (r, c) covers the central
+    ``stride`` x ``stride`` area of patch (r, c) (the whole patch when stride == size)."""
+    off = (size - stride) / 2
+    return cube_transform * Affine.translation(off, off) * Affine.scale(stride)
+
+
+def iter_batches(n: int, batch: int) -> Iterator[slice]:
+    """Consecutive slices of ``range(n)`` of at most ``batch`` elements."""
+    for start in range(0, n, batch):
+        yield slice(start, min(start + batch, n))
+
+
+def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int,
+                 bands: list[str], reflectance_max: float) -> np.ndarray:
+    """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
+
+    Reflectance is divided by ``reflectance_max`` and clipped; NaN (no data) becomes 0.
+    """
+    sel = reflectance.sel(band=bands)
+    out = np.empty((len(y0), size, size, len(bands)), dtype="float32")
+    for i, (a, b) in enumerate(zip(y0, x0)):
+        block = np.asarray(sel.isel(y=slice(int(a), int(a) + size), x=slice(int(b), int(b) + size)))
+        out[i] = np.moveaxis(block, 0, -1)
+    np.nan_to_num(out, copy=False, nan=0.0)
+    return np.clip(out / reflectance_max, 0.0, 1.0, out=out)
+
+
+def window_starts(length: int, window: int, stride: int, offset: int) -> np.ndarray:
+    """Global window starts ``k * stride - offset`` covering ``[0, length)``.
+
+    The grid is anchored at global pixel 0, so any block of the image asks for the same
+    windows as a whole-image pass: blended results do not depend on how work is split.
+    """
+    last_needed = length - 1
+    ks = np.arange(0, int(np.ceil((last_needed + offset + 1) / stride)) + 1)
+    starts = ks * stride - offset
+    return starts[(starts < length) & (starts + window > 0)]
+
+
+def blend_weight(window: int, floor: float = 1e-3) -> np.ndarray:
+    """Smooth 2-D blending weight ``(window, window)``: separable Hann (sin²), floored.
+
+    Weights fall towards the window edges, so each mosaic pixel is dominated by the windows
+    that see it near their centre; predictions are divided by the summed weight.
+    """
+    i = (np.arange(window) + 0.5) / window
+    w1 = np.sin(np.pi * i) ** 2
+    return np.maximum(np.outer(w1, w1), floor).astype("float32")

@@ -1,0 +1,69 @@
+"""Runtime: the dask.distributed client a run uses.
+
+A LocalCluster (worker processes) by default, or an existing scheduler when an address is
+given: only the address changes between a laptop and a multi-machine cluster. Worker
+processes get TensorFlow/BLAS thread counts equal to their Dask threads, so workers do not
+oversubscribe cores. Model stages ask for a ``GPU`` resource when the cluster offers one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster
+
+from .config import RuntimeConfig
+from .errors import STACServerError
+
+__all__ = ["dask_client", "gpu_resources", "worker_env"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for worker processes: thread limits and quiet TensorFlow."""
+    t = str(threads)
+    return {"OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "MKL_NUM_THREADS": t,
+            "TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": "1",
+            "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@contextlib.contextmanager
+def dask_client(cfg: RuntimeConfig, scheduler: str | None = None) -> Iterator[Client]:
+    """Connect to ``scheduler`` (or ``cfg.scheduler``), else start a LocalCluster.
+
+    The LocalCluster is closed when the block ends; an external cluster is left running.
+    """
+    address = scheduler or cfg.scheduler
+    if address:
+        try:
+            client = Client(address, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise STACServerError(f"no Dask scheduler answers at {address} ({e}): start one "
+                                  "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(
+        n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+        processes=True, env=worker_env(cfg.threads_per_worker),
+    )
+    client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def gpu_resources(client: Client) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when any worker advertises a GPU resource, else ``None`` (CPU)."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if any(w.get("resources", {}).get("GPU") for w in info.values()):
+        return {"GPU": 1}
+    return None

@@ -1,0 +1,166 @@
+"""Search: find Sentinel-2 items on a STAC API with pystac-client.
+
+A ``local`` API is a real STAC API server (``rustac serve``, from PyPI) started on a free
+port of 127.0.0.1 over a folder holding ``collection.json`` and item JSON files; it is
+stopped when the ``with`` block ends, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pystac
+import requests
+from pystac_client import Client
+from pystac_client.exceptions import APIError
+
+from .config import SearchConfig, check_bbox, resolve_path
+from .errors import NoItemsFound, STACServerError, UnknownCollection
+
+__all__ = ["local_stac_api", "search_items", "open_api"]
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rustac_executable() -> str:
+    exe = Path(sys.executable).with_name("rustac")
+    found = str(exe) if exe.exists() else shutil.which("rustac")
+    if not found:
+        raise STACServerError("the 'rustac' command is not installed: pip install rustac "
+                              "(it serves the local STAC API)")
+    return found
+
+
+def _absolute_items(catalog: Path, workdir: Path) -> tuple[Path, Path]:
+    """Write the collection and an items FeatureCollection with absolute ``file://`` hrefs.
+
+    A server resolves relative hrefs against its own URL, so local assets need absolute
+    URIs with a scheme.
+    """
+    coll_path = catalog / "collection.json"
+    if not coll_path.exists():
+        raise STACServerError(f"local catalog {catalog} has no collection.json: put the STAC "
+                              "Collection and its item JSON files in that folder")
+    items = []
+    for p in sorted(catalog.glob("item*.json")):
+        item = json.loads(p.read_text())
+        for asset in item.get("assets", {}).values():
+            href = asset["href"]
+            if "://" not in href:
+                asset["href"] = (p.parent / href).resolve().as_uri()
+        items.append(item)
+    if not items:
+        raise NoItemsFound(f"local catalog {catalog} holds no item*.json files")
+    items_path = workdir / "items.json"
+    items_path.write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    out_coll = workdir / "collection.json"
+    shutil.copy(coll_path, out_coll)
+    return out_coll, items_path
+
+
+@contextlib.contextmanager
+def local_stac_api(catalog: str | Path, *, timeout: float = 20.0) -> Iterator[str]:
+    """Serve ``catalog`` (folder with collection.json + item*.json) as a STAC API.
+
+    Yields the API root URL (``http://127.0.0.1:PORT``). The server process is terminated
+    when the block exits, whatever happens inside it.
+    """
+    catalog = resolve_path(str(catalog), Path.cwd())
+    with tempfile.TemporaryDirectory(prefix="agriland-stac-") as tmp:
+        coll, items = _absolute_items(catalog, Path(tmp))
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [_rustac_executable(), "serve", "--addr", f"127.0.0.1:{port}", str(coll), str(items)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=os.environ | {"RUST_LOG": "warn"})
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    raise STACServerError(f"local STAC server exited with code {proc.returncode}: {err}")
+                try:
+                    if requests.get(url + "/", timeout=1).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise STACServerError(f"local STAC server on {url} did not answer in {timeout} s")
+                time.sleep(0.05)
+            log.info("local STAC API serving %s on %s", catalog, url)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def open_api(url: str) -> Client:
+    """Open a STAC API, turning connection failures into an actionable error."""
+    try:
+        return Client.open(url, timeout=30)
+    except (requests.RequestException, APIError, pystac.STACError, OSError) as e:
+        raise STACServerError(f"the STAC API at {url} does not answer ({e}); check search.api "
+                              "and your network") from None
+
+
+def _conforms(client: Client, what: str) -> bool:
+    classes = client.to_dict().get("conformsTo", [])
+    return any(what in c for c in classes)
+
+
+def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
+    """Search ``api_url`` for items of ``cfg.collections`` over ``cfg.bbox`` and ``cfg.datetime``.
+
+    The cloud-cover limit is sent to the server when it supports the Query or Filter
+    extension and is applied on the client otherwise (a server that ignores an unsupported
+    filter can answer with zero items and HTTP 200). Items are sorted by datetime and id.
+    """
+    check_bbox(cfg.bbox)
+    client = open_api(api_url)
+    offered = {c.id for c in client.get_collections()}
+    unknown = [c for c in cfg.collections if c not in offered]
+    if unknown:
+        raise UnknownCollection(f"collection(s) {unknown} not offered by {api_url}; it offers "
+                                f"{sorted(offered)}: fix search.collections")
+    kwargs: dict[str, Any] = dict(collections=cfg.collections, bbox=list(cfg.bbox),
+                                  datetime=cfg.datetime, limit=cfg.limit)
+    server_filter = cfg.max_cloud_cover is not None and _conforms(client, "item-search#query")
+    if server_filter:
+        kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud_cover}}
+    try:
+        items = list(client.search(**kwargs).items())
+    except APIError as e:
+        raise STACServerError(f"search on {api_url} failed: {e}") from None
+    if cfg.max_cloud_cover is not None and not server_filter:
+        items = [i for i in items
+                 if i.properties.get("eo:cloud_cover", 0.0) <= cfg.max_cloud_cover]
+    if not items:
+        raise NoItemsFound(
+            f"no items in {cfg.collections} over bbox {list(cfg.bbox)} for datetime "
+            f"{cfg.datetime!r} with cloud cover <= {cfg.max_cloud_cover}: widen search.bbox, "
+            "search.datetime or search.max_cloud_cover")
+    items.sort(key=lambda i: (str(i.datetime or i.properties.get("start_datetime")), i.id))
+    log.info("search found %d item(s)", len(items))
+    return items

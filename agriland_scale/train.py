@@ -1,0 +1,235 @@
+"""Training entry points: the self-supervised CAE and the U-Net, with the seed's augmentation.
+
+Both run as one task on a Dask worker (the GPU one when the cluster has it), read their
+patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _worker
+from .config import EmbedConfig, SegmentConfig
+from .cube import open_cube
+from .errors import EmptyRegion
+from .labels import IGNORE
+from .patches import read_patches, window_starts
+
+__all__ = ["train_cae", "train_unet", "unet_windows"]
+
+log = logging.getLogger(__name__)
+
+
+def _cae_augmenter(seed: int):
+    import keras
+    from keras import layers
+
+    # seed: rotation 90 deg, shifts 0.3, zoom 0.5-1.5, horizontal + vertical flips
+    return keras.Sequential([
+        layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
+        layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
+        layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
+        layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
+    ])
+
+
+def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
+              out_path: str, *, seed: int = 0, region: str = "") -> dict[str, Any]:
+    """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
+
+    Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
+    training history and timing. With ``cfg.train.epochs == 0`` the model is saved untrained.
+    """
+    _worker.configure_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    from .models.encoder import build_cae
+
+    keras.utils.set_random_seed(seed)
+    t0 = time.perf_counter()
+    cube = open_cube(cube_store)
+    x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
+    cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
+                    embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed)
+    recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
+    recon_model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss="mse")
+    history: dict[str, list[float]] = {}
+    tc = cfg.train
+    if tc.epochs > 0:
+        aug = _cae_augmenter(seed) if tc.augment else None
+        ds = tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed).repeat()
+        ds = ds.batch(tc.batch_size)
+        if aug is not None:
+            ds = ds.map(lambda b: aug(b, training=True))
+        ds = ds.map(lambda b: (b, b)).prefetch(2)
+        h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch, verbose=0)
+        history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
+    from .models.backbone import write_sidecar
+    from .models.encoder import encoder_from_cae
+
+    cae.save(out_path)
+    encoder_path = str(Path(out_path).with_name("encoder.keras"))
+    encoder_from_cae(cae).save(encoder_path)
+
+    meta = {
+        "model": cae.name, "task": "embedding", "bands": list(cfg.bands),
+        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
+                          "reflectance_max": cfg.reflectance_max},
+        "patch_size": size, "head": cfg.head, "embedding_dim": cfg.embedding_dim,
+        "initial_weights": cfg.weights, "training_region": region,
+        "training_patches": int(len(x)), "epochs": tc.epochs, "steps_per_epoch": tc.steps_per_epoch,
+        "batch_size": tc.batch_size, "learning_rate": tc.learning_rate, "seed": seed,
+        "history": history, "seconds": time.perf_counter() - t0,
+    }
+    write_sidecar(out_path, meta)
+    write_sidecar(encoder_path, meta | {"model": "cae_encoder", "cae": out_path})
+    return meta | {"encoder_path": encoder_path}
+
+
+def unet_windows(label: np.ndarray, window: int, stride: int, cfg: SegmentConfig
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """Training and validation window offsets from a label mask, split spatially.
+
+    The validation part is the ``validation_fraction`` of the region on the
+    ``cfg.train.validation`` side; a window lies wholly on one side of the split (windows
+    that straddle it are dropped), and only windows with labelled pixels are kept. Returns (train offsets, validation offsets, split position in pixels).
+    """
+    h, w = label.shape
+    side = cfg.train.validation
+    frac = cfg.train.validation_fraction
+    along = w if side in ("east", "west") else h
+    split = int(round(along * (1 - frac))) if side in ("east", "south") else int(round(along * frac))
+    rows = np.unique(np.clip(window_starts(h, window, stride, 0), 0, max(h - window, 0)))
+    cols = np.unique(np.clip(window_starts(w, window, stride, 0), 0, max(w - window, 0)))
+    train, val = [], []
+    for r in rows:
+        for c in cols:
+            lo, hi = (c, c + window) if side in ("east", "west") else (r, r + window)
+            lab = label[r:r + window, c:c + window]
+            if (lab != IGNORE).mean() < 0.02:
+                continue
+            first_part = hi <= split
+            second_part = lo >= split
+            is_val = second_part if side in ("east", "south") else first_part
+            is_train = first_part if side in ("east", "south") else second_part
+            if is_val:
+                val.append((int(r), int(c)))
+            elif is_train:
+                train.append((int(r), int(c)))
+    return train, val, split
+
+
+def _unet_augmenter(seed: int):
+    import keras
+    from keras import layers
+
+    # seed x15: rotation 20 deg, shifts 0.2, zoom 0.2, flips, shear; nearest keeps labels exact
+    kw = dict(fill_mode="constant", fill_value=0.0, interpolation="nearest")
+    return keras.Sequential([
+        layers.RandomRotation(20 / 360, seed=seed, **kw),
+        layers.RandomTranslation(0.2, 0.2, seed=seed + 1, **kw),
+        layers.RandomZoom(0.2, seed=seed + 2, **kw),
+        layers.RandomShear(0.2, 0.2, seed=seed + 3, **kw),
+        layers.RandomFlip("horizontal_and_vertical", seed=seed + 4),
+    ])
+
+
+def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    valid = y != IGNORE
+    yt, yp = y[valid] == 1, p[valid] >= 0.5
+    tp, fp, fn = float((yt & yp).sum()), float((~yt & yp).sum()), float((yt & ~yp).sum())
+    return {"iou": tp / max(tp + fp + fn, 1), "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+            "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan")}
+
+
+def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
+               seed: int = 0, label_source: str = "") -> dict[str, Any]:
+    """Train a U-Net on windows of the cube labelled by ``label`` (uint8, cube grid).
+
+    Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
+    from a spatially separate part (``cfg.train.validation`` side); early stopping on
+    validation loss with the best weights kept. IoU, F1 and pixel accuracy on the
+    validation windows are computed after every epoch and returned.
+    """
+    _worker.configure_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    from .models.backbone import write_sidecar
+    from .models.unet import build_unet, masked_bce, masked_iou
+
+    keras.utils.set_random_seed(seed)
+    t0 = time.perf_counter()
+    cube = open_cube(cube_store)
+    win, tc = cfg.window, cfg.train
+    tr, va, split = unet_windows(label, win, win // 2, cfg)
+    if not tr or not va:
+        raise EmptyRegion(f"labels give {len(tr)} training and {len(va)} validation windows of "
+                          f"{win} px (validation side {tc.validation}): label both parts of the region")
+
+    def load(offsets):
+        ys = np.array([o[0] for o in offsets]); xs = np.array([o[1] for o in offsets])
+        img = read_patches(cube["reflectance"], ys, xs, win, cfg.bands, cfg.reflectance_max)
+        lab = np.stack([label[r:r + win, c:c + win] for r, c in offsets])[..., None]
+        return img, lab
+
+    xtr, ytr = load(tr)
+    xva, yva = load(va)
+    n_b = xtr.shape[-1]
+    model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights)
+    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=masked_bce,
+                  metrics=[masked_iou])
+    aug = _unet_augmenter(seed)
+    bright = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 5)
+
+    def augment(img, lab):
+        # encode label as 0 = ignore, 1 = other, 2 = positive, so padding becomes 'ignore'
+        code = tf.where(lab == IGNORE, 0.0, tf.cast(lab, tf.float32) + 1.0)
+        stack = aug(tf.concat([img, code], -1), training=True)
+        img2, code2 = stack[..., :n_b], tf.round(stack[..., n_b:])
+        lab2 = tf.where(code2 == 0, float(IGNORE), code2 - 1.0)
+        return bright(img2, training=True), lab2
+
+    steps = max(1, (len(xtr) * max(tc.augment_factor, 1)) // tc.batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr.astype("float32"))).shuffle(len(xtr), seed=seed)
+    ds = ds.repeat().batch(tc.batch_size)
+    if tc.augment_factor > 0:
+        ds = ds.map(augment)
+    ds = ds.prefetch(2)
+    per_epoch: list[dict[str, float]] = []
+
+    class Metrics(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            m = _metrics(yva, self.model.predict(xva, batch_size=cfg.batch_size, verbose=0))
+            per_epoch.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, **m})
+
+    ckpt = str(Path(out_path).with_suffix(".best.keras"))
+    callbacks = [Metrics(),
+                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
+                                               restore_best_weights=True),
+                 keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
+    if tc.epochs > 0:
+        model.fit(ds, epochs=tc.epochs, steps_per_epoch=steps,
+                  validation_data=(xva, yva.astype("float32")), callbacks=callbacks, verbose=0)
+    model.save(out_path)
+    final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
+    meta = {
+        "model": model.name, "task": "segmentation", "encoder": cfg.encoder,
+        "bands": list(cfg.bands),
+        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
+                          "reflectance_max": cfg.reflectance_max},
+        "patch_size": win, "initial_weights": cfg.weights, "label_source": label_source,
+        "train_windows": len(tr), "validation_windows": len(va),
+        "validation": {"side": tc.validation, "split_px": split},
+        "epochs": tc.epochs, "steps_per_epoch": steps, "batch_size": tc.batch_size,
+        "learning_rate": tc.learning_rate, "augment_factor": tc.augment_factor, "seed": seed,
+        "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
+    }
+    write_sidecar(out_path, meta)
+    return meta
