@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p_val.add_argument("pipeline", type=Path)
 
     args = parser.parse_args(argv)
+    if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+        import dask
+
+        dask.config.set({"logging.distributed": "error"})
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

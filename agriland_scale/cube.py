@@ -97,7 +97,8 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, bbox: Sequence[floa
         valid = da != nodata if nodata is not None else xr.ones_like(da, dtype=bool)
         layers.append(xr.where(valid, da.astype("float32") * np.float32(scale) + np.float32(offset), np.nan)
                       .astype("float32"))
-    refl = xr.concat(layers, dim=xr.DataArray(list(cfg.bands), dims="band", name="band"))
+    # object strings are stored as Zarr v3 variable-length strings (a specified dtype)
+    refl = xr.concat(layers, dim=xr.DataArray(np.array(cfg.bands, dtype=object), dims="band", name="band"))
     clear = refl.notnull().all("band")
     if use_scl:
         clear = clear & ~ds[cfg.scl_band].isin(cfg.scl_mask_classes)
@@ -133,16 +134,16 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
     """Attach CRS and GeoTransform as a ``spatial_ref`` coordinate (CF grid mapping)."""
     ds = ds.rio.write_crs(crs)
     ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
-    for name in ds.data_vars:
-        ds[name].attrs.pop("grid_mapping", None)
-        ds[name].encoding["grid_mapping"] = "spatial_ref"
+    for name in ds.data_vars:  # spatial_ref stays a coordinate on reopening, even without
+        ds[name].attrs.pop("grid_mapping", None)  # decode_coords="all"
+        ds[name].encoding.pop("grid_mapping", None)
     return ds
 
 
 def open_cube(store: str | Path, group: str = "cube") -> xr.Dataset:
     """Open the cube group of an output Zarr store with its CRS (lazy, dask-backed)."""
     try:
-        ds = xr.open_zarr(store, group=group, decode_coords="all", consolidated=None)
+        ds = xr.open_zarr(store, group=group, decode_coords="all", consolidated=False)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise CorruptInput(f"cannot open group '{group}' of {store}: {e}; rerun the cube stage "
                            "(agriland run ... --force cube)") from None

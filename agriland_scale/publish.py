@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 __all__ = ["open_product", "package_versions", "write_cog", "write_group", "write_json"]
@@ -53,7 +54,7 @@ def consolidate(store: str | Path) -> None:
 
 def open_product(store: str | Path, group: str) -> xr.Dataset:
     """Open one product group lazily with its CRS (``spatial_ref`` as a coordinate)."""
-    return xr.open_zarr(store, group=group, decode_coords="all")
+    return xr.open_zarr(store, group=group, decode_coords="all", consolidated=False)
 
 
 def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None) -> None:
@@ -64,7 +65,7 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None)
     if nodata is not None:
         arr = arr.rio.write_nodata(nodata, encoded=False)
     arr.attrs.pop("_FillValue", None)
-    arr.encoding.pop("_FillValue", None)
+    arr.encoding = {}
     arr.rio.to_raster(path, driver="COG", compress="DEFLATE", overview_resampling="nearest"
                       if np.issubdtype(arr.dtype, np.integer) else "average")
 

@@ -103,6 +103,6 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
                                    model=str(model_path), window=window, overlap=overlap)
     ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
                             flag_values=[0, 1], flag_meanings="other agricultural")
-    ds["probability"].encoding.update(dtype="uint8", scale_factor=1 / 254, add_offset=0.0, _FillValue=255)
+    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), add_offset=np.float32(0), _FillValue=255)
     ds["mask"].encoding.update(_FillValue=255)
     return write_georef(ds, cube.rio.crs)

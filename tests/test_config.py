@@ -1,0 +1,61 @@
+import pytest
+
+from agriland_scale import load_config
+from agriland_scale.config import check_bbox
+from agriland_scale.errors import ConfigError, RegionError
+
+from .conftest import DEMO_YAML
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "p.yaml"
+    p.write_text(DEMO_YAML.read_text() + text)
+    return p
+
+
+def test_demo_pipeline_is_valid(demo_cfg):
+    assert demo_cfg.search.collections == ["agriland-demo-virginia"]
+    assert demo_cfg.patches.size == 256
+    assert demo_cfg.search.catalog.startswith("builtin:")
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'colour'"):
+        load_config(_write(tmp_path, "colour: red\n"))
+
+
+def test_unknown_nested_key_is_named(tmp_path):
+    text = DEMO_YAML.read_text().replace("  resolution: 10\n", "  resolution: 10\n  resolutoin: 20\n")
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"cube\.resolutoin"):
+        load_config(p)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    text = DEMO_YAML.read_text().replace("  k: 6\n", "  k: six\n")
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"cluster\.k.*'six'"):
+        load_config(p)
+
+
+def test_override_checks_keys(demo_cfg):
+    assert demo_cfg.with_overrides(**{"cluster.k": 3}).cluster.k == 3
+    with pytest.raises(ConfigError, match="no such key"):
+        demo_cfg.with_overrides(**{"cluster.kk": 3})
+
+
+@pytest.mark.parametrize("bbox, msg", [
+    ((-75.58, 37.62, -75.70, 37.71), "min >= max"),
+    ((438290, 4164100, 448530, 4174340), "outside -180..180"),
+    ((170, -10, 190, 10), "outside -180..180"),
+])
+def test_bad_bbox(bbox, msg):
+    with pytest.raises(RegionError, match=msg):
+        check_bbox(bbox)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/pipeline.yaml")

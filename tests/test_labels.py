@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pytest
+from pyproj import Transformer
+from shapely.geometry import mapping, shape
+from shapely.ops import transform
+
+from agriland_scale.errors import CorruptInput, EmptyRegion
+from agriland_scale.labels import IGNORE, rasterize_labels
+
+from .conftest import VIRGINIA
+
+
+def test_digitised_labels_rasterise_on_the_cube(cube):
+    lab = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"])
+    assert lab.shape == (cube.sizes["y"], cube.sizes["x"])
+    assert set(np.unique(lab.values)) == {0, 1, IGNORE}
+    # arable polygons are brighter in red than forest (checked when digitising): on the cube too
+    red = cube["reflectance"].sel(band="red").values
+    assert np.nanmedian(red[lab.values == 1]) > np.nanmedian(red[lab.values == 0]) * 0.8
+    ha = (lab.values == 1).sum() * 100 / 1e4
+    assert 700 < ha < 1000  # LABELS.md: 881 ha of arable polygons
+
+
+def test_labels_in_another_crs_give_the_same_mask(cube, tmp_path):
+    data = json.loads((VIRGINIA / "labels.geojson").read_text())
+    to_utm = Transformer.from_crs(4326, 32618, always_xy=True).transform
+    for f in data["features"]:
+        f["geometry"] = mapping(transform(to_utm, shape(f["geometry"])))
+    data["crs"] = {"type": "name", "properties": {"name": "EPSG:32618"}}
+    p = tmp_path / "utm.geojson"
+    p.write_text(json.dumps(data))
+    a = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"]).values
+    b = rasterize_labels(p, cube, ["arable"]).values
+    assert (a != b).mean() < 0.002  # only boundary pixels may differ
+
+
+def test_bad_label_files(cube, tmp_path):
+    p = tmp_path / "x.geojson"
+    p.write_text("{not json")
+    with pytest.raises(CorruptInput, match="not valid JSON"):
+        rasterize_labels(p, cube, ["arable"])
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"class": "arable"},
+         "geometry": {"type": "Polygon", "coordinates": [[[10, 45], [10.1, 45], [10.1, 45.1], [10, 45]]]}}]}))
+    with pytest.raises(EmptyRegion, match="check the file's CRS"):
+        rasterize_labels(p, cube, ["arable"])

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from agriland_scale.patches import (blend_weight, patch_grid, patch_index, patch_map_transform,
+                                    read_patches, window_starts)
+
+from .conftest import ORIGIN_X, ORIGIN_Y
+
+
+def test_grid_counts():
+    rows, cols = patch_grid(1024, 1024, 256, 256)
+    assert list(rows) == [0, 256, 512, 768] and list(cols) == list(rows)
+    assert len(patch_grid(1024, 1000, 256, 128)[1]) == 6
+    with pytest.raises(ValueError, match="larger than the cube"):
+        patch_grid(100, 1024, 256, 256)
+
+
+def test_index_is_georeferenced(cube):
+    idx = patch_index(cube, 256, 256)
+    assert idx.sizes["patch"] == 16
+    first = idx.isel(patch=0)
+    assert float(first.minx) == ORIGIN_X and float(first.maxy) == ORIGIN_Y
+    assert float(first.maxx) - float(first.minx) == 2560.0
+    last = idx.isel(patch=-1)
+    assert float(last.maxx) == ORIGIN_X + 10240 and float(last.miny) == ORIGIN_Y - 10240
+    np.testing.assert_allclose(idx["valid_fraction"], 1.0)
+
+
+def test_patches_are_views_of_the_cube(cube):
+    idx = patch_index(cube, 256, 128)
+    i = 10
+    y0, x0 = int(idx.y0[i]), int(idx.x0[i])
+    batch = read_patches(cube["reflectance"], idx.y0.values[i:i + 1], idx.x0.values[i:i + 1], 256,
+                         ["red", "green", "blue"], 0.3)
+    ref = cube["reflectance"].sel(band=["red", "green", "blue"]).isel(
+        y=slice(y0, y0 + 256), x=slice(x0, x0 + 256)).values
+    np.testing.assert_allclose(batch[0], np.clip(np.moveaxis(ref, 0, -1) / 0.3, 0, 1), rtol=1e-6)
+
+
+def test_patch_round_trip_is_identical(cube):
+    """Patches cut with the grid, put back at their offsets, rebuild the cube exactly."""
+    red = cube["reflectance"].sel(band="red").load()
+    idx = patch_index(cube, 256, 256)
+    canvas = xr.full_like(red, np.nan)
+    for y0, x0 in zip(idx.y0.values, idx.x0.values):
+        canvas[y0:y0 + 256, x0:x0 + 256] = red[y0:y0 + 256, x0:x0 + 256].values
+    xr.testing.assert_identical(canvas, red)
+
+
+def test_patch_map_transform():
+    from affine import Affine
+
+    t = Affine(10, 0, 1000, 0, -10, 5000)
+    assert patch_map_transform(t, 256, 256) == Affine(2560, 0, 1000, 0, -2560, 5000)
+    m = patch_map_transform(t, 256, 128)
+    assert (m.a, m.c, m.f) == (1280, 1000 + 640, 5000 - 640)
+
+
+def test_window_starts_cover_every_pixel():
+    for length in (100, 256, 1000, 1024):
+        s = window_starts(length, 256, 192, 32)
+        covered = np.zeros(length, bool)
+        for a in s:
+            covered[max(a, 0):min(a + 256, length)] = True
+        assert covered.all()
+        assert np.all(np.diff(s) == 192)
+
+
+def test_blend_weight_is_smooth_and_positive():
+    w = blend_weight(256)
+    assert w.shape == (256, 256) and w.min() > 0
+    assert w[128, 128] > 0.99 and w[0, 0] < 0.01
+    np.testing.assert_allclose(w, w.T)

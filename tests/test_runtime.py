@@ -1,0 +1,14 @@
+import dask.array as da
+
+from agriland_scale.config import RuntimeConfig
+from agriland_scale.runtime import dask_client, gpu_resources
+
+
+def test_local_cluster_has_a_dashboard_and_limits_threads():
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    with dask_client(cfg) as client:
+        assert client.dashboard_link.startswith("http://127.0.0.1:")
+        env = client.run(lambda: __import__("os").environ.get("TF_NUM_INTRAOP_THREADS"))
+        assert set(env.values()) == {"1"}
+        assert gpu_resources(client) is None
+        assert int(da.ones((100, 100), chunks=10).sum().compute()) == 10_000

@@ -1,0 +1,40 @@
+import pytest
+import requests
+
+from agriland_scale.config import SearchConfig
+from agriland_scale.errors import NoItemsFound, STACServerError, UnknownCollection
+from agriland_scale.stac import local_stac_api, search_items
+
+
+def test_search_finds_the_real_item(items):
+    assert [i.id for i in items] == ["S2_L1C_18S_virginia_demo_window"]
+    href = items[0].assets["red"].href
+    assert href.startswith("file:///") and href.endswith("B04.tif")
+
+
+def test_server_is_real_and_stops(demo_cfg):
+    with local_stac_api(demo_cfg.search.catalog) as url:
+        assert url.startswith("http://127.0.0.1:")
+        conf = requests.get(url + "/conformance", timeout=5).json()["conformsTo"]
+        assert any("item-search" in c for c in conf)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/", timeout=2)
+
+
+def test_search_errors(demo_cfg):
+    s = demo_cfg.search
+    with local_stac_api(s.catalog) as url:
+        with pytest.raises(UnknownCollection, match="sentinel-2-l2a"):
+            search_items(s.model_copy(update={"collections": ["sentinel-2-l2a"]}), url)
+        with pytest.raises(NoItemsFound, match="widen search.bbox"):
+            search_items(s.model_copy(update={"bbox": (10.0, 45.0, 10.1, 45.1)}), url)
+        with pytest.raises(NoItemsFound):
+            search_items(s.model_copy(update={"datetime": "2020-01-01/2020-12-31"}), url)
+        # the server has no Query extension: cloud cover is filtered on the client
+        assert search_items(s.model_copy(update={"max_cloud_cover": 0.0}), url)
+
+
+def test_api_that_does_not_answer():
+    cfg = SearchConfig(api="http://127.0.0.1:9", collections=["x"], bbox=(0, 0, 1, 1))
+    with pytest.raises(STACServerError, match="does not answer"):
+        search_items(cfg, cfg.api)
