@@ -180,6 +180,7 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
                                          batch_size=s.batch_size, resources=res)
             seg["training_label"] = label.chunk({"y": cfg.cube.chunk, "x": cfg.cube.chunk})
             seg["training_label"].encoding.update(_FillValue=None)
+            seg = cube_mod.write_georef(seg, cube.rio.crs)
             publish.write_group(seg, store, "segmentation")
 
         with stage("publish"):

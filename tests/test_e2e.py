@@ -84,7 +84,10 @@ def test_products_present_and_georeferenced(demo_run):
     assert {"cube", "patches", "embeddings", "clusters", "segmentation"} <= set(tree.children)
     for group in ("cube", "clusters", "segmentation"):
         ds = xr.open_zarr(store, group=group)
-        assert ds.rio.crs.to_epsg() == 32618, group
+        assert ds.rio.crs is not None and ds.rio.crs.to_epsg() == 32618, group
+        for name in ds.data_vars:
+            if {"y", "x"} <= set(ds[name].dims):
+                assert ds[name].rio.crs.to_epsg() == 32618, (group, name)
     seg = xr.open_zarr(store, group="segmentation")
     t = seg.rio.transform()
     assert (t.a, t.e, t.c, t.f) == (10.0, -10.0, ORIGIN_X, ORIGIN_Y)

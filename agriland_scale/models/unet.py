@@ -22,7 +22,10 @@ IGNORE = 255
 def _conv_block(x, f: int):
     for _ in range(2):
         x = layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
-        x = layers.BatchNormalization()(x)
+        # momentum 0.9 (Keras default 0.99): the moving statistics used at inference settle
+        # within tens of steps, which short CPU schedules need (measured: with 0.99 and 42
+        # steps, training IoU 0.93 but inference predicted ~0 everywhere)
+        x = layers.BatchNormalization(momentum=0.9)(x)
         x = layers.Activation("relu")(x)
     return x
 
