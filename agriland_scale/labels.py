@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import rasterio.features
 import xarray as xr
+import shapely
 from pyproj import CRS, Transformer
 from shapely.geometry import mapping, shape
-from shapely.ops import transform as shp_transform
 
 from .errors import CorruptInput, EmptyRegion
 
@@ -56,8 +56,11 @@ def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) ->
     """
     polys, crs = read_polygons(path)
     to_cube = Transformer.from_crs(crs, like.rio.crs, always_xy=True).transform
-    shapes_neg = [(mapping(shp_transform(to_cube, g)), 0) for g, c in polys if c not in positive]
-    shapes_pos = [(mapping(shp_transform(to_cube, g)), 1) for g, c in polys if c in positive]
+    def burn(keep_positive: bool, value: int) -> list:
+        return [(mapping(shapely.transform(g, to_cube, interleaved=False)), value)
+                for g, c in polys if (c in positive) == keep_positive]
+
+    shapes_neg, shapes_pos = burn(False, 0), burn(True, 1)
     shp = (like.sizes["y"], like.sizes["x"])
     mask = np.full(shp, IGNORE, dtype="uint8")
     for shapes in (shapes_neg, shapes_pos):

@@ -190,6 +190,7 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
             publish.write_cog(cl["cluster_map"], cogs / "cluster_map.tif", nodata=-1)
             publish.write_cog(seg["probability"], cogs / "probability.tif", nodata=np.nan)
             publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / "mask.tif", nodata=255)
+            publish.write_quicklook(cube, cl, seg, out / "quicklook.png")
             publish.consolidate(store)
             record["products"] = {"zarr": store, "groups": ["cube", "patches", "embeddings",
                                                             "clusters", "segmentation"],

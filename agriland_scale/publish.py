@@ -76,3 +76,39 @@ def write_json(obj: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, path: str | Path) -> None:
+    """A PNG with the RGB composite, the cluster map and the probability over the composite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = np.moveaxis(cube["reflectance"].sel(band=["red", "green", "blue"]).values, 0, -1)
+    lo, hi = np.nanpercentile(rgb, [2, 98])
+    rgb = np.clip((np.nan_to_num(rgb) - lo) / (hi - lo), 0, 1)
+    l, b, r, t = cube.rio.bounds()
+    ext = (l, r, b, t)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
+    axes[0].imshow(rgb, extent=ext)
+    axes[0].set_title("composite (B04, B03, B02)")
+    cm = clusters["cluster_map"]
+    cl, cb, cr, ct = cm.rio.bounds()
+    axes[1].imshow(rgb, extent=ext)
+    im1 = axes[1].imshow(np.ma.masked_less(cm.values, 0), extent=(cl, cr, cb, ct), cmap="tab10",
+                         alpha=0.55, interpolation="nearest")
+    fig.colorbar(im1, ax=axes[1], shrink=0.8, label="DEC cluster (one cell a patch)")
+    axes[1].set_title("clusters")
+    axes[2].imshow(rgb, extent=ext)
+    im2 = axes[2].imshow(seg["probability"].values, extent=ext, cmap="magma", vmin=0, vmax=1, alpha=0.6)
+    fig.colorbar(im2, ax=axes[2], shrink=0.8, label="agricultural land probability")
+    axes[2].set_title("U-Net probability")
+    for ax in axes:
+        ax.set_xlim(l, r)
+        ax.set_ylim(b, t)
+        ax.set_xlabel(f"x (m, {cube.rio.crs})")
+        ax.ticklabel_format(style="plain")
+        ax.tick_params(labelsize=7)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

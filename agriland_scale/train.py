@@ -68,7 +68,8 @@ def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig,
         if aug is not None:
             ds = ds.map(lambda b: aug(b, training=True))
         ds = ds.map(lambda b: (b, b)).prefetch(2)
-        h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch, verbose=0)
+        h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
+                            shuffle=False, verbose=0)
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
     from .models.backbone import write_sidecar
     from .models.encoder import encoder_from_cae
@@ -188,6 +189,7 @@ def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path:
     aug = _unet_augmenter(seed)
     bright = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 5)
 
+    @tf.autograph.experimental.do_not_convert
     def augment(img, lab):
         # encode label as 0 = ignore, 1 = other, 2 = positive, so padding becomes 'ignore'
         code = tf.where(lab == IGNORE, 0.0, tf.cast(lab, tf.float32) + 1.0)
@@ -216,7 +218,8 @@ def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path:
                  keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
     if tc.epochs > 0:
         model.fit(ds, epochs=tc.epochs, steps_per_epoch=steps,
-                  validation_data=(xva, yva.astype("float32")), callbacks=callbacks, verbose=0)
+                  validation_data=(xva, yva.astype("float32")), callbacks=callbacks,
+                  shuffle=False, verbose=0)
     model.save(out_path)
     final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
     meta = {

@@ -121,6 +121,7 @@ def test_cogs_models_and_run_record(demo_run):
     for name in ("cluster_map", "probability", "mask"):
         with rasterio.open(out / "cog" / f"{name}.tif") as ds:
             assert ds.crs.to_epsg() == 32618
+    assert (out / "quicklook.png").stat().st_size > 10_000
     saved = json.loads((out / "run.json").read_text())
     assert saved["config"]["name"] == cfg.name
     assert set(saved["stages"].values()) == {"done"}

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 from pyproj import Transformer
 from shapely.geometry import mapping, shape
-from shapely.ops import transform
 
 from agriland_scale.errors import CorruptInput, EmptyRegion
 from agriland_scale.labels import IGNORE, rasterize_labels
@@ -27,7 +27,7 @@ def test_labels_in_another_crs_give_the_same_mask(cube, tmp_path):
     data = json.loads((VIRGINIA / "labels.geojson").read_text())
     to_utm = Transformer.from_crs(4326, 32618, always_xy=True).transform
     for f in data["features"]:
-        f["geometry"] = mapping(transform(to_utm, shape(f["geometry"])))
+        f["geometry"] = mapping(shapely.transform(shape(f["geometry"]), to_utm, interleaved=False))
     data["crs"] = {"type": "name", "properties": {"name": "EPSG:32618"}}
     p = tmp_path / "utm.geojson"
     p.write_text(json.dumps(data))

@@ -1,0 +1,76 @@
+"""Benchmark: the distributed embedding stage against a plain ``model.predict``.
+
+Uses a finished run folder (``agriland demo --out DIR`` first). Both sides embed the same
+patches with the same encoder file: the stage reads patches from the Zarr cube inside Dask
+tasks on a LocalCluster (model loaded once per worker); the baseline calls ``predict`` on the
+patches already in memory, in this process. Prints patches/s of both and their ratio
+(goal >= 0.9). Run: ``python bench/bench_embed.py DIR [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--repeat", type=int, default=4, help="tile the patch list N times (more work)")
+    args = ap.parse_args()
+    import dask
+
+    from agriland_scale import _worker
+    from agriland_scale.config import RunConfig, RuntimeConfig
+    from agriland_scale.cube import open_cube
+    from agriland_scale.embed import embed_patches
+    from agriland_scale.patches import read_patches
+    from agriland_scale.publish import open_product
+    from agriland_scale.runtime import dask_client
+
+    run = json.loads((args.run_dir / "run.json").read_text())
+    cfg = RunConfig.model_validate(run["config"])
+    store = str(args.run_dir / "agriland.zarr")
+    encoder = str(args.run_dir / "models" / "encoder.keras")
+    index = open_product(store, "patches").load()
+    index = index.isel(patch=np.tile(np.arange(index.sizes["patch"]), args.repeat))
+    index = index.assign_coords(patch=np.arange(index.sizes["patch"]))
+    n = index.sizes["patch"]
+    e = cfg.embed
+    threads = cfg.runtime.threads_per_worker
+
+    # baseline: plain predict on patches in memory (same threads as one worker)
+    import os
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    cube = open_cube(store)
+    x = read_patches(cube["reflectance"], index.y0.values, index.x0.values, cfg.patches.size,
+                     e.bands, e.reflectance_max)
+    model, _ = _worker.get_model(encoder)
+    model.predict(x[: e.batch_size], batch_size=e.batch_size, verbose=0)  # warm-up
+    t = time.perf_counter()
+    ref = model.predict(x, batch_size=e.batch_size, verbose=0)
+    t_plain = time.perf_counter() - t
+
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=threads, memory_limit="8GiB", dashboard_address=":0")
+    with dask_client(rt) as client:
+        warm = embed_patches(encoder, store, index.isel(patch=slice(0, e.batch_size)), e.bands,
+                             e.reflectance_max, batch_size=e.batch_size, min_valid_fraction=0.0)
+        warm["embedding"].compute()  # model loaded on the worker, as in a run
+        t = time.perf_counter()
+        emb = embed_patches(encoder, store, index, e.bands, e.reflectance_max, batch_size=e.batch_size,
+                            min_valid_fraction=0.0)["embedding"].compute()
+        t_stage = time.perf_counter() - t
+    err = float(np.abs(emb.values - ref).max())
+    print(f"patches: {n} of {cfg.patches.size} px, bands {e.bands}, head {e.head}, "
+          f"{threads} threads, dask {dask.__version__}")
+    print(f"plain model.predict (in memory): {n / t_plain:.2f} patches/s ({t_plain:.1f} s)")
+    print(f"distributed embedding stage:     {n / t_stage:.2f} patches/s ({t_stage:.1f} s)")
+    print(f"ratio stage / plain: {t_plain / t_stage:.3f}  (goal >= 0.9); max |diff| {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
