@@ -33,6 +33,8 @@ def configure_tensorflow() -> None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TF already initialised in this process
         pass
+    # same seed, same threads -> same results (training and inference); cheap on CPU
+    tf.config.experimental.enable_op_determinism()
     _configured = True
 
 

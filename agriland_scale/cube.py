@@ -140,10 +140,15 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
     return ds
 
 
-def open_cube(store: str | Path, group: str = "cube") -> xr.Dataset:
-    """Open the cube group of an output Zarr store with its CRS (lazy, dask-backed)."""
+def open_cube(store: str | Path, group: str = "cube", *, dask: bool = True) -> xr.Dataset:
+    """Open the cube group of an output Zarr store with its CRS, lazily.
+
+    ``dask=False`` gives lazily indexed arrays without dask (what tasks running on a worker
+    use: slicing reads just those Zarr chunks, with no nested graph sent to the scheduler).
+    """
     try:
-        ds = xr.open_zarr(store, group=group, decode_coords="all", consolidated=False)
+        ds = xr.open_dataset(store, engine="zarr", group=group, decode_coords="all",
+                             consolidated=False, chunks={} if dask else None, cache=False)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise CorruptInput(f"cannot open group '{group}' of {store}: {e}; rerun the cube stage "
                            "(agriland run ... --force cube)") from None

@@ -38,15 +38,17 @@ def check_model_bands(model_path: str, bands: list[str], reflectance_max: float,
 
 
 def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
-                 size: int, bands: list[str], reflectance_max: float, dim: int) -> np.ndarray:
+                 size: int, bands: list[str], reflectance_max: float, dim: int, batch_size: int
+                 ) -> np.ndarray:
     out = np.full((len(y0), dim), np.nan, dtype="float32")
     if not valid.any():
         return out
     model, lock = _worker.get_model(model_path)
-    cube = open_cube(cube_store)
+    cube = open_cube(cube_store, dask=False)
     x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
     with lock:
-        out[valid] = model.predict(x, batch_size=len(x), verbose=0)
+        # a fixed batch size keeps TensorFlow's traced function shapes the same for every task
+        out[valid] = model.predict(x, batch_size=batch_size, verbose=0)
     return out
 
 
@@ -67,7 +69,8 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     fn = dask.delayed(_embed_batch, pure=True)
     with dask.annotate(resources=resources or {}):
         for sl in iter_batches(len(y0), batch_size * tasks_batches):
-            d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim)
+            d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
+                   batch_size)
             parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
     arr = da.concatenate(parts)
     ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},

@@ -69,9 +69,9 @@ def predict_block(model, reflectance: np.ndarray, clear: np.ndarray, gy: int, gx
 def _segment_task(model_path: str, cube_store: str, gy: int, gx: int, h: int, w: int, bands: list[str],
                   window: int, overlap: int, reflectance_max: float, batch_size: int) -> np.ndarray:
     model, lock = _worker.get_model(model_path)
-    cube = open_cube(cube_store)
-    refl = cube["reflectance"].sel(band=bands).data
-    return predict_block(model, refl, cube["clear_count"].data, gy, gx, h, w, window=window,
+    cube = open_cube(cube_store, dask=False)
+    refl = cube["reflectance"].sel(band=bands)  # lazily indexed: only the window span is read
+    return predict_block(model, refl, cube["clear_count"], gy, gx, h, w, window=window,
                          overlap=overlap, reflectance_max=reflectance_max, batch_size=batch_size,
                          lock=lock)
 

@@ -53,7 +53,7 @@ def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig,
 
     keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
-    cube = open_cube(cube_store)
+    cube = open_cube(cube_store, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
     cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
                     embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed)
@@ -167,7 +167,7 @@ def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path:
 
     keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
-    cube = open_cube(cube_store)
+    cube = open_cube(cube_store, dask=False)
     win, tc = cfg.window, cfg.train
     tr, va, split = unet_windows(label, win, win // 2, cfg)
     if not tr or not va:

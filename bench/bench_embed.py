@@ -21,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--repeat", type=int, default=4, help="tile the patch list N times (more work)")
+    ap.add_argument("--task-batches", type=int, default=4, help="batches of patches per Dask task")
     args = ap.parse_args()
     import dask
 
@@ -62,11 +63,11 @@ def main() -> None:
         warm["embedding"].compute()  # model loaded on the worker, as in a run
         t = time.perf_counter()
         emb = embed_patches(encoder, store, index, e.bands, e.reflectance_max, batch_size=e.batch_size,
-                            min_valid_fraction=0.0)["embedding"].compute()
+                            min_valid_fraction=0.0, tasks_batches=args.task_batches)["embedding"].compute()
         t_stage = time.perf_counter() - t
     err = float(np.abs(emb.values - ref).max())
     print(f"patches: {n} of {cfg.patches.size} px, bands {e.bands}, head {e.head}, "
-          f"{threads} threads, dask {dask.__version__}")
+          f"{threads} threads, {args.task_batches} batches a task, dask {dask.__version__}")
     print(f"plain model.predict (in memory): {n / t_plain:.2f} patches/s ({t_plain:.1f} s)")
     print(f"distributed embedding stage:     {n / t_stage:.2f} patches/s ({t_stage:.1f} s)")
     print(f"ratio stage / plain: {t_plain / t_stage:.3f}  (goal >= 0.9); max |diff| {err:.2e}")
