@@ -24,19 +24,18 @@ def test_unknown_key_is_named(tmp_path):
         load_config(_write(tmp_path, "colour: red\n"))
 
 
-def test_unknown_nested_key_is_named(tmp_path):
-    text = DEMO_YAML.read_text().replace("  resolution: 10\n", "  resolution: 10\n  resolutoin: 20\n")
+@pytest.mark.parametrize("old, new, msg", [
+    ("  resolution: 10\n", "  resolution: 10\n  resolutoin: 20\n", r"unknown key 'cube\.resolutoin'"),
+    ("  k: 6\n", "  k: six\n", r"cluster\.k.*'six'"),
+    ("  stride: 128 ", "  stride: 300 ", r"patches.stride \(300\) must be <= patches.size"),
+    ("  bands: [red, green, blue]\n  head", "  bands: [red, swir16]\n  head", r"embed.bands \['swir16'\]"),
+])
+def test_bad_values_name_the_key(tmp_path, old, new, msg):
+    text = DEMO_YAML.read_text()
+    assert old in text
     p = tmp_path / "p.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError, match=r"cube\.resolutoin"):
-        load_config(p)
-
-
-def test_wrong_type_names_key_and_value(tmp_path):
-    text = DEMO_YAML.read_text().replace("  k: 6\n", "  k: six\n")
-    p = tmp_path / "p.yaml"
-    p.write_text(text)
-    with pytest.raises(ConfigError, match=r"cluster\.k.*'six'"):
+    p.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=msg):
         load_config(p)
 
 
@@ -59,3 +58,17 @@ def test_bad_bbox(bbox, msg):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/pipeline.yaml")
+
+
+def test_cli_validate_reports_one_paragraph(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "agriland"
+    ok = subprocess.run([exe, "validate", str(DEMO_YAML)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = subprocess.run([exe, "validate", str(_write(tmp_path, "colour: red\n"))],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown key 'colour'" in bad.stderr
+    assert "Traceback" not in bad.stderr
