@@ -50,8 +50,8 @@ def patch_index(cube: xr.Dataset, size: int, stride: int) -> xr.Dataset:
     rr, cc = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
     y0, x0 = rows[rr.ravel()], cols[cc.ravel()]
     t = cube.rio.transform()
-    minx, maxy = t * (x0, y0)
-    maxx, miny = t * (x0 + size, y0 + size)
+    minx, maxy = t @ (x0, y0)
+    maxx, miny = t @ (x0 + size, y0 + size)
     valid = (cube["clear_count"] > 0).astype("float32")
     frac = _valid_fraction(valid, y0, x0, size)
     idx = xr.Dataset(
@@ -88,7 +88,7 @@ def patch_map_transform(cube_transform: Affine, size: int, stride: int) -> Affin
     """Transform of a map with one pixel a patch: pixel (r, c) covers the central
     ``stride`` x ``stride`` area of patch (r, c) (the whole patch when stride == size)."""
     off = (size - stride) / 2
-    return cube_transform * Affine.translation(off, off) * Affine.scale(stride)
+    return cube_transform @ Affine.translation(off, off) @ Affine.scale(stride)
 
 
 def iter_batches(n: int, batch: int) -> Iterator[slice]:
