@@ -17,6 +17,7 @@ __all__ = [
     "OutputExists",
     "RegionError",
     "STACServerError",
+    "SchedulerError",
     "StageNotBuilt",
     "UnknownCollection",
 ]
@@ -36,6 +37,10 @@ class RegionError(AgrilandError, ValueError):
 
 class STACServerError(AgrilandError, ConnectionError):
     """A STAC API could not be started or does not answer."""
+
+
+class SchedulerError(AgrilandError, ConnectionError):
+    """No Dask scheduler answers at the configured address."""
 
 
 class UnknownCollection(AgrilandError, LookupError):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from distributed import Client, LocalCluster
 
 from .config import RuntimeConfig
-from .errors import STACServerError
+from .errors import SchedulerError
 
 __all__ = ["dask_client", "gpu_resources", "worker_env"]
 
@@ -41,7 +41,7 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None) -> Iterator[Cl
         try:
             client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as e:
-            raise STACServerError(f"no Dask scheduler answers at {address} ({e}): start one "
+            raise SchedulerError(f"no Dask scheduler answers at {address} ({e}): start one "
                                   "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
         try:
             yield client

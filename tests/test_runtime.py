@@ -12,3 +12,13 @@ def test_local_cluster_has_a_dashboard_and_limits_threads():
         assert set(env.values()) == {"1"}
         assert gpu_resources(client) is None
         assert int(da.ones((100, 100), chunks=10).sum().compute()) == 10_000
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    import pytest
+
+    from agriland_scale.errors import SchedulerError
+
+    with pytest.raises(SchedulerError, match="no Dask scheduler answers at tcp://127.0.0.1:9"):
+        with dask_client(RuntimeConfig(), "tcp://127.0.0.1:9"):
+            pass
