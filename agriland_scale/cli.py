@@ -38,6 +38,31 @@ def _run(pipeline: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from .stac import api_url, describe_search, search_items
+
+    cfg = load_config(args.pipeline)
+    with api_url(cfg.search) as url:
+        items = search_items(cfg.search, url)
+    info = describe_search(items, cfg.cube.bands, cfg.search.bbox, cfg.cube.resolution)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{len(items)} item(s) in {cfg.search.collections} over {list(cfg.search.bbox)}")
+    print(f"{'id':<44} {'datetime':<26} {'cloud %':>7} {'tile':<7} {'EPSG':>6}")
+    for r in info["items"]:
+        cc = "" if r["cloud_cover"] is None else f"{r['cloud_cover']:.1f}"
+        print(f"{r['id']:<44} {r['datetime']:<26} {cc:>7} {str(r['tile'] or ''):<7} {str(r['epsg']):>6}")
+    for zone, z in info["zones"].items():
+        if "error" in z:
+            print(f"{zone}: {z['items']} item(s); {z['error']}")
+            continue
+        print(f"{zone}: {z['items']} item(s), {z['dates']} date(s), grid {z['shape'][0]} x {z['shape'][1]} px "
+              f"at {cfg.cube.resolution:g} m = {z['pixels']:,} px; reads ~{z['source_bytes'] / 2**20:,.0f} MiB "
+              f"({len(info['bands'])} bands), composite {z['composite_bytes'] / 2**20:,.0f} MiB")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agriland", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -55,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a pipeline file")
     p_run.add_argument("pipeline", type=Path)
     run_opts(p_run)
+    p_search = sub.add_parser("search", help="list what a run would load, without loading pixels")
+    p_search.add_argument("pipeline", type=Path)
+    p_search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_val = sub.add_parser("validate", help="check a pipeline file and name the wrong key")
     p_val.add_argument("pipeline", type=Path)
 
@@ -71,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(DEMO, args)
         if args.command == "run":
             return _run(args.pipeline, args)
+        if args.command == "search":
+            return _search(args)
         if args.command == "validate":
             cfg = load_config(args.pipeline)
             print(f"{args.pipeline}: valid ('{cfg.name}')")

@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +53,6 @@ def _check_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExists(f"{out} is not empty and holds no agriland run: choose an empty or new "
                            "--out folder, or pass --overwrite")
-
-
-@contextlib.contextmanager
-def _api(cfg: RunConfig) -> Iterator[str]:
-    if cfg.search.api == "local":
-        with stac.local_stac_api(resolve_path(cfg.search.catalog or "", Path.cwd())) as url:
-            yield url
-    else:
-        yield cfg.search.api
 
 
 def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
@@ -107,7 +97,7 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
         publish.write_json(record, out / "run.json")
 
         with stage("search"):
-            with _api(cfg) as url:
+            with stac.api_url(cfg.search) as url:
                 items = stac.search_items(cfg.search, url)
             (out / "items.json").write_text(json.dumps(
                 {"type": "FeatureCollection", "features": [i.to_dict() for i in items]}, indent=1))

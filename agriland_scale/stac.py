@@ -29,7 +29,7 @@ from pystac_client.exceptions import APIError
 from .config import SearchConfig, check_bbox, resolve_path
 from .errors import NoItemsFound, STACServerError, UnknownCollection
 
-__all__ = ["local_stac_api", "search_items", "open_api"]
+__all__ = ["api_url", "describe_search", "local_stac_api", "open_api", "search_items"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,16 @@ def local_stac_api(catalog: str | Path, *, timeout: float = 20.0) -> Iterator[st
                 proc.wait()
 
 
+@contextlib.contextmanager
+def api_url(cfg: SearchConfig) -> Iterator[str]:
+    """The STAC API URL of a search: a local server for ``api: local`` (stopped on exit)."""
+    if cfg.api == "local":
+        with local_stac_api(cfg.catalog or "") as url:
+            yield url
+    else:
+        yield cfg.api
+
+
 def open_api(url: str) -> Client:
     """Open a STAC API, turning connection failures into an actionable error."""
     try:
@@ -164,3 +174,66 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     items.sort(key=lambda i: (str(i.datetime or i.properties.get("start_datetime")), i.id))
     log.info("search found %d item(s)", len(items))
     return items
+
+
+def item_epsg(item: pystac.Item) -> int | None:
+    """EPSG code of an item: projection extension v1 (``proj:epsg``) or v2 (``proj:code``)."""
+    props = item.properties
+    if props.get("proj:epsg"):
+        return int(props["proj:epsg"])
+    code = props.get("proj:code")
+    if isinstance(code, str) and code.upper().startswith("EPSG:"):
+        return int(code.split(":")[1])
+    for asset in item.assets.values():
+        f = asset.extra_fields
+        if f.get("proj:epsg"):
+            return int(f["proj:epsg"])
+        if str(f.get("proj:code", "")).upper().startswith("EPSG:"):
+            return int(str(f["proj:code"]).split(":")[1])
+    return None
+
+
+def item_tile(item: pystac.Item) -> str | None:
+    """The Sentinel-2 MGRS tile of an item, from whichever property its API uses."""
+    p = item.properties
+    if p.get("s2:mgrs_tile"):
+        return str(p["s2:mgrs_tile"])
+    if p.get("grid:code"):
+        return str(p["grid:code"]).removeprefix("MGRS-")
+    if p.get("mgrs:utm_zone"):
+        return f"{p['mgrs:utm_zone']}{p.get('mgrs:latitude_band', '')}{p.get('mgrs:grid_square', '')}"
+    return None
+
+
+def describe_search(items: list[pystac.Item], bands: list[str], bbox: tuple[float, ...],
+                    resolution: float) -> dict[str, Any]:
+    """What a run would load, without reading any pixel.
+
+    Per item: id, datetime, cloud cover, tile, EPSG. Per UTM zone: items, grid shape of the
+    region at ``resolution`` m and estimated pixels and bytes (uint16 source reads and the
+    float32 composite).
+    """
+    from .cube import cube_geobox
+
+    rows = [{"id": i.id, "datetime": str(i.datetime or i.properties.get("start_datetime")),
+             "cloud_cover": i.properties.get("eo:cloud_cover"), "tile": item_tile(i),
+             "epsg": item_epsg(i)} for i in items]
+    zones: dict[str, Any] = {}
+    by_epsg: dict[Any, list[pystac.Item]] = {}
+    for i, r in zip(items, rows):
+        by_epsg.setdefault(r["epsg"], []).append(i)
+    for epsg, group in sorted(by_epsg.items(), key=lambda kv: str(kv[0])):
+        try:
+            gb = cube_geobox(group, bbox, resolution)
+        except Exception as e:  # noqa: BLE001 - reported per zone, nothing is loaded
+            zones[f"EPSG:{epsg}"] = {"items": len(group), "error": str(e)}
+            continue
+        h, w = gb.shape
+        n_dates = len({str(i.datetime or i.properties.get("start_datetime"))[:10] for i in group})
+        px = h * w
+        zones[f"EPSG:{epsg}"] = {
+            "items": len(group), "dates": n_dates, "shape": [h, w],
+            "pixels": px, "source_bytes": px * len(bands) * n_dates * 2,
+            "composite_bytes": px * len(bands) * 4,
+        }
+    return {"items": rows, "zones": zones, "bands": list(bands)}

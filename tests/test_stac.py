@@ -38,3 +38,23 @@ def test_api_that_does_not_answer():
     cfg = SearchConfig(api="http://127.0.0.1:9", collections=["x"], bbox=(0, 0, 1, 1))
     with pytest.raises(STACServerError, match="does not answer"):
         search_items(cfg, cfg.api)
+
+
+def test_describe_search_estimates_without_loading(items, demo_cfg):
+    from agriland_scale.stac import describe_search, item_epsg
+
+    info = describe_search(items, demo_cfg.cube.bands, demo_cfg.search.bbox, 10)
+    assert info["items"][0]["epsg"] == 32618 == item_epsg(items[0])
+    zone = info["zones"]["EPSG:32618"]
+    assert zone["shape"] == [1024, 1024] and zone["pixels"] == 1024 * 1024
+    assert zone["source_bytes"] == 1024 * 1024 * 4 * 2
+
+
+def test_projection_v2_and_tiles():
+    import pystac
+
+    from agriland_scale.stac import item_epsg, item_tile
+
+    item = pystac.Item("x", None, None, "2020-01-01T00:00:00Z",
+                       {"proj:code": "EPSG:32629", "grid:code": "MGRS-29RKH"})
+    assert item_epsg(item) == 32629 and item_tile(item) == "29RKH"
