@@ -8,8 +8,11 @@ pool (sized to the worker's threads) is not oversubscribed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +54,25 @@ def get_model(path: str | Path) -> tuple[Any, threading.Lock]:
         if key not in _models:
             _models[key] = (keras.saving.load_model(p, compile=False), threading.Lock())
         return _models[key]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Make Keras model building and training repeatable for ``seed`` inside a Dask worker.
+
+    ``keras.utils.set_random_seed`` seeds Python's process-wide ``random``, but Keras draws
+    the default seed of every unseeded initializer from it, and the worker's other threads
+    consume numbers from it too, so two runs built different weights. Inside this block
+    Keras draws from a private ``random.Random(seed)`` instead (not thread-shared).
+    """
+    configure_tensorflow()
+    import keras
+    from keras.src.random import seed_generator
+
+    keras.utils.set_random_seed(seed)
+    saved = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = saved

@@ -38,7 +38,7 @@ def _cae_augmenter(seed: int):
     ])
 
 
-def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
+def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
               out_path: str, *, seed: int = 0, region: str = "") -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
@@ -51,7 +51,6 @@ def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig,
 
     from .models.encoder import build_cae
 
-    keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
     cube = open_cube(cube_store, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
@@ -149,7 +148,7 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
             "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan")}
 
 
-def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
+def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
                seed: int = 0, label_source: str = "") -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label`` (uint8, cube grid).
 
@@ -165,7 +164,6 @@ def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path:
     from .models.backbone import write_sidecar
     from .models.unet import build_unet, masked_bce, masked_iou
 
-    keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
     cube = open_cube(cube_store, dask=False)
     win, tc = cfg.window, cfg.train
@@ -236,3 +234,15 @@ def train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path:
     }
     write_sidecar(out_path, meta)
     return meta
+
+
+def train_cae(*args: Any, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """Train the CAE (see :func:`_train_cae`), repeatably for ``seed`` even on a Dask worker."""
+    with _worker.seeded(seed):
+        return _train_cae(*args, seed=seed, **kwargs)
+
+
+def train_unet(*args: Any, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """Train the U-Net (see :func:`_train_unet`), repeatably for ``seed`` even on a Dask worker."""
+    with _worker.seeded(seed):
+        return _train_unet(*args, seed=seed, **kwargs)
