@@ -141,3 +141,15 @@ def test_output_folder_of_another_run_is_refused(demo_run, demo_cfg):
     cli = subprocess.run([Path(sys.executable).parent / "agriland", "demo", "--out", str(out)],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "holds another run" in cli.stderr and "Traceback" not in cli.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_outputs(demo_run, external_cluster, tmp_path):
+    """A second run with the same config gives identical embeddings, clusters and mosaics."""
+    cfg, out, _ = demo_run
+    run(cfg, tmp_path / "again", scheduler=external_cluster)
+    for group, var in [("embeddings", "embedding"), ("clusters", "labels"), ("clusters", "soft"),
+                       ("segmentation", "probability")]:
+        a = xr.open_zarr(out / "agriland.zarr", group=group)[var].values
+        b = xr.open_zarr(tmp_path / "again" / "agriland.zarr", group=group)[var].values
+        np.testing.assert_array_equal(a, b, err_msg=f"{group}/{var}")
