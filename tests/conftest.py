@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,64 @@ def cube(cube_store):
     from agriland_scale.cube import open_cube
 
     return open_cube(cube_store)
+
+
+# The demo pipeline with short schedules, for end-to-end tests (minutes on 2 cores).
+FAST = {
+    "embed.train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001,
+                    "augment": True},
+    "cluster.dec": {"max_iter": 300, "update_interval": 50, "tol": 0.001, "batch_size": 16,
+                    "learning_rate": 0.01, "momentum": 0.9, "alpha": 1.0},
+    "segment.train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001, "augment_factor": 1,
+                      "patience": 3, "validation": "west", "validation_fraction": 0.3},
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def external_cluster(tmp_path_factory):
+    """A `dask scheduler` and a `dask worker` process on 127.0.0.1, as users run them."""
+    port = _port()
+    addr = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    env = os.environ | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2",
+                        "DASK_LOGGING__DISTRIBUTED": "error"}
+    wd = tmp_path_factory.mktemp("dask")
+    sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--dashboard-address", ":0"], cwd=wd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--nworkers", "1",
+                               "--memory-limit", "10GiB", "--local-directory", str(wd)], cwd=wd, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from distributed import Client
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(addr, timeout="5s") as c:
+                if c.scheduler_info()["workers"]:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "dask cluster did not start"
+        time.sleep(0.5)
+    yield addr
+    worker.terminate()
+    sched.terminate()
+    worker.wait(20)
+    sched.wait(20)
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_cfg, external_cluster, tmp_path_factory):
+    cfg = demo_cfg.with_overrides(**FAST)
+    out = tmp_path_factory.mktemp("demo")
+    from agriland_scale.pipeline import run
+
+    record = run(cfg, out, scheduler=external_cluster, report=print)
+    return cfg, out, record
