@@ -39,16 +39,17 @@ def _run(pipeline: Path, args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .stac import api_url, describe_search, search_items
+    from .stac import api_url, describe_search, region_of, search_items
 
     cfg = load_config(args.pipeline)
     with api_url(cfg.search) as url:
         items = search_items(cfg.search, url)
-    info = describe_search(items, cfg.cube.bands, cfg.search.bbox, cfg.cube.resolution)
+    info = describe_search(items, cfg.cube.bands, region_of(cfg.search), cfg.cube.resolution)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"{len(items)} item(s) in {cfg.search.collections} over {list(cfg.search.bbox)}")
+    where = list(cfg.search.bbox) if cfg.search.bbox else cfg.search.region
+    print(f"{len(items)} item(s) in {cfg.search.collections} over {where}")
     print(f"{'id':<44} {'datetime':<26} {'cloud %':>7} {'tile':<7} {'EPSG':>6}")
     for r in info["items"]:
         cc = "" if r["cloud_cover"] is None else f"{r['cloud_cover']:.1f}"

@@ -9,10 +9,10 @@ affordable; the demo pipeline shortens the training schedules and says so.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, RegionError
 
@@ -32,6 +32,19 @@ __all__ = [
 ]
 
 
+def _canonical_bands(v: list[str]) -> list[str]:
+    from .items import canonical_band
+
+    out = [canonical_band(b) for b in v]
+    if len(set(out)) != len(out):
+        raise ValueError(f"bands {v} name a band twice")
+    return out
+
+
+# Sentinel-2 band names: common names (red) or band ids (B04), stored as common names
+Bands = Annotated[list[str], AfterValidator(_canonical_bands)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -41,25 +54,35 @@ class SearchConfig(_Model):
 
     ``api`` is a STAC API URL, or ``local`` to serve the ``catalog`` folder (a
     ``collection.json`` plus ``item*.json`` files) on 127.0.0.1 for the run's duration.
-    ``bbox`` is (min lon, min lat, max lon, max lat) in degrees, EPSG:4326.
+    The region is either ``bbox`` (min lon, min lat, max lon, max lat) in degrees,
+    EPSG:4326, or ``region``: a GeoJSON / GeoPackage / GeoParquet file of polygons in any
+    CRS (searched with ``intersects``; pixels outside the polygons are nodata).
+    ``sign``: ``planetary-computer`` signs asset hrefs with the ``planetary-computer``
+    package (``pip install agriland-scale[pc]``).
     """
 
     api: str = "local"
     catalog: str | None = None
     collections: list[str] = Field(min_length=1)
-    bbox: tuple[float, float, float, float]
+    bbox: tuple[float, float, float, float] | None = None
+    region: str | None = None
+    sign: Literal["none", "planetary-computer"] = "none"
     datetime: str | None = None
     max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
     limit: int = Field(default=100, ge=1)
 
     @field_validator("bbox")
     @classmethod
-    def _check_bbox(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        check_bbox(v)
+    def _check_bbox(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if v is not None:
+            check_bbox(v)
         return v
 
     @model_validator(mode="after")
     def _local_needs_catalog(self) -> SearchConfig:
+        if (self.bbox is None) == (self.region is None):
+            raise ValueError("give exactly one of search.bbox (lon/lat) and search.region "
+                             "(a GeoJSON/GeoParquet file of polygons)")
         if self.api == "local" and not self.catalog:
             raise ValueError("search.api is 'local' but search.catalog is not set: give the folder "
                              "with collection.json and item json files, or an API URL in search.api")
@@ -84,19 +107,32 @@ def check_bbox(bbox: tuple[float, float, float, float] | list[float]) -> None:
 
 
 class CubeConfig(_Model):
-    """How scenes become a cube: bands (STAC asset keys), grid and compositing.
+    """How scenes become a cube: bands, grid, cloud masking and compositing.
 
-    ``resolution`` is in metres of the items' native UTM CRS; ``chunk`` in pixels must be a
-    multiple of the patch stride so that chunks align to the patch grid.
+    ``bands`` are Sentinel-2 band names, common (``red``) or ids (``B04``): both resolve to the
+    item's asset whatever key its API uses. ``resolution`` is in metres of the items' native
+    UTM CRS (20 m / 60 m bands are resampled bilinearly, classes like SCL by nearest);
+    ``chunk`` in pixels must be a multiple of the patch stride so that chunks align to patches.
+
+    Cloud masking (L2A): pixels whose ``scl`` class is in ``scl_mask_classes`` are dropped
+    (default: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud medium/high
+    probability, 10 thin cirrus), the mask optionally grown by ``scl_dilation_m`` metres.
+    ``composite``: per-pixel median (default), mean, first or last of the clear observations;
+    ``clear_count`` keeps how many there were. ``on_bad_asset``: ``fail`` on an asset that
+    cannot be read, or ``skip`` its item with a warning (recorded in run.json).
     """
 
-    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "nir"], min_length=1)
+    bands: Bands = Field(default_factory=lambda: ["red", "green", "blue", "nir"], min_length=1)
     resolution: float = Field(default=10.0, gt=0)
     chunk: int = Field(default=256, ge=64)
-    composite: Literal["median", "mean", "first"] = "median"
+    composite: Literal["median", "mean", "first", "last"] = "median"
     cloud_mask: bool = True
     scl_band: str = "scl"
     scl_mask_classes: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10])
+    scl_dilation_m: float = Field(default=0.0, ge=0)
+    check_assets: bool = True
+    on_bad_asset: Literal["fail", "skip"] = "fail"
+    mosaic_crs: str | None = None
 
 
 class PatchConfig(_Model):
@@ -133,7 +169,7 @@ class EmbedConfig(_Model):
     ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1].
     """
 
-    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
+    bands: Bands = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
     weights: str = "imagenet"
     head: Literal["flatten", "gap"] = "flatten"
     embedding_dim: int = Field(default=100, ge=2)
@@ -186,7 +222,7 @@ class SegmentConfig(_Model):
 
     encoder: Literal["plain", "resnet50", "inceptionv3"] = "inceptionv3"
     weights: str = "imagenet"
-    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
+    bands: Bands = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
     reflectance_max: float = Field(default=0.3, gt=0)
     labels: str | None = None
     positive_classes: list[str] = Field(default_factory=lambda: ["arable"])
@@ -301,10 +337,11 @@ def resolve_path(value: str, base: Path) -> Path:
 
 def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
     out = {}
-    if cfg.search.catalog and not cfg.search.catalog.startswith("builtin:"):
-        r = str(resolve_path(cfg.search.catalog, base))
-        if r != cfg.search.catalog:
-            out["search.catalog"] = r
+    for key, value in (("search.catalog", cfg.search.catalog), ("search.region", cfg.search.region)):
+        if value and not value.startswith("builtin:"):
+            r = str(resolve_path(value, base))
+            if r != value:
+                out[key] = r
     for key, value in (("segment.labels", cfg.segment.labels), ("embed.weights", cfg.embed.weights),
                        ("segment.weights", cfg.segment.weights)):
         if value and value not in ("imagenet", "none") and not value.startswith("builtin:"):

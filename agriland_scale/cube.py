@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,78 +23,149 @@ import pystac
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from odc.geo.geobox import GeoBox
-from odc.geo.geom import box as geo_box
-from odc.geo.geom import unary_union
+from odc.geo.geom import Geometry, unary_union
 
 from .config import CubeConfig
-from .errors import BandMismatch, CorruptInput, EmptyRegion, NoItemsFound
+from .errors import AgrilandWarning, CorruptInput, EmptyRegion, NoItemsFound
+from .items import CLASS_BANDS, canonical_band, group_by_zone, normalize_items, scale_offset
+from .region import Region
 
-__all__ = ["cube_geobox", "load_cube", "open_cube", "write_georef"]
+__all__ = ["check_assets", "chunk_valid_fraction", "cube_geobox", "dilate", "load_bands", "load_cube",
+           "load_zone_cubes", "open_cube", "region_mask", "write_georef"]
 
 log = logging.getLogger(__name__)
 
 
-def _check_bands(items: Sequence[pystac.Item], bands: Sequence[str]) -> None:
-    for item in items:
-        missing = [b for b in bands if b not in item.assets]
-        if missing:
-            raise BandMismatch(
-                f"item {item.id} has no asset(s) {missing} (it has {sorted(item.assets)}): "
-                "fix cube.bands to use this collection's asset keys")
+def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], resolution: float) -> GeoBox:
+    """Pixel grid of one UTM zone's cube: the region ∩ the items' footprints, in their CRS.
 
-
-def cube_geobox(items: Sequence[pystac.Item], bbox: Sequence[float], resolution: float) -> GeoBox:
-    """Pixel grid of the cube: the region ∩ the items' footprints, in the items' CRS.
-
-    ``bbox`` is lon/lat (EPSG:4326). The grid is snapped to multiples of ``resolution``
-    metres, so it coincides with the Sentinel-2 pixel grid of the items.
+    ``region`` is a :class:`Region` or a lon/lat bbox (EPSG:4326). The grid is snapped to
+    multiples of ``resolution`` metres, so it coincides with the Sentinel-2 pixel grid.
+    Raises :class:`NoItemsFound` when the items are in several CRSs (split them with
+    :func:`~agriland_scale.items.group_by_zone`) or do not overlap the region.
     """
+    region = region if isinstance(region, Region) else Region.from_bbox(region)
     parsed = list(odc.stac.parse_items(list(items)))
     crs_set = {str(p.crs()) for p in parsed}
     if len(crs_set) != 1:
         raise NoItemsFound(
-            f"items are in several CRSs {sorted(crs_set)}; multi-zone regions are processed per "
-            "UTM zone (not built yet): restrict search.bbox to one UTM zone")
+            f"items are in several CRSs {sorted(crs_set)}: a cube is built per UTM zone "
+            "(load_zone_cubes does this)")
     crs = parsed[0].crs()
     footprints = [gb.extent for p in parsed for gb in p.geoboxes()[:1]]
     footprint = unary_union([f.to_crs(crs) for f in footprints])
-    region = geo_box(*bbox, crs="EPSG:4326").to_crs(crs)
-    inter = region & footprint
+    zone_region = Geometry(region.to_crs(str(crs)), crs=crs)
+    inter = zone_region & footprint
     if inter.is_empty or inter.area < resolution**2:
         raise NoItemsFound(
-            f"the region bbox {list(bbox)} does not overlap any found item's footprint "
-            f"({footprint.to_crs('EPSG:4326').boundingbox}): move search.bbox over the data")
+            f"the region {list(np.round(region.bbox, 4))} does not overlap the footprint of the "
+            f"found items in {crs} ({footprint.to_crs('EPSG:4326').boundingbox}): move "
+            "search.bbox / search.region over the data")
     x0, y0, x1, y1 = inter.boundingbox
     fx0, fy0, fx1, fy1 = footprint.boundingbox
-    # snap outward to the pixel grid, but never beyond the footprint's own (grid-aligned) edges
+    # snap outward to the items' pixel grid (anchored at the footprint's top-left corner, so a
+    # resolution that is a multiple of the native pixel keeps pixels aligned), but never
+    # beyond the footprint's own edges
     r = resolution
-    x0, y0 = max(np.floor(x0 / r) * r, fx0), max(np.floor(y0 / r) * r, fy0)
-    x1, y1 = min(np.ceil(x1 / r) * r, fx1), min(np.ceil(y1 / r) * r, fy1)
-    return GeoBox.from_bbox((x0, y0, x1, y1), crs=crs, resolution=r)
+    x0 = fx0 + max(np.floor((x0 - fx0) / r), 0) * r
+    y1 = fy1 - max(np.floor((fy1 - y1) / r), 0) * r
+    x1 = fx0 + min(np.ceil((x1 - fx0) / r), np.floor((fx1 - fx0) / r)) * r
+    y0 = fy1 - min(np.ceil((fy1 - y0) / r), np.floor((fy1 - fy0) / r)) * r
+    return GeoBox.from_bbox((x0, y0, x1, y1), crs=crs, resolution=r, tight=True)
 
 
-def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, bbox: Sequence[float]) -> xr.Dataset:
-    """Lazily load, cloud-mask and composite ``items`` into a cube (see module doc).
+def check_assets(items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asset: str = "fail"
+                 ) -> tuple[list[pystac.Item], list[dict]]:
+    """Open every asset of ``bands`` and read its last full-resolution block.
+
+    A truncated or corrupt COG fails here rather than in the middle of a run (a COG's
+    full-resolution tiles come last in the file). ``on_bad_asset="fail"`` raises
+    :class:`CorruptInput` naming the item and asset; ``"skip"`` drops the item with an
+    :class:`AgrilandWarning` and reports it in the returned list of skipped assets.
+    """
+    import rasterio
+    from rasterio.windows import Window
+
+    def probe(job: tuple[pystac.Item, str]) -> dict | None:
+        item, band = job
+        href = item.assets[band].get_absolute_href() or item.assets[band].href
+        try:
+            with rasterio.open(href) as ds:
+                bh, bw = ds.block_shapes[0]
+                r0, c0 = (ds.height - 1) // bh * bh, (ds.width - 1) // bw * bw
+                ds.read(1, window=Window(c0, r0, min(bw, ds.width - c0), min(bh, ds.height - r0)))
+        except Exception as e:  # noqa: BLE001 - every reader failure is reported the same way
+            return {"item": item.id, "asset": band, "href": href, "error": f"{type(e).__name__}: {e}"}
+        return None
+
+    jobs = [(i, b) for i in items for b in bands]
+    with ThreadPoolExecutor(8) as pool:
+        bad = [r for r in pool.map(probe, jobs) if r]
+    if bad and on_bad_asset == "fail":
+        b = bad[0]
+        raise CorruptInput(
+            f"item {b['item']}: asset '{b['asset']}' ({b['href']}) cannot be read ({b['error']}); "
+            f"{len(bad)} bad asset(s) in all. Set cube.on_bad_asset: skip to leave such items out")
+    dropped = {b["item"] for b in bad}
+    for b in bad:
+        warnings.warn(f"skipping item {b['item']}: asset '{b['asset']}' cannot be read ({b['error']})",
+                      AgrilandWarning, stacklevel=2)
+    return [i for i in items if i.id not in dropped], bad
+
+
+def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float]
+                    ) -> dict[int, xr.Dataset]:
+    """One lazy cube per UTM zone (EPSG code -> cube), each in its native CRS.
+
+    Nothing is resampled across zones. Zones whose items do not overlap the region are left
+    out; if none overlaps, :class:`NoItemsFound` is raised.
+    """
+    items = normalize_items(items, load_bands(items, cfg))
+    cubes, errors = {}, []
+    for epsg, group in group_by_zone(items).items():
+        try:
+            cubes[epsg] = load_cube(group, cfg, region, normalized=True)
+        except NoItemsFound as e:
+            errors.append(f"EPSG:{epsg}: {e}")
+    if not cubes:
+        raise NoItemsFound("; ".join(errors))
+    return cubes
+
+
+def load_bands(items: Sequence[pystac.Item], cfg: CubeConfig) -> list[str]:
+    scl = canonical_band(cfg.scl_band)
+    has_scl = all(scl in {canonical_band(k) for k in i.assets} for i in items)
+    return list(cfg.bands) + ([scl] if cfg.cloud_mask and has_scl and scl not in cfg.bands else [])
+
+
+def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
+              normalized: bool = False) -> xr.Dataset:
+    """Lazily load, cloud-mask and composite the items of ONE UTM zone (see module doc).
 
     Nothing is read until the result is computed or written. SCL masking is applied when
-    ``cfg.cloud_mask`` is set and the items carry the ``cfg.scl_band`` asset (L2A).
+    ``cfg.cloud_mask`` is set and every item carries the SCL asset (L2A); L1C items are
+    composited unmasked. Pixels outside a polygon region are nodata.
     """
     if not items:
         raise NoItemsFound("no items to load: the search found nothing")
-    _check_bands(items, cfg.bands)
-    use_scl = cfg.cloud_mask and all(cfg.scl_band in i.assets for i in items)
-    geobox = cube_geobox(items, bbox, cfg.resolution)
-    load_bands = list(cfg.bands) + ([cfg.scl_band] if use_scl else [])
+    region = region if isinstance(region, Region) else Region.from_bbox(region)
+    to_load = load_bands(items, cfg)
+    if not normalized:
+        items = normalize_items(items, to_load)
+    scl = canonical_band(cfg.scl_band)
+    use_scl = scl in to_load
+    geobox = cube_geobox(items, region, cfg.resolution)
     ds = odc.stac.load(
-        list(items), bands=load_bands, geobox=geobox, groupby="solar_day",
-        chunks={"time": 1, "x": cfg.chunk, "y": cfg.chunk}, resampling={"*": "bilinear", cfg.scl_band: "nearest"},
+        list(items), bands=to_load, geobox=geobox, groupby="solar_day",
+        chunks={"time": 1, "x": cfg.chunk, "y": cfg.chunk},
+        resampling={"*": "bilinear", **{b: "nearest" for b in to_load if b in CLASS_BANDS}},
         fail_on_error=True,
     )
     layers = []
     for b in cfg.bands:
         da = ds[b]
         nodata = da.attrs.get("nodata")
-        scale, offset = _scale_offset(items[0], b)
+        scale, offset = scale_offset(items[0], b)
         valid = da != nodata if nodata is not None else xr.ones_like(da, dtype=bool)
         layers.append(xr.where(valid, da.astype("float32") * np.float32(scale) + np.float32(offset), np.nan)
                       .astype("float32"))
@@ -101,7 +173,12 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, bbox: Sequence[floa
     refl = xr.concat(layers, dim=xr.DataArray(np.array(cfg.bands, dtype=object), dims="band", name="band"))
     clear = refl.notnull().all("band")
     if use_scl:
-        clear = clear & ~ds[cfg.scl_band].isin(cfg.scl_mask_classes)
+        cloud = ds[scl].isin(cfg.scl_mask_classes)
+        if cfg.scl_dilation_m > 0:
+            cloud = dilate(cloud, cfg.scl_dilation_m / cfg.resolution)
+        clear = clear & ~cloud
+    if not region.is_box:
+        clear = clear & region_mask(region, geobox, cfg.chunk)
     refl = refl.where(clear)
     refl = refl.chunk({"time": -1})
     with warnings.catch_warnings():
@@ -110,8 +187,10 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, bbox: Sequence[floa
             comp = refl.median("time", skipna=True)
         elif cfg.composite == "mean":
             comp = refl.mean("time", skipna=True)
-        else:
+        elif cfg.composite == "first":
             comp = refl.bfill("time").isel(time=0)
+        else:
+            comp = refl.ffill("time").isel(time=-1)
     comp = comp.transpose("band", "y", "x").astype("float32")
     comp = comp.chunk({"band": -1, "y": cfg.chunk, "x": cfg.chunk})
     out = xr.Dataset({
@@ -120,14 +199,51 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, bbox: Sequence[floa
     })
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
-    out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel")
-    out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution)
+    out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
+                                    cloud_mask="scl" if use_scl else "none")
+    out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution,
+                     dates=[str(t)[:10] for t in ds.time.values])
     return write_georef(out, geobox.crs.epsg or str(geobox.crs))
 
 
-def _scale_offset(item: pystac.Item, band: str) -> tuple[float, float]:
-    rb = item.assets[band].extra_fields.get("raster:bands") or [{}]
-    return float(rb[0].get("scale", 1.0)), float(rb[0].get("offset", 0.0))
+def dilate(mask: xr.DataArray, radius_px: float) -> xr.DataArray:
+    """Grow a boolean ``(time, y, x)`` mask by a disk of ``radius_px`` pixels, chunk-wise
+    with a halo (dask ``map_overlap``), so a dilated chunk equals the whole-image result."""
+    from scipy import ndimage
+
+    r = int(np.ceil(radius_px))
+    if r < 1:
+        return mask
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = (yy**2 + xx**2) <= radius_px**2
+
+    def grow(block: np.ndarray) -> np.ndarray:
+        return np.stack([ndimage.binary_dilation(b, structure=disk) for b in block])
+
+    data = mask.data.map_overlap(grow, depth={0: 0, 1: r, 2: r}, boundary=False, dtype=bool)
+    return mask.copy(data=data)
+
+
+def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
+    """Lazy boolean ``(y, x)`` mask, True inside the region's polygons, on ``geobox``."""
+    import dask.array as dsa
+    import rasterio.features
+    from affine import Affine
+
+    geom = region.to_crs(str(geobox.crs))
+    t = geobox.transform
+
+    def block(block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[None]["array-location"]
+        bt = t @ Affine.translation(c0, r0)
+        return rasterio.features.geometry_mask([geom], out_shape=(r1 - r0, c1 - c0), transform=bt,
+                                               invert=True, all_touched=False)
+
+    h, w = geobox.shape
+    data = dsa.map_blocks(block, chunks=(dsa.core.normalize_chunks(chunk, (h,))[0],
+                                         dsa.core.normalize_chunks(chunk, (w,))[0]), dtype=bool)
+    coords = geobox.coordinates
+    return xr.DataArray(data, dims=("y", "x"), coords={"y": coords["y"].values, "x": coords["x"].values})
 
 
 def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
@@ -156,6 +272,17 @@ def open_cube(store: str | Path, group: str = "cube", *, dask: bool = True) -> x
         raise CorruptInput(f"group '{group}' of {store} has no CRS: the store was not written by "
                            "agriland-scale or is damaged")
     return ds
+
+
+def chunk_valid_fraction(cube: xr.Dataset, chunk: int) -> np.ndarray:
+    """Fraction of pixels with a clear observation per ``chunk`` x ``chunk`` block, ``(ny, nx)``.
+
+    Blocks at 0 are entirely nodata or cloud: later stages skip them (patches below
+    ``patches.min_valid_fraction``, segmentation blocks without a clear pixel).
+    """
+    valid = (cube["clear_count"] > 0).astype("float32")
+    frac = valid.coarsen(y=chunk, x=chunk, boundary="pad").mean()
+    return np.nan_to_num(np.asarray(frac.values), nan=0.0)
 
 
 def check_not_empty(cube: xr.Dataset) -> None:

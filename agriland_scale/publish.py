@@ -14,7 +14,7 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-__all__ = ["open_product", "package_versions", "write_cog", "write_group", "write_json"]
+__all__ = ["mosaic_zones", "open_product", "package_versions", "write_cog", "write_group", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,28 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None)
     arr.encoding = {}
     arr.rio.to_raster(path, driver="COG", compress="DEFLATE", overview_resampling="nearest"
                       if np.issubdtype(arr.dtype, np.integer) else "average")
+
+
+def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float) -> xr.Dataset:
+    """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` and merge them.
+
+    Bilinear resampling (a probability is continuous); where zones overlap, the first zone
+    wins. Loads the zones' probabilities in memory: meant for regions of moderate size; the
+    per-zone products stay the reference.
+    """
+    from rasterio.enums import Resampling
+    from rioxarray.merge import merge_arrays
+
+    parts = []
+    for seg in segs.values():
+        prob = seg["probability"].load().rio.write_nodata(np.nan, encoded=False)
+        parts.append(prob.rio.reproject(crs, resolution=resolution, resampling=Resampling.bilinear,
+                                        nodata=np.nan))
+    merged = merge_arrays(parts, nodata=np.nan) if len(parts) > 1 else parts[0]
+    merged.attrs = {"long_name": "agricultural land probability, zones reprojected", "units": "1",
+                    "zones": list(segs)}
+    merged.encoding = {}
+    return merged.to_dataset(name="probability")
 
 
 def write_json(obj: dict[str, Any], path: str | Path) -> None:

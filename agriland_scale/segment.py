@@ -32,6 +32,9 @@ def predict_block(model, reflectance: np.ndarray, clear: np.ndarray, gy: int, gx
     (lazy is fine: only the needed window span is read).
     """
     H, W = clear.shape
+    ok = np.asarray(clear[gy:gy + h, gx:gx + w]) > 0
+    if not ok.any():  # an all-nodata / all-cloud block: nothing to predict
+        return np.full((h, w), np.nan, dtype="float32")
     stride, off = window - overlap, overlap // 2
     rs = window_starts(H, window, stride, off)
     cs = window_starts(W, window, stride, off)
@@ -62,14 +65,14 @@ def predict_block(model, reflectance: np.ndarray, clear: np.ndarray, gy: int, gx
             acc[r - y_lo:r - y_lo + window, c - x_lo:c - x_lo + window] += p * weight
             wsum[r - y_lo:r - y_lo + window, c - x_lo:c - x_lo + window] += weight
     prob = (acc / np.maximum(wsum, 1e-12))[gy - y_lo:gy - y_lo + h, gx - x_lo:gx - x_lo + w]
-    ok = np.asarray(clear[gy:gy + h, gx:gx + w]) > 0
     return np.where(ok, prob, np.nan).astype("float32")
 
 
 def _segment_task(model_path: str, cube_store: str, gy: int, gx: int, h: int, w: int, bands: list[str],
-                  window: int, overlap: int, reflectance_max: float, batch_size: int) -> np.ndarray:
+                  window: int, overlap: int, reflectance_max: float, batch_size: int,
+                  group: str = "cube") -> np.ndarray:
     model, lock = _worker.get_model(model_path)
-    cube = open_cube(cube_store, dask=False)
+    cube = open_cube(cube_store, group, dask=False)
     refl = cube["reflectance"].sel(band=bands)  # lazily indexed: only the window span is read
     return predict_block(model, refl, cube["clear_count"], gy, gx, h, w, window=window,
                          overlap=overlap, reflectance_max=reflectance_max, batch_size=batch_size,
@@ -78,7 +81,8 @@ def _segment_task(model_path: str, cube_store: str, gy: int, gx: int, h: int, w:
 
 def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: list[str], *,
                    window: int, overlap: int, reflectance_max: float, threshold: float,
-                   batch_size: int, block: int = 1024, resources: dict | None = None) -> xr.Dataset:
+                   batch_size: int, block: int = 1024, resources: dict | None = None,
+                   group: str = "cube") -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
     One task per ``block`` x ``block`` output block; compute or write with a Dask client.
@@ -92,7 +96,8 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
             row = []
             for gx in range(0, W, block):
                 h, w = min(block, H - gy), min(block, W - gx)
-                d = fn(model_path, cube_store, gy, gx, h, w, bands, window, overlap, reflectance_max, batch_size)
+                d = fn(model_path, cube_store, gy, gx, h, w, bands, window, overlap, reflectance_max, batch_size,
+                       group)
                 row.append(da.from_delayed(d, shape=(h, w), dtype="float32"))
             rows.append(row)
     prob = da.block(rows)

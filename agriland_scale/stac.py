@@ -26,10 +26,13 @@ import requests
 from pystac_client import Client
 from pystac_client.exceptions import APIError
 
-from .config import SearchConfig, check_bbox, resolve_path
+from .config import SearchConfig, resolve_path
 from .errors import NoItemsFound, STACServerError, UnknownCollection
+from .items import item_epsg
+from .region import Region, read_region_file
 
-__all__ = ["api_url", "describe_search", "local_stac_api", "open_api", "search_items"]
+__all__ = ["api_url", "describe_search", "item_epsg", "local_stac_api", "open_api", "region_of",
+           "search_items", "sign_planetary_computer"]
 
 log = logging.getLogger(__name__)
 
@@ -140,22 +143,34 @@ def _conforms(client: Client, what: str) -> bool:
     return any(what in c for c in classes)
 
 
-def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
-    """Search ``api_url`` for items of ``cfg.collections`` over ``cfg.bbox`` and ``cfg.datetime``.
+def region_of(cfg: SearchConfig) -> Region:
+    """The run's region: ``search.bbox`` or the polygons of ``search.region`` (EPSG:4326)."""
+    if cfg.region:
+        return read_region_file(resolve_path(cfg.region, Path.cwd()))
+    return Region.from_bbox(cfg.bbox)
 
-    The cloud-cover limit is sent to the server when it supports the Query or Filter
-    extension and is applied on the client otherwise (a server that ignores an unsupported
-    filter can answer with zero items and HTTP 200). Items are sorted by datetime and id.
+
+def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
+    """Search ``api_url`` for items of ``cfg.collections`` over the region and ``cfg.datetime``.
+
+    A bbox region is searched with ``bbox``, a polygon region with ``intersects``. The
+    cloud-cover limit is sent to the server when it supports the Query extension and is
+    applied on the client otherwise (a server that ignores an unsupported filter can answer
+    with zero items and HTTP 200). With ``sign: planetary-computer`` asset hrefs are signed.
+    Items are sorted by datetime and id.
     """
-    check_bbox(cfg.bbox)
+    region = region_of(cfg)
     client = open_api(api_url)
     offered = {c.id for c in client.get_collections()}
     unknown = [c for c in cfg.collections if c not in offered]
     if unknown:
         raise UnknownCollection(f"collection(s) {unknown} not offered by {api_url}; it offers "
                                 f"{sorted(offered)}: fix search.collections")
-    kwargs: dict[str, Any] = dict(collections=cfg.collections, bbox=list(cfg.bbox),
-                                  datetime=cfg.datetime, limit=cfg.limit)
+    kwargs: dict[str, Any] = dict(collections=cfg.collections, datetime=cfg.datetime, limit=cfg.limit)
+    if region.is_box:
+        kwargs["bbox"] = list(region.bbox)
+    else:
+        kwargs["intersects"] = region.geojson()
     server_filter = cfg.max_cloud_cover is not None and _conforms(client, "item-search#query")
     if server_filter:
         kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud_cover}}
@@ -167,30 +182,26 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
         items = [i for i in items
                  if i.properties.get("eo:cloud_cover", 0.0) <= cfg.max_cloud_cover]
     if not items:
+        where = f"bbox {list(cfg.bbox)}" if cfg.bbox else f"region {cfg.region}"
         raise NoItemsFound(
-            f"no items in {cfg.collections} over bbox {list(cfg.bbox)} for datetime "
+            f"no items in {cfg.collections} over {where} for datetime "
             f"{cfg.datetime!r} with cloud cover <= {cfg.max_cloud_cover}: widen search.bbox, "
             "search.datetime or search.max_cloud_cover")
     items.sort(key=lambda i: (str(i.datetime or i.properties.get("start_datetime")), i.id))
+    if cfg.sign == "planetary-computer":
+        items = sign_planetary_computer(items)
     log.info("search found %d item(s)", len(items))
     return items
 
 
-def item_epsg(item: pystac.Item) -> int | None:
-    """EPSG code of an item: projection extension v1 (``proj:epsg``) or v2 (``proj:code``)."""
-    props = item.properties
-    if props.get("proj:epsg"):
-        return int(props["proj:epsg"])
-    code = props.get("proj:code")
-    if isinstance(code, str) and code.upper().startswith("EPSG:"):
-        return int(code.split(":")[1])
-    for asset in item.assets.values():
-        f = asset.extra_fields
-        if f.get("proj:epsg"):
-            return int(f["proj:epsg"])
-        if str(f.get("proj:code", "")).upper().startswith("EPSG:"):
-            return int(str(f["proj:code"]).split(":")[1])
-    return None
+def sign_planetary_computer(items: list[pystac.Item]) -> list[pystac.Item]:
+    """Sign Planetary Computer asset hrefs (short-lived SAS tokens) with its own package."""
+    try:
+        import planetary_computer
+    except ImportError:
+        raise STACServerError("search.sign is 'planetary-computer' but the package is not "
+                              "installed: pip install 'agriland-scale[pc]'") from None
+    return [planetary_computer.sign(i) for i in items]
 
 
 def item_tile(item: pystac.Item) -> str | None:
@@ -205,7 +216,7 @@ def item_tile(item: pystac.Item) -> str | None:
     return None
 
 
-def describe_search(items: list[pystac.Item], bands: list[str], bbox: tuple[float, ...],
+def describe_search(items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...],
                     resolution: float) -> dict[str, Any]:
     """What a run would load, without reading any pixel.
 
@@ -214,7 +225,9 @@ def describe_search(items: list[pystac.Item], bands: list[str], bbox: tuple[floa
     float32 composite).
     """
     from .cube import cube_geobox
+    from .items import normalize_items
 
+    items = normalize_items(items, bands)  # canonical keys; proj:* from headers if missing
     rows = [{"id": i.id, "datetime": str(i.datetime or i.properties.get("start_datetime")),
              "cloud_cover": i.properties.get("eo:cloud_cover"), "tile": item_tile(i),
              "epsg": item_epsg(i)} for i in items]
@@ -224,7 +237,7 @@ def describe_search(items: list[pystac.Item], bands: list[str], bbox: tuple[floa
         by_epsg.setdefault(r["epsg"], []).append(i)
     for epsg, group in sorted(by_epsg.items(), key=lambda kv: str(kv[0])):
         try:
-            gb = cube_geobox(group, bbox, resolution)
+            gb = cube_geobox(group, region, resolution)
         except Exception as e:  # noqa: BLE001 - reported per zone, nothing is loaded
             zones[f"EPSG:{epsg}"] = {"items": len(group), "error": str(e)}
             continue

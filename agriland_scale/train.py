@@ -39,7 +39,7 @@ def _cae_augmenter(seed: int):
 
 
 def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
-              out_path: str, *, seed: int = 0, region: str = "") -> dict[str, Any]:
+              out_path: str, *, seed: int = 0, region: str = "", group: str = "cube") -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
     Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
@@ -52,7 +52,7 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     from .models.encoder import build_cae
 
     t0 = time.perf_counter()
-    cube = open_cube(cube_store, dask=False)
+    cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
     cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
                     embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed)
@@ -149,7 +149,7 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
-               seed: int = 0, label_source: str = "") -> dict[str, Any]:
+               seed: int = 0, label_source: str = "", group: str = "cube") -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label`` (uint8, cube grid).
 
     Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
@@ -165,7 +165,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
     from .models.unet import build_unet, masked_bce, masked_iou
 
     t0 = time.perf_counter()
-    cube = open_cube(cube_store, dask=False)
+    cube = open_cube(cube_store, group, dask=False)
     win, tc = cfg.window, cfg.train
     tr, va, split = unet_windows(label, win, win // 2, cfg)
     if not tr or not va:

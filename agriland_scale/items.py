@@ -1,0 +1,157 @@
+"""Items of every current flavour, made uniform before loading.
+
+Sentinel-2 items differ between APIs and versions:
+
+- asset keys: Earth Search v1 uses common names (``red``, ``nir``, ``scl``); Earth Search v0
+  and Planetary Computer use band ids (``B04``, ``B08``, ``SCL``);
+- projection extension v1 (``proj:epsg``) or v2 (``proj:code``), on the item or per asset,
+  or no ``proj:*`` fields at all (then the grid is read from the file header);
+- reflectance scaling in ``raster:bands`` (Earth Search v1, including the ``-0.1`` offset
+  of processing baseline 04.00, 2022-01-25 on) or not at all (Planetary Computer: digital
+  numbers, with ``s2:processing_baseline`` telling whether the 1000 DN offset applies).
+
+:func:`normalize_items` returns copies with canonical asset keys (Earth Search v1 names)
+and complete ``proj:*`` fields; :func:`scale_offset` gives the factors turning an asset's
+digital numbers into reflectance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pystac
+
+from .errors import BandMismatch, CorruptInput
+
+__all__ = ["ALIASES", "canonical_band", "group_by_zone", "item_epsg", "normalize_items", "scale_offset"]
+
+log = logging.getLogger(__name__)
+
+# canonical (Earth Search v1 common name) -> Sentinel-2 band id used by other catalogues
+ALIASES: dict[str, str] = {
+    "coastal": "B01", "blue": "B02", "green": "B03", "red": "B04", "rededge1": "B05",
+    "rededge2": "B06", "rededge3": "B07", "nir": "B08", "nir08": "B8A", "nir09": "B09",
+    "cirrus": "B10", "swir16": "B11", "swir22": "B12", "scl": "SCL",
+}
+_BY_ID = {v.lower(): k for k, v in ALIASES.items()}
+# classification / quality bands: not reflectance, no scale, nearest resampling
+CLASS_BANDS = {"scl"}
+
+
+def canonical_band(name: str) -> str:
+    """``B04``/``b04``/``red`` -> ``red``; unknown names are returned unchanged (lower case
+    only when they are band ids)."""
+    low = name.lower()
+    if low in ALIASES:
+        return low
+    return _BY_ID.get(low, name)
+
+
+def item_epsg(item: pystac.Item) -> int | None:
+    """EPSG code of an item: projection extension v1 (``proj:epsg``) or v2 (``proj:code``),
+    on the item or on any asset; ``None`` when the item carries none."""
+    for fields in [item.properties] + [a.extra_fields for a in item.assets.values()]:
+        if fields.get("proj:epsg"):
+            return int(fields["proj:epsg"])
+        code = str(fields.get("proj:code") or "")
+        if code.upper().startswith("EPSG:"):
+            return int(code.split(":")[1])
+    return None
+
+
+def _canonical_assets(item: pystac.Item) -> pystac.Item:
+    item = item.clone()
+    renamed = {}
+    for key, asset in item.assets.items():
+        canon = canonical_band(key)
+        if canon in renamed and canon != key:
+            continue  # both spellings present: keep the canonical one
+        renamed[canon] = asset
+    item.assets = renamed
+    return item
+
+
+def _read_grid(href: str) -> tuple[int, list[int], list[float]]:
+    import rasterio
+
+    try:
+        with rasterio.open(href) as ds:
+            if ds.crs is None or ds.crs.to_epsg() is None:
+                raise CorruptInput(f"{href} has no EPSG CRS in its header: cannot place it")
+            return ds.crs.to_epsg(), [ds.height, ds.width], list(ds.transform)[:6]
+    except rasterio.errors.RasterioIOError as e:
+        raise CorruptInput(f"cannot read the header of {href} ({e}): the item has no proj:* "
+                           "fields, so the grid must come from the file") from None
+
+
+def _fill_projection(item: pystac.Item, bands: Sequence[str]) -> pystac.Item:
+    """Add ``proj:epsg``/``proj:shape``/``proj:transform`` read from the files of ``bands``
+    to an item whose assets lack them."""
+    missing = [b for b in bands if b in item.assets
+               and not {"proj:shape", "proj:transform"} <= set(item.assets[b].extra_fields)]
+    if not missing and item_epsg(item) is not None:
+        return item
+    from pystac.extensions.projection import ProjectionExtension
+
+    item = item.clone()
+    ProjectionExtension.add_to(item)  # readers such as odc-stac look for the declared extension
+    for b in missing or [next(iter(bands))]:
+        epsg, shape, transform = _read_grid(item.assets[b].get_absolute_href() or item.assets[b].href)
+        item.assets[b].extra_fields.update({"proj:shape": shape, "proj:transform": transform})
+        item.properties.setdefault("proj:epsg", epsg)
+    log.info("item %s: proj:* read from the files of %s", item.id, missing)
+    return item
+
+
+def normalize_items(items: Sequence[pystac.Item], bands: Sequence[str]) -> list[pystac.Item]:
+    """Copies of ``items`` with canonical asset keys and complete projection fields.
+
+    ``bands`` are canonical names (see :func:`canonical_band`). Raises
+    :class:`BandMismatch` naming the item and the missing band. Headers of items without
+    ``proj:*`` are read in parallel (one small read per asset).
+    """
+    out = [_canonical_assets(i) for i in items]
+    for item in out:
+        missing = [b for b in bands if b not in item.assets]
+        if missing:
+            raise BandMismatch(
+                f"item {item.id} has no asset for band(s) {missing} (its assets: "
+                f"{sorted(item.assets)}): choose cube.bands among them, or drop the item's "
+                "collection from search.collections")
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: _fill_projection(i, bands), out))
+
+
+def group_by_zone(items: Sequence[pystac.Item]) -> dict[int, list[pystac.Item]]:
+    """Items per EPSG code (one UTM zone each), in a stable order."""
+    zones: dict[int, list[pystac.Item]] = {}
+    for item in items:
+        epsg = item_epsg(item)
+        if epsg is None:
+            raise CorruptInput(f"item {item.id} has no CRS (no proj:epsg / proj:code): normalise "
+                               "items with normalize_items() first")
+        zones.setdefault(epsg, []).append(item)
+    return dict(sorted(zones.items()))
+
+
+def scale_offset(item: pystac.Item, band: str) -> tuple[float, float]:
+    """Factors turning the digital numbers of ``band`` into reflectance: ``dn * scale + offset``.
+
+    Taken from ``raster:bands`` when the item gives a scale. Otherwise (Planetary Computer,
+    Earth Search v0) Sentinel-2 reflectance is DN / 10000, minus 0.1 from processing
+    baseline 04.00 on (``s2:processing_baseline``, the 2022 radiometric offset).
+    Classification bands (SCL) are returned unscaled.
+    """
+    if band in CLASS_BANDS:
+        return 1.0, 0.0
+    rb = (item.assets[band].extra_fields.get("raster:bands") or [{}])[0]
+    if "scale" in rb:
+        return float(rb["scale"]), float(rb.get("offset", 0.0))
+    baseline = str(item.properties.get("s2:processing_baseline") or "0")
+    try:
+        new = float(baseline) >= 4.0
+    except ValueError:
+        new = False
+    return 1e-4, (-0.1 if new else 0.0)
