@@ -133,6 +133,7 @@ class CubeConfig(_Model):
     check_assets: bool = True
     on_bad_asset: Literal["fail", "skip"] = "fail"
     mosaic_crs: str | None = None
+    mosaic_resolution: float | None = Field(default=None, gt=0)
 
 
 class PatchConfig(_Model):

@@ -113,14 +113,15 @@ def check_assets(items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asse
     return [i for i in items if i.id not in dropped], bad
 
 
-def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float]
-                    ) -> dict[int, xr.Dataset]:
+def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
+                    normalized: bool = False) -> dict[int, xr.Dataset]:
     """One lazy cube per UTM zone (EPSG code -> cube), each in its native CRS.
 
     Nothing is resampled across zones. Zones whose items do not overlap the region are left
     out; if none overlaps, :class:`NoItemsFound` is raised.
     """
-    items = normalize_items(items, load_bands(items, cfg))
+    if not normalized:
+        items = normalize_items(items, load_bands(items, cfg))
     cubes, errors = {}, []
     for epsg, group in group_by_zone(items).items():
         try:

@@ -269,7 +269,7 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
                 publish.write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
                 groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
             if cfg.cube.mosaic_crs:
-                mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.resolution)
+                mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
                 publish.write_group(mosaic, store, "mosaic")
                 publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=np.nan)
                 groups.append("mosaic")

@@ -70,16 +70,34 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None)
                       if np.issubdtype(arr.dtype, np.integer) else "average")
 
 
-def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float) -> xr.Dataset:
-    """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` and merge them.
+def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None,
+                 max_pixels: int = 400_000_000) -> xr.Dataset:
+    """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` (units of
+    ``crs``) and merge them.
 
     Bilinear resampling (a probability is continuous); where zones overlap, the first zone
     wins. Loads the zones' probabilities in memory: meant for regions of moderate size; the
-    per-zone products stay the reference.
+    per-zone products stay the reference. Raises :class:`ConfigError` if the mosaic would
+    exceed ``max_pixels``.
     """
+    from pyproj import CRS
     from rasterio.enums import Resampling
     from rioxarray.merge import merge_arrays
 
+    from .errors import ConfigError
+
+    if resolution is None:
+        if CRS.from_user_input(crs).is_geographic:
+            raise ConfigError(f"cube.mosaic_crs {crs} is geographic: set cube.mosaic_resolution in "
+                              "degrees (e.g. 0.0001)")
+        resolution = float(abs(next(iter(segs.values())).rio.transform().a))
+    bounds = [s.rio.transform_bounds(crs) for s in segs.values()]
+    w = (max(b[2] for b in bounds) - min(b[0] for b in bounds)) / resolution
+    h = (max(b[3] for b in bounds) - min(b[1] for b in bounds)) / resolution
+    if w * h > max_pixels:
+        raise ConfigError(f"the mosaic in {crs} at {resolution:g} would be {w:,.0f} x {h:,.0f} px: "
+                          "the zones are far apart. Use the per-zone products, or a coarser "
+                          "cube.mosaic_resolution")
     parts = []
     for seg in segs.values():
         prob = seg["probability"].load().rio.write_nodata(np.nan, encoded=False)
