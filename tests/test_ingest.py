@@ -204,3 +204,34 @@ def test_region_as_geoparquet(tmp_path):
     df.to_parquet(tmp_path / "region.parquet")
     a, b = read_region_file(THREE / "region.geojson"), read_region_file(tmp_path / "region.parquet")
     assert a.geometry.symmetric_difference(b.geometry).area < 1e-9
+
+
+@pytest.mark.parametrize("name", ["earth-search.yaml", "planetary-computer.yaml"])
+def test_public_api_pipelines_are_valid(name):
+    from agriland_scale import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "pipelines" / name)
+    assert cfg.search.api.startswith("https://") and cfg.cube.bands == ["red", "green", "blue", "nir"]
+
+
+def _online(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["earth-search.yaml", "planetary-computer.yaml"])
+def test_public_api_search(name):
+    """Search the real public API (skipped offline): items in one zone with their sizes."""
+    from agriland_scale import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "pipelines" / name)
+    if not _online(cfg.search.api):
+        pytest.skip(f"{cfg.search.api} not reachable (offline)")
+    items = search_items(cfg.search, cfg.search.api)
+    info = describe_search(items, cfg.cube.bands, region_of(cfg.search), cfg.cube.resolution)
+    assert items and all(z.get("pixels", 0) > 0 for z in info["zones"].values())

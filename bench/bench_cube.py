@@ -1,0 +1,162 @@
+"""Cube-building benchmark: our masked, composited, Zarr-written cube vs plain odc-stac.
+
+Prints, from one run on this machine:
+
+- throughput (pixels/s) of ``load_cube`` + ``write_group`` (scale/offset, nodata and cloud
+  masking, median composite over T dates, Zarr v3 on disk) against a plain
+  ``odc.stac.load(...).compute()`` of the same items, bands, grid and chunks (ratio; goal
+  >= 0.9);
+- peak RSS of building the cube of a region and of a region 4x larger (ratio; goal <= 1.2),
+  each in a fresh process.
+
+Data: the real Sentinel-2 L1C Virginia sample (``../shared/data/s2-l1c-virginia``, 1933 x
+1947 px at 10 m) when present, else the embedded 1024 x 1024 demo window. The scene is
+registered under T nominal dates (same pixels) so that the composite has T observations to
+reduce; the served catalogue is a real local STAC API. Run:
+
+    python bench/bench_cube.py [--dates 4] [--json bench/results/cube.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "s2-l1c-virginia"
+BANDS = ["red", "green", "blue", "nir"]
+
+
+def make_catalog(dates: int, tmp: Path) -> tuple[Path, list[float], str]:
+    """A local catalog with the sample scene under ``dates`` nominal dates; returns folder,
+    its lon/lat bbox and a description of the source."""
+    if (SHARED / "item.json").exists():
+        src, what = SHARED, "s2-l1c-virginia full sample (1933 x 1947 px)"
+    else:
+        src, what = REPO / "agriland_scale" / "data" / "virginia", "embedded 1024 x 1024 window"
+    item = json.loads((src / "item.json").read_text())
+    coll = {"type": "Collection", "stac_version": "1.0.0", "id": "bench", "description": "bench",
+            "license": "various", "links": [],
+            "extent": {"spatial": {"bbox": [item["bbox"]]}, "temporal": {"interval": [[None, None]]}}}
+    (tmp / "collection.json").write_text(json.dumps(coll))
+    for d in range(dates):
+        it = json.loads(json.dumps(item))
+        it["id"], it["collection"] = f"bench-{d}", "bench"
+        it["properties"].update(datetime=f"2020-0{d % 9 + 1}-15T10:00:00Z")
+        for k in ("start_datetime", "end_datetime"):
+            it["properties"].pop(k, None)
+        it["assets"] = {k: v for k, v in it["assets"].items() if k in BANDS}
+        for a in it["assets"].values():
+            a["href"] = str((src / a["href"]).resolve())
+        (tmp / f"item_{d}.json").write_text(json.dumps(it))
+    return tmp, item["bbox"], what
+
+
+def sub_bbox(bbox: list[float], frac: float) -> list[float]:
+    """The top-left ``frac`` (side fraction) of a lon/lat bbox."""
+    x0, y0, x1, y1 = bbox
+    return [x0, y1 - (y1 - y0) * frac, x0 + (x1 - x0) * frac, y1]
+
+
+def build(catalog: str, bbox: list[float], mode: str, out: str) -> dict:
+    """Run one measurement in this process (``mode``: ours | plain); returns timings."""
+    import warnings
+
+    import odc.stac
+    from distributed import Client, LocalCluster
+
+    from agriland_scale.config import CubeConfig, SearchConfig
+    from agriland_scale.cube import cube_geobox, load_cube
+    from agriland_scale.items import normalize_items
+    from agriland_scale.publish import write_group
+    from agriland_scale.stac import local_stac_api, search_items
+
+    warnings.simplefilter("ignore")
+    s = SearchConfig(api="local", catalog=catalog, collections=["bench"], bbox=tuple(bbox))
+    with local_stac_api(catalog) as url:
+        items = normalize_items(search_items(s, url), BANDS)
+    cfg = CubeConfig(bands=BANDS, resolution=10, chunk=512)
+    gb = cube_geobox(items, bbox, 10)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, \
+            Client(lc):
+        t0 = time.perf_counter()
+        if mode == "ours":
+            write_group(load_cube(items, cfg, bbox), out, "cube")
+        elif mode == "ours_in_memory":
+            load_cube(items, cfg, bbox).compute()
+        else:
+            ds = odc.stac.load(items, bands=BANDS, geobox=gb, groupby="solar_day",
+                               chunks={"time": 1, "x": cfg.chunk, "y": cfg.chunk}, resampling="bilinear")
+            ds.compute()
+        dt = time.perf_counter() - t0
+    return {"mode": mode, "seconds": dt, "pixels": int(gb.shape[0] * gb.shape[1]),
+            "dates": len(items), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(args: list[str]) -> dict:
+    """Run :func:`build` in a fresh Python process (clean peak RSS)."""
+    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dates", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=2, help="take the best of N timings")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", nargs=4, metavar=("CATALOG", "BBOX", "MODE", "OUT"))
+    a = ap.parse_args()
+    if a.child:
+        cat, bbox, mode, out = a.child
+        print(json.dumps(build(cat, json.loads(bbox), mode, out)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cat, bbox, what = make_catalog(a.dates, tmp)
+        small, large = sub_bbox(bbox, 0.5), sub_bbox(bbox, 1.0)
+        runs = {}
+        for label, bb in (("region", small), ("region_4x", large)):
+            for mode in ("ours", "ours_in_memory", "plain"):
+                best = None
+                for r in range(a.repeat):
+                    res = child([str(cat), json.dumps(bb), mode, str(tmp / f"{label}-{mode}-{r}.zarr")])
+                    best = res if best is None or res["seconds"] < best["seconds"] else best
+                runs[f"{label}/{mode}"] = best
+    big_o, big_p = runs["region_4x/ours"], runs["region_4x/plain"]
+    thr_o = big_o["pixels"] * big_o["dates"] / big_o["seconds"]
+    thr_p = big_p["pixels"] * big_p["dates"] / big_p["seconds"]
+    mem = runs["region_4x/ours_in_memory"]
+    thr_m = mem["pixels"] * mem["dates"] / mem["seconds"]
+    rss = runs["region_4x/ours"]["peak_rss_mib"] / runs["region/ours"]["peak_rss_mib"]
+    result = {
+        "source": what, "dates": a.dates, "bands": BANDS, "runs": runs,
+        "throughput_px_per_s": {"ours": thr_o, "plain_odc_stac": thr_p},
+        "throughput_ratio": thr_o / thr_p, "throughput_ratio_in_memory": thr_m / thr_p,
+        "peak_rss_mib": {"region": runs["region/ours"]["peak_rss_mib"],
+                         "region_4x": runs["region_4x/ours"]["peak_rss_mib"]},
+        "peak_rss_ratio_4x": rss,
+    }
+    print(f"source: {what}, {a.dates} dates x {len(BANDS)} bands, LocalCluster 1 worker x 2 threads")
+    for k, v in runs.items():
+        print(f"  {k:<26} {v['pixels']:>10,} px  {v['seconds']:6.2f} s  peak RSS {v['peak_rss_mib']:7.0f} MiB")
+    print(f"throughput (4x region, source pixels x dates / s): ours {thr_o:,.0f}, plain odc-stac "
+          f"{thr_p:,.0f} -> ratio {thr_o / thr_p:.2f} (goal >= 0.9)")
+    print(f"  without writing the Zarr store (masking + compositing only): ratio {thr_m / thr_p:.2f}")
+    print(f"peak RSS ours: region {result['peak_rss_mib']['region']:.0f} MiB, 4x region "
+          f"{result['peak_rss_mib']['region_4x']:.0f} MiB -> ratio {rss:.2f} (goal <= 1.2)")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
