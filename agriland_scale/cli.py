@@ -64,8 +64,54 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect_run import format_summary, summarise_run
+
+    summary = summarise_run(args.run)
+    print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .stac_out import write_stac
+
+    print(f"report: {write_report(args.run)}")
+    print(f"STAC:   {write_stac(args.run)}")
+    return 0
+
+
+def _export_labels(args: argparse.Namespace) -> int:
+    from .via import export_via
+
+    clusters = [int(c) for c in args.clusters.split(",") if c.strip()]
+    out = args.out or args.run / "labels" / "via"
+    project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
+    print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
+          f"region attribute 'class' = arable / other, save the project, then run:\n"
+          f"  agriland import-labels {project} {args.run}")
+    return 0
+
+
+def _import_labels(args: argparse.Namespace) -> int:
+    from .cube import open_cube
+    from .publish import write_cog
+    from .via import import_via
+
+    cube = open_cube(args.run / "agriland.zarr")
+    mask = import_via(args.via_json, cube)
+    out = args.out or args.run / "labels" / "via_mask.tif"
+    write_cog(mask, out, nodata=255)
+    n1, n0 = int((mask.values == 1).sum()), int((mask.values == 0).sum())
+    print(f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
+          f"({cube.rio.crs}); train on it with segment.labels: {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agriland", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="agriland", description="agriland-scale: find agricultural land in Sentinel-2 imagery at "
+        "region scale (STAC -> Zarr cube -> CAE + DEC clusters -> U-Net mosaics, on Dask).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,6 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p_search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_val = sub.add_parser("validate", help="check a pipeline file and name the wrong key")
     p_val.add_argument("pipeline", type=Path)
+    p_ins = sub.add_parser("inspect", help="summarise a run folder: region, items, products, stages")
+    p_ins.add_argument("run", type=Path)
+    p_ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_rep = sub.add_parser("report", help="(re)write a run's report.html and STAC catalogue")
+    p_rep.add_argument("run", type=Path)
+    p_exp = sub.add_parser("export-labels",
+                           help="write the patches of chosen clusters as a VGG Image Annotator project")
+    p_exp.add_argument("run", type=Path, help="a finished run folder")
+    p_exp.add_argument("--clusters", required=True, help="cluster ids named arable, e.g. 3,7")
+    p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
+    p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
+    p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
+    p_imp.add_argument("via_json", type=Path)
+    p_imp.add_argument("run", type=Path)
+    p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
 
     args = parser.parse_args(argv)
     if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet
@@ -102,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.pipeline, args)
         if args.command == "search":
             return _search(args)
+        handlers = {"inspect": _inspect, "report": _report, "export-labels": _export_labels,
+                    "import-labels": _import_labels}
+        if args.command in handlers:
+            return handlers[args.command](args)
         if args.command == "validate":
             cfg = load_config(args.pipeline)
             print(f"{args.pipeline}: valid ('{cfg.name}')")

@@ -18,7 +18,7 @@ from shapely.geometry import mapping, shape
 
 from .errors import CorruptInput, EmptyRegion
 
-__all__ = ["IGNORE", "rasterize_labels", "read_polygons"]
+__all__ = ["IGNORE", "load_labels", "rasterize_labels", "read_polygons", "read_raster_labels"]
 
 IGNORE = 255
 
@@ -73,3 +73,45 @@ def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) ->
     da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
                     source=str(path))
     return da.rio.write_crs(like.rio.crs)
+
+
+def read_raster_labels(path: str | Path, like: xr.DataArray | xr.Dataset) -> xr.DataArray:
+    """A label raster (GeoTIFF, any CRS: 1 = agricultural, 0 = other, 255 / nodata = unlabelled)
+    matched to the grid of ``like`` by nearest-neighbour reprojection."""
+    import rioxarray
+    from rasterio.enums import Resampling
+
+    try:
+        src = rioxarray.open_rasterio(path, masked=False).squeeze("band", drop=True)
+    except Exception as e:  # noqa: BLE001 - any reader error means the same to the user
+        raise CorruptInput(f"cannot read label raster {path} ({e})") from None
+    nodata = src.rio.nodata
+    src = src.where(src != nodata, IGNORE) if nodata is not None else src
+    src = src.astype("uint8").rio.write_nodata(IGNORE)
+    out = src.rio.reproject_match(like, resampling=Resampling.nearest, nodata=IGNORE)
+    mask = np.where(np.isin(out.values, [0, 1]), out.values, IGNORE).astype("uint8")
+    if (mask != IGNORE).sum() == 0:
+        raise EmptyRegion(f"label raster {path} has no 0/1 pixel inside the cube "
+                          f"(bounds {like.rio.bounds()} in {like.rio.crs})")
+    da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
+    da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
+                    source=str(path))
+    return da.rio.write_crs(like.rio.crs)
+
+
+def load_labels(path: str | Path, cube: xr.Dataset, positive: list[str]) -> xr.DataArray:
+    """Labels of any accepted kind on the cube grid (uint8 1 / 0 / 255 = ignored).
+
+    - a VIA 2 JSON (the seed's format) next to the ``patches.json`` written by
+      ``agriland export-labels``;
+    - a raster mask (``.tif``) in any CRS;
+    - GeoJSON polygons with a ``class`` property, in any CRS.
+    """
+    p = Path(path)
+    if p.suffix.lower() in (".tif", ".tiff"):
+        return read_raster_labels(p, cube)
+    if p.suffix.lower() == ".json" and (p.parent / "patches.json").exists():
+        from .via import import_via
+
+        return import_via(p, cube, positive=tuple(positive))
+    return rasterize_labels(p, cube, positive)

@@ -9,6 +9,9 @@
     OUT/models/         cae.keras, encoder.keras, unet.keras (+ .json metadata sidecars)
     OUT/items.json      the exact STAC items the run used
     OUT/run.json        config, inputs, versions, timings, dashboard link, stage status
+    OUT/report.html     one self-contained page: config, items, quicklooks, clusters, training
+    OUT/stac/           STAC Collection + Items of the products (COG and Zarr assets)
+    OUT/clusters/       gallery.png, embedding_map.png, stats.csv (per zone when several)
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from . import publish, segment, stac
 from .config import RunConfig, resolve_path
 from .errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound, OutputExists
 from .items import normalize_items
-from .labels import IGNORE, rasterize_labels
+from .cluster_report import write_cluster_products
+from .labels import IGNORE, load_labels
+from .report import write_report
+from .stac_out import write_stac
 from .runtime import dask_client, gpu_resources
 from .train import train_cae, train_unet
 
@@ -83,6 +89,10 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         publish.write_json(record, out / "run.json")
+        try:  # also for a failed run: the report shows what exists and where it stopped
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
+            log.warning("could not write %s: %s", out / "report.html", e)
     report(f"done in {record['timings_s']['total']:.0f} s: {out}")
     return record
 
@@ -227,8 +237,8 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
             labels, why = {}, []
             for name, z in zones.items():
                 try:
-                    labels[name] = rasterize_labels(label_path, cube_mod.open_cube(store, z["prefix"] + "cube"),
-                                                    s.positive_classes)
+                    labels[name] = load_labels(label_path, cube_mod.open_cube(store, z["prefix"] + "cube"),
+                                               s.positive_classes)
                 except EmptyRegion as err:
                     why.append(f"{name}: {err}")
             if not labels:
@@ -273,9 +283,14 @@ def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dic
                 publish.write_group(mosaic, store, "mosaic")
                 publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=np.nan)
                 groups.append("mosaic")
+            for name in zones:  # per-cluster gallery, statistics and embedding map
+                write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")
             publish.consolidate(store)
             record["products"] = {"zarr": store, "groups": groups,
-                                  "cogs": sorted(str(x) for x in cogs.glob("*.tif"))}
+                                  "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
+                                  "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
+            publish.write_json(record, out / "run.json")
+            write_stac(out)
 
 
 class _Stage:

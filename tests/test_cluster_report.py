@@ -1,0 +1,179 @@
+"""Cluster report (stats, gallery, t-SNE map) and the streaming k-means + DEC path."""
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.model_selection import cross_val_score
+
+from agriland_scale.cluster import cluster_embeddings
+from agriland_scale.cluster_report import (
+    cluster_stats,
+    to_rgb8,
+    write_cluster_products,
+    write_embedding_map,
+    write_gallery,
+)
+from agriland_scale.cluster_stream import fit_clusters_streaming
+from agriland_scale.config import ClusterConfig
+from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion
+from agriland_scale.patches import patch_index
+
+
+@pytest.fixture(scope="module")
+def index(cube):
+    return patch_index(cube, 256, 128)
+
+
+def _window(cube, index, p):
+    y0, x0 = int(index.y0[p]), int(index.x0[p])
+    return cube["reflectance"].values[:, y0:y0 + 256, x0:x0 + 256].astype("float64")
+
+
+def _ndvi_pixels(w, bands):
+    red, nir = w[bands.index("red")], w[bands.index("nir")]
+    ok = np.isfinite(w).all(0) & (nir + red != 0)
+    return (nir[ok] - red[ok]) / (nir[ok] + red[ok])
+
+
+def test_cluster_stats_equal_direct_numpy(cube, index):
+    bands = [str(b) for b in cube.band.values]
+    labels = np.full(index.sizes["patch"], -1)
+    labels[10] = 0          # one known patch
+    labels[[3, 40]] = 1     # two patches, pooled
+    st = cluster_stats(cube, index, labels, 3, batch=2)
+    assert st["size"].values.tolist() == [1, 2, 0]
+    w10 = _window(cube, index, 10)
+    np.testing.assert_allclose(st["ndvi_mean"].sel(cluster=0), _ndvi_pixels(w10, bands).mean(), rtol=1e-10)
+    ok = np.isfinite(w10).all(0)
+    np.testing.assert_allclose(st["reflectance_mean"].sel(cluster=0), w10[:, ok].mean(1), rtol=1e-10)
+    pooled = np.concatenate([_ndvi_pixels(_window(cube, index, p), bands) for p in (3, 40)])
+    np.testing.assert_allclose(st["ndvi_mean"].sel(cluster=1), pooled.mean(), rtol=1e-10)
+    assert int(st["valid_pixels"].sel(cluster=0)) == ok.sum()
+    assert np.isnan(st["ndvi_mean"].sel(cluster=2)) and int(st["valid_pixels"].sel(cluster=2)) == 0
+    assert -1 <= float(st["ndvi_mean"].sel(cluster=0)) <= 1
+
+
+def test_cluster_stats_reject_mismatched_labels(cube, index):
+    with pytest.raises(CorruptInput, match="49 patches"):
+        cluster_stats(cube, index, np.zeros(10, int), 2)
+    with pytest.raises(ConfigError, match="k = 2"):
+        cluster_stats(cube, index, np.full(index.sizes["patch"], 5), 2)
+
+
+def test_to_rgb8_stretch_and_nodata():
+    block = np.array([[[0.0, 0.5, 1.0, np.nan]]] * 3, dtype="float32").reshape(3, 1, 4)
+    rgb = to_rgb8(block, np.array([0.0, 0.0, 0.5]), np.array([1.0, 0.5, 1.0]))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+    assert rgb[0, :, 0].tolist() == [0, 128, 255, 0]
+    assert rgb[0, :, 1].tolist() == [0, 255, 255, 0]   # clipped above hi
+    assert rgb[0, :, 2].tolist() == [0, 0, 255, 0]     # clipped below lo
+
+
+def test_gallery_one_row_per_cluster_and_seeded_sampling(cube, index, tmp_path):
+    n = index.sizes["patch"]
+    labels = np.arange(n) % 3
+    labels[:2] = -1
+    info = write_gallery(cube, index, labels, 3, tmp_path / "g.png", per_cluster=4, seed=1)
+    img = Image.open(tmp_path / "g.png")
+    assert img.size == (info["width_px"], info["height_px"]) == (4 * 130, 3 * 150)
+    assert info["rows"] == 3 and sorted(info["patches"]) == [0, 1, 2]
+    for c, ids in info["patches"].items():
+        assert len(ids) == 4 and all(labels[i] == c for i in ids)
+    again = write_gallery(cube, index, labels, 3, tmp_path / "g2.png", per_cluster=4, seed=1)
+    other = write_gallery(cube, index, labels, 3, tmp_path / "g3.png", per_cluster=4, seed=2)
+    assert again["patches"] == info["patches"] and other["patches"] != info["patches"]
+    assert (tmp_path / "g.png").read_bytes() == (tmp_path / "g2.png").read_bytes()
+    # a 4th, empty cluster still gets its row
+    assert write_gallery(cube, index, labels, 4, tmp_path / "g4.png", per_cluster=4)["height_px"] == 600
+    assert Image.open(tmp_path / "g4.png").size[1] == 600
+
+
+def test_embedding_map_separates_digits_and_is_repeatable(tmp_path):
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:400].astype("float32"), y[:400].copy()
+    y[::50] = -1  # not clustered: left out
+    xy = write_embedding_map(x, y, tmp_path / "m.png", seed=0)
+    assert xy.shape == (400, 2)
+    assert np.isnan(xy[y < 0]).all() and np.isfinite(xy[y >= 0]).all()
+    assert Image.open(tmp_path / "m.png").size == (700, 600)
+    np.testing.assert_array_equal(xy, write_embedding_map(x, y, tmp_path / "m2.png", seed=0))
+    keep = y >= 0  # the 2-d map keeps digit classes apart: 5-NN accuracy in 2-d
+    acc = cross_val_score(KNeighborsClassifier(5), xy[keep], y[keep], cv=5).mean()
+    assert acc > 0.85, acc
+    with pytest.raises(EmptyRegion):
+        write_embedding_map(x[:3], y[:3], tmp_path / "m3.png")
+
+
+DIGITS_CFG = ClusterConfig(k=10, n_init=5, dec={"max_iter": 600, "update_interval": 100, "tol": 0.001,
+                                                "batch_size": 64})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    valid = np.ones(len(x), bool)
+    valid[::9] = False
+    return (x / 16).astype("float32"), y, valid
+
+
+def test_streaming_equals_in_memory_when_the_sample_holds_everything(digits):
+    x, y, valid = digits
+    emb = xr.DataArray(x, dims=("patch", "dim"), coords={"patch": np.arange(len(x))})
+    ref, _ = cluster_embeddings(emb, valid, DIGITS_CFG, seed=3)
+    out = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    info = fit_clusters_streaming(emb, valid, DIGITS_CFG, 3, out=out, sample_size=len(x), chunk=500)
+    assert info["n_sample"] == valid.sum()
+    np.testing.assert_array_equal(out["labels"][:], ref["labels"].values)
+    np.testing.assert_array_equal(out["kmeans_labels"][:], ref["kmeans_labels"].values)
+    np.testing.assert_allclose(out["soft"][:], ref["soft"].values, rtol=1e-6)
+    np.testing.assert_allclose(out["centroids"][:], ref["centroids"].values, rtol=1e-6)
+
+
+def test_streaming_on_a_sample_is_repeatable(digits, tmp_path):
+    x, y, valid = digits
+    arr = zarr.create_array(str(tmp_path / "emb.zarr"), shape=x.shape, chunks=(256, 64), dtype="float32")
+    arr[:] = x
+    runs = [fit_clusters_streaming(arr, valid, DIGITS_CFG, 7, out=tmp_path / f"c{i}.zarr", sample_size=700,
+                                   chunk=256) for i in range(2)]
+    a, b = (xr.open_zarr(tmp_path / f"c{i}.zarr", consolidated=False).load() for i in range(2))
+    xr.testing.assert_identical(a, b)
+    assert runs[0]["sizes"] == runs[1]["sizes"] and runs[0]["n_sample"] == 700
+    assert a["soft"].dims == ("patch", "cluster") and a["soft"].shape == (len(x), 10)
+    assert (a["labels"].values[~valid] == -1).all() and np.isnan(a["soft"].values[~valid]).all()
+    np.testing.assert_allclose(a["soft"].values[valid].sum(1), 1.0, rtol=1e-5)
+    assert set(np.unique(a["labels"].values[valid])) <= set(range(10))
+    assert sum(runs[0]["sizes"]) == valid.sum()
+    ref, _ = cluster_embeddings(xr.DataArray(x, dims=("patch", "dim")), valid, DIGITS_CFG, seed=7)
+    nmi_ref = normalized_mutual_info_score(y[valid], ref["labels"].values[valid])
+    nmi = normalized_mutual_info_score(y[valid], a["labels"].values[valid])
+    assert nmi > nmi_ref - 0.08, (nmi, nmi_ref)
+
+
+def test_streaming_needs_k_valid_rows(digits):
+    x, _, _ = digits
+    valid = np.zeros(len(x), bool)
+    valid[:5] = True
+    with pytest.raises(EmptyRegion, match="only 5 valid"):
+        fit_clusters_streaming(x, valid, DIGITS_CFG, 0, out=zarr.open_group(zarr.storage.MemoryStore(), mode="w"))
+
+
+@pytest.mark.slow
+def test_cluster_products_of_the_demo_run(demo_run):
+    cfg, out, _ = demo_run
+    store = out / "agriland.zarr"
+    k = cfg.cluster.k
+    stats = write_cluster_products(store, out, k, cfg.seed)
+    labels = xr.open_zarr(store, group="clusters", consolidated=False)["labels"].values
+    assert stats["size"].values.tolist() == np.bincount(labels[labels >= 0], minlength=k).tolist()
+    csv = (out / "clusters" / "stats.csv").read_text().splitlines()
+    assert csv[0].startswith("cluster,size,valid_pixels,ndvi_mean") and len(csv) == k + 1
+    assert Image.open(out / "clusters" / "gallery.png").size[1] == 150 * k
+    assert Image.open(out / "clusters" / "embedding_map.png").size == (700, 600)
+    before = {p.name: p.read_bytes() for p in (out / "clusters").iterdir()}
+    write_cluster_products(store, out, k, cfg.seed)  # idempotent
+    assert {p.name: p.read_bytes() for p in (out / "clusters").iterdir()} == before

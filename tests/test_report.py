@@ -1,0 +1,269 @@
+"""What users see of a run: the HTML report, the output STAC, the run summary, the notebook.
+
+The slow tests describe the real demo run (``demo_run``: the whole pipeline with short
+schedules on a real Dask cluster); the fast ones use small hand-made run folders.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from agriland_scale.errors import CorruptInput
+from agriland_scale.inspect_run import format_summary, summarise_run
+from agriland_scale.report import write_report
+from agriland_scale.stac_out import write_stac
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_NAMES = ("search", "cube", "patches", "embeddings", "clusters", "segmentation", "publish")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def published(demo_run):
+    """The demo run's folder with the report and the STAC catalog written (as publish will)."""
+    cfg, out, record = demo_run
+    return cfg, Path(out), record, write_report(out), write_stac(out)
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r"<img [^>]*src=\"([^\"]*)\"", page)
+
+
+# --- fast: folders that are not (complete) runs -----------------------------------------------
+
+def test_not_a_run_folder_is_refused(tmp_path):
+    for call in (summarise_run, write_report, write_stac):
+        with pytest.raises(CorruptInput, match="run.json"):
+            call(tmp_path)
+    with pytest.raises(CorruptInput, match="not a folder"):
+        summarise_run(tmp_path / "missing")
+
+
+def test_invalid_run_json_is_refused(tmp_path):
+    (tmp_path / "run.json").write_text('{"config": {"name": "x"}, "stages": {')
+    with pytest.raises(CorruptInput, match="not valid JSON"):
+        summarise_run(tmp_path)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(CorruptInput, match="not the run record"):
+        write_report(tmp_path)
+
+
+def test_run_that_failed_at_search(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({
+        "config": {"name": "broken", "search": {"bbox": [1, 2, 3, 4]}},
+        "stages": {"search": "failed"}, "timings_s": {"search": 0.5, "total": 0.7},
+        "error": "search: no STAC API answers at http://127.0.0.1:9"}))
+    s = summarise_run(tmp_path)
+    assert [r["status"] for r in s["stages"]] == ["failed"] + ["not run"] * 6
+    assert s["region"]["shape"] is None and s["items"] == [] and s["models"] == []
+    assert "no STAC API answers" in format_summary(s)
+    page = write_report(tmp_path).read_text()
+    assert "Run failed" in page and "no STAC API answers" in page
+    assert page.count("not run") >= 6 and "No product written yet" in page
+    with pytest.raises(CorruptInput):
+        write_stac(tmp_path)
+    assert not (tmp_path / "stac").exists()
+
+
+# --- slow: the real demo run -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_report_is_self_contained(published):
+    cfg, out, record, report, _ = published
+    assert report == out / "report.html"
+    page = report.read_text()
+    assert 'src="http' not in page and "<script" not in page and "<link " not in page
+    assert "stylesheet" not in page and "@import" not in page
+    imgs = _images(page)
+    # composite, clusters, probability, mask, stage timings, training curves
+    assert len(imgs) >= 6
+    for src in imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_SIGNATURE)
+    assert report.stat().st_size < 3 * 2**20
+    assert record["inputs"]["items"][0]["id"] in page
+    assert cfg.name in page and record["dashboard"] in page
+    for stage in STAGE_NAMES:
+        assert f"<td>{stage}</td>" in page
+    assert page.count(">done<") == len(STAGE_NAMES)
+    # the mask's area in the report is the count of agricultural pixels of the COG
+    with rasterio.open(out / "cog" / "mask.tif") as src:
+        ha = (src.read(1) == 1).sum() * abs(src.transform.a * src.transform.e) / 1e4
+    assert f"{ha:,.1f} ha agricultural" in page
+    # validation metrics of the U-Net, from its sidecar
+    assert f"{record['unet']['validation_metrics']['iou']:.3f}" in page
+
+
+@pytest.mark.slow
+def test_report_shows_gallery_when_present_and_is_idempotent(published, tmp_path):
+    _, out, _, report, _ = published
+    before = report.read_text()
+    assert write_report(out).read_text() == before
+    gallery = out / "clusters" / "gallery.png"  # the pipeline writes the cluster products
+    assert base64.b64encode(gallery.read_bytes()).decode() in before
+    assert 'alt="cluster gallery"' in before and 'alt="embedding map"' in before
+    run = tmp_path / "run"  # the same run without them: the report leaves them out
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.keras", "stac", "report.html", "clusters"))
+    page = write_report(run).read_text()
+    assert len(_images(page)) <= len(_images(before)) - 2
+    assert 'alt="cluster gallery"' not in page and 'alt="embedding map"' not in page
+
+
+@pytest.mark.slow
+def test_report_of_a_run_that_failed_at_segmentation(published, tmp_path):
+    _, out, _, _, _ = published
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.keras", "unet*", "stac", "cog", "report.html",
+                                                            "quicklook.png", "segmentation"))
+    rec = json.loads((run / "run.json").read_text())
+    rec["stages"]["segmentation"] = "failed"
+    rec["stages"].pop("publish")
+    rec["error"] = "segmentation: worker killed"
+    for key in ("unet", "products"):
+        rec.pop(key, None)
+    (run / "run.json").write_text(json.dumps(rec))
+    page = write_report(run).read_text()
+    assert "worker killed" in page and ">failed<" in page and ">not run<" in page
+    assert 'alt="RGB composite"' in page and 'alt="cluster map over composite"' in page
+    assert 'alt="probability over composite"' not in page and 'alt="agricultural land mask"' not in page
+    import pystac
+
+    coll = pystac.Collection.from_file(str(write_stac(run)))
+    assert [i.id.rsplit("-", 1)[-1] for i in coll.get_items()] == ["zarr"]
+    s = summarise_run(run)
+    assert {r["stage"]: r["status"] for r in s["stages"]}["publish"] == "not run"
+    assert not {p["path"]: p["exists"] for p in s["products"]}["cog/mask.tif"]
+
+
+@pytest.mark.slow
+def test_stac_catalog_reads_back(published):
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import RasterExtension
+    from pystac.validation import validate_dict
+
+    cfg, out, record, _, coll_path = published
+    assert coll_path == out / "stac" / "collection.json"
+    coll = pystac.Collection.from_file(str(coll_path))
+    items = {i.id: i for i in coll.get_items()}
+    assert set(items) == {f"{cfg.name}-{p}" for p in ("cluster_map", "probability", "mask", "zarr")}
+    west, south, east, north = cfg.search.bbox
+    tol = 2 * cfg.cube.resolution / 111_320 / np.cos(np.radians(north))  # two pixels, in degrees
+    source_id = record["inputs"]["items"][0]["id"]
+    for item_id, item in items.items():
+        proj = ProjectionExtension.ext(item)
+        assert proj.epsg == 32618 and item.properties["proj:code"] == "EPSG:32618"
+        b = item.bbox
+        # every product lies in the region (within two pixels: the grid snaps to the item's pixels)
+        assert b[0] >= west - tol and b[1] >= south - tol and b[2] <= east + tol and b[3] <= north + tol
+        if not item_id.endswith("cluster_map"):  # one cell a patch centre: inset by half a stride
+            assert b[0] <= west + tol and b[1] <= south + tol and b[2] >= east - tol and b[3] >= north - tol
+        assert item.geometry["type"] == "Polygon"
+        assert item.datetime is None and item.common_metadata.start_datetime is not None
+        for asset in item.assets.values():
+            assert not Path(asset.href).is_absolute()
+            assert Path(asset.get_absolute_href()).exists()
+        derived = item.get_links("derived_from")
+        assert [lk.title for lk in derived] == [source_id]
+        src = pystac.Item.from_file(derived[0].get_absolute_href())
+        assert src.id == source_id
+        try:  # full validation fetches the extension schemas by URL
+            item.validate()
+        except pystac.validation.GetSchemaError:
+            d = item.to_dict()
+            d["stac_extensions"] = []
+            validate_dict(d)  # core schema only: pystac bundles it
+    prob = items[f"{cfg.name}-probability"]
+    assert prob.properties["proj:shape"] == [record["cube"]["shape"]["y"], record["cube"]["shape"]["x"]]
+    assert prob.properties["proj:transform"] == record["cube"]["transform"]
+    assert prob.properties["proj:bbox"] == record["cube"]["bounds"]
+    expect = {"cluster_map": ("int16", -1), "probability": ("float64", "nan"), "mask": ("uint8", 255)}
+    for product, (dtype, nodata) in expect.items():
+        asset = items[f"{cfg.name}-{product}"].assets["cog"]
+        assert asset.media_type == pystac.MediaType.COG
+        band = RasterExtension.ext(asset).bands[0]
+        assert band.data_type == dtype and band.nodata == nodata
+        with rasterio.open(asset.get_absolute_href()) as src:
+            assert src.dtypes[0] == dtype
+            assert items[f"{cfg.name}-{product}"].properties["proj:shape"] == [src.height, src.width]
+    zarr_asset = prob.assets["zarr"]
+    assert zarr_asset.media_type == "application/vnd+zarr"
+    import xarray as xr
+
+    kwargs = {k: v for k, v in zarr_asset.extra_fields["xarray:open_kwargs"].items() if k != "engine"}
+    seg = xr.open_zarr(zarr_asset.get_absolute_href(), **kwargs, consolidated=False)
+    assert "probability" in seg and seg.rio.crs.to_epsg() == 32618
+    assert Path(items[f"{cfg.name}-zarr"].assets["zarr"].get_absolute_href()) == out / "agriland.zarr"
+    # idempotent: same catalog, no leftovers
+    before = {p.relative_to(out): p.read_text() for p in (out / "stac").rglob("*.json")}
+    write_stac(out)
+    assert {p.relative_to(out): p.read_text() for p in (out / "stac").rglob("*.json")} == before
+
+
+@pytest.mark.slow
+def test_summarise_run(published):
+    import xarray as xr
+
+    cfg, out, record, _, _ = published
+    s = summarise_run(out)
+    cube = xr.open_zarr(out / "agriland.zarr", group="cube", consolidated=False)
+    assert s["region"]["shape"] == dict(cube.sizes) == {"band": 4, "y": 1024, "x": 1024}
+    assert s["region"]["crs"] == "EPSG:32618" and s["region"]["resolution_m"] == cfg.cube.resolution
+    assert s["region"]["bbox"] == list(cfg.search.bbox)
+    assert [(r["stage"], r["status"]) for r in s["stages"]] == [(n, "done") for n in STAGE_NAMES]
+    assert all(r["seconds"] > 0 for r in s["stages"])
+    assert [i["id"] for i in s["items"]] == [i["id"] for i in record["inputs"]["items"]]
+    sizes = {p["path"]: p["bytes"] for p in s["products"]}
+    assert sizes["cog/mask.tif"] == (out / "cog" / "mask.tif").stat().st_size
+    assert sizes["agriland.zarr"] > sizes["cog/mask.tif"] > 0
+    models = {m["file"] for m in s["models"]}
+    assert {"models/cae.keras", "models/encoder.keras", "models/unet.keras"} <= models
+    text = format_summary(s)
+    for stage in STAGE_NAMES:
+        assert stage in text
+    assert record["inputs"]["items"][0]["id"] in text and "band 4, y 1024, x 1024" in text
+    json.dumps(s)  # plain data
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_the_demo_output(published, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    _, out, _, _, _ = published
+    path = ROOT / "notebooks" / "explore_run.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored with outputs"
+    monkeypatch.setenv("AGRILAND_RUN", str(out))
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    cell = next(c for c in nb.cells if "hectares" in c.metadata.get("tags", []))
+    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+    def value(name: str) -> float:
+        return float(re.search(rf"^{name} = ([0-9.]+)$", text, re.M).group(1))
+
+    with rasterio.open(out / "cog" / "mask.tif") as src:
+        pixel_ha = abs(src.transform.a * src.transform.e) / 1e4
+        mask = src.read(1)
+    with rasterio.open(out / "cog" / "probability.tif") as src:
+        prob = src.read(1)
+    assert value("area_ha_region") == pytest.approx(1024 * 1024 * 0.01, abs=0.05)
+    assert (mask != 255).sum() * pixel_ha == pytest.approx(1024 * 1024 * 0.01)
+    # the short test schedule may leave the thresholded mask empty; the expected area is positive
+    assert value("arable_ha_region") == pytest.approx((mask == 1).sum() * pixel_ha, abs=0.05)
+    assert value("expected_arable_ha_region") == pytest.approx(np.nansum(prob) * pixel_ha, abs=0.05)
+    assert value("expected_arable_ha_region") > 0
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 3  # composite, clusters, probability
