@@ -66,9 +66,16 @@ def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) ->
     for shapes in (shapes_neg, shapes_pos):
         if shapes:
             rasterio.features.rasterize(shapes, out=mask, transform=like.rio.transform())
+    return _label_array(mask, like, path, "no label polygon of {path} falls inside the cube "
+                        "(bounds {bounds} in {crs}): check the file's CRS")
+
+
+def _label_array(mask: np.ndarray, like: xr.DataArray | xr.Dataset, path: str | Path, empty: str
+                 ) -> xr.DataArray:
+    """The uint8 label mask as a DataArray on ``like``'s grid; :class:`EmptyRegion` (message
+    ``empty``) when no pixel is labelled."""
     if (mask != IGNORE).sum() == 0:
-        raise EmptyRegion(f"no label polygon of {path} falls inside the cube "
-                          f"(bounds {like.rio.bounds()} in {like.rio.crs}): check the file's CRS")
+        raise EmptyRegion(empty.format(path=path, bounds=like.rio.bounds(), crs=like.rio.crs))
     da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
     da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
                     source=str(path))
@@ -90,13 +97,8 @@ def read_raster_labels(path: str | Path, like: xr.DataArray | xr.Dataset) -> xr.
     src = src.astype("uint8").rio.write_nodata(IGNORE)
     out = src.rio.reproject_match(like, resampling=Resampling.nearest, nodata=IGNORE)
     mask = np.where(np.isin(out.values, [0, 1]), out.values, IGNORE).astype("uint8")
-    if (mask != IGNORE).sum() == 0:
-        raise EmptyRegion(f"label raster {path} has no 0/1 pixel inside the cube "
-                          f"(bounds {like.rio.bounds()} in {like.rio.crs})")
-    da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
-    da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
-                    source=str(path))
-    return da.rio.write_crs(like.rio.crs)
+    return _label_array(mask, like, path, "label raster {path} has no 0/1 pixel inside the cube "
+                        "(bounds {bounds} in {crs})")
 
 
 def load_labels(path: str | Path, cube: xr.Dataset, positive: list[str]) -> xr.DataArray:

@@ -46,3 +46,21 @@ def test_bad_label_files(cube, tmp_path):
          "geometry": {"type": "Polygon", "coordinates": [[[10, 45], [10.1, 45], [10.1, 45.1], [10, 45]]]}}]}))
     with pytest.raises(EmptyRegion, match="check the file's CRS"):
         rasterize_labels(p, cube, ["arable"])
+
+
+def test_raster_labels_in_any_crs_match_the_polygons(cube, tmp_path):
+    """A label GeoTIFF (here the polygons burnt, then reprojected to UTM 17N) lands back on the
+    cube grid: identical in the cube's CRS, nearly identical after a round trip via another."""
+    from agriland_scale.labels import load_labels
+    from agriland_scale.publish import write_cog
+
+    ref = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"])
+    write_cog(ref, tmp_path / "same.tif", nodata=255)
+    same = load_labels(tmp_path / "same.tif", cube, ["arable"])
+    np.testing.assert_array_equal(same.values, ref.values)
+    other = ref.rio.write_nodata(255).rio.reproject("EPSG:32617", resolution=10)
+    write_cog(other, tmp_path / "other.tif", nodata=255)
+    back = load_labels(tmp_path / "other.tif", cube, ["arable"]).values
+    both = (back != 255) & (ref.values != 255)
+    assert both.sum() > 0.9 * (ref.values != 255).sum()
+    assert (back[both] == ref.values[both]).mean() > 0.97
