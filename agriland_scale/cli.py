@@ -13,6 +13,9 @@ from pathlib import Path
 from .config import load_config
 from .errors import AgrilandError
 
+# the pipeline's stages (kept here so that `agriland --help` does not import TensorFlow)
+STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+
 DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
 
@@ -26,13 +29,40 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _run(pipeline: Path, args: argparse.Namespace) -> int:
+class _Bar:
+    """Block progress of a stage: a bar redrawn in place on a terminal, nothing otherwise
+    (every run also logs progress to ``OUT/logs/``)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        width = 30
+        fill = round(width * done / total)
+        end = "\n" if done == total else ""
+        print(f"\r  {label:<24} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end=end,
+              file=sys.stderr, flush=True)
+
+
+def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> int:
     from .pipeline import run
 
     cfg = load_config(pipeline, **_overrides(args.set))
     print(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}", flush=True)
-    rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite,
-              report=lambda line: print(line, flush=True))
+    bar = _Bar(sys.stderr.isatty() and not args.quiet)
+    rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
+              until=until, report=None if args.quiet else (lambda line: print(line, flush=True)),
+              progress=bar)
+    if until == "cae":
+        enc = rec["cae"]["encoder_path"]
+        print(f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
+              f"embed.model: {enc}")
+    elif until == "unet":
+        path = rec["unet"]["model_path"]
+        print(f"U-Net: {path} (sidecar {path}.json), validation {rec['unet'].get('validation_metrics')}; "
+              f"map other regions with it by setting segment.model: {path}")
     print(json.dumps({"timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
                       "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}, indent=1))
     return 0
@@ -121,12 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set embed.train.epochs=1")
+        p.add_argument("--force", action="append", metavar="STAGE", choices=STAGES,
+                       help=f"redo STAGE and what depends on it ({', '.join(STAGES)}); repeatable")
+        p.add_argument("--quiet", action="store_true", help="no progress lines or bars (CI, logs)")
 
     p_demo = sub.add_parser("demo", help="run the whole pipeline on the embedded demo region (offline)")
     run_opts(p_demo)
-    p_run = sub.add_parser("run", help="run a pipeline file")
+    p_run = sub.add_parser("run", help="run a pipeline file (continues an unfinished run in --out)")
     p_run.add_argument("pipeline", type=Path)
     run_opts(p_run)
+    p_cae = sub.add_parser("train-cae", help="train the convolutional autoencoder on a region's patches")
+    p_cae.add_argument("pipeline", type=Path)
+    run_opts(p_cae)
+    p_unet = sub.add_parser("train-unet", help="train the U-Net on a region's labels (VIA, GeoJSON, raster)")
+    p_unet.add_argument("pipeline", type=Path)
+    run_opts(p_unet)
     p_search = sub.add_parser("search", help="list what a run would load, without loading pixels")
     p_search.add_argument("pipeline", type=Path)
     p_search.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -154,13 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         import dask
 
         dask.config.set({"logging.distributed": "error"})
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
+        h.setLevel(level)
     try:
         if args.command == "demo":
             return _run(DEMO, args)
         if args.command == "run":
             return _run(args.pipeline, args)
+        if args.command in ("train-cae", "train-unet"):
+            return _run(args.pipeline, args, until=args.command.removeprefix("train-"))
         if args.command == "search":
             return _search(args)
         handlers = {"inspect": _inspect, "report": _report, "export-labels": _export_labels,

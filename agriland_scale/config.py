@@ -114,9 +114,27 @@ class CubeConfig(_Model):
     UTM CRS (20 m / 60 m bands are resampled bilinearly, classes like SCL by nearest);
     ``chunk`` in pixels must be a multiple of the patch stride so that chunks align to patches.
 
-    Cloud masking (L2A): pixels whose ``scl`` class is in ``scl_mask_classes`` are dropped
+    ``cloud_mask`` chooses the pixel cloud mask: ``auto`` (default) masks with SCL when every
+    item carries an SCL asset (L2A) and leaves the items unmasked otherwise (L1C); ``scl``
+    requires SCL on every item; ``s2cloudless`` runs the s2cloudless model on the L1C
+    top-of-atmosphere bands (``pip install agriland-scale[s2cloudless]``); ``none`` masks
+    nodata only. ``true`` / ``false`` of older pipeline files mean ``auto`` / ``none``.
+
+    SCL (L2A): pixels whose ``scl`` class is in ``scl_mask_classes`` are dropped
     (default: 0 no data, 1 saturated/defective, 3 cloud shadow, 8/9 cloud medium/high
     probability, 10 thin cirrus), the mask optionally grown by ``scl_dilation_m`` metres.
+
+    s2cloudless (L1C): the model reads bands B01, B02, B04, B05, B08, B8A, B09, B10, B11 and
+    B12 as TOA reflectance (DN / 10000, less the 0.1 offset of processing baseline 04.00)
+    averaged onto a grid of ``s2cloudless_resolution`` metres (default 160 m, the
+    resolution it was trained at; a whole multiple of ``resolution`` that divides ``chunk``,
+    so that one chunk of the cube maps to whole processing pixels). A pixel is cloud where
+    its cloud probability (0..1), averaged over a disk of ``s2cloudless_average_over``
+    processing pixels radius, exceeds ``s2cloudless_threshold``; the mask is then grown by a
+    disk of ``s2cloudless_dilation_size`` processing pixels (0 skips either step). Defaults
+    are the s2cloudless ones: 0.4, 4 and 2 (i.e. 640 m and 320 m at 160 m). The mask is
+    repeated onto the cube grid. It flags clouds, not their shadows.
+
     ``composite``: per-pixel median (default), mean, first or last of the clear observations;
     ``clear_count`` keeps how many there were. ``on_bad_asset``: ``fail`` on an asset that
     cannot be read, or ``skip`` its item with a warning (recorded in run.json).
@@ -126,14 +144,41 @@ class CubeConfig(_Model):
     resolution: float = Field(default=10.0, gt=0)
     chunk: int = Field(default=256, ge=64)
     composite: Literal["median", "mean", "first", "last"] = "median"
-    cloud_mask: bool = True
+    cloud_mask: Literal["auto", "scl", "s2cloudless", "none"] = "auto"
     scl_band: str = "scl"
     scl_mask_classes: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10])
     scl_dilation_m: float = Field(default=0.0, ge=0)
+    s2cloudless_threshold: float = Field(default=0.4, gt=0, lt=1)
+    s2cloudless_average_over: int = Field(default=4, ge=0)
+    s2cloudless_dilation_size: int = Field(default=2, ge=0)
+    s2cloudless_resolution: float = Field(default=160.0, gt=0)
     check_assets: bool = True
     on_bad_asset: Literal["fail", "skip"] = "fail"
     mosaic_crs: str | None = None
     mosaic_resolution: float | None = Field(default=None, gt=0)
+
+    @field_validator("cloud_mask", mode="before")
+    @classmethod
+    def _cloud_mask_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # pipeline files written before the masks had names
+            return "auto" if v else "none"
+        return v
+
+    @model_validator(mode="after")
+    def _s2cloudless_grid(self) -> CubeConfig:
+        if self.cloud_mask != "s2cloudless":
+            return self
+        factor = self.s2cloudless_resolution / self.resolution
+        k = round(factor)
+        if k < 1 or abs(factor - k) > 1e-6 or self.chunk % k:
+            fits = [self.resolution * d for d in range(1, self.chunk + 1) if self.chunk % d == 0]
+            near = sorted(fits, key=lambda r: abs(r - self.s2cloudless_resolution))[:3]
+            raise ValueError(
+                f"cube.s2cloudless_resolution ({self.s2cloudless_resolution:g} m) must be a whole "
+                f"multiple of cube.resolution ({self.resolution:g} m) that divides cube.chunk "
+                f"({self.chunk} px), so that each chunk maps to whole processing pixels: try "
+                f"{near[0]:g} m" + (f" (or {', '.join(f'{r:g}' for r in near[1:])} m)" if near[1:] else ""))
+        return self
 
 
 class PatchConfig(_Model):
@@ -168,8 +213,12 @@ class EmbedConfig(_Model):
     Flatten(8x8x2048) -> Dense 4096 -> Dense 100 (~537 M weights); ``gap`` replaces the Flatten
     by global average pooling (2048 -> 4096 -> 100, ~9 M weights in the head).
     ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1].
+    ``model``: an encoder trained before (``models/encoder.keras`` of ``agriland train-cae``
+    or of another run): the CAE is then not trained, and its bands, normalisation and patch
+    size must match.
     """
 
+    model: str | None = None
     bands: Bands = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
     weights: str = "imagenet"
     head: Literal["flatten", "gap"] = "flatten"
@@ -193,9 +242,15 @@ class DECConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    """Initial k-means (MiniBatchKMeans) and DEC refinement."""
+    """Initial k-means (MiniBatchKMeans) and DEC refinement.
+
+    Both stream the stored embeddings: k-means restarts and DEC run on a seeded sample of at
+    most ``sample_size`` patches, k-means is refined with ``partial_fit`` over every patch, and
+    every patch is then assigned (memory: one chunk of embeddings plus the sample).
+    """
 
     k: int = Field(default=100, ge=2)
+    sample_size: int = Field(default=10_000, ge=16)
     n_init: int = Field(default=20, ge=1)
     kmeans_batch_size: int = Field(default=1024, ge=16)
     dec: DECConfig = DECConfig()
@@ -218,9 +273,12 @@ class SegmentConfig(_Model):
 
     ``labels``: a GeoJSON file of polygons with a ``class`` property (``arable`` = 1, anything
     else = 0; pixels outside every polygon are ignored in training). ``window`` and
-    ``overlap`` are in pixels; windows are blended with a smooth weight.
+    ``overlap`` are in pixels; windows are blended with a smooth weight. ``model``: a U-Net
+    trained before (``agriland train-unet`` or another run): no training then, and labels
+    are optional.
     """
 
+    model: str | None = None
     encoder: Literal["plain", "resnet50", "inceptionv3"] = "inceptionv3"
     weights: str = "imagenet"
     bands: Bands = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
@@ -344,7 +402,8 @@ def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
             if r != value:
                 out[key] = r
     for key, value in (("segment.labels", cfg.segment.labels), ("embed.weights", cfg.embed.weights),
-                       ("segment.weights", cfg.segment.weights)):
+                       ("segment.weights", cfg.segment.weights), ("embed.model", cfg.embed.model),
+                       ("segment.model", cfg.segment.model)):
         if value and value not in ("imagenet", "none") and not value.startswith("builtin:"):
             r = str(resolve_path(value, base))
             if r != value:

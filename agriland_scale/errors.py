@@ -10,6 +10,7 @@ __all__ = [
     "AgrilandError",
     "AgrilandWarning",
     "BandMismatch",
+    "BlockFailed",
     "ConfigError",
     "CorruptInput",
     "EmptyRegion",
@@ -65,6 +66,10 @@ class CorruptInput(AgrilandError, OSError):
 
 class OutputExists(AgrilandError, FileExistsError):
     """The output folder holds another run's products."""
+
+
+class BlockFailed(AgrilandError, RuntimeError):
+    """One block (chunk row, patch batch) of a stage failed; the blocks written are kept."""
 
 
 class StageNotBuilt(AgrilandError, NotImplementedError):

@@ -20,7 +20,7 @@ __all__ = ["COG_NAMES", "STAGE_ORDER", "format_summary", "load_items", "load_run
 
 # the order in which pipeline.run executes its stages (kept here so that this module reads a
 # run folder without importing the pipeline, TensorFlow and Dask)
-STAGE_ORDER = ("search", "cube", "patches", "embeddings", "clusters", "segmentation", "publish")
+STAGE_ORDER = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
 
 # the COGs the publish stage writes for each zone (``OUT/cog/[ZONE_]NAME.tif``)
 COG_NAMES = ("cluster_map", "probability", "mask")

@@ -1,4 +1,5 @@
-"""The pipeline: search -> cube -> patches -> embeddings -> clusters -> segmentation -> publish.
+"""The pipeline: search -> cube -> patches -> cae -> embeddings -> clusters -> unet ->
+segmentation -> publish, resumable.
 
 :func:`run` composes the stage modules over one output folder::
 
@@ -12,89 +13,258 @@
     OUT/report.html     one self-contained page: config, items, quicklooks, clusters, training
     OUT/stac/           STAC Collection + Items of the products (COG and Zarr assets)
     OUT/clusters/       gallery.png, embedding_map.png, stats.csv (per zone when several)
+    OUT/logs/           one log file per invocation
+    OUT/.partial/       products being written and their block journals (see :mod:`.resume`)
+
+Resume: ``run.json`` records each finished stage; a product is built block by block in
+``.partial`` and moved into the store only when complete. Running again on the same folder
+skips finished stages, writes only the blocks an interrupted stage had not finished, and
+reuses the recorded search results (a search is not repeated). ``force`` redoes stages and
+everything that depends on them; a config that changed in a section a finished stage used
+is refused until that stage is forced.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pystac
 import xarray as xr
 
-from . import cluster as cluster_mod
 from . import cube as cube_mod
 from . import embed as embed_mod
 from . import patches as patches_mod
 from . import publish, segment, stac
+from .cluster import cluster_map
+from .cluster_report import write_cluster_products
+from .cluster_stream import fit_clusters_streaming
 from .config import RunConfig, resolve_path
 from .errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound, OutputExists
 from .items import normalize_items
-from .cluster_report import write_cluster_products
 from .labels import IGNORE, load_labels
 from .report import write_report
-from .stac_out import write_stac
+from .resume import Products
 from .runtime import dask_client, gpu_resources
+from .stac_out import write_stac
 from .train import train_cae, train_unet
 
-__all__ = ["STAGES", "run"]
+__all__ = ["DEPENDS", "STAGES", "run", "stages_needed"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("search", "cube", "patches", "embeddings", "clusters", "segmentation", "publish")
+STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+# what each stage reads
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "search": (), "cube": ("search",), "patches": ("cube",), "cae": ("patches",),
+    "embeddings": ("cae",), "clusters": ("embeddings",), "unet": ("cube",), "segmentation": ("unet",),
+    "publish": ("clusters", "segmentation"),
+}
+# config keys (or sections) whose values a stage's outputs depend on
+_CAE_KEYS = ("embed.model", "embed.bands", "embed.weights", "embed.head", "embed.embedding_dim",
+             "embed.dense_units", "embed.reflectance_max", "embed.train", "patches.size", "seed")
+_UNET_KEYS = ("segment.model", "segment.encoder", "segment.weights", "segment.bands", "segment.reflectance_max",
+              "segment.labels", "segment.positive_classes", "segment.window", "segment.train", "seed")
+_SECTIONS: dict[str, tuple[str, ...]] = {
+    "search": ("search",), "cube": ("cube",), "patches": ("patches",), "cae": _CAE_KEYS,
+    "embeddings": ("embed",), "clusters": ("cluster", "seed"), "unet": _UNET_KEYS,
+    "segmentation": ("segment",), "publish": (),
+}
+# what a product or file a stage leaves behind is called (per zone for the groups)
+_GROUPS = {"cube": "cube", "patches": "patches", "embeddings": "embeddings", "clusters": "clusters",
+           "segmentation": "segmentation"}
+
+Report = Callable[[str], None]
+Progress = Callable[[str, int, int], None]
 
 
-def _check_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
+def stages_needed(until: str | None) -> list[str]:
+    """Stages to run to produce ``until`` (all when ``None``), in pipeline order."""
+    if until is None:
+        return list(STAGES)
+    if until not in STAGES:
+        raise ConfigError(f"unknown stage '{until}': choose one of {', '.join(STAGES)}")
+    need, todo = set(), [until]
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(DEPENDS[s])
+    return [s for s in STAGES if s in need]
+
+
+def dependents(stages: Iterable[str]) -> set[str]:
+    """``stages`` and every stage that reads their outputs, directly or not."""
+    out = set(stages)
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage '{s}' for --force: choose one of {', '.join(STAGES)}")
+    changed = True
+    while changed:
+        changed = False
+        for s, deps in DEPENDS.items():
+            if s not in out and out & set(deps):
+                out.add(s)
+                changed = True
+    return out
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+_OUTPUTS = ("agriland.zarr", ".partial", "models", "cog", "clusters", "stac", "items.json", "run.json",
+            "report.html")
+
+
+def _prepare_output(out: Path, cfg: RunConfig, overwrite: bool, force: Iterable[str]) -> dict[str, Any] | None:
+    """Check ``out`` and return the earlier run's record to resume (``None``: a fresh run)."""
     run_json = out / "run.json"
-    if run_json.exists():
-        try:
-            old = json.loads(run_json.read_text()).get("config")
-        except json.JSONDecodeError:
-            old = None
-        if old != json.loads(cfg.model_dump_json()) and not overwrite:
-            raise OutputExists(f"{out} holds another run (run.json with a different config "
-                               f"'{(old or {}).get('name', '?')}'): choose another --out, or pass "
-                               "--overwrite to replace it")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{out} is not empty and holds no agriland run: choose an empty or new "
-                           "--out folder, or pass --overwrite")
+    if overwrite and out.exists():
+        for name in _OUTPUTS:
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in out.glob("quicklook*.png"):
+            p.unlink()
+        return None
+    if not run_json.exists():
+        if out.exists() and any(p.name != "logs" for p in out.iterdir()):
+            raise OutputExists(f"{out} is not empty and holds no agriland run: choose an empty or new "
+                               "--out folder, or pass --overwrite")
+        return None
+    try:
+        old = json.loads(run_json.read_text())
+    except json.JSONDecodeError:
+        raise OutputExists(f"{out}/run.json is damaged: pass --overwrite to start the run over") from None
+    old_cfg = old.get("config") or {}
+    if old_cfg.get("name") != cfg.name:
+        raise OutputExists(f"{out} holds another run (run.json with a different config "
+                           f"'{old_cfg.get('name', '?')}'): choose another --out, or pass "
+                           "--overwrite to replace it")
+    new_cfg = json.loads(cfg.model_dump_json())
+    changed = [k for k in _changed_keys(old_cfg, new_cfg) if not k.startswith("runtime.")]
+    forced = dependents(force)
+    stale = []
+    for stage in STAGES:
+        if old.get("stages", {}).get(stage) != "done" or stage in forced:
+            continue
+        keys = [k for k in changed if any(k == p or k.startswith(p + ".") for p in _SECTIONS[stage])]
+        if keys:
+            stale.append((stage, keys))
+    if stale:
+        stage, keys = stale[0]
+        raise OutputExists(
+            f"the config differs from the run in {out} in {', '.join(keys)}, which its finished "
+            f"stage '{stage}' used: pass --force {stage} to redo it and what depends on it, or "
+            "--overwrite to start over (or choose another --out)")
+    return old
 
 
 def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
-        report: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Run every stage of ``cfg`` into the folder ``out``; returns the run record (run.json).
+        report: Report | None = None, progress: Progress | None = None, until: str | None = None,
+        force: Iterable[str] = ()) -> dict[str, Any]:
+    """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
 
     ``scheduler`` (or ``cfg.runtime.scheduler``) connects to an existing Dask cluster;
-    otherwise a LocalCluster is started and closed. ``report`` receives progress lines.
+    otherwise a LocalCluster is started and closed. ``report`` receives progress lines and
+    ``progress(label, done, total)`` block counts. ``until`` stops after that stage (and runs
+    only what it needs: ``"cae"`` trains the autoencoder, ``"unet"`` the U-Net). On a folder
+    holding an unfinished or finished run of the same config, finished work is kept (see the
+    module doc); ``force`` names stages to redo with their dependents.
     """
     out = Path(out).resolve()
-    _check_output(out, cfg, overwrite)
+    force = list(force)
+    wanted = stages_needed(until)
+    old = _prepare_output(out, cfg, overwrite, force)
     out.mkdir(parents=True, exist_ok=True)
-    store = str(out / "agriland.zarr")
-    models = out / "models"
-    models.mkdir(exist_ok=True)
+    (out / "models").mkdir(exist_ok=True)
     record: dict[str, Any] = {
         "config": json.loads(cfg.model_dump_json()), "versions": publish.package_versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings_s": {}, "stages": {},
     }
+    if old:
+        kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages")}
+        record |= kept
+        record["stages"] = dict(old.get("stages") or {})
+        record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
+        record.setdefault("attempts", 1)
+        record["attempts"] += 1
+    products = Products(out)
+    for stage in sorted(dependents(force), key=STAGES.index) if force else []:
+        if record["stages"].pop(stage, None):
+            record["timings_s"].pop(stage, None)
+        for zone in (record.get("zones") or {}).values():
+            if stage in _GROUPS:
+                products.discard(zone.get("prefix", "") + _GROUPS[stage])
+    handler = _log_file(out)
+    say = _say(report)
+    say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
     try:
-        _run_stages(cfg, out, store, models, record, report, scheduler)
+        _Run(cfg, out, record, products, say, progress).run(wanted, scheduler)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         publish.write_json(record, out / "run.json")
-        try:  # also for a failed run: the report shows what exists and where it stopped
-            write_report(out)
-        except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
-            log.warning("could not write %s: %s", out / "report.html", e)
-    report(f"done in {record['timings_s']['total']:.0f} s: {out}")
+        if until is None or until == "publish":
+            try:  # also for a failed run: the report shows what exists and where it stopped
+                write_report(out)
+            except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
+                log.warning("could not write %s: %s", out / "report.html", e)
+        say(f"done in {record['timings_s']['total']:.0f} s: {out}")
+        _close_log(handler)
     return record
+
+
+_RUN_LOG = logging.getLogger("agriland_scale.run")
+
+
+def _say(report: Report | None) -> Report:
+    def say(msg: str) -> None:
+        _RUN_LOG.info(msg)
+        if report is not None:
+            report(msg)
+    return say
+
+
+def _log_file(out: Path) -> logging.FileHandler:
+    """Send this package's INFO (and warnings) for this run to ``OUT/logs/run-TIME.log``."""
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    h = logging.FileHandler(logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    h.setLevel(logging.INFO)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("agriland_scale")
+    h._agriland_level = pkg.level  # type: ignore[attr-defined]
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(h)
+    logging.getLogger("py.warnings").addHandler(h)
+    logging.captureWarnings(True)
+    return h
+
+
+def _close_log(h: logging.FileHandler) -> None:
+    pkg = logging.getLogger("agriland_scale")
+    pkg.removeHandler(h)
+    pkg.setLevel(h._agriland_level)  # type: ignore[attr-defined]
+    logging.getLogger("py.warnings").removeHandler(h)
+    logging.captureWarnings(False)
+    h.close()
 
 
 def zone_name(epsg: int) -> str:
@@ -106,208 +276,330 @@ def zone_name(epsg: int) -> str:
     return f"epsg{epsg}"
 
 
-def _run_stages(cfg: RunConfig, out: Path, store: str, models: Path, record: dict[str, Any],
-                report: Callable[[str], None], scheduler: str | None) -> None:
-    def stage(name: str):
-        return _Stage(name, record, report)
+class _Rows:
+    """Row-concatenation of several ``(patch, dim)`` Zarr arrays, read a slice at a time."""
 
-    with dask_client(cfg.runtime, scheduler) as client:
-        record["dashboard"] = client.dashboard_link
-        record["scheduler"] = client.scheduler.address
-        report(f"Dask dashboard: {client.dashboard_link}")
-        res = gpu_resources(client)
-        record["gpu"] = bool(res)
-        publish.write_json(record, out / "run.json")
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.starts = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(int)
+        self.shape = (int(self.starts[-1]), int(arrays[0].shape[1]))
 
-        with stage("search"):
-            region = stac.region_of(cfg.search)
-            with stac.api_url(cfg.search) as url:
-                items = stac.search_items(cfg.search, url)
-            (out / "items.json").write_text(json.dumps(
-                {"type": "FeatureCollection", "features": [i.to_dict() for i in items]}, indent=1))
-            record["inputs"] = {"api": cfg.search.api, "region_bbox": list(region.bbox), "items": [
-                {"id": i.id, "datetime": str(i.datetime or i.properties.get("start_datetime")),
-                 "cloud_cover": i.properties.get("eo:cloud_cover")} for i in items]}
-            report(f"search: {len(items)} item(s)")
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop = sl.start or 0, min(sl.stop, self.shape[0])
+        parts = []
+        for a, s0, s1 in zip(self.arrays, self.starts[:-1], self.starts[1:]):
+            lo, hi = max(start, s0), min(stop, s1)
+            if hi > lo:
+                parts.append(np.asarray(a[lo - s0:hi - s0]))
+        return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), dtype="float32")
 
+
+def _fit_clusters_task(store: str, groups: list[str], valid: np.ndarray, cfg, seed: int, out: str,
+                       sample_size: int) -> dict[str, Any]:
+    """Streaming k-means + DEC over the embeddings of every zone (runs on a worker)."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r")
+    emb = _Rows([root[g]["embedding"] for g in groups])
+    return fit_clusters_streaming(emb, valid, cfg, seed, out=out, sample_size=sample_size)
+
+
+class _Run:
+    """The stages of one run; state lives in ``record`` (run.json) and the output folder."""
+
+    def __init__(self, cfg: RunConfig, out: Path, record: dict[str, Any], products: Products,
+                 say: Report, progress: Progress | None):
+        self.cfg, self.out, self.record, self.products = cfg, out, record, products
+        self.say, self.store, self.models = say, str(out / "agriland.zarr"), out / "models"
+
+        def prog(label: str, done: int, total: int) -> None:
+            if progress:
+                progress(label, done, total)
+            step = max(1, total // 10)
+            if done == total or done % step == 0:
+                _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
+        self.progress = prog
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _zones(self) -> dict[str, dict[str, Any]]:
+        return {n: z for n, z in (self.record.get("zones") or {}).items() if not z.get("empty")}
+
+    def _finished(self, stage: str) -> bool:
+        if self.record["stages"].get(stage) != "done":
+            return False
+        zones = self._zones()
+        if stage == "search":
+            return (self.out / "items.json").exists()
+        if stage in _GROUPS:
+            return bool(zones) and all(self.products.exists(z["prefix"] + _GROUPS[stage]) for z in zones.values())
+        if stage == "cae":
+            return Path((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")).exists()
+        if stage == "unet":
+            return Path((self.record.get("unet") or {}).get("model_path", "/nonexistent")).exists()
+        return (self.out / "run.json").exists() and (self.out / "report.html").exists()
+
+    def run(self, wanted: list[str], scheduler: str | None) -> None:
+        rec = self.record
+        with dask_client(self.cfg.runtime, scheduler) as client:
+            self.client = client
+            rec["dashboard"] = client.dashboard_link
+            rec["scheduler"] = client.scheduler.address
+            self.say(f"Dask dashboard: {client.dashboard_link}")
+            self.res = gpu_resources(client)
+            rec["gpu"] = bool(self.res)
+            publish.write_json(rec, self.out / "run.json")
+            for stage in wanted:
+                if self._finished(stage):
+                    self.say(f"[{stage}] finished earlier: kept")
+                    continue
+                t0 = time.perf_counter()
+                rec["stages"][stage] = "running"
+                publish.write_json(rec, self.out / "run.json")
+                try:
+                    getattr(self, "_" + stage)()
+                except BaseException as e:
+                    rec["stages"][stage] = "failed"
+                    rec["error"] = f"{stage}: {e}"
+                    raise
+                finally:
+                    rec["timings_s"][stage] = time.perf_counter() - t0
+                rec["stages"][stage] = "done"
+                rec.pop("error", None)
+                publish.write_json(rec, self.out / "run.json")
+                self.say(f"[{stage}] {rec['timings_s'][stage]:.1f} s")
+        shutil.rmtree(self.out / ".partial", ignore_errors=True) if wanted[-1] == "publish" else None
+
+    # -- stages --------------------------------------------------------------------------------
+    def _items(self) -> list[pystac.Item]:
+        fc = json.loads((self.out / "items.json").read_text())
+        return [pystac.Item.from_dict(f) for f in fc["features"]]
+
+    def _search(self) -> None:
+        cfg = self.cfg
+        region = stac.region_of(cfg.search)
+        with stac.api_url(cfg.search) as url:
+            items = stac.search_items(cfg.search, url)
+        publish.write_json({"type": "FeatureCollection", "features": [i.to_dict() for i in items]},
+                           self.out / "items.json")
+        self.record["inputs"] = {"api": cfg.search.api, "region_bbox": list(region.bbox), "items": [
+            {"id": i.id, "datetime": str(i.datetime or i.properties.get("start_datetime")),
+             "cloud_cover": i.properties.get("eo:cloud_cover")} for i in items]}
+        self.say(f"search: {len(items)} item(s)")
+
+    def _cube(self) -> None:
         # one entry per UTM zone: {name: prefix of its groups in the store}; a single zone
         # keeps the plain layout (cube, patches, ...), several use utm18n/cube, ...
-        zones: dict[str, dict[str, Any]] = {}
-        with stage("cube"):
-            bands = cube_mod.load_bands(items, cfg.cube)
-            items = normalize_items(items, bands)
-            if cfg.cube.check_assets:
-                items, bad = cube_mod.check_assets(items, bands, cfg.cube.on_bad_asset)
-                record["inputs"]["skipped_assets"] = bad
-                if not items:
-                    raise NoItemsFound(f"every found item has an unreadable asset ({bad[0]['error']} ...)")
-            cubes = cube_mod.load_zone_cubes(items, cfg.cube, region, normalized=True)
-            multi = len(cubes) > 1
-            empty = []
-            for epsg, cube in cubes.items():
-                name = zone_name(epsg)
-                prefix = f"{name}/" if multi else ""
-                publish.write_group(cube, store, prefix + "cube")
-                cube = cube_mod.open_cube(store, prefix + "cube")
-                chunks = cube_mod.chunk_valid_fraction(cube, cfg.cube.chunk)
-                info = {"epsg": epsg, "prefix": prefix, "shape": dict(cube.sizes), "crs": str(cube.rio.crs),
-                        "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
-                        "items": list(cube.attrs["items"]), "chunks": int(chunks.size),
-                        "empty_chunks": int((chunks == 0).sum())}
-                if not (chunks > 0).any():
-                    empty.append(name)
-                    info["empty"] = True
-                else:
-                    zones[name] = info
-                record.setdefault("zones", {})[name] = info
-                report(f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
-                       f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
-            if not zones:
-                raise EmptyRegion(
-                    "every pixel of the region is nodata or masked (clouds, shadows): choose "
-                    "another search.datetime or raise search.max_cloud_cover")
-            if empty:
-                warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
-                              stacklevel=1)
-            first = next(iter(zones.values()))
-            record["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
+        cfg, rec = self.cfg, self.record
+        region = stac.region_of(cfg.search)
+        items = self._items()
+        bands = cube_mod.load_bands(items, cfg.cube)
+        items = normalize_items(items, bands)
+        if cfg.cube.check_assets:
+            items, bad = cube_mod.check_assets(items, bands, cfg.cube.on_bad_asset)
+            rec["inputs"]["skipped_assets"] = bad
+            if not items:
+                raise NoItemsFound(f"every found item has an unreadable asset ({bad[0]['error']} ...)")
+        cubes = cube_mod.load_zone_cubes(items, cfg.cube, region, normalized=True)
+        multi = len(cubes) > 1
+        zones, empty = {}, []
+        for epsg, cube in cubes.items():
+            name = zone_name(epsg)
+            prefix = f"{name}/" if multi else ""
+            stats = self.products.write_blocks(cube, prefix + "cube", "y", self.client,
+                                               label=f"cube {name}", progress=self.progress)
+            cube = cube_mod.open_cube(self.store, prefix + "cube")
+            chunks = cube_mod.chunk_valid_fraction(cube, cfg.cube.chunk)
+            info = {"epsg": epsg, "prefix": prefix, "shape": dict(cube.sizes), "crs": str(cube.rio.crs),
+                    "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
+                    "items": list(cube.attrs["items"]), "chunks": int(chunks.size),
+                    "empty_chunks": int((chunks == 0).sum()), "blocks_reused": stats["reused"]}
+            if not (chunks > 0).any():
+                empty.append(name)
+                info["empty"] = True
+            zones[name] = info
+            self.say(f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
+                     f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
+        rec["zones"] = zones
+        if len(empty) == len(zones):
+            raise EmptyRegion(
+                "every pixel of the region is nodata or masked (clouds, shadows): choose "
+                "another search.datetime or raise search.max_cloud_cover")
+        if empty:
+            warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
+                          stacklevel=1)
+        first = next(iter(self._zones().values()))
+        rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
 
-        p = cfg.patches
-        index: dict[str, xr.Dataset] = {}
-        valid: dict[str, np.ndarray] = {}
-        with stage("patches"):
-            for name, z in zones.items():
-                cube = cube_mod.open_cube(store, z["prefix"] + "cube")
-                index[name] = patches_mod.patch_index(cube, p.size, p.stride)
-                publish.write_group(index[name], store, z["prefix"] + "patches")
-                valid[name] = index[name]["valid_fraction"].values >= p.min_valid_fraction
-                z["patches"] = {"count": int(index[name].sizes["patch"]), "valid": int(valid[name].sum()),
-                                "grid": [index[name].attrs["n_rows"], index[name].attrs["n_cols"]]}
-            record["patches"] = {k: sum(z["patches"][k] for z in zones.values()) for k in ("count", "valid")}
-            if not multi:
-                record["patches"]["grid"] = first["patches"]["grid"]
-            report(f"patches: {record['patches']['count']} ({record['patches']['valid']} valid)")
+    def _index(self, zone: dict[str, Any]) -> tuple[xr.Dataset, np.ndarray]:
+        index = publish.open_product(self.store, zone["prefix"] + "patches").load()
+        return index, index["valid_fraction"].values >= self.cfg.patches.min_valid_fraction
 
-        e = cfg.embed
-        with stage("embeddings"):
-            # the CAE learns from the zone with the most valid patches; every zone is embedded
-            train_zone = max(zones, key=lambda n: valid[n].sum())
-            sel = np.flatnonzero(valid[train_zone])
-            ix = index[train_zone]
-            fut = client.submit(train_cae, store, ix["y0"].values[sel], ix["x0"].values[sel], e,
-                                p.size, str(models / "cae.keras"), seed=cfg.seed, region=cfg.name,
-                                group=zones[train_zone]["prefix"] + "cube", resources=res, pure=False)
-            cae_meta = fut.result()
-            record["cae"] = {k: v for k, v in cae_meta.items() if k != "history"} | {
-                "final_loss": (cae_meta["history"].get("loss") or [None])[-1], "zone": train_zone}
-            report(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
-                   f"steps in {cae_meta['seconds']:.0f} s")
-            for name, z in zones.items():
-                emb = embed_mod.embed_patches(cae_meta["encoder_path"], store, index[name], e.bands,
-                                              e.reflectance_max, batch_size=e.batch_size,
-                                              min_valid_fraction=p.min_valid_fraction, resources=res,
-                                              group=z["prefix"] + "cube")
-                publish.write_group(emb, store, z["prefix"] + "embeddings")
+    def _patches(self) -> None:
+        p = self.cfg.patches
+        for name, z in self._zones().items():
+            cube = cube_mod.open_cube(self.store, z["prefix"] + "cube")
+            index = patches_mod.patch_index(cube, p.size, p.stride)
+            self.products.write(index, z["prefix"] + "patches")
+            valid = index["valid_fraction"].values >= p.min_valid_fraction
+            z["patches"] = {"count": int(index.sizes["patch"]), "valid": int(valid.sum()),
+                            "grid": [index.attrs["n_rows"], index.attrs["n_cols"]]}
+        zones = self._zones()
+        self.record["patches"] = {k: sum(z["patches"][k] for z in zones.values()) for k in ("count", "valid")}
+        if len(self.record["zones"]) == 1:
+            self.record["patches"]["grid"] = next(iter(zones.values()))["patches"]["grid"]
+        self.say(f"patches: {self.record['patches']['count']} ({self.record['patches']['valid']} valid)")
 
-        with stage("clusters"):
-            # one clustering over every zone's embeddings, so cluster ids mean the same everywhere
-            embs = [publish.open_product(store, z["prefix"] + "embeddings")["embedding"] for z in zones.values()]
-            sizes = [em.sizes["patch"] for em in embs]
-            emb_all = xr.concat(embs, dim="patch").assign_coords(patch=np.arange(sum(sizes)))
-            valid_all = np.concatenate([valid[n] for n in zones])
-            cl_all, info = cluster_mod.cluster_embeddings(emb_all, valid_all, cfg.cluster, seed=cfg.seed)
-            start = 0
-            for (name, z), n in zip(zones.items(), sizes):
-                cube = cube_mod.open_cube(store, z["prefix"] + "cube")
-                cl = cl_all.isel(patch=slice(start, start + n)).assign_coords(patch=index[name]["patch"].values)
-                start += n
-                cl["cluster_map"] = cluster_mod.cluster_map(cl["labels"].values, index[name], cube)
-                cl = cube_mod.write_georef(cl, cube.rio.crs)
-                publish.write_group(cl, store, z["prefix"] + "clusters")
-            labels_all = cl_all["labels"].values
-            record["clusters"] = info | {"sizes": np.bincount(labels_all[valid_all], minlength=cfg.cluster.k).tolist()}
-            report(f"clusters: k={cfg.cluster.k}, DEC {info['dec_iterations']} iterations")
+    def _cae(self) -> None:
+        e, cfg = self.cfg.embed, self.cfg
+        if e.model:  # a CAE encoder trained before (agriland train-cae), maybe on another region
+            meta = embed_mod.check_model_bands(e.model, e.bands, e.reflectance_max, cfg.patches.size)
+            self.record["cae"] = {"encoder_path": e.model, "given": True,
+                                  "training_region": meta.get("training_region")}
+            self.say(f"CAE: using the encoder {e.model} (trained on '{meta.get('training_region')}')")
+            return
+        # the CAE learns from the zone with the most valid patches; every zone is embedded
+        zones = self._zones()
+        idx = {n: self._index(z) for n, z in zones.items()}
+        train_zone = max(zones, key=lambda n: idx[n][1].sum())
+        ix, valid = idx[train_zone]
+        sel = np.flatnonzero(valid)
+        fut = self.client.submit(train_cae, self.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
+                                 cfg.patches.size, str(self.models / "cae.keras"), seed=cfg.seed,
+                                 region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
+                                 resources=self.res, pure=False)
+        meta = fut.result()
+        self.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
+            "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
+        self.say(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
+                 f"steps in {meta['seconds']:.0f} s")
 
-        s = cfg.segment
-        with stage("segmentation"):
-            if not s.labels:
-                raise ConfigError("segment.labels is not set: the U-Net needs labelled polygons "
-                                  "(GeoJSON with a 'class' property); see the README")
-            label_path = str(resolve_path(s.labels, Path.cwd()))
-            labels, why = {}, []
-            for name, z in zones.items():
-                try:
-                    labels[name] = load_labels(label_path, cube_mod.open_cube(store, z["prefix"] + "cube"),
-                                               s.positive_classes)
-                except EmptyRegion as err:
-                    why.append(f"{name}: {err}")
-            if not labels:
-                raise EmptyRegion("; ".join(why))
-            # the U-Net learns in the zone with the most labelled pixels, then maps every zone
-            train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
-            fut = client.submit(train_unet, store, labels[train_zone].values, s, str(models / "unet.keras"),
-                                seed=cfg.seed, label_source=label_path, group=zones[train_zone]["prefix"] + "cube",
-                                resources=res, pure=False)
-            unet_meta = fut.result()
-            record["unet"] = {k: v for k, v in unet_meta.items() if k != "per_epoch"} | {"zone": train_zone}
-            report(f"U-Net ({s.encoder}) trained on {train_zone} in {unet_meta['seconds']:.0f} s, "
-                   f"validation IoU {unet_meta['validation_metrics']['iou']:.3f}")
-            for name, z in zones.items():
-                cube = cube_mod.open_cube(store, z["prefix"] + "cube")
-                seg = segment.segment_region(str(models / "unet.keras"), store, cube, s.bands,
-                                             window=s.window, overlap=s.overlap,
-                                             reflectance_max=s.reflectance_max, threshold=s.threshold,
-                                             batch_size=s.batch_size, resources=res, group=z["prefix"] + "cube")
-                if name in labels:
-                    seg["training_label"] = labels[name].chunk({"y": cfg.cube.chunk, "x": cfg.cube.chunk})
-                    seg["training_label"].encoding.update(_FillValue=None)
-                seg = cube_mod.write_georef(seg, cube.rio.crs)
-                publish.write_group(seg, store, z["prefix"] + "segmentation")
+    def _embeddings(self) -> None:
+        e, p = self.cfg.embed, self.cfg.patches
+        for name, z in self._zones().items():
+            index, _ = self._index(z)
+            emb = embed_mod.embed_patches(self.record["cae"]["encoder_path"], self.store, index, e.bands,
+                                          e.reflectance_max, batch_size=e.batch_size,
+                                          min_valid_fraction=p.min_valid_fraction, resources=self.res,
+                                          group=z["prefix"] + "cube")
+            stats = self.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", self.client,
+                                               label=f"embeddings {name}", progress=self.progress)
+            z["embeddings_blocks"] = stats
 
-        with stage("publish"):
-            cogs = out / "cog"
-            groups, seg_by_zone = [], {}
-            for name, z in zones.items():
-                pre, tag = z["prefix"], (f"{name}_" if multi else "")
-                cube = cube_mod.open_cube(store, pre + "cube")
-                cl = publish.open_product(store, pre + "clusters")
-                seg = publish.open_product(store, pre + "segmentation")
-                seg_by_zone[name] = seg
-                publish.write_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", nodata=-1)
-                publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=np.nan)
-                publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255)
-                publish.write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
-                groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
-            if cfg.cube.mosaic_crs:
-                mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
-                publish.write_group(mosaic, store, "mosaic")
-                publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=np.nan)
-                groups.append("mosaic")
-            for name in zones:  # per-cluster gallery, statistics and embedding map
-                write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")
-            publish.consolidate(store)
-            record["products"] = {"zarr": store, "groups": groups,
-                                  "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
-                                  "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
-            publish.write_json(record, out / "run.json")
-            write_stac(out)
+    def _clusters(self) -> None:
+        # one clustering over every zone's embeddings, so cluster ids mean the same everywhere;
+        # k-means and DEC stream the stored embeddings on a worker (memory: one chunk + sample)
+        c, zones = self.cfg.cluster, self._zones()
+        idx = {n: self._index(z) for n, z in zones.items()}
+        valid_all = np.concatenate([idx[n][1] for n in zones])
+        fit_dir = self.products.staged("clusters_fit")
+        fut = self.client.submit(_fit_clusters_task, self.store, [z["prefix"] + "embeddings" for z in zones.values()],
+                                 valid_all, c, self.cfg.seed, str(fit_dir), c.sample_size, pure=False)
+        info = fut.result()
+        fit = xr.open_zarr(fit_dir, consolidated=False)
+        start = 0
+        for name, z in zones.items():
+            index, _ = idx[name]
+            n = index.sizes["patch"]
+            cube = cube_mod.open_cube(self.store, z["prefix"] + "cube")
+            cl = fit.drop_vars("centroids").isel(patch=slice(start, start + n)).assign_coords(
+                patch=index["patch"].values, cluster=np.arange(c.k))
+            cl["centroids"] = fit["centroids"].assign_coords(cluster=np.arange(c.k))
+            start += n
+            cl["labels"].attrs.update(long_name="DEC cluster", _note="-1: patch not clustered (too little valid data)")
+            cl["cluster_map"] = cluster_map(cl["labels"].values, index, cube)
+            cl = cube_mod.write_georef(cl, cube.rio.crs)
+            self.products.write(cl, z["prefix"] + "clusters")
+        shutil.rmtree(fit_dir, ignore_errors=True)
+        self.record["clusters"] = info
+        self.say(f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
+                 f"patches, {info['n_clustered']} patches assigned")
 
+    def _labels(self) -> dict[str, xr.DataArray]:
+        s = self.cfg.segment
+        label_path = str(resolve_path(s.labels, Path.cwd()))
+        labels, why = {}, []
+        for name, z in self._zones().items():
+            try:
+                labels[name] = load_labels(label_path, cube_mod.open_cube(self.store, z["prefix"] + "cube"),
+                                           s.positive_classes)
+            except EmptyRegion as err:
+                why.append(f"{name}: {err}")
+        if not labels:
+            raise EmptyRegion("; ".join(why))
+        return labels
 
-class _Stage:
-    """Times a stage and records its status in the run record (also on failure)."""
+    def _unet(self) -> None:
+        s, cfg = self.cfg.segment, self.cfg
+        if s.model:  # a U-Net trained before (agriland train-unet), maybe on another region
+            meta = embed_mod.check_model_bands(s.model, s.bands, s.reflectance_max, s.window)
+            self.record["unet"] = {"model_path": s.model, "given": True,
+                                   "training_region": meta.get("training_region"),
+                                   "validation_metrics": meta.get("validation_metrics")}
+            self.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
+            return
+        if not s.labels:
+            raise ConfigError("segment.labels is not set: the U-Net needs labels (GeoJSON polygons with "
+                              "a 'class' property, a raster mask or a VIA project), or set segment.model "
+                              "to a U-Net trained before; see the README")
+        labels = self._labels()
+        # the U-Net learns in the zone with the most labelled pixels, then maps every zone
+        train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
+        path = str(self.models / "unet.keras")
+        fut = self.client.submit(train_unet, self.store, labels[train_zone].values, s, path, seed=cfg.seed,
+                                 label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
+                                 group=self._zones()[train_zone]["prefix"] + "cube", resources=self.res,
+                                 pure=False)
+        meta = fut.result()
+        self.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
+            "zone": train_zone, "model_path": path}
+        self.say(f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
+                 f"validation IoU {meta['validation_metrics']['iou']:.3f}")
 
-    def __init__(self, name: str, record: dict[str, Any], report: Callable[[str], None]):
-        self.name, self.record, self.report = name, record, report
+    def _segmentation(self) -> None:
+        s = self.cfg.segment
+        labels = self._labels() if s.labels else {}
+        for name, z in self._zones().items():
+            cube = cube_mod.open_cube(self.store, z["prefix"] + "cube")
+            seg = segment.segment_region(self.record["unet"]["model_path"], self.store, cube, s.bands,
+                                         window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
+                                         threshold=s.threshold, batch_size=s.batch_size, resources=self.res,
+                                         group=z["prefix"] + "cube")
+            if name in labels:
+                chunks = dict(zip(("y", "x"), seg["probability"].chunks))
+                seg["training_label"] = labels[name].chunk(chunks)
+                seg["training_label"].encoding.update(_FillValue=None)
+            seg = cube_mod.write_georef(seg, cube.rio.crs)
+            stats = self.products.write_blocks(seg, z["prefix"] + "segmentation", "y", self.client,
+                                               label=f"segmentation {name}", progress=self.progress)
+            z["segmentation_blocks"] = stats
 
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.record["stages"][self.name] = "running"
-
-    def __exit__(self, et, ev, tb) -> None:
-        dt = time.perf_counter() - self.t0
-        self.record["timings_s"][self.name] = dt
-        self.record["stages"][self.name] = "failed" if et else "done"
-        if et:
-            self.record["error"] = f"{self.name}: {ev}"
-        else:
-            self.report(f"[{self.name}] {dt:.1f} s")
+    def _publish(self) -> None:
+        cfg, out, store = self.cfg, self.out, self.store
+        zones = self._zones()
+        multi = len(self.record["zones"]) > 1
+        cogs = out / "cog"
+        groups, seg_by_zone = [], {}
+        for name, z in zones.items():
+            pre, tag = z["prefix"], (f"{name}_" if multi else "")
+            cube = cube_mod.open_cube(store, pre + "cube")
+            cl = publish.open_product(store, pre + "clusters")
+            seg = publish.open_product(store, pre + "segmentation")
+            seg_by_zone[name] = seg
+            publish.write_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", nodata=-1)
+            publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=np.nan)
+            publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255)
+            publish.write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
+            groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
+        if cfg.cube.mosaic_crs:
+            mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
+            self.products.write(mosaic, "mosaic")
+            publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=np.nan)
+            groups.append("mosaic")
+        for name in zones:  # per-cluster gallery, statistics and embedding map
+            write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")
+        publish.consolidate(store)
+        self.record["products"] = {"zarr": store, "groups": groups,
+                                   "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
+                                   "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
+        publish.write_json(self.record, out / "run.json")
+        write_stac(out)

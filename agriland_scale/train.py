@@ -149,7 +149,7 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
-               seed: int = 0, label_source: str = "", group: str = "cube") -> dict[str, Any]:
+               seed: int = 0, label_source: str = "", region: str = "", group: str = "cube") -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label`` (uint8, cube grid).
 
     Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
@@ -226,6 +226,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
         "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
                           "reflectance_max": cfg.reflectance_max},
         "patch_size": win, "initial_weights": cfg.weights, "label_source": label_source,
+        "training_region": region,
         "train_windows": len(tr), "validation_windows": len(va),
         "validation": {"side": tc.validation, "split_px": split},
         "epochs": tc.epochs, "steps_per_epoch": steps, "batch_size": tc.batch_size,

@@ -60,6 +60,7 @@ def cube(cube_store):
 
 # The demo pipeline with short schedules, for end-to-end tests (minutes on 2 cores).
 FAST = {
+    "embed.batch_size": 4,  # 4 embedding tasks of 16 patches: something to interrupt in the kill tests
     "embed.train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001,
                     "augment": True},
     "cluster.dec": {"max_iter": 300, "update_interval": 50, "tol": 0.001, "batch_size": 16,
@@ -77,7 +78,8 @@ def _port() -> int:
 
 @pytest.fixture(scope="session")
 def external_cluster(tmp_path_factory):
-    """A `dask scheduler` and a `dask worker` process on 127.0.0.1, as users run them."""
+    """A `dask scheduler` and two `dask worker` processes (with nannies) on 127.0.0.1, as users
+    run them. Yields the scheduler address."""
     port = _port()
     addr = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
@@ -87,8 +89,8 @@ def external_cluster(tmp_path_factory):
     sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
                               "--dashboard-address", ":0"], cwd=wd, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--nworkers", "1",
-                               "--memory-limit", "10GiB", "--local-directory", str(wd)], cwd=wd, env=env,
+    worker = subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--nworkers", "2",
+                               "--memory-limit", "8GiB", "--local-directory", str(wd)], cwd=wd, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     from distributed import Client
 
@@ -96,7 +98,7 @@ def external_cluster(tmp_path_factory):
     while True:
         try:
             with Client(addr, timeout="5s") as c:
-                if c.scheduler_info()["workers"]:
+                if len(c.scheduler_info()["workers"]) == 2:
                     break
         except OSError:
             pass

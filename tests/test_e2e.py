@@ -68,6 +68,8 @@ def test_cogs_models_and_run_record(demo_run):
     assert saved["inputs"]["items"][0]["id"] == "S2_L1C_18S_virginia_demo_window"
     assert "xarray" in saved["versions"] and saved["timings_s"]["total"] > 0
     assert saved["dashboard"].startswith("http")
+    assert sorted(p.name for p in (out / "logs").iterdir())[0].startswith("run-")
+    assert "[embeddings]" in next((out / "logs").iterdir()).read_text()
     for m in ("encoder.keras", "unet.keras"):
         assert (out / "models" / m).exists() and (out / "models" / f"{m}.json").exists()
 
@@ -80,14 +82,22 @@ def test_output_folder_of_another_run_is_refused(demo_run, demo_cfg):
         run(other, out)
     cli = subprocess.run([Path(sys.executable).parent / "agriland", "demo", "--out", str(out)],
                          capture_output=True, text=True)
-    assert cli.returncode == 2 and "holds another run" in cli.stderr and "Traceback" not in cli.stderr
+    # the same run name with other settings (the full demo schedule): finished stages are not
+    # silently redone or mixed; the error names the first changed key and the flag to use
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
+    assert "the config differs" in cli.stderr and "--force" in cli.stderr and "--overwrite" in cli.stderr
 
 
 @pytest.mark.slow
-def test_same_seed_same_outputs(demo_run, external_cluster, tmp_path):
-    """A second run with the same config gives identical embeddings, clusters and mosaics."""
-    cfg, out, _ = demo_run
-    run(cfg, tmp_path / "again", scheduler=external_cluster)
+def test_same_seed_same_outputs_across_worker_counts(demo_run, tmp_path):
+    """The session run (external cluster, 2 workers) and a run of the same config on a
+    LocalCluster with 1 worker give identical embeddings, clusters and probabilities."""
+    cfg, out, record = demo_run
+    one = cfg.with_overrides(**{"runtime.n_workers": 1, "runtime.threads_per_worker": 2,
+                                "runtime.dashboard_address": ":0"})
+    again = run(one, tmp_path / "again")
+    workers = {again["scheduler"], record["scheduler"]}
+    assert len(workers) == 2  # really two different clusters
     for group, var in [("embeddings", "embedding"), ("clusters", "labels"), ("clusters", "soft"),
                        ("segmentation", "probability")]:
         a = xr.open_zarr(out / "agriland.zarr", group=group)[var].values

@@ -22,7 +22,7 @@ from agriland_scale.report import write_report
 from agriland_scale.stac_out import write_stac
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_NAMES = ("search", "cube", "patches", "embeddings", "clusters", "segmentation", "publish")
+STAGE_NAMES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -62,7 +62,7 @@ def test_run_that_failed_at_search(tmp_path):
         "stages": {"search": "failed"}, "timings_s": {"search": 0.5, "total": 0.7},
         "error": "search: no STAC API answers at http://127.0.0.1:9"}))
     s = summarise_run(tmp_path)
-    assert [r["status"] for r in s["stages"]] == ["failed"] + ["not run"] * 6
+    assert [r["status"] for r in s["stages"]] == ["failed"] + ["not run"] * (len(STAGE_NAMES) - 1)
     assert s["region"]["shape"] is None and s["items"] == [] and s["models"] == []
     assert "no STAC API answers" in format_summary(s)
     page = write_report(tmp_path).read_text()
