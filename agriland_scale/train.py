@@ -18,6 +18,7 @@ from .config import EmbedConfig, SegmentConfig
 from .cube import open_cube
 from .errors import EmptyRegion
 from .labels import IGNORE
+from .models.mlm import write_mlm_item
 from .patches import read_patches, window_starts
 
 __all__ = ["train_cae", "train_unet", "unet_windows"]
@@ -67,15 +68,19 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
         if aug is not None:
             ds = ds.map(lambda b: aug(b, training=True))
         ds = ds.map(lambda b: (b, b)).prefetch(2)
+        # a checkpoint after every epoch (the autoencoder's weights), for long schedules
+        ckpt = keras.callbacks.ModelCheckpoint(str(Path(out_path).with_suffix(".checkpoint.keras")),
+                                               save_freq="epoch")
         h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
-                            shuffle=False, verbose=0)
+                            shuffle=False, verbose=0, callbacks=[ckpt])
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
     from .models.backbone import write_sidecar
     from .models.encoder import encoder_from_cae
 
     cae.save(out_path)
     encoder_path = str(Path(out_path).with_name("encoder.keras"))
-    encoder_from_cae(cae).save(encoder_path)
+    encoder = encoder_from_cae(cae)
+    encoder.save(encoder_path)
 
     meta = {
         "model": cae.name, "task": "embedding", "bands": list(cfg.bands),
@@ -89,6 +94,11 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     }
     write_sidecar(out_path, meta)
     write_sidecar(encoder_path, meta | {"model": "cae_encoder", "cae": out_path})
+    write_mlm_item(encoder_path, meta | {"model": "cae_encoder"}, bbox_lonlat=_lonlat_bounds(cube),
+                   n_params=encoder.count_params(),
+                   output={"name": "embedding", "tasks": ["embedding"],
+                           "result": {"shape": [-1, cfg.embedding_dim], "dim_order": ["batch", "embedding"],
+                                      "data_type": "float32"}})
     return meta | {"encoder_path": encoder_path}
 
 
@@ -234,7 +244,21 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
         "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
     }
     write_sidecar(out_path, meta)
+    write_mlm_item(out_path, meta, bbox_lonlat=_lonlat_bounds(cube), n_params=model.count_params(),
+                   output={"name": "agricultural land probability", "tasks": ["semantic-segmentation"],
+                           "result": {"shape": [-1, win, win, 1], "dim_order": ["batch", "height", "width", "channel"],
+                                      "data_type": "float32"},
+                           "classification:classes": [{"value": 0, "name": "other"},
+                                                      {"value": 1, "name": "agricultural"}],
+                           "post_processing_function": None})
     return meta
+
+
+def _lonlat_bounds(cube) -> list[float]:
+    """The cube's extent in lon/lat (EPSG:4326)."""
+    from rasterio.warp import transform_bounds
+
+    return [round(v, 6) for v in transform_bounds(cube.rio.crs, "EPSG:4326", *cube.rio.bounds())]
 
 
 def train_cae(*args: Any, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
