@@ -102,12 +102,24 @@ def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size
     """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
 
     Reflectance is divided by ``reflectance_max`` and clipped; NaN (no data) becomes 0.
+    Patches are read in spans: the patches of one grid row (or all of them, when their
+    bounding box is at most twice their total area) come from one read, so each stored
+    chunk is decoded once rather than once per overlapping patch.
     """
     sel = reflectance.sel(band=bands)
     out = np.empty((len(y0), size, size, len(bands)), dtype="float32")
-    for i, (a, b) in enumerate(zip(y0, x0)):
-        block = np.asarray(sel.isel(y=slice(int(a), int(a) + size), x=slice(int(b), int(b) + size)))
-        out[i] = np.moveaxis(block, 0, -1)
+    y0, x0 = np.asarray(y0, dtype="int64"), np.asarray(x0, dtype="int64")
+    if len(y0) == 0:
+        return out
+    span = (y0.max() - y0.min() + size) * (x0.max() - x0.min() + size)
+    groups = [np.arange(len(y0))] if span <= 2 * len(y0) * size**2 else \
+        [np.flatnonzero(y0 == r) for r in np.unique(y0)]
+    for g in groups:
+        ys, xs = int(y0[g].min()), int(x0[g].min())
+        block = np.asarray(sel.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size)))
+        for i in g:
+            a, b = int(y0[i]) - ys, int(x0[i]) - xs
+            out[i] = np.moveaxis(block[:, a:a + size, b:b + size], 0, -1)
     np.nan_to_num(out, copy=False, nan=0.0)
     return np.clip(out / reflectance_max, 0.0, 1.0, out=out)
 

@@ -72,3 +72,18 @@ def test_blend_weight_is_smooth_and_positive():
     assert w.shape == (256, 256) and w.min() > 0
     assert w[128, 128] > 0.99 and w[0, 0] < 0.01
     np.testing.assert_allclose(w, w.T)
+
+
+def test_read_patches_in_spans_equals_patch_by_patch(cube):
+    from agriland_scale.patches import read_patches
+
+    refl = cube["reflectance"]
+    rng = np.random.default_rng(0)
+    for y0, x0 in [(np.array([0, 0, 128, 128]), np.array([0, 128, 0, 128])),      # one compact span
+                   (rng.integers(0, 768, 6), rng.integers(0, 768, 6)),           # scattered: by rows
+                   (np.array([512, 512, 512]), np.array([0, 384, 768]))]:         # one row, far apart
+        got = read_patches(refl, y0, x0, 256, ["red", "green", "blue"], 0.3)
+        for i, (a, b) in enumerate(zip(y0, x0)):
+            want = refl.sel(band=["red", "green", "blue"]).isel(y=slice(a, a + 256), x=slice(b, b + 256)).values
+            want = np.clip(np.nan_to_num(np.moveaxis(want, 0, -1)) / 0.3, 0, 1)
+            np.testing.assert_array_equal(got[i], want)
