@@ -41,19 +41,46 @@ def configure_tensorflow() -> None:
     _configured = True
 
 
-def get_model(path: str | Path) -> tuple[Any, threading.Lock]:
-    """The Keras model stored at ``path``, loaded once per process, and its run lock."""
+def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, threading.Lock]:
+    """The Keras model stored at ``path``, loaded once per process, and its run lock.
+
+    ``precision="mixed_float16"`` gives a copy computing in float16 with float32 weights
+    (:func:`with_precision`; for GPUs with tensor cores), kept beside the float32 one.
+    """
     configure_tensorflow()
     import keras
 
     from .models import dec, unet  # noqa: F401  (register custom objects)
 
     p = Path(path)
-    key = (str(p.resolve()), p.stat().st_mtime)
+    key = (str(p.resolve()), p.stat().st_mtime, precision)
     with _lock:
         if key not in _models:
-            _models[key] = (keras.saving.load_model(p, compile=False), threading.Lock())
+            model = keras.saving.load_model(p, compile=False)
+            if precision != "float32":
+                model = with_precision(model, precision)
+            _models[key] = (model, threading.Lock())
         return _models[key]
+
+
+def with_precision(model: Any, policy: str) -> Any:
+    """A copy of a functional Keras ``model`` whose float32 layers compute under dtype
+    ``policy`` (e.g. ``mixed_float16``), with the same weights. A loaded model keeps each
+    layer's saved policy, so the global policy alone would not change it."""
+    import keras
+
+    def swap(o: Any) -> Any:
+        if isinstance(o, dict):
+            if o.get("class_name") == "DTypePolicy" and o.get("config", {}).get("name") == "float32":
+                return dict(o, config=dict(o["config"], name=policy))
+            return {k: swap(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [swap(v) for v in o]
+        return o
+
+    copy = model.__class__.from_config(swap(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 @contextlib.contextmanager

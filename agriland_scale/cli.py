@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     p_imp.add_argument("run", type=Path)
     p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
 
+    for p in sub.choices.values():  # --debug also after the command: agriland run P.yaml --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks and debug logs")
     args = parser.parse_args(argv)
     if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
@@ -222,6 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("agriland: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - an unexpected failure: one paragraph, not a traceback
+        if args.debug:
+            traceback.print_exc()
+            return 1
+        where = ""
+        tb = traceback.extract_tb(e.__traceback__)
+        if tb:
+            where = f" (in {Path(tb[-1].filename).name}:{tb[-1].lineno}, {tb[-1].name})"
+        log_hint = ""
+        out = getattr(args, "out", None)
+        if out is not None and (Path(out) / "logs").is_dir():
+            log_hint = f"; the run's log is in {Path(out) / 'logs'}"
+        print(f"agriland: unexpected error: {type(e).__name__}: {e}{where}. Nothing finished is lost: "
+              f"rerunning the same command continues where it stopped. Rerun with --debug for the "
+              f"traceback{log_hint}, and report it if it persists.", file=sys.stderr)
+        return 1
     return 1
 
 

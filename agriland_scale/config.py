@@ -215,7 +215,9 @@ class EmbedConfig(_Model):
     ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1].
     ``model``: an encoder trained before (``models/encoder.keras`` of ``agriland train-cae``
     or of another run): the CAE is then not trained, and its bands, normalisation and patch
-    size must match.
+    size must match. ``mixed_precision``: embed in float16 with float32 weights when the
+    cluster's workers advertise a ``GPU`` resource (ignored on CPU workers, where float16 is
+    slower); embeddings stay float32 on disk.
     """
 
     model: str | None = None
@@ -226,6 +228,7 @@ class EmbedConfig(_Model):
     dense_units: int = Field(default=4096, ge=8)
     reflectance_max: float = Field(default=0.3, gt=0)
     batch_size: int = Field(default=16, ge=1)
+    mixed_precision: bool = False
     train: CAETrainConfig = CAETrainConfig()
 
 

@@ -7,16 +7,21 @@ The cube is an ``xarray.Dataset`` in the items' native UTM CRS with
 - ``clear_count`` (y, x) uint16, number of clear observations per pixel;
 
 and a ``spatial_ref`` coordinate carrying the CRS and GeoTransform (CF grid mapping).
+
+Clouds are masked with the items' SCL band (L2A) or, for L1C items, with the s2cloudless
+model run on a coarse grid (:func:`s2cloudless_mask`); see :class:`~.config.CubeConfig`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dask.array as dsa
 import numpy as np
 import odc.stac
 import pystac
@@ -26,14 +31,18 @@ from odc.geo.geobox import GeoBox
 from odc.geo.geom import Geometry, unary_union
 
 from .config import CubeConfig
-from .errors import AgrilandWarning, CorruptInput, EmptyRegion, NoItemsFound
-from .items import CLASS_BANDS, canonical_band, group_by_zone, normalize_items, scale_offset
+from .errors import AgrilandWarning, BandMismatch, ConfigError, CorruptInput, EmptyRegion, NoItemsFound
+from .items import ALIASES, CLASS_BANDS, canonical_band, group_by_zone, normalize_items, scale_offset
 from .region import Region
 
-__all__ = ["check_assets", "chunk_valid_fraction", "composite_block", "cube_geobox", "dilate", "load_bands", "load_cube",
-           "load_zone_cubes", "open_cube", "region_mask", "write_georef"]
+__all__ = ["S2CLOUDLESS_BANDS", "check_assets", "chunk_valid_fraction", "composite_block", "cube_geobox", "dilate",
+           "load_bands", "load_cube", "load_zone_cubes", "open_cube", "region_mask", "s2cloudless_mask",
+           "s2cloudless_reflectance", "write_georef"]
 
 log = logging.getLogger(__name__)
+
+# the bands the s2cloudless model reads, in its order (Sentinel-2 band ids)
+S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 
 
 def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], resolution: float) -> GeoBox:
@@ -134,18 +143,47 @@ def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Regio
 
 
 def load_bands(items: Sequence[pystac.Item], cfg: CubeConfig) -> list[str]:
-    scl = canonical_band(cfg.scl_band)
-    has_scl = all(scl in {canonical_band(k) for k in i.assets} for i in items)
-    return list(cfg.bands) + ([scl] if cfg.cloud_mask and has_scl and scl not in cfg.bands else [])
+    """Canonical names of every asset the cube reads: ``cfg.bands`` and the cloud mask's bands.
+
+    ``cloud_mask="auto"`` adds SCL when every item has it; ``"scl"`` and ``"s2cloudless"``
+    raise :class:`BandMismatch` naming the first item that lacks a band they need.
+    """
+    mode = cfg.cloud_mask
+    extra: list[str] = []
+    if mode in ("auto", "scl"):
+        scl = canonical_band(cfg.scl_band)
+        lacking = [i for i in items if scl not in {canonical_band(k) for k in i.assets}]
+        if mode == "scl" and lacking:
+            raise BandMismatch(
+                f"cube.cloud_mask is 'scl' but item {lacking[0].id} has no '{cfg.scl_band}' asset (its "
+                f"assets: {sorted(lacking[0].assets)}); {len(lacking)} of {len(items)} item(s) lack it. "
+                "SCL comes with L2A products: set cube.cloud_mask to 'auto' (SCL where every item has "
+                "it), 's2cloudless' (L1C items) or 'none'")
+        extra = [scl] if not lacking else []
+    elif mode == "s2cloudless":
+        extra = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
+        for item in items:
+            have = {canonical_band(k) for k in item.assets}
+            missing = [b for b in extra if b not in have]
+            if missing:
+                names = ", ".join(f"{ALIASES.get(b, b)} ({b})" for b in missing)
+                raise BandMismatch(
+                    f"cube.cloud_mask is 's2cloudless' but item {item.id} has no asset for {names} "
+                    f"(its assets: {sorted(item.assets)}). s2cloudless needs the L1C top-of-atmosphere "
+                    f"bands {', '.join(S2CLOUDLESS_BANDS)}; B10 (cirrus) is absent from L2A products: "
+                    "search an L1C collection, or set cube.cloud_mask: auto to mask L2A items with SCL")
+    return list(cfg.bands) + [b for b in extra if b not in cfg.bands]
 
 
 def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
               normalized: bool = False) -> xr.Dataset:
     """Lazily load, cloud-mask and composite the items of ONE UTM zone (see module doc).
 
-    Nothing is read until the result is computed or written. SCL masking is applied when
-    ``cfg.cloud_mask`` is set and every item carries the SCL asset (L2A); L1C items are
-    composited unmasked. Pixels outside a polygon region are nodata.
+    Nothing is read until the result is computed or written. ``cfg.cloud_mask``: ``auto``
+    masks with SCL when every item carries the SCL asset (L2A) and composites L1C items
+    unmasked; ``scl`` requires SCL; ``s2cloudless`` masks with the s2cloudless model (L1C,
+    see :func:`s2cloudless_mask`); ``none`` masks nodata only. Pixels outside a polygon
+    region are nodata.
     """
     if not items:
         raise NoItemsFound("no items to load: the search found nothing")
@@ -154,58 +192,166 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     if not normalized:
         items = normalize_items(items, to_load)
     scl = canonical_band(cfg.scl_band)
-    use_scl = scl in to_load
+    use_scl = cfg.cloud_mask in ("auto", "scl") and scl in to_load
+    use_s2c = cfg.cloud_mask == "s2cloudless"
+    fine = list(cfg.bands) + ([scl] if use_scl and scl not in cfg.bands else [])
     geobox = cube_geobox(items, region, cfg.resolution)
+    # one task per band and spatial chunk reads every date: no concatenation, no rechunking
     ds = odc.stac.load(
-        list(items), bands=to_load, geobox=geobox, groupby="solar_day",
-        chunks={"time": 1, "x": cfg.chunk, "y": cfg.chunk},
-        resampling={"*": "bilinear", **{b: "nearest" for b in to_load if b in CLASS_BANDS}},
+        list(items), bands=fine, geobox=geobox, groupby="solar_day",
+        chunks={"time": -1, "x": cfg.chunk, "y": cfg.chunk},
+        resampling={"*": "bilinear", **{b: "nearest" for b in fine if b in CLASS_BANDS}},
         fail_on_error=True,
     )
-    # digital numbers (band, time, y, x); one task per spatial chunk holds every date
-    dn = xr.concat([ds[b] for b in cfg.bands],
-                   dim=xr.DataArray(np.array(cfg.bands, dtype=object), dims="band", name="band"))
-    dn = dn.chunk({"band": -1, "time": -1})
-    clear = None
-    for b in cfg.bands:
-        nodata = ds[b].attrs.get("nodata")
-        if nodata is not None:
-            ok = ds[b] != nodata
-            clear = ok if clear is None else clear & ok
-    if clear is None:
-        clear = xr.ones_like(ds[cfg.bands[0]], dtype=bool)
+    # everything else happens in one task per spatial chunk (_cube_block): the clear mask from
+    # the bands' nodata, SCL classes, an optional precomputed cloud mask (time, y, x) and the
+    # region mask (y, x); the composite; the clear count
+    nodata = [ds[b].attrs.get("nodata") for b in cfg.bands]
+    args = [(ds[b].data, "tyx") for b in cfg.bands]
+    scl_classes = None
+    cloud = None
     if use_scl:
-        cloud = ds[scl].isin(cfg.scl_mask_classes)
-        if cfg.scl_dilation_m > 0:
-            cloud = dilate(cloud, cfg.scl_dilation_m / cfg.resolution)
-        clear = clear & ~cloud
+        if cfg.scl_dilation_m > 0:  # needs neighbouring chunks: a mask of its own (map_overlap)
+            cloud = dilate(ds[scl].isin(cfg.scl_mask_classes), cfg.scl_dilation_m / cfg.resolution).data
+        else:
+            scl_classes = np.asarray(cfg.scl_mask_classes)
+            args.append((ds[scl].data, "tyx"))
+    if use_s2c:
+        s2c = s2cloudless_mask(items, cfg, geobox)
+        if not np.array_equal(s2c.time.values, ds.time.values):  # same items, same grouping
+            raise CorruptInput(f"s2cloudless dates {s2c.time.values} differ from the cube's "
+                               f"{ds.time.values}")
+        cloud = s2c.data if cloud is None else cloud | s2c.data
+    if cloud is not None:
+        args.append((cloud, "tyx"))
     if not region.is_box:
-        clear = clear & region_mask(region, geobox, cfg.chunk)
-    clear = clear.chunk({"time": -1})
+        args.append((region_mask(region, geobox, cfg.chunk).data, "yx"))
     factors = np.array([scale_offset(items[0], b) for b in cfg.bands], dtype="float32")
-    dn = dn.transpose("band", "time", "y", "x")
-    clear = clear.transpose("time", "y", "x")
-    data = dn.data.map_blocks(_composite_4d, clear.data[None], drop_axis=1, dtype="float32",
-                              scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite)
-    comp = xr.DataArray(data, dims=("band", "y", "x"),
-                        coords={"band": dn.band, "y": dn.y, "x": dn.x, **{k: v for k, v in dn.coords.items()
-                                                                       if k == "spatial_ref"}})
-    comp = comp.transpose("band", "y", "x").chunk({"band": -1, "y": cfg.chunk, "x": cfg.chunk})
-    out = xr.Dataset({
-        "reflectance": comp,
-        "clear_count": clear.sum("time").astype("uint16").chunk({"y": cfg.chunk, "x": cfg.chunk}),
-    })
+    n_bands = len(cfg.bands)
+    block = dsa.blockwise(
+        _cube_block, "byx", *(x for a in args for x in a), new_axes={"b": n_bands + 1},
+        meta=np.empty((0, 0, 0), dtype="float32"), concatenate=True, n_bands=n_bands, nodata=nodata, scl_classes=scl_classes,
+        cloud=cloud is not None, region=not region.is_box, scale=factors[:, 0], offset=factors[:, 1],
+        method=cfg.composite)
+    coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
+    comp = xr.DataArray(block[:n_bands], dims=("band", "y", "x"),
+                        coords={"band": np.array(cfg.bands, dtype=object), **coords})
+    # the count keeps the attributes the first masked band had (its nodata), as before
+    first = next((b for b, nd in zip(cfg.bands, nodata) if nd is not None), cfg.bands[0])
+    count = xr.DataArray(block[n_bands].astype("uint16"), dims=("y", "x"), coords=coords,
+                         attrs=dict(ds[first].attrs))
+    out = xr.Dataset({"reflectance": comp, "clear_count": count})
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
     out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
-                                    cloud_mask="scl" if use_scl else "none")
+                                    cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none")
+    if use_s2c:
+        out["clear_count"].attrs.update(
+            s2cloudless_threshold=cfg.s2cloudless_threshold, s2cloudless_average_over=cfg.s2cloudless_average_over,
+            s2cloudless_dilation_size=cfg.s2cloudless_dilation_size,
+            s2cloudless_resolution_m=cfg.s2cloudless_resolution)
     out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution,
                      dates=[str(t)[:10] for t in ds.time.values])
     return write_georef(out, geobox.crs.epsg or str(geobox.crs))
 
 
-def _sort_small(x: np.ndarray) -> np.ndarray:
-    """Sort along axis 0 with an odd-even transposition network of whole-plane min/max.
+def _s2cloudless_detector(threshold: float, average_over: int, dilation_size: int):
+    """One s2cloudless detector per process and settings (its LightGBM model loads once)."""
+    key = (threshold, average_over, dilation_size)
+    with _DETECTOR_LOCK:
+        if key not in _DETECTORS:
+            try:
+                from s2cloudless import S2PixelCloudDetector
+            except ImportError as e:
+                raise ConfigError(
+                    f"cube.cloud_mask is 's2cloudless' but the s2cloudless package cannot be imported "
+                    f"({e}): install it with  pip install 'agriland-scale[s2cloudless]'") from None
+            det = S2PixelCloudDetector(threshold=threshold, all_bands=False, average_over=average_over,
+                                       dilation_size=dilation_size)
+            _ = det.classifier  # load the model now, under the lock
+            _DETECTORS[key] = det
+        return _DETECTORS[key]
+
+
+_DETECTORS: dict = {}
+_DETECTOR_LOCK = threading.Lock()
+
+
+def _detect_clouds(block: np.ndarray, **params) -> np.ndarray:
+    """s2cloudless mask of one ``(time, y, x, band)`` reflectance block -> ``(time, y, x)`` bool."""
+    if block.size == 0:
+        return np.zeros(block.shape[:-1], dtype=bool)
+    det = _s2cloudless_detector(**params)
+    with _DETECTOR_LOCK:  # one LightGBM prediction at a time: it uses every core itself
+        return det.get_cloud_masks(np.ascontiguousarray(block)).astype(bool)
+
+
+def _repeat_block(block: np.ndarray, k: int, block_info=None) -> np.ndarray:
+    """Repeat each pixel of a ``(time, y, x)`` block ``k x k`` times, cropped to the output chunk."""
+    shape = block_info[None]["chunk-shape"]
+    return block.repeat(k, axis=1).repeat(k, axis=2)[:, :shape[1], :shape[2]]
+
+
+def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox) -> xr.DataArray:
+    """Lazy TOA reflectance of the s2cloudless bands on ``geobox`` zoomed out to
+    ``cfg.s2cloudless_resolution``.
+
+    Returns ``(time, y, x, band)`` float32 (unitless, ``dn * scale + offset`` from
+    :func:`~agriland_scale.items.scale_offset`, so harmonised across processing baselines),
+    bands in :data:`S2CLOUDLESS_BANDS` order, averaged from their native 10/20/60 m pixels,
+    in chunks of ``(time, c, c, 10)`` with ``c = chunk * resolution / s2cloudless_resolution``:
+    one coarse chunk covers exactly one chunk of the cube. ``items`` must be normalised.
+    """
+    import dask.array as dsa
+
+    k = round(cfg.s2cloudless_resolution / cfg.resolution)
+    coarse = geobox.zoom_out(k)
+    c = cfg.chunk // k
+    bands = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
+    ds = odc.stac.load(list(items), bands=bands, geobox=coarse, groupby="solar_day",
+                       chunks={"time": -1, "x": c, "y": c}, resampling="average", fail_on_error=True)
+    refl = []
+    for b in bands:
+        scale, offset = scale_offset(items[0], b)
+        refl.append(ds[b].data.astype("float32") * np.float32(scale) + np.float32(offset))
+    data = dsa.stack(refl, axis=-1).rechunk({3: -1})
+    return xr.DataArray(data, dims=("time", "y", "x", "band"),
+                        coords={"time": ds.time, "y": ds.y, "x": ds.x, "band": list(S2CLOUDLESS_BANDS)})
+
+
+def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox) -> xr.DataArray:
+    """Lazy s2cloudless cloud mask ``(time, y, x)`` bool (True = cloud) on ``geobox``.
+
+    The model runs on :func:`s2cloudless_reflectance` chunk by chunk with a halo of
+    ``average_over + dilation_size`` coarse pixels (dask ``map_overlap``; no padding at the
+    image edges, where s2cloudless reflects as on a whole image), so the chunked mask equals
+    the whole-image one. Each coarse pixel is then repeated onto the ``k x k`` cube pixels it
+    covers and the grid cropped to ``geobox``; chunks are ``(time, chunk, chunk)``. Raises
+    :class:`~agriland_scale.errors.ConfigError` when s2cloudless is not installed.
+    """
+    import dask.array as dsa
+
+    params = {"threshold": cfg.s2cloudless_threshold, "average_over": cfg.s2cloudless_average_over,
+              "dilation_size": cfg.s2cloudless_dilation_size}
+    _s2cloudless_detector(**params)  # fails now, not in a task, when s2cloudless is missing
+    refl = s2cloudless_reflectance(items, cfg, geobox)
+    halo = cfg.s2cloudless_average_over + cfg.s2cloudless_dilation_size
+    coarse = refl.data.map_overlap(_detect_clouds, depth={0: 0, 1: halo, 2: halo, 3: 0}, boundary="none",
+                                   drop_axis=3, dtype=bool, **params)
+    coarse = coarse.rechunk(refl.chunks[:3])  # map_overlap merges edge chunks smaller than the halo
+    k = round(cfg.s2cloudless_resolution / cfg.resolution)
+    h, w = geobox.shape
+    chunks = (coarse.chunks[0], dsa.core.normalize_chunks(cfg.chunk, (h,))[0],
+              dsa.core.normalize_chunks(cfg.chunk, (w,))[0])
+    fine = coarse.map_blocks(_repeat_block, k, chunks=chunks, dtype=bool)
+    coords = geobox.coordinates
+    return xr.DataArray(fine, dims=("time", "y", "x"), name="cloud",
+                        coords={"time": refl.time, "y": coords["y"].values, "x": coords["x"].values})
+
+
+def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Sort along axis 0 with an odd-even transposition network of whole-plane min/max; returns
+    the sorted planes.
 
     For the few dates of a season this is many times faster than ``np.sort`` along a short
     last axis (which pays a per-pixel call); it costs T^2 / 2 plane operations.
@@ -216,47 +362,128 @@ def _sort_small(x: np.ndarray) -> np.ndarray:
         for i in range(r % 2, n - 1, 2):
             a, b = planes[i], planes[i + 1]
             planes[i], planes[i + 1] = np.minimum(a, b), np.maximum(a, b)
-    return np.stack(planes)
+    return planes
 
 
-def composite_block(dn: np.ndarray, clear: np.ndarray, *, scale: np.ndarray, offset: np.ndarray,
-                    method: str) -> np.ndarray:
-    """Composite of one block: ``dn (band, time, y, x)`` digital numbers and ``clear (time, y,
-    x)`` -> reflectance ``(band, y, x)`` float32 (``dn * scale + offset``), NaN where no
-    observation is clear.
+def _picker(idx: np.ndarray, T: int):
+    """A function returning ``planes[idx[y, x]][y, x]`` (``idx`` in 0..T-1), built once per block
+    and applied to every band, instead of fancy indexing: the plane itself where ``idx`` is
+    constant (e.g. every date clear), else one blend per other index value present, made of
+    whole-plane bitwise operations for integers (a masked copy costs a branch per pixel)."""
+    if T > 24:
+        return lambda planes: np.take_along_axis(np.asarray(planes), idx[None], 0)[0]
+    i0, i1 = int(idx.min()), int(idx.max())
+    if i0 == i1:
+        return lambda planes: planes[i0]  # a view: callers only read it
+    masks = [(i, idx == i) for i in range(i0 + 1, i1 + 1)]
+    ones: dict = {}  # integer dtype -> [(i, all bits set where idx == i)]
+
+    def pick(planes) -> np.ndarray:
+        res = planes[i0].copy()
+        dt = res.dtype
+        if not np.issubdtype(dt, np.integer):
+            for i, m in masks:
+                np.copyto(res, planes[i], where=m)
+            return res
+        if dt not in ones:
+            ones[dt] = [(i, np.negative(m.astype(dt))) for i, m in masks]
+        for i, m in ones[dt]:  # res = m ? planes[i] : res
+            res ^= (res ^ planes[i]) & m
+        return res
+
+    return pick
+
+
+def composite_block(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, *, scale: np.ndarray,
+                    offset: np.ndarray, method: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Composite of one block: ``dn (band, time, y, x)`` digital numbers (an array, or one
+    ``(time, y, x)`` array a band) and ``clear (time, y, x)`` -> reflectance ``(band, y, x)``
+    float32 (``dn * scale + offset``), NaN where no observation is clear; written into ``out``
+    when given.
 
     ``method``: ``median`` (of the clear observations; the mean of the two middle ones for an
     even count), ``mean``, ``first`` or ``last`` (in time order). The median is taken on the
     digital numbers (scaling is linear and increasing, so it commutes) with a sorting network
     of whole-plane min/max: every operation runs on contiguous (y, x) planes.
     """
-    B, T = dn.shape[:2]
     n = clear.sum(0)  # (y, x)
-    out = np.empty((B,) + dn.shape[2:], dtype="float32")
-    fill = np.iinfo(dn.dtype).max if np.issubdtype(dn.dtype, np.integer) else np.inf
-    if method == "first":
-        idx = np.argmax(clear, axis=0)
-    elif method == "last":
-        idx = T - 1 - np.argmax(clear[::-1], axis=0)
-    for b in range(B):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if method == "median":
-                s = _sort_small(np.where(clear, dn[b], fill)) if T <= 24 else \
-                    np.sort(np.where(clear, dn[b], fill), axis=0)  # clear values sort first
-                lo = np.take_along_axis(s, np.clip((n - 1) // 2, 0, None)[None], 0)[0]
-                hi = np.take_along_axis(s, np.clip(n // 2, 0, None)[None], 0)[0]
-                v = 0.5 * (lo.astype("float32") + hi.astype("float32"))
-            elif method == "mean":
-                v = np.where(clear, dn[b], 0).sum(0, dtype="float64") / n
-            else:
-                v = np.take_along_axis(dn[b], idx[None], 0)[0]
-            out[b] = np.asarray(v, dtype="float32") * scale[b] + offset[b]
-    out[:, n == 0] = np.nan
+    if out is None:
+        out = np.empty((len(dn),) + clear.shape[1:], dtype="float32")
+    _composite(dn, clear, n, out, scale=scale, offset=offset, method=method)
     return out
 
 
-def _composite_4d(dn: np.ndarray, clear: np.ndarray, **kw) -> np.ndarray:
-    return composite_block(dn, clear[0], **kw)  # clear arrives as (1, time, y, x)
+def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
+               scale: np.ndarray, offset: np.ndarray, method: str) -> None:
+    """:func:`composite_block` into ``out``, given ``n = clear.sum(0)``. Every step keeps the
+    float32 arithmetic of the plain expressions (in place where it saves a copy)."""
+    T = clear.shape[0]
+    all_clear = bool(n.min() == T)  # the common case: no masking to apply
+    if method == "median":
+        pick_lo, pick_hi = _picker(np.clip((n - 1) // 2, 0, None), T), _picker(np.clip(n // 2, 0, None), T)
+    elif method == "first":
+        pick = _picker(np.argmax(clear, axis=0), T)
+    elif method == "last":
+        pick = _picker(T - 1 - np.argmax(clear[::-1], axis=0), T)
+    masked_max: dict = {}  # unsigned dtype -> its max where not clear, 0 elsewhere (and the converse)
+    for b in range(len(dn)):
+        fill = np.iinfo(dn[b].dtype).max if np.issubdtype(dn[b].dtype, np.integer) else np.inf
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if method == "median":
+                # clear values sort first: the others are set to the dtype's max (np.where
+                # costs a branch per pixel; for unsigned integers an OR with all ones does it)
+                if all_clear:
+                    x = dn[b]
+                elif np.issubdtype(dn[b].dtype, np.unsignedinteger):
+                    if dn[b].dtype not in masked_max:
+                        masked_max[dn[b].dtype] = np.negative((~clear).astype(dn[b].dtype))
+                    x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
+                else:
+                    x = np.where(clear, dn[b], fill)
+                s = _sort_small(x) if T <= 24 else np.sort(x, axis=0)
+                v = pick_lo(s).astype("float32")
+                v += pick_hi(s).astype("float32")
+                v *= 0.5
+            elif method == "mean":
+                if dn[b].dtype.kind == "u" and dn[b].dtype.itemsize <= 2:  # exact integer sums
+                    if ("and", dn[b].dtype) not in masked_max:
+                        masked_max["and", dn[b].dtype] = np.negative(clear.astype(dn[b].dtype))
+                    x = dn[b] if all_clear else np.bitwise_and(dn[b], masked_max["and", dn[b].dtype])
+                    v = x.sum(0, dtype="uint32") / n
+                else:
+                    v = np.where(clear, dn[b], 0).sum(0, dtype="float64") / n
+            else:
+                v = pick(dn[b])
+            np.multiply(v, scale[b], out=out[b], dtype="float32", casting="unsafe")
+            out[b] += offset[b]
+    if not n.min():
+        out[:, n == 0] = np.nan
+
+
+def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
+                scl_classes: np.ndarray | None, cloud: bool, region: bool, **composite) -> np.ndarray:
+    """One spatial chunk of the cube: ``n_bands`` arrays ``(time, y, x)`` of digital numbers,
+    then the SCL band (if ``scl_classes``), a cloud mask ``(time, y, x)`` (if ``cloud``) and a
+    region mask ``(y, x)`` (if ``region``) -> ``(n_bands + 1, y, x)`` float32: the composite
+    reflectance and, last, the number of clear observations."""
+    bands, rest = arrays[:n_bands], list(arrays[n_bands:])
+    clear = None
+    for b, nd in zip(bands, nodata):
+        if nd is not None:
+            clear = b != nd if clear is None else np.logical_and(clear, b != nd, out=clear)
+    if clear is None:
+        clear = np.ones(bands[0].shape, dtype=bool)
+    if scl_classes is not None:
+        clear &= ~np.isin(rest.pop(0), scl_classes)
+    if cloud:
+        clear &= ~rest.pop(0)
+    if region:
+        clear &= rest.pop(0)
+    out = np.empty((n_bands + 1,) + bands[0].shape[1:], dtype="float32")
+    n = clear.sum(0)
+    _composite(bands, clear, n, out[:n_bands], **composite)
+    out[n_bands] = n
+    return out
 
 
 def dilate(mask: xr.DataArray, radius_px: float) -> xr.DataArray:

@@ -39,11 +39,11 @@ def check_model_bands(model_path: str, bands: list[str], reflectance_max: float,
 
 def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
                  size: int, bands: list[str], reflectance_max: float, dim: int, batch_size: int,
-                 group: str = "cube") -> np.ndarray:
+                 group: str = "cube", precision: str = "float32") -> np.ndarray:
     out = np.full((len(y0), dim), np.nan, dtype="float32")
     if not valid.any():
         return out
-    model, lock = _worker.get_model(model_path)
+    model, lock = _worker.get_model(model_path, precision)
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
     with lock:
@@ -54,10 +54,12 @@ def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarra
 
 def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: list[str],
                   reflectance_max: float, *, batch_size: int, min_valid_fraction: float,
-                  resources: dict | None = None, tasks_batches: int = 4, group: str = "cube") -> xr.Dataset:
-    """Lazy embeddings ``(patch, dim)`` of every patch of ``index``; compute on a Dask client.
+                  resources: dict | None = None, tasks_batches: int = 4, group: str = "cube",
+                  precision: str = "float32") -> xr.Dataset:
+    """Lazy embeddings ``(patch, dim)`` float32 of every patch of ``index``; compute on a Dask client.
 
     Patches are read by the workers from the cube ``group`` of the Zarr store ``cube_store``.
+    ``precision``: ``float32``, or ``mixed_float16`` (float16 compute, for GPU workers).
 
     One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
     few dozen patches and each ``predict`` call sees a full batch.
@@ -72,11 +74,12 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     with dask.annotate(resources=resources or {}):
         for sl in iter_batches(len(y0), batch_size * tasks_batches):
             d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
-                   batch_size, group)
+                   batch_size, group, precision)
             parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
     arr = da.concatenate(parts)
     ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},
                     coords={"patch": index["patch"].values, "dim": np.arange(dim)})
     ds["embedding"].attrs.update(long_name="CAE patch embedding", model=str(model_path),
-                                 units="1", note="NaN for patches below min_valid_fraction")
+                                 units="1", note="NaN for patches below min_valid_fraction",
+                                 precision=precision)
     return ds

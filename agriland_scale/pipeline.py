@@ -480,7 +480,9 @@ class _Run:
             emb = embed_mod.embed_patches(self.record["cae"]["encoder_path"], self.store, index, e.bands,
                                           e.reflectance_max, batch_size=e.batch_size,
                                           min_valid_fraction=p.min_valid_fraction, resources=self.res,
-                                          group=z["prefix"] + "cube")
+                                          group=z["prefix"] + "cube",
+                                          precision="mixed_float16" if e.mixed_precision and self.res
+                                          else "float32")
             stats = self.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", self.client,
                                                label=f"embeddings {name}", progress=self.progress)
             z["embeddings_blocks"] = stats

@@ -57,17 +57,31 @@ def open_product(store: str | Path, group: str) -> xr.Dataset:
     return xr.open_zarr(store, group=group, decode_coords="all", consolidated=False)
 
 
-def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None) -> None:
-    """Write a 2-D georeferenced array as a Cloud-Optimized GeoTIFF with overviews."""
+def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
+              resampling: str | None = None) -> None:
+    """Write a 2-D georeferenced array as a Cloud-Optimized GeoTIFF with internal overviews.
+
+    GDAL's COG driver tiles at 512 px and adds overview levels (2, 4, ...) until the smallest
+    fits one tile, so a raster wider or taller than 512 px has overviews. ``resampling`` is the
+    overview resampling (a GDAL name: ``average``, ``nearest``, ``mode``, ``bilinear``...);
+    by default ``average`` for floating-point data (e.g. a probability: nodata pixels are left
+    out of the average) and ``nearest`` for integers (masks, cluster ids: no invented values).
+    """
+    from .errors import ConfigError
+
+    allowed = ("nearest", "average", "mode", "bilinear", "cubic", "cubicspline", "lanczos", "rms")
+    if resampling is None:
+        resampling = "nearest" if np.issubdtype(da.dtype, np.integer) else "average"
+    if resampling.lower() not in allowed:
+        raise ConfigError(f"overview resampling {resampling!r} is not one of {', '.join(allowed)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = da.load()
+    arr = da.compute()  # a loaded copy: the caller's array stays as it was
     if nodata is not None:
         arr = arr.rio.write_nodata(nodata, encoded=False)
     arr.attrs.pop("_FillValue", None)
     arr.encoding = {}
-    arr.rio.to_raster(path, driver="COG", compress="DEFLATE", overview_resampling="nearest"
-                      if np.issubdtype(arr.dtype, np.integer) else "average")
+    arr.rio.to_raster(path, driver="COG", compress="DEFLATE", overview_resampling=resampling.upper())
 
 
 def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None,

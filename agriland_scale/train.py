@@ -17,6 +17,7 @@ from . import _worker
 from .config import EmbedConfig, SegmentConfig
 from .cube import open_cube
 from .errors import EmptyRegion
+from .items import canonical_band
 from .labels import IGNORE
 from .models.mlm import write_mlm_item
 from .patches import read_patches, window_starts
@@ -56,7 +57,8 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
     cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
-                    embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed)
+                    embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed,
+                    bands=[canonical_band(b) for b in cfg.bands])
     recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
     recon_model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss="mse")
     history: dict[str, list[float]] = {}
@@ -191,7 +193,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
     xtr, ytr = load(tr)
     xva, yva = load(va)
     n_b = xtr.shape[-1]
-    model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights)
+    model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
     model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=masked_bce,
                   metrics=[masked_iou])
     aug = _unet_augmenter(seed)

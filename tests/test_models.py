@@ -13,12 +13,47 @@ def test_soft_assignment_hand_computed():
 
 def test_target_distribution_hand_computed():
     q = np.array([[0.5, 0.5], [0.9, 0.1]])
-    f = q.sum(0)  # 1.4, 0.6
-    w = q**2 / f
-    np.testing.assert_allclose(target_distribution(q), w / w.sum(1, keepdims=True))
+    # f = (1.4, 0.6); q^2 / f = (0.25/1.4, 0.25/0.6) = (0.17857, 0.41667), sum 0.59524
+    # -> (0.3, 0.7); (0.81/1.4, 0.01/0.6) = (0.57857, 0.016667), sum 0.59524 -> (0.972, 0.028)
     p = target_distribution(q)
+    np.testing.assert_allclose(p, [[0.3, 0.7], [0.972, 0.028]], atol=1e-12)
     assert p[1, 0] > q[1, 0]  # sharpens confident assignments
     np.testing.assert_allclose(p.sum(1), 1.0)
+
+
+def test_clustering_layer_and_kl_gradients_match_xie_et_al():
+    """The Keras layer gives ``soft_assign``'s q, and the gradients of KL(P || Q) (summed over
+    points, P fixed) are Xie et al.'s eq. 4 and 3, here on hand-sized numbers:
+
+    dL/dmu_j = -(a+1)/a sum_i (1 + |z_i - mu_j|^2/a)^-1 (p_ij - q_ij)(z_i - mu_j)
+    dL/dz_i  =  (a+1)/a sum_j (1 + |z_i - mu_j|^2/a)^-1 (p_ij - q_ij)(z_i - mu_j)
+    """
+    import tensorflow as tf
+
+    from agriland_scale.models.dec import ClusteringLayer
+
+    z = np.array([[0.0, 0.0], [1.0, 2.0], [3.0, 0.5]])
+    mu = np.array([[1.0, 0.0], [0.0, 2.0]])
+    q = soft_assign(z, mu)
+    np.testing.assert_allclose(q[0], [5 / 7, 2 / 7])
+    p = target_distribution(q)
+    layer = ClusteringLayer(2)
+    layer.build((None, 2))
+    layer.set_weights([mu.astype("float32")])
+    zt = tf.Variable(z.astype("float32"))
+    with tf.GradientTape() as tape:
+        qt = layer(zt)
+        loss = tf.reduce_sum(p * tf.math.log(p / qt))
+    g_mu, g_z = tape.gradient(loss, [layer.trainable_weights[0], zt])
+    np.testing.assert_allclose(qt.numpy(), q, rtol=1e-6)
+    diff = z[:, None, :] - mu[None]  # (i, j, d)
+    kern = 1.0 / (1.0 + (diff**2).sum(-1))  # alpha = 1
+    coef = 2.0 * kern * (p - q)  # (a + 1) / a = 2
+    np.testing.assert_allclose(g_mu.numpy(), -(coef[..., None] * diff).sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g_z.numpy(), (coef[..., None] * diff).sum(1), rtol=1e-4, atol=1e-6)
+    # the sign: a gradient step moves mu_0 towards z_0, the point it should own more (p > q)
+    assert p[0, 0] > q[0, 0]
+    assert np.linalg.norm(mu[0] - 0.1 * g_mu.numpy()[0] - z[0]) < np.linalg.norm(mu[0] - z[0])
 
 
 def test_kl_gradient_moves_centroid_towards_its_points():
@@ -53,17 +88,74 @@ def test_unet_shapes(encoder):
     assert y.shape == (1, 128, 128, 1) and 0 <= y.min() and y.max() <= 1
 
 
-def test_imagenet_needs_three_bands():
-    from agriland_scale.errors import BandMismatch
-    from agriland_scale.models.unet import build_unet
-
-    with pytest.raises(BandMismatch, match="expect 3 bands"):
-        build_unet("resnet50", 128, 4, weights="imagenet")
-
-
 def test_weights_file_missing():
     from agriland_scale.errors import CorruptInput
     from agriland_scale.models.unet import build_unet
 
     with pytest.raises(CorruptInput, match="does not exist"):
         build_unet("plain", 64, 3, weights="/nonexistent/w.weights.h5")
+
+
+@pytest.mark.parametrize("name, size", [("resnet50", 64), ("inceptionv3", 75)])
+def test_first_conv_adapted_for_more_bands(name, size):
+    """ImageNet-style weights into a 5-band backbone (offline: a seeded random RGB model
+    stands in for the ImageNet one; the transfer does not depend on the values). Red, green
+    and blue get their colour's kernel (ResNet50's in BGR order), NIR and SWIR the mean,
+    all scaled by 3/5; every other weight is copied; and a uniform image gives exactly the
+    features the colour model gave, the property the 3/n scaling keeps."""
+    import keras
+
+    from agriland_scale.models.backbone import _APPS, _KERNEL_ORDER, transfer_weights
+
+    keras.utils.set_random_seed(0)
+    src = _APPS[name](include_top=False, weights=None, input_shape=(size, size, 3))
+    bands = ["nir", "red", "green", "blue", "swir16"]
+    dst = _APPS[name](include_top=False, weights=None, input_shape=(size, size, 5))
+    transfer_weights(src, dst, bands, _KERNEL_ORDER[name])
+    k3 = next(w for w in src.weights if len(w.shape) == 4).numpy()
+    k5 = next(w for w in dst.weights if len(w.shape) == 4).numpy()
+    order = _KERNEL_ORDER[name]
+    np.testing.assert_allclose(k5[:, :, 1], k3[:, :, order.index("red")] * 3 / 5, rtol=1e-6)
+    np.testing.assert_allclose(k5[:, :, 3], k3[:, :, order.index("blue")] * 3 / 5, rtol=1e-6)
+    np.testing.assert_allclose(k5[:, :, 0], k3.mean(2) * 3 / 5, rtol=1e-5)
+    np.testing.assert_allclose(k5[:, :, 4], k5[:, :, 0])
+    same = [(a, b) for a, b in zip(src.weights, dst.weights) if len(a.shape) != 4 or a.shape[2] != 3]
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in same[1:])
+    u = np.full((2, size, size, 1), [[[[0.2]]], [[[0.7]]]], dtype="float32")
+    np.testing.assert_allclose(dst.predict(np.repeat(u, 5, -1), verbose=0),
+                               src.predict(np.repeat(u, 3, -1), verbose=0), rtol=1e-3, atol=1e-4)
+
+
+def test_imagenet_kernel_follows_the_band_order():
+    """Bands in another order than the kernel's: the kernel is permuted, not reinterpreted."""
+    from agriland_scale.models.backbone import adapt_first_conv
+
+    k = np.arange(2 * 2 * 3 * 4, dtype="float32").reshape(2, 2, 3, 4)
+    out = adapt_first_conv(k, ["red", "green", "blue"], ("blue", "green", "red"))
+    np.testing.assert_array_equal(out, k[:, :, ::-1])
+    with pytest.raises(Exception, match="RGB kernel"):
+        adapt_first_conv(k[:, :, :2], ["red", "green"])
+
+
+def test_mixed_precision_copy_embeds_like_float32(tmp_path):
+    """The mixed-precision copy a GPU worker uses (``embed.mixed_precision``): float16 compute,
+    float32 weights, embeddings within float16 rounding of the float32 ones."""
+    import keras
+
+    from agriland_scale import _worker
+    from agriland_scale.models.encoder import build_cae, encoder_from_cae
+
+    keras.utils.set_random_seed(0)
+    enc = encoder_from_cae(build_cae(64, 3, head="gap", weights="none", embedding_dim=8, dense_units=32))
+    path = tmp_path / "encoder.keras"
+    enc.save(path)
+    m32, _ = _worker.get_model(path)
+    m16, _ = _worker.get_model(path, "mixed_float16")
+    assert m16 is not m32 and _worker.get_model(path, "mixed_float16")[0] is m16  # cached
+    conv = [layer for layer in m16.layers[1].layers if isinstance(layer, keras.layers.Conv2D)][0]
+    assert conv.compute_dtype == "float16" and conv.variable_dtype == "float32"
+    x = np.random.default_rng(0).uniform(0, 1, (4, 64, 64, 3)).astype("float32")
+    a = m32.predict(x, verbose=0)
+    b = np.asarray(m16.predict(x, verbose=0), dtype="float32")
+    assert b.shape == a.shape
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from ..errors import BandMismatch, CorruptInput
 
-__all__ = ["build_backbone", "load_weights_file", "read_sidecar", "write_sidecar"]
+__all__ = ["adapt_first_conv", "build_backbone", "load_weights_file", "read_sidecar", "transfer_weights",
+           "write_sidecar"]
+
+_RGB = ("red", "green", "blue")
+# the colour of each input channel of the ImageNet first convolution: keras.applications'
+# ResNet50 was trained on BGR ("caffe" preprocessing), InceptionV3 on RGB
+_KERNEL_ORDER = {"resnet50": ("blue", "green", "red"), "inceptionv3": _RGB}
 
 _APPS = {
     "resnet50": keras.applications.ResNet50,
@@ -18,27 +26,81 @@ _APPS = {
 }
 
 
-def build_backbone(name: str, size: int, n_bands: int, weights: str) -> keras.Model:
+def build_backbone(name: str, size: int, n_bands: int, weights: str,
+                   bands: Sequence[str] | None = None) -> keras.Model:
     """A headless backbone for ``(size, size, n_bands)`` inputs.
 
     ``weights="imagenet"`` loads Keras' ImageNet weights (from ``~/.keras/models`` or the
-    network) and needs 3 bands; any other value builds it randomly initialised (a file is
-    loaded later, onto the whole model).
+    network). For other than 3 bands the ImageNet model is built for RGB and its weights are
+    copied into an ``n_bands`` model, the first convolution adapted by
+    :func:`adapt_first_conv` (``bands``: the input's canonical band names, to put the red,
+    green and blue kernels where those bands are). Any other ``weights`` value builds the
+    backbone randomly initialised (a file is loaded later, onto the whole model).
     """
     app = _APPS[name]
     if weights == "imagenet":
-        if n_bands != 3:
-            raise BandMismatch(
-                f"ImageNet weights for {name} expect 3 bands, the config gives {n_bands}: use 3 "
-                "bands (red, green, blue) or weights 'none' / a local weights file")
         try:
-            return app(include_top=False, weights="imagenet", input_shape=(size, size, 3))
+            rgb = app(include_top=False, weights="imagenet", input_shape=(size, size, 3))
         except Exception as e:  # network errors come in many types (URLError, OSError, ...)
             raise CorruptInput(
                 f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}). Offline, put "
                 f"the Keras weights file in ~/.keras/models/, or set weights to a local file or "
                 "'none'") from None
+        order = _KERNEL_ORDER[name]
+        if bands is None:
+            bands = list(_RGB[:n_bands]) + [f"band{i}" for i in range(3, n_bands)]
+        if tuple(bands) == order:
+            return rgb
+        model = app(include_top=False, weights=None, input_shape=(size, size, n_bands))
+        transfer_weights(rgb, model, bands, order)
+        return model
     return app(include_top=False, weights=None, input_shape=(size, size, n_bands))
+
+
+def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str],
+                     order: Sequence[str] = _RGB) -> np.ndarray:
+    """A colour convolution kernel ``(kh, kw, 3, filters)`` (input channels in ``order``,
+    e.g. red, green, blue) made into ``(kh, kw, len(bands), filters)`` for inputs ``bands``.
+
+    Each band takes the kernel slice of its colour when it is ``red``, ``green`` or ``blue``
+    (canonical names) and the mean of the three slices otherwise (e.g. NIR, SWIR); the result
+    is scaled by ``3 / len(bands)`` so that a uniform input gives the activations it gave the
+    colour model. The usual way to start a multispectral model from ImageNet weights (as
+    timm's ``adapt_input_conv``); the model is then fine-tuned on the region's patches.
+    """
+    n_bands = len(bands)
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4 or kernel.shape[2] != 3:
+        raise BandMismatch(f"expected an RGB kernel (kh, kw, 3, filters), got shape {kernel.shape}")
+    mean = kernel.mean(axis=2)
+    slices = [kernel[:, :, list(order).index(b)] if b in order else mean for b in bands]
+    return (np.stack(slices, axis=2) * (3.0 / n_bands)).astype(kernel.dtype)
+
+
+def transfer_weights(src: keras.Model, dst: keras.Model, bands: Sequence[str],
+                     order: Sequence[str] = _RGB) -> None:
+    """Copy ``src``'s weights into ``dst`` of the same architecture but another number of
+    input bands, layer by layer; a kernel whose input-channel axis differs (the first
+    convolution) goes through :func:`adapt_first_conv`."""
+    src_layers = [layer for layer in src.layers if layer.weights]
+    dst_layers = [layer for layer in dst.layers if layer.weights]
+    if len(src_layers) != len(dst_layers):
+        raise BandMismatch(f"cannot transfer weights from {src.name} ({len(src_layers)} layers with "
+                           f"weights) to {dst.name} ({len(dst_layers)})")
+    n_bands = dst.input_shape[-1]
+    first = True  # the first convolution is adapted even when the band count stays 3
+    for a, b in zip(src_layers, dst_layers):
+        new = []
+        for wa, wb in zip(a.get_weights(), b.get_weights()):
+            if first and wa.ndim == 4 and wa.shape[2] == 3 and wb.shape[2] == n_bands \
+                    and wa.shape[3] == wb.shape[3]:
+                new.append(adapt_first_conv(wa, bands, order))
+                first = False
+            elif wa.shape == wb.shape:
+                new.append(wa)
+            else:
+                raise BandMismatch(f"layer {b.name}: weights {wa.shape} do not fit {wb.shape}")
+        b.set_weights(new)
 
 
 def load_weights_file(model: keras.Model, path: str) -> None:

@@ -5,7 +5,14 @@ Soft assignment (Student's t, degrees of freedom ``alpha``)::
     q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha + 1) / 2) / sum_j' (...)
 
 Target distribution ``p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j')`` with
-``f_j = sum_i q_ij``; loss ``KL(P || Q)``; the centroids ``mu`` are trained with SGD.
+``f_j = sum_i q_ij``; loss ``KL(P || Q)``, trained with SGD.
+
+:func:`fit_dec` trains either the centroids ``mu`` alone on fixed embeddings (what the region
+pipeline does: its embeddings come from the CAE stage and are stored) or, given an
+``encoder``, the encoder and the centroids together as in Xie et al. (the paper's form; on
+scikit-learn's digits it gains about 3-4 points of accuracy over k-means on the same
+autoencoder embedding, where refining the centroids alone gains nothing, see
+``tests/test_cluster.py``).
 """
 
 from __future__ import annotations
@@ -67,12 +74,19 @@ class DECResult:
     iterations: int
     last_delta: float
     converged: bool
+    encoder: keras.Model | None = None  # the fine-tuned encoder, when one was given
 
 
 def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, max_iter: int = 10_000,
             update_interval: int = 100, tol: float = 0.001, batch_size: int = 16,
-            learning_rate: float = 0.01, momentum: float = 0.9, seed: int = 0) -> DECResult:
-    """Refine ``init_centroids`` on embeddings ``z (n, d)`` by minimising KL(P || Q).
+            learning_rate: float = 0.01, momentum: float = 0.9, seed: int = 0,
+            encoder: keras.Model | None = None) -> DECResult:
+    """Refine ``init_centroids (k, d)`` by minimising KL(P || Q) with SGD (momentum).
+
+    Without ``encoder``, ``z (n, d)`` are fixed embeddings and only the centroids train.
+    With ``encoder`` (a Keras model mapping ``z`` -- then the encoder's *inputs* ``(n, ...)``
+    -- to ``(n, d)`` embeddings), the encoder's weights are fine-tuned with the centroids,
+    as in Xie et al. 2016; it is modified in place and returned in the result.
 
     Every ``update_interval`` iterations the target ``P`` is recomputed on all of ``z``;
     training stops when fewer than ``tol`` of the hard labels changed since the previous
@@ -81,22 +95,33 @@ def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, ma
     keras.utils.set_random_seed(seed)
     z = np.asarray(z, dtype="float32")
     k = init_centroids.shape[0]
-    inp = keras.Input((z.shape[1],))
     layer = ClusteringLayer(k, alpha=alpha, name="clustering")
-    model = keras.Model(inp, layer(inp))
+    if encoder is None:
+        inp = keras.Input((z.shape[1],))
+        model = keras.Model(inp, layer(inp))
+    else:
+        inp = keras.Input(z.shape[1:])
+        model = keras.Model(inp, layer(encoder(inp)))
     layer.set_weights([init_centroids.astype("float32")])
     model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum), loss="kld")
+
+    def assign() -> np.ndarray:
+        if encoder is None:
+            return soft_assign(z, layer.get_weights()[0], alpha)
+        emb = encoder.predict(z, batch_size=256, verbose=0)
+        return soft_assign(emb, layer.get_weights()[0], alpha)
+
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(z))
-    labels_prev = soft_assign(z, init_centroids, alpha).argmax(1)
+    labels_prev = None
     delta, converged, it, pos = 1.0, False, 0, 0
     p = None
     for it in range(max_iter):
         if it % update_interval == 0:
-            q = soft_assign(z, layer.get_weights()[0], alpha)
+            q = assign()
             p = target_distribution(q)
             labels = q.argmax(1)
-            delta = float((labels != labels_prev).mean()) if it > 0 else 1.0
+            delta = float((labels != labels_prev).mean()) if labels_prev is not None else 1.0
             labels_prev = labels
             if it > 0 and delta < tol:
                 converged = True
@@ -108,4 +133,4 @@ def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, ma
             idx = order[:batch_size]
         pos += batch_size
         model.train_on_batch(z[idx], p[idx])
-    return DECResult(layer.get_weights()[0], it, delta, converged)
+    return DECResult(layer.get_weights()[0], it, delta, converged, encoder)

@@ -13,6 +13,8 @@ that produces the embedding hangs off the conv map and is not on the reconstruct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
 from keras import layers
 
@@ -22,14 +24,18 @@ __all__ = ["build_cae", "encoder_from_cae"]
 
 
 def build_cae(size: int = 256, n_bands: int = 3, *, head: str = "flatten", weights: str = "imagenet",
-              embedding_dim: int = 100, dense_units: int = 4096, seed: int = 0) -> keras.Model:
+              embedding_dim: int = 100, dense_units: int = 4096, seed: int = 0,
+              bands: Sequence[str] | None = None) -> keras.Model:
     """Build the CAE: one model with outputs ``[reconstruction, embedding]``.
 
     ``weights``: ``imagenet`` (backbone), a ``.keras``/``.weights.h5`` file (whole CAE) or
     ``none``. Reconstruction ``(n, size, size, n_bands)``, embedding ``(n, embedding_dim)``.
+    ``bands`` (canonical names) place the ImageNet colour kernels for inputs other than
+    red, green, blue (see :func:`~.backbone.adapt_first_conv`).
     """
     inp = keras.Input((size, size, n_bands), name="patch")
-    backbone = build_backbone("resnet50", size, n_bands, "imagenet" if weights == "imagenet" else "none")
+    backbone = build_backbone("resnet50", size, n_bands, "imagenet" if weights == "imagenet" else "none",
+                              bands)
     fmap = backbone(inp)
     init = keras.initializers.GlorotUniform(seed=seed)
     h = layers.Flatten()(fmap) if head == "flatten" else layers.GlobalAveragePooling2D()(fmap)

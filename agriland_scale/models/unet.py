@@ -5,9 +5,15 @@ Variants: ``plain`` (the seed's 32-64-128-256-512, two conv3x3-BN-ReLU per level
 feature maps at 256 px are 127, 62, 29, 14, 6 px; decoder maps are resized to each skip's
 size before concatenation, which makes every encoder work at any input size.
 Input ``(size, size, n_bands)`` in [0, 1]; output ``(size, size, 1)`` sigmoid probability.
+The plain U-Net is fully convolutional: built with ``size=None`` it takes any height and
+width divisible by ``2 ** (len(filters) - 1)`` (32 by default), and the weights of a model
+built at the window size load into it unchanged (``set_weights``), e.g. to predict a whole
+image in one pass.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import keras
 from keras import layers
@@ -52,9 +58,18 @@ def _pick_skips(backbone: keras.Model, size: int) -> list:
     return skips
 
 
-def build_unet(encoder: str = "plain", size: int = 256, n_bands: int = 3, *, weights: str = "none",
-               filters: tuple[int, ...] = (32, 64, 128, 256, 512)) -> keras.Model:
-    """Build a U-Net; ``weights``: ``imagenet`` (encoder), a file (whole model) or ``none``."""
+def build_unet(encoder: str = "plain", size: int | None = 256, n_bands: int = 3, *, weights: str = "none",
+               filters: tuple[int, ...] = (32, 64, 128, 256, 512), bands: Sequence[str] | None = None
+               ) -> keras.Model:
+    """Build a U-Net; ``weights``: ``imagenet`` (encoder), a file (whole model) or ``none``;
+    ``bands`` (canonical names) place the ImageNet colour kernels (:func:`~.backbone.adapt_first_conv`).
+
+    ``size`` is the input height and width in pixels; ``None`` (plain encoder only) builds a
+    model for any height and width divisible by ``2 ** (len(filters) - 1)``.
+    """
+    if size is None and encoder != "plain":
+        raise ValueError(f"a U-Net of any input size (size=None) needs the plain encoder, not "
+                         f"{encoder!r} (its skips are picked by feature-map size): give the size in px")
     inp = keras.Input((size, size, n_bands), name="image")
     if encoder == "plain":
         skips, x = [], inp
@@ -66,7 +81,7 @@ def build_unet(encoder: str = "plain", size: int = 256, n_bands: int = 3, *, wei
         for f, skip in zip(reversed(filters[:-1]), reversed(skips)):
             x = _up(x, skip, f)
     else:
-        bb = build_backbone(encoder, size, n_bands, "imagenet" if weights == "imagenet" else "none")
+        bb = build_backbone(encoder, size, n_bands, "imagenet" if weights == "imagenet" else "none", bands)
         feats = keras.Model(bb.input, _pick_skips(bb, size) + [bb.output], name=f"{encoder}_encoder")
         *skips, x = feats(inp)
         for f, skip in zip((256, 128, 64, 32), reversed(skips)):
