@@ -260,9 +260,14 @@ class ClusterConfig(_Model):
 
 
 class UNetTrainConfig(_Model):
-    """U-Net training (seed: BCE, Adam 1e-4, batch 16, 50 epochs, patience 9, x15 augment)."""
+    """U-Net training (seed: BCE, Adam 1e-4, batch 16, 50 epochs, patience 9, x15 augment).
+
+    ``loss``: ``bce`` (binary cross-entropy, the seed's), ``dice`` (soft Dice) or ``bce+dice``;
+    all over labelled pixels only.
+    """
 
     epochs: int = Field(default=50, ge=0)
+    loss: Literal["bce", "dice", "bce+dice"] = "bce"
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=1e-4, gt=0)
     augment_factor: int = Field(default=15, ge=0)
@@ -292,6 +297,9 @@ class SegmentConfig(_Model):
     overlap: int = Field(default=64, ge=0)
     threshold: float = Field(default=0.5, gt=0, lt=1)
     batch_size: int = Field(default=8, ge=1)
+    # field polygons from the mask as GeoParquet (DIR/vector/fields.parquet); smaller ones dropped
+    vectorize: bool = False
+    min_field_area_m2: float = Field(default=0.0, ge=0)
     train: UNetTrainConfig = UNetTrainConfig()
 
     @model_validator(mode="after")

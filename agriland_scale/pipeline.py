@@ -588,14 +588,20 @@ class _Run:
             seg = publish.open_product(store, pre + "segmentation")
             seg_by_zone[name] = seg
             publish.write_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", nodata=-1)
-            publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=np.nan)
+            publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254)
             publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255)
             publish.write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
+            if cfg.segment.vectorize:
+                from .vectorize import write_fields
+
+                n = write_fields(seg["mask"], out / "vector" / f"{tag}fields.parquet",
+                                 min_area_m2=cfg.segment.min_field_area_m2)
+                self.record.setdefault("vector", {})[name] = {"path": f"vector/{tag}fields.parquet", "polygons": n}
             groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
         if cfg.cube.mosaic_crs:
             mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
             self.products.write(mosaic, "mosaic")
-            publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=np.nan)
+            publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254)
             groups.append("mosaic")
         for name in zones:  # per-cluster gallery, statistics and embedding map
             write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")

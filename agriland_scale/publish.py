@@ -58,7 +58,7 @@ def open_product(store: str | Path, group: str) -> xr.Dataset:
 
 
 def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
-              resampling: str | None = None) -> None:
+              resampling: str | None = None, rows: int = 2048, scale: float | None = None) -> None:
     """Write a 2-D georeferenced array as a Cloud-Optimized GeoTIFF with internal overviews.
 
     GDAL's COG driver tiles at 512 px and adds overview levels (2, 4, ...) until the smallest
@@ -66,7 +66,19 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
     overview resampling (a GDAL name: ``average``, ``nearest``, ``mode``, ``bilinear``...);
     by default ``average`` for floating-point data (e.g. a probability: nodata pixels are left
     out of the average) and ``nearest`` for integers (masks, cluster ids: no invented values).
+
+    ``scale`` (e.g. ``1 / 254`` for a probability) stores ``round(value / scale)`` as uint8 with
+    GDAL's scale metadata (QGIS and rasterio's ``scales`` give the value back), NaN as
+    ``nodata`` (which must then be an integer, e.g. 255): a compact COG.
+
+    Bounded memory: ``da`` (lazy is fine) is read ``rows`` rows at a time into a tiled GeoTIFF,
+    which GDAL's COG driver then copies (streaming) with overviews. Both files get temporary
+    names; the COG is renamed to ``path`` only when complete.
     """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+
     from .errors import ConfigError
 
     allowed = ("nearest", "average", "mode", "bilinear", "cubic", "cubicspline", "lanczos", "rms")
@@ -74,14 +86,38 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
         resampling = "nearest" if np.issubdtype(da.dtype, np.integer) else "average"
     if resampling.lower() not in allowed:
         raise ConfigError(f"overview resampling {resampling!r} is not one of {', '.join(allowed)}")
+    if da.ndim != 2:
+        raise ValueError(f"write_cog takes a 2-D (y, x) array, got dims {da.dims}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = da.compute()  # a loaded copy: the caller's array stays as it was
-    if nodata is not None:
-        arr = arr.rio.write_nodata(nodata, encoded=False)
-    arr.attrs.pop("_FillValue", None)
-    arr.encoding = {}
-    arr.rio.to_raster(path, driver="COG", compress="DEFLATE", overview_resampling=resampling.upper())
+    h, w = da.shape
+    dtype = str(da.dtype)
+    if scale is not None:
+        if nodata is None or not float(nodata).is_integer() or not 0 <= nodata <= 255:
+            raise ValueError(f"a scaled uint8 COG needs an integer nodata in 0..255, got {nodata!r}")
+        dtype = "uint8"
+    src = path.with_name(path.stem + ".partial-src.tif")
+    tmp = path.with_name(path.stem + ".partial.tif")
+    profile = dict(driver="GTiff", height=h, width=w, count=1, dtype=dtype, crs=da.rio.crs,
+                   transform=da.rio.transform(), nodata=nodata, tiled=True, blockxsize=512,
+                   blockysize=512, compress="ZSTD", zstd_level=1, BIGTIFF="IF_SAFER")
+    try:
+        with rasterio.open(src, "w", **profile) as dst:
+            for y0 in range(0, h, rows):
+                part = np.asarray(da[y0:y0 + rows].values)
+                if scale is not None:
+                    q = np.rint(np.nan_to_num(part, nan=0.0) / scale)
+                    part = np.where(np.isnan(part), nodata, np.clip(q, 0, 255 if nodata != 255 else 254))
+                    part = part.astype("uint8")
+                dst.write(part, 1, window=Window(0, y0, w, part.shape[0]))
+            if scale is not None:
+                dst.scales, dst.offsets = (float(scale),), (0.0,)
+        rasterio.shutil.copy(src, tmp, driver="COG", compress="DEFLATE", overview_resampling=resampling.upper(),
+                             BIGTIFF="IF_SAFER")
+        tmp.replace(path)
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None,
@@ -132,14 +168,21 @@ def write_json(obj: dict[str, Any], path: str | Path) -> None:
     tmp.replace(path)
 
 
-def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, path: str | Path) -> None:
-    """A PNG with the RGB composite, the cluster map and the probability over the composite."""
+def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, path: str | Path, *,
+                    max_px: int = 2048) -> None:
+    """A PNG with the RGB composite, the cluster map and the probability over the composite.
+
+    Rasters are read every ``step``-th pixel so that at most ``max_px`` per side are held
+    (a full Sentinel-2 tile is not loaded whole); written to a temporary name, then renamed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rgb = np.moveaxis(cube["reflectance"].sel(band=["red", "green", "blue"]).values, 0, -1)
+    step = max(1, -(-max(cube.sizes["y"], cube.sizes["x"]) // max_px))
+    sub = {"y": slice(None, None, step), "x": slice(None, None, step)}
+    rgb = np.moveaxis(cube["reflectance"].sel(band=["red", "green", "blue"]).isel(sub).values, 0, -1)
     lo, hi = np.nanpercentile(rgb, [2, 98])
     rgb = np.clip((np.nan_to_num(rgb) - lo) / (hi - lo), 0, 1)
     l, b, r, t = cube.rio.bounds()
@@ -155,7 +198,8 @@ def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, pat
     fig.colorbar(im1, ax=axes[1], shrink=0.8, label="DEC cluster (one cell a patch)")
     axes[1].set_title("clusters")
     axes[2].imshow(rgb, extent=ext)
-    im2 = axes[2].imshow(seg["probability"].values, extent=ext, cmap="magma", vmin=0, vmax=1, alpha=0.6)
+    im2 = axes[2].imshow(seg["probability"].isel(sub).values, extent=ext, cmap="magma", vmin=0, vmax=1,
+                         alpha=0.6)
     fig.colorbar(im2, ax=axes[2], shrink=0.8, label="agricultural land probability")
     axes[2].set_title("U-Net probability")
     for ax in axes:
@@ -164,5 +208,8 @@ def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, pat
         ax.set_xlabel(f"x (m, {cube.rio.crs})")
         ax.ticklabel_format(style="plain")
         ax.tick_params(labelsize=7)
-    fig.savefig(path, dpi=80)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".partial" + path.suffix)
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    tmp.replace(path)

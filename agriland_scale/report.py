@@ -267,7 +267,7 @@ def _training_chart(models: Path) -> str | None:
             epochs = [e.get("epoch", i + 1) for i, e in enumerate(per_epoch)]
             keys = (["loss", "val_loss"] if panel == "unet_loss"
                     else ["masked_iou", "val_masked_iou", "iou"])
-            labels = {"loss": "train BCE", "val_loss": "validation BCE", "masked_iou": "train IoU",
+            labels = {"loss": "train loss", "val_loss": "validation loss", "masked_iou": "train IoU",
                       "val_masked_iou": "validation IoU", "iou": "validation IoU (thresholded)"}
             for key in keys:
                 ys = [e.get(key) for e in per_epoch]

@@ -174,7 +174,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
     import tensorflow as tf
 
     from .models.backbone import write_sidecar
-    from .models.unet import build_unet, masked_bce, masked_iou
+    from .models.unet import build_unet, masked_iou, unet_loss
 
     t0 = time.perf_counter()
     cube = open_cube(cube_store, group, dask=False)
@@ -194,7 +194,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
     xva, yva = load(va)
     n_b = xtr.shape[-1]
     model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
-    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=masked_bce,
+    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss),
                   metrics=[masked_iou])
     aug = _unet_augmenter(seed)
     bright = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 5)
@@ -243,7 +243,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
         "validation": {"side": tc.validation, "split_px": split},
         "epochs": tc.epochs, "steps_per_epoch": steps, "batch_size": tc.batch_size,
         "learning_rate": tc.learning_rate, "augment_factor": tc.augment_factor, "seed": seed,
-        "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
+        "loss": tc.loss, "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
     }
     write_sidecar(out_path, meta)
     write_mlm_item(out_path, meta, bbox_lonlat=_lonlat_bounds(cube), n_params=model.count_params(),

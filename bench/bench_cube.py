@@ -20,9 +20,12 @@ time.
 Data: the real Sentinel-2 L1C Virginia sample (``../shared/data/s2-l1c-virginia``, 1933 x
 1947 px at 10 m) when present, else the embedded 1024 x 1024 demo window. The scene is
 registered under T nominal dates (same pixels) so that the composite has T observations to
-reduce; the served catalogue is a real local STAC API. Run:
+reduce; the served catalogue is a real local STAC API. With ``--assets http`` the COGs are
+read over HTTP from a range-request server on 127.0.0.1 (GDAL's /vsicurl/, as from a public
+bucket but without the network's latency), in both modes; by default they are local files.
+Run:
 
-    nice -n 5 python bench/bench_cube.py [--dates 4] [--json bench/results/cube.json]
+    nice -n 5 python bench/bench_cube.py [--dates 4] [--assets file|http] [--json bench/results/cube.json]
 """
 
 from __future__ import annotations
@@ -43,9 +46,54 @@ SHARED = REPO.parent / "shared" / "data" / "s2-l1c-virginia"
 BANDS = ["red", "green", "blue", "nir"]
 
 
-def make_catalog(dates: int, tmp: Path) -> tuple[Path, list[float], str]:
+def serve_files(root: Path):
+    """A threaded HTTP server on 127.0.0.1 serving ``root`` with byte-range requests (what
+    GDAL's /vsicurl/ asks of a COG); returns the server (``.server_address``, ``.shutdown()``)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):  # quiet
+            pass
+
+        def send_head(self):
+            rng = self.headers.get("Range")
+            path = Path(self.translate_path(self.path))
+            if not rng or not path.is_file():
+                return super().send_head()
+            size = path.stat().st_size
+            start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+            start = int(start_s) if start_s else size - int(end_s)
+            end = min(int(end_s) if (start_s and end_s) else size - 1, size - 1)
+            f = path.open("rb")
+            f.seek(start)
+            self.send_response(206)
+            self.send_header("Content-Type", "image/tiff")
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self._remaining = end - start + 1
+            return f
+
+        def copyfile(self, source, outputfile):
+            n = getattr(self, "_remaining", None)
+            if n is None:
+                return super().copyfile(source, outputfile)
+            outputfile.write(source.read(n))
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def make_catalog(dates: int, tmp: Path, base_url: str | None = None) -> tuple[Path, list[float], str]:
     """A local catalog with the sample scene under ``dates`` nominal dates; returns folder,
-    its lon/lat bbox and a description of the source."""
+    its lon/lat bbox and a description of the source. With ``base_url`` the asset hrefs
+    point at that HTTP server (serving the source folder) instead of the files."""
     if (SHARED / "item.json").exists():
         src, what = SHARED, "s2-l1c-virginia full sample (1933 x 1947 px)"
     else:
@@ -63,7 +111,8 @@ def make_catalog(dates: int, tmp: Path) -> tuple[Path, list[float], str]:
             it["properties"].pop(k, None)
         it["assets"] = {k: v for k, v in it["assets"].items() if k in BANDS}
         for a in it["assets"].values():
-            a["href"] = str((src / a["href"]).resolve())
+            name = Path(a["href"]).name
+            a["href"] = f"{base_url}/{name}" if base_url else str((src / a["href"]).resolve())
         (tmp / f"item_{d}.json").write_text(json.dumps(it))
     return tmp, item["bbox"], what
 
@@ -142,6 +191,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="measuring processes per mode, alternating")
     ap.add_argument("--plain-time-chunk", type=int, default=-1,
                     help="time chunk of the plain load: the one load_cube asks odc-stac for (-1: all dates)")
+    ap.add_argument("--assets", choices=("file", "http"), default="file",
+                    help="read the COGs as local files or over HTTP from a server on 127.0.0.1")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=6, metavar=("CATALOG", "BBOX", "MODE", "OUT", "REPEAT", "TIME_CHUNK"))
     a = ap.parse_args()
@@ -150,9 +201,16 @@ def main() -> None:
         print(json.dumps(build(cat, json.loads(bbox), mode, out, int(repeat), int(tc))))
         return
     modes = ("ours", "ours_in_memory", "plain")
+    srv = None
+    if a.assets == "http":
+        src = SHARED if (SHARED / "item.json").exists() else REPO / "agriland_scale" / "data" / "virginia"
+        srv = serve_files(src)
+        os.environ.update(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif",
+                          GDAL_HTTP_MULTIRANGE="YES", GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cat, bbox, what = make_catalog(a.dates, tmp)
+        base = f"http://127.0.0.1:{srv.server_address[1]}" if srv else None
+        cat, bbox, what = make_catalog(a.dates, tmp, base)
         small, large = sub_bbox(bbox, 0.5), sub_bbox(bbox, 1.0)
         runs = {}
         for label, bb in (("region", small), ("region_4x", large)):
@@ -176,8 +234,10 @@ def main() -> None:
     thr_m = mem["pixels"] * mem["dates"] / mem["seconds"]
     cpu_ratio = big_p["cpu_seconds"] / big_o["cpu_seconds"]
     rss = runs["region_4x/ours"]["peak_rss_mib"] / runs["region/ours"]["peak_rss_mib"]
+    if srv:
+        srv.shutdown()
     result = {
-        "source": what, "dates": a.dates, "bands": BANDS, "repeat": a.repeat, "rounds": a.rounds,
+        "source": what, "assets": a.assets, "dates": a.dates, "bands": BANDS, "repeat": a.repeat, "rounds": a.rounds,
         "dask": "LocalCluster 1 worker x 2 threads",
         "plain_chunks": {"time": a.plain_time_chunk, "x": 512, "y": 512},
         "runs": runs,
@@ -188,7 +248,8 @@ def main() -> None:
                          "region_4x": runs["region_4x/ours"]["peak_rss_mib"]},
         "peak_rss_ratio_4x": rss,
     }
-    print(f"source: {what}, {a.dates} dates x {len(BANDS)} bands, LocalCluster 1 worker x 2 threads, "
+    print(f"source: {what} ({'over HTTP from 127.0.0.1' if srv else 'local files'}), "
+          f"{a.dates} dates x {len(BANDS)} bands, LocalCluster 1 worker x 2 threads, "
           f"median of {a.rounds} x {a.repeat} warm builds")
     for k, v in runs.items():
         print(f"  {k:<26} {v['pixels']:>10,} px  {v['seconds']:6.2f} s  (cpu {v['cpu_seconds']:6.2f} s)  "

@@ -67,6 +67,7 @@ FAST = {
                     "learning_rate": 0.01, "momentum": 0.9, "alpha": 1.0},
     "segment.train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001, "augment_factor": 1,
                       "patience": 3, "validation": "west", "validation_fraction": 0.3},
+    "segment.vectorize": True,  # field polygons (GeoParquet) in the end-to-end run too
 }
 
 
@@ -89,9 +90,9 @@ def external_cluster(tmp_path_factory):
     sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
                               "--dashboard-address", ":0"], cwd=wd, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--nworkers", "2",
-                               "--memory-limit", "8GiB", "--local-directory", str(wd)], cwd=wd, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--memory-limit", "8GiB",
+                                 "--name", f"worker-{i}", "--local-directory", str(wd)], cwd=wd, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
     from distributed import Client
 
     deadline = time.monotonic() + 60
@@ -105,9 +106,11 @@ def external_cluster(tmp_path_factory):
         assert time.monotonic() < deadline, "dask cluster did not start"
         time.sleep(0.5)
     yield addr
-    worker.terminate()
+    for w in workers:
+        w.terminate()
     sched.terminate()
-    worker.wait(20)
+    for w in workers:
+        w.wait(20)
     sched.wait(20)
 
 

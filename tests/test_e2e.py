@@ -61,6 +61,13 @@ def test_cogs_models_and_run_record(demo_run):
     for name in ("cluster_map", "probability", "mask"):
         with rasterio.open(out / "cog" / f"{name}.tif") as ds:
             assert ds.crs.to_epsg() == 32618
+    seg = xr.open_zarr(out / "agriland.zarr", group="segmentation", consolidated=False)["probability"].values
+    with rasterio.open(out / "cog" / "probability.tif") as ds:  # compact: uint8 x 1/254, 255 nodata
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255 and ds.scales[0] == pytest.approx(1 / 254)
+        assert ds.overviews(1) == [2]
+        raw = ds.read(1)
+    assert np.array_equal(raw == 255, np.isnan(seg))
+    np.testing.assert_allclose(raw[raw != 255] / 254, seg[~np.isnan(seg)], atol=0.5 / 254 + 1e-6)
     assert (out / "quicklook.png").stat().st_size > 10_000
     saved = json.loads((out / "run.json").read_text())
     assert saved["config"]["name"] == cfg.name
@@ -72,6 +79,21 @@ def test_cogs_models_and_run_record(demo_run):
     assert "[embeddings]" in next((out / "logs").iterdir()).read_text()
     for m in ("encoder.keras", "unet.keras"):
         assert (out / "models" / m).exists() and (out / "models" / f"{m}.json").exists()
+
+
+def test_field_polygons_match_the_mask(demo_run):
+    """segment.vectorize: the mask's agricultural pixels as GeoParquet polygons in the zone's CRS."""
+    import geopandas as gpd
+
+    from agriland_scale.publish import open_product
+
+    cfg, out, record = demo_run
+    fields = gpd.read_parquet(out / "vector" / "fields.parquet")
+    mask = open_product(out / "agriland.zarr", "segmentation")["mask"].values
+    assert fields.crs.to_epsg() == 32618
+    np.testing.assert_allclose(fields["area_m2"].sum(), (mask == 1).sum() * 100.0)
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["vector"][next(iter(saved["vector"]))]["polygons"] == len(fields)
 
 
 @pytest.mark.slow

@@ -159,3 +159,20 @@ def test_mixed_precision_copy_embeds_like_float32(tmp_path):
     b = np.asarray(m16.predict(x, verbose=0), dtype="float32")
     assert b.shape == a.shape
     np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.abs(a).max())
+
+
+def test_masked_losses_hand_computed():
+    """Dice and BCE over labelled pixels only (255 ignored), on four pixels."""
+    from agriland_scale.models.unet import masked_bce, masked_bce_dice, masked_dice, unet_loss
+
+    y = np.array([[[[1], [0], [1], [255]]]], dtype="float32")  # (1, 1, 4, 1)
+    p = np.array([[[[0.8], [0.4], [0.5], [0.9]]]], dtype="float32")
+    # Dice: sum(y p) = 0.8 + 0.5 = 1.3, sum(y) = 2, sum(p) = 1.7 (the ignored 0.9 left out)
+    # -> 1 - (2.6 + 1) / (3.7 + 1) = 0.234043
+    np.testing.assert_allclose(float(masked_dice(y, p)), 1 - 3.6 / 4.7, rtol=1e-6)
+    bce = -(np.log(0.8) + np.log(0.6) + np.log(0.5)) / 3
+    np.testing.assert_allclose(float(masked_bce(y, p)), bce, rtol=1e-6)
+    np.testing.assert_allclose(float(masked_bce_dice(y, p)), bce + 1 - 3.6 / 4.7, rtol=1e-6)
+    assert unet_loss("bce") is masked_bce and unet_loss("dice") is masked_dice
+    perfect = np.where(y == 255, 0.3, y).astype("float32")
+    assert float(masked_dice(y, perfect)) < 1e-6

@@ -185,12 +185,14 @@ def test_stac_catalog_reads_back(published):
     assert prob.properties["proj:shape"] == [record["cube"]["shape"]["y"], record["cube"]["shape"]["x"]]
     assert prob.properties["proj:transform"] == record["cube"]["transform"]
     assert prob.properties["proj:bbox"] == record["cube"]["bounds"]
-    expect = {"cluster_map": ("int16", -1), "probability": ("float64", "nan"), "mask": ("uint8", 255)}
-    for product, (dtype, nodata) in expect.items():
+    expect = {"cluster_map": ("int16", -1, None), "probability": ("uint8", 255, 1 / 254),
+              "mask": ("uint8", 255, None)}
+    for product, (dtype, nodata, scale) in expect.items():
         asset = items[f"{cfg.name}-{product}"].assets["cog"]
         assert asset.media_type == pystac.MediaType.COG
         band = RasterExtension.ext(asset).bands[0]
         assert band.data_type == dtype and band.nodata == nodata
+        assert band.scale == (pytest.approx(scale) if scale else None)  # the probability's 1/254
         with rasterio.open(asset.get_absolute_href()) as src:
             assert src.dtypes[0] == dtype
             assert items[f"{cfg.name}-{product}"].properties["proj:shape"] == [src.height, src.width]
@@ -235,16 +237,20 @@ def test_summarise_run(published):
 
 @pytest.mark.slow
 def test_notebook_runs_on_the_demo_output(published, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import time
+
+    import nbclient
+    import nbformat
 
     _, out, _, _, _ = published
     path = ROOT / "notebooks" / "explore_run.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored with outputs"
     monkeypatch.setenv("AGRILAND_RUN", str(out))
+    t0 = time.perf_counter()
     nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(path.parent)}}).execute()
+    print(f"notebook executed on the demo output in {time.perf_counter() - t0:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     cell = next(c for c in nb.cells if "hectares" in c.metadata.get("tags", []))
@@ -256,8 +262,9 @@ def test_notebook_runs_on_the_demo_output(published, monkeypatch):
     with rasterio.open(out / "cog" / "mask.tif") as src:
         pixel_ha = abs(src.transform.a * src.transform.e) / 1e4
         mask = src.read(1)
-    with rasterio.open(out / "cog" / "probability.tif") as src:
-        prob = src.read(1)
+    with rasterio.open(out / "cog" / "probability.tif") as src:  # uint8 x scale, 255 = nodata
+        raw = src.read(1, masked=True)
+        prob = (raw.astype("float64") * src.scales[0]).filled(np.nan)
     assert value("area_ha_region") == pytest.approx(1024 * 1024 * 0.01, abs=0.05)
     assert (mask != 255).sum() * pixel_ha == pytest.approx(1024 * 1024 * 0.01)
     # the short test schedule may leave the thresholded mask empty; the expected area is positive
@@ -266,4 +273,32 @@ def test_notebook_runs_on_the_demo_output(published, monkeypatch):
     assert value("expected_arable_ha_region") > 0
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 3  # composite, clusters, probability
+    assert len(pngs) >= 5  # composite, clusters, probability, cluster gallery, embedding map
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(published, tmp_path):
+    """The report as a browser draws it (Debian's Chromium, headless; skipped where it is not
+    installed): a screenshot that is not blank, and a DOM whose images are all embedded."""
+    import subprocess
+
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    _, out, _, report, _ = published
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    png = tmp_path / "report.png"
+    page = (out / "report.html").resolve().as_uri()
+    subprocess.run([chromium, *flags, f"--screenshot={png}", "--window-size=1280,2400", page],
+                   check=True, capture_output=True, timeout=120)
+    img = np.asarray(Image.open(png).convert("L"), dtype="float32")
+    assert img.shape == (2400, 1280) and img.std() > 20  # drawn: text, images, tables
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    srcs = _images(dom)
+    assert len(srcs) >= 4 and all(src.startswith("data:image/") for src in srcs)
+    assert "dashboard" in dom.lower() and "stage" in dom.lower()

@@ -20,7 +20,7 @@ from keras import layers
 
 from .backbone import build_backbone, load_weights_file
 
-__all__ = ["build_unet", "masked_bce", "masked_iou"]
+__all__ = ["build_unet", "masked_bce", "masked_bce_dice", "masked_dice", "masked_iou", "unet_loss"]
 
 IGNORE = 255
 
@@ -104,6 +104,29 @@ def masked_bce(y_true, y_pred):
     p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
     bce = -(y * ops.log(p) + (1 - y) * ops.log(1 - p))
     return ops.sum(bce * valid) / ops.maximum(ops.sum(valid), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="agriland")
+def masked_dice(y_true, y_pred):
+    """Soft Dice loss ``1 - (2 sum(y p) + 1) / (sum(y) + sum(p) + 1)`` of the positive class over
+    labelled pixels (label 255 ignored); the +1 smoothing keeps a batch without positives finite."""
+    from keras import ops
+
+    valid = ops.cast(ops.not_equal(y_true, IGNORE), "float32")
+    y = ops.cast(ops.equal(y_true, 1), "float32") * valid
+    p = ops.cast(y_pred, "float32") * valid
+    return 1.0 - (2.0 * ops.sum(y * p) + 1.0) / (ops.sum(y) + ops.sum(p) + 1.0)
+
+
+@keras.saving.register_keras_serializable(package="agriland")
+def masked_bce_dice(y_true, y_pred):
+    """``masked_bce + masked_dice``."""
+    return masked_bce(y_true, y_pred) + masked_dice(y_true, y_pred)
+
+
+def unet_loss(name: str):
+    """The training loss for ``segment.train.loss``: ``bce`` (seed), ``dice`` or ``bce+dice``."""
+    return {"bce": masked_bce, "dice": masked_dice, "bce+dice": masked_bce_dice}[name]
 
 
 @keras.saving.register_keras_serializable(package="agriland")

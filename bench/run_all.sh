@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run every benchmark one after the other (never two at once: they measure ratios on the same
+# cores) and keep what each printed in bench/results/NAME.txt (JSON beside it where the
+# benchmark writes one). Takes about an hour on 2 CPU cores. Usage: bench/run_all.sh [NAME...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p bench/results
+names=("${@:-cube cube_http segment cluster run unet_variants}")
+for name in ${names[@]}; do
+  echo "== $name ($(date -u +%H:%M:%S))"
+  case $name in
+    cube) cmd=(python bench/bench_cube.py --json bench/results/cube.json) ;;
+    cube_http) cmd=(python bench/bench_cube.py --assets http --json bench/results/cube_http.json) ;;
+    segment) cmd=(python bench/bench_segment.py --repeat 2 --json bench/results/segment.json) ;;
+    cluster) cmd=(python bench/bench_cluster.py) ;;
+    run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
+    unet_variants) cmd=(python bench/bench_unet_variants.py --out bench/results/unet_variants.json) ;;
+    *) echo "unknown benchmark $name"; exit 2 ;;
+  esac
+  nice -n 5 "${cmd[@]}" 2>&1 | grep -av -e '^WARNING: All log' -e '^I0000' -e '^E0000' -e 'oneDNN' \
+      -e 'cpu_feature_guard' -e 'To enable the following' -e 'UnstableSpecificationWarning' \
+      -e 'v3_unstable_dtype_warning' > "bench/results/$name.txt"
+  echo "   exit ${PIPESTATUS[0]}; tail:"; tail -n 6 "bench/results/$name.txt"
+done
