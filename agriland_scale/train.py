@@ -22,7 +22,7 @@ from .labels import IGNORE
 from .models.mlm import write_mlm_item
 from .patches import read_patches, window_starts
 
-__all__ = ["train_cae", "train_unet", "unet_windows"]
+__all__ = ["train_cae", "train_unet", "unet_augment_fn", "unet_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,34 @@ def _unet_augmenter(seed: int):
     ])
 
 
+def unet_augment_fn(n_bands: int, seed: int, *, brightness: bool = True):
+    """The seed's U-Net augmentation as one function ``(images, labels) -> (images, labels)``
+    on batches ``(n, h, w, n_bands)`` float in [0, 1] and ``(n, h, w, 1)`` (0, 1, 255 = ignore).
+
+    Image and label are stacked and moved by the same random rotation (20 deg), shifts (0.2),
+    zoom (0.2), shear (0.2) and flips, with nearest-neighbour sampling, so every label value
+    stays where its pixel goes; pixels brought in from outside the window are 0 in the image
+    and 255 (ignored) in the label. Then (``brightness``) a random brightness shift of up to
+    0.2 on the image only.
+    """
+    import keras
+    import tensorflow as tf
+
+    aug = _unet_augmenter(seed)
+    bright = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 5)
+
+    @tf.autograph.experimental.do_not_convert
+    def augment(img, lab):
+        # encode label as 0 = ignore, 1 = other, 2 = positive, so padding becomes 'ignore'
+        code = tf.where(lab == IGNORE, 0.0, tf.cast(lab, tf.float32) + 1.0)
+        stack = aug(tf.concat([img, code], -1), training=True)
+        img2, code2 = stack[..., :n_bands], tf.round(stack[..., n_bands:])
+        lab2 = tf.where(code2 == 0, float(IGNORE), code2 - 1.0)
+        return (bright(img2, training=True) if brightness else img2), lab2
+
+    return augment
+
+
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     valid = y != IGNORE
     yt, yp = y[valid] == 1, p[valid] >= 0.5
@@ -196,17 +224,7 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
     model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
     model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss),
                   metrics=[masked_iou])
-    aug = _unet_augmenter(seed)
-    bright = keras.layers.RandomBrightness(0.2, value_range=(0.0, 1.0), seed=seed + 5)
-
-    @tf.autograph.experimental.do_not_convert
-    def augment(img, lab):
-        # encode label as 0 = ignore, 1 = other, 2 = positive, so padding becomes 'ignore'
-        code = tf.where(lab == IGNORE, 0.0, tf.cast(lab, tf.float32) + 1.0)
-        stack = aug(tf.concat([img, code], -1), training=True)
-        img2, code2 = stack[..., :n_b], tf.round(stack[..., n_b:])
-        lab2 = tf.where(code2 == 0, float(IGNORE), code2 - 1.0)
-        return bright(img2, training=True), lab2
+    augment = unet_augment_fn(n_b, seed)
 
     steps = max(1, (len(xtr) * max(tc.augment_factor, 1)) // tc.batch_size)
     ds = tf.data.Dataset.from_tensor_slices((xtr, ytr.astype("float32"))).shuffle(len(xtr), seed=seed)
