@@ -302,8 +302,6 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
     in chunks of ``(time, c, c, 10)`` with ``c = chunk * resolution / s2cloudless_resolution``:
     one coarse chunk covers exactly one chunk of the cube. ``items`` must be normalised.
     """
-    import dask.array as dsa
-
     k = round(cfg.s2cloudless_resolution / cfg.resolution)
     coarse = geobox.zoom_out(k)
     c = cfg.chunk // k
@@ -329,8 +327,6 @@ def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoB
     covers and the grid cropped to ``geobox``; chunks are ``(time, chunk, chunk)``. Raises
     :class:`~agriland_scale.errors.ConfigError` when s2cloudless is not installed.
     """
-    import dask.array as dsa
-
     params = {"threshold": cfg.s2cloudless_threshold, "average_over": cfg.s2cloudless_average_over,
               "dilation_size": cfg.s2cloudless_dilation_size}
     _s2cloudless_detector(**params)  # fails now, not in a task, when s2cloudless is missing
@@ -506,7 +502,6 @@ def dilate(mask: xr.DataArray, radius_px: float) -> xr.DataArray:
 
 def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
     """Lazy boolean ``(y, x)`` mask, True inside the region's polygons, on ``geobox``."""
-    import dask.array as dsa
     import rasterio.features
     from affine import Affine
 

@@ -47,12 +47,10 @@ def vectorize_mask(mask: xr.DataArray, *, block: int = 2048, min_area_m2: float 
             for geom, _ in rasterio.features.shapes(hit.astype("uint8"), mask=hit, transform=t,
                                                     connectivity=4):
                 poly = shape(geom)
-                # which inner borders could it touch? (image edges need no merging)
-                touches = False
-                if by > 0 or by < ny - 1 or bx > 0 or bx < nx - 1:
-                    rows, cols = _touched_edges(poly.bounds, t, y1 - y0, x1 - x0)
-                    touches = ((rows[0] and by > 0) or (rows[1] and by < ny - 1)
-                               or (cols[0] and bx > 0) or (cols[1] and bx < nx - 1))
+                # polygons reaching an inner block border are merged below (image edges need not)
+                rows, cols = _touched_edges(poly.bounds, t, y1 - y0, x1 - x0)
+                touches = ((rows[0] and by > 0) or (rows[1] and by < ny - 1)
+                           or (cols[0] and bx > 0) or (cols[1] and bx < nx - 1))
                 (border if touches else inner).append(poly)
     if border:
         merged = shapely.unary_union(border)
