@@ -546,7 +546,10 @@ def open_cube(store: str | Path, group: str = "cube", *, dask: bool = True) -> x
     if ds.rio.crs is None:
         raise CorruptInput(f"group '{group}' of {store} has no CRS: the store was not written by "
                            "agriland-scale or is damaged")
-    return ds
+    # the store lists its arrays in no fixed order: reflectance first, so that the dataset's
+    # dimensions read (band, y, x) on every run
+    order = [v for v in ("reflectance",) if v in ds.data_vars]
+    return ds[order + sorted(str(v) for v in ds.data_vars if v not in order)]
 
 
 def chunk_valid_fraction(cube: xr.Dataset, chunk: int) -> np.ndarray:

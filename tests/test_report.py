@@ -231,7 +231,8 @@ def test_summarise_run(published):
     text = format_summary(s)
     for stage in STAGE_NAMES:
         assert stage in text
-    assert record["inputs"]["items"][0]["id"] in text and "band 4, y 1024, x 1024" in text
+    assert record["inputs"]["items"][0]["id"] in text
+    assert "cube (band 4, y 1024, x 1024)" in text
     json.dumps(s)  # plain data
 
 
