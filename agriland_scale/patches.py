@@ -104,7 +104,9 @@ def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size
     Reflectance is divided by ``reflectance_max`` and clipped; NaN (no data) becomes 0.
     Patches are read in spans: the patches of one grid row (or all of them, when their
     bounding box is at most twice their total area) come from one read, so each stored
-    chunk is decoded once rather than once per overlapping patch.
+    chunk is decoded once rather than once per overlapping patch. Each span is normalised
+    once and turned band-last once; patches are then plain copies of it (with overlapping
+    patches, the span holds fewer pixels than the batch).
     """
     sel = reflectance.sel(band=bands)
     out = np.empty((len(y0), size, size, len(bands)), dtype="float32")
@@ -116,12 +118,20 @@ def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size
         [np.flatnonzero(y0 == r) for r in np.unique(y0)]
     for g in groups:
         ys, xs = int(y0[g].min()), int(x0[g].min())
-        block = np.asarray(sel.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size)))
+        raw = np.asarray(sel.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size)))
+        block = normalise(np.array(np.moveaxis(raw, 0, -1), dtype="float32", order="C"), reflectance_max)
         for i in g:
             a, b = int(y0[i]) - ys, int(x0[i]) - xs
-            out[i] = np.moveaxis(block[:, a:a + size, b:b + size], 0, -1)
-    np.nan_to_num(out, copy=False, nan=0.0)
-    return np.clip(out / reflectance_max, 0.0, 1.0, out=out)
+            out[i] = block[a:a + size, b:b + size]
+    return out
+
+
+def normalise(x: np.ndarray, reflectance_max: float) -> np.ndarray:
+    """Model input from float32 reflectance, in place: ``x / reflectance_max`` clipped to
+    [0, 1], NaN (no data) and -inf to 0, +inf to 1."""
+    np.fmax(x, 0.0, out=x)  # NaN -> 0 (fmax ignores NaN), negatives -> 0
+    np.fmin(x, reflectance_max, out=x)
+    return np.divide(x, np.float32(reflectance_max), out=x)
 
 
 def window_starts(length: int, window: int, stride: int, offset: int) -> np.ndarray:

@@ -25,7 +25,7 @@ import xarray as xr
 from . import _worker
 from .cube import open_cube, write_georef
 from .embed import check_model_bands
-from .patches import blend_weight, window_starts
+from .patches import blend_weight, normalise, window_starts
 
 __all__ = ["predict_block", "segment_region"]
 
@@ -63,9 +63,7 @@ def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, 
     # read the span once, padding with 0 (no data) outside the image
     span = np.zeros((reflectance.shape[0], y_hi - y_lo, x_hi - x_lo), dtype="float32")
     span[:, ry0 - y_lo:ry1 - y_lo, rx0 - x_lo:rx1 - x_lo] = np.asarray(reflectance[:, ry0:ry1, rx0:rx1])
-    np.nan_to_num(span, copy=False, nan=0.0)
-    span = np.clip(span / reflectance_max, 0.0, 1.0)
-    span = np.moveaxis(span, 0, -1)
+    span = np.ascontiguousarray(np.moveaxis(normalise(span, reflectance_max), 0, -1))
     weight = _weight(window)
     acc = np.zeros((y_hi - y_lo, x_hi - x_lo), dtype="float64")
     for s in range(0, len(offsets), batch_size):
