@@ -203,7 +203,7 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
         resampling={"*": "bilinear", **{b: "nearest" for b in fine if b in CLASS_BANDS}},
         fail_on_error=True,
     )
-    # everything else happens in one task per spatial chunk (_cube_block): the clear mask from
+    # everything else happens in tasks of one spatial chunk (_cube_block): the clear mask from
     # the bands' nodata, SCL classes, an optional precomputed cloud mask (time, y, x) and the
     # region mask (y, x); the composite; the clear count
     nodata = [ds[b].attrs.get("nodata") for b in cfg.bands]
@@ -228,18 +228,22 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
         args.append((region_mask(region, geobox, cfg.chunk).data, "yx"))
     factors = np.array([scale_offset(items[0], b) for b in cfg.bands], dtype="float32")
     n_bands = len(cfg.bands)
-    block = dsa.blockwise(
-        _cube_block, "byx", *(x for a in args for x in a), new_axes={"b": n_bands + 1},
-        meta=np.empty((0, 0, 0), dtype="float32"), concatenate=True, n_bands=n_bands, nodata=nodata, scl_classes=scl_classes,
-        cloud=cloud is not None, region=not region.is_box, scale=factors[:, 0], offset=factors[:, 1],
-        method=cfg.composite)
+    # two tasks per chunk on the same reads, with no slicing task between: the composite, and
+    # the clear count (which recomputes the clear mask, about 1 ms a 512 px chunk)
+    inputs = [x for a in args for x in a]
+    common = dict(concatenate=True, n_bands=n_bands, nodata=nodata, scl_classes=scl_classes,
+                  cloud=cloud is not None, region=not region.is_box)
+    refl = dsa.blockwise(_cube_block, "byx", *inputs, new_axes={"b": n_bands},
+                         meta=np.empty((0, 0, 0), dtype="float32"), **common, part="reflectance",
+                         scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite)
+    n_clear = dsa.blockwise(_cube_block, "yx", *inputs, meta=np.empty((0, 0), dtype="uint16"), **common,
+                            part="clear_count")
     coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
-    comp = xr.DataArray(block[:n_bands], dims=("band", "y", "x"),
+    comp = xr.DataArray(refl, dims=("band", "y", "x"),
                         coords={"band": np.array(cfg.bands, dtype=object), **coords})
     # the count keeps the attributes the first masked band had (its nodata), as before
     first = next((b for b, nd in zip(cfg.bands, nodata) if nd is not None), cfg.bands[0])
-    count = xr.DataArray(block[n_bands].astype("uint16"), dims=("y", "x"), coords=coords,
-                         attrs=dict(ds[first].attrs))
+    count = xr.DataArray(n_clear, dims=("y", "x"), coords=coords, attrs=dict(ds[first].attrs))
     out = xr.Dataset({"reflectance": comp, "clear_count": count})
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
@@ -487,11 +491,13 @@ def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.n
 
 
 def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
-                scl_classes: np.ndarray | None, cloud: bool, region: bool, **composite) -> np.ndarray:
+                scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
+                **composite) -> np.ndarray:
     """One spatial chunk of the cube: ``n_bands`` arrays ``(time, y, x)`` of digital numbers,
     then the SCL band (if ``scl_classes``), a cloud mask ``(time, y, x)`` (if ``cloud``) and a
-    region mask ``(y, x)`` (if ``region``) -> ``(n_bands + 1, y, x)`` float32: the composite
-    reflectance and, last, the number of clear observations."""
+    region mask ``(y, x)`` (if ``region``) -> with ``part="reflectance"`` the composite
+    ``(n_bands, y, x)`` float32, with ``part="clear_count"`` the number of clear observations
+    ``(y, x)`` uint16."""
     bands, rest = arrays[:n_bands], list(arrays[n_bands:])
     clear = None
     for b, nd in zip(bands, nodata):
@@ -505,10 +511,11 @@ def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None
         clear &= ~rest.pop(0)
     if region:
         clear &= rest.pop(0)
-    out = np.empty((n_bands + 1,) + bands[0].shape[1:], dtype="float32")
     n = _clear_count(clear)
-    _composite(bands, clear, n, out[:n_bands], **composite)
-    out[n_bands] = n
+    if part == "clear_count":
+        return n.astype("uint16")
+    out = np.empty((n_bands,) + bands[0].shape[1:], dtype="float32")
+    _composite(bands, clear, n, out, **composite)
     return out
 
 

@@ -547,10 +547,18 @@ class _Run:
         # the U-Net learns in the zone with the most labelled pixels, then maps every zone
         train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
         path = str(self.models / "unet.keras")
-        fut = self.client.submit(train_unet, self.store, labels[train_zone].values, s, path, seed=cfg.seed,
+        # the training task reads the label raster from the store (a full tile's is 120 MB:
+        # not something to send through the scheduler)
+        prefix = self._zones()[train_zone]["prefix"]
+        crs = cube_mod.open_cube(self.store, prefix + "cube").rio.crs
+        lab = cube_mod.write_georef(xr.Dataset({"label": labels[train_zone]}), crs)
+        lab["label"].attrs.update(long_name="U-Net training label", flag_values=[0, 1, IGNORE],
+                                  flag_meanings="other agricultural ignored")
+        lab["label"].encoding.update(chunks=(2048, 2048), _FillValue=None)
+        publish.write_group(lab, self.store, prefix + "labels")
+        fut = self.client.submit(train_unet, self.store, prefix + "labels", s, path, seed=cfg.seed,
                                  label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
-                                 group=self._zones()[train_zone]["prefix"] + "cube", resources=self.res,
-                                 pure=False)
+                                 group=prefix + "cube", resources=self.res, pure=False)
         meta = fut.result()
         self.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
             "zone": train_zone, "model_path": path}

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xarray as xr
 
 from . import _worker
 from .config import EmbedConfig, SegmentConfig
 from .cube import open_cube
-from .errors import EmptyRegion
+from .errors import CorruptInput, EmptyRegion
 from .items import canonical_band
 from .labels import IGNORE
 from .models.mlm import write_mlm_item
@@ -188,9 +189,10 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
             "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan")}
 
 
-def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path: str, *,
+def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *,
                seed: int = 0, label_source: str = "", region: str = "", group: str = "cube") -> dict[str, Any]:
-    """Train a U-Net on windows of the cube labelled by ``label`` (uint8, cube grid).
+    """Train a U-Net on windows of the cube labelled by ``label`` (uint8 1 / 0 / 255 = ignored,
+    ``(y, x)`` on the cube grid), or by the ``label`` variable of that group of ``cube_store``.
 
     Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
     from a spatially separate part (``cfg.train.validation`` side); early stopping on
@@ -206,6 +208,13 @@ def _train_unet(cube_store: str, label: np.ndarray, cfg: SegmentConfig, out_path
 
     t0 = time.perf_counter()
     cube = open_cube(cube_store, group, dask=False)
+    if isinstance(label, str):
+        label = np.asarray(xr.open_dataset(cube_store, engine="zarr", group=label, chunks=None,
+                                           consolidated=False)["label"].values)
+    if label.shape != (cube.sizes["y"], cube.sizes["x"]):
+        raise CorruptInput(f"label raster {label.shape} is not on the cube grid "
+                           f"({cube.sizes['y']}, {cube.sizes['x']}) of group '{group}': rerun the "
+                           "unet stage (agriland run ... --force unet)")
     win, tc = cfg.window, cfg.train
     tr, va, split = unet_windows(label, win, win // 2, cfg)
     if not tr or not va:

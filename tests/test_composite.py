@@ -79,10 +79,11 @@ def test_cube_block_masks_nodata_clouds_and_region():
     cloud[2, :, :16] = True
     region = np.ones((32, 32), dtype=bool)
     region[-4:] = False
-    out = _cube_block(*dn, cloud, region, n_bands=3, nodata=[0, 0, 0], scl_classes=None, cloud=True,
-                      region=True, scale=SCALE, offset=OFFSET, method="median")
+    kw = dict(n_bands=3, nodata=[0, 0, 0], scl_classes=None, cloud=True, region=True)
+    refl = _cube_block(*dn, cloud, region, **kw, part="reflectance", scale=SCALE, offset=OFFSET, method="median")
+    count = _cube_block(*dn, cloud, region, **kw, part="clear_count")
     clear = (dn != 0).all(0) & ~cloud & region
-    assert out.shape == (4, 32, 32)
-    np.testing.assert_array_equal(out[3], clear.sum(0))
-    np.testing.assert_array_equal(out[:3], plain(dn, clear, "median"))
-    assert out[3, :8, 16:].max() == 3 and out[3, 8:-4, 16:].min() == 4 and np.isnan(out[:3, -4:]).all()
+    assert refl.shape == (3, 32, 32) and count.shape == (32, 32) and count.dtype == np.uint16
+    np.testing.assert_array_equal(count, clear.sum(0))
+    np.testing.assert_array_equal(refl, plain(dn, clear, "median"))
+    assert count[:8, 16:].max() == 3 and count[8:-4, 16:].min() == 4 and np.isnan(refl[:, -4:]).all()

@@ -21,8 +21,8 @@ def test_products_present_and_georeferenced(demo_run):
     cfg, out, record = demo_run
     store = out / "agriland.zarr"
     tree = xr.open_datatree(store, engine="zarr")
-    assert {"cube", "patches", "embeddings", "clusters", "segmentation"} <= set(tree.children)
-    for group in ("cube", "clusters", "segmentation"):
+    assert {"cube", "patches", "embeddings", "clusters", "labels", "segmentation"} <= set(tree.children)
+    for group in ("cube", "clusters", "labels", "segmentation"):
         ds = xr.open_zarr(store, group=group)
         assert ds.rio.crs is not None and ds.rio.crs.to_epsg() == 32618, group
         for name in ds.data_vars:
@@ -37,6 +37,12 @@ def test_products_present_and_georeferenced(demo_run):
     assert set(np.unique(seg["mask"].values)) <= {0, 1}
     l, b, r, tp = seg.rio.bounds()
     assert (l, b, r, tp) == (ORIGIN_X, ORIGIN_Y - 10 * SIZE, ORIGIN_X + 10 * SIZE, ORIGIN_Y)
+    # the raster the U-Net learnt from (read by the training task from the store) is the one
+    # published beside the probability, on the same grid
+    lab = xr.open_zarr(store, group="labels")["label"]
+    assert lab.dtype == np.uint8 and lab.rio.transform() == t
+    np.testing.assert_array_equal(lab.values, seg["training_label"].values)
+    assert set(np.unique(lab.values)) == {0, 1, 255}
 
 
 @pytest.mark.slow
