@@ -138,3 +138,13 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     mask = raw["mask"].values
     assert set(np.unique(mask[np.isnan(ref)])) == {255}
     assert np.array_equal(mask[~np.isnan(ref)], (ref[~np.isnan(ref)] >= 0.5).astype("uint8"))
+
+
+def test_unet_training_refuses_labels_off_the_cube_grid(cube_store, demo_cfg, tmp_path):
+    from agriland_scale.errors import CorruptInput
+    from agriland_scale.train import train_unet
+
+    with pytest.raises(CorruptInput, match=r"not on the cube grid \(1024, 1024\).*--force unet"):
+        train_unet(cube_store, np.zeros((1000, 1024), dtype="uint8"), demo_cfg.segment,
+                   str(tmp_path / "unet.keras"))
+    assert not (tmp_path / "unet.keras").exists()
