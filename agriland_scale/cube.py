@@ -231,8 +231,8 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     # two tasks per chunk on the same reads, with no slicing task between: the composite, and
     # the clear count (which recomputes the clear mask, about 1 ms a 512 px chunk)
     inputs = [x for a in args for x in a]
-    common = dict(concatenate=True, n_bands=n_bands, nodata=nodata, scl_classes=scl_classes,
-                  cloud=cloud is not None, region=not region.is_box)
+    common = {"concatenate": True, "n_bands": n_bands, "nodata": nodata, "scl_classes": scl_classes,
+              "cloud": cloud is not None, "region": not region.is_box}
     refl = dsa.blockwise(_cube_block, "byx", *inputs, new_axes={"b": n_bands},
                          meta=np.empty((0, 0, 0), dtype="float32"), **common, part="reflectance",
                          scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite)

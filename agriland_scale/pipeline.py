@@ -409,7 +409,8 @@ class _Run:
                                                label=f"cube {name}", progress=self.progress)
             cube = cube_mod.open_cube(self.store, prefix + "cube")
             chunks = cube_mod.chunk_valid_fraction(cube, cfg.cube.chunk)
-            info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")}, "crs": str(cube.rio.crs),
+            info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
+                    "crs": str(cube.rio.crs),
                     "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
                     "items": list(cube.attrs["items"]), "chunks": int(chunks.size),
                     "empty_chunks": int((chunks == 0).sum()), "blocks_reused": stats["reused"]}

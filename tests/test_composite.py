@@ -79,7 +79,7 @@ def test_cube_block_masks_nodata_clouds_and_region():
     cloud[2, :, :16] = True
     region = np.ones((32, 32), dtype=bool)
     region[-4:] = False
-    kw = dict(n_bands=3, nodata=[0, 0, 0], scl_classes=None, cloud=True, region=True)
+    kw = {"n_bands": 3, "nodata": [0, 0, 0], "scl_classes": None, "cloud": True, "region": True}
     refl = _cube_block(*dn, cloud, region, **kw, part="reflectance", scale=SCALE, offset=OFFSET, method="median")
     count = _cube_block(*dn, cloud, region, **kw, part="clear_count")
     clear = (dn != 0).all(0) & ~cloud & region
