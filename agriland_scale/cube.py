@@ -354,10 +354,13 @@ def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     the sorted planes.
 
     For the few dates of a season this is many times faster than ``np.sort`` along a short
-    last axis (which pays a per-pixel call); it costs T^2 / 2 plane operations.
+    last axis (which pays a per-pixel call); it costs T^2 / 2 plane operations, so beyond 24
+    planes ``np.sort`` is used instead.
     """
     planes = list(x)
     n = len(planes)
+    if n > 24:
+        return list(np.sort(np.asarray(planes), axis=0))
     for r in range(n):
         for i in range(r % 2, n - 1, 2):
             a, b = planes[i], planes[i + 1]
@@ -380,7 +383,7 @@ def _middle_pair(x: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.n
         lo1, hi1 = np.minimum(p[0], p[1]), np.maximum(p[0], p[1])
         lo2, hi2 = np.minimum(p[2], p[3]), np.maximum(p[2], p[3])
         return np.maximum(lo1, lo2), np.minimum(hi1, hi2)
-    s = _sort_small(p) if T <= 24 else np.sort(np.asarray(p), axis=0)
+    s = _sort_small(p)
     return s[(T - 1) // 2], s[T // 2]
 
 
@@ -455,18 +458,18 @@ def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.n
         fill = np.iinfo(dn[b].dtype).max if np.issubdtype(dn[b].dtype, np.integer) else np.inf
         with np.errstate(invalid="ignore", divide="ignore"):
             if method == "median":
-                # clear values sort first: the others are set to the dtype's max (np.where
-                # costs a branch per pixel; for unsigned integers an OR with all ones does it)
                 if all_clear:
                     lo, hi = _middle_pair(dn[b])
                 else:
+                    # clear values sort first: the others are set to the dtype's max (np.where
+                    # costs a branch per pixel; for unsigned integers an OR with all ones does it)
                     if np.issubdtype(dn[b].dtype, np.unsignedinteger):
                         if dn[b].dtype not in masked_max:
                             masked_max[dn[b].dtype] = np.negative((~clear).astype(dn[b].dtype))
                         x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
                     else:
                         x = np.where(clear, dn[b], fill)
-                    s = _sort_small(x) if T <= 24 else np.sort(x, axis=0)
+                    s = _sort_small(x)
                     lo, hi = pick_lo(s), pick_hi(s)
                 # (lo + hi) * (scale / 2): one rounding, as (lo + hi) / 2 * scale (halving is exact)
                 v = np.add(lo, hi, dtype="float32")

@@ -17,6 +17,8 @@ predictions on 2048 x 2048 px, 49 % on 10240 x 10240 px.)
 
 from __future__ import annotations
 
+import contextlib
+
 import dask
 import dask.array as da
 import numpy as np
@@ -71,10 +73,7 @@ def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, 
         batch = np.stack([span[r:r + window, c:c + window] for r, c in chunk])
         # predict_on_batch: the same computation as predict(batch, batch_size=len(batch))
         # without building a tf.data pipeline per call
-        if lock is not None:
-            with lock:
-                pred = model.predict_on_batch(batch)
-        else:
+        with lock or contextlib.nullcontext():
             pred = model.predict_on_batch(batch)
         for (r, c), p in zip(chunk, np.asarray(pred)[..., 0]):
             acc[r:r + window, c:c + window] += p * weight

@@ -2,7 +2,7 @@
 
 The cube's composite (``cube.composite_block``) uses sorting/selection networks of whole
 planes and bitwise blends; these tests pin it to the obvious NumPy expressions, bit for
-bit, for 1 to 7 dates, with every date clear and with clouds, and the median to
+bit, for 1 to 7 and 30 dates, with every date clear and with clouds, and the median to
 ``np.nanmedian`` of the scaled reflectance.
 """
 
@@ -42,7 +42,7 @@ def plain(dn: np.ndarray, clear: np.ndarray, method: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method", ["median", "mean", "first", "last"])
-@pytest.mark.parametrize("T", range(1, 8))
+@pytest.mark.parametrize("T", [*range(1, 8), 30])  # 30: beyond the sorting networks
 @pytest.mark.parametrize("cloud", [0.0, 0.4])
 def test_composite_equals_plain_numpy(method, T, cloud):
     rng = np.random.default_rng(T)
