@@ -56,7 +56,14 @@ def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, thread
     key = (str(p.resolve()), p.stat().st_mtime, precision)
     with _lock:
         if key not in _models:
-            model = keras.saving.load_model(p, compile=False)
+            try:
+                model = keras.saving.load_model(p, compile=False)
+            except Exception as e:  # noqa: BLE001 - any loader failure means a bad file here
+                from .errors import CorruptInput
+
+                raise CorruptInput(f"cannot load the Keras model {p} ({type(e).__name__}: "
+                                   f"{str(e)[:200]}): the file is damaged or was not saved by "
+                                   "agriland-scale; copy it again or retrain") from None
             if precision != "float32":
                 model = with_precision(model, precision)
             _models[key] = (model, threading.Lock())

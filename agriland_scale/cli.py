@@ -6,12 +6,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 from .config import load_config
-from .errors import AgrilandError
+from .errors import AgrilandError, ConfigError, Terminated
 
 # the pipeline's stages (kept here so that `agriland --help` does not import TensorFlow)
 STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
@@ -24,9 +26,32 @@ def _overrides(pairs: list[str]) -> dict:
 
     out = {}
     for p in pairs or []:
-        key, _, value = p.partition("=")
-        out[key] = yaml.safe_load(value)
+        key, eq, value = p.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {p[:100]!r} is not KEY=VALUE: write e.g. --set embed.train.epochs=1")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value {value[:100]!r} is not valid YAML "
+                              f"({str(e).splitlines()[0][:100]})") from None
     return out
+
+
+def _cluster_ids(text: str) -> list[int]:
+    """``3,7`` -> ``[3, 7]`` for ``export-labels --clusters`` (argparse reports the error)."""
+    try:
+        ids = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text[:60]!r} is not a list of cluster ids: give numbers separated by commas, e.g. "
+            "--clusters 3,7 (the ids are in RUN/clusters/stats.csv and the report)") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text[:60]!r}: give one or more cluster ids >= 0, e.g. 3,7")
+    return ids
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Terminated()
 
 
 class _Bar:
@@ -54,7 +79,7 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
     bar = _Bar(sys.stderr.isatty() and not args.quiet)
     rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
               until=until, report=None if args.quiet else (lambda line: print(line, flush=True)),
-              progress=bar)
+              progress=bar, command=f"agriland {args.command}")
     if until == "cae":
         enc = rec["cae"]["encoder_path"]
         print(f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
@@ -102,21 +127,33 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_folder(path: Path) -> Path:
+    """A folder holding a run (its run.json readable), for the commands that write into one."""
+    from .inspect_run import load_run_record
+
+    load_run_record(path)
+    return path
+
+
 def _report(args: argparse.Namespace) -> int:
+    from .outdir import locked
     from .report import write_report
     from .stac_out import write_stac
 
-    print(f"report: {write_report(args.run)}")
-    print(f"STAC:   {write_stac(args.run)}")
+    with locked(_run_folder(args.run), "agriland report"):
+        print(f"report: {write_report(args.run)}")
+        print(f"STAC:   {write_stac(args.run)}")
     return 0
 
 
 def _export_labels(args: argparse.Namespace) -> int:
+    from .outdir import locked
     from .via import export_via
 
-    clusters = [int(c) for c in args.clusters.split(",") if c.strip()]
+    clusters = args.clusters
     out = args.out or args.run / "labels" / "via"
-    project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
+    with locked(_run_folder(args.run), "agriland export-labels"):
+        project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
           f"region attribute 'class' = arable / other, save the project, then run:\n"
           f"  agriland import-labels {project} {args.run}")
@@ -128,10 +165,14 @@ def _import_labels(args: argparse.Namespace) -> int:
     from .publish import write_cog
     from .via import import_via
 
-    cube = open_cube(args.run / "agriland.zarr")
-    mask = import_via(args.via_json, cube)
+    from .outdir import locked
+
     out = args.out or args.run / "labels" / "via_mask.tif"
-    write_cog(mask, out, nodata=255)
+    with locked(_run_folder(args.run), "agriland import-labels"):
+        cube = open_cube(args.run / "agriland.zarr")
+        mask = import_via(args.via_json, cube)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_cog(mask, out, nodata=255)
     n1, n0 = int((mask.values == 1).sum()), int((mask.values == 0).sum())
     print(f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
           f"({cube.rio.crs}); train on it with segment.labels: {out}")
@@ -148,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, type=Path, help="output folder of the run")
         p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
-        p.add_argument("--overwrite", action="store_true", help="replace another run in --out")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace another run in --out (deletes only the files that run wrote)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set embed.train.epochs=1")
         p.add_argument("--force", action="append", metavar="STAGE", choices=STAGES,
@@ -179,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p_exp = sub.add_parser("export-labels",
                            help="write the patches of chosen clusters as a VGG Image Annotator project")
     p_exp.add_argument("run", type=Path, help="a finished run folder")
-    p_exp.add_argument("--clusters", required=True, help="cluster ids named arable, e.g. 3,7")
+    p_exp.add_argument("--clusters", required=True, type=_cluster_ids,
+                       help="cluster ids named arable, e.g. 3,7")
     p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
     p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
     p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
@@ -191,15 +234,27 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks and debug logs")
     args = parser.parse_args(argv)
-    if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet: a failing
+        # task reaches the user as one paragraph below, not as a worker's "Compute Failed" traceback
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         import dask
 
-        dask.config.set({"logging.distributed": "error"})
+        dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     level = logging.DEBUG if args.debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
         h.setLevel(level)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # like Ctrl-C, exit 143
+    try:
+        return _dispatch(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors become one paragraph on stderr and an exit code."""
     try:
         if args.command == "demo":
             return _run(DEMO, args)
@@ -214,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in handlers:
             return handlers[args.command](args)
         if args.command == "validate":
+            from .config import check_input_files
+
             cfg = load_config(args.pipeline)
+            check_input_files(cfg)
             print(f"{args.pipeline}: valid ('{cfg.name}')")
             return 0
     except AgrilandError as e:
@@ -222,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"agriland: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("agriland: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"agriland: {'terminated (SIGTERM)' if term else 'interrupted'}: finished work is kept; "
+              "rerunning the same command continues where it stopped", file=sys.stderr)
+        return 143 if term else 130
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one paragraph, not a traceback
         if args.debug:
             traceback.print_exc()
@@ -237,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         if out is not None and (Path(out) / "logs").is_dir():
             log_hint = f"; the run's log is in {Path(out) / 'logs'}"
-        print(f"agriland: unexpected error: {type(e).__name__}: {e}{where}. Nothing finished is lost: "
+        msg = str(e) if len(str(e)) <= 400 else str(e)[:400] + " ..."
+        print(f"agriland: unexpected error: {type(e).__name__}: {msg}{where}. Nothing finished is lost: "
               f"rerunning the same command continues where it stopped. Rerun with --debug for the "
               f"traceback{log_hint}, and report it if it persists.", file=sys.stderr)
         return 1

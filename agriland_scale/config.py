@@ -8,13 +8,20 @@ affordable; the demo pipeline shortens the training schedules and says so.
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
+import re
+import reprlib
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, RegionError
+from .errors import ConfigError, CorruptInput, RegionError
 
 __all__ = [
     "CAETrainConfig",
@@ -28,8 +35,89 @@ __all__ = [
     "SearchConfig",
     "SegmentConfig",
     "UNetTrainConfig",
+    "check_bbox",
+    "check_input_files",
     "load_config",
+    "resolve_path",
 ]
+
+# a pipeline file is a few KiB of YAML: refuse what cannot be one before parsing it
+MAX_PIPELINE_BYTES = 1 << 20
+# values (scalars, lists, mappings) a pipeline file or an override may expand to, aliases
+# followed: a few nested YAML aliases ("billion laughs") expand to billions otherwise
+MAX_PIPELINE_VALUES = 100_000
+# flow collections ([...], {...}) nested deeper than this are refused before parsing (PyYAML's
+# scanner slows down with the square of the depth); a pipeline file nests three or four
+MAX_FLOW_DEPTH = 64
+# at most this many characters of a value found are echoed in a message
+_SHOW = 100
+# at most this many validation errors are listed
+_MAX_ERRORS = 20
+_REFERENCE = "see the README's pipeline-file reference"
+
+_repr = reprlib.Repr()  # bounded work and length whatever the value's size
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = _SHOW + 20
+_repr.maxlist = _repr.maxtuple = _repr.maxset = _repr.maxfrozenset = _repr.maxdeque = _repr.maxarray = 8
+_repr.maxdict = 5
+_repr.maxlong = 40
+
+
+def _cut(text: str, limit: int = _SHOW) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(value: Any, limit: int = _SHOW) -> str:
+    """repr of ``value`` in at most ``limit`` characters (never builds a huge repr)."""
+    try:
+        return _cut(_repr.repr(value), limit)
+    except Exception:  # noqa: BLE001 - e.g. an int too large to convert: name its type only
+        return f"<{type(value).__name__}>"
+
+
+def _children_of_node(node: yaml.Node) -> Iterable[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return ()
+
+
+def _children_of_value(value: Any) -> Iterable[Any]:
+    if isinstance(value, dict):
+        return [v for pair in value.items() for v in pair]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    return ()
+
+
+class _Cyclic(Exception):
+    pass
+
+
+def _expanded_size(root: Any, children: Callable[[Any], Iterable[Any]], limit: int) -> tuple[int, int]:
+    """(values ``root`` expands to when shared parts are copied, capped at ``limit + 1``;
+    distinct values). Memoised over the object graph: linear in distinct values, never in
+    the expanded size. Raises :class:`_Cyclic` for a structure that contains itself."""
+    memo: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        obj, done = stack.pop()
+        key = id(obj)
+        if done:
+            memo[key] = min(limit + 1, 1 + sum(memo[id(c)] for c in children(obj)))
+            visiting.discard(key)
+            continue
+        if key in memo:
+            continue
+        if key in visiting:  # reached again from inside itself
+            raise _Cyclic
+        visiting.add(key)
+        stack.append((obj, True))
+        stack.extend((c, False) for c in children(obj) if id(c) not in memo)
+    return memo[id(root)], len(memo)
 
 
 def _canonical_bands(v: list[str]) -> list[str]:
@@ -37,7 +125,8 @@ def _canonical_bands(v: list[str]) -> list[str]:
 
     out = [canonical_band(b) for b in v]
     if len(set(out)) != len(out):
-        raise ValueError(f"bands {v} name a band twice")
+        twice = sorted(b for b, n in Counter(out).items() if n > 1)
+        raise ValueError(f"bands {_short(v)} name a band twice ({_short(twice)}): list each band once")
     return out
 
 
@@ -89,21 +178,51 @@ class SearchConfig(_Model):
         return self
 
 
+def _num(v: float) -> str:
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+
+
+def _box(b: Iterable[float]) -> str:
+    return "[" + ", ".join(_num(v) for v in b) + "]"
+
+
 def check_bbox(bbox: tuple[float, float, float, float] | list[float]) -> None:
     """Refuse a lon/lat bbox that is swapped, out of range, or looks projected (metres)."""
-    if len(bbox) != 4:
-        raise RegionError(f"bbox must have 4 numbers (min lon, min lat, max lon, max lat), got {list(bbox)}")
-    x0, y0, x1, y1 = bbox
+    order = "(min lon, min lat, max lon, max lat) in degrees, EPSG:4326"
+    try:
+        n = len(bbox)
+    except TypeError:
+        n = -1
+    if n != 4:
+        raise RegionError(f"bbox must have 4 numbers {order}, got {_short(bbox)}")
+    try:
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise RegionError(f"bbox {_short(bbox)} must hold 4 numbers {order}") from None
+    b = _box((x0, y0, x1, y1))
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise RegionError(f"bbox {b} holds a value that is not a finite number: give 4 numbers {order}")
     if any(abs(v) > 180 for v in (x0, x1)) or any(abs(v) > 90 for v in (y0, y1)):
         raise RegionError(
-            f"bbox {list(bbox)} is outside -180..180 / -90..90: it must be lon/lat degrees "
+            f"bbox {b} is outside -180..180 / -90..90: it must be lon/lat degrees "
             "(EPSG:4326) in the order (min lon, min lat, max lon, max lat); projected "
             "coordinates (metres) are not accepted here")
-    if x0 >= x1 or y0 >= y1:
+    if x0 == x1 or y0 == y1:
+        raise RegionError(f"bbox {b} has min >= max: it has no width or no height; give a box "
+                          f"{order} with min < max")
+    if x0 > x1 or y0 > y1:
+        ylo, yhi = min(y0, y1), max(y0, y1)
+        if x0 - x1 > 180:  # swapping would give a box around most of the globe
+            parts = [p for p in ((x0, ylo, 180.0, yhi), (-180.0, ylo, x1, yhi)) if p[2] > p[0]]
+            runs = " and ".join(_box(p) for p in parts)
+            raise RegionError(
+                f"bbox {b} has min lon > max lon ({_num(x0)} > {_num(x1)}): it seems to cross the "
+                "antimeridian (180 degrees), which is not supported. "
+                + (f"Split it in two runs, with bbox {runs}" if len(parts) > 1 else f"Use bbox {runs}")
+                + f"; the order is {order}")
         raise RegionError(
-            f"bbox {list(bbox)} has min >= max: the order is (min lon, min lat, max lon, max lat). "
-            f"Did you mean {[min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]}? A region "
-            "crossing the antimeridian is not supported: split it in two runs")
+            f"bbox {b} has min >= max: the order is (min lon, min lat, max lon, max lat). "
+            f"Did you mean {_box((min(x0, x1), ylo, max(x0, x1), yhi))}?")
 
 
 class CubeConfig(_Model):
@@ -311,13 +430,18 @@ class SegmentConfig(_Model):
 
 
 class RuntimeConfig(_Model):
-    """Dask runtime: a LocalCluster by default, or an existing scheduler's address."""
+    """Dask runtime: a LocalCluster by default, or an existing scheduler's address.
+
+    ``dashboard_address``: where the LocalCluster's dashboard listens, on the loopback
+    interface by default (reach a remote one with ``ssh -L 8787:127.0.0.1:8787 HOST``);
+    ``":8787"`` opens it to the network on purpose.
+    """
 
     scheduler: str | None = None
     n_workers: int = Field(default=1, ge=1)
     threads_per_worker: int = Field(default=2, ge=1)
     memory_limit: str = "12GiB"
-    dashboard_address: str = ":8787"
+    dashboard_address: str = "127.0.0.1:8787"
 
 
 class RunConfig(_Model):
@@ -338,61 +462,191 @@ class RunConfig(_Model):
         for section in ("embed", "segment"):
             missing = [b for b in getattr(self, section).bands if b not in self.cube.bands]
             if missing:
-                raise ValueError(f"{section}.bands {missing} are not in cube.bands "
-                                 f"{self.cube.bands}: add them to cube.bands")
+                raise ValueError(f"{section}.bands {_short(missing)} are not in cube.bands "
+                                 f"{_short(self.cube.bands)}: add them to cube.bands")
         if self.cube.chunk % self.patches.stride:
             raise ValueError(f"cube.chunk ({self.cube.chunk}) must be a multiple of "
                              f"patches.stride ({self.patches.stride}) so chunks align to patches")
         return self
 
     def with_overrides(self, **changes: Any) -> RunConfig:
-        """Return a copy with dotted-key overrides, e.g. ``{"embed.train.epochs": 1}``."""
-        data = self.model_dump()
-        for dotted, value in changes.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise ConfigError(f"override '{dotted}': no such key")
-            node[leaf] = value
+        """Return a copy with dotted-key overrides, e.g. ``{"embed.train.epochs": 1}``.
+
+        Raises :class:`ConfigError` naming the key for an unknown key, or for a value that
+        makes the configuration invalid.
+        """
+        return _apply_overrides(self, changes)
+
+
+def _did_you_mean(word: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None = None) -> RunConfig:
+    data = cfg.model_dump()
+    for dotted, value in changes.items():
+        key = _cut(str(dotted))
+        parts = str(dotted).split(".")
+        node: Any = data
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i])
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override '{key}': '{_cut(where)}' is a value ({_short(node)}), not a section with "
+                    f"keys: set it whole, e.g. '{_cut(where)}=VALUE' ({_REFERENCE})")
+            if part not in node:
+                level = f"in section '{_cut(where)}'" if where else "at the top level"
+                raise ConfigError(
+                    f"override '{key}': no such key '{_cut(part, 40)}' {level}"
+                    f"{_did_you_mean(part, node)}; valid keys there: {', '.join(sorted(node))}")
+            if i < len(parts) - 1:
+                node = node[part]
+        try:
+            size, _ = _expanded_size(value, _children_of_value, MAX_PIPELINE_VALUES)
+        except _Cyclic:
+            raise ConfigError(f"override '{key}': its value contains itself: give a plain value") from None
+        if size > MAX_PIPELINE_VALUES:
+            raise ConfigError(f"override '{key}': its value expands to more than {MAX_PIPELINE_VALUES:,} "
+                              f"values: give a plain value ({_REFERENCE})")
+        node[parts[-1]] = value
+    try:
         return RunConfig.model_validate(data)
+    except ValidationError as e:
+        keys = ", ".join(_cut(str(k)) for k in changes)
+        head = f"invalid override {keys}" + (f" of {source}" if source else "") + ":"
+        raise ConfigError(_format_errors(e, header=head)) from None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid pipeline file {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+def _section_keys(loc: tuple) -> list[str]:
+    """Keys accepted in the section at ``loc`` (a pydantic error location), if it is one."""
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str = "", *, header: str | None = None) -> str:
+    """One line per error (at most ``_MAX_ERRORS``), each naming the key; values echoed are
+    cut to about ``_SHOW`` characters."""
+    lines = [header or f"invalid pipeline file {source}:"]
+    errors = err.errors(include_url=False)
+    for e in errors[:_MAX_ERRORS]:
+        loc = tuple(e["loc"])
+        path = _cut(".".join(_cut(str(p), 40) for p in loc)) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown key '{path}': remove it or check its spelling "
-                         "(see the README's pipeline-file reference)")
+            hint = _did_you_mean(str(loc[-1]), _section_keys(loc[:-1])) if loc else ""
+            lines.append(f"  - unknown key '{path}'{hint}: remove it or check its spelling ({_REFERENCE})")
+        elif e["type"] == "missing":
+            lines.append(f"  - {path}: missing: add it ({_REFERENCE})")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {path}: {msg} (found {e.get('input')!r})")
+            msg = _cut(e["msg"].removeprefix("Value error, "), 400)
+            found = e.get("input")
+            # a section's own check (its message names the values) gets the section as input
+            lines.append(f"  - {path}: {msg}"
+                         + ("" if isinstance(found, dict) else f" (found {_short(found)})"))
+    if len(errors) > _MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - _MAX_ERRORS} more errors: fix the ones above first")
     return "\n".join(lines)
+
+
+def _read_pipeline_text(path: Path) -> str:
+    """The text of a pipeline file, refusing folders, huge files and binary files."""
+    if path.is_dir():
+        raise ConfigError(f"pipeline file {path} is a folder: give the path of a pipeline YAML file "
+                          "(e.g. pipelines/demo.yaml)")
+    try:
+        with open(path, "rb") as f:  # bounded read: also safe on a device or a huge file
+            data = f.read(MAX_PIPELINE_BYTES + 1)
+            size = max(len(data), path.stat().st_size) if path.is_file() else len(data)
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file {path} does not exist: check the path "
+                          "(agriland_scale/data/demo.yaml is an example pipeline file)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read pipeline file {path} ({e.strerror or type(e).__name__}): "
+                          "check its permissions") from None
+    if size > MAX_PIPELINE_BYTES:
+        mb = "more than 1" if size == MAX_PIPELINE_BYTES + 1 else f"{size / 2**20:.1f}"
+        raise ConfigError(f"pipeline file {path} is {mb} MiB: a pipeline file is a few KiB of YAML "
+                          f"and at most {MAX_PIPELINE_BYTES // 2**20} MiB is read; check that this is "
+                          "the right file")
+    try:
+        text = data.decode("utf-8-sig")
+        if "\x00" in text:
+            raise ValueError("NUL byte")
+    except ValueError:  # UnicodeDecodeError too
+        raise ConfigError(f"pipeline file {path} is not a text YAML file (it holds bytes that are not "
+                          "UTF-8 text): give the pipeline's .yaml file, saved as UTF-8 text") from None
+    return text
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of ``[`` / ``{`` in ``text`` (an upper bound: quoted ones count too)."""
+    depth = deepest = 0
+    for c in re.sub(r"[^\[\]{}]+", "", text):
+        depth = depth + 1 if c in "[{" else max(0, depth - 1)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """Safe-load YAML, refusing aliases that expand to more than ``MAX_PIPELINE_VALUES``."""
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"pipeline file {path} nests [lists] or {{mappings}} more than {MAX_FLOW_DEPTH} "
+                          f"deep: a pipeline file has sections of keys ({_REFERENCE})")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()  # composed: aliases are shared nodes, still cheap
+        if node is None:
+            return None
+        try:
+            size, distinct = _expanded_size(node, _children_of_node, MAX_PIPELINE_VALUES)
+        except _Cyclic:
+            raise ConfigError(f"pipeline file {path} uses a YAML alias inside its own anchor (a structure "
+                              "that contains itself): remove that alias") from None
+        if size > MAX_PIPELINE_VALUES:
+            what = ("uses YAML aliases that expand to" if distinct <= MAX_PIPELINE_VALUES else "holds")
+            raise ConfigError(f"pipeline file {path} {what} more than {MAX_PIPELINE_VALUES:,} values: a "
+                              "pipeline needs a few dozen; write the values out, or share only small "
+                              "parts with anchors (&name) and aliases (*name)")
+        return loader.construct_document(node)
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline file {path} is not valid YAML: {_cut(str(e), 600)}") from None
+    except RecursionError:
+        raise ConfigError(f"pipeline file {path} nests lists or mappings too deeply: a pipeline "
+                          f"file has sections of keys ({_REFERENCE})") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a scalar the constructor cannot build
+        raise ConfigError(f"pipeline file {path} holds a value YAML cannot read ({_cut(str(e))}): "
+                          "fix or quote it") from None
+    finally:
+        loader.dispose()
 
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     """Load and validate a pipeline YAML file.
 
     Relative paths in ``search.catalog`` and ``segment.labels`` are resolved against the
-    file's folder; ``builtin:NAME`` points at data shipped inside the package.
+    file's folder; ``builtin:NAME`` points at data shipped inside the package. Files over
+    1 MiB, binary files and YAML aliases expanding to more than 100,000 values are refused.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"pipeline file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"pipeline file {path} is not valid YAML: {e}") from None
+    raw = _parse_yaml(_read_pipeline_text(path), path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"pipeline file {path} must hold a mapping of sections (search, cube, ...)")
+        found = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping"
+        raise ConfigError(f"pipeline file {path} {found}: it must hold a mapping of sections "
+                          f"(search, cube, ...) ({_REFERENCE}; agriland_scale/data/demo.yaml is an example)")
     try:
         cfg = RunConfig.model_validate(raw)
-        if overrides:
-            cfg = cfg.with_overrides(**overrides)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path))) from None
+    if overrides:
+        cfg = _apply_overrides(cfg, overrides, f"pipeline file {path}")
     resolved = _resolved_paths(cfg, path.parent)
     return cfg.with_overrides(**resolved) if resolved else cfg
 
@@ -420,3 +674,84 @@ def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
             if r != value:
                 out[key] = r
     return out
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _local_file(key: str, value: str, what: str, fix: str) -> Path:
+    """``value`` resolved; refuse it unless it is a readable file."""
+    p = resolve_path(value, Path.cwd())
+    if not p.exists():
+        raise ConfigError(f"{key}: {what} {p} does not exist: {fix}")
+    if p.is_dir():
+        raise ConfigError(f"{key}: {what} {p} is a folder, not a file: {fix}")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise CorruptInput(f"{key}: cannot read {what} {p} ({e.strerror or type(e).__name__}): "
+                           "check its permissions") from None
+    return p
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """Check the local files a run will read, without network and without loading pixels.
+
+    ``search.catalog`` (``api: local``: a folder with ``collection.json`` and ``item*.json``),
+    ``search.region`` (a readable file of polygons), ``embed.model`` / ``segment.model`` (a
+    model file and its ``.json`` metadata sidecar; URLs are skipped), ``embed.weights`` /
+    ``segment.weights`` (a file unless ``imagenet`` or ``none``) and ``segment.labels``.
+    Relative paths are read from the current folder (:func:`load_config` has made those of
+    a pipeline file absolute). Raises :class:`ConfigError` (a file named is missing),
+    :class:`CorruptInput` (it cannot be read) or :class:`RegionError`, each naming the key,
+    the path and what to do.
+    """
+    from .region import read_region_file
+
+    s = cfg.search
+    if s.api == "local" and s.catalog and not _is_url(s.catalog):
+        cat = resolve_path(s.catalog, Path.cwd())
+        what = "give the folder that holds the STAC collection.json and its item*.json files"
+        if not cat.exists():
+            raise ConfigError(f"search.catalog: folder {cat} does not exist: {what}")
+        if not cat.is_dir():
+            hint = f" (here: {cat.parent})" if cat.name == "collection.json" else ""
+            raise ConfigError(f"search.catalog: {cat} is a file, not a folder: {what}{hint}")
+        coll = cat / "collection.json"
+        if not coll.is_file():
+            raise ConfigError(f"search.catalog: folder {cat} has no collection.json: {what}")
+        try:
+            if coll.stat().st_size <= 16 * 2**20 and not isinstance(json.loads(coll.read_bytes()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError too
+            raise CorruptInput(f"search.catalog: {coll} is not a STAC collection JSON ({_cut(str(e))}): "
+                               "fix or replace it") from None
+        if next(cat.glob("item*.json"), None) is None:
+            raise ConfigError(f"search.catalog: folder {cat} holds no item*.json files: {what}")
+    if s.region:
+        try:
+            read_region_file(resolve_path(s.region, Path.cwd()))
+        except (RegionError, CorruptInput) as e:
+            raise type(e)(str(e) if "search.region" in str(e) else f"search.region: {e}") from None
+    for section in (cfg.embed, cfg.segment):
+        name = "embed" if section is cfg.embed else "segment"
+        trained_by = "agriland train-cae" if name == "embed" else "agriland train-unet"
+        if section.model and not _is_url(section.model):
+            fix = (f"give the .keras file written by '{trained_by}' (a run's models/"
+                   f"{'encoder' if name == 'embed' else 'unet'}.keras), or remove {name}.model to train one")
+            p = _local_file(f"{name}.model", section.model, "model file", fix)
+            side = Path(str(p) + ".json")
+            if not side.is_file():
+                raise CorruptInput(f"{name}.model: model {p} has no metadata sidecar {side}: it was not "
+                                   f"saved by agriland-scale; retrain it with '{trained_by}' or write "
+                                   "the sidecar")
+        elif section.weights not in ("imagenet", "none") and not _is_url(section.weights):
+            # initial weights of a model trained by the run (not read when a model is given)
+            _local_file(f"{name}.weights", section.weights, "weights file",
+                        "give a .keras or .weights.h5 file, 'imagenet' or 'none'")
+    if cfg.segment.labels and not _is_url(cfg.segment.labels):
+        _local_file("segment.labels", cfg.segment.labels, "labels file",
+                    "give a GeoJSON of polygons with a 'class' property, a .tif label mask or a VIA "
+                    "project JSON, or remove segment.labels when segment.model is set")

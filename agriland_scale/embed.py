@@ -14,27 +14,73 @@ import xarray as xr
 
 from . import _worker
 from .cube import open_cube
-from .errors import BandMismatch
+from .errors import BandMismatch, ModelMismatch
 from .models.backbone import read_sidecar
 from .patches import iter_batches, read_patches
 
-__all__ = ["check_model_bands", "embed_patches"]
+__all__ = ["check_model", "check_model_bands", "embed_patches"]
 
 
-def check_model_bands(model_path: str, bands: list[str], reflectance_max: float, size: int) -> dict:
-    """Refuse a model whose bands, normalisation or patch size differ from the run's."""
+# what the sidecar's "task" / "model" say for each kind of model a stage takes
+_TASKS = {"embedding": "a CAE encoder (models/encoder.keras of a run or of `agriland train-cae`)",
+          "segmentation": "a U-Net (models/unet.keras of a run or of `agriland train-unet`)"}
+
+
+def check_model(model_path: str, task: str, bands: list[str], reflectance_max: float, size: int, *,
+                key: str | None = None) -> dict:
+    """Refuse a model file that is not the kind of model ``task`` needs, or that reads other
+    bands, another normalisation or another patch size than the run. Returns its sidecar.
+
+    ``task``: ``"embedding"`` (a CAE encoder giving one vector a patch) or ``"segmentation"``
+    (a U-Net giving a probability a pixel). Checks, without TensorFlow: the file exists and is
+    a complete ``.keras`` archive; its sidecar (``MODEL.keras.json``) names that task (an
+    encoder's sidecar also says ``model: cae_encoder``, so the full autoencoder is refused);
+    bands, ``reflectance_max`` and patch size agree. ``key`` (e.g. ``segment.model``) names
+    the config key in messages.
+
+    Raises
+    ------
+    CorruptInput
+        The file or its sidecar is missing, not a Keras archive, or damaged.
+    ModelMismatch
+        The model is made for another task, or another patch/window size.
+    BandMismatch
+        It reads other bands or another normalisation.
+    """
+    from .models.backbone import check_keras_file
+
+    where = f"{key} = {model_path}" if key else f"model {model_path}"
+    check_keras_file(model_path, where)
     meta = read_sidecar(model_path)
-    if list(meta["bands"]) != list(bands):
-        raise BandMismatch(f"model {model_path} was trained on bands {meta['bands']} but the run "
+    found = meta.get("task")
+    is_encoder = meta.get("model") == "cae_encoder"
+    if found != task or (task == "embedding" and not is_encoder):
+        what = ("a U-Net (a segmentation model)" if found == "segmentation" else
+                "a CAE encoder (an embedding model)" if found == "embedding" and is_encoder else
+                "the whole autoencoder, not its encoder" if found == "embedding" else
+                f"a model of task {found!r}")
+        hint = (f"; use {model_path.rsplit('/', 1)[0]}/encoder.keras beside it"
+                if task == "embedding" and found == "embedding" else "")
+        raise ModelMismatch(f"{where} is {what} (its sidecar says task {found!r}, model "
+                            f"{meta.get('model')!r}), but this stage needs {_TASKS[task]}{hint}")
+    if list(meta.get("bands") or []) != list(bands):
+        raise BandMismatch(f"{where} was trained on bands {meta.get('bands')} but the run "
                            f"gives {list(bands)}: use the same bands, in the same order, or retrain")
-    rmax = meta["normalisation"]["reflectance_max"]
-    if abs(rmax - reflectance_max) > 1e-9:
-        raise BandMismatch(f"model {model_path} expects reflectance_max {rmax}, the run uses "
+    rmax = (meta.get("normalisation") or {}).get("reflectance_max")
+    if rmax is None or abs(rmax - reflectance_max) > 1e-9:
+        raise BandMismatch(f"{where} expects reflectance_max {rmax}, the run uses "
                            f"{reflectance_max}: set it to {rmax} or retrain")
-    if meta["patch_size"] != size:
-        raise BandMismatch(f"model {model_path} takes {meta['patch_size']} px patches, the run uses "
-                           f"{size}: set the patch/window size to {meta['patch_size']}")
+    if meta.get("patch_size") != size:
+        what = "patches.size" if task == "embedding" else "segment.window"
+        raise ModelMismatch(f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
+                            f"{size}: set {what} to {meta.get('patch_size')}")
     return meta
+
+
+def check_model_bands(model_path: str, bands: list[str], reflectance_max: float, size: int,
+                      task: str = "embedding") -> dict:
+    """:func:`check_model` (kept for callers that predate the task check)."""
+    return check_model(model_path, task, bands, reflectance_max, size)
 
 
 def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
@@ -69,7 +115,7 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
     few dozen patches and each ``predict`` call sees a full batch.
     """
-    meta = check_model_bands(model_path, bands, reflectance_max, int(index.attrs["patch_size"]))
+    meta = check_model(model_path, "embedding", bands, reflectance_max, int(index.attrs["patch_size"]))
     dim = int(meta["embedding_dim"])
     size = int(index.attrs["patch_size"])
     y0, x0 = index["y0"].values, index["x0"].values

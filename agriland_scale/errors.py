@@ -14,12 +14,17 @@ __all__ = [
     "ConfigError",
     "CorruptInput",
     "EmptyRegion",
+    "LabelError",
+    "ModelMismatch",
     "NoItemsFound",
+    "OutputError",
     "OutputExists",
+    "RunLocked",
     "RegionError",
     "STACServerError",
     "SchedulerError",
     "StageNotBuilt",
+    "Terminated",
     "UnknownCollection",
 ]
 
@@ -65,7 +70,23 @@ class CorruptInput(AgrilandError, OSError):
 
 
 class OutputExists(AgrilandError, FileExistsError):
-    """The output folder holds another run's products."""
+    """The output folder holds another run's products, or files that are not a run's."""
+
+
+class OutputError(AgrilandError, OSError):
+    """The output folder cannot be used: it is a file, read-only, or its run record is damaged."""
+
+
+class RunLocked(AgrilandError, BlockingIOError):
+    """Another process (named in the message) is writing to the same output folder."""
+
+
+class ModelMismatch(AgrilandError, ValueError):
+    """A model file is not the kind of model a stage needs (task, output shape, patch size)."""
+
+
+class LabelError(AgrilandError, ValueError):
+    """Training labels cannot train a model: no positive or no negative pixel, wrong grid."""
 
 
 class BlockFailed(AgrilandError, RuntimeError):
@@ -74,6 +95,11 @@ class BlockFailed(AgrilandError, RuntimeError):
 
 class StageNotBuilt(AgrilandError, NotImplementedError):
     """A requested option exists in the design but is not implemented yet."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM: handled like Ctrl-C (the stage is recorded as
+    interrupted, finished work is kept), and the command exits with 143."""
 
 
 class AgrilandWarning(UserWarning):

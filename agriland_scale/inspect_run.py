@@ -32,24 +32,19 @@ def load_run_record(out_dir: str | Path) -> dict[str, Any]:
     Raises
     ------
     CorruptInput
-        ``out_dir`` is not a folder, has no ``run.json`` (not an agriland run), or its
-        ``run.json`` is not a JSON object.
+        ``out_dir`` is not a folder, or has no ``run.json`` (not an agriland run).
+    OutputError
+        Its ``run.json`` is damaged (not a JSON object).
     """
     out = Path(out_dir)
     if not out.is_dir():
         raise CorruptInput(f"{out} is not a folder: pass the --out folder of an agriland run")
-    path = out / "run.json"
-    if not path.is_file():
+    from .outdir import read_record
+
+    record = read_record(out)  # a damaged run.json: the same advice as `agriland run` gives
+    if record is None:
         raise CorruptInput(f"{out} holds no run.json, so it is not the output folder of an agriland "
                            "run: pass the folder given as --out to 'agriland run' / 'agriland demo'")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptInput(f"{path} is not valid JSON ({e}); the run was probably killed while "
-                           "writing it: re-run the pipeline into this folder to rewrite it") from e
-    if not isinstance(record, dict):
-        raise CorruptInput(f"{path} holds a JSON {type(record).__name__}, not the run record "
-                           "(an object): re-run the pipeline into this folder to rewrite it")
     return record
 
 
@@ -134,6 +129,52 @@ def _stage_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"stage": s, "status": stages.get(s, "not run"), "seconds": timings.get(s)} for s in names]
 
 
+def _stale(record: dict[str, Any]) -> list[dict[str, str]]:
+    """Stages whose products are not current: not done (failed, interrupted, running, or
+    forced away and not redone), with what it means for their products."""
+    stages = record.get("stages") or {}
+    if not stages:
+        return []
+    out = []
+    for s in STAGE_ORDER:
+        status = stages.get(s, "not run")
+        if status == "done":
+            continue
+        why = {"failed": "failed: its products are removed or were never published",
+               "interrupted": "interrupted: finished blocks are kept, the product is not published",
+               "running": "was running (a process holds the folder, or one was killed)",
+               }.get(status, "not run (or forced and not redone): no product")
+        out.append({"stage": s, "status": status, "why": why})
+    return out
+
+
+def _lock_holder(out: Path) -> dict[str, Any] | None:
+    """The process that holds the run folder's lock now (None when free)."""
+    import fcntl
+    import os
+
+    from .outdir import LOCK_NAME
+
+    path = out / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                info = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                info = {}
+            return info if isinstance(info, dict) else {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def summarise_run(out_dir: str | Path) -> dict[str, Any]:
     """Summarise a run's output folder as plain data (JSON-serialisable).
 
@@ -195,6 +236,8 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
         "items": items,
         "products": products,
         "stages": _stage_rows(record),
+        "stale": _stale(record),
+        "locked_by": _lock_holder(out),
         "total_s": (record.get("timings_s") or {}).get("total"),
         "models": models,
         "patches": record.get("patches"),
@@ -233,6 +276,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {s['stage']:<13} {s['status']:<8} {t}")
     if summary.get("total_s") is not None:
         lines.append(f"  {'total':<13} {'':<8} {summary['total_s']:8.1f} s")
+    holder = summary.get("locked_by")
+    if holder is not None:
+        lines.append(f"  in use now by '{holder.get('command', '?')}' (pid {holder.get('pid', '?')} on "
+                     f"{holder.get('host', '?')}, since {holder.get('started', '?')})")
+    for st in summary.get("stale") or []:
+        lines.append(f"  stale: {st['stage']} {st['why']}")
+    if summary.get("stale"):
+        lines.append("  rerun the same command to bring every product up to date")
     lines.append("products:")
     for p in summary["products"]:
         lines.append(f"  {p['path']:<28} {_human(p['bytes']) if p['exists'] else 'missing':>10}")

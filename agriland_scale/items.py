@@ -25,7 +25,8 @@ import pystac
 
 from .errors import BandMismatch, CorruptInput
 
-__all__ = ["ALIASES", "canonical_band", "group_by_zone", "item_epsg", "normalize_items", "scale_offset"]
+__all__ = ["ALIASES", "asset_epsg", "canonical_band", "check_datetime", "group_by_zone", "item_epsg",
+           "normalize_items", "scale_offset"]
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,38 @@ def item_epsg(item: pystac.Item) -> int | None:
     """EPSG code of an item: projection extension v1 (``proj:epsg``) or v2 (``proj:code``),
     on the item or on any asset; ``None`` when the item carries none."""
     for fields in [item.properties] + [a.extra_fields for a in item.assets.values()]:
-        if fields.get("proj:epsg"):
-            return int(fields["proj:epsg"])
-        code = str(fields.get("proj:code") or "")
-        if code.upper().startswith("EPSG:"):
-            return int(code.split(":")[1])
+        epsg = _epsg_of(fields)
+        if epsg is not None:
+            return epsg
     return None
+
+
+def _epsg_of(fields: dict) -> int | None:
+    if fields.get("proj:epsg"):
+        return int(fields["proj:epsg"])
+    code = str(fields.get("proj:code") or "")
+    if code.upper().startswith("EPSG:"):
+        return int(code.split(":")[1])
+    return None
+
+
+def asset_epsg(item: pystac.Item, band: str) -> int | None:
+    """EPSG code declared for one asset: its own ``proj:epsg``/``proj:code`` (which
+    overrides the item's, as the projection extension says), else the item's (see
+    :func:`item_epsg`); ``None`` when neither declares one."""
+    asset = item.assets.get(band)
+    own = _epsg_of(asset.extra_fields) if asset is not None else None
+    return own if own is not None else item_epsg(item)
+
+
+def check_datetime(item: pystac.Item) -> None:
+    """Raise :class:`CorruptInput` when ``item`` says nothing of when it was acquired: no
+    ``datetime`` and no ``start_datetime`` (items are grouped by day and sorted by time)."""
+    if item.datetime is None and not item.properties.get("start_datetime"):
+        raise CorruptInput(
+            f"item {item.id} has no datetime and no start_datetime: a Sentinel-2 item must say "
+            "when it was acquired. Fix the item (set properties.datetime, or start_datetime and "
+            "end_datetime) or drop it from the catalog / the search")
 
 
 def _canonical_assets(item: pystac.Item) -> pystac.Item:
@@ -73,17 +100,22 @@ def _canonical_assets(item: pystac.Item) -> pystac.Item:
     return item
 
 
-def _read_grid(href: str) -> tuple[int, list[int], list[float]]:
+def _read_grid(item_id: str, band: str, href: str) -> tuple[int, list[int], list[float]]:
     import rasterio
 
     try:
         with rasterio.open(href) as ds:
             if ds.crs is None or ds.crs.to_epsg() is None:
-                raise CorruptInput(f"{href} has no EPSG CRS in its header: cannot place it")
+                raise CorruptInput(
+                    f"item {item_id}: asset '{band}' ({href}) has no EPSG CRS in its header and the "
+                    "item has no proj:* fields: cannot place it. Add proj:code (or proj:epsg), "
+                    "proj:shape and proj:transform to the item, or drop it")
             return ds.crs.to_epsg(), [ds.height, ds.width], list(ds.transform)[:6]
     except rasterio.errors.RasterioIOError as e:
-        raise CorruptInput(f"cannot read the header of {href} ({e}): the item has no proj:* "
-                           "fields, so the grid must come from the file") from None
+        raise CorruptInput(
+            f"item {item_id}: cannot read the header of asset '{band}' ({href}): {e}. The item has "
+            "no proj:* fields, so the grid must come from the file: download it again, fix the "
+            "asset's href, or drop the item") from None
 
 
 def _fill_projection(item: pystac.Item, bands: Sequence[str]) -> pystac.Item:
@@ -98,7 +130,8 @@ def _fill_projection(item: pystac.Item, bands: Sequence[str]) -> pystac.Item:
     item = item.clone()
     ProjectionExtension.add_to(item)  # readers such as odc-stac look for the declared extension
     for b in missing or [next(iter(bands))]:
-        epsg, shape, transform = _read_grid(item.assets[b].get_absolute_href() or item.assets[b].href)
+        href = item.assets[b].get_absolute_href() or item.assets[b].href
+        epsg, shape, transform = _read_grid(item.id, b, href)
         item.assets[b].extra_fields.update({"proj:shape": shape, "proj:transform": transform})
         item.properties.setdefault("proj:epsg", epsg)
     log.info("item %s: proj:* read from the files of %s", item.id, missing)
@@ -109,9 +142,12 @@ def normalize_items(items: Sequence[pystac.Item], bands: Sequence[str]) -> list[
     """Copies of ``items`` with canonical asset keys and complete projection fields.
 
     ``bands`` are canonical names (see :func:`canonical_band`). Raises
-    :class:`BandMismatch` naming the item and the missing band. Headers of items without
-    ``proj:*`` are read in parallel (one small read per asset).
+    :class:`BandMismatch` naming the item and the missing band, and :class:`CorruptInput`
+    naming an item without any datetime (see :func:`check_datetime`). Headers of items
+    without ``proj:*`` are read in parallel (one small read per asset).
     """
+    for item in items:
+        check_datetime(item)
     out = [_canonical_assets(i) for i in items]
     for item in out:
         missing = [b for b in bands if b not in item.assets]

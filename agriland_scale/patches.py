@@ -13,6 +13,8 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
+from .errors import RegionError
+
 __all__ = [
     "blend_weight",
     "iter_batches",
@@ -31,8 +33,9 @@ def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[np.ndar
     stride at the bottom/right is not covered by any patch.
     """
     if size > min(height, width):
-        raise ValueError(f"patch size {size} px is larger than the cube ({height} x {width} px); "
-                         "use a larger region or smaller patches.size")
+        raise RegionError(f"the region's cube is {height} x {width} px, smaller than one patch of "
+                          f"{size} x {size} px (patches.size): enlarge search.bbox / search.region "
+                          "(a patch covers size x cube.resolution metres a side) or lower patches.size")
     rows = np.arange(0, height - size + 1, stride)
     cols = np.arange(0, width - size + 1, stride)
     return rows, cols

@@ -42,11 +42,11 @@ import xarray as xr
 from . import cube as cube_mod
 from . import embed as embed_mod
 from . import patches as patches_mod
-from . import publish, segment, stac
+from . import outdir, publish, segment, stac
 from .cluster import cluster_map
 from .cluster_report import write_cluster_products
 from .cluster_stream import fit_clusters_streaming
-from .config import RunConfig, resolve_path
+from .config import RunConfig, check_input_files, resolve_path
 from .errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound, OutputExists
 from .items import normalize_items
 from .labels import IGNORE, load_labels
@@ -54,7 +54,7 @@ from .report import write_report
 from .resume import Products
 from .runtime import dask_client, gpu_resources
 from .stac_out import write_stac
-from .train import train_cae, train_unet
+from .train import train_cae, train_unet, training_windows
 
 __all__ = ["DEPENDS", "STAGES", "run", "stages_needed"]
 
@@ -127,34 +127,41 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return keys
 
 
-_OUTPUTS = ("agriland.zarr", ".partial", "models", "cog", "clusters", "stac", "items.json", "run.json",
-            "report.html")
-
-
 def _prepare_output(out: Path, cfg: RunConfig, overwrite: bool, force: Iterable[str]) -> dict[str, Any] | None:
-    """Check ``out`` and return the earlier run's record to resume (``None``: a fresh run)."""
-    run_json = out / "run.json"
-    if overwrite and out.exists():
-        for name in _OUTPUTS:
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        for p in out.glob("quicklook*.png"):
-            p.unlink()
+    """Check ``out`` (locked by the caller) and return the earlier run's record to resume or
+    to overwrite (``None``: a fresh run). Changes nothing on disk.
+
+    Raises
+    ------
+    OutputExists
+        ``out`` holds files of no agriland run (refused also with ``overwrite``: they are not
+        ours to delete), another run without ``overwrite``, or a run whose finished stages
+        used a config section that changed (without ``force`` of that stage).
+    OutputError
+        ``run.json`` is damaged.
+    """
+    old = outdir.read_record(out)
+    if old is None:
+        foreign = outdir.foreign_entries(out)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExists(
+                f"{out} already holds files that no agriland run wrote ({shown}). agriland writes a "
+                "new run only into an empty or new folder, and never deletes files it did not "
+                "write: choose an empty or new --out folder")
         return None
-    if not run_json.exists():
-        if out.exists() and any(p.name != "logs" for p in out.iterdir()):
-            raise OutputExists(f"{out} is not empty and holds no agriland run: choose an empty or new "
-                               "--out folder, or pass --overwrite")
-        return None
-    try:
-        old = json.loads(run_json.read_text())
-    except json.JSONDecodeError:
-        raise OutputExists(f"{out}/run.json is damaged: pass --overwrite to start the run over") from None
+    if overwrite:
+        if "files" not in old:
+            raise OutputExists(
+                f"the run in {out} was written by an older agriland-scale that did not record its "
+                "files, so --overwrite cannot tell them from yours: delete that folder yourself if "
+                "you no longer need it, or choose another --out folder")
+        return old
     old_cfg = old.get("config") or {}
     if old_cfg.get("name") != cfg.name:
         raise OutputExists(f"{out} holds another run (run.json with a different config "
-                           f"'{old_cfg.get('name', '?')}'): choose another --out, or pass "
-                           "--overwrite to replace it")
+                           f"'{str(old_cfg.get('name', '?'))[:80]}'): choose another --out, or pass "
+                           "--overwrite to replace it (only the files that run wrote are deleted)")
     new_cfg = json.loads(cfg.model_dump_json())
     changed = [k for k in _changed_keys(old_cfg, new_cfg) if not k.startswith("runtime.")]
     forced = dependents(force)
@@ -174,9 +181,42 @@ def _prepare_output(out: Path, cfg: RunConfig, overwrite: bool, force: Iterable[
     return old
 
 
+def _remove_run(out: Path, old: dict[str, Any]) -> None:
+    """Delete what the run recorded in ``old`` wrote (``--overwrite``), nothing else."""
+    files = [f for fs in (old.get("files") or {}).values() for f in fs]
+    for name in outdir.OWNED_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    outdir.remove_files(out, files)
+    (out / "run.json").unlink(missing_ok=True)
+    log.info("--overwrite: removed the earlier run's store and %d file(s)", len(files))
+
+
+def _preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str]) -> None:
+    """Checks of the inputs the stages to run will read, before anything is changed or started:
+    local files named in the config, and models given as ``embed.model``/``segment.model``."""
+    check_input_files(cfg)
+    done = (old or {}).get("stages") or {}
+
+    def to_run(stage: str) -> bool:
+        return stage in wanted and (done.get(stage) != "done" or stage in forced)
+
+    valid = ((old or {}).get("patches") or {}).get("valid")
+    if to_run("clusters") and not to_run("patches") and valid is not None and valid < cfg.cluster.k:
+        raise ConfigError(f"cluster.k is {cfg.cluster.k} but the run's region has only {valid} valid "
+                          f"patch(es): set cluster.k to at most {valid}" if valid >= 2 else
+                          f"the run's region has only {valid} valid patch(es), too few to cluster: "
+                          "enlarge the region")
+    if cfg.embed.model and (to_run("cae") or to_run("embeddings")):
+        embed_mod.check_model(cfg.embed.model, "embedding", cfg.embed.bands, cfg.embed.reflectance_max,
+                              cfg.patches.size, key="embed.model")
+    if cfg.segment.model and (to_run("unet") or to_run("segmentation")):
+        embed_mod.check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
+                              cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+
+
 def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
         report: Report | None = None, progress: Progress | None = None, until: str | None = None,
-        force: Iterable[str] = ()) -> dict[str, Any]:
+        force: Iterable[str] = (), command: str = "agriland run") -> dict[str, Any]:
     """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
 
     ``scheduler`` (or ``cfg.runtime.scheduler``) connects to an existing Dask cluster;
@@ -184,34 +224,69 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     ``progress(label, done, total)`` block counts. ``until`` stops after that stage (and runs
     only what it needs: ``"cae"`` trains the autoencoder, ``"unet"`` the U-Net). On a folder
     holding an unfinished or finished run of the same config, finished work is kept (see the
-    module doc); ``force`` names stages to redo with their dependents.
+    module doc); ``force`` names stages to redo with their dependents (their products, COGs,
+    gallery and STAC files are removed before they are redone). ``overwrite`` replaces
+    another run, deleting only the files that run recorded as its own.
+
+    The folder is locked for the whole call (:class:`~agriland_scale.outdir.RunLock`,
+    ``command`` names this process in the lock); every check of the folder, the config's
+    files and given models happens before anything in it changes.
+
+    Raises
+    ------
+    RunLocked
+        Another process writes to ``out``.
+    OutputExists, OutputError
+        ``out`` cannot take this run (see :func:`_prepare_output`).
     """
-    out = Path(out).resolve()
+    out = Path(out).expanduser().resolve()
     force = list(force)
     wanted = stages_needed(until)
-    old = _prepare_output(out, cfg, overwrite, force)
-    out.mkdir(parents=True, exist_ok=True)
+    forced = dependents(force)
+    say = _say(report)
+    with outdir.locked(out, command, notice=say):
+        old = _prepare_output(out, cfg, overwrite, force)
+        _preflight(cfg, wanted, None if overwrite else old, forced)
+        if overwrite and old is not None:
+            _remove_run(out, old)
+            old = None
+        return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until)
+
+
+def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
+                scheduler: str | None, say: Report, progress: Progress | None, until: str | None
+                ) -> dict[str, Any]:
     (out / "models").mkdir(exist_ok=True)
     record: dict[str, Any] = {
         "config": json.loads(cfg.model_dump_json()), "versions": publish.package_versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings_s": {}, "stages": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings_s": {}, "stages": {}, "files": {},
     }
     if old:
-        kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages")}
+        kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages", "files")}
         record |= kept
         record["stages"] = dict(old.get("stages") or {})
+        record["files"] = {k: list(v) for k, v in (old.get("files") or {}).items()}
         record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
         record.setdefault("attempts", 1)
         record["attempts"] += 1
     products = Products(out)
-    for stage in sorted(dependents(force), key=STAGES.index) if force else []:
-        if record["stages"].pop(stage, None):
-            record["timings_s"].pop(stage, None)
-        for zone in (record.get("zones") or {}).values():
-            if stage in _GROUPS:
-                products.discard(zone.get("prefix", "") + _GROUPS[stage])
+    if force:
+        # what the forced stages made goes before they are redone: no reader may open a
+        # product, COG, gallery or STAC file that is no longer current
+        for stage in sorted(dependents(force), key=STAGES.index):
+            if record["stages"].pop(stage, None):
+                record["timings_s"].pop(stage, None)
+            for zone in (record.get("zones") or {}).values():
+                if stage in _GROUPS:
+                    products.discard(zone.get("prefix", "") + _GROUPS[stage])
+                if stage == "unet":  # the label raster it trained on
+                    products.discard(zone.get("prefix", "") + "labels")
+            if stage == "publish":
+                products.discard("mosaic")
+            outdir.remove_files(out, record["files"].pop(stage, []))
+        outdir.remove_files(out, record["files"].pop("report", []))
+    publish.write_json(record, out / "run.json")  # a record from the start: a killed run is ours too
     handler = _log_file(out)
-    say = _say(report)
     say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
     try:
@@ -221,10 +296,14 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         publish.write_json(record, out / "run.json")
         if until is None or until == "publish":
+            before = outdir.snapshot(out)
             try:  # also for a failed run: the report shows what exists and where it stopped
                 write_report(out)
             except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
                 log.warning("could not write %s: %s", out / "report.html", e)
+            record["files"]["report"] = sorted(set(record["files"].get("report", []))
+                                               | set(outdir.changed_since(out, before)))
+            publish.write_json(record, out / "run.json")
         say(f"done in {record['timings_s']['total']:.0f} s: {out}")
         _close_log(handler)
     return record
@@ -340,6 +419,7 @@ class _Run:
 
     def run(self, wanted: list[str], scheduler: str | None) -> None:
         rec = self.record
+        self.wanted = wanted
         with dask_client(self.cfg.runtime, scheduler) as client:
             self.client = client
             rec["dashboard"] = client.dashboard_link
@@ -355,14 +435,22 @@ class _Run:
                 t0 = time.perf_counter()
                 rec["stages"][stage] = "running"
                 publish.write_json(rec, self.out / "run.json")
+                before = outdir.snapshot(self.out)
                 try:
                     getattr(self, "_" + stage)()
+                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
+                    rec["stages"][stage] = "interrupted"
+                    rec["error"] = f"{stage}: interrupted"
+                    raise
                 except BaseException as e:
                     rec["stages"][stage] = "failed"
                     rec["error"] = f"{stage}: {e}"
                     raise
                 finally:
                     rec["timings_s"][stage] = time.perf_counter() - t0
+                    # what the stage wrote is the run's to replace or delete later, nothing else
+                    rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
+                                                 | set(outdir.changed_since(self.out, before)))
                 rec["stages"][stage] = "done"
                 rec.pop("error", None)
                 publish.write_json(rec, self.out / "run.json")
@@ -398,7 +486,11 @@ class _Run:
             items, bad = cube_mod.check_assets(items, bands, cfg.cube.on_bad_asset)
             rec["inputs"]["skipped_assets"] = bad
             if not items:
-                raise NoItemsFound(f"every found item has an unreadable asset ({bad[0]['error']} ...)")
+                b = bad[0]
+                raise NoItemsFound(
+                    f"every found item has a bad asset and cube.on_bad_asset is 'skip', so none is left: "
+                    f"e.g. item {b['item']}, asset '{b['asset']}' ({b['href']}): {str(b['error'])[:300]}. "
+                    "Fix or download the assets again, or widen the search")
         cubes = cube_mod.load_zone_cubes(items, cfg.cube, region, normalized=True)
         multi = len(cubes) > 1
         zones, empty = {}, []
@@ -449,11 +541,20 @@ class _Run:
         if len(self.record["zones"]) == 1:
             self.record["patches"]["grid"] = next(iter(zones.values()))["patches"]["grid"]
         self.say(f"patches: {self.record['patches']['count']} ({self.record['patches']['valid']} valid)")
+        valid, k = self.record["patches"]["valid"], self.cfg.cluster.k
+        if valid < k and "clusters" in self.wanted:  # refused here, not after hours of CAE training
+            fix = f"set cluster.k to at most {valid}, or " if valid >= 2 else ""
+            raise ConfigError(
+                f"cluster.k is {k} but the region has only {valid} valid patch(es) (of "
+                f"{self.record['patches']['count']}; a patch is valid with at least "
+                f"{self.cfg.patches.min_valid_fraction:.0%} clear pixels): {fix}enlarge the region, "
+                "lower patches.stride or lower patches.min_valid_fraction")
 
     def _cae(self) -> None:
         e, cfg = self.cfg.embed, self.cfg
         if e.model:  # a CAE encoder trained before (agriland train-cae), maybe on another region
-            meta = embed_mod.check_model_bands(e.model, e.bands, e.reflectance_max, cfg.patches.size)
+            meta = embed_mod.check_model(e.model, "embedding", e.bands, e.reflectance_max, cfg.patches.size,
+                                         key="embed.model")
             self.record["cae"] = {"encoder_path": e.model, "given": True,
                                   "training_region": meta.get("training_region")}
             self.say(f"CAE: using the encoder {e.model} (trained on '{meta.get('training_region')}')")
@@ -534,7 +635,8 @@ class _Run:
     def _unet(self) -> None:
         s, cfg = self.cfg.segment, self.cfg
         if s.model:  # a U-Net trained before (agriland train-unet), maybe on another region
-            meta = embed_mod.check_model_bands(s.model, s.bands, s.reflectance_max, s.window)
+            meta = embed_mod.check_model(s.model, "segmentation", s.bands, s.reflectance_max, s.window,
+                                         key="segment.model")
             self.record["unet"] = {"model_path": s.model, "given": True,
                                    "training_region": meta.get("training_region"),
                                    "validation_metrics": meta.get("validation_metrics")}
@@ -547,6 +649,9 @@ class _Run:
         labels = self._labels()
         # the U-Net learns in the zone with the most labelled pixels, then maps every zone
         train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
+        # labels that cannot train (no positive or no negative pixel) stop here, not after training
+        training_windows(np.asarray(labels[train_zone].values), s,
+                         f"the labels {resolve_path(s.labels, Path.cwd())} (zone {train_zone})")
         path = str(self.models / "unet.keras")
         # the training task reads the label raster from the store (a full tile's is 120 MB:
         # not something to send through the scheduler)

@@ -51,27 +51,42 @@ class Region:
 
 
 def read_region_file(path: str | Path) -> Region:
-    """Read polygons (GeoJSON, GeoPackage, GeoParquet, Shapefile…) in any CRS as a Region."""
+    """Read polygons (GeoJSON, GeoPackage, GeoParquet, Shapefile…) in any CRS as a Region.
+
+    A missing file, a folder, a file that is not geodata, or one without polygons raises
+    :class:`RegionError` / :class:`CorruptInput` naming the file and what to give instead.
+    """
     import geopandas as gpd
 
     p = Path(path)
+    give = "give a GeoJSON, GeoPackage or GeoParquet file of polygons (fix search.region)"
     if not p.exists():
         raise RegionError(f"region file {p} does not exist: fix search.region")
+    if p.is_dir():
+        raise RegionError(f"region file {p} is a folder: {give}")
     try:
         df = gpd.read_parquet(p) if p.suffix.lower() in (".parquet", ".geoparquet") else gpd.read_file(p)
     except Exception as e:  # noqa: BLE001 - any reader error means the same to the user
-        raise CorruptInput(f"cannot read region file {p} ({type(e).__name__}: {e}): give a GeoJSON, "
-                           "GeoPackage or GeoParquet file of polygons") from None
-    if df.empty:
-        raise RegionError(f"region file {p} holds no features")
+        reason = " ".join(str(e).split())
+        if "not recognized as being in a supported file format" in reason:  # GDAL's words
+            reason = "not a geodata file format GDAL can read"
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        raise CorruptInput(f"cannot read region file {p} ({type(e).__name__}: {reason}): {give}") from None
+    if df.empty or not hasattr(df, "geometry"):
+        raise RegionError(f"region file {p} holds no features: {give}")
+    geom = df.geometry
+    geom = geom[geom.notna() & ~geom.is_empty]
+    if geom.empty:
+        raise RegionError(f"region file {p} holds no geometry (only empty or null ones): {give}")
     if df.crs is None:
         raise RegionError(f"region file {p} has no CRS: write it with one (GeoJSON is lon/lat)")
-    geom = df.to_crs(4326).geometry
+    geom = geom.to_crs(4326)
     polys = geom[geom.geom_type.isin(["Polygon", "MultiPolygon"])]
     if polys.empty:
-        raise RegionError(f"region file {p} holds no polygons (found {sorted(set(geom.geom_type))})")
+        raise RegionError(f"region file {p} holds no polygons (found {sorted(set(geom.geom_type))}): "
+                          f"the region is an area; {give}")
     union = shapely.make_valid(shapely.union_all(polys.values))
-    minx, miny, maxx, maxy = union.bounds
+    minx, _, maxx, _ = union.bounds
     if maxx - minx > 180:
         raise RegionError(f"region file {p} spans {maxx - minx:.0f} degrees of longitude: a region "
                           "crossing the antimeridian is not supported; split it in two runs")

@@ -58,10 +58,31 @@ class Products:
         return self.out / ".partial" / (group.replace("/", "__") + ".blocks")
 
     def discard(self, group: str) -> None:
-        """Remove ``group`` from the store and from staging (to redo it)."""
+        """Remove ``group`` from the store and from staging (to redo it).
+
+        The store's consolidated metadata is rewritten without it, so that no reader opens
+        the removed product from a stale listing (its arrays would read as fill values).
+        """
+        existed = (self.store / group).exists()
         for p in (self.store / group, self.staging / group):
             shutil.rmtree(p, ignore_errors=True)
         self._journal(group).unlink(missing_ok=True)
+        if existed:
+            self._reconsolidate()
+
+    def _reconsolidate(self) -> None:
+        """Keep the root's consolidated metadata equal to the store: rewrite it when the root
+        carries one (the publish stage consolidates; stages that change a group later
+        must not leave a listing that disagrees with the groups on disk)."""
+        root = self.store / "zarr.json"
+        try:
+            meta = json.loads(root.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if meta.get("consolidated_metadata"):
+            from .publish import consolidate
+
+            consolidate(self.store)
 
     def _publish(self, group: str) -> None:
         import zarr
@@ -71,11 +92,15 @@ class Products:
         if parent != ".":
             zarr.open_group(str(self.store), path=parent, mode="a", zarr_format=3)
         dest = self.store / group
-        if dest.exists():
-            shutil.rmtree(dest)
+        old = self.out / ".partial" / ("replaced__" + group.replace("/", "__"))
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():  # moved aside, not deleted in place: no reader sees it half-removed
+            os.replace(dest, old)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.staging / group, dest)
+        shutil.rmtree(old, ignore_errors=True)
         self._journal(group).unlink(missing_ok=True)
+        self._reconsolidate()
 
     def write(self, ds: xr.Dataset, group: str) -> None:
         """Write a small product at once (computed by the active Dask client), then publish it."""

@@ -26,7 +26,7 @@ import xarray as xr
 
 from . import _worker
 from .cube import open_cube, write_georef
-from .embed import check_model_bands
+from .embed import check_model
 from .patches import blend_weight, normalise, window_starts
 
 __all__ = ["predict_block", "segment_region"]
@@ -174,7 +174,7 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
     Output chunks of ``block`` x ``block`` px; every window is predicted once (see the module
     docstring). Compute or write with a Dask client; model tasks carry ``resources``.
     """
-    check_model_bands(model_path, bands, reflectance_max, window)
+    check_model(model_path, "segmentation", bands, reflectance_max, window)
     H, W = cube.sizes["y"], cube.sizes["x"]
     rs_all, cs_all = _grid(H, window, overlap), _grid(W, window, overlap)
     row_groups, col_groups = _groups(rs_all, H, window, block), _groups(cs_all, W, window, block)

@@ -27,7 +27,7 @@ from pystac_client import Client
 from pystac_client.exceptions import APIError
 
 from .config import SearchConfig, resolve_path
-from .errors import NoItemsFound, STACServerError, UnknownCollection
+from .errors import CorruptInput, NoItemsFound, STACServerError, UnknownCollection
 from .items import item_epsg
 from .region import Region, read_region_file
 
@@ -157,7 +157,9 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     cloud-cover limit is sent to the server when it supports the Query extension and is
     applied on the client otherwise (a server that ignores an unsupported filter can answer
     with zero items and HTTP 200). With ``sign: planetary-computer`` asset hrefs are signed.
-    Items are sorted by datetime and id.
+    Items are sorted by datetime and id. An item the server returns without any datetime
+    (no ``datetime``, no ``start_datetime``) or that pystac cannot parse raises
+    :class:`CorruptInput` naming it.
     """
     region = region_of(cfg)
     client = open_api(api_url)
@@ -166,7 +168,7 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     if unknown:
         raise UnknownCollection(f"collection(s) {unknown} not offered by {api_url}; it offers "
                                 f"{sorted(offered)}: fix search.collections")
-    kwargs: dict[str, Any] = dict(collections=cfg.collections, datetime=cfg.datetime, limit=cfg.limit)
+    kwargs: dict[str, Any] = {"collections": cfg.collections, "datetime": cfg.datetime, "limit": cfg.limit}
     if region.is_box:
         kwargs["bbox"] = list(region.bbox)
     else:
@@ -175,7 +177,7 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     if server_filter:
         kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud_cover}}
     try:
-        items = list(client.search(**kwargs).items())
+        items = [_parse_item(d, client, api_url) for d in client.search(**kwargs).items_as_dicts()]
     except APIError as e:
         raise STACServerError(f"search on {api_url} failed: {e}") from None
     if cfg.max_cloud_cover is not None and not server_filter:
@@ -192,6 +194,25 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
         items = sign_planetary_computer(items)
     log.info("search found %d item(s)", len(items))
     return items
+
+
+def _parse_item(d: dict[str, Any], client: Client, api_url: str) -> pystac.Item:
+    """One item of a search answer, or :class:`CorruptInput` naming it when pystac refuses it
+    (an item without ``datetime`` and without ``start_datetime``/``end_datetime``: a server
+    such as rustac returns it for every datetime range, since it cannot place it in time)."""
+    props = d.get("properties") or {}
+    item_id = d.get("id", "<without id>")
+    if not props.get("datetime") and not props.get("start_datetime"):
+        raise CorruptInput(
+            f"item {item_id} (collection {d.get('collection')}, from {api_url}) has no datetime and no "
+            "start_datetime: a Sentinel-2 item must say when it was acquired. Fix the item (set "
+            "properties.datetime, or start_datetime and end_datetime) or drop it from the catalog")
+    try:
+        return pystac.Item.from_dict(d, root=client, preserve_dict=False)
+    except (pystac.STACError, ValueError, KeyError, TypeError) as e:
+        raise CorruptInput(
+            f"item {item_id} (collection {d.get('collection')}, from {api_url}) is not a valid STAC item "
+            f"({type(e).__name__}: {e}): fix the item or drop it from the catalog") from None
 
 
 def sign_planetary_computer(items: list[pystac.Item]) -> list[pystac.Item]:

@@ -17,13 +17,13 @@ import xarray as xr
 from . import _worker
 from .config import EmbedConfig, SegmentConfig
 from .cube import open_cube
-from .errors import CorruptInput, EmptyRegion
+from .errors import CorruptInput, LabelError
 from .items import canonical_band
 from .labels import IGNORE
 from .models.mlm import write_mlm_item
 from .patches import read_patches, window_starts
 
-__all__ = ["train_cae", "train_unet", "unet_augment_fn", "unet_windows"]
+__all__ = ["train_cae", "train_unet", "training_windows", "unet_augment_fn", "unet_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,40 @@ def unet_augment_fn(n_bands: int, seed: int, *, brightness: bool = True):
     return augment
 
 
+def training_windows(label: np.ndarray, cfg: SegmentConfig, where: str = "the labels"
+                     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """:func:`unet_windows` of ``label`` (half-window stride), refusing labels that cannot
+    train a U-Net: no training or validation window, or no agricultural (1) or no other (0)
+    pixel in the training windows. Cheap (NumPy on the label raster): the pipeline calls it
+    before it starts a training task, and the task again.
+
+    Raises
+    ------
+    LabelError
+        Naming ``where`` (the label source), the counts found and what to do.
+    """
+    win, tc = cfg.window, cfg.train
+    tr, va, split = unet_windows(label, win, win // 2, cfg)
+    if not tr or not va:
+        raise LabelError(f"{where} give {len(tr)} training and {len(va)} validation windows of "
+                         f"{win} px (validation: the {tc.validation} {tc.validation_fraction:.0%} of "
+                         "the region): label pixels on both sides, or change "
+                         "segment.train.validation / validation_fraction")
+    seen = np.zeros(256, dtype=np.int64)
+    for r, c in tr:
+        seen += np.bincount(label[r:r + win, c:c + win].ravel(), minlength=256)[:256]
+    pos, neg = int(seen[1]), int(seen[0])
+    if pos == 0 or neg == 0:
+        missing = "agricultural (positive)" if pos == 0 else "other (negative)"
+        raise LabelError(
+            f"{where} hold {pos:,} agricultural and {neg:,} other pixels in the training area "
+            f"({len(tr)} windows of {win} px outside the {tc.validation} validation part): with no "
+            f"{missing} pixel the U-Net cannot learn. Add {missing} polygons (class values in "
+            f"segment.positive_classes {list(cfg.positive_classes)} count as agricultural, any other "
+            "class as other)")
+    return tr, va, split
+
+
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     valid = y != IGNORE
     yt, yp = y[valid] == 1, p[valid] >= 0.5
@@ -216,10 +250,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
                            f"({cube.sizes['y']}, {cube.sizes['x']}) of group '{group}': rerun the "
                            "unet stage (agriland run ... --force unet)")
     win, tc = cfg.window, cfg.train
-    tr, va, split = unet_windows(label, win, win // 2, cfg)
-    if not tr or not va:
-        raise EmptyRegion(f"labels give {len(tr)} training and {len(va)} validation windows of "
-                          f"{win} px (validation side {tc.validation}): label both parts of the region")
+    tr, va, split = training_windows(label, cfg, f"the labels {label_source or ''}".rstrip())
 
     def load(offsets):
         ys = np.array([o[0] for o in offsets]); xs = np.array([o[1] for o in offsets])

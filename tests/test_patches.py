@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from agriland_scale.errors import RegionError
 from agriland_scale.patches import (blend_weight, patch_grid, patch_index, patch_map_transform,
                                     read_patches, window_starts)
 
@@ -12,7 +13,7 @@ def test_grid_counts():
     rows, cols = patch_grid(1024, 1024, 256, 256)
     assert list(rows) == [0, 256, 512, 768] and list(cols) == list(rows)
     assert len(patch_grid(1024, 1000, 256, 128)[1]) == 6
-    with pytest.raises(ValueError, match="larger than the cube"):
+    with pytest.raises(RegionError, match="smaller than one patch"):
         patch_grid(100, 1024, 256, 256)
 
 

@@ -22,3 +22,16 @@ def test_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(SchedulerError, match="no Dask scheduler answers at tcp://127.0.0.1:9"):
         with dask_client(RuntimeConfig(), "tcp://127.0.0.1:9"):
             pass
+
+
+def test_dashboard_listens_on_loopback_only_by_default():
+    assert RuntimeConfig().dashboard_address.startswith("127.0.0.1:")
+
+    def hosts(address: str) -> set[str]:
+        cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=address)
+        with dask_client(cfg) as client:
+            server = client.cluster.scheduler.http_server
+            return {s.getsockname()[0] for s in server._sockets.values()}
+
+    assert hosts("127.0.0.1:0") == {"127.0.0.1"}
+    assert hosts(":0") - {"127.0.0.1", "::1"}  # opened to the network only when asked

@@ -235,3 +235,23 @@ def test_via_round_trip_on_the_demo_run(demo_run, tmp_path):
         assert src.crs.to_epsg() == 32618 and src.transform == cube.rio.transform()
         r, c = src.index(*cube.rio.transform() @ (x0 + 100.5, y0 + 50.5))
         assert (r, c) == (y0 + 50, x0 + 100) and src.read(1)[r, c] == 1
+
+
+def test_via_names_cannot_reach_outside_the_export(store, cube, tmp_path):
+    """Path traversal in a VIA project or in the sidecar never reads or deletes a file outside."""
+    path, _, _ = store
+    out = tmp_path / "via"
+    export_via(path, out, [2])
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep")
+    side = json.loads((out / "patches.json").read_text())
+    side["patches"]["../victim.png"] = next(iter(side["patches"].values()))
+    (out / "patches.json").write_text(json.dumps(side))
+    export_via(path, out, [1], overwrite=True)  # removes the earlier export's PNGs it listed
+    assert victim.read_bytes() == b"keep"
+    proj = _project(out)
+    proj["_via_img_metadata"]["evil"] = {"filename": "../../../../etc/passwd", "size": 1, "file_attributes": {},
+                                         "regions": [_polygon([1, 5, 5], [1, 1, 5])]}
+    (out / "evil.json").write_text(json.dumps(proj))
+    with pytest.raises(CorruptInput, match=r"'\.\./\.\./\.\./\.\./etc/passwd'.*not in"):
+        import_via(out / "evil.json", cube)

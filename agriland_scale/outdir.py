@@ -1,0 +1,280 @@
+"""The output folder of a run: one writer at a time, and only our own files deleted.
+
+Two guarantees live here, used by every command that writes into a run folder
+(``run``, ``demo``, ``train-cae``, ``train-unet``, ``report``, ``export-labels``,
+``import-labels``):
+
+**One writer.** :class:`RunLock` takes ``OUT/.agriland.lock``: an exclusive ``flock`` on the
+file, held for the command's lifetime, and in the file the holder's host, pid, command and
+start time. A second process finds the lock held and refuses with :class:`RunLocked`,
+naming the holder; the first is not touched. The kernel drops a ``flock`` when its process
+dies, so a lock file left by a killed process is recognised as stale; it is reported and
+taken over only when the holder is on this host and its pid no longer runs. A stale-looking
+lock from another host (a shared filesystem) is never taken over: the message says how to
+remove it once you know that run has ended.
+
+**Our files only.** A run records in ``run.json`` (``files``: ``{stage: [relative path,
+...]}``) every file each stage created or rewrote, found by comparing the folder before and
+after the stage (:func:`snapshot`, :func:`changed_since`). The Zarr store and the staging
+folder are ours as wholes (a new run only starts in an empty folder). ``--overwrite`` and
+``--force`` delete exactly what the record lists (:func:`remove_files`) and then the
+folders this left empty, never a file a run of ours did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError, RunLocked
+
+__all__ = ["LOCK_NAME", "OWNED_DIRS", "RunLock", "changed_since", "check_writable", "foreign_entries",
+           "locked", "read_record", "remove_files", "snapshot"]
+
+LOCK_NAME = ".agriland.lock"
+# folders that belong to a run as a whole (never mixed with a user's files)
+OWNED_DIRS = ("agriland.zarr", ".partial")
+# entries a run folder may hold before any run: what earlier invocations of ours leave
+_NEUTRAL = {LOCK_NAME, "logs"}
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder this process cannot write into.
+
+    Raises
+    ------
+    OutputError
+        ``out`` (or a parent) is a file, or is read-only.
+    """
+    for p in [out, *out.parents]:
+        if p.exists():
+            if not p.is_dir():
+                what = f"--out {out}" if p == out else f"{p}, a parent of --out {out},"
+                raise OutputError(f"{what} is a file, not a folder: choose a folder for the run's "
+                                  f"outputs (it is created if missing), e.g. {out.with_suffix('')}-run")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise OutputError(f"cannot write into {p} (permission denied): choose an --out folder "
+                                  "you can write to")
+            return
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names in ``out`` that no earlier command of ours leaves in a folder without a run."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in _NEUTRAL)
+
+
+def read_record(out: Path) -> dict[str, Any] | None:
+    """``OUT/run.json`` as a dict, ``None`` when the folder has none.
+
+    Raises
+    ------
+    OutputError
+        run.json exists but cannot be read as a JSON object. The message is the same for
+        ``agriland run`` and ``agriland inspect``: the record lists what the run wrote, so
+        without it nothing in the folder can be told apart from a user's files.
+    """
+    path = out / "run.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        rec, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = f"it holds a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec, dict):
+        raise OutputError(
+            f"{path} is damaged ({why[:200]}). It is the record of what the run in {out} wrote, so "
+            "agriland cannot resume it or tell its files from others: restore run.json (from a "
+            "backup), or move that folder away and run again into a new --out folder")
+    return rec
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of the files under ``out``, except the owned
+    folders (:data:`OWNED_DIRS`), the logs and the lock (cheap: a few hundred files)."""
+    found: dict[str, tuple[int, int]] = {}
+    if not out.is_dir():
+        return found
+    for root, dirs, files in os.walk(out):
+        rel_root = os.path.relpath(root, out)
+        if rel_root == ".":
+            dirs[:] = [d for d in dirs if d not in OWNED_DIRS and d != "logs"]
+        for f in files:
+            rel = f if rel_root == "." else os.path.join(rel_root, f)
+            if rel == LOCK_NAME or rel == "run.json" or rel.endswith(".tmp"):
+                continue
+            try:
+                st = os.stat(os.path.join(root, f))
+            except FileNotFoundError:
+                continue
+            found[rel.replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def changed_since(out: Path, before: dict[str, tuple[int, int]]) -> list[str]:
+    """Files under ``out`` created or rewritten since ``before`` (a :func:`snapshot`)."""
+    return sorted(k for k, v in snapshot(out).items() if before.get(k) != v)
+
+
+def remove_files(out: Path, rels: Iterable[str]) -> list[str]:
+    """Delete the listed files (paths relative to ``out``) and the folders this empties.
+
+    A path that leaves ``out`` (``..``, absolute) is ignored. Folders are removed only when
+    they end up empty (``rmdir``), so a user's file beside ours keeps its folder. Returns
+    the paths deleted.
+    """
+    root = out.resolve()
+    gone, parents = [], set()
+    for rel in rels:
+        p = (root / rel).resolve()
+        if root not in p.parents:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            gone.append(rel)
+        parents.update(q for q in p.parents if root in q.parents)
+    for d in sorted(parents, key=lambda q: len(q.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty
+    return gone
+
+
+class RunLock:
+    """Exclusive lock of an output folder (see the module doc).
+
+    ``RunLock(out, "agriland run").acquire()`` creates ``out`` if needed; :meth:`release`
+    (or leaving the ``with`` block) removes the lock file. ``notice`` receives a line when a
+    stale lock of a dead process is taken over.
+    """
+
+    def __init__(self, out: str | Path, command: str, notice=None):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.command = command
+        self.notice = notice
+        self._fd: int | None = None
+        self.took_over: dict[str, Any] | None = None
+
+    def _holder(self, fd: int) -> dict[str, Any] | None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 65536)
+        if not raw.strip():
+            return None
+        try:
+            info = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"host": "?", "pid": None, "command": "?", "started": "?"}
+        return info if isinstance(info, dict) else {"host": "?", "pid": None}
+
+    @staticmethod
+    def describe(h: dict[str, Any]) -> str:
+        return (f"'{h.get('command', '?')}' (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
+                f"started {h.get('started', '?')})")
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise :class:`RunLocked` naming the process that holds it.
+
+        Raises
+        ------
+        RunLocked
+            Another live process holds the lock, or a process on another host left it.
+        OutputError
+            ``out`` is a file or not writable.
+        """
+        check_writable(self.out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the output folder {self.out} ({e.strerror}): choose "
+                              "another --out") from None
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:
+                raise OutputError(f"cannot write into {self.out} (permission denied): choose an "
+                                  "--out folder you can write to") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = self._holder(fd) or {}
+                os.close(fd)
+                raise RunLocked(
+                    f"{self.out} is in use by {self.describe(holder)}: one process writes a run "
+                    "at a time. Wait for it to finish (or stop it), or choose another --out "
+                    "folder") from None
+            # the file we locked must still be the one at the path (a holder that was
+            # releasing may have unlinked it between our open and our flock)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            holder = self._holder(fd)
+            if holder is not None:  # left by a process that ended without releasing it
+                # on this host the free flock proves the holder has ended (the kernel drops a
+                # process's flock when it dies); a holder on another host cannot be checked
+                if holder.get("host") != socket.gethostname():
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+                    raise RunLocked(
+                        f"{self.out} holds a lock of {self.describe(holder)}, from another host, "
+                        "so agriland cannot tell whether that run still writes here. If it has "
+                        f"ended, delete {self.path} and run again; otherwise wait for it or choose "
+                        "another --out folder")
+                self.took_over = holder
+                if self.notice:
+                    self.notice(f"note: the previous run in {self.out}, {self.describe(holder)}, "
+                                "ended without releasing its lock (killed?): its lock is taken over")
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(info).encode())
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise RunLocked(f"could not lock {self.out}: the lock file keeps changing (another process "
+                        "is starting a run there); try again")
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked(out: str | Path, command: str, notice=None) -> Iterator[RunLock]:
+    """``with locked(out, "agriland report"):`` — :class:`RunLock` as a context manager."""
+    lock = RunLock(out, command, notice).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
