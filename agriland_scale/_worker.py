@@ -27,7 +27,15 @@ def configure_tensorflow() -> None:
     if _configured:
         return
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        from .errors import MissingDependency
+
+        raise MissingDependency(
+            f"TensorFlow is not installed in this Python ({e}): the model stages need it on every "
+            "worker. Install agriland-scale with its [cpu] extra (pip install 'agriland-scale[cpu]') "
+            "or, on NVIDIA GPU machines, its [gpu] extra") from None
 
     n = os.environ.get("TF_NUM_INTRAOP_THREADS")
     try:
@@ -39,6 +47,26 @@ def configure_tensorflow() -> None:
     # same seed, same threads -> same results (training and inference); cheap on CPU
     tf.config.experimental.enable_op_determinism()
     _configured = True
+
+
+PROGRESS_TOPIC = "agriland-progress"
+
+
+def report_progress(tag: str | None, label: str, done: int, total: int, info: str = "",
+                    milestone: bool = False) -> None:
+    """Send progress of a long task (training) to the client that started it, as a Dask
+    event on :data:`PROGRESS_TOPIC` (``tag`` tells runs sharing a cluster apart). Nothing
+    happens outside a Dask worker or without a tag."""
+    if tag is None:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(PROGRESS_TOPIC, {"tag": tag, "label": label, "done": int(done), "total": int(total),
+                                      "info": info, "milestone": bool(milestone)})
 
 
 def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, threading.Lock]:

@@ -12,6 +12,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from . import __version__
 from .config import load_config
 from .errors import AgrilandError, ConfigError, Terminated
 
@@ -54,42 +55,73 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Terminated()
 
 
-class _Bar:
-    """Block progress of a stage: a bar redrawn in place on a terminal, nothing otherwise
-    (every run also logs progress to ``OUT/logs/``)."""
+class _Display:
+    """What a run shows on the terminal (stderr): its message lines, and a progress bar a
+    stage's blocks or a training's steps (rich; epoch, loss and metrics beside a training
+    bar). Nothing but errors with ``--quiet``; lines without bars when stderr is not a
+    terminal (every run also logs progress to ``OUT/logs/``)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, quiet: bool):
+        from rich.console import Console
 
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+        self.bars = not quiet and self.console.is_terminal
+        self._progress = None
+        self._tasks: dict[str, object] = {}
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False, highlight=False)
+
+    def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
+        if not self.bars or total <= 0:
             return
-        width = 30
-        fill = round(width * done / total)
-        end = "\n" if done == total else ""
-        print(f"\r  {label:<24} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}", end=end,
-              file=sys.stderr, flush=True)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self._progress is None:
+            self._progress = Progress(TextColumn("  {task.description:<22}"), BarColumn(bar_width=30),
+                                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                      console=self.console)
+            self._progress.start()
+        task = self._tasks.get(label)
+        if task is None:
+            task = self._tasks[label] = self._progress.add_task(label, total=total, info=info.strip())
+        self._progress.update(task, completed=done, total=total, info=info.strip())
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> int:
     from .pipeline import run
 
     cfg = load_config(pipeline, **_overrides(args.set))
-    print(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}", flush=True)
-    bar = _Bar(sys.stderr.isatty() and not args.quiet)
-    rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
-              until=until, report=None if args.quiet else (lambda line: print(line, flush=True)),
-              progress=bar, command=f"agriland {args.command}")
+    show = _Display(args.quiet)
+    show.line(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}")
+    try:
+        rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
+                  until=until, report=show.line, progress=show, command=f"agriland {args.command}")
+    finally:
+        show.close()
+    result: dict = {"out": str(Path(args.out).resolve()), "name": cfg.name, "stages": rec.get("stages"),
+                    "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
+                    "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}
     if until == "cae":
-        enc = rec["cae"]["encoder_path"]
-        print(f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
-              f"embed.model: {enc}")
+        enc = result["encoder"] = rec["cae"]["encoder_path"]
+        show.line(f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
+                  f"embed.model: {enc}")
     elif until == "unet":
-        path = rec["unet"]["model_path"]
-        print(f"U-Net: {path} (sidecar {path}.json), validation {rec['unet'].get('validation_metrics')}; "
-              f"map other regions with it by setting segment.model: {path}")
-    print(json.dumps({"timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
-                      "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}, indent=1))
+        path = result["unet"] = rec["unet"]["model_path"]
+        result["validation_metrics"] = rec["unet"].get("validation_metrics")
+        show.line(f"U-Net: {path} (sidecar {path}.json), validation {rec['unet'].get('validation_metrics')}; "
+                  f"map other regions with it by setting segment.model: {path}")
+    products = rec.get("products") or {}
+    if products:
+        result["products"] = {k: products.get(k) for k in ("zarr", "cogs", "report", "stac")}
+    print(json.dumps(result, indent=1))  # the result, on stdout: `agriland run ... | jq .timings_s`
     return 0
 
 
@@ -154,9 +186,10 @@ def _export_labels(args: argparse.Namespace) -> int:
     out = args.out or args.run / "labels" / "via"
     with locked(_run_folder(args.run), "agriland export-labels"):
         project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
+    print(project)  # the result on stdout, the how-to on stderr
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
           f"region attribute 'class' = arable / other, save the project, then run:\n"
-          f"  agriland import-labels {project} {args.run}")
+          f"  agriland import-labels {project} {args.run}", file=sys.stderr)
     return 0
 
 
@@ -174,8 +207,9 @@ def _import_labels(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_cog(mask, out, nodata=255)
     n1, n0 = int((mask.values == 1).sum()), int((mask.values == 0).sum())
+    print(out)
     print(f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
-          f"({cube.rio.crs}); train on it with segment.labels: {out}")
+          f"({cube.rio.crs}); train on it with segment.labels: {out}", file=sys.stderr)
     return 0
 
 
@@ -183,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="agriland", description="agriland-scale: find agricultural land in Sentinel-2 imagery at "
         "region scale (STAC -> Zarr cube -> CAE + DEC clusters -> U-Net mosaics, on Dask).")
+    parser.add_argument("-V", "--version", action="version", version=f"agriland-scale {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or messages, errors only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show the run log's lines on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_opts(p: argparse.ArgumentParser) -> None:
@@ -195,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config value, e.g. --set embed.train.epochs=1")
         p.add_argument("--force", action="append", metavar="STAGE", choices=STAGES,
                        help=f"redo STAGE and what depends on it ({', '.join(STAGES)}); repeatable")
-        p.add_argument("--quiet", action="store_true", help="no progress lines or bars (CI, logs)")
 
     p_demo = sub.add_parser("demo", help="run the whole pipeline on the embedded demo region (offline)")
     run_opts(p_demo)
@@ -230,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     p_imp.add_argument("run", type=Path)
     p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
 
-    for p in sub.choices.values():  # --debug also after the command: agriland run P.yaml --debug
+    for p in sub.choices.values():  # the global flags also after the command: agriland run P.yaml -q
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks and debug logs")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="no progress or messages, errors only")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also show the run log's lines on stderr")
     args = parser.parse_args(argv)
     if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet: a failing
         # task reaches the user as one paragraph below, not as a worker's "Compute Failed" traceback
@@ -240,14 +280,22 @@ def main(argv: list[str] | None = None) -> int:
         import dask
 
         dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
-    level = logging.DEBUG if args.debug else logging.WARNING
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
         h.setLevel(level)
+    if args.verbose:
+        logging.getLogger("agriland_scale").setLevel(logging.INFO)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # like Ctrl-C, exit 143
     try:
         return _dispatch(args)
+    except BrokenPipeError:
+        # the reader of stdout went away (`agriland inspect DIR --json | head -1`): quietly, with
+        # the code a shell gives a command killed by SIGPIPE; stdout to devnull so that
+        # Python's own flush at exit does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -280,6 +328,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             traceback.print_exc()
         print(f"agriland: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
         print(f"agriland: {'terminated (SIGTERM)' if term else 'interrupted'}: finished work is kept; "

@@ -21,6 +21,10 @@ __all__ = ["cluster_embeddings", "cluster_map", "kmeans_streaming"]
 
 log = logging.getLogger(__name__)
 
+# the meaning of -1, the CF _FillValue of cluster ids (labels, kmeans_labels, cluster_map)
+NOT_CLUSTERED = ("-1 (_FillValue): patch not clustered (too little valid data); xarray reads it as "
+                 "NaN, agriland_scale.publish.open_product keeps the int16 ids and -1")
+
 
 def kmeans_streaming(emb: xr.DataArray, valid: np.ndarray, k: int, *, n_init: int, batch_size: int,
                      seed: int, chunk: int = 65_536) -> MiniBatchKMeans:
@@ -74,7 +78,10 @@ def cluster_embeddings(emb: xr.DataArray, valid: np.ndarray, cfg: ClusterConfig,
          "centroids": (("cluster", "dim"), res.centroids.astype("float32"))},
         coords={"patch": emb["patch"].values, "cluster": np.arange(cfg.k)},
     )
-    ds["labels"].attrs.update(long_name="DEC cluster", _note="-1: patch not clustered (too little valid data)")
+    for name in ("labels", "kmeans_labels"):  # -1 is the CF _FillValue (and Zarr fill_value)
+        ds[name].encoding.update(_FillValue=np.int16(-1), fill_value=np.int16(-1))
+    ds["labels"].attrs.update(long_name="DEC cluster", comment=NOT_CLUSTERED)
+    ds["kmeans_labels"].attrs.update(long_name="k-means cluster", comment=NOT_CLUSTERED)
     info = {"kmeans_seconds": t_km, "dec_seconds": time.perf_counter() - t0 - t_km,
             "dec_iterations": res.iterations, "dec_last_delta": res.last_delta,
             "dec_converged": res.converged, "n_clustered": n_valid,
@@ -83,13 +90,18 @@ def cluster_embeddings(emb: xr.DataArray, valid: np.ndarray, cfg: ClusterConfig,
 
 
 def cluster_map(labels: np.ndarray, index: xr.Dataset, cube: xr.Dataset) -> xr.DataArray:
-    """Georeferenced cluster map ``(y, x)`` int16, one pixel a patch (-1 = no cluster)."""
+    """Georeferenced cluster map ``(y, x)`` int16, one pixel a patch (-1 = no cluster, its CF
+    ``_FillValue`` and Zarr ``fill_value``)."""
     nr, nc = int(index.attrs["n_rows"]), int(index.attrs["n_cols"])
     grid = np.full((nr, nc), -1, dtype="int16")
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":  # ids read with CF masking: NaN where not clustered
+        labels = np.where(np.isnan(labels), -1, labels)
     grid[index["row"].values, index["col"].values] = labels
     t = patch_map_transform(cube.rio.transform(), int(index.attrs["patch_size"]), int(index.attrs["stride"]))
     xs = t.c + t.a * (np.arange(nc) + 0.5)
     ys = t.f + t.e * (np.arange(nr) + 0.5)
     da = xr.DataArray(grid, dims=("y", "x"), coords={"y": ys, "x": xs}, name="cluster_map")
-    da.attrs.update(long_name="DEC cluster per patch", _FillValue_note="-1 = no cluster")
+    da.attrs.update(long_name="DEC cluster per patch", comment=NOT_CLUSTERED)
+    da.encoding.update(_FillValue=np.int16(-1), fill_value=np.int16(-1))
     return write_georef(da.to_dataset(), cube.rio.crs)["cluster_map"]

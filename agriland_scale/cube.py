@@ -426,14 +426,18 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
     comp = xr.DataArray(refl, dims=("band", "y", "x"),
                         coords={"band": np.array(cfg.bands, dtype=object), **coords})
-    # the count keeps the attributes the first masked band had (its nodata), as before
+    # the count keeps the attributes the first masked band had, but not its nodata: 0 clear
+    # observations is a valid count (no _FillValue; Zarr fill_value 65535, see write_georef)
     first = next((b for b, nd in zip(cfg.bands, nodata) if nd is not None), cfg.bands[0])
-    count = xr.DataArray(n_clear, dims=("y", "x"), coords=coords, attrs=dict(ds[first].attrs))
+    attrs = {k: v for k, v in ds[first].attrs.items() if k not in ("nodata", "_FillValue")}
+    count = xr.DataArray(n_clear, dims=("y", "x"), coords=coords, attrs=attrs)
     out = xr.Dataset({"reflectance": comp, "clear_count": count})
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
     out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
-                                    cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none")
+                                    cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none",
+                                    comment="0 = no clear observation (a valid count, not nodata)")
+    out["clear_count"].encoding.update(_FillValue=None, fill_value=np.iinfo("uint16").max)
     if use_s2c:
         out["clear_count"].attrs.update(
             s2cloudless_threshold=cfg.s2cloudless_threshold, s2cloudless_average_over=cfg.s2cloudless_average_over,
@@ -746,13 +750,72 @@ def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
     return xr.DataArray(data, dims=("y", "x"), coords={"y": coords["y"].values, "x": coords["x"].values})
 
 
+def _xy_attrs(crs) -> tuple[dict, dict]:
+    """CF attributes of the x and y coordinates for ``crs`` (a pyproj/rasterio CRS)."""
+    from pyproj import CRS
+
+    c = CRS.from_user_input(crs)
+    if c.is_geographic:
+        return ({"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east",
+                 "axis": "X"},
+                {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north",
+                 "axis": "Y"})
+    unit = c.axis_info[0].unit_name if c.axis_info else "metre"
+    unit = {"metre": "m", "meter": "m", "foot": "ft", "US survey foot": "US_survey_foot"}.get(unit, unit)
+    return ({"standard_name": "projection_x_coordinate", "long_name": "x coordinate of projection",
+             "units": unit, "axis": "X"},
+            {"standard_name": "projection_y_coordinate", "long_name": "y coordinate of projection",
+             "units": unit, "axis": "Y"})
+
+
+def _declared_fill(var: xr.DataArray):
+    """The CF ``_FillValue`` a variable will be written with (encoding first), or None."""
+    for where in (var.encoding, var.attrs):
+        if "_FillValue" in where:
+            return where["_FillValue"]
+    return None
+
+
 def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
-    """Attach CRS and GeoTransform as a ``spatial_ref`` coordinate (CF grid mapping)."""
+    """Attach CRS and GeoTransform as a ``spatial_ref`` coordinate (CF grid mapping), the
+    CF attributes of x/y, and nodata that agrees between CF and Zarr.
+
+    - every variable on (y, x) carries ``grid_mapping: spatial_ref`` (GDAL, CF readers) and
+      lists ``spatial_ref`` in its ``coordinates``, so that a plain ``xr.open_zarr`` (without
+      ``decode_coords="all"``) keeps ``spatial_ref`` a coordinate and rioxarray finds the CRS;
+    - x/y get ``standard_name``, ``long_name``, ``units`` (as the CRS says: ``m`` for a
+      projected CRS in metres) and ``axis``, and no ``_FillValue``;
+    - a variable declaring a CF ``_FillValue`` is written with that value as its Zarr
+      ``fill_value`` too; an integer variable declaring none gets its dtype's maximum as Zarr
+      ``fill_value`` (a reader that takes the Zarr fill value as nodata, as GDAL does, then
+      hides no valid value, e.g. a ``clear_count`` of 0), unless a ``fill_value`` is set.
+    """
     ds = ds.rio.write_crs(crs)
     ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
-    for name in ds.data_vars:  # spatial_ref stays a coordinate on reopening, even without
-        ds[name].attrs.pop("grid_mapping", None)  # decode_coords="all"
-        ds[name].encoding.pop("grid_mapping", None)
+    gm = ds.rio.grid_mapping
+    xd, yd = ds.rio.x_dim, ds.rio.y_dim
+    x_attrs, y_attrs = _xy_attrs(ds.rio.crs)
+    for dim, attrs in ((xd, x_attrs), (yd, y_attrs)):
+        keep = {k: v for k, v in ds[dim].attrs.items() if k not in ("_FillValue", "units")}
+        ds[dim].attrs = keep | attrs
+        ds[dim].encoding["_FillValue"] = None
+    non_dim = [str(c) for c in ds.coords if c not in ds.dims]
+    for name in ds.data_vars:
+        var = ds[name]
+        var.attrs.pop("grid_mapping", None)
+        if {xd, yd} <= set(var.dims):
+            var.encoding["grid_mapping"] = gm
+            var.attrs.pop("coordinates", None)
+            var.encoding["coordinates"] = " ".join(
+                sorted(c for c in non_dim if set(ds[c].dims) <= set(var.dims)))
+        else:
+            var.encoding.pop("grid_mapping", None)
+        fill = _declared_fill(var)
+        dtype = np.dtype(var.encoding.get("dtype", var.dtype))
+        if fill is not None:
+            var.encoding["fill_value"] = dtype.type(fill)
+        elif dtype.kind in "iu" and "fill_value" not in var.encoding:
+            var.encoding["fill_value"] = np.iinfo(dtype).max
     return ds
 
 

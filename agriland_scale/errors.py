@@ -15,6 +15,7 @@ __all__ = [
     "CorruptInput",
     "EmptyRegion",
     "LabelError",
+    "MissingDependency",
     "ModelMismatch",
     "NoItemsFound",
     "OutputError",
@@ -91,6 +92,10 @@ class LabelError(AgrilandError, ValueError):
 
 class BlockFailed(AgrilandError, RuntimeError):
     """One block (chunk row, patch batch) of a stage failed; the blocks written are kept."""
+
+
+class MissingDependency(AgrilandError, ImportError):
+    """An optional package a stage needs (TensorFlow, s2cloudless...) is not installed."""
 
 
 class StageNotBuilt(AgrilandError, NotImplementedError):

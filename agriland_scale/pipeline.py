@@ -26,12 +26,14 @@ is refused until that stage is forced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ from .errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound, Out
 from .items import normalize_items
 from .labels import IGNORE, load_labels
 from .report import write_report
+from ._worker import PROGRESS_TOPIC
 from .resume import Products
 from .runtime import dask_client, gpu_resources
 from .stac_out import write_stac
@@ -82,7 +85,9 @@ _GROUPS = {"cube": "cube", "patches": "patches", "embeddings": "embeddings", "cl
            "segmentation": "segmentation"}
 
 Report = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
+# progress(label, done, total, info): blocks of a stage, or steps of a training ("info": epoch,
+# loss and metrics); a display may take the first three arguments only
+Progress = Callable[..., None]
 
 
 def stages_needed(until: str | None) -> list[str]:
@@ -312,6 +317,28 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
 _RUN_LOG = logging.getLogger("agriland_scale.run")
 
 
+@contextlib.contextmanager
+def _performance_report(path: Path) -> Iterator[None]:
+    """``distributed.performance_report`` into ``path``; skipped when the run is interrupted
+    (collecting it then would delay the exit), and never failing the run."""
+    from distributed import performance_report
+
+    rep = performance_report(filename=str(path))
+    rep.__enter__()
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if not interrupted:
+            try:
+                rep.__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own result
+                log.warning("could not write the Dask performance report %s: %s", path, e)
+
+
 def _say(report: Report | None) -> Report:
     def say(msg: str) -> None:
         _RUN_LOG.info(msg)
@@ -391,9 +418,13 @@ class _Run:
         self.cfg, self.out, self.record, self.products = cfg, out, record, products
         self.say, self.store, self.models = say, str(out / "agriland.zarr"), out / "models"
 
-        def prog(label: str, done: int, total: int) -> None:
+        def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
             if progress:
-                progress(label, done, total)
+                progress(label, done, total, info) if info else progress(label, done, total)
+            if info:  # training: a line a finished epoch in the run log
+                if milestone:
+                    _RUN_LOG.info("%s: step %d/%d, %s", label, done, total, info)
+                return
             step = max(1, total // 10)
             if done == total or done % step == 0:
                 _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
@@ -420,42 +451,65 @@ class _Run:
     def run(self, wanted: list[str], scheduler: str | None) -> None:
         rec = self.record
         self.wanted = wanted
-        with dask_client(self.cfg.runtime, scheduler) as client:
+        worker_log = self.out / "logs" / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log)) as client:
             self.client = client
             rec["dashboard"] = client.dashboard_link
             rec["scheduler"] = client.scheduler.address
             self.say(f"Dask dashboard: {client.dashboard_link}")
             self.res = gpu_resources(client)
+            # training tasks relay their progress (epoch, step, loss) as events of this run
+            self.tag = f"{self.out}:{os.getpid()}:{time.time()}"
+
+            def on_event(event: tuple) -> None:
+                msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+                if isinstance(msg, dict) and msg.get("tag") == self.tag:
+                    self.progress(msg["label"], msg["done"], msg["total"], msg["info"] or " ", msg["milestone"])
+
+            client.subscribe_topic(PROGRESS_TOPIC, on_event)
             rec["gpu"] = bool(self.res)
             publish.write_json(rec, self.out / "run.json")
-            for stage in wanted:
-                if self._finished(stage):
-                    self.say(f"[{stage}] finished earlier: kept")
-                    continue
-                t0 = time.perf_counter()
-                rec["stages"][stage] = "running"
-                publish.write_json(rec, self.out / "run.json")
-                before = outdir.snapshot(self.out)
-                try:
-                    getattr(self, "_" + stage)()
-                except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
-                    rec["stages"][stage] = "interrupted"
-                    rec["error"] = f"{stage}: interrupted"
-                    raise
-                except BaseException as e:
-                    rec["stages"][stage] = "failed"
-                    rec["error"] = f"{stage}: {e}"
-                    raise
-                finally:
-                    rec["timings_s"][stage] = time.perf_counter() - t0
-                    # what the stage wrote is the run's to replace or delete later, nothing else
-                    rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
-                                                 | set(outdir.changed_since(self.out, before)))
-                rec["stages"][stage] = "done"
-                rec.pop("error", None)
-                publish.write_json(rec, self.out / "run.json")
-                self.say(f"[{stage}] {rec['timings_s'][stage]:.1f} s")
+            todo = [s for s in wanted if not self._finished(s)]
+            # the dashboard dies with a LocalCluster: its task stream, profiles and worker
+            # memory of this run are kept as one HTML page beside the run's log
+            perf = self.out / "logs" / f"dask-performance-{time.strftime('%Y%m%d-%H%M%S')}.html"
+            with _performance_report(perf) if todo else contextlib.nullcontext():
+                self._stages(wanted, todo)
+            if perf.exists():
+                rec["performance_report"] = str(perf.relative_to(self.out))
         shutil.rmtree(self.out / ".partial", ignore_errors=True) if wanted[-1] == "publish" else None
+
+    def _stages(self, wanted: list[str], todo: list[str]) -> None:
+        """Run the stages of ``todo`` in pipeline order, recording each one's status, time and
+        files in the run record (``run.json`` after every change)."""
+        rec = self.record
+        for stage in wanted:
+            if stage not in todo:
+                self.say(f"[{stage}] finished earlier: kept")
+                continue
+            t0 = time.perf_counter()
+            rec["stages"][stage] = "running"
+            publish.write_json(rec, self.out / "run.json")
+            before = outdir.snapshot(self.out)
+            try:
+                getattr(self, "_" + stage)()
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
+                rec["stages"][stage] = "interrupted"
+                rec["error"] = f"{stage}: interrupted"
+                raise
+            except BaseException as e:
+                rec["stages"][stage] = "failed"
+                rec["error"] = f"{stage}: {e}"
+                raise
+            finally:
+                rec["timings_s"][stage] = time.perf_counter() - t0
+                # what the stage wrote is the run's to replace or delete later, nothing else
+                rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
+                                             | set(outdir.changed_since(self.out, before)))
+            rec["stages"][stage] = "done"
+            rec.pop("error", None)
+            publish.write_json(rec, self.out / "run.json")
+            self.say(f"[{stage}] {rec['timings_s'][stage]:.1f} s")
 
     # -- stages --------------------------------------------------------------------------------
     def _items(self) -> list[pystac.Item]:
@@ -568,7 +622,7 @@ class _Run:
         fut = self.client.submit(train_cae, self.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
                                  cfg.patches.size, str(self.models / "cae.keras"), seed=cfg.seed,
                                  region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
-                                 resources=self.res, pure=False)
+                                 progress_tag=self.tag, resources=self.res, pure=False)
         meta = fut.result()
         self.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
             "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
@@ -664,7 +718,7 @@ class _Run:
         publish.write_group(lab, self.store, prefix + "labels")
         fut = self.client.submit(train_unet, self.store, prefix + "labels", s, path, seed=cfg.seed,
                                  label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
-                                 group=prefix + "cube", resources=self.res, pure=False)
+                                 group=prefix + "cube", progress_tag=self.tag, resources=self.res, pure=False)
         meta = fut.result()
         self.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
             "zone": train_zone, "model_path": path}

@@ -330,6 +330,10 @@ def _section_run(summary: dict[str, Any], record: dict[str, Any]) -> str:
     dash = record.get("dashboard")
     live = "<span class='muted'>(live only while the run's cluster runs)</span>"
     rows.append(["Dask dashboard", f'<a href="{_e(dash)}">{_e(dash)}</a> {live}' if dash else "-"])
+    perf = record.get("performance_report")
+    if perf:  # relative to the run folder, like report.html itself
+        rows.append(["Dask performance report", f'<a href="{_e(perf)}">{_e(perf)}</a> '
+                     "<span class='muted'>(task stream, worker profiles and memory of the last run)</span>"])
     rows.append(["scheduler", _e(record.get("scheduler"))])
     rows.append(["GPU", _e(record.get("gpu"))])
     return "<h2>Run</h2>" + _table(None, rows)

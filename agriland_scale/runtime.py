@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from .config import RuntimeConfig
 from .errors import SchedulerError
 
-__all__ = ["dask_client", "gpu_resources", "worker_env"]
+__all__ = ["StderrToFile", "dask_client", "gpu_resources", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,32 @@ def worker_env(threads: int) -> dict[str, str]:
             "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
+class StderrToFile(WorkerPlugin):
+    """Send a worker process's standard error (file descriptor 2: TensorFlow's C++ log lines
+    such as ``I0000 … oneDNN`` or ``E0000 … remapper failed``, warnings, tracebacks) to a
+    file, so that they land in the run's log folder instead of the user's terminal. Only for
+    the LocalCluster a run starts itself: the workers of an existing cluster keep their own
+    logging."""
+
+    name = "agriland-stderr-to-file"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def setup(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def dask_client(cfg: RuntimeConfig, scheduler: str | None = None) -> Iterator[Client]:
+def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
+                worker_log: str | None = None) -> Iterator[Client]:
     """Connect to ``scheduler`` (or ``cfg.scheduler``), else start a LocalCluster.
 
     The LocalCluster is closed when the block ends; an external cluster is left running.
+    ``worker_log``: a file that receives the standard error of the LocalCluster's worker
+    processes (see :class:`StderrToFile`).
     """
     address = scheduler or cfg.scheduler
     if address:
@@ -54,6 +76,8 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None) -> Iterator[Cl
         processes=True, env=worker_env(cfg.threads_per_worker),
     )
     client = Client(cluster)
+    if worker_log:
+        client.register_plugin(StderrToFile(worker_log))
     try:
         yield client
     finally:

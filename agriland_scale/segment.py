@@ -173,6 +173,8 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
 
     Output chunks of ``block`` x ``block`` px; every window is predicted once (see the module
     docstring). Compute or write with a Dask client; model tasks carry ``resources``.
+    Written to Zarr, both are uint8 (the probability as ``round(p * 254)``, CF ``scale_factor``
+    1/254) with 255 as CF ``_FillValue`` and as Zarr ``fill_value``.
     """
     check_model(model_path, "segmentation", bands, reflectance_max, window)
     H, W = cube.sizes["y"], cube.sizes["x"]
@@ -211,6 +213,10 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
                                    model=str(model_path), window=window, overlap=overlap)
     ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
                             flag_values=[0, 1], flag_meanings="other agricultural")
-    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), add_offset=np.float32(0), _FillValue=255)
-    ds["mask"].encoding.update(_FillValue=255)
+    # nodata agrees everywhere: CF _FillValue == Zarr fill_value == 255, never a valid value
+    # (the probability is stored as round(p * 254) in 0..254, the mask as 0/1)
+    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254),
+                                      add_offset=np.float32(0), _FillValue=np.uint8(255),
+                                      fill_value=np.uint8(255))
+    ds["mask"].encoding.update(_FillValue=np.uint8(255), fill_value=np.uint8(255))
     return write_georef(ds, cube.rio.crs)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -225,16 +226,29 @@ def sign_planetary_computer(items: list[pystac.Item]) -> list[pystac.Item]:
     return [planetary_computer.sign(i) for i in items]
 
 
+_TILE_IN_ID = re.compile(r"(?:^|_)T?(\d{2}[C-HJ-NP-X][A-HJ-NP-Z]{2})(?:_|$)")
+
+
 def item_tile(item: pystac.Item) -> str | None:
-    """The Sentinel-2 MGRS tile of an item, from whichever property its API uses."""
+    """The Sentinel-2 MGRS tile (e.g. ``29RKH``) of an item, from whichever field its API uses.
+
+    In order: ``s2:mgrs_tile`` (Planetary Computer), ``grid:code`` (``MGRS-29RKH``, Earth
+    Search v1), ``mgrs:utm_zone`` + ``mgrs:latitude_band`` + ``mgrs:grid_square`` (Earth Search
+    v1), ``sentinel:utm_zone`` + ``sentinel:latitude_band`` + ``sentinel:grid_square`` (Earth
+    Search v0), else a tile code in the item id (``S2B_29RKH_20230101_0_L2A``,
+    ``S2A_MSIL2A_..._T29RKH_...``). ``None`` when none says.
+    """
     p = item.properties
     if p.get("s2:mgrs_tile"):
-        return str(p["s2:mgrs_tile"])
+        return str(p["s2:mgrs_tile"]).removeprefix("T")
     if p.get("grid:code"):
         return str(p["grid:code"]).removeprefix("MGRS-")
-    if p.get("mgrs:utm_zone"):
-        return f"{p['mgrs:utm_zone']}{p.get('mgrs:latitude_band', '')}{p.get('mgrs:grid_square', '')}"
-    return None
+    for prefix in ("mgrs", "sentinel"):
+        if p.get(f"{prefix}:utm_zone"):
+            return (f"{int(p[f'{prefix}:utm_zone']):02d}{p.get(f'{prefix}:latitude_band', '')}"
+                    f"{p.get(f'{prefix}:grid_square', '')}")
+    m = _TILE_IN_ID.search(item.id)
+    return m.group(1) if m else None
 
 
 def describe_search(items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...],

@@ -10,6 +10,8 @@
     <run>-zarr/<run>-zarr.json              the whole Zarr store (every group; in a
                                             multi-zone run one Item a zone, <run>-utm18n-zarr)
     sources/<id>.json                       copies of source items whose self link is gone
+                                            (without the ``collection`` field when the
+                                            collection's link is gone too)
 
 Every Item carries the projection extension (``proj:code``, ``proj:shape``,
 ``proj:transform``, ``proj:bbox`` in the product's own CRS) and, for rasters, the raster
@@ -17,8 +19,14 @@ extension (data type, nodata, scale/offset when not 1/0, unit); geometry and bbo
 EPSG:4326. ``derived_from`` links point to the STAC items the run read. All hrefs are
 relative, so the folder can be moved or published as it is.
 
+The products contain modified Copernicus Sentinel data: ``license`` is ``other`` (STAC 1.1's
+value for a licence without an SPDX id) with a ``license`` link to the Sentinel data legal
+notice. The collection records the state of the run's finished stages only (a stage still
+``running``, such as publish while it writes this catalogue, is left out).
+
 Validation: ``item.validate()`` needs the network because pystac fetches the extension
-schemas by URL; offline, pystac validates the core schema only (its core schemas are bundled).
+schemas by URL; ``tests/test_stac_valid.py`` validates every file of the catalogue offline
+against the official STAC and extension schemas (copies under ``tests/data/stac-schemas``).
 """
 
 from __future__ import annotations
@@ -40,11 +48,16 @@ from rasterio.warp import transform_bounds, transform_geom
 from .errors import CorruptInput
 from .inspect_run import load_items, load_run_record, zones_of
 
-__all__ = ["COG_PRODUCTS", "ZARR_MEDIA_TYPE", "write_stac"]
+__all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "write_stac"]
 
 log = logging.getLogger(__name__)
 
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
+# the licence of the Copernicus Sentinel data the products are derived from (not an SPDX id)
+SENTINEL_LICENSE_URL = "https://sentinels.copernicus.eu/documents/247904/690755/Sentinel_Data_Legal_Notice"
+SENTINEL_LICENSE_TITLE = "Legal notice on the use of Copernicus Sentinel Data and Service Information"
+# stage states that are final (run.json also says "running" while a stage runs)
+_FINAL_STATES = ("done", "failed", "interrupted")
 XARRAY_ASSETS = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
 
 # COG product (file stem without the zone tag) -> (Zarr group, title, unit)
@@ -199,25 +212,35 @@ def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | 
     return item
 
 
+def _lasting(href: str | None) -> bool:
+    """An http(s) URL that outlives the run (not on a loopback address)."""
+    url = urlparse(href) if href else None
+    return bool(url and url.scheme in ("http", "https") and url.hostname not in _LOOPBACK)
+
+
 def _source_links(items: list[dict[str, Any]], stac_dir: Path) -> list[pystac.Link]:
     """``derived_from`` links to the source items.
 
     An item's self link is used when it is a lasting URL; a self link on a loopback address
     (the local STAC API the run started and stopped) is dead after the run, so the item is
-    copied to ``stac/sources/<id>.json`` and the link points there.
+    copied to ``stac/sources/<id>.json`` and the link points there. The copy keeps its
+    ``collection`` link when that is a lasting URL; otherwise it drops the link and the
+    ``collection`` field with it (STAC requires the link where the field is present).
     """
     links = []
     for f in items:
         self_href = next((lk.get("href") for lk in f.get("links") or [] if lk.get("rel") == "self"), None)
-        host = urlparse(self_href).hostname if self_href else None
-        if self_href and urlparse(self_href).scheme in ("http", "https") and host not in _LOOPBACK:
+        if _lasting(self_href):
             href = self_href
         else:
             src = stac_dir / "sources" / f"{f['id']}.json"
             src.parent.mkdir(parents=True, exist_ok=True)
             copy = dict(f)
             copy["links"] = [lk for lk in f.get("links") or [] if lk.get("rel") not in
-                             ("self", "root", "parent", "collection")]
+                             ("self", "root", "parent", "collection")
+                             or (lk.get("rel") == "collection" and _lasting(lk.get("href")))]
+            if not any(lk.get("rel") == "collection" for lk in copy["links"]):
+                copy.pop("collection", None)
             src.write_text(json.dumps(copy, indent=1))
             href = str(src.resolve())
         links.append(pystac.Link(rel="derived_from", target=href, media_type=pystac.MediaType.GEOJSON,
@@ -297,15 +320,18 @@ def write_stac(out_dir: str | Path) -> Path:
                                float(bboxes[:, 2].max()), float(bboxes[:, 3].max())]]),
         pystac.TemporalExtent([[pystac.utils.str_to_datetime(start), pystac.utils.str_to_datetime(end)]]))
     coll = pystac.Collection(
-        id=run, extent=extent, license="other",
+        id=run, extent=extent, license="other",  # + the license link below
         title=f"agriland-scale run '{run}'",
         description=(f"Agricultural land products of the agriland-scale run '{run}' (composite of "
                      f"{len(items)} Sentinel-2 item(s), {start[:10]} to {end[:10]}): DEC cluster map, "
                      "U-Net agricultural-land probability and mask, and the Zarr store of every stage. "
                      "Contains modified Copernicus Sentinel data."),
-        extra_fields={"agriland:stages": record.get("stages") or {},
+        extra_fields={"agriland:stages": {s: state for s, state in (record.get("stages") or {}).items()
+                                          if state in _FINAL_STATES},
                       "agriland:versions": record.get("versions") or {}},
     )
+    coll.add_link(pystac.Link(rel=pystac.RelType.LICENSE, target=SENTINEL_LICENSE_URL,
+                              title=SENTINEL_LICENSE_TITLE))
     for link in sources:
         coll.add_link(link.clone())
     for item in products:

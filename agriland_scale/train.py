@@ -28,6 +28,37 @@ __all__ = ["train_cae", "train_unet", "training_windows", "unet_augment_fn", "un
 log = logging.getLogger(__name__)
 
 
+def _relay_callback(label: str, epochs: int, steps: int, tag: str | None):
+    """A Keras callback sending training progress (epoch, step, loss and metrics) to the
+    client that started the task (:func:`agriland_scale._worker.report_progress`): at most
+    every half second, and at every epoch's end (with the validation metrics)."""
+    import keras
+
+    class Relay(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch, self.last = 0, 0.0
+
+        def _send(self, step: int, logs: dict | None, end: bool) -> None:
+            vals = ", ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items())
+            info = f"epoch {self.epoch + 1}/{epochs}" + (f", {vals}" if vals else "")
+            _worker.report_progress(tag, label, self.epoch * steps + step, epochs * steps, info, end)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last >= 0.5:
+                self.last = now
+                self._send(batch + 1, logs, False)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._send(steps, logs, True)
+
+    return Relay()
+
+
 def _cae_augmenter(seed: int):
     import keras
     from keras import layers
@@ -42,7 +73,8 @@ def _cae_augmenter(seed: int):
 
 
 def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
-              out_path: str, *, seed: int = 0, region: str = "", group: str = "cube") -> dict[str, Any]:
+              out_path: str, *, seed: int = 0, region: str = "", group: str = "cube",
+              progress_tag: str | None = None) -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
     Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
@@ -74,13 +106,16 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
         # a checkpoint after every epoch (the autoencoder's weights), for long schedules
         ckpt = keras.callbacks.ModelCheckpoint(str(Path(out_path).with_suffix(".checkpoint.keras")),
                                                save_freq="epoch")
+        relay = _relay_callback("CAE training", tc.epochs, tc.steps_per_epoch, progress_tag)
         h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
-                            shuffle=False, verbose=0, callbacks=[ckpt])
+                            shuffle=False, verbose=0, callbacks=[ckpt, relay])
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
     from .models.backbone import write_sidecar
     from .models.encoder import encoder_from_cae
 
     cae.save(out_path)
+    # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
+    Path(out_path).with_suffix(".checkpoint.keras").unlink(missing_ok=True)
     encoder_path = str(Path(out_path).with_name("encoder.keras"))
     encoder = encoder_from_cae(cae)
     encoder.save(encoder_path)
@@ -99,7 +134,7 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     write_sidecar(encoder_path, meta | {"model": "cae_encoder", "cae": out_path})
     write_mlm_item(encoder_path, meta | {"model": "cae_encoder"}, bbox_lonlat=_lonlat_bounds(cube),
                    n_params=encoder.count_params(),
-                   output={"name": "embedding", "tasks": ["embedding"],
+                   output={"name": "embedding", "tasks": ["similarity-search"],
                            "result": {"shape": [-1, cfg.embedding_dim], "dim_order": ["batch", "embedding"],
                                       "data_type": "float32"}})
     return meta | {"encoder_path": encoder_path}
@@ -224,7 +259,8 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *,
-               seed: int = 0, label_source: str = "", region: str = "", group: str = "cube") -> dict[str, Any]:
+               seed: int = 0, label_source: str = "", region: str = "", group: str = "cube",
+               progress_tag: str | None = None) -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label`` (uint8 1 / 0 / 255 = ignored,
     ``(y, x)`` on the cube grid), or by the ``label`` variable of that group of ``cube_store``.
 
@@ -280,7 +316,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
             per_epoch.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, **m})
 
     ckpt = str(Path(out_path).with_suffix(".best.keras"))
-    callbacks = [Metrics(),
+    callbacks = [Metrics(), _relay_callback("U-Net training", tc.epochs, steps, progress_tag),
                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
                                                restore_best_weights=True),
                  keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
@@ -289,6 +325,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
                   validation_data=(xva, yva.astype("float32")), callbacks=callbacks,
                   shuffle=False, verbose=0)
     model.save(out_path)
+    Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
     final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
     meta = {
         "model": model.name, "task": "segmentation", "encoder": cfg.encoder,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from agriland_scale.errors import CorruptInput
+from agriland_scale.errors import CorruptInput, OutputError
 from agriland_scale.inspect_run import format_summary, summarise_run
 from agriland_scale.report import write_report
 from agriland_scale.stac_out import write_stac
@@ -49,10 +49,10 @@ def test_not_a_run_folder_is_refused(tmp_path):
 
 def test_invalid_run_json_is_refused(tmp_path):
     (tmp_path / "run.json").write_text('{"config": {"name": "x"}, "stages": {')
-    with pytest.raises(CorruptInput, match="not valid JSON"):
+    with pytest.raises(OutputError, match="run.json is damaged .*JSONDecodeError"):
         summarise_run(tmp_path)
     (tmp_path / "run.json").write_text("[1, 2]")
-    with pytest.raises(CorruptInput, match="not the run record"):
+    with pytest.raises(OutputError, match="it holds a JSON list, not an object"):
         write_report(tmp_path)
 
 

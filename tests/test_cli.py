@@ -1,0 +1,102 @@
+"""The command line behaves like rio, stac-client and dask: versions, results on stdout and
+messages on stderr, a closed pipe, SIGPIPE-quiet, TensorFlow's noise kept off the terminal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agriland_scale import __version__
+
+from .conftest import DEMO_YAML
+
+AGRILAND = str(Path(sys.executable).parent / "agriland")
+TF_NOISE = ("I0000", "E0000", "W0000", "oneDNN", "cpu_feature_guard", "NodeDef mentions", "absl::InitializeLog",
+            "remapper failed")
+
+
+def _agriland(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([AGRILAND, *args], capture_output=True, text=True, timeout=kw.pop("timeout", 300), **kw)
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag):
+    done = _agriland(flag)
+    assert done.returncode == 0 and done.stdout.strip() == f"agriland-scale {__version__}"
+
+
+def test_results_on_stdout_messages_on_stderr_and_quiet():
+    done = _agriland("validate", str(DEMO_YAML))
+    assert done.returncode == 0 and "valid ('demo-virginia')" in done.stdout and done.stderr == ""
+    bad = _agriland("validate", "/nonexistent.yaml", "-q")
+    assert bad.returncode == 2 and bad.stdout == "" and "does not exist" in bad.stderr
+
+
+def test_search_json_pipes_into_a_json_reader():
+    done = _agriland("search", str(DEMO_YAML), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)  # nothing but JSON on stdout
+    assert [i["id"] for i in info["items"]] == ["S2_L1C_18S_virginia_demo_window"]
+
+
+def test_closed_pipe_exits_quietly():
+    """`agriland search P --json | head -c0`: the reader is gone before the result is written."""
+    proc = subprocess.Popen([AGRILAND, "search", str(DEMO_YAML), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(120)
+    assert proc.returncode == 141, err  # 128 + SIGPIPE, what a shell reports
+    assert err == "", err
+
+
+def test_missing_tensorflow_is_named_with_the_extra_to_install():
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from agriland_scale import _worker\n"
+            "try:\n    _worker.configure_tensorflow()\nexcept Exception as e:\n"
+            "    print(type(e).__name__, e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "MissingDependency" in done.stdout and "agriland-scale[cpu]" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_short_run_keeps_tensorflow_noise_off_the_terminal(demo_run, tmp_path):
+    """A LocalCluster run that loads and applies the U-Net (segmentation + publish): stdout is
+    one JSON result, stderr has the run's lines and none of TensorFlow's C++ log lines, which
+    go to the run's worker log."""
+    cfg, out, _ = demo_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("logs"))
+    import yaml
+
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    done = _agriland("run", str(pipeline), "--out", str(copy), "--force", "segmentation",
+                     "--set", "runtime.dashboard_address=127.0.0.1:0", timeout=900)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["stages"]["segmentation"] == "done" and result["out"] == str(copy)
+    assert "[segmentation]" in done.stderr and "Dask dashboard" in done.stderr
+    noise = [line for line in done.stderr.splitlines() if any(n in line for n in TF_NOISE)]
+    assert not noise, noise
+    rec = json.loads((copy / "run.json").read_text())
+    assert (copy / rec["performance_report"]).stat().st_size > 10_000
+    assert any(p.name.startswith("workers-") for p in (copy / "logs").iterdir())
+
+
+@pytest.mark.slow
+def test_training_progress_reaches_the_run_log(demo_run):
+    """Epoch, step, loss and metric of both trainings, relayed from the worker that trained."""
+    cfg, out, _ = demo_run
+    log = "\n".join(p.read_text() for p in (out / "logs").glob("run-*.log"))
+    epochs = cfg.embed.train.epochs
+    steps = cfg.embed.train.steps_per_epoch
+    assert f"CAE training: step {epochs * steps}/{epochs * steps}, epoch {epochs}/{epochs}, loss" in log
+    assert "U-Net training: step" in log and "masked_iou" in log and "val_loss" in log
+    assert not (out / "models" / "cae.checkpoint.keras").exists()  # checkpoints go after training
+    assert not (out / "models" / "unet.best.keras").exists()
