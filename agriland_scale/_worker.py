@@ -102,7 +102,6 @@ def with_precision(model: Any, policy: str) -> Any:
     """A copy of a functional Keras ``model`` whose float32 layers compute under dtype
     ``policy`` (e.g. ``mixed_float16``), with the same weights. A loaded model keeps each
     layer's saved policy, so the global policy alone would not change it."""
-    import keras
 
     def swap(o: Any) -> Any:
         if isinstance(o, dict):

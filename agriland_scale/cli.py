@@ -195,10 +195,9 @@ def _export_labels(args: argparse.Namespace) -> int:
 
 def _import_labels(args: argparse.Namespace) -> int:
     from .cube import open_cube
+    from .outdir import locked
     from .publish import write_cog
     from .via import import_via
-
-    from .outdir import locked
 
     out = args.out or args.run / "labels" / "via_mask.tif"
     with locked(_run_folder(args.run), "agriland import-labels"):

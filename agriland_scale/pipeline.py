@@ -43,9 +43,10 @@ import xarray as xr
 
 from . import cube as cube_mod
 from . import embed as embed_mod
-from . import patches as patches_mod
 from . import outdir, publish, segment, stac
-from .cluster import cluster_map
+from . import patches as patches_mod
+from ._worker import PROGRESS_TOPIC
+from .cluster import NOT_CLUSTERED, cluster_map
 from .cluster_report import write_cluster_products
 from .cluster_stream import fit_clusters_streaming
 from .config import RunConfig, check_input_files, resolve_path
@@ -53,7 +54,6 @@ from .errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound, Out
 from .items import normalize_items
 from .labels import IGNORE, load_labels
 from .report import write_report
-from ._worker import PROGRESS_TOPIC
 from .resume import Products
 from .runtime import dask_client, gpu_resources
 from .stac_out import write_stac
@@ -663,7 +663,10 @@ class _Run:
                 patch=index["patch"].values, cluster=np.arange(c.k))
             cl["centroids"] = fit["centroids"].assign_coords(cluster=np.arange(c.k))
             start += n
-            cl["labels"].attrs.update(long_name="DEC cluster", _note="-1: patch not clustered (too little valid data)")
+            for v in ("labels", "kmeans_labels"):  # CF: -1 is the declared fill (not clustered)
+                cl[v].encoding["_FillValue"] = np.int16(-1)
+            cl["labels"].attrs.update(long_name="DEC cluster", comment=NOT_CLUSTERED)
+            cl["kmeans_labels"].attrs.update(long_name="k-means cluster", comment=NOT_CLUSTERED)
             cl["cluster_map"] = cluster_map(cl["labels"].values, index, cube)
             cl = cube_mod.write_georef(cl, cube.rio.crs)
             self.products.write(cl, z["prefix"] + "clusters")
@@ -755,9 +758,11 @@ class _Run:
             cl = publish.open_product(store, pre + "clusters")
             seg = publish.open_product(store, pre + "segmentation")
             seg_by_zone[name] = seg
-            publish.write_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", nodata=-1)
-            publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254)
-            publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255)
+            publish.write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=cfg.cluster.k)
+            publish.write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
+                              description="agricultural land probability", units="1")
+            publish.write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
+                              description="agricultural land mask", colormap=publish.MASK_COLORMAP)
             publish.write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
             if cfg.segment.vectorize:
                 from .vectorize import write_fields
@@ -769,7 +774,8 @@ class _Run:
         if cfg.cube.mosaic_crs:
             mosaic = publish.mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
             self.products.write(mosaic, "mosaic")
-            publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254)
+            publish.write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
+                              description="agricultural land probability, zones reprojected", units="1")
             groups.append("mosaic")
         for name in zones:  # per-cluster gallery, statistics and embedding map
             write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")

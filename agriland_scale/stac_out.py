@@ -62,7 +62,7 @@ XARRAY_ASSETS = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.j
 
 # COG product (file stem without the zone tag) -> (Zarr group, title, unit)
 COG_PRODUCTS: dict[str, tuple[str, str, str | None]] = {
-    "cluster_map": ("clusters", "DEC cluster per patch (-1: not clustered)", None),
+    "cluster_map": ("clusters", "DEC cluster per patch (255, or 65535 when k > 255: not clustered)", None),
     "probability": ("segmentation", "agricultural land probability (U-Net)", "1"),
     "mask": ("segmentation", "agricultural land mask (1 agricultural, 0 other, 255 nodata)", None),
     "mosaic_probability": ("mosaic", "agricultural land probability, zones reprojected to one CRS", "1"),

@@ -169,7 +169,13 @@ def test_cluster_ids_masked_by_cf_readers_kept_by_open_product(store):
 
 def test_cogs_carry_description_units_predictor_and_colour_tables(store, tmp_path):
     """The COGs as pipeline._publish writes them, read back with rasterio."""
-    from agriland_scale.publish import MASK_COLORMAP, cluster_colormap, open_product, write_cluster_cog, write_cog
+    from agriland_scale.publish import (
+        MASK_COLORMAP,
+        cluster_colormap,
+        open_product,
+        write_cluster_cog,
+        write_cog,
+    )
 
     path = store["path"]
     seg, cl = open_product(path, "segmentation"), open_product(path, "clusters")

@@ -22,6 +22,7 @@ from agriland_scale.cluster_stream import fit_clusters_streaming
 from agriland_scale.config import ClusterConfig
 from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion
 from agriland_scale.patches import patch_index
+from agriland_scale.publish import open_product
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_cluster_products_of_the_demo_run(demo_run):
     store = out / "agriland.zarr"
     k = cfg.cluster.k
     stats = write_cluster_products(store, out, k, cfg.seed)
-    labels = xr.open_zarr(store, group="clusters", consolidated=False)["labels"].values
+    labels = open_product(store, "clusters")["labels"].values
     assert stats["size"].values.tolist() == np.bincount(labels[labels >= 0], minlength=k).tolist()
     csv = (out / "clusters" / "stats.csv").read_text().splitlines()
     assert csv[0].startswith("cluster,size,valid_pixels,ndvi_mean") and len(csv) == k + 1

@@ -12,13 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import xarray as xr
 import yaml
 
 from agriland_scale.embed import check_model
-from agriland_scale.errors import BandMismatch, ConfigError, CorruptInput, LabelError, ModelMismatch, RunLocked
+from agriland_scale.errors import (
+    BandMismatch,
+    ConfigError,
+    CorruptInput,
+    LabelError,
+    ModelMismatch,
+    RunLocked,
+)
 from agriland_scale.inspect_run import format_summary, summarise_run
 from agriland_scale.outdir import LOCK_NAME
 from agriland_scale.pipeline import run

@@ -185,7 +185,7 @@ def test_stac_catalog_reads_back(published):
     assert prob.properties["proj:shape"] == [record["cube"]["shape"]["y"], record["cube"]["shape"]["x"]]
     assert prob.properties["proj:transform"] == record["cube"]["transform"]
     assert prob.properties["proj:bbox"] == record["cube"]["bounds"]
-    expect = {"cluster_map": ("int16", -1, None), "probability": ("uint8", 255, 1 / 254),
+    expect = {"cluster_map": ("uint8", 255, None), "probability": ("uint8", 255, 1 / 254),
               "mask": ("uint8", 255, None)}
     for product, (dtype, nodata, scale) in expect.items():
         asset = items[f"{cfg.name}-{product}"].assets["cog"]

@@ -111,7 +111,8 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     bands = ["red", "green", "blue"]
     model_path = str(tmp_path / "unet.keras")
     small_unet.save(model_path)
-    write_sidecar(model_path, {"bands": bands, "normalisation": {"reflectance_max": 0.3}, "patch_size": 64})
+    write_sidecar(model_path, {"task": "segmentation", "bands": bands, "normalisation": {"reflectance_max": 0.3},
+                               "patch_size": 64})
     local = cube.compute().copy(deep=True)  # the session fixture stays as it is
     local["clear_count"].values[200:400, 100:700] = 0  # nodata across block borders
     local["clear_count"].values[768:, 768:] = 0  # a whole block without data
