@@ -100,3 +100,28 @@ def test_training_progress_reaches_the_run_log(demo_run):
     assert "U-Net training: step" in log and "masked_iou" in log and "val_loss" in log
     assert not (out / "models" / "cae.checkpoint.keras").exists()  # checkpoints go after training
     assert not (out / "models" / "unet.best.keras").exists()
+
+
+def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
+    """A task that fails on a worker of the run's own LocalCluster (a tile damaged in the
+    middle of a COG, found while the cube is computed): one paragraph naming the asset on
+    stderr, exit 2, no worker "Compute Failed" log or traceback."""
+    import yaml
+
+    cat = tmp_path / "catalog"
+    shutil.copytree(DEMO_YAML.parent / "virginia", cat)
+    data = bytearray((cat / "B04.tif").read_bytes())
+    mid = len(data) // 3
+    data[mid:mid + 20000] = b"\xff" * 20000
+    (cat / "B04.tif").write_bytes(bytes(data))
+    doc = yaml.safe_load(DEMO_YAML.read_text())
+    doc["search"]["catalog"] = str(cat)
+    doc["runtime"] = {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "4GiB",
+                      "dashboard_address": "127.0.0.1:0"}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(doc))
+    done = _agriland("run", str(pipeline), "--out", str(tmp_path / "out"), "-q", timeout=600)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert err.startswith("agriland: error: cube utm18n: block") and "asset 'red'" in err and "B04.tif" in err
+    assert "Traceback" not in err and "Compute Failed" not in err and len(err.splitlines()) == 1, err
