@@ -168,6 +168,14 @@ class SearchConfig(_Model):
     max_cloud_cover: float | None = Field(default=None, ge=0, le=100)
     limit: int = Field(default=100, ge=1)
 
+    @field_validator("bbox", mode="before")
+    @classmethod
+    def _four_numbers(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != 4:
+            raise ValueError(f"bbox must have 4 numbers (min lon, min lat, max lon, max lat), got "
+                             f"{len(v)}: {_short(list(v))}")
+        return v
+
     @field_validator("bbox")
     @classmethod
     def _check_bbox(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:

@@ -153,7 +153,7 @@ CASES = [
      lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [179, 10, -179, 11]}))}, "fresh",
      r"antimeridian.*\[179(\.0)?, 10(\.0)?, 180(\.0)?, 11(\.0)?\]"),
     ("bbox-three-numbers", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [1, 2, 3]}))}, "fresh", r"search\.bbox"),
+     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [1, 2, 3]}))}, "fresh", r"search\.bbox: bbox must have 4 numbers"),
     ("bbox-and-region", ["validate", "{P}"],
      lambda t: {"P": _write_pipeline(t, _edit(**{"search.region": "r.geojson"}))}, "fresh",
      r"exactly one of search\.bbox .* and search\.region"),
