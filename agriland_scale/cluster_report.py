@@ -12,8 +12,8 @@ memory does not grow with the region.
 from __future__ import annotations
 
 import logging
-import warnings
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 

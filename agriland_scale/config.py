@@ -712,7 +712,7 @@ def _local_file(key: str, value: str, what: str, fix: str) -> Path:
     return p
 
 
-def check_input_files(cfg: RunConfig) -> None:
+def check_input_files(cfg: RunConfig, stages: set[str] | None = None) -> None:
     """Check the local files a run will read, without network and without loading pixels.
 
     ``search.catalog`` (``api: local``: a folder with ``collection.json`` and ``item*.json``),
@@ -723,11 +723,19 @@ def check_input_files(cfg: RunConfig) -> None:
     a pipeline file absolute). Raises :class:`ConfigError` (a file named is missing),
     :class:`CorruptInput` (it cannot be read) or :class:`RegionError`, each naming the key,
     the path and what to do.
+
+    ``stages``: check only what these stages read (the catalogue and region for ``search`` /
+    ``cube``, models and weights for ``cae``/``embeddings``/``unet``/``segmentation``, labels
+    for ``unet``/``segmentation``), so that a resumed run is not refused for a file that
+    only a finished stage needed; ``None`` checks everything (``agriland validate``).
     """
     from .region import read_region_file
 
+    def reads(*names: str) -> bool:
+        return stages is None or bool(stages & set(names))
+
     s = cfg.search
-    if s.api == "local" and s.catalog and not _is_url(s.catalog):
+    if reads("search", "cube") and s.api == "local" and s.catalog and not _is_url(s.catalog):
         cat = resolve_path(s.catalog, Path.cwd())
         what = "give the folder that holds the STAC collection.json and its item*.json files"
         if not cat.exists():
@@ -746,13 +754,15 @@ def check_input_files(cfg: RunConfig) -> None:
                                "fix or replace it") from None
         if next(cat.glob("item*.json"), None) is None:
             raise ConfigError(f"search.catalog: folder {cat} holds no item*.json files: {what}")
-    if s.region:
+    if s.region and reads("search", "cube"):
         try:
             read_region_file(resolve_path(s.region, Path.cwd()))
         except (RegionError, CorruptInput) as e:
             raise type(e)(str(e) if "search.region" in str(e) else f"search.region: {e}") from None
     for section in (cfg.embed, cfg.segment):
         name = "embed" if section is cfg.embed else "segment"
+        if not (reads("cae", "embeddings") if name == "embed" else reads("unet", "segmentation")):
+            continue
         trained_by = "agriland train-cae" if name == "embed" else "agriland train-unet"
         if section.model and not _is_url(section.model):
             fix = (f"give the .keras file written by '{trained_by}' (a run's models/"
@@ -763,11 +773,12 @@ def check_input_files(cfg: RunConfig) -> None:
                 raise CorruptInput(f"{name}.model: model {p} has no metadata sidecar {side}: it was not "
                                    f"saved by agriland-scale; retrain it with '{trained_by}' or write "
                                    "the sidecar")
-        elif section.weights not in ("imagenet", "none") and not _is_url(section.weights):
+        elif (section.weights not in ("imagenet", "none") and not _is_url(section.weights)
+              and reads("cae" if name == "embed" else "unet")):
             # initial weights of a model trained by the run (not read when a model is given)
             _local_file(f"{name}.weights", section.weights, "weights file",
                         "give a .keras or .weights.h5 file, 'imagenet' or 'none'")
-    if cfg.segment.labels and not _is_url(cfg.segment.labels):
+    if cfg.segment.labels and not _is_url(cfg.segment.labels) and reads("unet", "segmentation"):
         _local_file("segment.labels", cfg.segment.labels, "labels file",
                     "give a GeoJSON of polygons with a 'class' property, a .tif label mask or a VIA "
                     "project JSON, or remove segment.labels when segment.model is set")

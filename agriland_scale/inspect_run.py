@@ -149,30 +149,31 @@ def _stale(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _lock_holder(out: Path) -> dict[str, Any] | None:
-    """The process that holds the run folder's lock now (None when free)."""
-    import fcntl
+    """The process named in the run folder's lock file when it still runs (None otherwise).
+
+    Read without taking the lock (a probe with ``flock`` could make a run that starts at the
+    same moment refuse); a holder on another host cannot be checked and is reported as is.
+    """
     import os
+    import socket
 
     from .outdir import LOCK_NAME
 
-    path = out / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        info = json.loads((out / LOCK_NAME).read_text() or "null")
+    except (OSError, json.JSONDecodeError):
         return None
-    try:
+    if not isinstance(info, dict):
+        return None
+    pid = info.get("pid")
+    if info.get("host") == socket.gethostname() and isinstance(pid, int):
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            try:
-                info = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                info = {}
-            return info if isinstance(info, dict) else {}
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # a lock left by a killed process: the next run takes it over
+        except PermissionError:
+            pass
+    return info
 
 
 def summarise_run(out_dir: str | Path) -> dict[str, Any]:

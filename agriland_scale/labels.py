@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio.features
-import xarray as xr
 import shapely
+import xarray as xr
 from pyproj import CRS, Transformer
 from shapely.geometry import mapping, shape
 

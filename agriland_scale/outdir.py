@@ -14,8 +14,9 @@ lock from another host (a shared filesystem) is never taken over: the message sa
 remove it once you know that run has ended.
 
 **Our files only.** A run records in ``run.json`` (``files``: ``{stage: [relative path,
-...]}``) every file each stage created or rewrote, found by comparing the folder before and
-after the stage (:func:`snapshot`, :func:`changed_since`). The Zarr store and the staging
+...]}``) every file each stage created or rewrote where stages write (:data:`OUTPUT_PATTERNS`),
+found by comparing the folder before and after the stage (:func:`snapshot`,
+:func:`changed_since`). The Zarr store and the staging
 folder are ours as wholes (a new run only starts in an empty folder). ``--overwrite`` and
 ``--force`` delete exactly what the record lists (:func:`remove_files`) and then the
 folders this left empty, never a file a run of ours did not write.
@@ -26,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import json
+import logging
 import os
 import socket
 import sys
@@ -37,8 +40,10 @@ from typing import Any
 
 from .errors import OutputError, RunLocked
 
-__all__ = ["LOCK_NAME", "OWNED_DIRS", "RunLock", "changed_since", "check_writable", "foreign_entries",
-           "locked", "read_record", "remove_files", "snapshot"]
+__all__ = ["LOCK_NAME", "OUTPUT_PATTERNS", "OWNED_DIRS", "RunLock", "changed_since", "check_writable",
+           "foreign_entries", "is_output", "locked", "read_record", "remove_files", "snapshot"]
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".agriland.lock"
 # folders that belong to a run as a whole (never mixed with a user's files)
@@ -123,9 +128,28 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
     return found
 
 
+# where the stages write (relative to OUT, fnmatch patterns): only files created or rewritten
+# there during a stage are recorded as the run's, so that a file a user saves into the run
+# folder while a stage runs (labels being drawn, a notebook) is never taken for ours
+OUTPUT_PATTERNS = (
+    "items.json", "report.html", "quicklook*.png",
+    "models/cae.*", "models/encoder.*", "models/unet.*",
+    "cog/*cluster_map.tif", "cog/*probability.tif", "cog/*mask.tif",
+    "clusters/*.png", "clusters/*.csv", "clusters/*/*.png", "clusters/*/*.csv",
+    "stac/*.json", "stac/*/*.json",
+    "vector/*fields.parquet",
+)
+
+
+def is_output(rel: str) -> bool:
+    """True when ``rel`` (relative to OUT, with ``/``) is where a stage writes its files."""
+    return any(fnmatch.fnmatchcase(rel, pat) for pat in OUTPUT_PATTERNS)
+
+
 def changed_since(out: Path, before: dict[str, tuple[int, int]]) -> list[str]:
-    """Files under ``out`` created or rewritten since ``before`` (a :func:`snapshot`)."""
-    return sorted(k for k, v in snapshot(out).items() if before.get(k) != v)
+    """Output files (:data:`OUTPUT_PATTERNS`) under ``out`` created or rewritten since
+    ``before`` (a :func:`snapshot`)."""
+    return sorted(k for k, v in snapshot(out).items() if before.get(k) != v and is_output(k))
 
 
 def remove_files(out: Path, rels: Iterable[str]) -> list[str]:
@@ -138,11 +162,21 @@ def remove_files(out: Path, rels: Iterable[str]) -> list[str]:
     root = out.resolve()
     gone, parents = [], set()
     for rel in rels:
-        p = (root / rel).resolve()
-        if root not in p.parents:
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts:
             continue
-        with contextlib.suppress(FileNotFoundError):
+        p = root / rel  # not resolved: a link is removed itself, never what it points to
+        if root not in p.parent.resolve().parents and p.parent.resolve() != root:
+            continue  # a folder on the way is a link out of the run folder
+        if p.is_dir() and not p.is_symlink():
+            continue
+        try:
             p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not delete %s: %s", p, e)
+        else:
             gone.append(rel)
         parents.update(q for q in p.parents if root in q.parents)
     for d in sorted(parents, key=lambda q: len(q.parts), reverse=True):
@@ -210,7 +244,10 @@ class RunLock:
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     os.close(fd)
-                    raise
+                    raise OutputError(
+                        f"the file system of {self.out} does not support file locks ({e.strerror}), "
+                        "so agriland cannot make sure that one process writes this run: choose an "
+                        "--out folder on a local disk or a file system with locks (NFSv4, ...)") from None
                 holder = self._holder(fd) or {}
                 os.close(fd)
                 raise RunLocked(
@@ -257,8 +294,11 @@ class RunLock:
         """Remove the lock file and drop the lock (idempotent)."""
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        try:  # only our own file: someone may have deleted it and another run made a new one
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -272,9 +312,21 @@ class RunLock:
 
 @contextlib.contextmanager
 def locked(out: str | Path, command: str, notice=None) -> Iterator[RunLock]:
-    """``with locked(out, "agriland report"):`` — :class:`RunLock` as a context manager."""
+    """``with locked(out, "agriland report"):`` — :class:`RunLock` as a context manager.
+
+    When the block fails and ``out`` did not exist before, the folder this created is
+    removed again if it is empty (a refused run leaves nothing behind).
+    """
+    out = Path(out)
+    existed = out.exists()
     lock = RunLock(out, command, notice).acquire()
     try:
         yield lock
-    finally:
+    except BaseException:
+        lock.release()
+        if not existed:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    else:
         lock.release()

@@ -196,14 +196,25 @@ def _remove_run(out: Path, old: dict[str, Any]) -> None:
     log.info("--overwrite: removed the earlier run's store and %d file(s)", len(files))
 
 
-def _preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str]) -> None:
+def _preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str],
+               scheduler: str | None) -> None:
     """Checks of the inputs the stages to run will read, before anything is changed or started:
-    local files named in the config, and models given as ``embed.model``/``segment.model``."""
-    check_input_files(cfg)
+    local files named in the config (only those that a stage still to run reads), labels
+    when a U-Net must be trained, models given as ``embed.model``/``segment.model``, and that
+    a given Dask scheduler answers."""
     done = (old or {}).get("stages") or {}
 
     def to_run(stage: str) -> bool:
         return stage in wanted and (done.get(stage) != "done" or stage in forced)
+
+    check_input_files(cfg, {s for s in STAGES if to_run(s)})
+    if to_run("unet") and not cfg.segment.model and not cfg.segment.labels:
+        raise ConfigError("segment.labels is not set: the U-Net needs labels (GeoJSON polygons with "
+                          "a 'class' property, a raster mask or a VIA project), or set segment.model "
+                          "to a U-Net trained before; see the README")
+    address = scheduler or cfg.runtime.scheduler
+    if address and any(to_run(s) for s in STAGES):
+        _probe_scheduler(address)
 
     valid = ((old or {}).get("patches") or {}).get("valid")
     if to_run("clusters") and not to_run("patches") and valid is not None and valid < cfg.cluster.k:
@@ -217,6 +228,45 @@ def _preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, fo
     if cfg.segment.model and (to_run("unet") or to_run("segmentation")):
         embed_mod.check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
                               cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+
+
+def _probe_scheduler(address: str, timeout: float = 10.0) -> None:
+    """Refuse a scheduler address nothing listens on (a TCP connect, no Dask handshake)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from .errors import SchedulerError
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+        return  # ucx://, inproc:// ...: left to the Dask client
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
+    except OSError as e:
+        raise SchedulerError(f"no Dask scheduler answers at {address} ({e.strerror or e}): start one "
+                             "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+
+
+def _protected_inputs(cfg: RunConfig) -> list[Path]:
+    """Local files the config reads as inputs (models and their sidecars, labels, weights):
+    ``--force`` and ``--overwrite`` must not delete them, even when a run of ours wrote them."""
+    paths = []
+    for value in (cfg.embed.model, cfg.segment.model):
+        if value and "://" not in value:
+            paths += [Path(value), Path(value + ".json")]
+    for value in (cfg.segment.labels, cfg.embed.weights, cfg.segment.weights):
+        if value and value not in ("imagenet", "none") and "://" not in value:
+            paths.append(Path(value))
+    return [p.expanduser().resolve() for p in paths]
+
+
+def _refuse_deleting_inputs(out: Path, cfg: RunConfig, rels: Iterable[str], what: str) -> None:
+    doomed = {(out / r).resolve() for r in rels}
+    hit = [p for p in _protected_inputs(cfg) if p in doomed]
+    if hit:
+        raise OutputExists(f"{what} would delete {hit[0]}, which the pipeline reads as an input: copy it "
+                           "out of the run folder first and point the config at the copy, or run into "
+                           "another --out folder")
 
 
 def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
@@ -251,10 +301,16 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     say = _say(report)
     with outdir.locked(out, command, notice=say):
         old = _prepare_output(out, cfg, overwrite, force)
-        _preflight(cfg, wanted, None if overwrite else old, forced)
+        _preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
         if overwrite and old is not None:
+            _refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
+                                    "--overwrite")
             _remove_run(out, old)
             old = None
+        elif force and old is not None:
+            _refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
+                                               for f in (old.get("files") or {}).get(s, [])],
+                                    f"--force {' '.join(force)}")
         return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until)
 
 
@@ -277,10 +333,19 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     products = Products(out)
     if force:
         # what the forced stages made goes before they are redone: no reader may open a
-        # product, COG, gallery or STAC file that is no longer current
+        # product, COG, gallery or STAC file that is no longer current. The record says so
+        # first, so that an interrupted deletion is redone by the next run, not taken as done.
+        doomed: list[str] = []
         for stage in sorted(dependents(force), key=STAGES.index):
             if record["stages"].pop(stage, None):
                 record["timings_s"].pop(stage, None)
+            doomed += record["files"].pop(stage, [])
+        doomed += record["files"].pop("report", [])
+        for key in ("products", "performance_report"):
+            record.pop(key, None)
+        record.setdefault("pending_removal", []).extend(doomed)
+        publish.write_json(record, out / "run.json")
+        for stage in sorted(dependents(force), key=STAGES.index):
             for zone in (record.get("zones") or {}).values():
                 if stage in _GROUPS:
                     products.discard(zone.get("prefix", "") + _GROUPS[stage])
@@ -288,8 +353,8 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
                     products.discard(zone.get("prefix", "") + "labels")
             if stage == "publish":
                 products.discard("mosaic")
-            outdir.remove_files(out, record["files"].pop(stage, []))
-        outdir.remove_files(out, record["files"].pop("report", []))
+    if record.get("pending_removal"):  # this run's --force, or an earlier one cut short
+        outdir.remove_files(out, record.pop("pending_removal"))
     publish.write_json(record, out / "run.json")  # a record from the start: a killed run is ours too
     handler = _log_file(out)
     say(f"log: {handler.baseFilename}")
@@ -299,6 +364,9 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for stage, status in record["stages"].items():  # stopped where no handler could say so
+            if status == "running":
+                record["stages"][stage] = "interrupted"
         publish.write_json(record, out / "run.json")
         if until is None or until == "publish":
             before = outdir.snapshot(out)
@@ -324,7 +392,12 @@ def _performance_report(path: Path) -> Iterator[None]:
     from distributed import performance_report
 
     rep = performance_report(filename=str(path))
-    rep.__enter__()
+    try:
+        rep.__enter__()
+    except Exception as e:  # noqa: BLE001 - e.g. a scheduler that refuses run_on_scheduler
+        log.warning("no Dask performance report for this run: %s", e)
+        yield
+        return
     interrupted = False
     try:
         yield
@@ -431,6 +504,22 @@ class _Run:
         self.progress = prog
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    def _settings(self, stage: str) -> dict[str, Any]:
+        """The config values ``stage``'s outputs depend on (its sections, ``runtime`` aside),
+        plus the models it applies: a resumed stage reuses blocks only of the same settings."""
+        cfg = json.loads(self.cfg.model_dump_json())
+        out: dict[str, Any] = {}
+        for key in _SECTIONS[stage]:
+            node: Any = cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out[key] = node
+        for name, field in (("cae", "encoder_path"), ("unet", "model_path")):
+            path = (self.record.get(name) or {}).get(field)
+            if path and stage in ("embeddings", "segmentation") and Path(path).exists():
+                out[f"{name}_model"] = [path, Path(path).stat().st_mtime_ns]
+        return out
+
     def _zones(self) -> dict[str, dict[str, Any]]:
         return {n: z for n, z in (self.record.get("zones") or {}).items() if not z.get("empty")}
 
@@ -473,10 +562,12 @@ class _Run:
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log
             perf = self.out / "logs" / f"dask-performance-{time.strftime('%Y%m%d-%H%M%S')}.html"
-            with _performance_report(perf) if todo else contextlib.nullcontext():
-                self._stages(wanted, todo)
-            if perf.exists():
-                rec["performance_report"] = str(perf.relative_to(self.out))
+            try:
+                with _performance_report(perf) if todo else contextlib.nullcontext():
+                    self._stages(wanted, todo)
+            finally:  # also for a failed run: where its time went is worth seeing
+                if perf.exists():
+                    rec["performance_report"] = str(perf.relative_to(self.out))
         shutil.rmtree(self.out / ".partial", ignore_errors=True) if wanted[-1] == "publish" else None
 
     def _stages(self, wanted: list[str], todo: list[str]) -> None:
@@ -496,10 +587,12 @@ class _Run:
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
                 rec["stages"][stage] = "interrupted"
                 rec["error"] = f"{stage}: interrupted"
+                publish.write_json(rec, self.out / "run.json")  # at once: the cluster may take a while to close
                 raise
             except BaseException as e:
                 rec["stages"][stage] = "failed"
                 rec["error"] = f"{stage}: {e}"
+                publish.write_json(rec, self.out / "run.json")
                 raise
             finally:
                 rec["timings_s"][stage] = time.perf_counter() - t0
@@ -552,6 +645,7 @@ class _Run:
             name = zone_name(epsg)
             prefix = f"{name}/" if multi else ""
             stats = self.products.write_blocks(cube, prefix + "cube", "y", self.client,
+                                               settings=self._settings("cube"),
                                                label=f"cube {name}", progress=self.progress)
             cube = cube_mod.open_cube(self.store, prefix + "cube")
             chunks = cube_mod.chunk_valid_fraction(cube, cfg.cube.chunk)
@@ -640,6 +734,7 @@ class _Run:
                                           precision="mixed_float16" if e.mixed_precision and self.res
                                           else "float32")
             stats = self.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", self.client,
+                                               settings=self._settings("embeddings"),
                                                label=f"embeddings {name}", progress=self.progress)
             z["embeddings_blocks"] = stats
 
@@ -743,6 +838,7 @@ class _Run:
                 seg["training_label"].encoding.update(_FillValue=None)
             seg = cube_mod.write_georef(seg, cube.rio.crs)
             stats = self.products.write_blocks(seg, z["prefix"] + "segmentation", "y", self.client,
+                                               settings=self._settings("segmentation"),
                                                label=f"segmentation {name}", progress=self.progress)
             z["segmentation_blocks"] = stats
 

@@ -121,13 +121,15 @@ class Products:
         self._publish(group)
 
     def write_blocks(self, ds: xr.Dataset, group: str, dim: str, client, *, label: str | None = None,
-                     progress: Progress | None = None) -> dict[str, int]:
+                     progress: Progress | None = None, settings: dict[str, Any] | None = None
+                     ) -> dict[str, int]:
         """Write the dask-backed ``ds`` block by block along ``dim`` with ``client``, resumably.
 
         One block is one Dask chunk of ``dim`` (every variable must have the same chunks
         along it). Blocks listed in the journal of an earlier, interrupted attempt are not
         computed again. A failing block raises :class:`BlockFailed` naming the group and the
-        block's index range. Returns ``{"blocks": n, "reused": blocks_from_earlier_attempt}``.
+        block's index range. ``settings`` (the config values the blocks depend on) are part of
+        the journal's signature: blocks of an attempt made with other settings are not reused. Returns ``{"blocks": n, "reused": blocks_from_earlier_attempt}``.
         """
         from distributed import as_completed
 
@@ -137,6 +139,8 @@ class Products:
             raise ValueError(f"{group}: nothing in the dataset is chunked along '{dim}'")
         edges = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
         sig = _signature(ds, dim)
+        if settings is not None:  # the config the blocks were computed with: other settings, new blocks
+            sig["settings"] = json.loads(json.dumps(settings, default=str))
         journal = self._journal(group)
         done: set[int] = set()
         if journal.exists() and (self.staging / group / "zarr.json").exists():

@@ -75,10 +75,14 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
         memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
         processes=True, env=worker_env(cfg.threads_per_worker),
     )
-    client = Client(cluster)
-    if worker_log:
-        client.register_plugin(StderrToFile(worker_log))
     try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    try:
+        if worker_log:
+            client.register_plugin(StderrToFile(worker_log))
         yield client
     finally:
         client.close()

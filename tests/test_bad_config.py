@@ -339,3 +339,17 @@ def test_bad_region_files(tmp_path, name, content, exc, msg):
         read_region_file(p)
     assert "search.region" in str(err.value)
     assert len(str(err.value)) < 500
+
+
+def test_input_files_checked_only_for_the_stages_that_read_them(demo_cfg, tmp_path):
+    """A resumed run is not refused for a file only a finished stage read (labels moved away
+    after the U-Net was trained, a local catalogue gone after the cube)."""
+    from agriland_scale.config import check_input_files
+
+    moved = demo_cfg.with_overrides(**{"segment.labels": str(tmp_path / "moved.geojson"),
+                                       "search.catalog": str(tmp_path / "gone")})
+    check_input_files(moved, {"embeddings", "clusters", "publish"})
+    with pytest.raises(ConfigError, match="segment.labels"):
+        check_input_files(moved, {"segmentation"})
+    with pytest.raises(ConfigError, match="search.catalog"):
+        check_input_files(moved, {"cube"})

@@ -7,8 +7,8 @@ import zarr
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
 
 from agriland_scale.cluster import cluster_embeddings
 from agriland_scale.cluster_report import (

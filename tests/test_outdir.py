@@ -120,15 +120,49 @@ def test_remove_files_deletes_only_what_is_listed(tmp_path):
     assert Path("/etc/hostname").exists()
 
 
-def test_snapshot_finds_new_and_rewritten_files_not_the_store(tmp_path):
+def test_snapshot_finds_new_and_rewritten_outputs_not_the_store_nor_user_files(tmp_path):
     (tmp_path / "agriland.zarr" / "cube").mkdir(parents=True)
-    (tmp_path / "a.txt").write_text("1")
+    (tmp_path / "items.json").write_text("1")
     before = snapshot(tmp_path)
-    (tmp_path / "a.txt").write_text("22")
+    (tmp_path / "items.json").write_text("22")
     (tmp_path / "cog").mkdir()
-    (tmp_path / "cog" / "b.tif").write_bytes(b"x")
+    (tmp_path / "cog" / "probability.tif").write_bytes(b"x")
     (tmp_path / "agriland.zarr" / "cube" / "zarr.json").write_text("{}")
-    assert changed_since(tmp_path, before) == ["a.txt", "cog/b.tif"]
+    # what a user saves into the run folder while a stage runs is not the stage's
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "fields.geojson").write_text("{}")
+    (tmp_path / "cog" / "my_edit.tif").write_bytes(b"y")
+    (tmp_path / "analysis.ipynb").write_text("{}")
+    assert changed_since(tmp_path, before) == ["cog/probability.tif", "items.json"]
+
+
+def test_remove_files_removes_a_link_not_its_target(tmp_path):
+    (tmp_path / "cog").mkdir()
+    target = tmp_path / "keep.tif"
+    target.write_bytes(b"theirs")
+    (tmp_path / "cog" / "probability.tif").symlink_to(target)
+    assert remove_files(tmp_path, ["cog/probability.tif"]) == ["cog/probability.tif"]
+    assert target.read_bytes() == b"theirs"
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, demo_cfg):
+    out = tmp_path / "new" / "run"
+    (tmp_path / "new").mkdir()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the refusal
+        run(demo_cfg.with_overrides(**{"segment.labels": str(tmp_path / "none.geojson")}), out)
+    assert not out.exists()
+
+
+def test_release_keeps_a_lock_that_is_not_ours(tmp_path):
+    out = tmp_path / "out"
+    lock = RunLock(out, "first").acquire()
+    (out / LOCK_NAME).unlink()  # someone deletes it, as the other-host message allows ...
+    second = RunLock(out, "second").acquire()  # ... and another run locks the folder
+    lock.release()
+    assert json.loads((out / LOCK_NAME).read_text())["command"] == "second"
+    with pytest.raises(RunLocked):
+        RunLock(out, "third").acquire()
+    second.release()
 
 
 def test_damaged_run_json_gives_the_same_advice_to_run_and_inspect(tmp_path, demo_cfg):

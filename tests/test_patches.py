@@ -3,8 +3,14 @@ import pytest
 import xarray as xr
 
 from agriland_scale.errors import RegionError
-from agriland_scale.patches import (blend_weight, patch_grid, patch_index, patch_map_transform,
-                                    read_patches, window_starts)
+from agriland_scale.patches import (
+    blend_weight,
+    patch_grid,
+    patch_index,
+    patch_map_transform,
+    read_patches,
+    window_starts,
+)
 
 from .conftest import ORIGIN_X, ORIGIN_Y
 

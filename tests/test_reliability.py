@@ -23,6 +23,7 @@ from agriland_scale.errors import (
     CorruptInput,
     LabelError,
     ModelMismatch,
+    OutputExists,
     RunLocked,
 )
 from agriland_scale.inspect_run import format_summary, summarise_run
@@ -184,3 +185,18 @@ def test_k_larger_than_the_valid_patches_is_refused_before_training(demo_run, ex
         run(cfg.with_overrides(**{"cluster.k": 60}), fresh, scheduler=external_cluster)
     rec = json.loads((fresh / "run.json").read_text())
     assert rec["stages"]["patches"] == "failed" and "cae" not in rec["stages"]
+
+
+def test_force_never_deletes_a_model_the_config_reads(demo_run, external_cluster, tmp_path):
+    """`embed.model` pointing at the run's own encoder, with `--force cae` (which would delete
+    what the cae stage wrote): refused, the encoder kept."""
+    cfg, out, _ = demo_run
+    copy = _copy(out, tmp_path / "copy")
+    enc = copy / "models" / "encoder.keras"
+    before = enc.read_bytes()
+    own = cfg.with_overrides(**{"embed.model": str(enc)})
+    with pytest.raises(OutputExists, match=r"--force cae would delete .*encoder.keras.*reads as an input"):
+        run(own, copy, scheduler=external_cluster, force=["cae"])
+    with pytest.raises(OutputExists, match=r"--overwrite would delete .*encoder.keras"):
+        run(own.with_overrides(name="other"), copy, scheduler=external_cluster, overwrite=True)
+    assert enc.read_bytes() == before
