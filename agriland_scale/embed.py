@@ -18,7 +18,7 @@ from .errors import BandMismatch, ModelMismatch
 from .models.backbone import read_sidecar
 from .patches import iter_batches, read_patches
 
-__all__ = ["check_model", "check_model_bands", "embed_patches"]
+__all__ = ["check_model", "embed_patches"]
 
 
 # what the sidecar's "task" / "model" say for each kind of model a stage takes
@@ -75,12 +75,6 @@ def check_model(model_path: str, task: str, bands: list[str], reflectance_max: f
         raise ModelMismatch(f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
                             f"{size}: set {what} to {meta.get('patch_size')}")
     return meta
-
-
-def check_model_bands(model_path: str, bands: list[str], reflectance_max: float, size: int,
-                      task: str = "embedding") -> dict:
-    """:func:`check_model` (kept for callers that predate the task check)."""
-    return check_model(model_path, task, bands, reflectance_max, size)
 
 
 def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,

@@ -794,10 +794,6 @@ class _Run:
                                    "validation_metrics": meta.get("validation_metrics")}
             self.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
             return
-        if not s.labels:
-            raise ConfigError("segment.labels is not set: the U-Net needs labels (GeoJSON polygons with "
-                              "a 'class' property, a raster mask or a VIA project), or set segment.model "
-                              "to a U-Net trained before; see the README")
         labels = self._labels()
         # the U-Net learns in the zone with the most labelled pixels, then maps every zone
         train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
