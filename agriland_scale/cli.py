@@ -11,13 +11,15 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import __version__
-from .config import load_config
-from .errors import AgrilandError, ConfigError, Terminated
+from agriland_scale import __version__
+from agriland_scale.config.load import load_config
+from agriland_scale.errors import AgrilandError, ConfigError, Terminated
+from agriland_scale.layout import STAGES
 
-# the pipeline's stages (kept here so that `agriland --help` does not import TensorFlow)
-STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
@@ -56,10 +58,12 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
 
 
 class _Display:
-    """What a run shows on the terminal (stderr): its message lines, and a progress bar a
-    stage's blocks or a training's steps (rich; epoch, loss and metrics beside a training
-    bar). Nothing but errors with ``--quiet``; lines without bars when stderr is not a
-    terminal (every run also logs progress to ``OUT/logs/``)."""
+    """What a run shows on the terminal (stderr): its message lines and progress bars.
+
+    A progress bar follows a stage's blocks or a training's steps (rich; epoch, loss and
+    metrics beside a training bar). Nothing but errors with ``--quiet``; lines without bars
+    when stderr is not a terminal (every run also logs progress to ``OUT/logs/``).
+    """
 
     def __init__(self, quiet: bool):
         from rich.console import Console
@@ -67,8 +71,8 @@ class _Display:
         self.quiet = quiet
         self.console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
         self.bars = not quiet and self.console.is_terminal
-        self._progress = None
-        self._tasks: dict[str, object] = {}
+        self._progress: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
 
     def line(self, text: str) -> None:
         if not self.quiet:
@@ -96,7 +100,7 @@ class _Display:
 
 
 def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> int:
-    from .pipeline import run
+    from agriland_scale.pipeline.runner import run
 
     cfg = load_config(pipeline, **_overrides(args.set))
     show = _Display(args.quiet)
@@ -126,7 +130,8 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .stac import api_url, describe_search, region_of, search_items
+    from agriland_scale.cube.load import describe_search
+    from agriland_scale.search.stac import api_url, region_of, search_items
 
     cfg = load_config(args.pipeline)
     with api_url(cfg.search) as url:
@@ -152,7 +157,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect_run import format_summary, summarise_run
+    from agriland_scale.publish.inspect import format_summary, summarise_run
 
     summary = summarise_run(args.run)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
@@ -160,17 +165,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _run_folder(path: Path) -> Path:
-    """A folder holding a run (its run.json readable), for the commands that write into one."""
-    from .inspect_run import load_run_record
+    """Return ``path`` if it holds a run (its run.json readable), for commands that write into one."""
+    from agriland_scale.layout import load_run_record
 
     load_run_record(path)
     return path
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .outdir import locked
-    from .report import write_report
-    from .stac_out import write_stac
+    from agriland_scale.pipeline.outdir import locked
+    from agriland_scale.publish.report import write_report
+    from agriland_scale.publish.stac import write_stac
 
     with locked(_run_folder(args.run), "agriland report"):
         print(f"report: {write_report(args.run)}")
@@ -179,8 +184,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export_labels(args: argparse.Namespace) -> int:
-    from .outdir import locked
-    from .via import export_via
+    from agriland_scale.labels.via import export_via
+    from agriland_scale.pipeline.outdir import locked
 
     clusters = args.clusters
     out = args.out or args.run / "labels" / "via"
@@ -194,10 +199,10 @@ def _export_labels(args: argparse.Namespace) -> int:
 
 
 def _import_labels(args: argparse.Namespace) -> int:
-    from .cube import open_cube
-    from .outdir import locked
-    from .publish import write_cog
-    from .via import import_via
+    from agriland_scale.labels.via import import_via
+    from agriland_scale.pipeline.outdir import locked
+    from agriland_scale.publish.cog import write_cog
+    from agriland_scale.store import open_cube
 
     out = args.out or args.run / "labels" / "via_mask.tif"
     with locked(_run_folder(args.run), "agriland import-labels"):
@@ -213,6 +218,18 @@ def _import_labels(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``agriland`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        The process exit status (0 on success).
+    """
     parser = argparse.ArgumentParser(
         prog="agriland", description="agriland-scale: find agricultural land in Sentinel-2 imagery at "
         "region scale (STAC -> Zarr cube -> CAE + DEC clusters -> U-Net mosaics, on Dask).")
@@ -316,7 +333,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command in handlers:
             return handlers[args.command](args)
         if args.command == "validate":
-            from .config import check_input_files
+            from agriland_scale.config.files import check_input_files
 
             cfg = load_config(args.pipeline)
             check_input_files(cfg)

@@ -12,6 +12,7 @@ __all__ = [
     "BandMismatch",
     "BlockFailed",
     "ConfigError",
+    "IgnoredRegion",
     "CorruptInput",
     "EmptyRegion",
     "LabelError",
@@ -103,9 +104,16 @@ class StageNotBuilt(AgrilandError, NotImplementedError):
 
 
 class Terminated(KeyboardInterrupt):
-    """The process received SIGTERM: handled like Ctrl-C (the stage is recorded as
-    interrupted, finished work is kept), and the command exits with 143."""
+    """The process received SIGTERM: handled like Ctrl-C.
+
+    The stage is recorded as interrupted, finished work is kept, and the command exits
+    with 143.
+    """
 
 
 class AgrilandWarning(UserWarning):
     """Base class of warnings users can filter with ``warnings.filterwarnings``."""
+
+
+class IgnoredRegion(AgrilandWarning):
+    """A VIA region whose shape cannot hold an area (polyline, point) was skipped."""

@@ -1,5 +1,6 @@
-"""Patches: a grid of square windows over the cube, their georeferenced index, and
-blending window predictions back into a seamless mosaic.
+"""Patches: a grid of square windows over the cube, and their georeferenced index.
+
+Also the blending of window predictions back into a seamless mosaic.
 
 Pixel offsets are (row, col) of the top-left pixel in the cube's grid; bounds are in the
 cube's CRS (metres). Patches are read from the cube with ``isel``, never copied to disk.
@@ -13,7 +14,7 @@ import numpy as np
 import xarray as xr
 from affine import Affine
 
-from .errors import RegionError
+from agriland_scale.errors import RegionError
 
 __all__ = [
     "blend_weight",
@@ -22,6 +23,7 @@ __all__ = [
     "patch_index",
     "patch_map_transform",
     "read_patches",
+    "read_windows",
     "window_starts",
 ]
 
@@ -77,7 +79,7 @@ def patch_index(cube: xr.Dataset, size: int, stride: int) -> xr.Dataset:
 
 
 def _valid_fraction(valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int) -> np.ndarray:
-    """Valid fraction per patch from a stride-aligned block sum (one dask compute)."""
+    """Compute the valid fraction per patch from a stride-aligned block sum (one dask compute)."""
     import dask.array as da
 
     cs = np.gcd.reduce(np.concatenate([y0, x0, [size]])) or size
@@ -88,8 +90,25 @@ def _valid_fraction(valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: i
 
 
 def patch_map_transform(cube_transform: Affine, size: int, stride: int) -> Affine:
-    """Transform of a map with one pixel a patch: pixel (r, c) covers the central
-    ``stride`` x ``stride`` area of patch (r, c) (the whole patch when stride == size)."""
+    """Return the transform of a map with one pixel a patch, in the cube's CRS.
+
+    Pixel (r, c) covers the central ``stride`` x ``stride`` area of patch (r, c) (the whole
+    patch when stride == size).
+
+    Parameters
+    ----------
+    cube_transform : affine.Affine
+        The cube grid's transform (metres, UTM).
+    size : int
+        Patch side, pixels.
+    stride : int
+        Patch stride, pixels.
+
+    Returns
+    -------
+    affine.Affine
+        The map's transform: pixels ``stride`` cube pixels a side.
+    """
     off = (size - stride) / 2
     return cube_transform @ Affine.translation(off, off) @ Affine.scale(stride)
 
@@ -100,38 +119,84 @@ def iter_batches(n: int, batch: int) -> Iterator[slice]:
         yield slice(start, min(start + batch, n))
 
 
-def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int,
-                 bands: list[str], reflectance_max: float) -> np.ndarray:
-    """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
+def read_windows(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int) -> np.ndarray:
+    """Read square windows of the cube as ``(n, band, size, size)`` float32, NaN (no data) kept.
 
-    Reflectance is divided by ``reflectance_max`` and clipped; NaN (no data) becomes 0.
-    Patches are read in spans: the patches of one grid row (or all of them, when their
-    bounding box is at most twice their total area) come from one read, so each stored
-    chunk is decoded once rather than once per overlapping patch. Each span is normalised
-    once and turned band-last once; patches are then plain copies of it (with overlapping
-    patches, the span holds fewer pixels than the batch).
+    Parameters
+    ----------
+    reflectance : xarray.DataArray
+        ``(band, y, x)`` reflectance (unitless), dask-backed or lazily indexed.
+    y0, x0 : numpy.ndarray
+        ``(n,)`` top-left pixel offsets of the windows in the cube grid.
+    size : int
+        Window side, pixels; every window lies inside the cube.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, band, size, size)`` float32.
+
+    Notes
+    -----
+    Windows are read in spans: the windows of one grid row (or all of them, when their
+    bounding box is at most twice their total area) come from one read, so each stored chunk
+    is decoded once rather than once per overlapping window. A dask-backed cube is computed
+    once for all spans (one graph, shared chunk reads).
     """
-    sel = reflectance.sel(band=bands)
-    out = np.empty((len(y0), size, size, len(bands)), dtype="float32")
     y0, x0 = np.asarray(y0, dtype="int64"), np.asarray(x0, dtype="int64")
+    out = np.empty((len(y0), reflectance.sizes["band"], size, size), dtype="float32")
     if len(y0) == 0:
         return out
     span = (y0.max() - y0.min() + size) * (x0.max() - x0.min() + size)
     groups = [np.arange(len(y0))] if span <= 2 * len(y0) * size**2 else \
         [np.flatnonzero(y0 == r) for r in np.unique(y0)]
-    for g in groups:
-        ys, xs = int(y0[g].min()), int(x0[g].min())
-        raw = np.asarray(sel.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size)))
-        block = normalise(np.array(np.moveaxis(raw, 0, -1), dtype="float32", order="C"), reflectance_max)
+    corners = [(int(y0[g].min()), int(x0[g].min())) for g in groups]
+    parts = [reflectance.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size))
+             for g, (ys, xs) in zip(groups, corners)]
+    if reflectance.chunks is not None:
+        import dask
+
+        spans = dask.compute(*[a.data for a in parts])
+    else:
+        spans = [np.asarray(a) for a in parts]
+    for g, (ys, xs), block in zip(groups, corners, spans):
         for i in g:
             a, b = int(y0[i]) - ys, int(x0[i]) - xs
-            out[i] = block[a:a + size, b:b + size]
+            out[i] = block[:, a:a + size, b:b + size]
     return out
 
 
+def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int,
+                 bands: list[str], reflectance_max: float) -> np.ndarray:
+    """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
+
+    Parameters
+    ----------
+    reflectance : xarray.DataArray
+        ``(band, y, x)`` reflectance of the cube.
+    y0, x0 : numpy.ndarray
+        ``(n,)`` top-left pixel offsets of the patches.
+    size : int
+        Patch side, pixels.
+    bands : list of str
+        The model's bands, in its order.
+    reflectance_max : float
+        Reflectance that maps to 1 (:func:`normalise`); NaN (no data) becomes 0.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, size, size, n_bands)`` float32, band last (the Keras layout).
+    """
+    windows = read_windows(reflectance.sel(band=bands), y0, x0, size)
+    return normalise(np.ascontiguousarray(np.moveaxis(windows, 1, -1)), reflectance_max)
+
+
 def normalise(x: np.ndarray, reflectance_max: float) -> np.ndarray:
-    """Model input from float32 reflectance, in place: ``x / reflectance_max`` clipped to
-    [0, 1], NaN (no data) and -inf to 0, +inf to 1."""
+    """Make model input from float32 reflectance, in place.
+
+    Returns ``x / reflectance_max`` clipped to [0, 1], NaN (no data) and -inf to 0, +inf to 1.
+    """
     np.fmax(x, 0.0, out=x)  # NaN -> 0 (fmax ignores NaN), negatives -> 0
     np.fmin(x, reflectance_max, out=x)
     return np.divide(x, np.float32(reflectance_max), out=x)

@@ -2,7 +2,7 @@
 
 Writes N and 4N synthetic embeddings (dim 100, float32, a seeded mixture of Gaussians,
 5 % of rows marked invalid) to Zarr arrays on disk, chunk by chunk, then runs
-:func:`agriland_scale.cluster_stream.fit_clusters_streaming` (k-means ``partial_fit`` over
+:func:`agriland_scale.cluster.fit.fit_clusters_streaming` (k-means ``partial_fit`` over
 chunks, DEC on a sample, chunk-by-chunk soft assignment written to Zarr) on each in a fresh
 subprocess, which reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``).
 
@@ -54,8 +54,8 @@ def child(path: Path, k: int, sample_size: int, seed: int) -> None:
     """Cluster the embeddings under ``path``; print one JSON line with peak RSS and time."""
     import zarr
 
-    from agriland_scale.cluster_stream import fit_clusters_streaming
-    from agriland_scale.config import ClusterConfig
+    from agriland_scale.cluster.fit import fit_clusters_streaming
+    from agriland_scale.config.schema import ClusterConfig
 
     base = _rss_mib()
     emb = zarr.open_array(str(path / "emb.zarr"), mode="r")

@@ -132,11 +132,11 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
     import odc.stac
     from distributed import Client, LocalCluster
 
-    from agriland_scale.config import CubeConfig, SearchConfig
-    from agriland_scale.cube import cube_geobox, load_cube
-    from agriland_scale.items import normalize_items
-    from agriland_scale.publish import write_group
-    from agriland_scale.stac import local_stac_api, search_items
+    from agriland_scale.config.schema import CubeConfig, SearchConfig
+    from agriland_scale.cube.load import cube_geobox, load_cube
+    from agriland_scale.search.items import normalize_items
+    from agriland_scale.search.stac import local_stac_api, search_items
+    from agriland_scale.store import write_group
 
     warnings.simplefilter("ignore")
     s = SearchConfig(api="local", catalog=catalog, collections=["bench"], bbox=tuple(bbox))

@@ -26,13 +26,12 @@ def main() -> None:
     args = ap.parse_args()
     import dask
 
-    from agriland_scale import _worker
-    from agriland_scale.config import RunConfig, RuntimeConfig
-    from agriland_scale.cube import open_cube
-    from agriland_scale.embed import embed_patches
+    from agriland_scale.config.schema import RunConfig, RuntimeConfig
+    from agriland_scale.models import worker as _worker
+    from agriland_scale.models.embed import embed_patches
     from agriland_scale.patches import read_patches
-    from agriland_scale.publish import open_product
-    from agriland_scale.runtime import dask_client
+    from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.store import open_cube, open_product
 
     run = json.loads((args.run_dir / "run.json").read_text())
     cfg = RunConfig.model_validate(run["config"])
@@ -56,7 +55,7 @@ def main() -> None:
 
     rt = RuntimeConfig(n_workers=1, threads_per_worker=threads, memory_limit="8GiB", dashboard_address=":0")
     plain_times, stage_times = [], []
-    with dask_client(rt) as client:
+    with dask_client(rt):
         warm = embed_patches(encoder, store, index.isel(patch=slice(0, e.batch_size)), e.bands,
                              e.reflectance_max, batch_size=e.batch_size, min_valid_fraction=0.0)
         warm["embedding"].compute()  # model loaded on the worker, as in a run

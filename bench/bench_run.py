@@ -88,7 +88,7 @@ def region_bbox(side: int | None) -> list[float]:
 def pipeline(tmp: Path, cat: Path, bbox: list[float], name: str, **extra) -> Path:
     import yaml
 
-    from agriland_scale.config import load_config
+    from agriland_scale.config.load import load_config
 
     cfg = load_config(REPO / "agriland_scale" / "data" / "demo.yaml").with_overrides(
         **SCHEDULE, **{"name": name, "search.catalog": str(cat), "search.collections": ["bench-run"],
@@ -153,9 +153,9 @@ def efficiency(out: Path) -> dict:
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
     import numpy as np
 
-    from agriland_scale import _worker
-    from agriland_scale.cube import open_cube
+    from agriland_scale.models import worker as _worker
     from agriland_scale.patches import read_patches, window_starts
+    from agriland_scale.store import open_cube
 
     rec = json.loads((out / "run.json").read_text())
     cfg = rec["config"]
@@ -200,13 +200,13 @@ def graph_size(tmp: Path, encoder: str, unet: str) -> dict:
     import numpy as np
     import pystac
     import xarray as xr
+    from pyproj import Transformer
 
     from agriland_scale import load_config
-    from agriland_scale.cube import load_cube
-    from agriland_scale.embed import embed_patches
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.models.embed import embed_patches
+    from agriland_scale.models.segment import segment_region
     from agriland_scale.patches import patch_grid
-    from agriland_scale.segment import segment_region
-    from pyproj import Transformer
 
     item = json.loads((tmp / "cat" / "item.json").read_text())
     tx0, ty0, n = 399960.0, 4200000.0, 10980

@@ -43,9 +43,9 @@ def build_cubes(tmp: Path) -> tuple[str, str]:
     import xarray as xr
 
     from agriland_scale import load_config
-    from agriland_scale.cube import load_cube, open_cube, write_georef
-    from agriland_scale.publish import write_group
-    from agriland_scale.stac import local_stac_api, search_items
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.search.stac import local_stac_api, search_items
+    from agriland_scale.store import open_cube, write_georef, write_group
 
     cfg = load_config(REPO / "agriland_scale" / "data" / "demo.yaml")
     with local_stac_api(cfg.search.catalog) as url:
@@ -90,8 +90,8 @@ def stacked_windows(store: str, bands: list[str], window: int, overlap: int, rma
     """Every window of the global grid ``segment_region`` uses, as one in-memory batch."""
     import numpy as np
 
-    from agriland_scale.cube import open_cube
     from agriland_scale.patches import window_starts
+    from agriland_scale.store import open_cube
 
     cube = open_cube(store)
     refl = np.nan_to_num(cube["reflectance"].sel(band=bands).values)
@@ -106,7 +106,7 @@ def stacked_windows(store: str, bands: list[str], window: int, overlap: int, rma
 
 def plain_predict(model_path: str, x, batch_size: int, repeat: int) -> float:
     """Best wall time of ``model.predict`` on windows already in memory (after a warm-up)."""
-    from agriland_scale import _worker
+    from agriland_scale.models import worker as _worker
 
     model, _ = _worker.get_model(model_path)
     model.predict(x, batch_size=batch_size, verbose=0)  # warm-up: tracing
@@ -137,11 +137,10 @@ def _peak_rss_mib() -> float:
 def stage(model_path: str, store: str, out: str, bands: list[str], window: int, overlap: int,
           rmax: float, batch_size: int, repeat: int) -> dict:
     """Best wall time of segment_region + Zarr write on a fresh LocalCluster; worker peak RSS."""
-    from agriland_scale.config import RuntimeConfig
-    from agriland_scale.cube import open_cube
-    from agriland_scale.publish import write_group
-    from agriland_scale.runtime import dask_client
-    from agriland_scale.segment import segment_region
+    from agriland_scale.config.schema import RuntimeConfig
+    from agriland_scale.models.segment import segment_region
+    from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.store import open_cube, write_group
 
     cube = open_cube(store)
     rt = RuntimeConfig(n_workers=1, threads_per_worker=THREADS, memory_limit="12GiB", dashboard_address=":0")
@@ -165,12 +164,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(THREADS)  # the baseline: as many threads as a worker
-    from agriland_scale import _worker
+    from agriland_scale.models import worker as _worker
 
     _worker.configure_tensorflow()  # before anything starts TensorFlow in this process
     bands, window, overlap, rmax, batch = ["red", "green", "blue"], 256, 64, 0.3, 8
     import dask
-
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:

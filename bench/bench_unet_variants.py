@@ -3,8 +3,8 @@
 Builds the demo cube Zarr as the tests do (the embedded Sentinel-2 window served by a local
 STAC API, written single-threaded) or reuses one (``--store``), rasterises the demo labels
 (``segment.labels`` of the config, ``builtin:virginia/labels.geojson``) onto the cube grid with
-:func:`agriland_scale.labels.load_labels`, and trains each encoder with the project's
-:func:`agriland_scale.train.train_unet`: same seed, epochs, windows, augmentation and the
+:func:`agriland_scale.labels.raster.load_labels`, and trains each encoder with the project's
+:func:`agriland_scale.models.train.train_unet`: same seed, epochs, windows, augmentation and the
 config's spatially separate validation strip (``segment.train.validation``). Weights are
 always ``none`` (random initialisation): nothing here is a pretrained (ImageNet) result.
 
@@ -32,8 +32,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_YAML = ROOT / "agriland_scale" / "data" / "demo.yaml"
 ENCODERS = ("plain", "resnet50", "inceptionv3")
@@ -43,9 +41,9 @@ def build_store(cfg, store: str) -> None:
     """The demo cube written to a Zarr store, as ``tests/conftest.py`` (``cube_store``) does."""
     import dask
 
-    from agriland_scale.cube import load_cube
-    from agriland_scale.publish import write_group
-    from agriland_scale.stac import local_stac_api, search_items
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.search.stac import local_stac_api, search_items
+    from agriland_scale.store import write_group
 
     with local_stac_api(cfg.search.catalog) as url:
         items = search_items(cfg.search, url)
@@ -76,10 +74,11 @@ def main() -> None:
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(args.threads)  # read once, before TF starts
 
     from agriland_scale import load_config
-    from agriland_scale.config import resolve_path
-    from agriland_scale.cube import open_cube
-    from agriland_scale.labels import IGNORE, load_labels
-    from agriland_scale.train import train_unet, unet_windows
+    from agriland_scale.config.files import resolve_path
+    from agriland_scale.labels.raster import load_labels
+    from agriland_scale.models.train import train_unet
+    from agriland_scale.models.windows import unet_windows
+    from agriland_scale.store import open_cube
 
     cfg = load_config(args.config)
     over = {"segment.weights": "none"}  # offline: random initialisation for all three

@@ -57,7 +57,6 @@ def main(src_dir: str) -> None:
 def write_stac(src_item: dict) -> None:
     """Write a STAC Collection and one Item describing the cut window (relative hrefs)."""
     from pyproj import Transformer
-    from shapely.geometry import box, mapping
 
     with rasterio.open(OUT / "B04.tif") as ds:
         left, bottom, right, top = ds.bounds

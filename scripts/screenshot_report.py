@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     page = args.out.resolve() / "report.html"
     if not page.is_file():
-        from agriland_scale.report import write_report
+        from agriland_scale.publish.report import write_report
 
         write_report(args.out)
     png = args.out.resolve() / "report.png"

@@ -15,7 +15,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from agriland_scale import load_config  # noqa: E402
-from agriland_scale.config import RunConfig  # noqa: E402
+from agriland_scale.config.schema import RunConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "agriland_scale" / "data"
 DEMO_YAML = DATA / "demo.yaml"
@@ -31,7 +31,7 @@ def demo_cfg() -> RunConfig:
 
 @pytest.fixture(scope="session")
 def items(demo_cfg):
-    from agriland_scale.stac import local_stac_api, search_items
+    from agriland_scale.search.stac import local_stac_api, search_items
 
     with local_stac_api(demo_cfg.search.catalog) as url:
         return search_items(demo_cfg.search, url)
@@ -42,8 +42,8 @@ def cube_store(tmp_path_factory, demo_cfg, items) -> str:
     """The demo cube written to a real Zarr store (single-threaded dask, no cluster)."""
     import dask
 
-    from agriland_scale.cube import load_cube
-    from agriland_scale.publish import write_group
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.store import write_group
 
     store = str(tmp_path_factory.mktemp("cube") / "agriland.zarr")
     with dask.config.set(scheduler="synchronous"):
@@ -53,7 +53,7 @@ def cube_store(tmp_path_factory, demo_cfg, items) -> str:
 
 @pytest.fixture(scope="session")
 def cube(cube_store):
-    from agriland_scale.cube import open_cube
+    from agriland_scale.store import open_cube
 
     return open_cube(cube_store)
 
@@ -118,7 +118,7 @@ def external_cluster(tmp_path_factory):
 def demo_run(demo_cfg, external_cluster, tmp_path_factory):
     cfg = demo_cfg.with_overrides(**FAST)
     out = tmp_path_factory.mktemp("demo")
-    from agriland_scale.pipeline import run
+    from agriland_scale.pipeline.runner import run
 
     record = run(cfg, out, scheduler=external_cluster, report=print)
     return cfg, out, record

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from agriland_scale.models.windows import unet_augment_fn
 from agriland_scale.patches import read_patches
-from agriland_scale.train import unet_augment_fn
 
 
 def test_image_and_label_move_together(cube):

@@ -16,11 +16,12 @@ import pystac
 import pytest
 import rasterio
 
-from agriland_scale.config import CubeConfig
-from agriland_scale.cube import check_assets, load_bands, load_cube, load_zone_cubes
+from agriland_scale.config.schema import CubeConfig
+from agriland_scale.cube.assets import check_assets
+from agriland_scale.cube.load import load_bands, load_cube, load_zone_cubes
 from agriland_scale.errors import AgrilandWarning, BlockFailed, CorruptInput
-from agriland_scale.items import normalize_items
-from agriland_scale.stac import local_stac_api, search_items
+from agriland_scale.search.items import normalize_items
+from agriland_scale.search.stac import local_stac_api, search_items
 
 from .conftest import VIRGINIA
 
@@ -202,9 +203,9 @@ def test_corrupt_tile_in_the_cube_is_named_or_left_out(middle_tile, demo_cfg):
 
 def test_corrupt_tile_on_a_dask_worker_names_the_asset(middle_tile, demo_cfg, tmp_path):
     """On a real (separate-process) worker: the named reader travels with the graph."""
-    from agriland_scale.config import RuntimeConfig
-    from agriland_scale.resume import Products
-    from agriland_scale.runtime import dask_client
+    from agriland_scale.config.schema import RuntimeConfig
+    from agriland_scale.pipeline.resume import Products
+    from agriland_scale.pipeline.runtime import dask_client
 
     cube = load_cube(_items(middle_tile), CubeConfig(bands=BANDS), demo_cfg.search.bbox, normalized=True)
     rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")

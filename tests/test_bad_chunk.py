@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from agriland_scale.config import RuntimeConfig
+from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import BlockFailed
-from agriland_scale.resume import Products
-from agriland_scale.runtime import dask_client
+from agriland_scale.pipeline.resume import Products
+from agriland_scale.pipeline.runtime import dask_client
 
 
 def test_bad_chunk_is_named_and_the_rest_is_kept(cube, tmp_path):

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from agriland_scale import load_config
-from agriland_scale.config import check_bbox, check_input_files
+from agriland_scale.config.files import check_input_files
+from agriland_scale.config.region import read_region_file
+from agriland_scale.config.schema import check_bbox
 from agriland_scale.errors import ConfigError, CorruptInput, RegionError
-from agriland_scale.region import read_region_file
 
 from .conftest import DEMO_YAML
 
@@ -344,7 +345,7 @@ def test_bad_region_files(tmp_path, name, content, exc, msg):
 def test_input_files_checked_only_for_the_stages_that_read_them(demo_cfg, tmp_path):
     """A resumed run is not refused for a file only a finished stage read (labels moved away
     after the U-Net was trained, a local catalogue gone after the cube)."""
-    from agriland_scale.config import check_input_files
+    from agriland_scale.config.files import check_input_files
 
     moved = demo_cfg.with_overrides(**{"segment.labels": str(tmp_path / "moved.geojson"),
                                        "search.catalog": str(tmp_path / "gone")})

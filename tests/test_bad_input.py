@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from agriland_scale import cli
-from agriland_scale.outdir import RunLock
+from agriland_scale.config.files import DATA
+from agriland_scale.pipeline.outdir import RunLock
 
-from .conftest import DATA, DEMO_YAML
+from .conftest import DEMO_YAML
 
 # the products of a run: everything but the record (run.json), the logs and the lock
 _NOT_PRODUCTS = re.compile(r"^(run\.json|logs/.*|\.agriland\.lock)$")
@@ -37,7 +38,7 @@ def _products(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def prior_run(tmp_path_factory, external_cluster) -> Path:
     from agriland_scale import load_config
-    from agriland_scale.pipeline import run
+    from agriland_scale.pipeline.runner import run
 
     out = tmp_path_factory.mktemp("prior") / "run"
     run(load_config(DEMO_YAML), out, scheduler=external_cluster, until="patches")

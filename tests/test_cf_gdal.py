@@ -29,12 +29,11 @@ def store(cube, tmp_path_factory):
     import dask
     import keras
 
-    from agriland_scale.cluster import NOT_CLUSTERED, cluster_map
-    from agriland_scale.cube import open_cube, write_georef
+    from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map
     from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.segment import segment_region
     from agriland_scale.models.unet import build_unet
-    from agriland_scale.publish import write_group
-    from agriland_scale.segment import segment_region
+    from agriland_scale.store import open_cube, write_georef, write_group
 
     tmp = tmp_path_factory.mktemp("cf")
     path = str(tmp / "agriland.zarr")
@@ -152,7 +151,7 @@ def test_zarr_fill_value_is_the_cf_fill_value(store):
 def test_cluster_ids_masked_by_cf_readers_kept_by_open_product(store):
     """-1 is the cluster map's declared nodata: CF decoding masks it (NaN); open_product keeps
     int16 ids with -1, its nodata for rioxarray."""
-    from agriland_scale.publish import open_product
+    from agriland_scale.store import open_product
 
     path = store["path"]
     cf = xr.open_zarr(path, group="clusters", consolidated=False)
@@ -169,13 +168,8 @@ def test_cluster_ids_masked_by_cf_readers_kept_by_open_product(store):
 
 def test_cogs_carry_description_units_predictor_and_colour_tables(store, tmp_path):
     """The COGs as pipeline._publish writes them, read back with rasterio."""
-    from agriland_scale.publish import (
-        MASK_COLORMAP,
-        cluster_colormap,
-        open_product,
-        write_cluster_cog,
-        write_cog,
-    )
+    from agriland_scale.publish.cog import MASK_COLORMAP, cluster_colormap, write_cluster_cog, write_cog
+    from agriland_scale.store import open_product
 
     path = store["path"]
     seg, cl = open_product(path, "segmentation"), open_product(path, "clusters")
@@ -218,8 +212,8 @@ def test_cogs_carry_description_units_predictor_and_colour_tables(store, tmp_pat
 
 
 def test_write_cog_refuses_what_a_colour_table_or_dtype_cannot_hold(tmp_path):
-    from agriland_scale.cube import write_georef
-    from agriland_scale.publish import cluster_colormap, write_cog
+    from agriland_scale.publish.cog import cluster_colormap, write_cog
+    from agriland_scale.store import write_georef
 
     ids = np.array([[0, 1], [300, -1]], dtype="int16")
     da = xr.DataArray(ids, dims=("y", "x"), coords={"y": [15.0, 5.0], "x": [5.0, 15.0]})
@@ -239,7 +233,8 @@ def test_write_cog_refuses_what_a_colour_table_or_dtype_cannot_hold(tmp_path):
 def test_gdal_reads_a_zarr_v2_copy_with_crs_nodata_and_scale(store, tmp_path):
     """What GDAL 3.10 (rasterio 1.4's) can read: a Zarr v2 copy of a product group
     (publish.copy_zarr_v2), with the CRS from the CF grid mapping."""
-    from agriland_scale.publish import copy_zarr_v2, open_product
+    from agriland_scale.publish.cog import copy_zarr_v2
+    from agriland_scale.store import open_product
 
     copy_zarr_v2(store["path"], "segmentation", tmp_path / "segmentation_v2.zarr")
     prob = open_product(store["path"], "segmentation")["probability"].values

@@ -57,7 +57,7 @@ def test_closed_pipe_exits_quietly():
 
 def test_missing_tensorflow_is_named_with_the_extra_to_install():
     code = ("import sys; sys.modules['tensorflow'] = None\n"
-            "from agriland_scale import _worker\n"
+            "from agriland_scale.models import worker as _worker\n"
             "try:\n    _worker.configure_tensorflow()\nexcept Exception as e:\n"
             "    print(type(e).__name__, e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,18 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from agriland_scale import load_config
-from agriland_scale.config import CubeConfig
-from agriland_scale.cube import (
-    S2CLOUDLESS_BANDS,
-    check_not_empty,
-    cube_geobox,
-    load_bands,
-    load_cube,
-    s2cloudless_mask,
-    s2cloudless_reflectance,
-)
+from agriland_scale.config.schema import CubeConfig
+from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, s2cloudless_mask, s2cloudless_reflectance
+from agriland_scale.cube.composite import check_not_empty
+from agriland_scale.cube.load import cube_geobox, load_bands, load_cube
 from agriland_scale.errors import BandMismatch, ConfigError, EmptyRegion
-from agriland_scale.items import normalize_items
+from agriland_scale.search.items import normalize_items
 
 from .conftest import DEMO_YAML, SIZE, VIRGINIA
 

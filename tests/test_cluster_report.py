@@ -10,19 +10,18 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from agriland_scale.cluster import cluster_embeddings
-from agriland_scale.cluster_report import (
+from agriland_scale.cluster.fit import fit_clusters_streaming
+from agriland_scale.cluster.report import (
     cluster_stats,
-    to_rgb8,
     write_cluster_products,
     write_embedding_map,
     write_gallery,
 )
-from agriland_scale.cluster_stream import fit_clusters_streaming
-from agriland_scale.config import ClusterConfig
+from agriland_scale.config.schema import ClusterConfig
 from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion
 from agriland_scale.patches import patch_index
-from agriland_scale.publish import open_product
+from agriland_scale.render import to_rgb8
+from agriland_scale.store import open_product
 
 
 @pytest.fixture(scope="module")
@@ -122,17 +121,23 @@ def digits():
     return (x / 16).astype("float32"), y, valid
 
 
-def test_streaming_equals_in_memory_when_the_sample_holds_everything(digits):
-    x, y, valid = digits
+def _in_memory(x, valid, seed, chunk):
+    """Cluster with every valid row in the sample, reading ``chunk`` rows at a time."""
     emb = xr.DataArray(x, dims=("patch", "dim"), coords={"patch": np.arange(len(x))})
-    ref, _ = cluster_embeddings(emb, valid, DIGITS_CFG, seed=3)
     out = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    info = fit_clusters_streaming(emb, valid, DIGITS_CFG, 3, out=out, sample_size=len(x), chunk=500)
+    info = fit_clusters_streaming(emb, valid, DIGITS_CFG, seed, out=out, sample_size=len(x), chunk=chunk)
+    return out, info
+
+
+def test_streaming_does_not_depend_on_the_chunk_when_the_sample_holds_everything(digits):
+    x, y, valid = digits
+    ref, _ = _in_memory(x, valid, 3, chunk=len(x))
+    out, info = _in_memory(x, valid, 3, chunk=500)
     assert info["n_sample"] == valid.sum()
-    np.testing.assert_array_equal(out["labels"][:], ref["labels"].values)
-    np.testing.assert_array_equal(out["kmeans_labels"][:], ref["kmeans_labels"].values)
-    np.testing.assert_allclose(out["soft"][:], ref["soft"].values, rtol=1e-6)
-    np.testing.assert_allclose(out["centroids"][:], ref["centroids"].values, rtol=1e-6)
+    for name in ("labels", "kmeans_labels"):
+        np.testing.assert_array_equal(out[name][:], ref[name][:])
+    for name in ("soft", "centroids"):
+        np.testing.assert_allclose(out[name][:], ref[name][:], rtol=1e-6)
 
 
 def test_streaming_on_a_sample_is_repeatable(digits, tmp_path):
@@ -149,8 +154,8 @@ def test_streaming_on_a_sample_is_repeatable(digits, tmp_path):
     np.testing.assert_allclose(a["soft"].values[valid].sum(1), 1.0, rtol=1e-5)
     assert set(np.unique(a["labels"].values[valid])) <= set(range(10))
     assert sum(runs[0]["sizes"]) == valid.sum()
-    ref, _ = cluster_embeddings(xr.DataArray(x, dims=("patch", "dim")), valid, DIGITS_CFG, seed=7)
-    nmi_ref = normalized_mutual_info_score(y[valid], ref["labels"].values[valid])
+    ref, _ = _in_memory(x, valid, 7, chunk=len(x))
+    nmi_ref = normalized_mutual_info_score(y[valid], ref["labels"][:][valid])
     nmi = normalized_mutual_info_score(y[valid], a["labels"].values[valid])
     assert nmi > nmi_ref - 0.08, (nmi, nmi_ref)
 

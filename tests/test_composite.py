@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agriland_scale.cube import _cube_block, composite_block
+from agriland_scale.cube.composite import _cube_block, composite_block
 
 SCALE = np.array([1e-4, 2e-4, 1e-4], dtype="float32")
 OFFSET = np.array([-0.1, 0.0, 0.05], dtype="float32")

@@ -1,7 +1,7 @@
 import pytest
 
 from agriland_scale import load_config
-from agriland_scale.config import check_bbox
+from agriland_scale.config.schema import check_bbox
 from agriland_scale.errors import ConfigError, RegionError
 
 from .conftest import DEMO_YAML

@@ -3,8 +3,8 @@ import pytest
 import rasterio
 import xarray as xr
 
-from agriland_scale.config import CubeConfig
-from agriland_scale.cube import cube_geobox, load_cube
+from agriland_scale.config.schema import CubeConfig
+from agriland_scale.cube.load import cube_geobox, load_cube
 from agriland_scale.errors import BandMismatch, NoItemsFound
 
 from .conftest import ORIGIN_X, ORIGIN_Y, SIZE, VIRGINIA

@@ -11,7 +11,7 @@ import rasterio
 import xarray as xr
 
 from agriland_scale.errors import OutputExists
-from agriland_scale.pipeline import run
+from agriland_scale.pipeline.runner import run
 
 from .conftest import ORIGIN_X, ORIGIN_Y, SIZE
 
@@ -35,8 +35,8 @@ def test_products_present_and_georeferenced(demo_run):
     p = seg["probability"].values
     assert np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
     assert set(np.unique(seg["mask"].values)) <= {0, 1}
-    l, b, r, tp = seg.rio.bounds()
-    assert (l, b, r, tp) == (ORIGIN_X, ORIGIN_Y - 10 * SIZE, ORIGIN_X + 10 * SIZE, ORIGIN_Y)
+    left, b, r, tp = seg.rio.bounds()
+    assert (left, b, r, tp) == (ORIGIN_X, ORIGIN_Y - 10 * SIZE, ORIGIN_X + 10 * SIZE, ORIGIN_Y)
     # the raster the U-Net learnt from (read by the training task from the store) is the one
     # published beside the probability, on the same grid
     lab = xr.open_zarr(store, group="labels")["label"]
@@ -88,11 +88,12 @@ def test_cogs_models_and_run_record(demo_run):
         assert (out / "models" / m).exists() and (out / "models" / f"{m}.json").exists()
 
 
+@pytest.mark.slow
 def test_field_polygons_match_the_mask(demo_run):
     """segment.vectorize: the mask's agricultural pixels as GeoParquet polygons in the zone's CRS."""
     import geopandas as gpd
 
-    from agriland_scale.publish import open_product
+    from agriland_scale.store import open_product
 
     cfg, out, record = demo_run
     fields = gpd.read_parquet(out / "vector" / "fields.parquet")
@@ -120,10 +121,16 @@ def test_output_folder_of_another_run_is_refused(demo_run, demo_cfg):
 @pytest.mark.slow
 def test_same_seed_same_outputs_across_worker_counts(demo_run, tmp_path):
     """The session run (external cluster, 2 workers) and a run of the same config on a
-    LocalCluster with 1 worker give identical embeddings, clusters and probabilities."""
+    LocalCluster with 1 worker give identical embeddings, clusters and probabilities.
+
+    The second run applies the session run's trained models (training runs in one task, on
+    one worker, whatever the cluster): what differs between the runs is how the cube,
+    embedding, clustering and segmentation blocks are spread over workers and threads."""
     cfg, out, record = demo_run
     one = cfg.with_overrides(**{"runtime.n_workers": 1, "runtime.threads_per_worker": 2,
-                                "runtime.dashboard_address": ":0"})
+                                "runtime.dashboard_address": ":0",
+                                "embed.model": str(out / "models" / "encoder.keras"),
+                                "segment.model": str(out / "models" / "unet.keras")})
     again = run(one, tmp_path / "again")
     workers = {again["scheduler"], record["scheduler"]}
     assert len(workers) == 2  # really two different clusters

@@ -14,12 +14,15 @@ import pystac
 import pytest
 import rasterio
 
-from agriland_scale.config import CubeConfig, SearchConfig
-from agriland_scale.cube import check_assets, check_not_empty, load_cube, load_zone_cubes
+from agriland_scale.config.bands import canonical_band
+from agriland_scale.config.region import Region, read_region_file
+from agriland_scale.config.schema import CubeConfig, SearchConfig
+from agriland_scale.cube.assets import check_assets
+from agriland_scale.cube.composite import check_not_empty
+from agriland_scale.cube.load import describe_search, load_cube, load_zone_cubes
 from agriland_scale.errors import AgrilandWarning, BandMismatch, CorruptInput, EmptyRegion, RegionError
-from agriland_scale.items import canonical_band, normalize_items, scale_offset
-from agriland_scale.region import Region, read_region_file
-from agriland_scale.stac import describe_search, local_stac_api, region_of, search_items
+from agriland_scale.search.items import normalize_items, scale_offset
+from agriland_scale.search.stac import local_stac_api, region_of, search_items
 
 DATA = Path(__file__).parent / "data"
 THREE = DATA / "three-zones"
@@ -70,9 +73,9 @@ def test_three_zones_each_in_its_native_crs(three_items, three_search):
         assert len(cube.attrs["items"]) == 1
         # every cube lies inside its polygon's bounds (+ one pixel), nothing beyond
         poly = region.to_crs(f"EPSG:{epsg}")
-        l, b, r, tp = cube.rio.bounds()
+        left, b, r, tp = cube.rio.bounds()
         px0, py0, px1, py1 = poly.bounds
-        assert l >= px0 - 20 and b >= py0 - 20 and r <= px1 + 20 and tp <= py1 + 20
+        assert left >= px0 - 20 and b >= py0 - 20 and r <= px1 + 20 and tp <= py1 + 20
     cc = _compute(cubes[32618]["clear_count"]).values
     # pixels of the bounding grid outside the (slightly rotated in UTM) polygon are nodata
     assert 0.9 < (cc > 0).mean() < 1.0

@@ -7,7 +7,8 @@ from pyproj import Transformer
 from shapely.geometry import mapping, shape
 
 from agriland_scale.errors import CorruptInput, EmptyRegion
-from agriland_scale.labels import IGNORE, rasterize_labels
+from agriland_scale.labels.classes import IGNORE
+from agriland_scale.labels.raster import rasterize_labels
 
 from .conftest import VIRGINIA
 
@@ -51,8 +52,8 @@ def test_bad_label_files(cube, tmp_path):
 def test_raster_labels_in_any_crs_match_the_polygons(cube, tmp_path):
     """A label GeoTIFF (here the polygons burnt, then reprojected to UTM 17N) lands back on the
     cube grid: identical in the cube's CRS, nearly identical after a round trip via another."""
-    from agriland_scale.labels import load_labels
-    from agriland_scale.publish import write_cog
+    from agriland_scale.labels.raster import load_labels
+    from agriland_scale.publish.cog import write_cog
 
     ref = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"])
     write_cog(ref, tmp_path / "same.tif", nodata=255)

@@ -142,7 +142,7 @@ def test_mixed_precision_copy_embeds_like_float32(tmp_path):
     float32 weights, embeddings within float16 rounding of the float32 ones."""
     import keras
 
-    from agriland_scale import _worker
+    from agriland_scale.models import worker as _worker
     from agriland_scale.models.encoder import build_cae, encoder_from_cae
 
     keras.utils.set_random_seed(0)

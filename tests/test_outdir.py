@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from agriland_scale.errors import OutputError, OutputExists, RunLocked
-from agriland_scale.inspect_run import summarise_run
-from agriland_scale.outdir import LOCK_NAME, RunLock, changed_since, remove_files, snapshot
-from agriland_scale.pipeline import run
+from agriland_scale.layout import LOCK_NAME
+from agriland_scale.pipeline.outdir import RunLock, changed_since, remove_files, snapshot
+from agriland_scale.pipeline.runner import run
+from agriland_scale.publish.inspect import summarise_run
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -72,7 +73,7 @@ def test_lock_is_released_and_removed(tmp_path):
 def test_stale_lock_of_a_dead_process_is_reported_then_taken_over(tmp_path):
     out = tmp_path / "out"
     # a real process takes the lock and is killed before it can release it
-    code = ("import os, sys; from agriland_scale.outdir import RunLock; "
+    code = ("import os, sys; from agriland_scale.pipeline.outdir import RunLock; "
             "RunLock(sys.argv[1], 'agriland run').acquire(); os._exit(9)")
     done = subprocess.run([sys.executable, "-c", code, str(out)], timeout=60)
     assert done.returncode == 9 and (out / LOCK_NAME).exists()

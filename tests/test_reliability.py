@@ -16,7 +16,6 @@ import pytest
 import xarray as xr
 import yaml
 
-from agriland_scale.embed import check_model
 from agriland_scale.errors import (
     BandMismatch,
     ConfigError,
@@ -26,9 +25,10 @@ from agriland_scale.errors import (
     OutputExists,
     RunLocked,
 )
-from agriland_scale.inspect_run import format_summary, summarise_run
-from agriland_scale.outdir import LOCK_NAME
-from agriland_scale.pipeline import run
+from agriland_scale.layout import LOCK_NAME
+from agriland_scale.models.embed import check_model
+from agriland_scale.pipeline.runner import run
+from agriland_scale.publish.inspect import format_summary, summarise_run
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ import pytest
 import rasterio
 
 from agriland_scale.errors import CorruptInput, OutputError
-from agriland_scale.inspect_run import format_summary, summarise_run
-from agriland_scale.report import write_report
-from agriland_scale.stac_out import write_stac
+from agriland_scale.publish.inspect import format_summary, summarise_run
+from agriland_scale.publish.report import write_report
+from agriland_scale.publish.stac import write_stac
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAMES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")

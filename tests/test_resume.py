@@ -21,7 +21,8 @@ import xarray as xr
 import yaml
 
 from agriland_scale.errors import OutputExists
-from agriland_scale.pipeline import dependents, run, stages_needed
+from agriland_scale.layout import dependents, stages_needed
+from agriland_scale.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 import dask.array as da
 
-from agriland_scale.config import RuntimeConfig
-from agriland_scale.runtime import dask_client, gpu_resources
+from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.pipeline.runtime import dask_client, gpu_resources
 
 
 def test_local_cluster_has_a_dashboard_and_limits_threads():

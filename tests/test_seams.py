@@ -37,11 +37,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agriland_scale.config import resolve_path
-from agriland_scale.labels import load_labels
+from agriland_scale.config.files import resolve_path
+from agriland_scale.labels.raster import load_labels
+from agriland_scale.models.segment import predict_block
 from agriland_scale.models.unet import build_unet, masked_bce
 from agriland_scale.patches import read_patches, window_starts
-from agriland_scale.segment import predict_block
 
 WINDOW, OVERLAP, BANDS, RMAX = 256, 64, ["red", "green", "blue"], 0.3
 FILTERS = (8, 16, 32, 64, 128)
@@ -52,7 +52,7 @@ def trained(cube):
     """A small U-Net trained for 30 steps on the real labels (seeded)."""
     import keras
 
-    from agriland_scale import _worker
+    from agriland_scale.models import worker as _worker
 
     _worker.configure_tensorflow()
     label = load_labels(resolve_path("builtin:virginia/labels.geojson", None), cube, ["arable"]).values

@@ -26,7 +26,7 @@ def test_keras_models_load_in_safe_mode(tmp_path):
     """A .keras file with a Lambda layer (arbitrary Python) is refused, not run."""
     import keras
 
-    from agriland_scale._worker import get_model
+    from agriland_scale.models.worker import get_model
 
     marker = tmp_path / "pwned"
     inp = keras.Input((4,))

@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
+from agriland_scale.models.segment import predict_block
 from agriland_scale.models.unet import build_unet
-from agriland_scale.segment import predict_block
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_cog_overviews_crs_nodata(small_unet, cube, tmp_path):
     import rasterio
     import xarray as xr
 
-    from agriland_scale.cube import write_georef
-    from agriland_scale.publish import write_cog
+    from agriland_scale.publish.cog import write_cog
+    from agriland_scale.store import write_georef
 
     refl = cube["reflectance"].sel(band=["red", "green", "blue"]).values
     clear = cube["clear_count"].values.copy()
@@ -102,11 +102,11 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     384 px with partial ones, written to Zarr: equals a whole-image predict_block."""
     import xarray as xr
 
-    from agriland_scale.config import RuntimeConfig
+    from agriland_scale.config.schema import RuntimeConfig
     from agriland_scale.models.backbone import write_sidecar
-    from agriland_scale.publish import open_product, write_group
-    from agriland_scale.runtime import dask_client
-    from agriland_scale.segment import segment_region
+    from agriland_scale.models.segment import segment_region
+    from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.store import open_product, write_group
 
     bands = ["red", "green", "blue"]
     model_path = str(tmp_path / "unet.keras")
@@ -143,7 +143,7 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
 
 def test_unet_training_refuses_labels_off_the_cube_grid(cube_store, demo_cfg, tmp_path):
     from agriland_scale.errors import CorruptInput
-    from agriland_scale.train import train_unet
+    from agriland_scale.models.train import train_unet
 
     with pytest.raises(CorruptInput, match=r"not on the cube grid \(1024, 1024\).*--force unet"):
         train_unet(cube_store, np.zeros((1000, 1024), dtype="uint8"), demo_cfg.segment,

@@ -1,9 +1,9 @@
 import pytest
 import requests
 
-from agriland_scale.config import SearchConfig
+from agriland_scale.config.schema import SearchConfig
 from agriland_scale.errors import NoItemsFound, STACServerError, UnknownCollection
-from agriland_scale.stac import local_stac_api, search_items
+from agriland_scale.search.stac import local_stac_api, search_items
 
 
 def test_search_finds_the_real_item(items):
@@ -41,7 +41,8 @@ def test_api_that_does_not_answer():
 
 
 def test_describe_search_estimates_without_loading(items, demo_cfg):
-    from agriland_scale.stac import describe_search, item_epsg
+    from agriland_scale.search.items import item_epsg
+    from agriland_scale.search.stac import describe_search
 
     info = describe_search(items, demo_cfg.cube.bands, demo_cfg.search.bbox, 10)
     assert info["items"][0]["epsg"] == 32618 == item_epsg(items[0])
@@ -53,7 +54,8 @@ def test_describe_search_estimates_without_loading(items, demo_cfg):
 def test_projection_v2_and_tiles():
     import pystac
 
-    from agriland_scale.stac import item_epsg, item_tile
+    from agriland_scale.search.items import item_epsg
+    from agriland_scale.search.stac import item_tile
 
     item = pystac.Item("x", None, None, "2020-01-01T00:00:00Z",
                        {"proj:code": "EPSG:32629", "grid:code": "MGRS-29RKH"})
@@ -72,7 +74,7 @@ def test_projection_v2_and_tiles():
 def test_tile_of_every_api_flavour(props, item_id, tile):
     import pystac
 
-    from agriland_scale.stac import item_tile
+    from agriland_scale.search.stac import item_tile
 
     item = pystac.Item(item_id, None, None, "2020-01-01T00:00:00Z", props)
     assert item_tile(item) == tile

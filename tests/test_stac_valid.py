@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agriland_scale.stac_out import SENTINEL_LICENSE_URL, write_stac
+from agriland_scale.publish.stac import SENTINEL_LICENSE_URL, write_stac
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "data" / "stac-schemas"
 CLASSIFICATION_V110 = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
@@ -145,8 +145,8 @@ def small_run(tmp_path_factory, items, cube_store):
     still 'running' in run.json), with real items, cube, COGs and Zarr store."""
     import numpy as np
 
-    from agriland_scale.cube import open_cube
-    from agriland_scale.publish import write_cog
+    from agriland_scale.publish.cog import write_cog
+    from agriland_scale.store import open_cube
 
     out = tmp_path_factory.mktemp("stac-run")
     shutil.copytree(cube_store, out / "agriland.zarr")

@@ -9,7 +9,7 @@ import xarray as xr
 
 from agriland_scale import load_config
 from agriland_scale.errors import BandMismatch
-from agriland_scale.pipeline import run
+from agriland_scale.pipeline.runner import run
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from agriland_scale.config import resolve_path
-from agriland_scale.cube import write_georef
-from agriland_scale.labels import load_labels
-from agriland_scale.vectorize import vectorize_mask, write_fields
+from agriland_scale.config.files import resolve_path
+from agriland_scale.labels.raster import load_labels
+from agriland_scale.publish.vector import vectorize_mask, write_fields
+from agriland_scale.store import write_georef
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ import xarray as xr
 from matplotlib.path import Path as MplPath
 from PIL import Image
 
-from agriland_scale.cluster_report import to_rgb8
-from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion, OutputExists
-from agriland_scale.labels import IGNORE
+from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion, IgnoredRegion, OutputExists
+from agriland_scale.labels.classes import IGNORE
+from agriland_scale.labels.via import export_via, import_via, parse_patch_filename
 from agriland_scale.patches import patch_index
-from agriland_scale.publish import write_cog, write_group
-from agriland_scale.via import IgnoredRegion, export_via, import_via, parse_patch_filename
+from agriland_scale.publish.cog import write_cog
+from agriland_scale.render import to_rgb8
+from agriland_scale.store import write_group
 
 K = 4  # clusters 0..3; cluster 3 is left empty
 
@@ -211,9 +212,8 @@ def test_import_errors_are_clear(store, cube, tmp_path):
 def test_via_round_trip_on_the_demo_run(demo_run, tmp_path):
     """The intended workflow on a real run: pick the greenest DEC cluster, export it, draw a
     polygon, import it, and publish the mask as a COG that GIS tools place correctly."""
-    from agriland_scale.cluster_report import cluster_stats
-    from agriland_scale.cube import open_cube
-    from agriland_scale.publish import open_product
+    from agriland_scale.cluster.report import cluster_stats
+    from agriland_scale.store import open_cube, open_product
 
     cfg, out, _ = demo_run
     store = out / "agriland.zarr"

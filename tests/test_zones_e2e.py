@@ -8,7 +8,7 @@ import rasterio
 import xarray as xr
 
 from agriland_scale import load_config
-from agriland_scale.pipeline import run
+from agriland_scale.pipeline.runner import run
 
 PIPELINE = Path(__file__).parent / "data" / "three-zones" / "pipeline.yaml"
 ZONES = {"utm18n": 32618, "utm29n": 32629, "utm33n": 32633}

@@ -10,7 +10,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import BandMismatch, CorruptInput
+from agriland_scale.errors import BandMismatch, CorruptInput
+from agriland_scale.files import write_json
 
 __all__ = ["adapt_first_conv", "build_backbone", "check_keras_file", "load_weights_file", "read_sidecar", "transfer_weights",
            "write_sidecar"]
@@ -29,7 +30,7 @@ _APPS = {
 
 def build_backbone(name: str, size: int, n_bands: int, weights: str,
                    bands: Sequence[str] | None = None) -> keras.Model:
-    """A headless backbone for ``(size, size, n_bands)`` inputs.
+    """Build a headless backbone for ``(size, size, n_bands)`` inputs.
 
     ``weights="imagenet"`` loads Keras' ImageNet weights (from ``~/.keras/models`` or the
     network); randomly initialised backbones get BatchNormalization momentum 0.9 (see below).
@@ -38,6 +39,29 @@ def build_backbone(name: str, size: int, n_bands: int, weights: str,
     :func:`adapt_first_conv` (``bands``: the input's canonical band names, to put the red,
     green and blue kernels where those bands are). Any other ``weights`` value builds the
     backbone randomly initialised (a file is loaded later, onto the whole model).
+
+    Parameters
+    ----------
+    name : str
+        The Keras application (a key of ``_APPS``, e.g. ``resnet50``, ``inceptionv3``).
+    size : int
+        The patch side in pixels.
+    n_bands : int
+        The number of input bands.
+    weights : str
+        ``imagenet``, or anything else for a random initialisation.
+    bands : sequence of str, optional
+        The input's canonical band names, to place the ImageNet colour kernels.
+
+    Returns
+    -------
+    keras.Model
+        The backbone without its classification head.
+
+    Raises
+    ------
+    CorruptInput
+        When the ImageNet weights cannot be had (e.g. offline).
     """
     app = _APPS[name]
     if weights == "imagenet":
@@ -69,14 +93,35 @@ def build_backbone(name: str, size: int, n_bands: int, weights: str,
 
 def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str],
                      order: Sequence[str] = _RGB) -> np.ndarray:
-    """A colour convolution kernel ``(kh, kw, 3, filters)`` (input channels in ``order``,
-    e.g. red, green, blue) made into ``(kh, kw, len(bands), filters)`` for inputs ``bands``.
+    """Adapt a colour convolution kernel ``(kh, kw, 3, filters)`` to the input ``bands``.
+
+    The kernel's input channels are in ``order`` (e.g. red, green, blue); the result is
+    ``(kh, kw, len(bands), filters)``.
 
     Each band takes the kernel slice of its colour when it is ``red``, ``green`` or ``blue``
     (canonical names) and the mean of the three slices otherwise (e.g. NIR, SWIR); the result
     is scaled by ``3 / len(bands)`` so that a uniform input gives the activations it gave the
     colour model. The usual way to start a multispectral model from ImageNet weights (as
     timm's ``adapt_input_conv``); the model is then fine-tuned on the region's patches.
+
+    Parameters
+    ----------
+    kernel : numpy.ndarray
+        The colour kernel ``(kh, kw, 3, filters)``.
+    bands : sequence of str
+        The canonical names of the input bands, in input order.
+    order : sequence of str
+        The colours of the kernel's input channels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(kh, kw, len(bands), filters)``, of the kernel's dtype.
+
+    Raises
+    ------
+    BandMismatch
+        When ``kernel`` is not ``(kh, kw, 3, filters)``.
     """
     n_bands = len(bands)
     kernel = np.asarray(kernel)
@@ -89,9 +134,11 @@ def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str],
 
 def transfer_weights(src: keras.Model, dst: keras.Model, bands: Sequence[str],
                      order: Sequence[str] = _RGB) -> None:
-    """Copy ``src``'s weights into ``dst`` of the same architecture but another number of
-    input bands, layer by layer; a kernel whose input-channel axis differs (the first
-    convolution) goes through :func:`adapt_first_conv`."""
+    """Copy ``src``'s weights into ``dst``, of the same architecture but other input bands.
+
+    Layer by layer; a kernel whose input-channel axis differs (the first convolution) goes
+    through :func:`adapt_first_conv`.
+    """
     src_layers = [layer for layer in src.layers if layer.weights]
     dst_layers = [layer for layer in dst.layers if layer.weights]
     if len(src_layers) != len(dst_layers):
@@ -135,11 +182,11 @@ def sidecar_path(model_path: str | Path) -> Path:
 
 def write_sidecar(model_path: str | Path, meta: dict[str, Any]) -> None:
     """Write the metadata sidecar ``MODEL.keras.json`` (bands, normalisation, patch size...)."""
-    sidecar_path(model_path).write_text(json.dumps(meta, indent=2, default=str))
+    write_json(meta, sidecar_path(model_path), indent=2)
 
 
 def read_sidecar(model_path: str | Path) -> dict[str, Any]:
-    """The metadata sidecar of a model file (``MODEL.keras.json``) as a dict.
+    """Read the metadata sidecar of a model file (``MODEL.keras.json``) as a dict.
 
     Raises
     ------
@@ -163,8 +210,10 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
 
 
 def check_keras_file(model_path: str | Path, where: str | None = None) -> None:
-    """Refuse a model path that is missing or is not a complete Keras 3 ``.keras`` archive
-    (a zip holding ``config.json`` and the weights), without loading TensorFlow.
+    """Refuse a model path that is missing or is not a complete Keras 3 ``.keras`` archive.
+
+    A complete archive is a zip holding ``config.json`` and the weights; TensorFlow is not
+    loaded.
 
     Raises
     ------

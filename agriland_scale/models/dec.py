@@ -54,15 +54,18 @@ class ClusteringLayer(keras.layers.Layer):
         self.alpha = alpha
 
     def build(self, input_shape):
+        """Create the ``(k, d)`` centroid weights, ``d`` the last axis of ``input_shape``."""
         self.clusters = self.add_weight(shape=(self.n_clusters, input_shape[-1]),
                                         initializer="glorot_uniform", name="clusters")
 
     def call(self, z):
+        """Map embeddings ``z (n, d)`` to Student's t soft assignments ``q (n, k)`` (rows sum to 1)."""
         d2 = ops.sum(ops.square(ops.expand_dims(z, 1) - self.clusters), axis=2)
         q = ops.power(1.0 + d2 / self.alpha, -(self.alpha + 1.0) / 2.0)
         return q / ops.sum(q, axis=1, keepdims=True)
 
     def get_config(self):
+        """Return the layer's config, with ``n_clusters`` and ``alpha``, for Keras serialisation."""
         return super().get_config() | {"n_clusters": self.n_clusters, "alpha": self.alpha}
 
 
@@ -132,5 +135,6 @@ def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, ma
             pos = 0
             idx = order[:batch_size]
         pos += batch_size
+        assert p is not None  # set at iteration 0 (0 % update_interval == 0)
         model.train_on_batch(z[idx], p[idx])
     return DECResult(layer.get_weights()[0], it, delta, converged, encoder)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from .backbone import build_backbone, load_weights_file
+from agriland_scale.models.backbone import build_backbone, load_weights_file
 
 __all__ = ["build_cae", "encoder_from_cae"]
 
@@ -58,5 +58,5 @@ def build_cae(size: int = 256, n_bands: int = 3, *, head: str = "flatten", weigh
 
 
 def encoder_from_cae(cae: keras.Model) -> keras.Model:
-    """The encoder part of a CAE: patch -> embedding ``(n, embedding_dim)``."""
+    """Return the encoder part of a CAE: patch -> embedding ``(n, embedding_dim)``."""
     return keras.Model(cae.input, cae.get_layer("embedding").output, name="cae_encoder")

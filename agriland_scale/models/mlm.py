@@ -14,10 +14,11 @@ in Item properties), and tasks use MLM's vocabulary (an embedding model is
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
+
+from agriland_scale.files import write_json
 
 __all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "write_mlm_item"]
 
@@ -113,5 +114,5 @@ def write_mlm_item(model_path: str | Path, meta: dict[str, Any], *, bbox_lonlat:
                              "eo:bands": _eo_bands(bands)}},
     }
     out = model_path.with_name(model_path.name + ".stac.json")
-    out.write_text(json.dumps(item, indent=1))
+    write_json(item, out)
     return out

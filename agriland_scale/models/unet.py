@@ -18,11 +18,10 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from .backbone import build_backbone, load_weights_file
+from agriland_scale.labels.classes import IGNORE
+from agriland_scale.models.backbone import build_backbone, load_weights_file
 
 __all__ = ["build_unet", "masked_bce", "masked_bce_dice", "masked_dice", "masked_iou", "unet_loss"]
-
-IGNORE = 255
 
 
 def _conv_block(x, f: int):
@@ -61,11 +60,34 @@ def _pick_skips(backbone: keras.Model, size: int) -> list:
 def build_unet(encoder: str = "plain", size: int | None = 256, n_bands: int = 3, *, weights: str = "none",
                filters: tuple[int, ...] = (32, 64, 128, 256, 512), bands: Sequence[str] | None = None
                ) -> keras.Model:
-    """Build a U-Net; ``weights``: ``imagenet`` (encoder), a file (whole model) or ``none``;
-    ``bands`` (canonical names) place the ImageNet colour kernels (:func:`~.backbone.adapt_first_conv`).
+    """Build a U-Net giving a probability ``(n, size, size, 1)`` for ``(n, size, size, n_bands)`` inputs.
 
-    ``size`` is the input height and width in pixels; ``None`` (plain encoder only) builds a
-    model for any height and width divisible by ``2 ** (len(filters) - 1)``.
+    Parameters
+    ----------
+    encoder : str
+        ``plain`` or a Keras backbone name (see :func:`~.backbone.build_backbone`).
+    size : int or None
+        The input height and width in pixels; ``None`` (plain encoder only) builds a model for
+        any height and width divisible by ``2 ** (len(filters) - 1)``.
+    n_bands : int
+        The number of input bands.
+    weights : str
+        ``imagenet`` (encoder), a file (whole model) or ``none``.
+    filters : tuple of int
+        Filters of the plain encoder's levels.
+    bands : sequence of str, optional
+        Canonical band names, placing the ImageNet colour kernels
+        (:func:`~.backbone.adapt_first_conv`).
+
+    Returns
+    -------
+    keras.Model
+        The U-Net.
+
+    Raises
+    ------
+    ValueError
+        For ``size=None`` with another encoder than ``plain``.
     """
     if size is None and encoder != "plain":
         raise ValueError(f"a U-Net of any input size (size=None) needs the plain encoder, not "
@@ -81,6 +103,7 @@ def build_unet(encoder: str = "plain", size: int | None = 256, n_bands: int = 3,
         for f, skip in zip(reversed(filters[:-1]), reversed(skips)):
             x = _up(x, skip, f)
     else:
+        assert size is not None  # refused above: only the plain encoder takes any size
         bb = build_backbone(encoder, size, n_bands, "imagenet" if weights == "imagenet" else "none", bands)
         feats = keras.Model(bb.input, _pick_skips(bb, size) + [bb.output], name=f"{encoder}_encoder")
         *skips, x = feats(inp)
@@ -108,8 +131,11 @@ def masked_bce(y_true, y_pred):
 
 @keras.saving.register_keras_serializable(package="agriland")
 def masked_dice(y_true, y_pred):
-    """Soft Dice loss ``1 - (2 sum(y p) + 1) / (sum(y) + sum(p) + 1)`` of the positive class over
-    labelled pixels (label 255 ignored); the +1 smoothing keeps a batch without positives finite."""
+    """Compute the soft Dice loss ``1 - (2 sum(y p) + 1) / (sum(y) + sum(p) + 1)`` of the positive class.
+
+    Over labelled pixels (label 255 ignored); the +1 smoothing keeps a batch without
+    positives finite.
+    """
     from keras import ops
 
     valid = ops.cast(ops.not_equal(y_true, IGNORE), "float32")
@@ -125,7 +151,7 @@ def masked_bce_dice(y_true, y_pred):
 
 
 def unet_loss(name: str):
-    """The training loss for ``segment.train.loss``: ``bce`` (seed), ``dice`` or ``bce+dice``."""
+    """Return the training loss for ``segment.train.loss``: ``bce`` (seed), ``dice`` or ``bce+dice``."""
     return {"bce": masked_bce, "dice": masked_dice, "bce+dice": masked_bce_dice}[name]
 
 

@@ -1,0 +1,264 @@
+"""Compositing a stack of observations into one cube block, and masks over the cube grid.
+
+Pure functions over numpy blocks (called through ``dask.array.map_blocks``): the median of
+the clear observations per pixel and band, counted in ``clear_count``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import dask.array as dsa
+import numpy as np
+import xarray as xr
+from odc.geo.geobox import GeoBox
+
+from agriland_scale.config.region import Region
+from agriland_scale.errors import EmptyRegion
+
+__all__ = ["check_not_empty", "chunk_valid_fraction", "composite_block", "region_mask"]
+
+
+def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Sort along axis 0 with an odd-even transposition network of whole-plane min/max.
+
+    Returns the sorted planes.
+    For the few dates of a season this is many times faster than ``np.sort`` along a short
+    last axis (which pays a per-pixel call); it costs T^2 / 2 plane operations, so beyond 24
+    planes ``np.sort`` is used instead.
+    """
+    planes = list(x)
+    n = len(planes)
+    if n > 24:
+        return list(np.sort(np.asarray(planes), axis=0))
+    for r in range(n):
+        for i in range(r % 2, n - 1, 2):
+            a, b = planes[i], planes[i + 1]
+            planes[i], planes[i + 1] = np.minimum(a, b), np.maximum(a, b)
+    return planes
+
+
+def _middle_pair(x: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the two middle values ``((T - 1) // 2, T // 2)`` along axis 0 of ``T`` planes.
+
+    Each is a ``(y, x)`` plane (the same one twice for odd ``T``), found with the fewest
+    whole-plane min/max: none for T <= 2, a median-of-three for 3, six for 4; a full sorting
+    network beyond.
+    """
+    p = list(x)
+    T = len(p)
+    if T <= 2:
+        return p[0], p[-1]
+    if T == 3:
+        m = np.maximum(np.minimum(p[0], p[1]), np.minimum(np.maximum(p[0], p[1]), p[2]))
+        return m, m
+    if T == 4:
+        lo1, hi1 = np.minimum(p[0], p[1]), np.maximum(p[0], p[1])
+        lo2, hi2 = np.minimum(p[2], p[3]), np.maximum(p[2], p[3])
+        return np.maximum(lo1, lo2), np.minimum(hi1, hi2)
+    s = _sort_small(p)
+    return s[(T - 1) // 2], s[T // 2]
+
+
+def _picker(idx: np.ndarray, T: int):
+    """Build a function returning ``planes[idx[y, x]][y, x]`` (``idx`` in 0..T-1).
+
+    It is built once per block and applied to every band, instead of fancy indexing: the
+    plane itself where ``idx`` is constant (e.g. every date clear), else one blend per other
+    index value present, made of whole-plane bitwise operations for integers (a masked copy
+    costs a branch per pixel).
+    """
+    if T > 24:
+        return lambda planes: np.take_along_axis(np.asarray(planes), idx[None], 0)[0]
+    i0, i1 = int(idx.min()), int(idx.max())
+    if i0 == i1:
+        return lambda planes: planes[i0]  # a view: callers only read it
+    masks = [(i, idx == i) for i in range(i0 + 1, i1 + 1)]
+    ones: dict = {}  # integer dtype -> [(i, all bits set where idx == i)]
+
+    def pick(planes) -> np.ndarray:
+        res = planes[i0].copy()
+        dt = res.dtype
+        if not np.issubdtype(dt, np.integer):
+            for i, m in masks:
+                np.copyto(res, planes[i], where=m)
+            return res
+        if dt not in ones:
+            ones[dt] = [(i, np.negative(m.astype(dt))) for i, m in masks]
+        for i, m in ones[dt]:  # res = m ? planes[i] : res
+            res ^= (res ^ planes[i]) & m
+        return res
+
+    return pick
+
+
+def composite_block(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, *, scale: np.ndarray,
+                    offset: np.ndarray, method: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Composite one block of observations into reflectance.
+
+    ``dn (band, time, y, x)`` digital numbers and ``clear (time, y, x)`` give reflectance
+    ``(band, y, x)`` float32 (``dn * scale + offset``), NaN where no observation is clear.
+    The median is taken on the digital numbers (scaling is linear and increasing, so it
+    commutes) with a sorting network of whole-plane min/max: every operation runs on
+    contiguous (y, x) planes.
+
+    Parameters
+    ----------
+    dn : numpy.ndarray or sequence of numpy.ndarray
+        Digital numbers ``(band, time, y, x)``: an array, or one ``(time, y, x)`` array a band.
+    clear : numpy.ndarray
+        ``(time, y, x)`` bool, True where an observation is clear.
+    scale, offset : numpy.ndarray
+        ``(band,)`` factors: reflectance = ``dn * scale + offset`` (unitless).
+    method : {"median", "mean", "first", "last"}
+        ``median`` (of the clear observations; the mean of the two middle ones for an even
+        count), ``mean``, ``first`` or ``last`` (in time order).
+    out : numpy.ndarray, optional
+        ``(band, y, x)`` float32 array written into when given.
+
+    Returns
+    -------
+    numpy.ndarray
+        The composite ``(band, y, x)`` float32 (``out`` when given).
+    """
+    n = _clear_count(clear)  # (y, x)
+    if out is None:
+        out = np.empty((len(dn),) + clear.shape[1:], dtype="float32")
+    _composite(dn, clear, n, out, scale=scale, offset=offset, method=method)
+    return out
+
+
+def _clear_count(clear: np.ndarray) -> np.ndarray:
+    """Count the clear observations per pixel of a ``(time, y, x)`` mask, ``(y, x)``.
+
+    Summed in int16 (signed, so that ``n - 1`` stays -1 for no observation), ten times
+    faster than int64.
+    """
+    return np.add.reduce(clear, axis=0, dtype="int16" if clear.shape[0] < 2**15 else "int64")
+
+
+def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
+               scale: np.ndarray, offset: np.ndarray, method: str) -> None:
+    """Run :func:`composite_block` into ``out``, given ``n = _clear_count(clear)``.
+
+    Every step keeps the float32 arithmetic of the plain expressions (in place where it
+    saves a copy).
+    """
+    T = clear.shape[0]
+    all_clear = bool(n.min() == T)  # the common case: no masking to apply
+    if method == "median" and not all_clear:  # every date clear: the middle pair is the same everywhere
+        pick_lo, pick_hi = _picker(np.clip((n - 1) // 2, 0, None), T), _picker(np.clip(n // 2, 0, None), T)
+    elif method == "first":
+        pick = _picker(np.argmax(clear, axis=0), T)
+    elif method == "last":
+        pick = _picker(T - 1 - np.argmax(clear[::-1], axis=0), T)
+    masked_max: dict = {}  # unsigned dtype -> its max where not clear, 0 elsewhere (and the converse)
+    for b in range(len(dn)):
+        fill = np.iinfo(dn[b].dtype).max if np.issubdtype(dn[b].dtype, np.integer) else np.inf
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if method == "median":
+                if all_clear:
+                    lo, hi = _middle_pair(dn[b])
+                else:
+                    # clear values sort first: the others are set to the dtype's max (np.where
+                    # costs a branch per pixel; for unsigned integers an OR with all ones does it)
+                    if np.issubdtype(dn[b].dtype, np.unsignedinteger):
+                        if dn[b].dtype not in masked_max:
+                            masked_max[dn[b].dtype] = np.negative((~clear).astype(dn[b].dtype))
+                        x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
+                    else:
+                        x = np.where(clear, dn[b], fill)
+                    s = _sort_small(x)
+                    lo, hi = pick_lo(s), pick_hi(s)
+                # (lo + hi) * (scale / 2): one rounding, as (lo + hi) / 2 * scale (halving is exact)
+                v = np.add(lo, hi, dtype="float32")
+                np.multiply(v, np.float32(0.5) * scale[b], out=out[b], dtype="float32", casting="unsafe")
+                if offset[b]:
+                    out[b] += offset[b]
+                continue
+            elif method == "mean":
+                if dn[b].dtype.kind == "u" and dn[b].dtype.itemsize <= 2:  # exact integer sums
+                    if ("and", dn[b].dtype) not in masked_max:
+                        masked_max["and", dn[b].dtype] = np.negative(clear.astype(dn[b].dtype))
+                    x = dn[b] if all_clear else np.bitwise_and(dn[b], masked_max["and", dn[b].dtype])
+                    v = x.sum(0, dtype="uint32") / n
+                else:
+                    v = np.where(clear, dn[b], 0).sum(0, dtype="float64") / n
+            else:
+                v = pick(dn[b])
+            np.multiply(v, scale[b], out=out[b], dtype="float32", casting="unsafe")
+            out[b] += offset[b]
+    if not n.min():
+        out[:, n == 0] = np.nan
+
+
+def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
+                scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
+                **composite) -> np.ndarray:
+    """Compute one spatial chunk of the cube.
+
+    The inputs are ``n_bands`` arrays ``(time, y, x)`` of digital numbers, then the SCL band
+    (if ``scl_classes``), a cloud mask ``(time, y, x)`` (if ``cloud``) and a region mask
+    ``(y, x)`` (if ``region``). With ``part="reflectance"`` the result is the composite
+    ``(n_bands, y, x)`` float32, with ``part="clear_count"`` the number of clear
+    observations ``(y, x)`` uint16.
+    """
+    bands, rest = arrays[:n_bands], list(arrays[n_bands:])
+    clear = None
+    for b, nd in zip(bands, nodata):
+        if nd is not None:
+            clear = b != nd if clear is None else np.logical_and(clear, b != nd, out=clear)
+    if clear is None:
+        clear = np.ones(bands[0].shape, dtype=bool)
+    if scl_classes is not None:
+        clear &= ~np.isin(rest.pop(0), scl_classes)
+    if cloud:
+        clear &= ~rest.pop(0)
+    if region:
+        clear &= rest.pop(0)
+    n = _clear_count(clear)
+    if part == "clear_count":
+        return n.astype("uint16")
+    out = np.empty((n_bands,) + bands[0].shape[1:], dtype="float32")
+    _composite(bands, clear, n, out, **composite)
+    return out
+
+
+def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
+    """Lazy boolean ``(y, x)`` mask, True inside the region's polygons, on ``geobox``."""
+    import rasterio.features
+    from affine import Affine
+
+    geom = region.to_crs(str(geobox.crs))
+    t = geobox.transform
+
+    def block(block_info=None) -> np.ndarray:
+        (r0, r1), (c0, c1) = block_info[None]["array-location"]
+        bt = t @ Affine.translation(c0, r0)
+        return rasterio.features.geometry_mask([geom], out_shape=(r1 - r0, c1 - c0), transform=bt,
+                                               invert=True, all_touched=False)
+
+    h, w = geobox.shape
+    data = dsa.map_blocks(block, chunks=(dsa.core.normalize_chunks(chunk, (h,))[0],
+                                         dsa.core.normalize_chunks(chunk, (w,))[0]), dtype=bool)
+    coords = geobox.coordinates
+    return xr.DataArray(data, dims=("y", "x"), coords={"y": coords["y"].values, "x": coords["x"].values})
+
+
+def chunk_valid_fraction(cube: xr.Dataset, chunk: int) -> np.ndarray:
+    """Fraction of pixels with a clear observation per ``chunk`` x ``chunk`` block, ``(ny, nx)``.
+
+    Blocks at 0 are entirely nodata or cloud: later stages skip them (patches below
+    ``patches.min_valid_fraction``, segmentation blocks without a clear pixel).
+    """
+    valid = (cube["clear_count"] > 0).astype("float32")
+    frac = valid.coarsen(y=chunk, x=chunk, boundary="pad").mean()
+    return np.nan_to_num(np.asarray(frac.values), nan=0.0)
+
+
+def check_not_empty(cube: xr.Dataset) -> None:
+    """Raise :class:`EmptyRegion` if no pixel has a clear observation (computes a count)."""
+    n = int(cube["clear_count"].astype(bool).sum().compute())
+    if n == 0:
+        raise EmptyRegion("every pixel of the region is nodata or masked (clouds, shadows): "
+                          "choose another search.datetime or raise search.max_cloud_cover")

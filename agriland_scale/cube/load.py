@@ -1,0 +1,278 @@
+"""Cube: load STAC items lazily with odc-stac, mask clouds, composite, read/write Zarr.
+
+The cube is an ``xarray.Dataset`` in the items' native UTM CRS with
+
+- ``reflectance`` (band, y, x) float32, surface/TOA reflectance (unitless, 0..1), NaN where
+  no clear observation exists; chunks (n_bands, chunk, chunk) aligned to the patch grid;
+- ``clear_count`` (y, x) uint16, number of clear observations per pixel;
+
+and a ``spatial_ref`` coordinate carrying the CRS and GeoTransform (CF grid mapping).
+
+Clouds are masked with the items' SCL band (L2A) or, for L1C items, with the s2cloudless
+model run on a coarse grid (:func:`s2cloudless_mask`); see :class:`~.config.CubeConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as dsa
+import numpy as np
+import odc.stac
+import pystac
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry, unary_union
+
+from agriland_scale.config.bands import ALIASES, CLASS_BANDS, canonical_band
+from agriland_scale.config.region import Region
+from agriland_scale.config.schema import CubeConfig
+from agriland_scale.cube.assets import read_items
+from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, dilate, s2cloudless_mask
+from agriland_scale.cube.composite import _cube_block, region_mask
+from agriland_scale.errors import (
+    BandMismatch,
+    CorruptInput,
+    NoItemsFound,
+)
+from agriland_scale.search.items import acquired, group_by_zone, item_epsg, normalize_items, scale_offset
+from agriland_scale.search.stac import item_tile
+from agriland_scale.store import write_georef
+
+__all__ = ["S2CLOUDLESS_BANDS", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "region_mask", "s2cloudless_mask", "write_georef"]
+
+log = logging.getLogger(__name__)
+
+
+def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], resolution: float) -> GeoBox:
+    """Pixel grid of one UTM zone's cube: the region ∩ the items' footprints, in their CRS.
+
+    ``region`` is a :class:`Region` or a lon/lat bbox (EPSG:4326). The grid is snapped to
+    multiples of ``resolution`` metres, so it coincides with the Sentinel-2 pixel grid.
+    Raises :class:`NoItemsFound` when the items are in several CRSs (split them with
+    :func:`~agriland_scale.search.items.group_by_zone`) or do not overlap the region.
+    """
+    region = region if isinstance(region, Region) else Region.from_bbox(region)
+    parsed = list(odc.stac.parse_items(list(items)))
+    crs_set = {str(p.crs()) for p in parsed}
+    if len(crs_set) != 1:
+        raise NoItemsFound(
+            f"items are in several CRSs {sorted(crs_set)}: a cube is built per UTM zone "
+            "(load_zone_cubes does this)")
+    crs = parsed[0].crs()
+    assert crs is not None  # normalised items carry proj:* (see normalize_items)
+    footprints = [gb.extent for p in parsed for gb in p.geoboxes()[:1]]
+    footprint = unary_union([f.to_crs(crs) for f in footprints])
+    assert footprint is not None  # None only for no footprint at all
+    zone_region = Geometry(region.to_crs(str(crs)), crs=crs)
+    inter = zone_region & footprint
+    if inter.is_empty or inter.area < resolution**2:
+        raise NoItemsFound(
+            f"the region {list(np.round(region.bbox, 4))} does not overlap the footprint of the "
+            f"found items in {crs} ({footprint.to_crs('EPSG:4326').boundingbox}): move "
+            "search.bbox / search.region over the data")
+    x0, y0, x1, y1 = inter.boundingbox
+    fx0, fy0, fx1, fy1 = footprint.boundingbox
+    # snap outward to the items' pixel grid (anchored at the footprint's top-left corner, so a
+    # resolution that is a multiple of the native pixel keeps pixels aligned), but never
+    # beyond the footprint's own edges
+    r = resolution
+    x0 = fx0 + max(np.floor((x0 - fx0) / r), 0) * r
+    y1 = fy1 - max(np.floor((fy1 - y1) / r), 0) * r
+    x1 = fx0 + min(np.ceil((x1 - fx0) / r), np.floor((fx1 - fx0) / r)) * r
+    y0 = fy1 - min(np.ceil((fy1 - y0) / r), np.floor((fy1 - fy0) / r)) * r
+    return GeoBox.from_bbox((x0, y0, x1, y1), crs=crs, resolution=r, tight=True)
+
+
+def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
+                    normalized: bool = False) -> dict[int, xr.Dataset]:
+    """One lazy cube per UTM zone (EPSG code -> cube), each in its native CRS.
+
+    Nothing is resampled across zones. Zones whose items do not overlap the region are left
+    out; if none overlaps, :class:`NoItemsFound` is raised.
+    """
+    if not normalized:
+        items = normalize_items(items, load_bands(items, cfg))
+    cubes, errors = {}, []
+    for epsg, group in group_by_zone(items).items():
+        try:
+            cubes[epsg] = load_cube(group, cfg, region, normalized=True)
+        except NoItemsFound as e:
+            errors.append(f"EPSG:{epsg}: {e}")
+    if not cubes:
+        raise NoItemsFound("; ".join(errors))
+    return cubes
+
+
+def load_bands(items: Sequence[pystac.Item], cfg: CubeConfig) -> list[str]:
+    """Canonical names of every asset the cube reads: ``cfg.bands`` and the cloud mask's bands.
+
+    ``cloud_mask="auto"`` adds SCL when every item has it; ``"scl"`` and ``"s2cloudless"``
+    raise :class:`BandMismatch` naming the first item that lacks a band they need.
+    """
+    mode = cfg.cloud_mask
+    extra: list[str] = []
+    if mode in ("auto", "scl"):
+        scl = canonical_band(cfg.scl_band)
+        lacking = [i for i in items if scl not in {canonical_band(k) for k in i.assets}]
+        if mode == "scl" and lacking:
+            raise BandMismatch(
+                f"cube.cloud_mask is 'scl' but item {lacking[0].id} has no '{cfg.scl_band}' asset (its "
+                f"assets: {sorted(lacking[0].assets)}); {len(lacking)} of {len(items)} item(s) lack it. "
+                "SCL comes with L2A products: set cube.cloud_mask to 'auto' (SCL where every item has "
+                "it), 's2cloudless' (L1C items) or 'none'")
+        extra = [scl] if not lacking else []
+    elif mode == "s2cloudless":
+        extra = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
+        for item in items:
+            have = {canonical_band(k) for k in item.assets}
+            missing = [b for b in extra if b not in have]
+            if missing:
+                names = ", ".join(f"{ALIASES.get(b, b)} ({b})" for b in missing)
+                raise BandMismatch(
+                    f"cube.cloud_mask is 's2cloudless' but item {item.id} has no asset for {names} "
+                    f"(its assets: {sorted(item.assets)}). s2cloudless needs the L1C top-of-atmosphere "
+                    f"bands {', '.join(S2CLOUDLESS_BANDS)}; B10 (cirrus) is absent from L2A products: "
+                    "search an L1C collection, or set cube.cloud_mask: auto to mask L2A items with SCL")
+    return list(cfg.bands) + [b for b in extra if b not in cfg.bands]
+
+
+def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
+              normalized: bool = False) -> xr.Dataset:
+    """Lazily load, cloud-mask and composite the items of ONE UTM zone (see module doc).
+
+    Nothing is read until the result is computed or written. ``cfg.cloud_mask``: ``auto``
+    masks with SCL when every item carries the SCL asset (L2A) and composites L1C items
+    unmasked; ``scl`` requires SCL; ``s2cloudless`` masks with the s2cloudless model (L1C,
+    see :func:`s2cloudless_mask`); ``none`` masks nodata only. Pixels outside a polygon
+    region are nodata.
+    """
+    if not items:
+        raise NoItemsFound("no items to load: the search found nothing")
+    region = region if isinstance(region, Region) else Region.from_bbox(region)
+    to_load = load_bands(items, cfg)
+    if not normalized:
+        items = normalize_items(items, to_load)
+    scl = canonical_band(cfg.scl_band)
+    use_scl = cfg.cloud_mask in ("auto", "scl") and scl in to_load
+    use_s2c = cfg.cloud_mask == "s2cloudless"
+    fine = list(cfg.bands) + ([scl] if use_scl and scl not in cfg.bands else [])
+    geobox = cube_geobox(items, region, cfg.resolution)
+    # one task per band and spatial chunk reads every date: no concatenation, no rechunking
+    ds = read_items(
+        items, cfg, bands=fine, geobox=geobox, groupby="solar_day",
+        chunks={"time": -1, "x": cfg.chunk, "y": cfg.chunk},
+        resampling={"*": "bilinear", **{b: "nearest" for b in fine if b in CLASS_BANDS}},
+    )
+    # everything else happens in tasks of one spatial chunk (_cube_block): the clear mask from
+    # the bands' nodata, SCL classes, an optional precomputed cloud mask (time, y, x) and the
+    # region mask (y, x); the composite; the clear count
+    nodata = [ds[b].attrs.get("nodata") for b in cfg.bands]
+    args = [(ds[b].data, "tyx") for b in cfg.bands]
+    scl_classes = None
+    cloud = None
+    if use_scl:
+        if cfg.scl_dilation_m > 0:  # needs neighbouring chunks: a mask of its own (map_overlap)
+            cloud = dilate(ds[scl].isin(cfg.scl_mask_classes), cfg.scl_dilation_m / cfg.resolution).data
+        else:
+            scl_classes = np.asarray(cfg.scl_mask_classes)
+            args.append((ds[scl].data, "tyx"))
+    if use_s2c:
+        s2c = s2cloudless_mask(items, cfg, geobox)
+        if not np.array_equal(s2c.time.values, ds.time.values):  # same items, same grouping
+            raise CorruptInput(f"s2cloudless dates {s2c.time.values} differ from the cube's "
+                               f"{ds.time.values}")
+        cloud = s2c.data if cloud is None else cloud | s2c.data
+    if cloud is not None:
+        args.append((cloud, "tyx"))
+    if not region.is_box:
+        args.append((region_mask(region, geobox, cfg.chunk).data, "yx"))
+    factors = np.array([scale_offset(items[0], b) for b in cfg.bands], dtype="float32")
+    n_bands = len(cfg.bands)
+    # two tasks per chunk on the same reads, with no slicing task between: the composite, and
+    # the clear count (which recomputes the clear mask, about 1 ms a 512 px chunk)
+    inputs = [x for a in args for x in a]
+    common = {"concatenate": True, "n_bands": n_bands, "nodata": nodata, "scl_classes": scl_classes,
+              "cloud": cloud is not None, "region": not region.is_box}
+    refl = dsa.blockwise(_cube_block, "byx", *inputs, new_axes={"b": n_bands},
+                         meta=np.empty((0, 0, 0), dtype="float32"), **common, part="reflectance",
+                         scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite)
+    n_clear = dsa.blockwise(_cube_block, "yx", *inputs, meta=np.empty((0, 0), dtype="uint16"), **common,
+                            part="clear_count")
+    coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
+    comp = xr.DataArray(refl, dims=("band", "y", "x"),
+                        coords={"band": np.array(cfg.bands, dtype=object), **coords})
+    # the count keeps the attributes the first masked band had, but not its nodata: 0 clear
+    # observations is a valid count (no _FillValue; Zarr fill_value 65535, see write_georef)
+    first = next((b for b, nd in zip(cfg.bands, nodata) if nd is not None), cfg.bands[0])
+    attrs = {k: v for k, v in ds[first].attrs.items() if k not in ("nodata", "_FillValue")}
+    count = xr.DataArray(n_clear, dims=("y", "x"), coords=coords, attrs=attrs)
+    out = xr.Dataset({"reflectance": comp, "clear_count": count})
+    out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
+                                    composite=cfg.composite)
+    out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
+                                    cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none",
+                                    comment="0 = no clear observation (a valid count, not nodata)")
+    out["clear_count"].encoding.update(_FillValue=None, fill_value=np.iinfo("uint16").max)
+    if use_s2c:
+        out["clear_count"].attrs.update(
+            s2cloudless_threshold=cfg.s2cloudless_threshold, s2cloudless_average_over=cfg.s2cloudless_average_over,
+            s2cloudless_dilation_size=cfg.s2cloudless_dilation_size,
+            s2cloudless_resolution_m=cfg.s2cloudless_resolution)
+    out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution,
+                     dates=[str(t)[:10] for t in ds.time.values])
+    assert geobox.crs is not None  # cube_geobox always sets the zone's CRS
+    return write_georef(out, geobox.crs.epsg or str(geobox.crs))
+
+
+def describe_search(items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...],
+                    resolution: float) -> dict[str, Any]:
+    """Describe what a run would load, without reading any pixel.
+
+    Per item: id, datetime, cloud cover, tile, EPSG. Per UTM zone: items, grid shape of the
+    region at ``resolution`` m and estimated pixels and bytes (uint16 source reads and the
+    float32 composite).
+
+    Parameters
+    ----------
+    items : list of pystac.Item
+        The items a search found (normalised here).
+    bands : list of str
+        The bands the cube holds.
+    region : Region or tuple of float
+        The region, or a (min lon, min lat, max lon, max lat) bbox in degrees (EPSG:4326).
+    resolution : float
+        The cube's pixel size in metres (UTM).
+
+    Returns
+    -------
+    dict
+        ``{"items": [...], "zones": {"EPSG:nnnnn": {...}}, "bands": [...]}``; a zone whose
+        grid cannot be made holds ``items`` and ``error`` only.
+    """
+    items = normalize_items(items, bands)  # canonical keys; proj:* from headers if missing
+    rows = [{"id": i.id, "datetime": acquired(i),
+             "cloud_cover": i.properties.get("eo:cloud_cover"), "tile": item_tile(i),
+             "epsg": item_epsg(i)} for i in items]
+    zones: dict[str, Any] = {}
+    by_epsg: dict[Any, list[pystac.Item]] = {}
+    for i, r in zip(items, rows):
+        by_epsg.setdefault(r["epsg"], []).append(i)
+    for epsg, group in sorted(by_epsg.items(), key=lambda kv: str(kv[0])):
+        try:
+            gb = cube_geobox(group, region, resolution)
+        except Exception as e:  # noqa: BLE001 - reported per zone, nothing is loaded
+            zones[f"EPSG:{epsg}"] = {"items": len(group), "error": str(e)}
+            continue
+        h, w = gb.shape
+        n_dates = len({(acquired(i) or "")[:10] for i in group})
+        px = h * w
+        zones[f"EPSG:{epsg}"] = {
+            "items": len(group), "dates": n_dates, "shape": [h, w],
+            "pixels": px, "source_bytes": px * len(bands) * n_dates * 2,
+            "composite_bytes": px * len(bands) * 4,
+        }
+    return {"items": rows, "zones": zones, "bands": list(bands)}

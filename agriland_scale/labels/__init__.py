@@ -1,0 +1,1 @@
+"""Labels on the cube grid: label values, rasterised polygons and rasters, VIA import/export."""

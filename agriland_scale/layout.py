@@ -1,0 +1,267 @@
+"""The run: its stages and what they depend on, the output folder's layout, and its record.
+
+One place answers "where does a run keep X" and "what does stage S need": the runner, the
+CLI, ``inspect``, the report and the STAC writer all read these names. An output folder::
+
+    OUT/run.json            the run's record (:class:`RunRecord`): config, stage status,
+                            timings, files each stage wrote, zones
+    OUT/items.json          the STAC items the search found
+    OUT/agriland.zarr/      every product, one group each (per zone prefix ``utm18n/``
+                            when the region spans zones)
+    OUT/cog/                GeoTIFF (COG) copies for GIS users
+    OUT/models/             trained models and their metadata sidecars
+    OUT/logs/               run and worker logs, the Dask performance report
+    OUT/.partial/           products being written and their block journals
+    OUT/.agriland.lock      held by the process writing the run
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, TypedDict, cast
+
+from agriland_scale.errors import ConfigError, CorruptInput, OutputError
+
+__all__ = ["COG_DIR", "COG_NAMES", "DEPENDS", "GROUPS", "ITEMS", "LOCK_NAME", "LOGS_DIR", "MODELS_DIR",
+           "PARTIAL_DIR", "RECORD", "STAGES", "STAGE_SETTINGS", "STORE", "RunRecord", "dependents", "load_items",
+           "load_run_record", "read_record", "stages_needed", "zone_name", "zones_of"]
+
+# the pipeline's stages, in the order a run executes them
+STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+# what each stage reads
+DEPENDS: dict[str, tuple[str, ...]] = {
+    "search": (), "cube": ("search",), "patches": ("cube",), "cae": ("patches",),
+    "embeddings": ("cae",), "clusters": ("embeddings",), "unet": ("cube",), "segmentation": ("unet",),
+    "publish": ("clusters", "segmentation"),
+}
+# the product group a stage writes (per zone)
+GROUPS = {"cube": "cube", "patches": "patches", "embeddings": "embeddings", "clusters": "clusters",
+          "segmentation": "segmentation"}
+
+STORE = "agriland.zarr"
+RECORD = "run.json"
+ITEMS = "items.json"
+COG_DIR = "cog"
+MODELS_DIR = "models"
+LOGS_DIR = "logs"
+PARTIAL_DIR = ".partial"
+LOCK_NAME = ".agriland.lock"
+# the COGs the publish stage writes for each zone (``OUT/cog/[ZONE_]NAME.tif``)
+COG_NAMES = ("cluster_map", "probability", "mask")
+
+
+class StageRecord(TypedDict, total=False):
+    """One stage in ``run.json``: ``status`` (done, failed, interrupted, running), ``error``."""
+
+    status: str
+    error: str
+
+
+class RunRecord(TypedDict, total=False):
+    """``OUT/run.json``: what a run did and wrote (written after every stage, also on failure).
+
+    Keys appear as stages finish; a reader must expect any of them to be missing.
+    """
+
+    config: dict[str, Any]
+    stages: dict[str, str]  # stage -> status, as the runner writes it (done, failed, interrupted, running)
+    timings_s: dict[str, float]
+    files: dict[str, list[str]]
+    pending_removal: list[str]
+    inputs: dict[str, Any]
+    cube: dict[str, Any]
+    zones: dict[str, dict[str, Any]]
+    products: dict[str, Any]
+    versions: dict[str, str]
+    performance_report: str
+    started: str
+    finished: str
+    error: str
+    attempts: int
+    dashboard: str
+    scheduler: str
+    gpu: bool
+    patches: dict[str, Any]
+    cae: dict[str, Any]
+    clusters: dict[str, Any]
+    unet: dict[str, Any]
+    vector: dict[str, Any]
+
+
+def stages_needed(until: str | None) -> list[str]:
+    """Stages to run to produce ``until`` (all when ``None``), in pipeline order."""
+    if until is None:
+        return list(STAGES)
+    if until not in STAGES:
+        raise ConfigError(f"unknown stage '{until}': choose one of {', '.join(STAGES)}")
+    need, todo = set(), [until]
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(DEPENDS[s])
+    return [s for s in STAGES if s in need]
+
+
+def dependents(stages: Iterable[str]) -> set[str]:
+    """``stages`` and every stage that reads their outputs, directly or not."""
+    out = set(stages)
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage '{s}' for --force: choose one of {', '.join(STAGES)}")
+    changed = True
+    while changed:
+        changed = False
+        for s, deps in DEPENDS.items():
+            if s not in out and out & set(deps):
+                out.add(s)
+                changed = True
+    return out
+
+
+def zone_name(epsg: int) -> str:
+    """``32618`` -> ``utm18n``, ``32733`` -> ``utm33s``, others ``epsgNNNN``."""
+    if 32601 <= epsg <= 32660:
+        return f"utm{epsg - 32600:02d}n"
+    if 32701 <= epsg <= 32760:
+        return f"utm{epsg - 32700:02d}s"
+    return f"epsg{epsg}"
+
+
+def read_record(out: Path) -> RunRecord | None:
+    """``OUT/run.json`` as a dict, ``None`` when the folder has none.
+
+    Raises
+    ------
+    OutputError
+        run.json exists but cannot be read as a JSON object. The message is the same for
+        ``agriland run`` and ``agriland inspect``: the record lists what the run wrote, so
+        without it nothing in the folder can be told apart from a user's files.
+    """
+    path = out / "run.json"
+    if not path.exists():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        rec, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = f"it holds a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec, dict):
+        raise OutputError(
+            f"{path} is damaged ({why[:200]}). It is the record of what the run in {out} wrote, so "
+            "agriland cannot resume it or tell its files from others: restore run.json (from a "
+            "backup), or move that folder away and run again into a new --out folder")
+    return cast(RunRecord, rec)
+
+
+def load_run_record(out_dir: str | Path) -> RunRecord:
+    """Read ``OUT/run.json``, the record every run writes (also when a stage fails).
+
+    Raises
+    ------
+    CorruptInput
+        ``out_dir`` is not a folder, or has no ``run.json`` (not an agriland run).
+    OutputError
+        Its ``run.json`` is damaged (not a JSON object).
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise CorruptInput(f"{out} is not a folder: pass the --out folder of an agriland run")
+    record = read_record(out)  # a damaged run.json: the same advice as `agriland run` gives
+    if record is None:
+        raise CorruptInput(f"{out} holds no run.json, so it is not the output folder of an agriland "
+                           "run: pass the folder given as --out to 'agriland run' / 'agriland demo'")
+    return record
+
+
+def load_items(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Read the STAC items (as dicts) the run used, from ``OUT/items.json``; [] when absent.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The run's output folder (``OUT``).
+
+    Returns
+    -------
+    list of dict
+        The ``features`` of ``items.json`` (STAC Item dicts, EPSG:4326 geometries).
+
+    Raises
+    ------
+    CorruptInput
+        ``items.json`` exists but is not a GeoJSON FeatureCollection.
+    """
+    path = Path(out_dir) / "items.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptInput(f"{path} is not valid JSON ({e}): re-run the search stage") from e
+    features = doc.get("features") if isinstance(doc, dict) else None
+    if not isinstance(features, list):
+        raise CorruptInput(f"{path} is not a FeatureCollection of STAC items (no 'features' list): "
+                           "re-run the search stage")
+    return features
+
+
+def zones_of(record: RunRecord) -> dict[str, dict[str, Any]]:
+    """Return the run's UTM zones with a cube: ``{name: {prefix, crs, shape, transform, bounds, ...}}``.
+
+    A single-zone run keeps the plain store layout (prefix ``""``; its name is ``""`` when
+    run.json predates zones); a multi-zone run has one prefix a zone (``utm18n/``). Zones left
+    out because they had no clear pixel are skipped. Empty when no cube was written.
+
+    Parameters
+    ----------
+    record : RunRecord
+        The run's ``run.json`` as loaded by :func:`load_run_record`.
+
+    Returns
+    -------
+    dict
+        Zone name -> zone record (``prefix``, ``crs``, ``shape`` (rows, cols), ``transform``
+        and ``bounds`` in the zone's UTM CRS, ...).
+    """
+    zones = {name: z for name, z in (record.get("zones") or {}).items() if not z.get("empty")}
+    if zones:
+        return zones
+    cube = record.get("cube")
+    return {"": {"prefix": "", **cube}} if cube else {}
+
+
+# config keys (or sections) whose values a stage's outputs depend on
+CAE_KEYS = ("embed.model", "embed.bands", "embed.weights", "embed.head", "embed.embedding_dim",
+             "embed.dense_units", "embed.reflectance_max", "embed.train", "patches.size", "seed")
+
+
+UNET_KEYS = ("segment.model", "segment.encoder", "segment.weights", "segment.bands", "segment.reflectance_max",
+              "segment.labels", "segment.positive_classes", "segment.window", "segment.train", "seed")
+
+
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "search": ("search",), "cube": ("cube",), "patches": ("patches",), "cae": CAE_KEYS,
+    "embeddings": ("embed",), "clusters": ("cluster", "seed"), "unet": UNET_KEYS,
+    "segmentation": ("segment",), "publish": (),
+}
+
+
+_PACKAGES = ["agriland-scale", "numpy", "xarray", "rioxarray", "dask", "distributed", "zarr",
+             "pystac-client", "odc-stac", "tensorflow-cpu", "tensorflow", "keras", "scikit-learn",
+             "rasterio", "rustac"]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,130 @@
+"""Embeddings: the CAE encoder on batches of patches, run on Dask workers.
+
+Each task reads one batch of patches from the Zarr cube, runs the encoder (loaded once per
+worker) and returns ``(n, embedding_dim)`` float32; patches below the valid-pixel threshold
+get NaN embeddings and are left out of clustering.
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from agriland_scale.errors import BandMismatch, ModelMismatch
+from agriland_scale.models import worker as _worker
+from agriland_scale.models.backbone import check_keras_file, read_sidecar
+from agriland_scale.patches import iter_batches, read_patches
+from agriland_scale.store import open_cube
+
+__all__ = ["check_model", "embed_patches"]
+
+
+# what the sidecar's "task" / "model" say for each kind of model a stage takes
+_TASKS = {"embedding": "a CAE encoder (models/encoder.keras of a run or of `agriland train-cae`)",
+          "segmentation": "a U-Net (models/unet.keras of a run or of `agriland train-unet`)"}
+
+
+def check_model(model_path: str, task: str, bands: list[str], reflectance_max: float, size: int, *,
+                key: str | None = None) -> dict:
+    """Refuse a model file that does not fit ``task`` or the run's bands and patch size.
+
+    A model is refused when it is not the kind of model ``task`` needs, or when it reads other
+    bands, another normalisation or another patch size than the run. Returns its sidecar.
+
+    ``task``: ``"embedding"`` (a CAE encoder giving one vector a patch) or ``"segmentation"``
+    (a U-Net giving a probability a pixel). Checks, without TensorFlow: the file exists and is
+    a complete ``.keras`` archive; its sidecar (``MODEL.keras.json``) names that task (an
+    encoder's sidecar also says ``model: cae_encoder``, so the full autoencoder is refused);
+    bands, ``reflectance_max`` and patch size agree. ``key`` (e.g. ``segment.model``) names
+    the config key in messages.
+
+    Raises
+    ------
+    CorruptInput
+        The file or its sidecar is missing, not a Keras archive, or damaged.
+    ModelMismatch
+        The model is made for another task, or another patch/window size.
+    BandMismatch
+        It reads other bands or another normalisation.
+    """
+    where = f"{key} = {model_path}" if key else f"model {model_path}"
+    check_keras_file(model_path, where)
+    meta = read_sidecar(model_path)
+    found = meta.get("task")
+    is_encoder = meta.get("model") == "cae_encoder"
+    if found != task or (task == "embedding" and not is_encoder):
+        what = ("a U-Net (a segmentation model)" if found == "segmentation" else
+                "a CAE encoder (an embedding model)" if found == "embedding" and is_encoder else
+                "the whole autoencoder, not its encoder" if found == "embedding" else
+                f"a model of task {found!r}")
+        hint = (f"; use {model_path.rsplit('/', 1)[0]}/encoder.keras beside it"
+                if task == "embedding" and found == "embedding" else "")
+        raise ModelMismatch(f"{where} is {what} (its sidecar says task {found!r}, model "
+                            f"{meta.get('model')!r}), but this stage needs {_TASKS[task]}{hint}")
+    if list(meta.get("bands") or []) != list(bands):
+        raise BandMismatch(f"{where} was trained on bands {meta.get('bands')} but the run "
+                           f"gives {list(bands)}: use the same bands, in the same order, or retrain")
+    rmax = (meta.get("normalisation") or {}).get("reflectance_max")
+    if rmax is None or abs(rmax - reflectance_max) > 1e-9:
+        raise BandMismatch(f"{where} expects reflectance_max {rmax}, the run uses "
+                           f"{reflectance_max}: set it to {rmax} or retrain")
+    if meta.get("patch_size") != size:
+        what = "patches.size" if task == "embedding" else "segment.window"
+        raise ModelMismatch(f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
+                            f"{size}: set {what} to {meta.get('patch_size')}")
+    return meta
+
+
+def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
+                 size: int, bands: list[str], reflectance_max: float, dim: int, batch_size: int,
+                 group: str = "cube", precision: str = "float32") -> np.ndarray:
+    out = np.full((len(y0), dim), np.nan, dtype="float32")
+    if not valid.any():
+        return out
+    model, lock = _worker.get_model(model_path, precision)
+    cube = open_cube(cube_store, group, dask=False)
+    with lock:
+        # the read under the model's lock too: a read beside a running predict takes a core
+        # from TensorFlow's thread pool, which then waits for it at every op (bench_embed on 2
+        # cores, best of 3: stage 23-24 s with the read inside, 27 s outside, for 392 patches)
+        x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
+        # batch by batch: what predict(x, batch_size=batch_size) computes, without building a
+        # tf.data pipeline for every task
+        out[valid] = np.concatenate([np.asarray(model.predict_on_batch(x[s:s + batch_size]))
+                                     for s in range(0, len(x), batch_size)])
+    return out
+
+
+def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: list[str],
+                  reflectance_max: float, *, batch_size: int, min_valid_fraction: float,
+                  resources: dict | None = None, tasks_batches: int = 4, group: str = "cube",
+                  precision: str = "float32") -> xr.Dataset:
+    """Lazy embeddings ``(patch, dim)`` float32 of every patch of ``index``; compute on a Dask client.
+
+    Patches are read by the workers from the cube ``group`` of the Zarr store ``cube_store``.
+    ``precision``: ``float32``, or ``mixed_float16`` (float16 compute, for GPU workers).
+
+    One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
+    few dozen patches and each ``predict`` call sees a full batch.
+    """
+    meta = check_model(model_path, "embedding", bands, reflectance_max, int(index.attrs["patch_size"]))
+    dim = int(meta["embedding_dim"])
+    size = int(index.attrs["patch_size"])
+    y0, x0 = index["y0"].values, index["x0"].values
+    valid = index["valid_fraction"].values >= min_valid_fraction
+    parts = []
+    fn = dask.delayed(_embed_batch, pure=True)
+    with dask.annotate(resources=resources or {}):
+        for sl in iter_batches(len(y0), batch_size * tasks_batches):
+            d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
+                   batch_size, group, precision)
+            parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
+    arr = da.concatenate(parts)
+    ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},
+                    coords={"patch": index["patch"].values, "dim": np.arange(dim)})
+    ds["embedding"].attrs.update(long_name="CAE patch embedding", model=str(model_path),
+                                 units="1", note="NaN for patches below min_valid_fraction",
+                                 precision=precision)
+    return ds

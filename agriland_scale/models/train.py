@@ -1,0 +1,319 @@
+"""Training entry points: the self-supervised CAE and the U-Net, with the seed's augmentation.
+
+Both run as one task on a Dask worker (the GPU one when the cluster has it), read their
+patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from agriland_scale.config.bands import canonical_band
+from agriland_scale.config.schema import EmbedConfig, SegmentConfig
+from agriland_scale.errors import CorruptInput
+from agriland_scale.models import worker as _worker
+from agriland_scale.models.mlm import write_mlm_item
+from agriland_scale.models.windows import _metrics, training_windows, unet_augment_fn
+from agriland_scale.patches import read_patches
+from agriland_scale.store import open_cube
+
+__all__ = ["train_cae", "train_unet"]
+
+log = logging.getLogger(__name__)
+
+
+def _relay_callback(label: str, epochs: int, steps: int, tag: str | None):
+    """Make a Keras callback sending training progress to the client that started the task.
+
+    Progress (epoch, step, loss and metrics) goes through
+    :func:`agriland_scale.models.worker.report_progress`: at most every half second, and at every
+    epoch's end (with the validation metrics).
+    """
+    import keras
+
+    class Relay(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch, self.last = 0, 0.0
+
+        def _send(self, step: int, logs: dict | None, end: bool) -> None:
+            vals = ", ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items())
+            info = f"epoch {self.epoch + 1}/{epochs}" + (f", {vals}" if vals else "")
+            _worker.report_progress(tag, label, self.epoch * steps + step, epochs * steps, info, end)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last >= 0.5:
+                self.last = now
+                self._send(batch + 1, logs, False)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._send(steps, logs, True)
+
+    return Relay()
+
+
+def _cae_augmenter(seed: int):
+    import keras
+    from keras import layers
+
+    # seed: rotation 90 deg, shifts 0.3, zoom 0.5-1.5, horizontal + vertical flips
+    return keras.Sequential([
+        layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
+        layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
+        layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
+        layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
+    ])
+
+
+def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
+              out_path: str, *, seed: int = 0, region: str = "", group: str = "cube",
+              progress_tag: str | None = None) -> dict[str, Any]:
+    """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
+
+    Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
+    training history and timing. With ``cfg.train.epochs == 0`` the model is saved untrained.
+    """
+    _worker.configure_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    from agriland_scale.models.encoder import build_cae
+
+    t0 = time.perf_counter()
+    cube = open_cube(cube_store, group, dask=False)
+    x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
+    cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
+                    embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed,
+                    bands=[canonical_band(b) for b in cfg.bands])
+    recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
+    recon_model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss="mse")
+    history: dict[str, list[float]] = {}
+    tc = cfg.train
+    if tc.epochs > 0:
+        aug = _cae_augmenter(seed) if tc.augment else None
+        ds = tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed).repeat()
+        ds = ds.batch(tc.batch_size)
+        if aug is not None:
+            ds = ds.map(lambda b: aug(b, training=True))
+        ds = ds.map(lambda b: (b, b)).prefetch(2)
+        # a checkpoint after every epoch (the autoencoder's weights), for long schedules
+        ckpt = keras.callbacks.ModelCheckpoint(str(Path(out_path).with_suffix(".checkpoint.keras")),
+                                               save_freq="epoch")
+        relay = _relay_callback("CAE training", tc.epochs, tc.steps_per_epoch, progress_tag)
+        h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
+                            shuffle=False, verbose=0, callbacks=[ckpt, relay])
+        history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
+    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.encoder import encoder_from_cae
+
+    cae.save(out_path)
+    # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
+    Path(out_path).with_suffix(".checkpoint.keras").unlink(missing_ok=True)
+    encoder_path = str(Path(out_path).with_name("encoder.keras"))
+    encoder = encoder_from_cae(cae)
+    encoder.save(encoder_path)
+
+    meta = {
+        "model": cae.name, "task": "embedding", "bands": list(cfg.bands),
+        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
+                          "reflectance_max": cfg.reflectance_max},
+        "patch_size": size, "head": cfg.head, "embedding_dim": cfg.embedding_dim,
+        "initial_weights": cfg.weights, "training_region": region,
+        "training_patches": int(len(x)), "epochs": tc.epochs, "steps_per_epoch": tc.steps_per_epoch,
+        "batch_size": tc.batch_size, "learning_rate": tc.learning_rate, "seed": seed,
+        "history": history, "seconds": time.perf_counter() - t0,
+    }
+    write_sidecar(out_path, meta)
+    write_sidecar(encoder_path, meta | {"model": "cae_encoder", "cae": out_path})
+    write_mlm_item(encoder_path, meta | {"model": "cae_encoder"}, bbox_lonlat=_lonlat_bounds(cube),
+                   n_params=encoder.count_params(),
+                   output={"name": "embedding", "tasks": ["similarity-search"],
+                           "result": {"shape": [-1, cfg.embedding_dim], "dim_order": ["batch", "embedding"],
+                                      "data_type": "float32"}})
+    return meta | {"encoder_path": encoder_path}
+
+
+def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *,
+               seed: int = 0, label_source: str = "", region: str = "", group: str = "cube",
+               progress_tag: str | None = None) -> dict[str, Any]:
+    """Train a U-Net on windows of the cube labelled by ``label``.
+
+    ``label`` is a uint8 array (1 / 0 / 255 = ignored, ``(y, x)`` on the cube grid), or the
+    name of a group of ``cube_store`` whose ``label`` variable is read.
+
+    Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
+    from a spatially separate part (``cfg.train.validation`` side); early stopping on
+    validation loss with the best weights kept. IoU, F1 and pixel accuracy on the
+    validation windows are computed after every epoch and returned.
+    """
+    _worker.configure_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.unet import build_unet, masked_iou, unet_loss
+
+    t0 = time.perf_counter()
+    cube = open_cube(cube_store, group, dask=False)
+    if isinstance(label, str):
+        label = np.asarray(xr.open_dataset(cube_store, engine="zarr", group=label, chunks=None,
+                                           consolidated=False)["label"].values)
+    if label.shape != (cube.sizes["y"], cube.sizes["x"]):
+        raise CorruptInput(f"label raster {label.shape} is not on the cube grid "
+                           f"({cube.sizes['y']}, {cube.sizes['x']}) of group '{group}': rerun the "
+                           "unet stage (agriland run ... --force unet)")
+    win, tc = cfg.window, cfg.train
+    tr, va, split = training_windows(label, cfg, f"the labels {label_source or ''}".rstrip())
+
+    def load(offsets):
+        ys = np.array([o[0] for o in offsets])
+        xs = np.array([o[1] for o in offsets])
+        img = read_patches(cube["reflectance"], ys, xs, win, cfg.bands, cfg.reflectance_max)
+        lab = np.stack([label[r:r + win, c:c + win] for r, c in offsets])[..., None]
+        return img, lab
+
+    xtr, ytr = load(tr)
+    xva, yva = load(va)
+    n_b = xtr.shape[-1]
+    model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
+    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss),
+                  metrics=[masked_iou])
+    augment = unet_augment_fn(n_b, seed)
+
+    steps = max(1, (len(xtr) * max(tc.augment_factor, 1)) // tc.batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr.astype("float32"))).shuffle(len(xtr), seed=seed)
+    ds = ds.repeat().batch(tc.batch_size)
+    if tc.augment_factor > 0:
+        ds = ds.map(augment)
+    ds = ds.prefetch(2)
+    per_epoch: list[dict[str, float]] = []
+
+    class Metrics(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            m = _metrics(yva, self.model.predict(xva, batch_size=cfg.batch_size, verbose=0))
+            per_epoch.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, **m})
+
+    ckpt = str(Path(out_path).with_suffix(".best.keras"))
+    callbacks = [Metrics(), _relay_callback("U-Net training", tc.epochs, steps, progress_tag),
+                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
+                                               restore_best_weights=True),
+                 keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
+    if tc.epochs > 0:
+        model.fit(ds, epochs=tc.epochs, steps_per_epoch=steps,
+                  validation_data=(xva, yva.astype("float32")), callbacks=callbacks,
+                  shuffle=False, verbose=0)
+    model.save(out_path)
+    Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
+    final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
+    meta = {
+        "model": model.name, "task": "segmentation", "encoder": cfg.encoder,
+        "bands": list(cfg.bands),
+        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
+                          "reflectance_max": cfg.reflectance_max},
+        "patch_size": win, "initial_weights": cfg.weights, "label_source": label_source,
+        "training_region": region,
+        "train_windows": len(tr), "validation_windows": len(va),
+        "validation": {"side": tc.validation, "split_px": split},
+        "epochs": tc.epochs, "steps_per_epoch": steps, "batch_size": tc.batch_size,
+        "learning_rate": tc.learning_rate, "augment_factor": tc.augment_factor, "seed": seed,
+        "loss": tc.loss, "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
+    }
+    write_sidecar(out_path, meta)
+    write_mlm_item(out_path, meta, bbox_lonlat=_lonlat_bounds(cube), n_params=model.count_params(),
+                   output={"name": "agricultural land probability", "tasks": ["semantic-segmentation"],
+                           "result": {"shape": [-1, win, win, 1], "dim_order": ["batch", "height", "width", "channel"],
+                                      "data_type": "float32"},
+                           "classification:classes": [{"value": 0, "name": "other"},
+                                                      {"value": 1, "name": "agricultural"}],
+                           "post_processing_function": None})
+    return meta
+
+
+def _lonlat_bounds(cube) -> list[float]:
+    """Return the cube's extent in lon/lat (EPSG:4326) degrees, rounded to 6 decimals."""
+    from rasterio.warp import transform_bounds
+
+    return [round(v, 6) for v in transform_bounds(cube.rio.crs, "EPSG:4326", *cube.rio.bounds())]
+
+
+def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int, out_path: str, *,
+              seed: int = 0, region: str = "", group: str = "cube",
+              progress_tag: str | None = None) -> dict[str, Any]:
+    """Train the CAE repeatably for ``seed``, also on a Dask worker (see :func:`_train_cae`).
+
+    Parameters
+    ----------
+    cube_store : str
+        The run's Zarr store.
+    y0, x0 : numpy.ndarray
+        ``(n,)`` top-left pixel offsets of the training patches in the cube grid.
+    cfg : EmbedConfig
+        Bands, backbone, head and the training schedule (``cfg.train``).
+    size : int
+        Patch side, pixels.
+    out_path : str
+        Where the autoencoder is saved (``.keras``); the encoder goes beside it.
+    seed : int
+        Seeds weights, batches and augmentation.
+    region : str
+        Name of the training region, recorded in the model's metadata.
+    group : str
+        The cube group of the store (``utm18n/cube`` in a multi-zone run).
+    progress_tag : str, optional
+        Relays per-step progress to the run that submitted the task.
+
+    Returns
+    -------
+    dict
+        The model's metadata: history (loss per epoch), seconds, paths.
+    """
+    with _worker.seeded(seed):
+        return _train_cae(cube_store, y0, x0, cfg, size, out_path, seed=seed, region=region, group=group,
+                          progress_tag=progress_tag)
+
+
+def train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *, seed: int = 0,
+               label_source: str = "", region: str = "", group: str = "cube",
+               progress_tag: str | None = None) -> dict[str, Any]:
+    """Train the U-Net repeatably for ``seed``, also on a Dask worker (see :func:`_train_unet`).
+
+    Parameters
+    ----------
+    cube_store : str
+        The run's Zarr store.
+    label : numpy.ndarray or str
+        ``(y, x)`` uint8 labels on the cube grid (1 agricultural, 0 other, 255 ignored), or
+        the store group holding them as variable ``label``.
+    cfg : SegmentConfig
+        Encoder, bands, window and the training schedule (``cfg.train``).
+    out_path : str
+        Where the model is saved (``.keras``, with its metadata sidecar).
+    seed : int
+        Seeds weights, window order and augmentation.
+    label_source : str
+        Where the labels came from, recorded in the model's metadata.
+    region : str
+        Name of the training region, recorded in the model's metadata.
+    group : str
+        The cube group of the store.
+    progress_tag : str, optional
+        Relays per-step progress to the run that submitted the task.
+
+    Returns
+    -------
+    dict
+        The model's metadata: validation metrics, per-epoch history, seconds.
+    """
+    with _worker.seeded(seed):
+        return _train_unet(cube_store, label, cfg, out_path, seed=seed, label_source=label_source,
+                           region=region, group=group, progress_tag=progress_tag)

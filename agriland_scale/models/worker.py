@@ -1,0 +1,141 @@
+"""Per-worker state: one copy of each model, TensorFlow threads set once.
+
+Tasks call :func:`get_model`; a worker process loads a model file the first time it is
+asked and keeps it for later tasks (keyed by path and modification time). A lock keeps
+concurrent tasks of one worker from running the same model at once, so TensorFlow's thread
+pool (sized to the worker's threads) is not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agriland_scale.errors import CorruptInput, MissingDependency
+
+_models: dict[tuple[str, float, str], Any] = {}
+_lock = threading.Lock()
+_configured = False
+
+
+def configure_tensorflow() -> None:
+    """Set TF intra-op threads from ``TF_NUM_INTRAOP_THREADS`` before TF starts (once)."""
+    global _configured
+    if _configured:
+        return
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise MissingDependency(
+            f"TensorFlow is not installed in this Python ({e}): the model stages need it on every "
+            "worker. Install agriland-scale with its [cpu] extra (pip install 'agriland-scale[cpu]') "
+            "or, on NVIDIA GPU machines, its [gpu] extra") from None
+
+    n = os.environ.get("TF_NUM_INTRAOP_THREADS")
+    try:
+        if n:
+            tf.config.threading.set_intra_op_parallelism_threads(int(n))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TF already initialised in this process
+        pass
+    # same seed, same threads -> same results (training and inference); cheap on CPU
+    tf.config.experimental.enable_op_determinism()
+    _configured = True
+
+
+PROGRESS_TOPIC = "agriland-progress"
+
+
+def report_progress(tag: str | None, label: str, done: int, total: int, info: str = "",
+                    milestone: bool = False) -> None:
+    """Send progress of a long task (training) to the client that started it.
+
+    Progress goes as a Dask event on :data:`PROGRESS_TOPIC` (``tag`` tells runs sharing a
+    cluster apart). Nothing happens outside a Dask worker or without a tag.
+    """
+    if tag is None:
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.log_event(PROGRESS_TOPIC, {"tag": tag, "label": label, "done": int(done), "total": int(total),
+                                      "info": info, "milestone": bool(milestone)})
+
+
+def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, threading.Lock]:
+    """Return the Keras model stored at ``path``, loaded once per process, and its run lock.
+
+    ``precision="mixed_float16"`` gives a copy computing in float16 with float32 weights
+    (:func:`with_precision`; for GPUs with tensor cores), kept beside the float32 one.
+    """
+    configure_tensorflow()
+    import keras
+
+    from agriland_scale.models import dec, unet  # noqa: F401  (register custom objects)
+
+    p = Path(path)
+    key = (str(p.resolve()), p.stat().st_mtime, precision)
+    with _lock:
+        if key not in _models:
+            try:
+                model = keras.saving.load_model(p, compile=False)
+            except Exception as e:  # noqa: BLE001 - any loader failure means a bad file here
+                raise CorruptInput(f"cannot load the Keras model {p} ({type(e).__name__}: "
+                                   f"{str(e)[:200]}): the file is damaged or was not saved by "
+                                   "agriland-scale; copy it again or retrain") from None
+            if precision != "float32":
+                model = with_precision(model, precision)
+            _models[key] = (model, threading.Lock())
+        return _models[key]
+
+
+def with_precision(model: Any, policy: str) -> Any:
+    """Copy a functional Keras ``model`` so that its float32 layers compute under dtype ``policy``.
+
+    ``policy`` is e.g. ``mixed_float16``; the copy has the same weights. A loaded model keeps
+    each layer's saved policy, so the global policy alone would not change it.
+    """
+
+    def swap(o: Any) -> Any:
+        if isinstance(o, dict):
+            if o.get("class_name") == "DTypePolicy" and o.get("config", {}).get("name") == "float32":
+                return dict(o, config=dict(o["config"], name=policy))
+            return {k: swap(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [swap(v) for v in o]
+        return o
+
+    copy = model.__class__.from_config(swap(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Make Keras model building and training repeatable for ``seed`` inside a Dask worker.
+
+    ``keras.utils.set_random_seed`` seeds Python's process-wide ``random``, but Keras draws
+    the default seed of every unseeded initializer from it, and the worker's other threads
+    consume numbers from it too, so two runs built different weights. Inside this block
+    Keras draws from a private ``random.Random(seed)`` instead (not thread-shared).
+    """
+    configure_tensorflow()
+    import keras
+    from keras.src.random import seed_generator
+
+    keras.utils.set_random_seed(seed)
+    saved = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = saved

@@ -1,0 +1,1 @@
+"""The pipeline: stages, output folder, preflight checks, resumable products and the runner."""

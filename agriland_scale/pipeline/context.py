@@ -1,0 +1,117 @@
+"""What every stage of a run is given: :class:`RunContext`, small and frozen."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agriland_scale.config.schema import RunConfig
+from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS, STORE
+from agriland_scale.pipeline.resume import Products
+
+__all__ = ["Progress", "Report", "RunContext"]
+
+Report = Callable[[str], None]
+# progress(label, done, total, info): blocks of a stage, or steps of a training ("info": epoch,
+# loss and metrics); a display may take the first three arguments only
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run as its stages see it.
+
+    Attributes
+    ----------
+    cfg : RunConfig
+        The run's configuration.
+    out : Path
+        The output folder (absolute).
+    record : dict
+        The run record (``run.json``, :class:`~agriland_scale.layout.RunRecord`); stages add
+        what they found (zones, patch counts, model paths), the runner writes it.
+    products : Products
+        Writes product groups into the store, resumably.
+    client : distributed.Client
+        The run's Dask client.
+    res : dict or None
+        Worker resources for model tasks (``{"GPU": 1}`` when the cluster has GPUs).
+    tag : str
+        Names this run's progress events (training relays epochs through the scheduler).
+    say : callable
+        ``say(message)``: a line for the user and the run log.
+    progress : callable
+        ``progress(label, done, total[, info, milestone])``: blocks or training steps.
+    wanted : tuple of str
+        The stages this invocation runs or keeps, in order.
+    """
+
+    cfg: RunConfig
+    out: Path
+    record: dict[str, Any]
+    products: Products
+    client: Any
+    res: dict[str, float] | None
+    tag: str
+    say: Report
+    progress: Progress
+    wanted: tuple[str, ...]
+
+    @property
+    def store(self) -> str:
+        """The run's Zarr store, ``OUT/agriland.zarr``."""
+        return str(self.out / STORE)
+
+    @property
+    def models(self) -> Path:
+        """Where trained models go, ``OUT/models``."""
+        return self.out / MODELS_DIR
+
+    def zones(self) -> dict[str, dict[str, Any]]:
+        """Return the run's UTM zones that hold clear pixels: ``{name: {prefix, epsg, shape, ...}}``."""
+        return zones_with_data(self.record)
+
+    def settings(self, stage: str) -> dict[str, Any]:
+        """Return the settings ``stage``'s outputs depend on (see :func:`stage_settings`)."""
+        return stage_settings(self.cfg, self.record, stage)
+
+
+def zones_with_data(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the zones of a run record that are not empty (no clear pixel)."""
+    return {n: z for n, z in (record.get("zones") or {}).items() if not z.get("empty")}
+
+
+def stage_settings(cfg: RunConfig, record: dict[str, Any], stage: str) -> dict[str, Any]:
+    """Return the config values ``stage``'s outputs depend on, plus the models it applies.
+
+    A resumed stage reuses blocks only of the same settings (see :mod:`.resume`).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration; ``runtime`` never counts.
+    record : dict
+        The run record (model paths of the ``cae`` and ``unet`` stages).
+    stage : str
+        One of :data:`~agriland_scale.layout.STAGES`.
+
+    Returns
+    -------
+    dict
+        ``{dotted key: value}``, plus ``cae_model``/``unet_model`` ``[path, mtime_ns]``.
+    """
+    values = json.loads(cfg.model_dump_json())
+    out: dict[str, Any] = {}
+    for key in STAGE_SETTINGS[stage]:
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    for name, field in (("cae", "encoder_path"), ("unet", "model_path")):
+        path = (record.get(name) or {}).get(field)
+        if path and stage in ("embeddings", "segmentation") and Path(path).exists():
+            out[f"{name}_model"] = [path, Path(path).stat().st_mtime_ns]
+    return out

@@ -1,0 +1,353 @@
+"""The pipeline: every stage of a run over one output folder, resumable.
+
+The stages: search -> cube -> patches -> cae -> embeddings -> clusters -> unet ->
+segmentation -> publish.
+
+:func:`run` composes the stage modules over one output folder::
+
+    OUT/agriland.zarr   groups cube, patches, embeddings, clusters, segmentation (one UTM zone);
+                        utm18n/cube, utm33n/cube, ... per zone when the region spans several,
+                        plus ``mosaic`` (probability in cube.mosaic_crs) when asked
+    OUT/cog/            cluster_map.tif, probability.tif, mask.tif (Cloud-Optimized GeoTIFF)
+    OUT/models/         cae.keras, encoder.keras, unet.keras (+ .json metadata sidecars)
+    OUT/items.json      the exact STAC items the run used
+    OUT/run.json        config, inputs, versions, timings, dashboard link, stage status
+    OUT/report.html     one self-contained page: config, items, quicklooks, clusters, training
+    OUT/stac/           STAC Collection + Items of the products (COG and Zarr assets)
+    OUT/clusters/       gallery.png, embedding_map.png, stats.csv (per zone when several)
+    OUT/logs/           one log file per invocation
+    OUT/.partial/       products being written and their block journals (see :mod:`.resume`)
+
+Resume: ``run.json`` records each finished stage; a product is built block by block in
+``.partial`` and moved into the store only when complete. Running again on the same folder
+skips finished stages, writes only the blocks an interrupted stage had not finished, and
+reuses the recorded search results (a search is not repeated). ``force`` redoes stages and
+everything that depends on them; a config that changed in a section a finished stage used
+is refused until that stage is forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from agriland_scale.config.schema import RunConfig
+from agriland_scale.files import write_json
+from agriland_scale.layout import (
+    GROUPS,
+    ITEMS,
+    LOGS_DIR,
+    MODELS_DIR,
+    PARTIAL_DIR,
+    RECORD,
+    STAGES,
+    dependents,
+    package_versions,
+    stages_needed,
+)
+from agriland_scale.models.worker import PROGRESS_TOPIC
+from agriland_scale.pipeline import outdir
+from agriland_scale.pipeline.context import Progress, Report, RunContext, zones_with_data
+from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
+from agriland_scale.pipeline.resume import Products
+from agriland_scale.pipeline.runtime import dask_client, gpu_resources
+from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
+from agriland_scale.publish.report import write_report
+
+__all__ = ["run"]
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
+        report: Report | None = None, progress: Progress | None = None, until: str | None = None,
+        force: Iterable[str] = (), command: str = "agriland run") -> dict[str, Any]:
+    """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
+
+    ``scheduler`` (or ``cfg.runtime.scheduler``) connects to an existing Dask cluster;
+    otherwise a LocalCluster is started and closed. ``report`` receives progress lines and
+    ``progress(label, done, total)`` block counts. ``until`` stops after that stage (and runs
+    only what it needs: ``"cae"`` trains the autoencoder, ``"unet"`` the U-Net). On a folder
+    holding an unfinished or finished run of the same config, finished work is kept (see the
+    module doc); ``force`` names stages to redo with their dependents (their products, COGs,
+    gallery and STAC files are removed before they are redone). ``overwrite`` replaces
+    another run, deleting only the files that run recorded as its own.
+
+    The folder is locked for the whole call (:class:`~agriland_scale.pipeline.outdir.RunLock`,
+    ``command`` names this process in the lock); every check of the folder, the config's
+    files and given models happens before anything in it changes.
+
+    Raises
+    ------
+    RunLocked
+        Another process writes to ``out``.
+    OutputExists, OutputError
+        ``out`` cannot take this run (see :func:`prepare_output`).
+    """
+    out = Path(out).expanduser().resolve()
+    force = list(force)
+    wanted = stages_needed(until)
+    forced = dependents(force)
+    say = _say(report)
+    with outdir.locked(out, command, notice=say):
+        old = prepare_output(out, cfg, overwrite, force)
+        preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
+        if overwrite and old is not None:
+            refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
+                                    "--overwrite")
+            remove_run(out, old)
+            old = None
+        elif force and old is not None:
+            refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
+                                               for f in (old.get("files") or {}).get(s, [])],
+                                    f"--force {' '.join(force)}")
+        return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until)
+
+
+def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
+                scheduler: str | None, say: Report, progress: Progress | None, until: str | None
+                ) -> dict[str, Any]:
+    (out / MODELS_DIR).mkdir(exist_ok=True)
+    record: dict[str, Any] = {
+        "config": json.loads(cfg.model_dump_json()), "versions": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings_s": {}, "stages": {}, "files": {},
+    }
+    if old:
+        kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages", "files")}
+        record |= kept
+        record["stages"] = dict(old.get("stages") or {})
+        record["files"] = {k: list(v) for k, v in (old.get("files") or {}).items()}
+        record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
+        record.setdefault("attempts", 1)
+        record["attempts"] += 1
+    products = Products(out)
+    if force:
+        # what the forced stages made goes before they are redone: no reader may open a
+        # product, COG, gallery or STAC file that is no longer current. The record says so
+        # first, so that an interrupted deletion is redone by the next run, not taken as done.
+        doomed: list[str] = []
+        for stage in sorted(dependents(force), key=STAGES.index):
+            if record["stages"].pop(stage, None):
+                record["timings_s"].pop(stage, None)
+            doomed += record["files"].pop(stage, [])
+        doomed += record["files"].pop("report", [])
+        for key in ("products", "performance_report"):
+            record.pop(key, None)
+        record.setdefault("pending_removal", []).extend(doomed)
+        write_json(record, out / RECORD)
+        for stage in sorted(dependents(force), key=STAGES.index):
+            for zone in (record.get("zones") or {}).values():
+                if stage in GROUPS:
+                    products.discard(zone.get("prefix", "") + GROUPS[stage])
+                if stage == "unet":  # the label raster it trained on
+                    products.discard(zone.get("prefix", "") + "labels")
+            if stage == "publish":
+                products.discard("mosaic")
+    if record.get("pending_removal"):  # this run's --force, or an earlier one cut short
+        outdir.remove_files(out, record.pop("pending_removal"))
+    write_json(record, out / RECORD)  # a record from the start: a killed run is ours too
+    handler = _log_file(out)
+    say(f"log: {handler.baseFilename}")
+    t_run = time.perf_counter()
+    try:
+        _Runner(cfg, out, record, products, say, progress).run(wanted, scheduler)
+    finally:
+        record["timings_s"]["total"] = time.perf_counter() - t_run
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for stage, status in record["stages"].items():  # stopped where no handler could say so
+            if status == "running":
+                record["stages"][stage] = "interrupted"
+        write_json(record, out / RECORD)
+        if until is None or until == "publish":
+            before = outdir.snapshot(out)
+            try:  # also for a failed run: the report shows what exists and where it stopped
+                write_report(out)
+            except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
+                log.warning("could not write %s: %s", out / "report.html", e)
+            record["files"]["report"] = sorted(set(record["files"].get("report", []))
+                                               | set(outdir.changed_since(out, before)))
+            write_json(record, out / RECORD)
+        say(f"done in {record['timings_s']['total']:.0f} s: {out}")
+        _close_log(handler)
+    return record
+
+
+_RUN_LOG = logging.getLogger("agriland_scale.run")
+
+
+@contextlib.contextmanager
+def _performance_report(path: Path) -> Iterator[None]:
+    """Write a ``distributed.performance_report`` into ``path``.
+
+    Skipped when the run is interrupted (collecting it then would delay the exit), and
+    never failing the run.
+    """
+    from distributed import performance_report
+
+    rep = performance_report(filename=str(path))
+    try:
+        rep.__enter__()
+    except Exception as e:  # noqa: BLE001 - e.g. a scheduler that refuses run_on_scheduler
+        log.warning("no Dask performance report for this run: %s", e)
+        yield
+        return
+    interrupted = False
+    try:
+        yield
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if not interrupted:
+            try:
+                rep.__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own result
+                log.warning("could not write the Dask performance report %s: %s", path, e)
+
+
+def _say(report: Report | None) -> Report:
+    def say(msg: str) -> None:
+        _RUN_LOG.info(msg)
+        if report is not None:
+            report(msg)
+    return say
+
+
+def _log_file(out: Path) -> logging.FileHandler:
+    """Send this package's INFO (and warnings) for this run to ``OUT/logs/run-TIME.log``."""
+    logs = out / LOGS_DIR
+    logs.mkdir(exist_ok=True)
+    h = logging.FileHandler(logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    h.setLevel(logging.INFO)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg = logging.getLogger("agriland_scale")
+    h._agriland_level = pkg.level  # type: ignore[attr-defined]
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(h)
+    logging.getLogger("py.warnings").addHandler(h)
+    logging.captureWarnings(True)
+    return h
+
+
+def _close_log(h: logging.FileHandler) -> None:
+    pkg = logging.getLogger("agriland_scale")
+    pkg.removeHandler(h)
+    pkg.setLevel(h._agriland_level)  # type: ignore[attr-defined]
+    logging.getLogger("py.warnings").removeHandler(h)
+    logging.captureWarnings(False)
+    h.close()
+
+
+class _Runner:
+    """Runs the stages of one run: status, timing, files and resume in ``record`` (run.json)."""
+
+    def __init__(self, cfg: RunConfig, out: Path, record: dict[str, Any], products: Products,
+                 say: Report, progress: Progress | None):
+        self.cfg, self.out, self.record, self.products, self.say = cfg, out, record, products, say
+
+        def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
+            if progress:
+                progress(label, done, total, info) if info else progress(label, done, total)
+            if info:  # training: a line a finished epoch in the run log
+                if milestone:
+                    _RUN_LOG.info("%s: step %d/%d, %s", label, done, total, info)
+                return
+            step = max(1, total // 10)
+            if done == total or done % step == 0:
+                _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
+        self.progress = prog
+
+    def _finished(self, stage: str) -> bool:
+        if self.record["stages"].get(stage) != "done":
+            return False
+        zones = zones_with_data(self.record)
+        if stage == "search":
+            return (self.out / ITEMS).exists()
+        if stage in GROUPS:
+            return bool(zones) and all(self.products.exists(z["prefix"] + GROUPS[stage]) for z in zones.values())
+        if stage == "cae":
+            return Path((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")).exists()
+        if stage == "unet":
+            return Path((self.record.get("unet") or {}).get("model_path", "/nonexistent")).exists()
+        return (self.out / RECORD).exists() and (self.out / "report.html").exists()
+
+    def run(self, wanted: list[str], scheduler: str | None) -> None:
+        """Start or join the Dask cluster, then run the unfinished stages of ``wanted``."""
+        rec = self.record
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        worker_log = self.out / LOGS_DIR / f"workers-{stamp}.log"
+        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log)) as client:
+            rec["dashboard"] = client.dashboard_link
+            rec["scheduler"] = client.scheduler.address
+            self.say(f"Dask dashboard: {client.dashboard_link}")
+            res = gpu_resources(client)
+            # training tasks relay their progress (epoch, step, loss) as events of this run
+            ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
+                             res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,
+                             progress=self.progress, wanted=tuple(wanted))
+
+            def on_event(event: tuple) -> None:
+                msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+                if isinstance(msg, dict) and msg.get("tag") == ctx.tag:
+                    self.progress(msg["label"], msg["done"], msg["total"], msg["info"] or " ", msg["milestone"])
+
+            client.subscribe_topic(PROGRESS_TOPIC, on_event)
+            rec["gpu"] = bool(res)
+            write_json(rec, self.out / RECORD)
+            todo = [s for s in wanted if not self._finished(s)]
+            # the dashboard dies with a LocalCluster: its task stream, profiles and worker
+            # memory of this run are kept as one HTML page beside the run's log
+            perf = self.out / LOGS_DIR / f"dask-performance-{stamp}.html"
+            try:
+                with _performance_report(perf) if todo else contextlib.nullcontext():
+                    self._stages(ctx, todo)
+            finally:  # also for a failed run: where its time went is worth seeing
+                if perf.exists():
+                    rec["performance_report"] = str(perf.relative_to(self.out))
+        if wanted[-1] == "publish":
+            shutil.rmtree(self.out / PARTIAL_DIR, ignore_errors=True)
+
+    def _stages(self, ctx: RunContext, todo: list[str]) -> None:
+        """Run the stages of ``todo`` in pipeline order, recording each one in the run record.
+
+        Each stage's status, time and files are recorded (``run.json`` written after every
+        change).
+        """
+        rec = self.record
+        for stage in ctx.wanted:
+            if stage not in todo:
+                self.say(f"[{stage}] finished earlier: kept")
+                continue
+            t0 = time.perf_counter()
+            rec["stages"][stage] = "running"
+            write_json(rec, self.out / RECORD)
+            before = outdir.snapshot(self.out)
+            try:
+                STAGE_FUNCTIONS[stage](ctx)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
+                rec["stages"][stage] = "interrupted"
+                rec["error"] = f"{stage}: interrupted"
+                write_json(rec, self.out / RECORD)  # at once: the cluster may take a while to close
+                raise
+            except BaseException as e:
+                rec["stages"][stage] = "failed"
+                rec["error"] = f"{stage}: {e}"
+                write_json(rec, self.out / RECORD)
+                raise
+            finally:
+                rec["timings_s"][stage] = time.perf_counter() - t0
+                # what the stage wrote is the run's to replace or delete later, nothing else
+                rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
+                                             | set(outdir.changed_since(self.out, before)))
+            rec["stages"][stage] = "done"
+            rec.pop("error", None)
+            write_json(rec, self.out / RECORD)
+            self.say(f"[{stage}] {rec['timings_s'][stage]:.1f} s")

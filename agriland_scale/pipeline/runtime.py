@@ -1,0 +1,100 @@
+"""Runtime: the dask.distributed client a run uses.
+
+A LocalCluster (worker processes) by default, or an existing scheduler when an address is
+given: only the address changes between a laptop and a multi-machine cluster. Worker
+processes get TensorFlow/BLAS thread counts equal to their Dask threads, so workers do not
+oversubscribe cores. Model stages ask for a ``GPU`` resource when the cluster offers one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from distributed import Client, LocalCluster, WorkerPlugin
+
+from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.errors import SchedulerError
+
+__all__ = ["StderrToFile", "dask_client", "gpu_resources", "worker_env"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for worker processes: thread limits and quiet TensorFlow."""
+    t = str(threads)
+    return {"OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "MKL_NUM_THREADS": t,
+            "TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": "1",
+            "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+class StderrToFile(WorkerPlugin):
+    """Send a worker process's standard error to a file, in the run's log folder.
+
+    Standard error (file descriptor 2) carries TensorFlow's C++ log lines such as
+    ``I0000 … oneDNN`` or ``E0000 … remapper failed``, warnings and tracebacks; they land in
+    the run's log folder instead of the user's terminal. Only for the LocalCluster a run
+    starts itself: the workers of an existing cluster keep their own logging.
+    """
+
+    name = "agriland-stderr-to-file"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def setup(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
+        """Redirect the worker process's file descriptor 2 to the plugin's file (appending)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
+                worker_log: str | None = None) -> Iterator[Client]:
+    """Connect to ``scheduler`` (or ``cfg.scheduler``), else start a LocalCluster.
+
+    The LocalCluster is closed when the block ends; an external cluster is left running.
+    ``worker_log``: a file that receives the standard error of the LocalCluster's worker
+    processes (see :class:`StderrToFile`).
+    """
+    address = scheduler or cfg.scheduler
+    if address:
+        try:
+            client = Client(address, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise SchedulerError(f"no Dask scheduler answers at {address} ({e}): start one "
+                                  "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(
+        n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+        processes=True, env=worker_env(cfg.threads_per_worker),
+    )
+    try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+    try:
+        if worker_log:
+            client.register_plugin(StderrToFile(worker_log))
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def gpu_resources(client: Client) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when any worker advertises a GPU resource, else ``None`` (CPU)."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if any(w.get("resources", {}).get("GPU") for w in info.values()):
+        return {"GPU": 1}
+    return None

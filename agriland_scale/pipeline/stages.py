@@ -1,0 +1,367 @@
+"""The stages of a run, each a plain function of the run's context.
+
+``STAGE_FUNCTIONS`` maps each stage name of :data:`~agriland_scale.layout.STAGES` to the
+function that does its work. A stage reads the products of the stages it depends on from the
+store, writes its own through ``ctx.products`` (resumable, block by block) and notes what it
+found in ``ctx.record``; the runner (:mod:`.runner`) owns status, timing, files and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pystac
+import xarray as xr
+
+from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map, fit_clusters_streaming
+from agriland_scale.cluster.report import write_cluster_products
+from agriland_scale.config.files import resolve_path
+from agriland_scale.cube.assets import check_assets
+from agriland_scale.cube.composite import chunk_valid_fraction
+from agriland_scale.cube.load import load_bands, load_zone_cubes
+from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound
+from agriland_scale.files import write_json
+from agriland_scale.labels.classes import IGNORE
+from agriland_scale.labels.raster import load_labels
+from agriland_scale.layout import COG_DIR, ITEMS, RECORD, zone_name
+from agriland_scale.models.embed import check_model, embed_patches
+from agriland_scale.models.segment import segment_region
+from agriland_scale.models.train import train_cae, train_unet
+from agriland_scale.models.windows import training_windows
+from agriland_scale.patches import patch_index
+from agriland_scale.pipeline.context import RunContext
+from agriland_scale.publish.cog import (
+    MASK_COLORMAP,
+    mosaic_zones,
+    write_cluster_cog,
+    write_cog,
+    write_quicklook,
+)
+from agriland_scale.publish.stac import write_stac
+from agriland_scale.publish.vector import write_fields
+from agriland_scale.search.items import acquired, normalize_items
+from agriland_scale.search.stac import api_url, region_of, search_items
+from agriland_scale.store import consolidate, open_cube, open_product, write_georef, write_group
+
+__all__ = ["STAGE_FUNCTIONS"]
+
+
+class _Rows:
+    """Row-concatenation of several ``(patch, dim)`` Zarr arrays, read a slice at a time."""
+
+    def __init__(self, arrays: list):
+        self.arrays = arrays
+        self.starts = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(int)
+        self.shape = (int(self.starts[-1]), int(arrays[0].shape[1]))
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop = sl.start or 0, min(sl.stop, self.shape[0])
+        parts = []
+        for a, s0, s1 in zip(self.arrays, self.starts[:-1], self.starts[1:]):
+            lo, hi = max(start, s0), min(stop, s1)
+            if hi > lo:
+                parts.append(np.asarray(a[lo - s0:hi - s0]))
+        return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), dtype="float32")
+
+
+def _fit_clusters_task(store: str, groups: list[str], valid: np.ndarray, cfg, seed: int, out: str,
+                       sample_size: int) -> dict[str, Any]:
+    """Streaming k-means + DEC over the embeddings of every zone (runs on a worker)."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r")
+    emb = _Rows([cast(zarr.Group, root[g])["embedding"] for g in groups])
+    # _Rows reads like a Zarr array (``shape``, row slices), all fit_clusters_streaming uses
+    return fit_clusters_streaming(cast(zarr.Array, emb), valid, cfg, seed, out=out, sample_size=sample_size)
+
+
+
+
+def _items(ctx: RunContext) -> list[pystac.Item]:
+    fc = json.loads((ctx.out / ITEMS).read_text())
+    return [pystac.Item.from_dict(f) for f in fc["features"]]
+
+def search_stage(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    region = region_of(cfg.search)
+    with api_url(cfg.search) as url:
+        items = search_items(cfg.search, url)
+    write_json({"type": "FeatureCollection", "features": [i.to_dict() for i in items]},
+                       ctx.out / ITEMS)
+    ctx.record["inputs"] = {"api": cfg.search.api, "region_bbox": list(region.bbox), "items": [
+        {"id": i.id, "datetime": acquired(i),
+         "cloud_cover": i.properties.get("eo:cloud_cover")} for i in items]}
+    ctx.say(f"search: {len(items)} item(s)")
+
+def cube_stage(ctx: RunContext) -> None:
+    # one entry per UTM zone: {name: prefix of its groups in the store}; a single zone
+    # keeps the plain layout (cube, patches, ...), several use utm18n/cube, ...
+    cfg, rec = ctx.cfg, ctx.record
+    region = region_of(cfg.search)
+    items = _items(ctx)
+    bands = load_bands(items, cfg.cube)
+    items = normalize_items(items, bands)
+    if cfg.cube.check_assets:
+        items, bad = check_assets(items, bands, cfg.cube.on_bad_asset)
+        rec["inputs"]["skipped_assets"] = bad
+        if not items:
+            b = bad[0]
+            raise NoItemsFound(
+                f"every found item has a bad asset and cube.on_bad_asset is 'skip', so none is left: "
+                f"e.g. item {b['item']}, asset '{b['asset']}' ({b['href']}): {str(b['error'])[:300]}. "
+                "Fix or download the assets again, or widen the search")
+    cubes = load_zone_cubes(items, cfg.cube, region, normalized=True)
+    multi = len(cubes) > 1
+    zones, empty = {}, []
+    for epsg, cube in cubes.items():
+        name = zone_name(epsg)
+        prefix = f"{name}/" if multi else ""
+        stats = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
+                                           settings=ctx.settings("cube"),
+                                           label=f"cube {name}", progress=ctx.progress)
+        cube = open_cube(ctx.store, prefix + "cube")
+        chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
+        info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
+                "crs": str(cube.rio.crs),
+                "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
+                "items": list(cube.attrs["items"]), "chunks": int(chunks.size),
+                "empty_chunks": int((chunks == 0).sum()), "blocks_reused": stats["reused"]}
+        if not (chunks > 0).any():
+            empty.append(name)
+            info["empty"] = True
+        zones[name] = info
+        ctx.say(f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
+                 f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
+    rec["zones"] = zones
+    if len(empty) == len(zones):
+        raise EmptyRegion(
+            "every pixel of the region is nodata or masked (clouds, shadows): choose "
+            "another search.datetime or raise search.max_cloud_cover")
+    if empty:
+        warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
+                      stacklevel=1)
+    first = next(iter(ctx.zones().values()))
+    rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
+
+def _index(ctx: RunContext, zone: dict[str, Any]) -> tuple[xr.Dataset, np.ndarray]:
+    index = open_product(ctx.store, zone["prefix"] + "patches").load()
+    return index, index["valid_fraction"].values >= ctx.cfg.patches.min_valid_fraction
+
+def patches_stage(ctx: RunContext) -> None:
+    p = ctx.cfg.patches
+    for name, z in ctx.zones().items():
+        cube = open_cube(ctx.store, z["prefix"] + "cube")
+        index = patch_index(cube, p.size, p.stride)
+        ctx.products.write(index, z["prefix"] + "patches")
+        valid = index["valid_fraction"].values >= p.min_valid_fraction
+        z["patches"] = {"count": int(index.sizes["patch"]), "valid": int(valid.sum()),
+                        "grid": [index.attrs["n_rows"], index.attrs["n_cols"]]}
+    zones = ctx.zones()
+    ctx.record["patches"] = {k: sum(z["patches"][k] for z in zones.values()) for k in ("count", "valid")}
+    if len(ctx.record["zones"]) == 1:
+        ctx.record["patches"]["grid"] = next(iter(zones.values()))["patches"]["grid"]
+    ctx.say(f"patches: {ctx.record['patches']['count']} ({ctx.record['patches']['valid']} valid)")
+    valid, k = ctx.record["patches"]["valid"], ctx.cfg.cluster.k
+    if valid < k and "clusters" in ctx.wanted:  # refused here, not after hours of CAE training
+        fix = f"set cluster.k to at most {valid}, or " if valid >= 2 else ""
+        raise ConfigError(
+            f"cluster.k is {k} but the region has only {valid} valid patch(es) (of "
+            f"{ctx.record['patches']['count']}; a patch is valid with at least "
+            f"{ctx.cfg.patches.min_valid_fraction:.0%} clear pixels): {fix}enlarge the region, "
+            "lower patches.stride or lower patches.min_valid_fraction")
+
+def cae_stage(ctx: RunContext) -> None:
+    e, cfg = ctx.cfg.embed, ctx.cfg
+    if e.model:  # a CAE encoder trained before (agriland train-cae), maybe on another region
+        meta = check_model(e.model, "embedding", e.bands, e.reflectance_max, cfg.patches.size,
+                                     key="embed.model")
+        ctx.record["cae"] = {"encoder_path": e.model, "given": True,
+                              "training_region": meta.get("training_region")}
+        ctx.say(f"CAE: using the encoder {e.model} (trained on '{meta.get('training_region')}')")
+        return
+    # the CAE learns from the zone with the most valid patches; every zone is embedded
+    zones = ctx.zones()
+    idx = {n: _index(ctx, z) for n, z in zones.items()}
+    train_zone = max(zones, key=lambda n: idx[n][1].sum())
+    ix, valid = idx[train_zone]
+    sel = np.flatnonzero(valid)
+    fut = ctx.client.submit(train_cae, ctx.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
+                             cfg.patches.size, str(ctx.models / "cae.keras"), seed=cfg.seed,
+                             region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
+                             progress_tag=ctx.tag, resources=ctx.res, pure=False)
+    meta = fut.result()
+    ctx.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
+        "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
+    ctx.say(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
+             f"steps in {meta['seconds']:.0f} s")
+
+def embeddings_stage(ctx: RunContext) -> None:
+    e, p = ctx.cfg.embed, ctx.cfg.patches
+    for name, z in ctx.zones().items():
+        index, _ = _index(ctx, z)
+        emb = embed_patches(ctx.record["cae"]["encoder_path"], ctx.store, index, e.bands,
+                                      e.reflectance_max, batch_size=e.batch_size,
+                                      min_valid_fraction=p.min_valid_fraction, resources=ctx.res,
+                                      group=z["prefix"] + "cube",
+                                      precision="mixed_float16" if e.mixed_precision and ctx.res
+                                      else "float32")
+        stats = ctx.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", ctx.client,
+                                           settings=ctx.settings("embeddings"),
+                                           label=f"embeddings {name}", progress=ctx.progress)
+        z["embeddings_blocks"] = stats
+
+def clusters_stage(ctx: RunContext) -> None:
+    # one clustering over every zone's embeddings, so cluster ids mean the same everywhere;
+    # k-means and DEC stream the stored embeddings on a worker (memory: one chunk + sample)
+    c, zones = ctx.cfg.cluster, ctx.zones()
+    idx = {n: _index(ctx, z) for n, z in zones.items()}
+    valid_all = np.concatenate([idx[n][1] for n in zones])
+    fit_dir = ctx.products.staged("clusters_fit")
+    fut = ctx.client.submit(_fit_clusters_task, ctx.store, [z["prefix"] + "embeddings" for z in zones.values()],
+                             valid_all, c, ctx.cfg.seed, str(fit_dir), c.sample_size, pure=False)
+    info = fut.result()
+    fit = xr.open_zarr(fit_dir, consolidated=False)
+    start = 0
+    for name, z in zones.items():
+        index, _ = idx[name]
+        n = index.sizes["patch"]
+        cube = open_cube(ctx.store, z["prefix"] + "cube")
+        cl = fit.drop_vars("centroids").isel(patch=slice(start, start + n)).assign_coords(
+            patch=index["patch"].values, cluster=np.arange(c.k))
+        cl["centroids"] = fit["centroids"].assign_coords(cluster=np.arange(c.k))
+        start += n
+        for v in ("labels", "kmeans_labels"):  # CF: -1 is the declared fill (not clustered)
+            cl[v].encoding["_FillValue"] = np.int16(-1)
+        cl["labels"].attrs.update(long_name="DEC cluster", comment=NOT_CLUSTERED)
+        cl["kmeans_labels"].attrs.update(long_name="k-means cluster", comment=NOT_CLUSTERED)
+        cl["cluster_map"] = cluster_map(cl["labels"].values, index, cube)
+        cl = write_georef(cl, cube.rio.crs)
+        ctx.products.write(cl, z["prefix"] + "clusters")
+    shutil.rmtree(fit_dir, ignore_errors=True)
+    ctx.record["clusters"] = info
+    ctx.say(f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
+             f"patches, {info['n_clustered']} patches assigned")
+
+def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
+    s = ctx.cfg.segment
+    assert s.labels is not None  # called only with segment.labels set (checked by the preflight)
+    label_path = str(resolve_path(s.labels, Path.cwd()))
+    labels, why = {}, []
+    for name, z in ctx.zones().items():
+        try:
+            labels[name] = load_labels(label_path, open_cube(ctx.store, z["prefix"] + "cube"),
+                                       s.positive_classes)
+        except EmptyRegion as err:
+            why.append(f"{name}: {err}")
+    if not labels:
+        raise EmptyRegion("; ".join(why))
+    return labels
+
+def unet_stage(ctx: RunContext) -> None:
+    s, cfg = ctx.cfg.segment, ctx.cfg
+    if s.model:  # a U-Net trained before (agriland train-unet), maybe on another region
+        meta = check_model(s.model, "segmentation", s.bands, s.reflectance_max, s.window,
+                                     key="segment.model")
+        ctx.record["unet"] = {"model_path": s.model, "given": True,
+                               "training_region": meta.get("training_region"),
+                               "validation_metrics": meta.get("validation_metrics")}
+        ctx.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
+        return
+    labels = _labels(ctx)
+    assert s.labels is not None  # _labels needs them
+    # the U-Net learns in the zone with the most labelled pixels, then maps every zone
+    train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
+    # labels that cannot train (no positive or no negative pixel) stop here, not after training
+    training_windows(np.asarray(labels[train_zone].values), s,
+                     f"the labels {resolve_path(s.labels, Path.cwd())} (zone {train_zone})")
+    path = str(ctx.models / "unet.keras")
+    # the training task reads the label raster from the store (a full tile's is 120 MB:
+    # not something to send through the scheduler)
+    prefix = ctx.zones()[train_zone]["prefix"]
+    crs = open_cube(ctx.store, prefix + "cube").rio.crs
+    lab = write_georef(xr.Dataset({"label": labels[train_zone]}), crs)
+    lab["label"].attrs.update(long_name="U-Net training label", flag_values=[0, 1, IGNORE],
+                              flag_meanings="other agricultural ignored")
+    lab["label"].encoding.update(chunks=(2048, 2048), _FillValue=None)
+    write_group(lab, ctx.store, prefix + "labels")
+    fut = ctx.client.submit(train_unet, ctx.store, prefix + "labels", s, path, seed=cfg.seed,
+                             label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
+                             group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
+    meta = fut.result()
+    ctx.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
+        "zone": train_zone, "model_path": path}
+    ctx.say(f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
+             f"validation IoU {meta['validation_metrics']['iou']:.3f}")
+
+def segmentation_stage(ctx: RunContext) -> None:
+    s = ctx.cfg.segment
+    labels = _labels(ctx) if s.labels else {}
+    for name, z in ctx.zones().items():
+        cube = open_cube(ctx.store, z["prefix"] + "cube")
+        seg = segment_region(ctx.record["unet"]["model_path"], ctx.store, cube, s.bands,
+                                     window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
+                                     threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
+                                     group=z["prefix"] + "cube")
+        if name in labels:
+            prob_chunks = seg["probability"].chunks
+            assert prob_chunks is not None  # segment_region's products are lazy (dask)
+            chunks = dict(zip(("y", "x"), prob_chunks))
+            seg["training_label"] = labels[name].chunk(chunks)
+            seg["training_label"].encoding.update(_FillValue=None)
+        seg = write_georef(seg, cube.rio.crs)
+        stats = ctx.products.write_blocks(seg, z["prefix"] + "segmentation", "y", ctx.client,
+                                           settings=ctx.settings("segmentation"),
+                                           label=f"segmentation {name}", progress=ctx.progress)
+        z["segmentation_blocks"] = stats
+
+def publish_stage(ctx: RunContext) -> None:
+    cfg, out, store = ctx.cfg, ctx.out, ctx.store
+    zones = ctx.zones()
+    multi = len(ctx.record["zones"]) > 1
+    cogs = out / COG_DIR
+    groups, seg_by_zone = [], {}
+    for name, z in zones.items():
+        pre, tag = z["prefix"], (f"{name}_" if multi else "")
+        cube = open_cube(store, pre + "cube")
+        cl = open_product(store, pre + "clusters")
+        seg = open_product(store, pre + "segmentation")
+        seg_by_zone[name] = seg
+        write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=cfg.cluster.k)
+        write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
+                          description="agricultural land probability", units="1")
+        write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
+                          description="agricultural land mask", colormap=MASK_COLORMAP)
+        write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
+        if cfg.segment.vectorize:
+            n = write_fields(seg["mask"], out / "vector" / f"{tag}fields.parquet",
+                             min_area_m2=cfg.segment.min_field_area_m2)
+            ctx.record.setdefault("vector", {})[name] = {"path": f"vector/{tag}fields.parquet", "polygons": n}
+        groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
+    if cfg.cube.mosaic_crs:
+        mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
+        ctx.products.write(mosaic, "mosaic")
+        write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
+                          description="agricultural land probability, zones reprojected", units="1")
+        groups.append("mosaic")
+    for name in zones:  # per-cluster gallery, statistics and embedding map
+        write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")
+    consolidate(store)
+    ctx.record["products"] = {"zarr": store, "groups": groups,
+                               "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
+                               "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
+    write_json(ctx.record, out / RECORD)
+    write_stac(out)
+
+
+# the work of each stage, in pipeline order (agriland_scale.layout.STAGES)
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
+    "search": search_stage, "cube": cube_stage, "patches": patches_stage, "cae": cae_stage,
+    "embeddings": embeddings_stage, "clusters": clusters_stage, "unet": unet_stage,
+    "segmentation": segmentation_stage, "publish": publish_stage,
+}

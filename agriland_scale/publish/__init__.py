@@ -1,0 +1,1 @@
+"""Publishing a run: COGs, field polygons, output STAC, figures, report and run inspection."""

@@ -1,0 +1,329 @@
+"""Publish: write products as groups of one Zarr store, COGs for GIS users, and run.json."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+
+from agriland_scale.errors import ConfigError
+from agriland_scale.files import TMP_SUFFIX, atomic_path
+from agriland_scale.render import RGB, stretch_limits, to_rgb
+from agriland_scale.store import write_georef
+
+__all__ = ["MASK_COLORMAP", "cluster_colormap", "copy_zarr_v2", "mosaic_zones", "write_cluster_cog", "write_cog"]
+
+log = logging.getLogger(__name__)
+
+
+# mask COG colour table: 0 other (light grey), 1 agricultural (green), 255 nodata (transparent
+# through the COG's nodata: a GeoTIFF colour table has no alpha)
+MASK_COLORMAP = {0: (200, 200, 200, 255), 1: (34, 139, 34, 255), 255: (0, 0, 0, 0)}
+
+
+def cluster_colormap(k: int, nodata: int | None = None) -> dict[int, tuple[int, int, int, int]]:
+    """Make a qualitative colour table for cluster ids ``0..k-1`` (RGBA; ``nodata`` transparent).
+
+    Up to 20 clusters: the colours of the HTML report's cluster map (matplotlib's ``tab10``
+    up to 10 clusters, ``tab20`` up to 20, resampled to ``k`` as the report does). More
+    clusters: hues a golden angle apart, in three lightness levels, so that neighbouring ids
+    differ clearly (any ``k``).
+
+    Parameters
+    ----------
+    k : int
+        The number of clusters.
+    nodata : int, optional
+        An id given a transparent entry ``(0, 0, 0, 0)``.
+
+    Returns
+    -------
+    dict
+        Id -> ``(red, green, blue, alpha)``, each 0..255.
+    """
+    import colorsys
+
+    out: dict[int, tuple[int, int, int, int]] = {}
+    if k <= 20:
+        from matplotlib import colormaps
+
+        cmap = colormaps["tab10" if k <= 10 else "tab20"].resampled(k)
+        for i in range(k):
+            r, g, b, _ = cmap(i)
+            out[i] = (round(r * 255), round(g * 255), round(b * 255), 255)
+    else:
+        for i in range(k):
+            h = (i * 0.618033988749895) % 1.0
+            light, sat = (0.45, 0.55, 0.65)[i % 3], (0.75, 0.6, 0.9)[(i // 3) % 3]
+            r, g, b = colorsys.hls_to_rgb(h, light, sat)
+            out[i] = (round(r * 255), round(g * 255), round(b * 255), 255)
+    if nodata is not None:
+        out[int(nodata)] = (0, 0, 0, 0)
+    return out
+
+
+def _source_nodata(da: xr.DataArray) -> float | int | None:
+    """Return the integer array's own nodata, None without one.
+
+    That is its CF ``_FillValue``, in attrs when read undecoded, in encoding before writing.
+    CF-decoded (float) data mark nodata as NaN.
+    """
+    if da.dtype.kind not in "iu":
+        return None
+    for where in (da.attrs, da.encoding):
+        if where.get("_FillValue") is not None:
+            return where["_FillValue"]
+    return None
+
+
+def copy_zarr_v2(store: str | Path, group: str, dest: str | Path) -> None:
+    """Copy one product ``group`` of the (Zarr v3) ``store`` to a Zarr v2 store ``dest``.
+
+    For GDAL before 3.11 (e.g. the GDAL 3.10 of rasterio 1.4 wheels), whose Zarr driver reads
+    Zarr v2 but not final-spec Zarr v3 (it knows neither the ``bytes`` nor the ``zstd`` codec):
+    ``gdalinfo 'ZARR:"DEST":/probability'`` then gives the CRS (CF ``grid_mapping``), the
+    geotransform, nodata (the fill value) and the scale. Values are copied as stored (no CF
+    decoding), with their attributes; the copy uses zarr-python's default v2 compressor.
+    """
+    ds = xr.open_zarr(store, group=group, consolidated=False, mask_and_scale=False)
+    for v in ds.variables.values():
+        v.encoding = {k: e for k, e in v.encoding.items() if k in ("chunks", "coordinates")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+        ds.to_zarr(str(dest), mode="w", zarr_format=2, consolidated=True)
+
+
+def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
+              resampling: str | None = None, rows: int = 2048, scale: float | None = None,
+              dtype: str | None = None, description: str | None = None, units: str | None = None,
+              colormap: Mapping[int, tuple[int, ...]] | None = None, predictor: bool | None = None) -> None:
+    """Write a 2-D georeferenced array as a Cloud-Optimized GeoTIFF with internal overviews.
+
+    GDAL's COG driver tiles at 512 px and adds overview levels (2, 4, ...) until the smallest
+    fits one tile, so a raster wider or taller than 512 px has overviews. ``resampling`` is the
+    overview resampling (a GDAL name: ``average``, ``nearest``, ``mode``, ``bilinear``...);
+    by default ``average`` for floating-point data (e.g. a probability: nodata pixels are left
+    out of the average) and ``nearest`` for integers (masks, cluster ids: no invented values).
+    DEFLATE; ``predictor`` (by default for continuous data: floats and values stored with ``scale``, not
+    for category ids) adds GDAL's predictor: floating-point prediction (``PREDICTOR=3``) for
+    float data, horizontal differencing (``2``) for integers. On the demo tile it saves 6 % on
+    the scaled uint8 probability and 11 % on a float32 one, but costs 13 % on the 0/1 mask.
+
+    ``scale`` (e.g. ``1 / 254`` for a probability) stores ``round(value / scale)`` as uint8 with
+    GDAL's scale metadata (QGIS and rasterio's ``scales`` give the value back), NaN as
+    ``nodata`` (which must then be an integer, e.g. 255): a compact COG.
+
+    ``dtype`` (e.g. ``"uint8"`` for cluster ids, whose colour table needs uint8 or uint16)
+    writes the values unchanged in that type, NaN and the array's own nodata (its CF
+    ``_FillValue``, e.g. -1) as ``nodata``; a value that does not fit, or equals ``nodata``,
+    raises ``ValueError``.
+
+    ``description`` and ``units`` are the band's description and unit (``gdalinfo``, QGIS);
+    ``colormap`` (``{value: (r, g, b[, a])}``, uint8/uint16 data only) its colour table (a
+    GeoTIFF colour table has no alpha: nodata pixels are transparent through ``nodata``).
+
+    Bounded memory: ``da`` (lazy is fine) is read ``rows`` rows at a time into a tiled GeoTIFF,
+    which GDAL's COG driver then copies (streaming) with overviews. Both files get temporary
+    names; the COG is renamed to ``path`` only when complete.
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+
+    allowed = ("nearest", "average", "mode", "bilinear", "cubic", "cubicspline", "lanczos", "rms")
+    out_dtype = np.dtype("uint8" if scale is not None else dtype or da.dtype)
+    if resampling is None:
+        resampling = "nearest" if out_dtype.kind in "iu" and scale is None else "average"
+    if resampling.lower() not in allowed:
+        raise ConfigError(f"overview resampling {resampling!r} is not one of {', '.join(allowed)}")
+    if da.ndim != 2:
+        raise ValueError(f"write_cog takes a 2-D (y, x) array, got dims {da.dims}")
+    if scale is not None and dtype is not None:
+        raise ValueError("write_cog: give scale (a uint8 COG) or dtype, not both")
+    if (scale is not None or dtype is not None) and out_dtype.kind in "iu":
+        info = np.iinfo(out_dtype)
+        if nodata is None or not float(nodata).is_integer() or not info.min <= nodata <= info.max:
+            raise ValueError(f"a {'scaled ' if scale else ''}{out_dtype} COG needs an integer nodata in "
+                             f"{info.min}..{info.max}, got {nodata!r}")
+    if colormap is not None and out_dtype not in (np.dtype("uint8"), np.dtype("uint16")):
+        raise ValueError(f"a colour table needs uint8 or uint16 data, not {out_dtype}: pass dtype=")
+    src_nd = _source_nodata(da) if dtype is not None else None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = da.shape
+    src = path.with_name(path.name + ".src" + TMP_SUFFIX)
+    profile = dict(driver="GTiff", height=h, width=w, count=1, dtype=str(out_dtype), crs=da.rio.crs,
+                   transform=da.rio.transform(), nodata=nodata, tiled=True, blockxsize=512,
+                   blockysize=512, compress="ZSTD", zstd_level=1, BIGTIFF="IF_SAFER")
+    try:
+        with rasterio.open(src, "w", **profile) as dst:
+            for y0 in range(0, h, rows):
+                part = np.asarray(da[y0:y0 + rows].values)
+                if scale is not None:
+                    assert nodata is not None  # checked above: a scaled COG needs an integer nodata
+                    q = np.rint(np.nan_to_num(part, nan=0.0) / scale)
+                    part = np.where(np.isnan(part), nodata, np.clip(q, 0, 255 if nodata != 255 else 254))
+                    part = part.astype("uint8")
+                elif dtype is not None:
+                    part = _cast(part, out_dtype, src_nd, nodata)
+                dst.write(part, 1, window=Window(0, y0, w, part.shape[0]))
+            if scale is not None:
+                dst.scales, dst.offsets = (float(scale),), (0.0,)
+            if description:
+                dst.set_band_description(1, description)
+            if units:
+                dst.set_band_unit(1, units)
+            if colormap:
+                dst.write_colormap(1, colormap)
+        if predictor is None:
+            predictor = out_dtype.kind == "f" or scale is not None
+        opts = {"predictor": "STANDARD" if out_dtype.kind in "iu" else "FLOATING_POINT"} if predictor else {}
+        with atomic_path(path) as tmp:
+            rasterio.shutil.copy(src, tmp, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER",
+                                 overview_resampling=resampling.upper(), **opts)
+    finally:
+        src.unlink(missing_ok=True)
+
+
+def _cast(part: np.ndarray, dtype: np.dtype, src_nodata, nodata) -> np.ndarray:
+    """``part`` as ``dtype``, its nodata (NaN, ``src_nodata``) as ``nodata``; values unchanged."""
+    missing = np.isnan(part) if part.dtype.kind == "f" else np.zeros(part.shape, dtype=bool)
+    if src_nodata is not None:
+        missing |= part == src_nodata
+    vals = part[~missing]
+    if vals.size and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = vals.min(), vals.max()
+        if lo < info.min or hi > info.max or (vals == nodata).any() or (vals != np.rint(vals)).any():
+            raise ValueError(f"values {lo}..{hi} do not fit {dtype} beside nodata {nodata}: "
+                             "use a wider dtype")
+    return np.where(missing, nodata, part).astype(dtype)
+
+
+def write_cluster_cog(da: xr.DataArray, path: str | Path, *, k: int) -> None:
+    """Write the cluster map as a paletted COG.
+
+    Ids ``0..k-1`` are unchanged, uint8 (nodata 255) when ``k <= 255``, else uint16 (nodata
+    65535); the colour table is that of :func:`cluster_colormap`. ``da``'s own nodata (-1, or
+    NaN when read with CF masking) becomes that nodata.
+
+    Parameters
+    ----------
+    da : xarray.DataArray
+        The cluster map ``(y, x)`` (int16 ids, -1 = no cluster), georeferenced.
+    path : str or Path
+        The GeoTIFF to write.
+    k : int
+        The number of clusters.
+    """
+    dtype, nodata = ("uint8", 255) if k <= 255 else ("uint16", 65535)
+    write_cog(da, path, nodata=nodata, dtype=dtype, description="DEC cluster id",
+              colormap=cluster_colormap(k, nodata))
+
+
+def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None,
+                 max_pixels: int = 400_000_000) -> xr.Dataset:
+    """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` and merge them.
+
+    Bilinear resampling (a probability is continuous); where zones overlap, the first zone
+    wins. Loads the zones' probabilities in memory: meant for regions of moderate size; the
+    per-zone products stay the reference.
+
+    Parameters
+    ----------
+    segs : dict of str to xarray.Dataset
+        Zone name -> segmentation (with ``probability`` ``(y, x)`` in the zone's UTM CRS).
+    crs : str
+        The mosaic's CRS (anything pyproj accepts).
+    resolution : float or None
+        Pixel size in units of ``crs``; None: the first zone's pixel size (projected ``crs``
+        only).
+    max_pixels : int
+        The largest mosaic allowed.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``probability`` ``(y, x)`` (0..1, float) in ``crs``, NaN where no zone covers.
+
+    Raises
+    ------
+    ConfigError
+        If ``crs`` is geographic without ``resolution``, or the mosaic would exceed
+        ``max_pixels``.
+    """
+    from pyproj import CRS
+    from rasterio.enums import Resampling
+    from rioxarray.merge import merge_arrays
+
+    if resolution is None:
+        if CRS.from_user_input(crs).is_geographic:
+            raise ConfigError(f"cube.mosaic_crs {crs} is geographic: set cube.mosaic_resolution in "
+                              "degrees (e.g. 0.0001)")
+        resolution = float(abs(next(iter(segs.values())).rio.transform().a))
+    bounds = [s.rio.transform_bounds(crs) for s in segs.values()]
+    w = (max(b[2] for b in bounds) - min(b[0] for b in bounds)) / resolution
+    h = (max(b[3] for b in bounds) - min(b[1] for b in bounds)) / resolution
+    if w * h > max_pixels:
+        raise ConfigError(f"the mosaic in {crs} at {resolution:g} would be {w:,.0f} x {h:,.0f} px: "
+                          "the zones are far apart. Use the per-zone products, or a coarser "
+                          "cube.mosaic_resolution")
+    parts = []
+    for seg in segs.values():
+        prob = seg["probability"].load().rio.write_nodata(np.nan, encoded=False)
+        parts.append(prob.rio.reproject(crs, resolution=resolution, resampling=Resampling.bilinear,
+                                        nodata=np.nan))
+    merged = merge_arrays(parts, nodata=np.nan) if len(parts) > 1 else parts[0]
+    merged.attrs = {"long_name": "agricultural land probability, zones reprojected", "units": "1",
+                    "zones": list(segs)}
+    merged.encoding = {}
+    return write_georef(merged.to_dataset(name="probability"), crs)
+
+
+def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, path: str | Path, *,
+                    max_px: int = 2048) -> None:
+    """Write a PNG with the RGB composite, the cluster map and the probability over the composite.
+
+    Rasters are read every ``step``-th pixel so that at most ``max_px`` per side are held
+    (a full Sentinel-2 tile is not loaded whole); written to a temporary name, then renamed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, -(-max(cube.sizes["y"], cube.sizes["x"]) // max_px))
+    sub = {"y": slice(None, None, step), "x": slice(None, None, step)}
+    lo, hi = stretch_limits(cube, RGB)
+    rgb = to_rgb(cube["reflectance"].sel(band=list(RGB)).isel(sub).values, lo, hi)
+    left, b, r, t = cube.rio.bounds()
+    ext = (left, r, b, t)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
+    axes[0].imshow(rgb, extent=ext)
+    axes[0].set_title("composite (B04, B03, B02)")
+    cm = clusters["cluster_map"]
+    cl, cb, cr, ct = cm.rio.bounds()
+    axes[1].imshow(rgb, extent=ext)
+    im1 = axes[1].imshow(np.ma.masked_less(cm.values, 0), extent=(cl, cr, cb, ct), cmap="tab10",
+                         alpha=0.55, interpolation="nearest")
+    fig.colorbar(im1, ax=axes[1], shrink=0.8, label="DEC cluster (one cell a patch)")
+    axes[1].set_title("clusters")
+    axes[2].imshow(rgb, extent=ext)
+    im2 = axes[2].imshow(seg["probability"].isel(sub).values, extent=ext, cmap="magma", vmin=0, vmax=1,
+                         alpha=0.6)
+    fig.colorbar(im2, ax=axes[2], shrink=0.8, label="agricultural land probability")
+    axes[2].set_title("U-Net probability")
+    for ax in axes:
+        ax.set_xlim(left, r)
+        ax.set_ylim(b, t)
+        ax.set_xlabel(f"x (m, {cube.rio.crs})")
+        ax.ticklabel_format(style="plain")
+        ax.tick_params(labelsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format=Path(path).suffix.lstrip(".") or "png")
+    plt.close(fig)

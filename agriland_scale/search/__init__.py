@@ -1,0 +1,1 @@
+"""Search: Sentinel-2 items on a STAC API, made uniform before loading."""
