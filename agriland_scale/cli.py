@@ -40,6 +40,17 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _folder_arg(text: str) -> Path:
+    """Parse a run folder argument: a path or ``file://`` URL; an object-storage URL is refused."""
+    from agriland_scale.errors import OutputError
+    from agriland_scale.layout import local_folder
+
+    try:
+        return local_folder(text)
+    except OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _cluster_ids(text: str) -> list[int]:
     """``3,7`` -> ``[3, 7]`` for ``export-labels --clusters`` (argparse reports the error)."""
     try:
@@ -164,7 +175,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_folder(path: Path) -> Path:
+def _existing_run(path: Path) -> Path:
     """Return ``path`` if it holds a run (its run.json readable), for commands that write into one."""
     from agriland_scale.layout import load_run_record
 
@@ -177,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
     from agriland_scale.publish.report import write_report
     from agriland_scale.publish.stac import write_stac
 
-    with locked(_run_folder(args.run), "agriland report"):
+    with locked(_existing_run(args.run), "agriland report"):
         print(f"report: {write_report(args.run)}")
         print(f"STAC:   {write_stac(args.run)}")
     return 0
@@ -189,7 +200,7 @@ def _export_labels(args: argparse.Namespace) -> int:
 
     clusters = args.clusters
     out = args.out or args.run / "labels" / "via"
-    with locked(_run_folder(args.run), "agriland export-labels"):
+    with locked(_existing_run(args.run), "agriland export-labels"):
         project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
@@ -205,7 +216,7 @@ def _import_labels(args: argparse.Namespace) -> int:
     from agriland_scale.store import open_cube
 
     out = args.out or args.run / "labels" / "via_mask.tif"
-    with locked(_run_folder(args.run), "agriland import-labels"):
+    with locked(_existing_run(args.run), "agriland import-labels"):
         cube = open_cube(args.run / "agriland.zarr")
         mask = import_via(args.via_json, cube)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, type=Path, help="output folder of the run")
+        p.add_argument("--out", required=True, type=_folder_arg, help="output folder of the run")
         p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace another run in --out (deletes only the files that run wrote)")
@@ -266,20 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     p_val = sub.add_parser("validate", help="check a pipeline file and name the wrong key")
     p_val.add_argument("pipeline", type=Path)
     p_ins = sub.add_parser("inspect", help="summarise a run folder: region, items, products, stages")
-    p_ins.add_argument("run", type=Path)
+    p_ins.add_argument("run", type=_folder_arg)
     p_ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     p_rep = sub.add_parser("report", help="(re)write a run's report.html and STAC catalogue")
-    p_rep.add_argument("run", type=Path)
+    p_rep.add_argument("run", type=_folder_arg)
     p_exp = sub.add_parser("export-labels",
                            help="write the patches of chosen clusters as a VGG Image Annotator project")
-    p_exp.add_argument("run", type=Path, help="a finished run folder")
+    p_exp.add_argument("run", type=_folder_arg, help="a finished run folder")
     p_exp.add_argument("--clusters", required=True, type=_cluster_ids,
                        help="cluster ids named arable, e.g. 3,7")
     p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
     p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
     p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
     p_imp.add_argument("via_json", type=Path)
-    p_imp.add_argument("run", type=Path)
+    p_imp.add_argument("run", type=_folder_arg)
     p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
 
     for p in sub.choices.values():  # the global flags also after the command: agriland run P.yaml -q

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,7 +29,7 @@ from agriland_scale.errors import ConfigError, CorruptInput, OutputError
 
 __all__ = ["COG_DIR", "COG_NAMES", "DEPENDS", "GROUPS", "ITEMS", "LOCK_NAME", "LOGS_DIR", "MODELS_DIR",
            "PARTIAL_DIR", "RECORD", "STAGES", "STAGE_SETTINGS", "STORE", "RunRecord", "dependents", "load_items",
-           "load_run_record", "read_record", "stages_needed", "zone_name", "zones_of"]
+           "load_run_record", "local_folder", "read_record", "stages_needed", "zone_name", "zones_of"]
 
 # the pipeline's stages, in the order a run executes them
 STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
@@ -52,6 +53,45 @@ PARTIAL_DIR = ".partial"
 LOCK_NAME = ".agriland.lock"
 # the COGs the publish stage writes for each zone (``OUT/cog/[ZONE_]NAME.tif``)
 COG_NAMES = ("cluster_map", "probability", "mask")
+
+
+_OBJECT_STORES = {"s3": "Amazon S3 or an S3-compatible server", "gs": "Google Cloud Storage",
+                  "gcs": "Google Cloud Storage", "az": "Azure Blob Storage", "abfs": "Azure Blob Storage",
+                  "abfss": "Azure Blob Storage", "http": "an HTTP server", "https": "an HTTP server"}
+
+
+def local_folder(location: str | Path) -> Path:
+    """The local folder a run lives in, from a path or a ``file://`` URL (absolute, ``~`` expanded).
+
+    Parameters
+    ----------
+    location : str or Path
+        ``OUT`` as the user gave it (``--out``, ``agriland inspect RUN``, ``open_run``).
+
+    Returns
+    -------
+    Path
+        The folder, resolved.
+
+    Raises
+    ------
+    OutputError
+        ``location`` is an object-storage or other URL (``s3://``, ``gs://``, ``az://``, ...):
+        a run is written to a local or mounted folder (object storage is not supported yet).
+    """
+    text = str(location)
+    url = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", text)
+    if url:
+        scheme, rest = url.groups()
+        if scheme.lower() == "file":
+            return Path(rest).expanduser().resolve()
+        what = _OBJECT_STORES.get(scheme.lower(), f"'{scheme}://' URLs")
+        raise OutputError(
+            f"{text}: agriland-scale reads and writes a run in a local or mounted folder; {what} "
+            "is not supported as a run location yet. Give a local folder (or a bucket mounted with "
+            "s3fs/gcsfuse/blobfuse2, which all workers see) and copy the finished run to object storage "
+            "afterwards (e.g. `aws s3 sync OUT s3://bucket/prefix`)")
+    return Path(text).expanduser().resolve()
 
 
 class StageRecord(TypedDict, total=False):
@@ -169,7 +209,7 @@ def load_run_record(out_dir: str | Path) -> RunRecord:
     OutputError
         Its ``run.json`` is damaged (not a JSON object).
     """
-    out = Path(out_dir)
+    out = local_folder(out_dir)
     if not out.is_dir():
         raise CorruptInput(f"{out} is not a folder: pass the --out folder of an agriland run")
     record = read_record(out)  # a damaged run.json: the same advice as `agriland run` gives

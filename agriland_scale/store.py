@@ -16,6 +16,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from agriland_scale.errors import CorruptInput
+from agriland_scale.layout import local_folder
 
 __all__ = ["CLUSTER_IDS", "consolidate", "open_cube", "open_product", "open_run", "try_open_product", "write_georef", "write_group"]
 
@@ -210,7 +211,7 @@ def open_run(out_dir: str | Path) -> xr.DataTree:
     """
     import zarr
 
-    path = Path(out_dir)
+    path = local_folder(out_dir)
     store = path if (path / "zarr.json").is_file() else path / "agriland.zarr"
     if not (store / "zarr.json").is_file():
         raise CorruptInput(f"{out_dir} holds no agriland.zarr store: pass the --out folder of an agriland "

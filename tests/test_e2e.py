@@ -139,3 +139,18 @@ def test_same_seed_same_outputs_across_worker_counts(demo_run, tmp_path):
         a = xr.open_zarr(out / "agriland.zarr", group=group)[var].values
         b = xr.open_zarr(tmp_path / "again" / "agriland.zarr", group=group)[var].values
         np.testing.assert_array_equal(a, b, err_msg=f"{group}/{var}")
+
+
+@pytest.mark.slow
+def test_open_run_gives_every_product_with_its_crs(demo_run):
+    """``agriland_scale.open_run`` (the notebook entry point) opens the run as one DataTree."""
+    import agriland_scale as ag
+
+    _, out, _ = demo_run
+    tree = ag.open_run(out)
+    assert {"cube", "patches", "embeddings", "clusters", "segmentation"} <= set(tree.children)
+    for group in ("cube", "clusters", "segmentation"):
+        assert tree[group].to_dataset().rio.crs.to_epsg() == 32618, group
+    assert tree["clusters"]["cluster_map"].dtype == "int16"  # ids kept, -1 where not clustered
+    np.testing.assert_array_equal(tree["segmentation"]["probability"].values,
+                                  ag.open_run(out / "agriland.zarr")["segmentation"]["probability"].values)

@@ -211,3 +211,30 @@ def test_read_only_folder_is_refused_also_for_root(demo_cfg):
         pytest.skip("no read-only folder on this machine")
     with pytest.raises(OutputError, match="cannot write into /proc/sys"):
         run(demo_cfg, ro / "agriland-run")
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run", "gs://bucket/run", "az://container/run", "https://host/run"])
+def test_object_storage_url_is_refused_not_written_as_a_local_folder(url, tmp_path, demo_cfg):
+    """``--out s3://b/r`` once wrote a local folder named ``s3:``; now every run entry point
+    refuses an object-storage URL (not supported yet) and writes nothing."""
+    from agriland_scale import open_run
+
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    cli = subprocess.run([sys.executable, "-m", "agriland_scale.cli", "run", "pipelines/demo.yaml", "--out", url],
+                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert cli.returncode == 2, cli.stderr
+    assert url in cli.stderr and "local or mounted folder" in cli.stderr and "Traceback" not in cli.stderr
+    assert list(tmp_path.iterdir()) == []  # no 's3:' folder
+    with pytest.raises(OutputError, match="not supported as a run location"):
+        run(demo_cfg, url)
+    with pytest.raises(OutputError, match="not supported as a run location"):
+        open_run(url)
+    with pytest.raises(OutputError, match="not supported as a run location"):
+        summarise_run(url)
+
+
+def test_file_url_is_a_local_folder(tmp_path):
+    from agriland_scale.layout import local_folder
+
+    assert local_folder(f"file://{tmp_path}/run") == tmp_path / "run"
+    assert local_folder("~/x") == Path.home() / "x"

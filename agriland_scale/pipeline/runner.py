@@ -49,6 +49,7 @@ from agriland_scale.layout import (
     RECORD,
     STAGES,
     dependents,
+    local_folder,
     package_versions,
     stages_needed,
 )
@@ -91,7 +92,7 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     OutputExists, OutputError
         ``out`` cannot take this run (see :func:`prepare_output`).
     """
-    out = Path(out).expanduser().resolve()
+    out = local_folder(out)
     force = list(force)
     wanted = stages_needed(until)
     forced = dependents(force)

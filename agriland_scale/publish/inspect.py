@@ -20,6 +20,7 @@ from agriland_scale.layout import (
     RunRecord,
     load_items,
     load_run_record,
+    local_folder,
     zones_of,
 )
 from agriland_scale.search.items import acquired
@@ -140,7 +141,7 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
     CorruptInput
         The folder is not a run (no ``run.json``) or ``run.json`` is not valid JSON.
     """
-    out = Path(out_dir)
+    out = local_folder(out_dir)
     record = load_run_record(out)
     cfg = record.get("config") or {}
     cube = record.get("cube") or {}

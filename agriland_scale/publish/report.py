@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.files import write_text
-from agriland_scale.layout import STAGES, RunRecord, load_items, load_run_record, zones_of
+from agriland_scale.layout import STAGES, RunRecord, load_items, load_run_record, local_folder, zones_of
 from agriland_scale.publish.figures import (
     STATUS_COLOURS,
     image,
@@ -223,7 +223,7 @@ def write_report(out_dir: str | Path) -> Path:
     CorruptInput
         ``out_dir`` is not a run folder (no ``run.json``) or ``run.json`` is not valid JSON.
     """
-    out = Path(out_dir).resolve()
+    out = local_folder(out_dir)
     summary = summarise_run(out)
     record = load_run_record(out)
     name = summary.get("name") or out.name

@@ -46,7 +46,7 @@ from rasterio.warp import transform_bounds, transform_geom
 
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import write_json
-from agriland_scale.layout import RunRecord, load_items, load_run_record, zones_of
+from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
 
 __all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "write_stac"]
 
@@ -279,7 +279,7 @@ def write_stac(out_dir: str | Path) -> Path:
         Not a run folder, unreadable ``run.json``/``items.json``/COG, or a run that wrote no
         product yet (nothing to describe).
     """
-    out = Path(out_dir).resolve()
+    out = local_folder(out_dir)
     record = load_run_record(out)
     items = load_items(out)
     cfg = record.get("config") or {}
