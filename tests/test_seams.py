@@ -158,3 +158,58 @@ def test_tiled_agrees_with_whole_image(trained, blended):
           f"p99 {np.percentile(inner, 99):.4f}, max {inner.max():.4f}; mask agreement {agree:.2%}")
     assert inner.mean() <= 0.01 and np.percentile(inner, 99) <= 0.15
     assert d.mean() <= 0.02 and agree >= 0.99
+
+
+@pytest.fixture(scope="module")
+def blended_large(trained):
+    """The same model predicting on the window ``auto`` picks for this 1024 px cube (608 px)."""
+    from agriland_scale.models.segment import choose_inference_window
+    from agriland_scale.models.worker import at_input_size
+
+    model, refl, clear = trained
+    h, w = clear.shape
+    size = choose_inference_window("auto", WINDOW, OVERLAP, h, w, "plain")
+    assert size > WINDOW
+    big = at_input_size(model, size)
+    return size, predict_block(big, refl, clear, 0, 0, h, w, window=size, overlap=OVERLAP,
+                               reflectance_max=RMAX, batch_size=1)
+
+
+def test_larger_inference_window_has_no_seams_and_agrees_with_the_training_window(blended, blended_large):
+    """Windows larger than the training window (``segment.inference_window``): no seams, and
+    the map agrees with the 256 px one within the tiled-vs-whole tolerance above."""
+    size, large = blended_large
+    assert np.isfinite(large).all()
+    f = seam_figures(large, window_starts(large.shape[1], size, size - OVERLAP, OVERLAP // 2), size)
+    _report(f"blended {size} px windows", f)
+    assert f["ratio"] <= 1.2 and f["line_rank"] <= 0.8
+    d = np.abs(large - blended)
+    agree = float(((large >= 0.5) == (blended >= 0.5)).mean())
+    print(f"\n{size} px vs {WINDOW} px windows: mean |dp| {d.mean():.4f}, p99 {np.percentile(d, 99):.4f}, "
+          f"max {d.max():.4f}; mask agreement {agree:.2%}")
+    assert d.mean() <= 0.02 and agree >= 0.99
+
+
+def test_inference_window_choice():
+    from agriland_scale.errors import ModelMismatch
+    from agriland_scale.models.segment import _predicted_pixels, choose_inference_window
+
+    assert choose_inference_window(None, 256, 64, 4096, 4096, "plain") == 256
+    assert choose_inference_window(512, 256, 64, 4096, 4096, "resnet50") == 512
+    assert choose_inference_window("auto", 256, 64, 4096, 4096, "inceptionv3") == 256  # cannot resize
+    with pytest.raises(ModelMismatch, match="inference_window"):
+        choose_inference_window(512, 256, 64, 4096, 4096, "inceptionv3")
+    for h, w in [(1024, 1024), (1947, 1933), (10980, 10980)]:
+        size = choose_inference_window("auto", 256, 64, h, w, "plain")
+        assert size % 32 == 0 and 256 <= size <= 1024
+        # fewer pixels predicted than with the training window: 1.5-1.65x on these sizes
+        assert _predicted_pixels(256, 64, h, w) / _predicted_pixels(size, 64, h, w) >= 1.45
+
+
+def test_only_resizable_models_change_window():
+    from agriland_scale.errors import ModelMismatch
+    from agriland_scale.models.worker import at_input_size
+
+    inception = build_unet("inceptionv3", 256, 3)
+    with pytest.raises(ModelMismatch, match="inference_window"):
+        at_input_size(inception, 512)

@@ -292,6 +292,10 @@ class SegmentConfig(_Model):
     positive_classes: list[str] = Field(default_factory=lambda: ["arable"])
     window: int = Field(default=256, ge=32)
     overlap: int = Field(default=64, ge=0)
+    # windows the U-Net predicts on, px: "auto" picks, per region, the size (a multiple of 32
+    # from the training window up to 1024) that predicts the fewest pixels; an int fixes it;
+    # null keeps the training window. Larger than ``window`` needs a plain or ResNet-50 U-Net.
+    inference_window: Literal["auto"] | int | None = "auto"
     threshold: float = Field(default=0.5, gt=0, lt=1)
     batch_size: int = Field(default=8, ge=1)
     # field polygons from the mask as GeoParquet (DIR/vector/fields.parquet); smaller ones dropped
@@ -304,6 +308,10 @@ class SegmentConfig(_Model):
         if self.overlap >= self.window // 2:
             raise ValueError(f"segment.overlap ({self.overlap}) must be less than half the window "
                              f"({self.window}); try {self.window // 4}")
+        iw = self.inference_window
+        if isinstance(iw, int) and (iw < self.window or iw % 32):
+            raise ValueError(f"segment.inference_window ({iw}) must be a multiple of 32 and at least "
+                             f"segment.window ({self.window}): try {max(self.window, 32 * round(iw / 32))}")
         return self
 
 

@@ -24,17 +24,75 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from agriland_scale.errors import ModelMismatch
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.embed import check_model
 from agriland_scale.patches import blend_weight, normalise, window_starts
 from agriland_scale.store import open_cube, write_georef
 
-__all__ = ["predict_block", "segment_region"]
+__all__ = ["MAX_INFERENCE_WINDOW", "choose_inference_window", "predict_block", "segment_region"]
+
+# the largest window "auto" considers, px (a 1024 px window of a plain U-Net at batch 1 holds
+# about as many activations as the 256 px training batch of 16)
+MAX_INFERENCE_WINDOW = 1024
+# U-Net encoders whose models run at any input size divisible by 32 (InceptionV3's valid
+# convolutions tie its skip connections to the training window)
+RESIZABLE_ENCODERS = ("plain", "resnet50")
 
 
 def _grid(length: int, window: int, overlap: int) -> np.ndarray:
     """Global window starts along one axis of ``length`` px."""
     return window_starts(length, window, window - overlap, overlap // 2)
+
+
+def _predicted_pixels(size: int, overlap: int, height: int, width: int) -> int:
+    """Pixels the U-Net predicts to cover ``height x width`` with ``size`` px windows."""
+    return len(_grid(height, size, overlap)) * len(_grid(width, size, overlap)) * size * size
+
+
+def choose_inference_window(setting: int | str | None, window: int, overlap: int, height: int, width: int,
+                            encoder: str | None) -> int:
+    """The window side (px) the U-Net predicts on for a region of ``height x width`` px.
+
+    Parameters
+    ----------
+    setting : int, "auto" or None
+        ``segment.inference_window``: None keeps ``window``; an int is used as is; ``"auto"``
+        takes the multiple of 32 in ``[window, MAX_INFERENCE_WINDOW]`` that predicts the
+        fewest pixels (windows overlap by ``overlap`` and the grid covers the region; the
+        smaller size on a tie), or ``window`` for a model that cannot change size.
+    window : int
+        The model's training window, px.
+    overlap : int
+        Overlap of neighbouring windows, px.
+    height, width : int
+        The region's size, px.
+    encoder : str or None
+        The U-Net's encoder (from its metadata sidecar).
+
+    Returns
+    -------
+    int
+        The inference window, px.
+
+    Raises
+    ------
+    ModelMismatch
+        A size other than ``window`` was asked for a model that cannot change size.
+    """
+    resizable = encoder in RESIZABLE_ENCODERS
+    if setting is None:
+        return window
+    if isinstance(setting, int):
+        if setting != window and not resizable:
+            raise ModelMismatch(f"segment.inference_window {setting} needs a plain or ResNet-50 U-Net; this "
+                                f"one's encoder is {encoder!r}, whose valid convolutions tie it to its "
+                                f"{window} px training window: set segment.inference_window to null or auto")
+        return setting
+    if not resizable:
+        return window
+    sizes = range(window, max(window, MAX_INFERENCE_WINDOW) + 1, 32)
+    return min(sizes, key=lambda s: (_predicted_pixels(s, overlap, height, width), s))
 
 
 def _weight(window: int) -> np.ndarray:
@@ -128,13 +186,13 @@ def _open(cube_store: str, group: str, bands: list[str]):
 
 
 def _predict_task(model_path: str, cube_store: str, rs: np.ndarray, cs: np.ndarray, bands: list[str],
-                  window: int, reflectance_max: float, batch_size: int, group: str = "cube"
-                  ) -> np.ndarray | None:
+                  window: int, reflectance_max: float, batch_size: int, group: str = "cube",
+                  input_size: int | None = None) -> np.ndarray | None:
     """Return the weighted sum of the predictions of windows ``rs x cs`` over their span.
 
     See :func:`_weighted_sum`; runs on a worker, with its cached model.
     """
-    model, lock = _worker.get_model(model_path)
+    model, lock = _worker.get_model(model_path, input_size=input_size)
     refl, clear = _open(cube_store, group, bands)
     return _weighted_sum(model, refl, clear, rs, cs, window=window, reflectance_max=reflectance_max,
                          batch_size=batch_size, lock=lock)
@@ -170,16 +228,24 @@ def _groups(starts: np.ndarray, length: int, window: int, block: int) -> list[np
 def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: list[str], *,
                    window: int, overlap: int, reflectance_max: float, threshold: float,
                    batch_size: int, block: int = 1024, resources: dict | None = None,
-                   group: str = "cube") -> xr.Dataset:
+                   group: str = "cube", inference_window: int | str | None = None) -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
     Output chunks of ``block`` x ``block`` px; every window is predicted once (see the module
     docstring). Compute or write with a Dask client; model tasks carry ``resources``.
     Written to Zarr, both are uint8 (the probability as ``round(p * 254)``, CF ``scale_factor``
     1/254) with 255 as CF ``_FillValue`` and as Zarr ``fill_value``.
+
+    ``window`` is the model's training window; the windows predicted are
+    ``inference_window`` px (:func:`choose_inference_window`), in batches of about the same
+    number of pixels as ``batch_size`` training windows (bounded memory).
     """
-    check_model(model_path, "segmentation", bands, reflectance_max, window)
+    meta = check_model(model_path, "segmentation", bands, reflectance_max, window)
     H, W = cube.sizes["y"], cube.sizes["x"]
+    trained = window
+    window = choose_inference_window(inference_window, trained, overlap, H, W, meta.get("encoder"))
+    batch_size = max(1, round(batch_size * (trained / window) ** 2))
+    input_size = window if window != trained else None
     rs_all, cs_all = _grid(H, window, overlap), _grid(W, window, overlap)
     row_groups, col_groups = _groups(rs_all, H, window, block), _groups(cs_all, W, window, block)
     predict = dask.delayed(_predict_task, pure=True)
@@ -192,7 +258,7 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
                     sums[bi, bj] = ((int(rs.min()), int(cs.min())),
                                     (int(rs.max()) + window, int(cs.max()) + window),
                                     predict(model_path, cube_store, rs, cs, bands, window, reflectance_max,
-                                            batch_size, group))
+                                            batch_size, group, input_size))
     reach = -(-window // block)  # a span reaches at most this many blocks past its own
     rows = []
     for bi, gy in enumerate(range(0, H, block)):
@@ -212,7 +278,8 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
     ds = xr.Dataset({"probability": (("y", "x"), prob), "mask": (("y", "x"), mask)},
                     coords={"y": cube.y, "x": cube.x})
     ds["probability"].attrs.update(long_name="agricultural land probability", units="1",
-                                   model=str(model_path), window=window, overlap=overlap)
+                                   model=str(model_path), window=window, training_window=trained,
+                                   overlap=overlap)
     ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
                             flag_values=[0, 1], flag_meanings="other agricultural")
     # nodata agrees everywhere: CF _FillValue == Zarr fill_value == 255, never a valid value

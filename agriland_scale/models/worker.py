@@ -12,13 +12,14 @@ import contextlib
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agriland_scale.errors import CorruptInput, MissingDependency
+from agriland_scale.errors import CorruptInput, MissingDependency, ModelMismatch
 
-_models: dict[tuple[str, float, str], Any] = {}
+_models: dict[tuple[str, float, str, int | None], Any] = {}
 _lock = threading.Lock()
 _configured = False
 
@@ -71,11 +72,25 @@ def report_progress(tag: str | None, label: str, done: int, total: int, info: st
                                       "info": info, "milestone": bool(milestone)})
 
 
-def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, threading.Lock]:
+def get_model(path: str | Path, precision: str = "float32", input_size: int | None = None
+              ) -> tuple[Any, threading.Lock]:
     """Return the Keras model stored at ``path``, loaded once per process, and its run lock.
 
-    ``precision="mixed_float16"`` gives a copy computing in float16 with float32 weights
-    (:func:`with_precision`; for GPUs with tensor cores), kept beside the float32 one.
+    Parameters
+    ----------
+    path : str or Path
+        A ``.keras`` file; the cache is keyed by its path and modification time.
+    precision : str
+        ``"mixed_float16"`` gives a copy computing in float16 with float32 weights
+        (:func:`with_precision`; for GPUs with tensor cores), kept beside the float32 one.
+    input_size : int, optional
+        Window side in px: a copy taking windows of that size (:func:`at_input_size`), kept
+        beside the model when it differs from the model's own input size.
+
+    Returns
+    -------
+    tuple
+        The model and the lock its predictions run under.
     """
     configure_tensorflow()
     import keras
@@ -83,7 +98,7 @@ def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, thread
     from agriland_scale.models import dec, unet  # noqa: F401  (register custom objects)
 
     p = Path(path)
-    key = (str(p.resolve()), p.stat().st_mtime, precision)
+    key = (str(p.resolve()), p.stat().st_mtime, precision, None)
     with _lock:
         if key not in _models:
             try:
@@ -95,7 +110,13 @@ def get_model(path: str | Path, precision: str = "float32") -> tuple[Any, thread
             if precision != "float32":
                 model = with_precision(model, precision)
             _models[key] = (model, threading.Lock())
-        return _models[key]
+        base = _models[key]
+        if input_size is None or base[0].input_shape[1] == input_size:
+            return base
+        sized = key[:3] + (input_size,)
+        if sized not in _models:
+            _models[sized] = (at_input_size(base[0], input_size), threading.Lock())
+        return _models[sized]
 
 
 def with_precision(model: Any, policy: str) -> Any:
@@ -117,6 +138,87 @@ def with_precision(model: Any, policy: str) -> Any:
     copy = model.__class__.from_config(swap(model.get_config()))
     copy.set_weights(model.get_weights())
     return copy
+
+
+def at_input_size(model: Any, size: int) -> Any:
+    """Copy a fully convolutional functional ``model`` to take ``(n, size, size, bands)`` inputs.
+
+    The copy has the same layers and weights; only its input (and those of nested models,
+    such as a ResNet-50 encoder) is ``size`` px square. A plain or ResNet-50 U-Net gives the
+    same prediction at any size divisible by 32, away from the window's edges.
+
+    Raises
+    ------
+    ModelMismatch
+        The model does not work at that size (an InceptionV3 U-Net: its valid convolutions
+        tie its skip connections to the training size).
+    """
+    import numpy as np
+
+    def swap(o: Any) -> Any:
+        if isinstance(o, dict):
+            if o.get("class_name") == "InputLayer":
+                s = o["config"]["batch_shape"]
+                return dict(o, config=dict(o["config"], batch_shape=[s[0], size, size, s[-1]]))
+            build = o.get("build_config")
+            if isinstance(build, dict) and isinstance(build.get("input_shape"), list) \
+                    and len(build["input_shape"]) == 4:
+                s = build["input_shape"]
+                o = dict(o, build_config=dict(build, input_shape=[s[0], size, size, s[-1]]))
+            return {k: swap(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [swap(v) for v in o]
+        return o
+
+    try:
+        copy = model.__class__.from_config(swap(model.get_config()))
+        copy.set_weights(model.get_weights())
+        copy.predict_on_batch(np.zeros((1, size, size, model.input_shape[-1]), dtype="float32"))
+    except Exception as e:  # noqa: BLE001 - any failure means: not at this size
+        raise ModelMismatch(f"model {model.name} does not run on {size} px windows ({type(e).__name__}: "
+                            f"{str(e)[:160]}): set segment.inference_window to null (its training "
+                            "window) for this model") from None
+    return copy
+
+
+def warm_up(models: list[tuple[str, tuple[int, ...]]], precision: str = "float32") -> dict[str, Any]:
+    """Import TensorFlow, load ``models`` and trace their predict step, ahead of the stages.
+
+    A run submits this once per worker as soon as its cluster is up, so that TensorFlow's
+    import, model loading and the first trace overlap the search and cube stages instead of
+    opening the embedding and segmentation stages.
+
+    Parameters
+    ----------
+    models : list of (str, tuple of int)
+        Model files and the input batch shape to trace them with, e.g.
+        ``("encoder.keras", (16, 256, 256, 3))``.
+    precision : str
+        As for :func:`get_model`.
+
+    Returns
+    -------
+    dict
+        ``seconds`` spent, and ``error`` (text) when something failed: a warm-up never
+        raises; the stage that needs the model reports the problem itself.
+    """
+    t0 = time.perf_counter()
+    try:
+        configure_tensorflow()
+        import numpy as np
+
+        for path, shape in models:
+            model, lock = get_model(path, precision, _input_size(shape))
+            with lock:
+                model.predict_on_batch(np.zeros(shape, dtype="float32"))
+    except Exception as e:  # noqa: BLE001 - reported by the stage that needs it
+        return {"seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
+    return {"seconds": time.perf_counter() - t0}
+
+
+def _input_size(shape: tuple[int, ...]) -> int | None:
+    """The ``input_size`` a warm-up shape asks for: its side when it is not the model's own."""
+    return None if len(shape) < 4 else int(shape[1])
 
 
 @contextlib.contextmanager

@@ -307,7 +307,7 @@ def segmentation_stage(ctx: RunContext) -> None:
         seg = segment_region(ctx.record["unet"]["model_path"], ctx.store, cube, s.bands,
                                      window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
                                      threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
-                                     group=z["prefix"] + "cube")
+                                     group=z["prefix"] + "cube", inference_window=s.inference_window)
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)

@@ -1,0 +1,182 @@
+"""Small runs against the script a user would otherwise write (issue 16, goal 1).
+
+On the whole real Sentinel-2 L1C Virginia sample (1933 x 1947 px at 10 m, one date), with the
+same trained models (the demo's CAE encoder and U-Net, trained once here with a short
+schedule, or given with ``--models DIR``), the two are run alternately as separate processes
+(each pays its own Python, TensorFlow and data start-up):
+
+- **the naive script** (:func:`naive`, run as ``python bench/bench_naive.py --naive ...``):
+  rasterio window reads of each 256 px patch from the band COGs, reflectance as the item
+  says, one ``encoder.predict`` call per patch, k-means (scikit-learn) on the embeddings, one
+  ``unet.predict`` call per 256 px window (a tiling: no overlap, the edges that do not fill a
+  window left out, seams at window borders), a GeoTIFF of the probability;
+- **agriland run** with ``embed.model``/``segment.model`` set (no training),
+  ``patches.stride: 256`` and the default ``segment.overlap`` (64 px: a seamless mosaic of the
+  whole scene), and once more with ``segment.overlap: 0``.
+
+Prints wall times (median of the rounds), the ratio naive / agriland (goal >= 1.5 at the
+default overlap), agriland's stage breakdown from ``run.json`` and the time not spent in
+model compute. Needs ``../shared/data/s2-l1c-virginia``. Run:
+
+    nice -n 5 python bench/bench_naive.py [--rounds 2] [--models DIR] [--json bench/results/naive.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_run import SHARED, catalog, pipeline, region_bbox  # noqa: E402
+
+BANDS = ["red", "green", "blue"]  # the demo models' bands
+FILES = {"red": "B04.tif", "green": "B03.tif", "blue": "B02.tif"}
+
+
+def naive(models: Path, out: Path, k: int, seed: int) -> dict:
+    """The script: read, embed, cluster, segment, write; returns its own timings (s)."""
+    t_start = time.perf_counter()
+    import keras
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+    from sklearn.cluster import KMeans
+
+    t = {"imports": time.perf_counter() - t_start}
+    item = json.loads((SHARED / "item.json").read_text())
+    # L1C DN -> reflectance: (DN + offset) / 10000, offset -1000 from processing baseline 04.00 on
+    offset = -1000 if float(item["properties"].get("s2:processing_baseline") or 0) >= 4 else 0
+    t0 = time.perf_counter()
+    encoder = keras.saving.load_model(models / "encoder.keras", compile=False)
+    unet = keras.saving.load_model(models / "unet.keras", compile=False)
+    rmax_e = json.loads((models / "encoder.keras.json").read_text())["normalisation"]["reflectance_max"]
+    rmax_u = json.loads((models / "unet.keras.json").read_text())["normalisation"]["reflectance_max"]
+    t["load_models"] = time.perf_counter() - t0
+    srcs = [rasterio.open(SHARED / FILES[b]) for b in BANDS]
+    h, w = srcs[0].height, srcs[0].width
+    size = 256
+
+    def read(r: int, c: int) -> np.ndarray:
+        win = Window(c, r, size, size)
+        x = np.stack([s.read(1, window=win).astype("float32") for s in srcs], -1)
+        return (x + offset) / 10000.0
+
+    t0 = time.perf_counter()
+    t_read = 0.0
+    embs, cells = [], []
+    for r in range(0, h - size + 1, size):
+        for c in range(0, w - size + 1, size):
+            tr = time.perf_counter()
+            x = read(r, c)
+            t_read += time.perf_counter() - tr
+            x = np.clip(x / rmax_e, 0, 1)[None]
+            embs.append(encoder.predict(x, verbose=0)[0])
+            cells.append((r, c))
+    t["embeddings"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(np.stack(embs))
+    t["kmeans"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prob = np.full((h, w), np.nan, dtype="float32")
+    for r, c in cells:
+        tr = time.perf_counter()
+        x = read(r, c)
+        t_read += time.perf_counter() - tr
+        x = np.clip(x / rmax_u, 0, 1)[None]
+        prob[r:r + size, c:c + size] = unet.predict(x, verbose=0)[0, ..., 0]
+    t["segmentation"] = time.perf_counter() - t0
+    t["reads"] = t_read
+    t0 = time.perf_counter()
+    profile = dict(driver="GTiff", height=h, width=w, count=1, dtype="float32", crs=srcs[0].crs,
+                   transform=srcs[0].transform, nodata=float("nan"), compress="deflate", tiled=True)
+    with rasterio.open(out / "probability.tif", "w", **profile) as dst:
+        dst.write(prob, 1)
+    t["write"] = time.perf_counter() - t0
+    t["patches"] = len(cells)
+    t["clusters"] = int(len(set(labels.tolist())))
+    t["total_in_process"] = time.perf_counter() - t_start
+    return t
+
+
+def _wall(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return wall, p.stdout
+
+
+def train_models(tmp: Path, cat: Path) -> Path:
+    """The demo's models, trained once with the bench_run schedule on the demo window."""
+    pipe = pipeline(tmp, cat, region_bbox(1024), "naive-train")
+    out = tmp / "train"
+    _wall([str(Path(sys.executable).parent / "agriland"), "run", str(pipe), "--out", str(out), "--quiet"])
+    return out / "models"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--models", type=Path, help="folder with encoder.keras and unet.keras (+ .json)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--naive", type=Path, help=argparse.SUPPRESS)  # internal: run the script into DIR
+    args = ap.parse_args()
+    if args.naive:
+        print(json.dumps(naive(args.models, args.naive, k=6, seed=42)))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="bench-naive-"))
+    cat = catalog(tmp)
+    models = args.models or train_models(tmp, cat)
+    bbox = region_bbox(None)
+    given = {"embed.model": str(models / "encoder.keras"), "segment.model": str(models / "unet.keras"),
+             "patches.stride": 256}
+    pipes = {"agriland (overlap 64)": pipeline(tmp, cat, bbox, "naive-a64", **given),
+             "agriland (overlap 0)": pipeline(tmp, cat, bbox, "naive-a0", **given, **{"segment.overlap": 0})}
+    agri = str(Path(sys.executable).parent / "agriland")
+    walls: dict[str, list[float]] = {"naive script": [], **{k: [] for k in pipes}}
+    inner: list[dict] = []
+    breakdown: dict[str, list[dict]] = {k: [] for k in pipes}
+    for r in range(args.rounds):
+        out = tmp / f"naive-{r}"
+        out.mkdir()
+        wall, stdout = _wall([sys.executable, __file__, "--naive", str(out), "--models", str(models)])
+        walls["naive script"].append(wall)
+        inner.append(json.loads(stdout.strip().splitlines()[-1]))
+        for name, pipe in pipes.items():
+            run_out = tmp / f"{pipe.stem}-{r}"
+            wall, _ = _wall([agri, "run", str(pipe), "--out", str(run_out), "--quiet"])
+            walls[name].append(wall)
+            rec = json.loads((run_out / "run.json").read_text())
+            breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    result = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "wall_s": walls, "median_wall_s": med,
+              "ratio_naive_over_agriland": {k: round(med["naive script"] / med[k], 2) for k in pipes},
+              "naive_inner_s": inner, "agriland_stage_s": breakdown}
+    print("\nwhole process, median wall (s):")
+    for k, v in med.items():
+        print(f"  {k:<24} {v:7.1f}")
+    for k, v in result["ratio_naive_over_agriland"].items():
+        print(f"ratio naive / {k}: {v:.2f}  (goal >= 1.5 at the default overlap)")
+    print("\nnaive script, in-process (s):", {k: round(v, 2) for k, v in inner[-1].items()})
+    for k, rows in breakdown.items():
+        print(f"{k}, stages (s, last round):", rows[-1])
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
