@@ -123,7 +123,26 @@ def open_cube(store: str | Path, group: str = "cube", *, dask: bool = True) -> x
     # the store lists its arrays in no fixed order: reflectance first, so that the dataset's
     # dimensions read (band, y, x) on every run
     order = [v for v in ("reflectance",) if v in ds.data_vars]
-    return ds[order + sorted(str(v) for v in ds.data_vars if v not in order)]
+    ds = ds[order + sorted(str(v) for v in ds.data_vars if v not in order)]
+    return _packed_as_float32(ds) if dask else ds
+
+
+def _packed_as_float32(ds: xr.Dataset) -> xr.Dataset:
+    """Decode packed 16-bit variables (CF ``scale_factor``) to float32, lazily.
+
+    xarray decodes them to float64, because a Zarr attribute cannot say that the scale is a
+    float32; 16-bit integers times a float32 scale need no more. Only for dask-backed data
+    (workers' lazily indexed arrays are cast where they are read, a window at a time).
+    """
+    for name in list(ds.data_vars):
+        var = ds[name]
+        packed = np.dtype(var.encoding.get("dtype", var.dtype))
+        if var.dtype == "float64" and "scale_factor" in var.encoding and packed.kind in "iu" \
+                and packed.itemsize <= 2 and var.chunks is not None:
+            encoding = dict(var.encoding)
+            ds[name] = var.astype("float32")
+            ds[name].encoding = encoding
+    return ds
 
 
 def write_group(ds: xr.Dataset, store: str | Path, group: str) -> None:
@@ -168,8 +187,9 @@ def open_product(store: str | Path, group: str) -> xr.Dataset:
     xarray.Dataset
         Dask-backed, chunked as stored.
     """
-    return xr.open_zarr(store, group=group, decode_coords="all", consolidated=False,
-                        mask_and_scale={v: False for v in CLUSTER_IDS})  # type: ignore[arg-type]
+    ds = xr.open_zarr(store, group=group, decode_coords="all", consolidated=False,
+                      mask_and_scale={v: False for v in CLUSTER_IDS})  # type: ignore[arg-type]
+    return _packed_as_float32(ds)
 
 
 def try_open_product(store: str | Path, group: str) -> xr.Dataset | None:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -47,3 +49,46 @@ def test_region_inside_item_is_cropped_on_grid(items):
     gb = cube_geobox(items, (-75.68, 37.64, -75.62, 37.69), 10)
     assert gb.transform.c % 10 == 0 and gb.transform.f % 10 == 0
     assert gb.shape[0] < SIZE and gb.shape[1] < SIZE
+
+
+def test_reflectance_is_stored_as_half_digital_numbers(cube_store, items, demo_cfg):
+    """Packed storage (cube.storage: int16): the store holds int16 half DNs with a CF
+    scale_factor; read back it equals the float32 composite to well under half a DN, and
+    every stored value is an exact number of half DNs (the median of two DNs is)."""
+    import dask
+
+    raw = xr.open_zarr(cube_store, group="cube", consolidated=False, mask_and_scale=False)["reflectance"]
+    assert raw.dtype == "int16" and raw.attrs["_FillValue"] == -32768
+    step = float(raw.attrs["scale_factor"])
+    assert step == pytest.approx(0.5e-4)
+    from agriland_scale.store import open_cube, open_product
+
+    decoded = open_cube(cube_store)["reflectance"]
+    assert decoded.dtype == "float32" and open_product(cube_store, "cube")["reflectance"].dtype == "float32"
+    with dask.config.set(scheduler="synchronous"):
+        ref = load_cube(items, demo_cfg.cube, demo_cfg.search.bbox)["reflectance"].values
+        as_float = load_cube(items, demo_cfg.cube.model_copy(update={"storage": "float32"}),
+                             demo_cfg.search.bbox)
+    q = raw.values
+    assert np.array_equal(q == -32768, np.isnan(ref))
+    ok = q != -32768
+    np.testing.assert_array_equal(q[ok], np.round(ref[ok] / np.float32(step)))  # exact half DNs
+    np.testing.assert_allclose(decoded.values[ok], ref[ok], rtol=0, atol=step * 1e-3)
+    assert "dtype" not in as_float["reflectance"].encoding  # float32 on request
+
+
+def test_packed_store_is_smaller(cube_store, tmp_path, items, demo_cfg):
+    import dask
+
+    from agriland_scale.store import write_group
+
+    cfg = demo_cfg.cube.model_copy(update={"storage": "float32"})
+    with dask.config.set(scheduler="synchronous"):
+        write_group(load_cube(items, cfg, demo_cfg.search.bbox), str(tmp_path / "f.zarr"), "cube")
+
+    def size(p):
+        return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file() and "reflectance" in str(f))
+
+    packed, plain = size(Path(cube_store) / "cube"), size(tmp_path / "f.zarr" / "cube")
+    print(f"\nreflectance on disk: int16 {packed / 2**20:.2f} MiB, float32 {plain / 2**20:.2f} MiB")
+    assert packed < 0.75 * plain

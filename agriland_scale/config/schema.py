@@ -135,12 +135,20 @@ class CubeConfig(_Model):
     ``composite``: per-pixel median (default), mean, first or last of the clear observations;
     ``clear_count`` keeps how many there were. ``on_bad_asset``: ``fail`` on an asset that
     cannot be read, or ``skip`` its item with a warning (recorded in run.json).
+
+    ``storage``: how reflectance is stored. ``int16`` (default) packs it in half digital
+    numbers (CF ``scale_factor`` = half the bands' DN scale; readers decode it to float32):
+    median, first and last composites are exact, a mean is rounded to half a DN (at most
+    2.5e-5 reflectance for the usual 1e-4 scale); values are clipped to +-32767 half DNs
+    (+-1.638 reflectance). ``float32`` stores the composite as computed. Bands with
+    different scales are always stored as float32.
     """
 
     bands: Bands = Field(default_factory=lambda: ["red", "green", "blue", "nir"], min_length=1)
     resolution: float = Field(default=10.0, gt=0)
     chunk: int = Field(default=256, ge=64)
     composite: Literal["median", "mean", "first", "last"] = "median"
+    storage: Literal["int16", "float32"] = "int16"
     cloud_mask: Literal["auto", "scl", "s2cloudless", "none"] = "auto"
     scl_band: str = "scl"
     scl_mask_classes: list[int] = Field(default_factory=lambda: [0, 1, 3, 8, 9, 10])

@@ -16,7 +16,10 @@ from odc.geo.geobox import GeoBox
 from agriland_scale.config.region import Region
 from agriland_scale.errors import EmptyRegion
 
-__all__ = ["check_not_empty", "chunk_valid_fraction", "composite_block", "region_mask"]
+# packed reflectance (int16) holds +-PACK_LIMIT steps; -32768 is its fill value (no data)
+PACK_LIMIT = 32767
+
+__all__ = ["PACK_LIMIT", "check_not_empty", "chunk_valid_fraction", "composite_block", "region_mask"]
 
 
 def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -194,14 +197,15 @@ def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.n
 
 def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
                 scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
-                **composite) -> np.ndarray:
+                limit: float | None = None, **composite) -> np.ndarray:
     """Compute one spatial chunk of the cube.
 
     The inputs are ``n_bands`` arrays ``(time, y, x)`` of digital numbers, then the SCL band
     (if ``scl_classes``), a cloud mask ``(time, y, x)`` (if ``cloud``) and a region mask
     ``(y, x)`` (if ``region``). With ``part="reflectance"`` the result is the composite
     ``(n_bands, y, x)`` float32, with ``part="clear_count"`` the number of clear
-    observations ``(y, x)`` uint16.
+    observations ``(y, x)`` uint16. ``limit``: reflectance is clipped to ``[-limit, limit]``
+    (what packed int16 storage holds, :data:`PACK_LIMIT` steps).
     """
     bands, rest = arrays[:n_bands], list(arrays[n_bands:])
     clear = None
@@ -221,6 +225,8 @@ def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None
         return n.astype("uint16")
     out = np.empty((n_bands,) + bands[0].shape[1:], dtype="float32")
     _composite(bands, clear, n, out, **composite)
+    if limit is not None:
+        np.clip(out, np.float32(-limit), np.float32(limit), out=out)  # NaN stays NaN
     return out
 
 

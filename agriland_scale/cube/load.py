@@ -32,7 +32,7 @@ from agriland_scale.config.region import Region
 from agriland_scale.config.schema import CubeConfig
 from agriland_scale.cube.assets import read_items
 from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, dilate, s2cloudless_mask
-from agriland_scale.cube.composite import _cube_block, region_mask
+from agriland_scale.cube.composite import PACK_LIMIT, _cube_block, region_mask
 from agriland_scale.errors import (
     BandMismatch,
     CorruptInput,
@@ -197,9 +197,13 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     inputs = [x for a in args for x in a]
     common = {"concatenate": True, "n_bands": n_bands, "nodata": nodata, "scl_classes": scl_classes,
               "cloud": cloud is not None, "region": not region.is_box}
+    # packed storage: int16 half digital numbers (CF scale_factor), when every band scales alike
+    packed = cfg.storage == "int16" and bool(np.all(factors[:, 0] == factors[0, 0]))
+    step = np.float32(0.5) * factors[0, 0]  # half a DN, in reflectance
     refl = dsa.blockwise(_cube_block, "byx", *inputs, new_axes={"b": n_bands},
                          meta=np.empty((0, 0, 0), dtype="float32"), **common, part="reflectance",
-                         scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite)
+                         scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite,
+                         limit=float(step * PACK_LIMIT) if packed else None)
     n_clear = dsa.blockwise(_cube_block, "yx", *inputs, meta=np.empty((0, 0), dtype="uint16"), **common,
                             part="clear_count")
     coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
@@ -213,6 +217,8 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     out = xr.Dataset({"reflectance": comp, "clear_count": count})
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
+    if packed:  # decoded by xarray, GDAL and CF readers: value = stored * scale_factor
+        out["reflectance"].encoding.update(dtype="int16", scale_factor=step, _FillValue=np.int16(-32768))
     out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
                                     cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none",
                                     comment="0 = no clear observation (a valid count, not nodata)")
