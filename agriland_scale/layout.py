@@ -61,7 +61,7 @@ _OBJECT_STORES = {"s3": "Amazon S3 or an S3-compatible server", "gs": "Google Cl
 
 
 def local_folder(location: str | Path) -> Path:
-    """The local folder a run lives in, from a path or a ``file://`` URL (absolute, ``~`` expanded).
+    """Return the local folder a run lives in, from a path or a ``file://`` URL (absolute, ``~`` expanded).
 
     Parameters
     ----------
@@ -278,11 +278,11 @@ def zones_of(record: RunRecord) -> dict[str, dict[str, Any]]:
 
 # config keys (or sections) whose values a stage's outputs depend on
 CAE_KEYS = ("embed.model", "embed.bands", "embed.weights", "embed.head", "embed.embedding_dim",
-             "embed.dense_units", "embed.reflectance_max", "embed.train", "patches.size", "seed")
+            "embed.dense_units", "embed.reflectance_max", "embed.train", "patches.size", "seed")
 
 
 UNET_KEYS = ("segment.model", "segment.encoder", "segment.weights", "segment.bands", "segment.reflectance_max",
-              "segment.labels", "segment.positive_classes", "segment.window", "segment.train", "seed")
+             "segment.labels", "segment.positive_classes", "segment.window", "segment.train", "seed")
 
 
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {

@@ -176,6 +176,12 @@ def write_gallery(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: in
     plt = _pyplot()
     fig = plt.figure(figsize=(per_cluster * COL_INCHES, k * ROW_INCHES), dpi=DPI)
     rows = fig.subfigures(k, 1, squeeze=False)[:, 0]
+    # one image a row (the row's patches side by side, a white gap between them), reduced to
+    # about the size it is shown at: one Axes a row, not one a patch (6 x faster to draw)
+    cell = max(1, round(min(COL_INCHES * DPI, ROW_INCHES * DPI) * 0.85))
+    step = max(1, size // cell)
+    side = -(-size // step)
+    gap = max(1, side // 16)
     shown: dict[int, list[int]] = {}
     for c, sub in enumerate(rows):
         ids = sample_patches(labels, c, per_cluster, seed)
@@ -183,13 +189,15 @@ def write_gallery(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: in
         ndvi = float(stats["ndvi_mean"].values[c])
         sub.suptitle(f"cluster {c}: {int(stats['size'].values[c])} patches, mean NDVI "
                      f"{'n/a' if np.isnan(ndvi) else f'{ndvi:.2f}'}", fontsize=9)
-        axes = sub.subplots(1, per_cluster, squeeze=False)[0]
+        ax = sub.add_axes((0.01, 0.02, 0.98, 0.8))
+        ax.set_axis_off()
+        strip = np.full((side, per_cluster * (side + gap) - gap, 3), 255, dtype="uint8")
         win = read_windows(rgb, y0[ids], x0[ids], size)  # one row of patches in memory
-        for j, ax in enumerate(axes):
-            ax.set_axis_off()
-            if j < len(ids):
-                ax.imshow(to_rgb8(win[j], lo, hi), interpolation="nearest")
-                ax.text(2, 2, str(int(index["patch"].values[ids[j]])), fontsize=6, color="w", va="top")
+        for j in range(len(ids)):
+            x = j * (side + gap)
+            strip[:, x:x + side] = to_rgb8(win[j][:, ::step, ::step], lo, hi)
+            ax.text(x + 2, 2, str(int(index["patch"].values[ids[j]])), fontsize=6, color="w", va="top")
+        ax.imshow(strip, interpolation="nearest", aspect="equal")
     path = Path(path)
     _save(fig, path)
     plt.close(fig)

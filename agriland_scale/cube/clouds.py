@@ -96,7 +96,7 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
     c = cfg.chunk // k
     bands = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
     ds = read_items(items, cfg, bands=bands, geobox=coarse, groupby="solar_day",
-               chunks={"time": -1, "x": c, "y": c}, resampling="average")
+                    chunks={"time": -1, "x": c, "y": c}, resampling="average")
     refl = []
     for b in bands:
         scale, offset = scale_offset(items[0], b)

@@ -52,7 +52,7 @@ def _predicted_pixels(size: int, overlap: int, height: int, width: int) -> int:
 
 def choose_inference_window(setting: int | str | None, window: int, overlap: int, height: int, width: int,
                             encoder: str | None) -> int:
-    """The window side (px) the U-Net predicts on for a region of ``height x width`` px.
+    """Choose the window side (px) the U-Net predicts on for a region of ``height x width`` px.
 
     Parameters
     ----------

@@ -76,8 +76,8 @@ def _cae_augmenter(seed: int):
 
 
 def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
-              out_path: str, *, seed: int = 0, region: str = "", group: str = "cube",
-              progress_tag: str | None = None) -> dict[str, Any]:
+               out_path: str, *, seed: int = 0, region: str = "", group: str = "cube",
+               progress_tag: str | None = None) -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
     Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
@@ -144,8 +144,8 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
 
 
 def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *,
-               seed: int = 0, label_source: str = "", region: str = "", group: str = "cube",
-               progress_tag: str | None = None) -> dict[str, Any]:
+                seed: int = 0, label_source: str = "", region: str = "", group: str = "cube",
+                progress_tag: str | None = None) -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label``.
 
     ``label`` is a uint8 array (1 / 0 / 255 = ignored, ``(y, x)`` on the cube grid), or the

@@ -217,7 +217,7 @@ def warm_up(models: list[tuple[str, tuple[int, ...]]], precision: str = "float32
 
 
 def _input_size(shape: tuple[int, ...]) -> int | None:
-    """The ``input_size`` a warm-up shape asks for: its side when it is not the model's own."""
+    """Return the window side a warm-up batch shape asks for (get_model keeps the model when it is its own)."""
     return None if len(shape) < 4 else int(shape[1])
 
 

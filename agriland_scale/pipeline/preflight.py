@@ -123,7 +123,7 @@ def remove_run(out: Path, old: dict[str, Any]) -> None:
 
 
 def preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str],
-               scheduler: str | None) -> None:
+              scheduler: str | None) -> None:
     """Check the inputs the stages to run will read, before anything is changed or started.
 
     Checked: local files named in the config (only those that a stage still to run reads),
@@ -175,10 +175,10 @@ def preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, for
                           "enlarge the region")
     if cfg.embed.model and (to_run("cae") or to_run("embeddings")):
         check_model(cfg.embed.model, "embedding", cfg.embed.bands, cfg.embed.reflectance_max,
-                              cfg.patches.size, key="embed.model")
+                    cfg.patches.size, key="embed.model")
     if cfg.segment.model and (to_run("unet") or to_run("segmentation")):
         check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
-                              cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+                    cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
 
 
 def probe_scheduler(address: str, timeout: float = 10.0) -> None:

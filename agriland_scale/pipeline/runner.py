@@ -103,13 +103,13 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
         preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
         if overwrite and old is not None:
             refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
-                                    "--overwrite")
+                                   "--overwrite")
             remove_run(out, old)
             old = None
         elif force and old is not None:
             refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
-                                               for f in (old.get("files") or {}).get(s, [])],
-                                    f"--force {' '.join(force)}")
+                                              for f in (old.get("files") or {}).get(s, [])],
+                                   f"--force {' '.join(force)}")
         return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until)
 
 

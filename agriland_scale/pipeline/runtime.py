@@ -67,7 +67,7 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
             client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as e:
             raise SchedulerError(f"no Dask scheduler answers at {address} ({e}): start one "
-                                  "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+                                 "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
         try:
             yield client
         finally:

@@ -93,7 +93,7 @@ def search_stage(ctx: RunContext) -> None:
     with api_url(cfg.search) as url:
         items = search_items(cfg.search, url)
     write_json({"type": "FeatureCollection", "features": [i.to_dict() for i in items]},
-                       ctx.out / ITEMS)
+               ctx.out / ITEMS)
     ctx.record["inputs"] = {"api": cfg.search.api, "region_bbox": list(region.bbox), "items": [
         {"id": i.id, "datetime": acquired(i),
          "cloud_cover": i.properties.get("eo:cloud_cover")} for i in items]}
@@ -123,8 +123,8 @@ def cube_stage(ctx: RunContext) -> None:
         name = zone_name(epsg)
         prefix = f"{name}/" if multi else ""
         stats = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
-                                           settings=ctx.settings("cube"),
-                                           label=f"cube {name}", progress=ctx.progress)
+                                          settings=ctx.settings("cube"),
+                                          label=f"cube {name}", progress=ctx.progress)
         cube = open_cube(ctx.store, prefix + "cube")
         chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
         info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
@@ -137,7 +137,7 @@ def cube_stage(ctx: RunContext) -> None:
             info["empty"] = True
         zones[name] = info
         ctx.say(f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
-                 f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
+                f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
     rec["zones"] = zones
     if len(empty) == len(zones):
         raise EmptyRegion(
@@ -180,9 +180,9 @@ def cae_stage(ctx: RunContext) -> None:
     e, cfg = ctx.cfg.embed, ctx.cfg
     if e.model:  # a CAE encoder trained before (agriland train-cae), maybe on another region
         meta = check_model(e.model, "embedding", e.bands, e.reflectance_max, cfg.patches.size,
-                                     key="embed.model")
+                           key="embed.model")
         ctx.record["cae"] = {"encoder_path": e.model, "given": True,
-                              "training_region": meta.get("training_region")}
+                             "training_region": meta.get("training_region")}
         ctx.say(f"CAE: using the encoder {e.model} (trained on '{meta.get('training_region')}')")
         return
     # the CAE learns from the zone with the most valid patches; every zone is embedded
@@ -192,28 +192,28 @@ def cae_stage(ctx: RunContext) -> None:
     ix, valid = idx[train_zone]
     sel = np.flatnonzero(valid)
     fut = ctx.client.submit(train_cae, ctx.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
-                             cfg.patches.size, str(ctx.models / "cae.keras"), seed=cfg.seed,
-                             region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
-                             progress_tag=ctx.tag, resources=ctx.res, pure=False)
+                            cfg.patches.size, str(ctx.models / "cae.keras"), seed=cfg.seed,
+                            region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
+                            progress_tag=ctx.tag, resources=ctx.res, pure=False)
     meta = fut.result()
     ctx.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
         "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
     ctx.say(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
-             f"steps in {meta['seconds']:.0f} s")
+            f"steps in {meta['seconds']:.0f} s")
 
 def embeddings_stage(ctx: RunContext) -> None:
     e, p = ctx.cfg.embed, ctx.cfg.patches
     for name, z in ctx.zones().items():
         index, _ = _index(ctx, z)
         emb = embed_patches(ctx.record["cae"]["encoder_path"], ctx.store, index, e.bands,
-                                      e.reflectance_max, batch_size=e.batch_size,
-                                      min_valid_fraction=p.min_valid_fraction, resources=ctx.res,
-                                      group=z["prefix"] + "cube",
-                                      precision="mixed_float16" if e.mixed_precision and ctx.res
-                                      else "float32")
+                            e.reflectance_max, batch_size=e.batch_size,
+                            min_valid_fraction=p.min_valid_fraction, resources=ctx.res,
+                            group=z["prefix"] + "cube",
+                            precision="mixed_float16" if e.mixed_precision and ctx.res
+                            else "float32")
         stats = ctx.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", ctx.client,
-                                           settings=ctx.settings("embeddings"),
-                                           label=f"embeddings {name}", progress=ctx.progress)
+                                          settings=ctx.settings("embeddings"),
+                                          label=f"embeddings {name}", progress=ctx.progress)
         z["embeddings_blocks"] = stats
 
 def clusters_stage(ctx: RunContext) -> None:
@@ -224,7 +224,7 @@ def clusters_stage(ctx: RunContext) -> None:
     valid_all = np.concatenate([idx[n][1] for n in zones])
     fit_dir = ctx.products.staged("clusters_fit")
     fut = ctx.client.submit(_fit_clusters_task, ctx.store, [z["prefix"] + "embeddings" for z in zones.values()],
-                             valid_all, c, ctx.cfg.seed, str(fit_dir), c.sample_size, pure=False)
+                            valid_all, c, ctx.cfg.seed, str(fit_dir), c.sample_size, pure=False)
     info = fut.result()
     fit = xr.open_zarr(fit_dir, consolidated=False)
     start = 0
@@ -246,7 +246,7 @@ def clusters_stage(ctx: RunContext) -> None:
     shutil.rmtree(fit_dir, ignore_errors=True)
     ctx.record["clusters"] = info
     ctx.say(f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
-             f"patches, {info['n_clustered']} patches assigned")
+            f"patches, {info['n_clustered']} patches assigned")
 
 def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
     s = ctx.cfg.segment
@@ -267,10 +267,10 @@ def unet_stage(ctx: RunContext) -> None:
     s, cfg = ctx.cfg.segment, ctx.cfg
     if s.model:  # a U-Net trained before (agriland train-unet), maybe on another region
         meta = check_model(s.model, "segmentation", s.bands, s.reflectance_max, s.window,
-                                     key="segment.model")
+                           key="segment.model")
         ctx.record["unet"] = {"model_path": s.model, "given": True,
-                               "training_region": meta.get("training_region"),
-                               "validation_metrics": meta.get("validation_metrics")}
+                              "training_region": meta.get("training_region"),
+                              "validation_metrics": meta.get("validation_metrics")}
         ctx.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
         return
     labels = _labels(ctx)
@@ -291,13 +291,13 @@ def unet_stage(ctx: RunContext) -> None:
     lab["label"].encoding.update(chunks=(2048, 2048), _FillValue=None)
     write_group(lab, ctx.store, prefix + "labels")
     fut = ctx.client.submit(train_unet, ctx.store, prefix + "labels", s, path, seed=cfg.seed,
-                             label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
-                             group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
+                            label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
+                            group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
     meta = fut.result()
     ctx.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
         "zone": train_zone, "model_path": path}
     ctx.say(f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
-             f"validation IoU {meta['validation_metrics']['iou']:.3f}")
+            f"validation IoU {meta['validation_metrics']['iou']:.3f}")
 
 def segmentation_stage(ctx: RunContext) -> None:
     s = ctx.cfg.segment
@@ -305,9 +305,9 @@ def segmentation_stage(ctx: RunContext) -> None:
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
         seg = segment_region(ctx.record["unet"]["model_path"], ctx.store, cube, s.bands,
-                                     window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
-                                     threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
-                                     group=z["prefix"] + "cube", inference_window=s.inference_window)
+                             window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
+                             threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
+                             group=z["prefix"] + "cube", inference_window=s.inference_window)
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)
@@ -316,28 +316,43 @@ def segmentation_stage(ctx: RunContext) -> None:
             seg["training_label"].encoding.update(_FillValue=None)
         seg = write_georef(seg, cube.rio.crs)
         stats = ctx.products.write_blocks(seg, z["prefix"] + "segmentation", "y", ctx.client,
-                                           settings=ctx.settings("segmentation"),
-                                           label=f"segmentation {name}", progress=ctx.progress)
+                                          settings=ctx.settings("segmentation"),
+                                          label=f"segmentation {name}", progress=ctx.progress)
         z["segmentation_blocks"] = stats
 
+def _quicklook_task(store: str, prefix: str, path: str) -> None:
+    """Draw a zone's quicklook PNG (runs on a worker, beside the publish stage's own work)."""
+    write_quicklook(open_cube(store, prefix + "cube"), open_product(store, prefix + "clusters"),
+                    open_product(store, prefix + "segmentation"), path)
+
+
 def publish_stage(ctx: RunContext) -> None:
+    """Write the COGs, quicklooks, cluster report, field polygons, mosaic and STAC of the run.
+
+    The pictures (quicklook, cluster gallery, t-SNE map: matplotlib, a few seconds each) are
+    drawn by tasks on the workers while this process writes the COGs.
+    """
     cfg, out, store = ctx.cfg, ctx.out, ctx.store
     zones = ctx.zones()
     multi = len(ctx.record["zones"]) > 1
     cogs = out / COG_DIR
+    pictures = []
+    for name, z in zones.items():
+        pictures.append(ctx.client.submit(_quicklook_task, store, z["prefix"],
+                                          str(out / f"quicklook{'_' + name if multi else ''}.png"), pure=False))
+        pictures.append(ctx.client.submit(write_cluster_products, store, str(out), cfg.cluster.k, cfg.seed,
+                                          zone=name if multi else "", pure=False))
     groups, seg_by_zone = [], {}
     for name, z in zones.items():
         pre, tag = z["prefix"], (f"{name}_" if multi else "")
-        cube = open_cube(store, pre + "cube")
         cl = open_product(store, pre + "clusters")
         seg = open_product(store, pre + "segmentation")
         seg_by_zone[name] = seg
         write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=cfg.cluster.k)
         write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
-                          description="agricultural land probability", units="1")
+                  description="agricultural land probability", units="1")
         write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
-                          description="agricultural land mask", colormap=MASK_COLORMAP)
-        write_quicklook(cube, cl, seg, out / f"quicklook{'_' + name if multi else ''}.png")
+                  description="agricultural land mask", colormap=MASK_COLORMAP)
         if cfg.segment.vectorize:
             n = write_fields(seg["mask"], out / "vector" / f"{tag}fields.parquet",
                              min_area_m2=cfg.segment.min_field_area_m2)
@@ -347,14 +362,13 @@ def publish_stage(ctx: RunContext) -> None:
         mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
         ctx.products.write(mosaic, "mosaic")
         write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
-                          description="agricultural land probability, zones reprojected", units="1")
+                  description="agricultural land probability, zones reprojected", units="1")
         groups.append("mosaic")
-    for name in zones:  # per-cluster gallery, statistics and embedding map
-        write_cluster_products(store, out, cfg.cluster.k, cfg.seed, zone=name if multi else "")
+    ctx.client.gather(pictures)  # a failed picture fails the stage, with its own error
     consolidate(store)
     ctx.record["products"] = {"zarr": store, "groups": groups,
-                               "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
-                               "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
+                              "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
+                              "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
     write_json(ctx.record, out / RECORD)
     write_stac(out)
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DPI = 80
 
 
-MAX_PIXELS = 800  # quicklooks are subsampled to at most this many pixels a side
+MAX_PIXELS = 480  # quicklooks are subsampled to at most this many pixels a side (~ their size on the page)
 
 
 def _plt():
@@ -138,7 +138,7 @@ def quicklooks(store: Path, prefix: str = "") -> list[str]:
         _map_axes(ax, ext, crs, f"composite ({bands})")
 
     figs.append(image(_map_figure(composite), "RGB composite",
-                     f"Median composite, true colour, 2–98 % stretch; {crs}."))
+                      f"Median composite, true colour, 2–98 % stretch; {crs}."))
 
     if clusters is not None and "cluster_map" in clusters:
         cm = clusters["cluster_map"]
@@ -156,7 +156,7 @@ def quicklooks(store: Path, prefix: str = "") -> list[str]:
             _map_axes(ax, ext, crs, f"clusters (k = {k}, one cell a patch)")
 
         figs.append(image(_map_figure(cluster_fig), "cluster map over composite",
-                         "DEC cluster of each patch (one cell a patch, centred on it) over the composite."))
+                          "DEC cluster of each patch (one cell a patch, centred on it) over the composite."))
 
     if seg is not None and "probability" in seg:
         prob = seg["probability"]
@@ -169,7 +169,7 @@ def quicklooks(store: Path, prefix: str = "") -> list[str]:
             _map_axes(ax, ext, crs, "U-Net agricultural-land probability")
 
         figs.append(image(_map_figure(prob_fig), "probability over composite",
-                         "U-Net probability of agricultural land, blended windows, over the composite."))
+                          "U-Net probability of agricultural land, blended windows, over the composite."))
 
     if seg is not None and "mask" in seg:
         mask = seg["mask"]
@@ -194,8 +194,8 @@ def quicklooks(store: Path, prefix: str = "") -> list[str]:
             _map_axes(ax, ext, crs, f"mask (p ≥ {thr}): {ha:,.0f} ha, {share:.0f} %")
 
         figs.append(image(_map_figure(mask_fig), "agricultural land mask",
-                         f"Mask: {arable:,} pixels of {res_x:g} × {res_y:g} m = {ha:,.1f} ha agricultural "
-                         f"({share:.1f} % of {valid:,} valid pixels)."))
+                          f"Mask: {arable:,} pixels of {res_x:g} × {res_y:g} m = {ha:,.1f} ha agricultural "
+                          f"({share:.1f} % of {valid:,} valid pixels)."))
     return figs
 
 

@@ -250,7 +250,7 @@ def write_report(out_dir: str | Path) -> Path:
             f"<h1>agriland-scale run <code>{_e(name)}</code></h1>{banner}"
             + "".join(sections)
             + "<p class='muted'>Contains modified Copernicus Sentinel data. Written by "
-              "agriland_scale.publish.report from the output folder.</p></body></html>")
+            "agriland_scale.publish.report from the output folder.</p></body></html>")
     path = out / "report.html"
     write_text(page, path)
     log.info("report: %s (%.1f MiB)", path, path.stat().st_size / 2**20)
