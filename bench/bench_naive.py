@@ -109,6 +109,30 @@ def naive(models: Path, out: Path, k: int, seed: int) -> dict:
     return t
 
 
+def batched_predict(models: Path) -> dict:
+    """Plain batched ``predict`` of the scene's 256 px patches with both models, warm (s).
+
+    What the embeddings stage is compared with: the same patches, already in memory, in one
+    ``predict`` call of batch 16 (the second of two calls: no model load, no first trace).
+    """
+    import keras
+    import numpy as np
+    import rasterio
+
+    srcs = [rasterio.open(SHARED / FILES[b]) for b in BANDS]
+    img = np.stack([s.read(1).astype("float32") for s in srcs], -1) / 10000.0
+    h, w = img.shape[:2]
+    x = np.stack([img[r:r + 256, c:c + 256] for r in range(0, h - 255, 256) for c in range(0, w - 255, 256)])
+    out = {"patches": len(x)}
+    for name, batch in (("encoder", 16), ("unet", 8)):
+        model = keras.saving.load_model(models / f"{name}.keras", compile=False)
+        model.predict(x[:batch], batch_size=batch, verbose=0)
+        t0 = time.perf_counter()
+        model.predict(x, batch_size=batch, verbose=0)
+        out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
 def _wall(cmd: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -132,9 +156,13 @@ def main() -> None:
     ap.add_argument("--models", type=Path, help="folder with encoder.keras and unet.keras (+ .json)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--naive", type=Path, help=argparse.SUPPRESS)  # internal: run the script into DIR
+    ap.add_argument("--batched", action="store_true", help=argparse.SUPPRESS)  # internal: batched predict
     args = ap.parse_args()
     if args.naive:
         print(json.dumps(naive(args.models, args.naive, k=6, seed=42)))
+        return
+    if args.batched:
+        print(json.dumps(batched_predict(args.models)))
         return
     tmp = Path(tempfile.mkdtemp(prefix="bench-naive-"))
     cat = catalog(tmp)
@@ -161,16 +189,23 @@ def main() -> None:
             rec = json.loads((run_out / "run.json").read_text())
             breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
+    _, stdout = _wall([sys.executable, __file__, "--batched", "--models", str(models)])
+    batched = json.loads(stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "wall_s": walls, "median_wall_s": med,
               "ratio_naive_over_agriland": {k: round(med["naive script"] / med[k], 2) for k in pipes},
-              "naive_inner_s": inner, "agriland_stage_s": breakdown}
+              "naive_inner_s": inner, "agriland_stage_s": breakdown, "batched_predict_s": batched}
+    emb = statistics.median(r["embeddings"] for r in breakdown["agriland (overlap 64)"])
+    result["embeddings_stage_vs_batched_predict"] = round(batched["encoder_s"] / emb, 2)
     print("\nwhole process, median wall (s):")
     for k, v in med.items():
         print(f"  {k:<24} {v:7.1f}")
     for k, v in result["ratio_naive_over_agriland"].items():
         print(f"ratio naive / {k}: {v:.2f}  (goal >= 1.5 at the default overlap)")
     print("\nnaive script, in-process (s):", {k: round(v, 2) for k, v in inner[-1].items()})
+    print(f"batched predict of the {batched['patches']} patches: encoder {batched['encoder_s']} s, U-Net "
+          f"{batched['unet_s']} s; embeddings stage / batched predict: "
+          f"{result['embeddings_stage_vs_batched_predict']} (goal >= 0.7)")
     for k, rows in breakdown.items():
         print(f"{k}, stages (s, last round):", rows[-1])
     if args.json:

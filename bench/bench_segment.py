@@ -75,7 +75,7 @@ def build_cubes(tmp: Path) -> tuple[str, str]:
 def save_model(path: Path, bands: list[str], window: int, reflectance_max: float) -> None:
     import keras
 
-    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.unet import build_unet
 
     keras.utils.set_random_seed(0)

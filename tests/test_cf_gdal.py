@@ -30,7 +30,7 @@ def store(cube, tmp_path_factory):
     import keras
 
     from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map
-    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.segment import segment_region
     from agriland_scale.models.unet import build_unet
     from agriland_scale.store import open_cube, write_georef, write_group

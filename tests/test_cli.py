@@ -125,3 +125,13 @@ def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     err = done.stderr.strip()
     assert err.startswith("agriland: error: cube utm18n: block") and "asset 'red'" in err and "B04.tif" in err
     assert "Traceback" not in err and "Compute Failed" not in err and len(err.splitlines()) == 1, err
+
+
+def test_the_agriland_process_does_not_import_tensorflow():
+    """Models run on the workers: the client (``agriland run``, the runner and every stage
+    module) checks given models from their sidecars and never pays TensorFlow's import."""
+    code = ("import sys, agriland_scale.cli, agriland_scale.pipeline.runner, agriland_scale.pipeline.stages; "
+            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

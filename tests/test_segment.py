@@ -103,7 +103,7 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     import xarray as xr
 
     from agriland_scale.config.schema import RuntimeConfig
-    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.segment import segment_region
     from agriland_scale.pipeline.runtime import dask_client
     from agriland_scale.store import open_product, write_group

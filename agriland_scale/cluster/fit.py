@@ -32,7 +32,6 @@ from sklearn.cluster import MiniBatchKMeans
 
 from agriland_scale.config.schema import ClusterConfig
 from agriland_scale.errors import CorruptInput, EmptyRegion
-from agriland_scale.models.dec import fit_dec, soft_assign
 from agriland_scale.patches import patch_map_transform
 from agriland_scale.store import write_georef
 
@@ -79,6 +78,9 @@ def _gather(emb: zarr.Array | xr.DataArray, rows: np.ndarray, chunk: int) -> np.
 
 def _soft(z: np.ndarray, centroids: np.ndarray, alpha: float) -> np.ndarray:
     """:func:`soft_assign` in row blocks, so its ``(rows, k, dim)`` broadcast stays small."""
+    # models.dec imports Keras: only where clustering runs (a worker), not in the client
+    from agriland_scale.models.dec import soft_assign
+
     k, d = centroids.shape
     step = max(1, _SOFT_BYTES // (8 * k * d))
     return np.concatenate([soft_assign(z[i:i + step], centroids, alpha) for i in range(0, len(z), step)]
@@ -104,7 +106,7 @@ def _output(out: zarr.Group | str | Path, n: int, k: int, dim: int, chunk: int) 
 def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cfg: ClusterConfig, seed: int, *,
                            out: zarr.Group | str | Path, sample_size: int = 10_000,
                            chunk: int = 65_536) -> dict[str, Any]:
-    """k-means then DEC over stored embeddings, one chunk of rows in memory at a time.
+    """Run k-means then DEC over stored embeddings, one chunk of rows in memory at a time.
 
     Parameters
     ----------
@@ -124,6 +126,8 @@ def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cf
     dict with timings (s), ``dec_iterations``, ``dec_last_delta``, ``dec_converged``,
     ``n_clustered``, ``n_sample``, ``sizes`` (patches a cluster) and ``changed_vs_kmeans``.
     """
+    from agriland_scale.models.dec import fit_dec  # Keras, on the worker that clusters
+
     n, dim = int(emb.shape[0]), int(emb.shape[1])
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != (n,):

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import keras
 import numpy as np
 
 from agriland_scale.errors import BandMismatch, CorruptInput
-from agriland_scale.files import write_json
 
-__all__ = ["adapt_first_conv", "build_backbone", "check_keras_file", "load_weights_file", "read_sidecar", "transfer_weights",
-           "write_sidecar"]
+__all__ = ["adapt_first_conv", "build_backbone", "load_weights_file", "transfer_weights"]
 
 BN_MOMENTUM_FROM_SCRATCH = 0.9
 _RGB = ("red", "green", "blue")
@@ -176,65 +172,3 @@ def load_weights_file(model: keras.Model, path: str) -> None:
                            "damaged or made for another architecture/bands") from None
 
 
-def sidecar_path(model_path: str | Path) -> Path:
-    return Path(str(model_path) + ".json")
-
-
-def write_sidecar(model_path: str | Path, meta: dict[str, Any]) -> None:
-    """Write the metadata sidecar ``MODEL.keras.json`` (bands, normalisation, patch size...)."""
-    write_json(meta, sidecar_path(model_path), indent=2)
-
-
-def read_sidecar(model_path: str | Path) -> dict[str, Any]:
-    """Read the metadata sidecar of a model file (``MODEL.keras.json``) as a dict.
-
-    Raises
-    ------
-    CorruptInput
-        The sidecar is missing or is not a JSON object.
-    """
-    p = sidecar_path(model_path)
-    try:
-        meta = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CorruptInput(f"model {model_path} has no metadata sidecar {p}: it was not saved by "
-                           "agriland-scale; retrain it or write the sidecar") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptInput(f"the metadata sidecar {p} of model {model_path} is damaged "
-                           f"({type(e).__name__}: {str(e)[:120]}): copy it again with the model, "
-                           "or retrain") from None
-    if not isinstance(meta, dict):
-        raise CorruptInput(f"the metadata sidecar {p} of model {model_path} is not a JSON object: "
-                           "copy it again with the model, or retrain")
-    return meta
-
-
-def check_keras_file(model_path: str | Path, where: str | None = None) -> None:
-    """Refuse a model path that is missing or is not a complete Keras 3 ``.keras`` archive.
-
-    A complete archive is a zip holding ``config.json`` and the weights; TensorFlow is not
-    loaded.
-
-    Raises
-    ------
-    CorruptInput
-        Naming ``where`` (default: the path) and what is wrong.
-    """
-    import zipfile
-
-    where = where or f"model {model_path}"
-    p = Path(model_path)
-    if not p.is_file():
-        raise CorruptInput(f"{where}: no such file" + (" (it is a folder)" if p.is_dir() else "")
-                           + ": give the path of a .keras file saved by agriland-scale")
-    try:
-        with zipfile.ZipFile(p) as z:
-            names = set(z.namelist())
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CorruptInput(f"{where} is not a Keras model file ({type(e).__name__}: {str(e)[:120]}): "
-                           "the file is damaged or of another kind; copy it again or retrain") from None
-    if bad is not None or "config.json" not in names:
-        what = f"its member {bad} is damaged" if bad else "it holds no config.json"
-        raise CorruptInput(f"{where} is not a complete Keras model file ({what}): copy it again "
-                           "or retrain")

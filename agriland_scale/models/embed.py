@@ -14,7 +14,7 @@ import xarray as xr
 
 from agriland_scale.errors import BandMismatch, ModelMismatch
 from agriland_scale.models import worker as _worker
-from agriland_scale.models.backbone import check_keras_file, read_sidecar
+from agriland_scale.models.files import check_keras_file, read_sidecar
 from agriland_scale.patches import iter_batches, read_patches
 from agriland_scale.store import open_cube
 

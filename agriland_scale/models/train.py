@@ -113,8 +113,8 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
         h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
                             shuffle=False, verbose=0, callbacks=[ckpt, relay])
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
-    from agriland_scale.models.backbone import write_sidecar
     from agriland_scale.models.encoder import encoder_from_cae
+    from agriland_scale.models.files import write_sidecar
 
     cae.save(out_path)
     # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
@@ -160,7 +160,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
     import keras
     import tensorflow as tf
 
-    from agriland_scale.models.backbone import write_sidecar
+    from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.unet import build_unet, masked_iou, unet_loss
 
     t0 = time.perf_counter()

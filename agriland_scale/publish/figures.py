@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from agriland_scale.errors import CorruptInput, EmptyRegion
-from agriland_scale.models.backbone import read_sidecar, sidecar_path
+from agriland_scale.models.files import read_sidecar, sidecar_path
 from agriland_scale.render import display_bands, stretch_limits, to_rgb
 from agriland_scale.store import try_open_product
 
