@@ -6,7 +6,14 @@ agriland-scale uses the canonical name.
 
 from __future__ import annotations
 
-__all__ = ["ALIASES", "CLASS_BANDS", "canonical_band"]
+from collections import Counter
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from agriland_scale.config.checks import short
+
+__all__ = ["ALIASES", "CLASS_BANDS", "Bands", "canonical_band"]
 
 
 # canonical (Earth Search v1 common name) -> Sentinel-2 band id used by other catalogues
@@ -33,3 +40,15 @@ def canonical_band(name: str) -> str:
     if low in ALIASES:
         return low
     return _BY_ID.get(low, name)
+
+
+def _canonical_bands(v: list[str]) -> list[str]:
+    out = [canonical_band(b) for b in v]
+    if len(set(out)) != len(out):
+        twice = sorted(b for b, n in Counter(out).items() if n > 1)
+        raise ValueError(f"bands {short(v)} name a band twice ({short(twice)}): list each band once")
+    return out
+
+
+# Sentinel-2 band names: common names (red) or band ids (B04), stored as common names
+Bands = Annotated[list[str], AfterValidator(_canonical_bands)]

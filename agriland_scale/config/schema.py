@@ -8,11 +8,9 @@ affordable; the demo pipeline shortens the training schedules and says so.
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from agriland_scale.config.bands import canonical_band
+from agriland_scale.config.bands import Bands
 from agriland_scale.config.checks import (
     MAX_PIPELINE_VALUES,
     REFERENCE,
@@ -37,18 +35,6 @@ from agriland_scale.config.region import check_bbox
 from agriland_scale.errors import ConfigError
 
 __all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "PatchConfig", "RunConfig", "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox"]
-
-
-def _canonical_bands(v: list[str]) -> list[str]:
-    out = [canonical_band(b) for b in v]
-    if len(set(out)) != len(out):
-        twice = sorted(b for b, n in Counter(out).items() if n > 1)
-        raise ValueError(f"bands {short(v)} name a band twice ({short(twice)}): list each band once")
-    return out
-
-
-# Sentinel-2 band names: common names (red) or band ids (B04), stored as common names
-Bands = Annotated[list[str], AfterValidator(_canonical_bands)]
 
 
 class _Model(BaseModel):
