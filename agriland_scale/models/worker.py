@@ -153,7 +153,6 @@ def at_input_size(model: Any, size: int) -> Any:
         The model does not work at that size (an InceptionV3 U-Net: its valid convolutions
         tie its skip connections to the training size).
     """
-    import numpy as np
 
     def swap(o: Any) -> Any:
         if isinstance(o, dict):
@@ -173,7 +172,7 @@ def at_input_size(model: Any, size: int) -> Any:
     try:
         copy = model.__class__.from_config(swap(model.get_config()))
         copy.set_weights(model.get_weights())
-        copy.predict_on_batch(np.zeros((1, size, size, model.input_shape[-1]), dtype="float32"))
+        copy.compute_output_shape((1, size, size, model.input_shape[-1]))  # shapes, no compute
     except Exception as e:  # noqa: BLE001 - any failure means: not at this size
         raise ModelMismatch(f"model {model.name} does not run on {size} px windows ({type(e).__name__}: "
                             f"{str(e)[:160]}): set segment.inference_window to null (its training "
@@ -181,18 +180,20 @@ def at_input_size(model: Any, size: int) -> Any:
     return copy
 
 
-def warm_up(models: list[tuple[str, tuple[int, ...]]], precision: str = "float32") -> dict[str, Any]:
+def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32") -> dict[str, Any]:
     """Import TensorFlow, load ``models`` and trace their predict step, ahead of the stages.
 
-    A run submits this once per worker as soon as its cluster is up, so that TensorFlow's
-    import, model loading and the first trace overlap the search and cube stages instead of
-    opening the embedding and segmentation stages.
+    A run submits this to every worker while earlier stages run, so that TensorFlow's
+    import, model loading and tracing do not open the embedding and segmentation stages.
+    A model to ``trace`` predicts a batch of 1 and one of 2 zero windows: two input shapes
+    make TensorFlow trace a function for any batch size, at the cost of three windows'
+    compute (cheap for 256 px patches; a large U-Net window is only loaded).
 
     Parameters
     ----------
-    models : list of (str, tuple of int)
-        Model files and the input batch shape to trace them with, e.g.
-        ``("encoder.keras", (16, 256, 256, 3))``.
+    models : list of (str, int, int, bool)
+        Model files, the window side (px) they will predict on, their number of bands, and
+        whether to trace them.
     precision : str
         As for :func:`get_model`.
 
@@ -207,18 +208,14 @@ def warm_up(models: list[tuple[str, tuple[int, ...]]], precision: str = "float32
         configure_tensorflow()
         import numpy as np
 
-        for path, shape in models:
-            model, lock = get_model(path, precision, _input_size(shape))
+        for path, size, bands, trace in models:
+            model, lock = get_model(path, precision, size)
             with lock:
-                model.predict_on_batch(np.zeros(shape, dtype="float32"))
+                for n in (1, 2) if trace else ():
+                    model.predict_on_batch(np.zeros((n, size, size, bands), dtype="float32"))
     except Exception as e:  # noqa: BLE001 - reported by the stage that needs it
         return {"seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
     return {"seconds": time.perf_counter() - t0}
-
-
-def _input_size(shape: tuple[int, ...]) -> int | None:
-    """Return the window side a warm-up batch shape asks for (get_model keeps the model when it is its own)."""
-    return None if len(shape) < 4 else int(shape[1])
 
 
 @contextlib.contextmanager

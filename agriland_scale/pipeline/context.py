@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agriland_scale.config.schema import RunConfig
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS, STORE
+from agriland_scale.models.worker import warm_up
 from agriland_scale.pipeline.resume import Products
 
 __all__ = ["Progress", "Report", "RunContext"]
@@ -47,6 +49,9 @@ class RunContext:
         ``progress(label, done, total[, info, milestone])``: blocks or training steps.
     wanted : tuple of str
         The stages this invocation runs or keeps, in order.
+    background : list
+        Futures of tasks that prepare later stages (model warm-ups); the runner cancels
+        what is left of them when the run ends.
     """
 
     cfg: RunConfig
@@ -59,6 +64,7 @@ class RunContext:
     say: Report
     progress: Progress
     wanted: tuple[str, ...]
+    background: list[Any] = field(default_factory=list)
 
     @property
     def store(self) -> str:
@@ -69,6 +75,19 @@ class RunContext:
     def models(self) -> Path:
         """Where trained models go, ``OUT/models``."""
         return self.out / MODELS_DIR
+
+    def warm_up(self, models: list[tuple[str, int, int, bool]], *, only_tensorflow: bool = False) -> None:
+        """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
+
+        ``models``: ``(path, window px, bands, trace)``; with none, workers only import TensorFlow
+        (when ``only_tensorflow``).
+        """
+        if not models and not only_tensorflow:
+            return
+        for i, w in enumerate(self.client.scheduler_info(n_workers=-1)["workers"]):
+            self.background.append(self.client.submit(
+                warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
+                allow_other_workers=False, pure=False))
 
     def zones(self) -> dict[str, dict[str, Any]]:
         """Return the run's UTM zones that hold clear pixels: ``{name: {prefix, epsg, shape, ...}}``."""
@@ -110,8 +129,8 @@ def stage_settings(cfg: RunConfig, record: dict[str, Any], stage: str) -> dict[s
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         out[key] = node
-    for name, field in (("cae", "encoder_path"), ("unet", "model_path")):
-        path = (record.get(name) or {}).get(field)
+    for name, attr in (("cae", "encoder_path"), ("unet", "model_path")):
+        path = (record.get(name) or {}).get(attr)
         if path and stage in ("embeddings", "segmentation") and Path(path).exists():
             out[f"{name}_model"] = [path, Path(path).stat().st_mtime_ns]
     return out

@@ -21,6 +21,7 @@ from agriland_scale.config.schema import RunConfig
 from agriland_scale.errors import ConfigError, OutputExists, SchedulerError
 from agriland_scale.layout import RECORD, STAGE_SETTINGS, STAGES, dependents, read_record
 from agriland_scale.models.embed import check_model
+from agriland_scale.models.segment import choose_inference_window
 from agriland_scale.pipeline import outdir
 
 __all__ = ["prepare_output", "preflight", "probe_scheduler", "refuse_deleting_inputs", "remove_run"]
@@ -177,8 +178,10 @@ def preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, for
         check_model(cfg.embed.model, "embedding", cfg.embed.bands, cfg.embed.reflectance_max,
                     cfg.patches.size, key="embed.model")
     if cfg.segment.model and (to_run("unet") or to_run("segmentation")):
-        check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
-                    cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+        meta = check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
+                           cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+        s = cfg.segment  # a fixed inference window this model cannot take: refused now
+        choose_inference_window(s.inference_window, s.window, s.overlap, s.window, s.window, meta.get("encoder"))
 
 
 def probe_scheduler(address: str, timeout: float = 10.0) -> None:

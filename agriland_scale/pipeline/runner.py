@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from agriland_scale.layout import (
     package_versions,
     stages_needed,
 )
-from agriland_scale.models.worker import PROGRESS_TOPIC, warm_up
+from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, zones_with_data
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
@@ -248,26 +247,6 @@ def _close_log(h: logging.FileHandler) -> None:
     h.close()
 
 
-def _warm_workers(client: Any, cfg: RunConfig, todo: list[str], res: dict[str, float] | None) -> list[Any]:
-    """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
-
-    TensorFlow is imported and the given models (``embed.model``, ``segment.model``) loaded
-    and traced while the search and cube stages run; nothing when no model stage is to run.
-    Returns the futures (kept by the caller: a dropped future is cancelled).
-    """
-    models: list[tuple[str, tuple[int, ...]]] = []
-    e, s = cfg.embed, cfg.segment
-    if "embeddings" in todo and e.model and not (e.mixed_precision and res):
-        models.append((e.model, (e.batch_size, cfg.patches.size, cfg.patches.size, len(e.bands))))
-    if "segmentation" in todo and s.model:
-        models.append((s.model, (s.batch_size, s.window, s.window, len(s.bands))))
-    if not models and not {"cae", "embeddings", "unet", "segmentation"} & set(todo):
-        return []
-    workers = list(client.scheduler_info(n_workers=-1)["workers"])
-    return [client.submit(warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
-                          allow_other_workers=False, pure=False) for i, w in enumerate(workers)]
-
-
 class _Runner:
     """Runs the stages of one run: status, timing, files and resume in ``record`` (run.json)."""
 
@@ -325,7 +304,11 @@ class _Runner:
             rec["gpu"] = bool(res)
             write_json(rec, self.out / RECORD)
             todo = [s for s in wanted if not self._finished(s)]
-            warming = _warm_workers(client, self.cfg, todo, res)  # overlaps search and cube
+            # TensorFlow's import and a given encoder's load and trace overlap search and cube
+            e = self.cfg.embed
+            ctx.warm_up([(e.model, self.cfg.patches.size, len(e.bands), True)]
+                        if "embeddings" in todo and e.model and not (e.mixed_precision and res) else [],
+                        only_tensorflow=bool({"cae", "embeddings", "unet", "segmentation"} & set(todo)))
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log
             perf = self.out / LOGS_DIR / f"dask-performance-{stamp}.html"
@@ -335,7 +318,7 @@ class _Runner:
             finally:  # also for a failed run: where its time went is worth seeing
                 if perf.exists():
                     rec["performance_report"] = str(perf.relative_to(self.out))
-                client.cancel(warming)
+                client.cancel(ctx.background)
         if wanted[-1] == "publish":
             shutil.rmtree(self.out / PARTIAL_DIR, ignore_errors=True)
 

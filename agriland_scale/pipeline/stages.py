@@ -31,7 +31,8 @@ from agriland_scale.labels.classes import IGNORE
 from agriland_scale.labels.raster import load_labels
 from agriland_scale.layout import COG_DIR, ITEMS, RECORD, zone_name
 from agriland_scale.models.embed import check_model, embed_patches
-from agriland_scale.models.segment import segment_region
+from agriland_scale.models.files import read_sidecar
+from agriland_scale.models.segment import choose_inference_window, segment_region
 from agriland_scale.models.train import train_cae, train_unet
 from agriland_scale.models.windows import training_windows
 from agriland_scale.patches import patch_index
@@ -148,6 +149,14 @@ def cube_stage(ctx: RunContext) -> None:
                       stacklevel=1)
     first = next(iter(ctx.zones().values()))
     rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
+    s = ctx.cfg.segment
+    if s.model and "segmentation" in ctx.wanted and rec["stages"].get("segmentation") != "done":
+        # a given U-Net is loaded and traced at the window the segmentation will use, on the
+        # workers, while patches, embeddings and clusters run
+        encoder = read_sidecar(s.model).get("encoder")
+        sizes = {choose_inference_window(s.inference_window, s.window, s.overlap, z["shape"]["y"],
+                                         z["shape"]["x"], encoder) for z in ctx.zones().values()}
+        ctx.warm_up([(s.model, size, len(s.bands), size == s.window) for size in sorted(sizes)])
 
 def _index(ctx: RunContext, zone: dict[str, Any]) -> tuple[xr.Dataset, np.ndarray]:
     index = open_product(ctx.store, zone["prefix"] + "patches").load()
