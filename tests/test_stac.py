@@ -41,8 +41,8 @@ def test_api_that_does_not_answer():
 
 
 def test_describe_search_estimates_without_loading(items, demo_cfg):
-    from agriland_scale.search.items import item_epsg
     from agriland_scale.cube.load import describe_search
+    from agriland_scale.search.items import item_epsg
 
     info = describe_search(items, demo_cfg.cube.bands, demo_cfg.search.bbox, 10)
     assert info["items"][0]["epsg"] == 32618 == item_epsg(items[0])
