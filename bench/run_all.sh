@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
-names=("${@:-cube cube_http segment cluster run unet_variants}")
+names=("${@:-cube cube_http segment cluster run naive unet_variants}")
 for name in ${names[@]}; do
   echo "== $name ($(date -u +%H:%M:%S))"
   case $name in
@@ -14,6 +14,7 @@ for name in ${names[@]}; do
     segment) cmd=(python bench/bench_segment.py --repeat 2 --json bench/results/segment.json) ;;
     cluster) cmd=(python bench/bench_cluster.py) ;;
     run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
+    naive) cmd=(python bench/bench_naive.py --rounds 2 --json bench/results/naive.json) ;;
     unet_variants) cmd=(python bench/bench_unet_variants.py --out bench/results/unet_variants.json) ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
   esac
