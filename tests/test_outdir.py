@@ -238,3 +238,11 @@ def test_file_url_is_a_local_folder(tmp_path):
 
     assert local_folder(f"file://{tmp_path}/run") == tmp_path / "run"
     assert local_folder("~/x") == Path.home() / "x"
+
+
+def test_settings_added_by_a_later_version_do_not_invalidate_finished_stages():
+    from agriland_scale.pipeline.preflight import changed_keys
+
+    old = {"cube": {"bands": ["red"], "resolution": 10}}
+    assert changed_keys(old, {"cube": {"bands": ["red"], "resolution": 10, "storage": "int16"}}) == []
+    assert changed_keys(old, {"cube": {"bands": ["red"], "resolution": 20, "storage": "int16"}}) == ["cube.resolution"]

@@ -30,8 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Return the dotted config keys whose values differ between a recorded and a new config.
+
+    A key the recorded config lacks (a setting added by a later agriland-scale, such as
+    ``cube.storage``) is not a change: the finished stage ran with what was then the only
+    behaviour, and its products stay readable.
+    """
     keys = []
     for k in sorted(set(old) | set(new)):
+        if k not in old:
+            continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += changed_keys(a, b, f"{prefix}{k}.")
