@@ -94,13 +94,6 @@ def local_folder(location: str | Path) -> Path:
     return Path(text).expanduser().resolve()
 
 
-class StageRecord(TypedDict, total=False):
-    """One stage in ``run.json``: ``status`` (done, failed, interrupted, running), ``error``."""
-
-    status: str
-    error: str
-
-
 class RunRecord(TypedDict, total=False):
     """``OUT/run.json``: what a run did and wrote (written after every stage, also on failure).
 
