@@ -170,8 +170,32 @@ def _search(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from agriland_scale.publish.inspect import format_summary, summarise_run
 
+    if args.history:
+        from agriland_scale.store import history
+
+        versions = history(args.run)
+        if args.json:
+            print(json.dumps(versions, indent=1, default=str))
+            return 0
+        print(f"{len(versions)} version(s) of the products of {args.run}, newest first; open one with "
+              "agriland_scale.open_run(RUN, version=...)")
+        for v in versions:
+            tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
+            print(f"{v['version']}  {v['time']}  {v['message']}{tags}")
+        return 0
     summary = summarise_run(args.run)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from agriland_scale.store import export_zarr
+
+    groups = export_zarr(args.run, args.zarr, version=args.version, zarr_format=args.zarr_format)
+    print(args.zarr)
+    print(f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
+          f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')",
+          file=sys.stderr)
     return 0
 
 
@@ -201,7 +225,7 @@ def _export_labels(args: argparse.Namespace) -> int:
     clusters = args.clusters
     out = args.out or args.run / "labels" / "via"
     with locked(_existing_run(args.run), "agriland export-labels"):
-        project = export_via(args.run / "agriland.zarr", out, clusters, overwrite=args.overwrite)
+        project = export_via(args.run, out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
           f"region attribute 'class' = arable / other, save the project, then run:\n"
@@ -217,7 +241,7 @@ def _import_labels(args: argparse.Namespace) -> int:
 
     out = args.out or args.run / "labels" / "via_mask.tif"
     with locked(_existing_run(args.run), "agriland import-labels"):
-        cube = open_cube(args.run / "agriland.zarr")
+        cube = open_cube(args.run)
         mask = import_via(args.via_json, cube)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_cog(mask, out, nodata=255)
@@ -279,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     p_ins = sub.add_parser("inspect", help="summarise a run folder: region, items, products, stages")
     p_ins.add_argument("run", type=_folder_arg)
     p_ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_ins.add_argument("--history", action="store_true",
+                       help="list the versions of the products (each change of the store), newest first")
+    p_zarr = sub.add_parser("export", help="copy a run's products to a plain Zarr store (for tools "
+                                           "that cannot read Icechunk, e.g. GDAL)")
+    p_zarr.add_argument("run", type=_folder_arg)
+    p_zarr.add_argument("--zarr", required=True, type=_folder_arg, help="the new Zarr store (must not exist)")
+    p_zarr.add_argument("--version", help="a version of `agriland inspect RUN --history` (default: latest)")
+    p_zarr.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
+                        help="Zarr format of the copy (2 for GDAL older than 3.11)")
     p_rep = sub.add_parser("report", help="(re)write a run's report.html and STAC catalogue")
     p_rep.add_argument("run", type=_folder_arg)
     p_exp = sub.add_parser("export-labels",
@@ -339,7 +372,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run(args.pipeline, args, until=args.command.removeprefix("train-"))
         if args.command == "search":
             return _search(args)
-        handlers = {"inspect": _inspect, "report": _report, "export-labels": _export_labels,
+        handlers = {"inspect": _inspect, "export": _export, "report": _report, "export-labels": _export_labels,
                     "import-labels": _import_labels}
         if args.command in handlers:
             return handlers[args.command](args)

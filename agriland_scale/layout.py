@@ -6,12 +6,12 @@ CLI, ``inspect``, the report and the STAC writer all read these names. An output
     OUT/run.json            the run's record (:class:`RunRecord`): config, stage status,
                             timings, files each stage wrote, zones
     OUT/items.json          the STAC items the search found
-    OUT/agriland.zarr/      every product, one group each (per zone prefix ``utm18n/``
-                            when the region spans zones)
+    OUT/agriland.icechunk/  every product, one Zarr group each (per zone prefix ``utm18n/``
+                            when the region spans zones), in an Icechunk repository: versioned,
+                            never half-written (:mod:`agriland_scale.store`)
     OUT/cog/                GeoTIFF (COG) copies for GIS users
     OUT/models/             trained models and their metadata sidecars
     OUT/logs/               run and worker logs, the Dask performance report
-    OUT/.partial/           products being written and their block journals
     OUT/.agriland.lock      held by the process writing the run
 """
 
@@ -43,7 +43,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
 GROUPS = {"cube": "cube", "patches": "patches", "embeddings": "embeddings", "clusters": "clusters",
           "segmentation": "segmentation"}
 
-STORE = "agriland.zarr"
+STORE = "agriland.icechunk"
 RECORD = "run.json"
 ITEMS = "items.json"
 COG_DIR = "cog"

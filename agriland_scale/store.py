@@ -1,24 +1,236 @@
-"""The run's Zarr store: write a group with its georeferencing, open a group, consolidate.
+"""The run's Zarr store: its repository, versions, readers, and georeferenced groups.
 
-Every product of a run is one group of one Zarr (v3) store, ``OUT/agriland.zarr``. A spatial
-group is on a (y, x) grid in the zone's CRS with a CF grid mapping (``spatial_ref``), so that
-``xarray.open_zarr(..., decode_coords="all")``, rioxarray and GDAL find its CRS.
+Every product of a run is one group of one Zarr (v3) store kept by Icechunk, a
+transactional storage engine for Zarr: ``OUT/agriland.icechunk`` on local disk, or a prefix
+of a bucket (``s3://``, ``gs://``, ``az://``). The branch ``main`` holds only complete
+products; every change to it is one commit (a version), so a reader opens a consistent
+snapshot and earlier versions stay readable (:func:`history`, ``open_run(..., version=)``).
+:mod:`agriland_scale.pipeline.resume` writes it.
+
+A spatial group is on a (y, x) grid in the zone's CRS with a CF grid mapping
+(``spatial_ref``), so that ``xarray.open_zarr(store, group=..., decode_coords="all")`` and
+rioxarray find its CRS; ``agriland export OUT --zarr DEST`` (:func:`export_zarr`) copies the
+products to a plain Zarr store for tools that cannot read Icechunk.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import icechunk
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
+import zarr
 
-from agriland_scale.errors import CorruptInput
-from agriland_scale.layout import local_folder
+from agriland_scale.errors import CorruptInput, OutputError
+from agriland_scale.files import is_object_url, probe_location, s3_settings
+from agriland_scale.layout import STORE, local_folder
 
-__all__ = ["CLUSTER_IDS", "consolidate", "open_cube", "open_product", "open_run", "try_open_product", "write_georef", "write_group"]
+__all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "has_group", "history", "is_repo",
+           "open_cube", "open_product", "open_repo", "open_run", "product_groups", "reader", "repo_storage", "store_location",
+           "try_open_product", "write_georef", "write_group"]
+
+# the engine warns that its local-disk backend is not safe for concurrent commits: one
+# process commits to a run at a time (the run lock), so the warning says nothing to our users
+icechunk.set_logs_filter(os.environ.get("ICECHUNK_LOG", "error"))
+
+# what the STAC items call the store (an Icechunk repository of Zarr v3 groups)
+ICECHUNK_MEDIA_TYPE = "application/vnd.zarr+icechunk"
+
+# a product store as the functions below take it: an opened Zarr store (an Icechunk
+# session's store, pickled to workers), a run folder or its store, or a plain Zarr path
+StoreLike = Any
+
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)")
+_SCHEMES = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+
+
+def store_location(out: str | Path) -> str:
+    """Return the location of a run's product store: ``OUT/agriland.icechunk`` (path or URL).
+
+    ``out`` may already name the store (it ends in ``agriland.icechunk``).
+    """
+    text = str(out).rstrip("/")
+    if text.endswith(STORE):
+        return text if _URL.match(text) else str(local_folder(text))
+    if _URL.match(text) and not text.lower().startswith("file://"):
+        return f"{text}/{STORE}"
+    return str(local_folder(text) / STORE)
+
+
+def repo_storage(location: str | Path, storage_options: dict[str, Any] | None = None) -> icechunk.Storage:
+    """Return the Icechunk storage of ``location``: a local folder or an object-storage URL.
+
+    Parameters
+    ----------
+    location : str or Path
+        A folder (or ``file://`` URL), or ``s3://BUCKET/PREFIX``, ``gs://BUCKET/PREFIX``,
+        ``az://CONTAINER/PREFIX`` (``abfs://`` too).
+    storage_options : dict, optional
+        For S3: ``endpoint_url``, ``region``, ``access_key_id``, ``secret_access_key``,
+        ``session_token``, ``allow_http``, ``anonymous``. Without them credentials come from
+        the usual places: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``
+        (an S3-compatible server: path-style requests, plain HTTP allowed when it says
+        ``http://``), ``AWS_REGION``. For GCS and Azure, the options are passed to
+        ``icechunk.gcs_storage``/``azure_storage`` (``account`` is required for Azure).
+
+    Raises
+    ------
+    OutputError
+        An unsupported URL scheme, or a URL without a bucket.
+    """
+    opts = dict(storage_options or {})
+    text = str(location)
+    m = _URL.match(text)
+    if not m or m.group(1).lower() == "file":
+        return icechunk.local_filesystem_storage(str(local_folder(text)))
+    scheme = m.group(1).lower()
+    kind = _SCHEMES.get(scheme)
+    parsed = urlparse(text)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    if kind is None:
+        raise OutputError(f"{text}: '{scheme}://' is not a supported location; use a local folder, "
+                          "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
+    if not bucket:
+        raise OutputError(f"{text}: the URL names no bucket; write it as {scheme}://BUCKET/PREFIX")
+    if kind == "s3":
+        st = s3_settings(opts)
+        kw: dict[str, Any] = {"bucket": bucket, "prefix": prefix or None, "region": st["region"],
+                              "endpoint_url": st["endpoint_url"], "allow_http": st["allow_http"],
+                              "force_path_style": st["force_path_style"]}
+        if st["access_key_id"] and st["secret_access_key"]:
+            kw |= {"access_key_id": st["access_key_id"], "secret_access_key": st["secret_access_key"],
+                   "session_token": st["session_token"]}
+        elif st["anonymous"]:
+            kw["anonymous"] = True
+        else:
+            kw["from_env"] = True
+        return icechunk.s3_storage(**kw)
+    if kind == "gcs":
+        return icechunk.gcs_storage(bucket=bucket, prefix=prefix or None,
+                                    **({"from_env": True} if not opts else opts))
+    account = opts.pop("account", None) or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if not account:
+        raise OutputError(f"{text}: Azure needs a storage account: set AZURE_STORAGE_ACCOUNT_NAME or "
+                          "output.storage_options.account")
+    return icechunk.azure_storage(account=account, container=bucket, prefix=prefix,
+                                  **({"from_env": True} if not opts else opts))
+
+
+def is_repo(location: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """Tell whether ``location`` (a path or URL) holds an Icechunk repository."""
+    text = str(location)
+    m = _URL.match(text)
+    if not m or m.group(1).lower() == "file":
+        if not (local_folder(text) / "refs").is_dir():  # cheap: no engine call for a plain folder
+            return False
+    return bool(icechunk.Repository.exists(repo_storage(text, storage_options)))
+
+
+def open_repo(location: str | Path, *, create: bool = False,
+              storage_options: dict[str, Any] | None = None) -> icechunk.Repository:
+    """Open the Icechunk repository at ``location`` (a store location, see :func:`store_location`).
+
+    ``create=True`` creates it when missing (an empty repository with a ``main`` branch).
+
+    Raises
+    ------
+    CorruptInput
+        No repository there and ``create`` is False.
+    """
+    if is_object_url(location):  # a clear error before the engine's own, for a location that fails
+        probe_location(str(location), storage_options, write=create)
+    storage = repo_storage(location, storage_options)
+    if is_repo(location, storage_options):
+        return icechunk.Repository.open(storage)
+    if not create:
+        raise CorruptInput(f"{location} holds no agriland product store: pass the --out folder (or URL) "
+                           "of an agriland run")
+    return icechunk.Repository.create(storage)
+
+
+def reader(out: str | Path, version: str | None = None,
+           storage_options: dict[str, Any] | None = None) -> Any:
+    """Return a read-only Zarr store of a run's products (Icechunk), at ``version`` or the latest.
+
+    Parameters
+    ----------
+    out : str or Path
+        The run's ``--out`` (folder or URL), or its store ``OUT/agriland.icechunk``.
+    version : str, optional
+        A snapshot id or a tag (``agriland inspect OUT --history`` lists them); the
+        latest complete products by default (branch ``main``).
+
+    Returns
+    -------
+    icechunk.IcechunkStore
+        Opens with ``xarray.open_zarr(store, group=..., consolidated=False)``; it pickles,
+        so Dask tasks can read from it.
+    """
+    repo = open_repo(store_location(out), storage_options=storage_options)
+    if version is None:
+        return repo.readonly_session(branch="main").store
+    if version in repo.list_tags():
+        return repo.readonly_session(tag=version).store
+    try:
+        return repo.readonly_session(snapshot_id=version).store
+    except Exception:  # noqa: BLE001 - the engine's error does not name the run
+        raise CorruptInput(f"{out} has no version '{version}': `agriland inspect {out} --history` lists "
+                           "the versions (snapshot ids and tags)") from None
+
+
+def history(out: str | Path, storage_options: dict[str, Any] | None = None, *,
+            every_commit: bool = False) -> list[dict[str, Any]]:
+    """List the versions of a run's products, newest first.
+
+    A version is a snapshot readers could see: one where a product was completed or removed
+    (the commits of a product's blocks in between are listed with ``every_commit=True``).
+
+    Returns
+    -------
+    list of dict
+        ``{"version": snapshot id, "time": ISO 8601 UTC, "message": str, "metadata": dict,
+        "tags": [str]}`` for the commits of the branch ``main``.
+    """
+    repo = open_repo(store_location(out), storage_options=storage_options)
+    tags: dict[str, list[str]] = {}
+    for t in repo.list_tags():
+        tags.setdefault(repo.lookup_tag(t), []).append(t)
+    return [{"version": c.id, "time": c.written_at.isoformat(timespec="seconds"), "message": c.message,
+             "metadata": dict(c.metadata), "tags": sorted(tags.get(c.id, []))}
+            for c in repo.ancestry(branch="main")
+            if every_commit or c.metadata.get("complete") or c.metadata.get("__root") or c.id in tags]
+
+
+def _as_store(store: StoreLike) -> Any:
+    """Resolve a path naming a run or its Icechunk store to a reader; other values pass through."""
+    if isinstance(store, (str, Path)):
+        text = str(store)
+        loc = store_location(text)
+        if is_repo(loc):
+            return reader(loc)
+        if not _URL.match(text) and Path(text, STORE).is_dir():  # a run folder whose store is empty
+            raise CorruptInput(f"{text}: the run's product store holds nothing readable yet")
+        return text
+    return store
+
+
+def has_group(store: StoreLike, group: str) -> bool:
+    """Tell whether ``group`` exists in ``store`` (an opened store, a run or a Zarr path)."""
+    try:
+        zarr.open_group(_as_store(store), path=group, mode="r")
+    except (FileNotFoundError, KeyError, ValueError, CorruptInput, zarr.errors.GroupNotFoundError):
+        return False
+    except Exception:  # noqa: BLE001 - any other reading problem: not a readable group
+        return False
+    return True
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +317,18 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
     return ds
 
 
-def open_cube(store: str | Path, group: str = "cube", *, dask: bool = True) -> xr.Dataset:
-    """Open the cube group of an output Zarr store with its CRS, lazily.
+def open_cube(store: StoreLike, group: str = "cube", *, dask: bool = True) -> xr.Dataset:
+    """Open the cube group of a run's store with its CRS, lazily.
 
-    ``dask=False`` gives lazily indexed arrays without dask (what tasks running on a worker
-    use: slicing reads just those Zarr chunks, with no nested graph sent to the scheduler).
+    ``store`` is an opened Zarr store (a reader, :func:`reader`), a run folder or URL, or a
+    plain Zarr path. ``dask=False`` gives lazily indexed arrays without dask (what tasks
+    running on a worker use: slicing reads just those Zarr chunks, with no nested graph sent
+    to the scheduler).
     """
     try:
-        ds = xr.open_dataset(store, engine="zarr", group=group, decode_coords="all",
+        ds = xr.open_dataset(_as_store(store), engine="zarr", group=group, decode_coords="all",
                              consolidated=False, chunks={} if dask else None, cache=False)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as e:
         raise CorruptInput(f"cannot open group '{group}' of {store}: {e}; rerun the cube stage "
                            "(agriland run ... --force cube)") from None
     if ds.rio.crs is None:
@@ -146,29 +360,22 @@ def _packed_as_float32(ds: xr.Dataset) -> xr.Dataset:
 
 
 def write_group(ds: xr.Dataset, store: str | Path, group: str) -> None:
-    """Write ``ds`` as ``group`` of the Zarr (v3) store, replacing an older version of it.
+    """Write ``ds`` as ``group`` of a plain Zarr (v3) store, replacing an older version of it.
 
-    Dask-backed variables are computed by the active Dask client while writing.
+    For scratch stores, tests and benchmarks; a run's products go through its Icechunk store
+    (:class:`agriland_scale.pipeline.resume.Products`). Dask-backed variables are computed by
+    the active Dask client while writing.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
         ds.to_zarr(store, group=group, mode="w", zarr_format=3, consolidated=False)
 
 
-def consolidate(store: str | Path) -> None:
-    """Consolidate the metadata of the whole store (one read opens every group)."""
-    import zarr
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(str(store))
-
-
 # integer category ids whose CF _FillValue (-1) open_product leaves unmasked
 CLUSTER_IDS = ("labels", "kmeans_labels", "cluster_map")
 
 
-def open_product(store: str | Path, group: str) -> xr.Dataset:
+def open_product(store: StoreLike, group: str) -> xr.Dataset:
     """Open one product group lazily with its CRS (``spatial_ref`` as a coordinate).
 
     CF decoding as ``xr.open_zarr`` does (a probability stored as scaled uint8 reads as float
@@ -177,8 +384,8 @@ def open_product(store: str | Path, group: str) -> xr.Dataset:
 
     Parameters
     ----------
-    store : str or Path
-        The run's Zarr store (``OUT/agriland.zarr``).
+    store : store-like
+        A reader of the run's store (:func:`reader`), the run folder or URL, or a plain Zarr path.
     group : str
         The product group, e.g. ``"segmentation"``.
 
@@ -187,18 +394,22 @@ def open_product(store: str | Path, group: str) -> xr.Dataset:
     xarray.Dataset
         Dask-backed, chunked as stored.
     """
-    ds = xr.open_zarr(store, group=group, decode_coords="all", consolidated=False,
+    ds = xr.open_zarr(_as_store(store), group=group, decode_coords="all", consolidated=False,
                       mask_and_scale={v: False for v in CLUSTER_IDS})  # type: ignore[arg-type]
     return _packed_as_float32(ds)
 
 
-def try_open_product(store: str | Path, group: str) -> xr.Dataset | None:
+def try_open_product(store: StoreLike, group: str) -> xr.Dataset | None:
     """Open a product group as :func:`open_product` does, or None when it was not written.
 
     A group that exists but cannot be read (half-written, damaged) is logged and gives None:
     what reports and quicklooks use to show the rest of a run.
     """
-    if not (Path(store) / group / "zarr.json").is_file():
+    try:
+        store = _as_store(store)
+    except CorruptInput:
+        return None
+    if not has_group(store, group):
         return None
     try:
         with warnings.catch_warnings():
@@ -209,13 +420,20 @@ def try_open_product(store: str | Path, group: str) -> xr.Dataset | None:
         return None
 
 
-def open_run(out_dir: str | Path) -> xr.DataTree:
+def open_run(out_dir: str | Path, version: str | None = None,
+             storage_options: dict[str, Any] | None = None) -> xr.DataTree:
     """Open every product of a run as one :class:`xarray.DataTree`, lazily, each with its CRS.
 
     Parameters
     ----------
     out_dir : str or Path
-        The run's output folder (``--out``), or its Zarr store ``OUT/agriland.zarr``.
+        The run's ``--out`` (a folder, ``file://``, ``s3://``, ``gs://`` or ``az://`` URL), or
+        its store ``OUT/agriland.icechunk``.
+    version : str, optional
+        A snapshot id or tag of the store (``agriland inspect OUT --history``); the latest
+        products by default.
+    storage_options : dict, optional
+        Credentials and endpoint for object storage (see :func:`repo_storage`).
 
     Returns
     -------
@@ -227,16 +445,62 @@ def open_run(out_dir: str | Path) -> xr.DataTree:
     Raises
     ------
     CorruptInput
-        ``out_dir`` holds no agriland store.
+        ``out_dir`` holds no agriland store, or no such version.
     """
-    import zarr
+    loc = store_location(out_dir)
+    if not is_repo(loc, storage_options):
+        raise CorruptInput(f"{out_dir} holds no agriland product store ({STORE}): pass the --out folder "
+                           "or URL of an agriland run")
+    store = reader(loc, version, storage_options)
+    return xr.DataTree.from_dict({"/" + g: open_product(store, g) for g in product_groups(store)})
 
-    path = local_folder(out_dir)
-    store = path if (path / "zarr.json").is_file() else path / "agriland.zarr"
-    if not (store / "zarr.json").is_file():
-        raise CorruptInput(f"{out_dir} holds no agriland.zarr store: pass the --out folder of an agriland "
-                           "run (or its agriland.zarr)")
-    root = zarr.open_group(str(store), mode="r")
-    groups = sorted(name for name, node in root.members(max_depth=None)
-                    if isinstance(node, zarr.Group) and any(True for _ in node.arrays()))
-    return xr.DataTree.from_dict({"/" + g: open_product(store, g) for g in groups})
+
+def product_groups(store: StoreLike) -> list[str]:
+    """List the product groups of a store (groups holding arrays), sorted (``utm18n/cube``, ...)."""
+    root = zarr.open_group(_as_store(store), mode="r")
+    return sorted(name for name, node in root.members(max_depth=None)
+                  if isinstance(node, zarr.Group) and any(True for _ in node.arrays()))
+
+
+def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = None,
+                zarr_format: int = 3, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Copy a run's products to a plain Zarr store ``dest`` (for tools that cannot read Icechunk).
+
+    Values are copied as stored (packed integers keep their CF ``scale_factor``, fill values
+    their ``_FillValue``), with chunks, attributes and the ``spatial_ref`` grid mapping, so
+    ``xr.open_zarr(dest, group=G, decode_coords="all")`` reads what :func:`open_product`
+    reads. ``zarr_format=2`` writes a Zarr v2 copy (GDAL 3.10 reads v2, not our v3 codecs).
+
+    Returns
+    -------
+    list of str
+        The groups copied.
+
+    Raises
+    ------
+    OutputError
+        ``dest`` exists (it is never overwritten: choose a new path).
+    """
+    dest_path = Path(local_folder(dest))
+    if dest_path.exists():
+        raise OutputError(f"{dest} exists: agriland export writes a new Zarr store and never replaces "
+                          "one; choose a path that does not exist")
+    store = reader(store_location(out_dir), version, storage_options)
+    groups = product_groups(store)
+    tmp = dest_path.with_name(dest_path.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    for g in groups:
+        ds = xr.open_zarr(store, group=g, consolidated=False, mask_and_scale=False, decode_times=False,
+                          decode_coords="all")
+        for v in ds.variables.values():
+            keep = {k: v.encoding[k] for k in ("chunks", "dtype") if k in v.encoding}
+            if "_FillValue" in v.attrs or "_FillValue" in v.encoding:
+                keep["_FillValue"] = v.attrs.pop("_FillValue", v.encoding.get("_FillValue"))
+            v.encoding = keep
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            ds.to_zarr(str(tmp), group=g, mode="w", zarr_format=zarr_format, consolidated=False)
+    os.replace(tmp, dest_path)  # the copy appears whole
+    return groups

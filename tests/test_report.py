@@ -197,13 +197,15 @@ def test_stac_catalog_reads_back(published):
             assert src.dtypes[0] == dtype
             assert items[f"{cfg.name}-{product}"].properties["proj:shape"] == [src.height, src.width]
     zarr_asset = prob.assets["zarr"]
-    assert zarr_asset.media_type == "application/vnd+zarr"
+    assert zarr_asset.media_type == "application/vnd.zarr+icechunk"
     import xarray as xr
 
+    from agriland_scale.store import reader
+
     kwargs = {k: v for k, v in zarr_asset.extra_fields["xarray:open_kwargs"].items() if k != "engine"}
-    seg = xr.open_zarr(zarr_asset.get_absolute_href(), **kwargs, consolidated=False)
+    seg = xr.open_zarr(reader(zarr_asset.get_absolute_href()), **kwargs)
     assert "probability" in seg and seg.rio.crs.to_epsg() == 32618
-    assert Path(items[f"{cfg.name}-zarr"].assets["zarr"].get_absolute_href()) == out / "agriland.zarr"
+    assert Path(items[f"{cfg.name}-zarr"].assets["zarr"].get_absolute_href()) == out / "agriland.icechunk"
     # idempotent: same catalog, no leftovers
     before = {p.relative_to(out): p.read_text() for p in (out / "stac").rglob("*.json")}
     write_stac(out)
@@ -216,7 +218,9 @@ def test_summarise_run(published):
 
     cfg, out, record, _, _ = published
     s = summarise_run(out)
-    cube = xr.open_zarr(out / "agriland.zarr", group="cube", consolidated=False)
+    from agriland_scale.store import reader
+
+    cube = xr.open_zarr(reader(out), group="cube", consolidated=False)
     assert s["region"]["shape"] == dict(cube.sizes) == {"band": 4, "y": 1024, "x": 1024}
     assert s["region"]["crs"] == "EPSG:32618" and s["region"]["resolution_m"] == cfg.cube.resolution
     assert s["region"]["bbox"] == list(cfg.search.bbox)
@@ -225,7 +229,7 @@ def test_summarise_run(published):
     assert [i["id"] for i in s["items"]] == [i["id"] for i in record["inputs"]["items"]]
     sizes = {p["path"]: p["bytes"] for p in s["products"]}
     assert sizes["cog/mask.tif"] == (out / "cog" / "mask.tif").stat().st_size
-    assert sizes["agriland.zarr"] > sizes["cog/mask.tif"] > 0
+    assert sizes["agriland.icechunk"] > sizes["cog/mask.tif"] > 0
     models = {m["file"] for m in s["models"]}
     assert {"models/cae.keras", "models/encoder.keras", "models/unet.keras"} <= models
     text = format_summary(s)

@@ -116,7 +116,7 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     local = cube.compute().copy(deep=True)  # the session fixture stays as it is
     local["clear_count"].values[200:400, 100:700] = 0  # nodata across block borders
     local["clear_count"].values[768:, 768:] = 0  # a whole block without data
-    store = str(tmp_path / "agriland.zarr")
+    store = str(tmp_path / "products.zarr")
     write_group(local.chunk({"y": 256, "x": 256}), store, "cube")
     kw = dict(window=64, overlap=16, reflectance_max=0.3, batch_size=32)
     h, w = local.sizes["y"], local.sizes["x"]

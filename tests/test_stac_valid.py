@@ -145,14 +145,15 @@ def small_run(tmp_path_factory, items, cube_store):
     still 'running' in run.json), with real items, cube, COGs and Zarr store."""
     import numpy as np
 
+    from agriland_scale.pipeline.resume import Products
     from agriland_scale.publish.cog import write_cog
     from agriland_scale.store import open_cube
 
     out = tmp_path_factory.mktemp("stac-run")
-    shutil.copytree(cube_store, out / "agriland.zarr")
+    Products(out).write(open_cube(cube_store), "cube")
     (out / "items.json").write_text(json.dumps(
         {"type": "FeatureCollection", "features": [i.to_dict() for i in items]}))
-    cube = open_cube(str(out / "agriland.zarr"))
+    cube = open_cube(out)
     nir = cube["reflectance"].sel(band="nir").load()
     prob = (nir / float(nir.max())).clip(0, 1).astype("float32")
     write_cog(prob, out / "cog" / "probability.tif", nodata=255, scale=1 / 254)

@@ -10,6 +10,7 @@ import xarray as xr
 from agriland_scale import load_config
 from agriland_scale.errors import BandMismatch
 from agriland_scale.pipeline.runner import run
+from agriland_scale.store import reader
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_unet_from_virginia_maps_austria(demo_run, external_cluster, tmp_path):
     rec = run(_austria(unet), tmp_path / "at", scheduler=external_cluster, until="segmentation")
     assert rec["unet"]["given"] and rec["unet"]["training_region"] == "demo-virginia"
     assert list(rec["stages"]) == ["search", "cube", "unet", "segmentation"]
-    store = tmp_path / "at" / "agriland.zarr"
+    store = reader(tmp_path / "at")
     seg = xr.open_zarr(store, group="segmentation", consolidated=False)
     cube = xr.open_zarr(store, group="cube", consolidated=False)
     assert seg.rio.crs.to_epsg() == 32633 and seg.rio.transform() == cube.rio.transform()
@@ -47,7 +48,7 @@ def test_model_with_other_bands_is_refused(demo_run, external_cluster, tmp_path)
     with pytest.raises(BandMismatch, match=r"trained on bands \['red', 'green', 'blue'\].*\['red', 'green', 'nir'\]"):
         run(cfg, tmp_path / "bad", scheduler=external_cluster, until="segmentation")
     # refused before any stage ran (nothing searched, loaded or written)
-    assert not (tmp_path / "bad" / "run.json").exists() and not (tmp_path / "bad" / "agriland.zarr").exists()
+    assert not (tmp_path / "bad" / "run.json").exists() and not (tmp_path / "bad" / "agriland.icechunk").exists()
 
 
 def test_models_carry_mlm_items(demo_run):

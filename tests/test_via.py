@@ -26,7 +26,7 @@ K = 4  # clusters 0..3; cluster 3 is left empty
 def store(cube_store, cube, tmp_path_factory):
     """A copy of the real demo cube with its patch index and labels by patch-mean NDVI
     (cluster 0 = lowest third ... 2 = highest; patch 0 is 'not clustered')."""
-    path = tmp_path_factory.mktemp("via") / "agriland.zarr"
+    path = tmp_path_factory.mktemp("via") / "products.zarr"
     shutil.copytree(cube_store, path)
     index = patch_index(cube, 256, 128)
     write_group(index, path, "patches")
@@ -213,10 +213,10 @@ def test_via_round_trip_on_the_demo_run(demo_run, tmp_path):
     """The intended workflow on a real run: pick the greenest DEC cluster, export it, draw a
     polygon, import it, and publish the mask as a COG that GIS tools place correctly."""
     from agriland_scale.cluster.report import cluster_stats
-    from agriland_scale.store import open_cube, open_product
+    from agriland_scale.store import open_cube, open_product, reader
 
     cfg, out, _ = demo_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     cube = open_cube(store)
     labels = open_product(store, "clusters")["labels"].values
     stats = cluster_stats(cube, open_product(store, "patches").load(), labels, cfg.cluster.k)

@@ -9,6 +9,7 @@ import xarray as xr
 
 from agriland_scale import load_config
 from agriland_scale.pipeline.runner import run
+from agriland_scale.store import reader
 
 PIPELINE = Path(__file__).parent / "data" / "three-zones" / "pipeline.yaml"
 ZONES = {"utm18n": 32618, "utm29n": 32629, "utm33n": 32633}
@@ -24,7 +25,7 @@ def zones_run(external_cluster, tmp_path_factory):
 @pytest.mark.slow
 def test_each_zone_published_in_its_native_crs(zones_run):
     cfg, out, record = zones_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     tree = xr.open_datatree(store, engine="zarr")
     assert set(ZONES) | {"mosaic"} == set(tree.children)
     for zone, epsg in ZONES.items():
@@ -47,7 +48,7 @@ def test_each_zone_published_in_its_native_crs(zones_run):
 @pytest.mark.slow
 def test_one_clustering_over_all_zones(zones_run):
     cfg, out, record = zones_run
-    store = out / "agriland.zarr"
+    store = reader(out)
     cents = [xr.open_zarr(store, group=f"{z}/clusters")["centroids"].values for z in ZONES]
     for c in cents[1:]:
         np.testing.assert_array_equal(c, cents[0])
@@ -58,6 +59,6 @@ def test_one_clustering_over_all_zones(zones_run):
 @pytest.mark.slow
 def test_optional_mosaic_in_one_crs(zones_run):
     _, out, _ = zones_run
-    m = xr.open_zarr(out / "agriland.zarr", group="mosaic")
+    m = xr.open_zarr(reader(out), group="mosaic")
     assert m.rio.crs.to_epsg() == 4326
     assert np.isfinite(m["probability"].values).sum() > 0

@@ -314,7 +314,9 @@ class RuntimeConfig(_Model):
 
     ``dashboard_address``: where the LocalCluster's dashboard listens, on the loopback
     interface by default (reach a remote one with ``ssh -L 8787:127.0.0.1:8787 HOST``);
-    ``":8787"`` opens it to the network on purpose.
+    ``":8787"`` opens it to the network on purpose. ``commit_every_s``: seconds between
+    commits of finished blocks to the product store (what a kill can lose at most; 0 commits
+    every block, which costs a commit each).
     """
 
     scheduler: str | None = None
@@ -322,6 +324,7 @@ class RuntimeConfig(_Model):
     threads_per_worker: int = Field(default=2, ge=1)
     memory_limit: str = "12GiB"
     dashboard_address: str = "127.0.0.1:8787"
+    commit_every_s: float = Field(default=5.0, ge=0)
 
 
 class RunConfig(_Model):

@@ -110,7 +110,7 @@ def export_via(store: str | Path, out_dir: str | Path, clusters: list[int], *, o
 
     Parameters
     ----------
-    store : a run's Zarr store (``OUT/agriland.zarr``) with groups ``cube``, ``patches``
+    store : a run (its --out, or a reader of its store) with groups ``cube``, ``patches``
         and ``clusters``.
     out_dir : folder for the PNGs, ``via_project.json`` and the ``patches.json`` sidecar.
     clusters : DEC cluster ids; every clustered patch whose label is one of them is written.
@@ -165,7 +165,7 @@ def export_via(store: str | Path, out_dir: str | Path, clusters: list[int], *, o
     _remove_stale(out, set(records))
     t = cube.rio.transform()
     sidecar = {
-        "format": "agriland-scale VIA export 1", "store": str(Path(store).resolve()),
+        "format": "agriland-scale VIA export 1", "store": str(Path(store).resolve()) if isinstance(store, (str, Path)) else "",
         "crs": cube.rio.crs.to_string(), "crs_wkt": cube.rio.crs.to_wkt(),
         "transform": [t.a, t.b, t.c, t.d, t.e, t.f], "height": int(cube.sizes["y"]), "width": int(cube.sizes["x"]),
         "bands": list(RGB), "stretch": {"percentiles": [2, 98], "low": lo.tolist(), "high": hi.tolist()},

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.config.schema import RunConfig
-from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS, STORE
+from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.worker import warm_up
 from agriland_scale.pipeline.resume import Products
 
@@ -67,9 +67,9 @@ class RunContext:
     background: list[Any] = field(default_factory=list)
 
     @property
-    def store(self) -> str:
-        """The run's Zarr store, ``OUT/agriland.zarr``."""
-        return str(self.out / STORE)
+    def store(self) -> Any:
+        """A read-only store of the run's complete products (``main``'s tip; it pickles to tasks)."""
+        return self.products.reader()
 
     @property
     def models(self) -> Path:

@@ -47,7 +47,7 @@ __all__ = ["LOCK_NAME", "OUTPUT_PATTERNS", "OWNED_DIRS", "RunLock", "changed_sin
 log = logging.getLogger(__name__)
 
 # folders that belong to a run as a whole (never mixed with a user's files)
-OWNED_DIRS = (STORE, PARTIAL_DIR)
+OWNED_DIRS = (STORE, PARTIAL_DIR)  # PARTIAL_DIR: staging of versions before the Icechunk store
 # entries a run folder may hold before any run: what earlier invocations of ours leave
 _NEUTRAL = {LOCK_NAME, LOGS_DIR}
 

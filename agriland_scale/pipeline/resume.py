@@ -1,138 +1,219 @@
-"""Resumable products that are never visible half-written.
+"""Resumable products that are never visible half-written, on a transactional Zarr store.
 
-A product is one group of the run's Zarr store (``OUT/agriland.zarr/<group>``). It is built
-in a staging store ``OUT/.partial/agriland.zarr/<group>``, block by block (a block is a run
-of Dask chunks along one dimension: a row of cube chunks, a batch of patches); every block
-written is appended to a journal ``OUT/.partial/<group>.blocks`` (one JSON line). When every
-block is in, the group directory is moved into the run's store with one ``rename`` on the
-same file system, so ``xarray.open_zarr`` never sees a product that is not complete.
+A product is one group of the run's store (:mod:`agriland_scale.store`: an Icechunk
+repository, ``OUT/agriland.icechunk`` or a bucket prefix). Readers open the branch ``main``,
+which only ever points at snapshots where every product is complete. A product is built on
+a second branch, ``wip``, started at ``main``'s tip:
 
-After a crash or a kill the next run finds the staging group and its journal and writes only
-the missing blocks: a block either is in the journal (its chunks are on disk) or is written
-again, whole, at the same place; nothing is duplicated. The journal starts with a signature
-(variables, shapes, chunks); a staging group whose signature differs is discarded.
+1. its metadata (arrays, coordinates, attributes) is committed first, with the product's
+   signature (variables, shapes, chunks, the settings its blocks depend on);
+2. its blocks (a block is one Dask chunk along one dimension: a row of cube chunks, a batch
+   of patches) are written by the Dask workers, each into a fork of the session
+   (:meth:`icechunk.Session.fork`); the client merges the forks as they come back and
+   commits them every few seconds, naming the blocks in the commit's metadata;
+3. the commit of the last blocks marks the product complete, and ``main`` is moved to it
+   (a fast-forward: ``wip`` descends from ``main``), so readers see the whole product at
+   once.
+
+After a crash or a kill the next attempt walks ``wip``'s commits since ``main``'s tip: with
+the same signature it writes only the blocks no commit names (a block that a worker wrote
+but no commit recorded is written again, whole, at the same place; its first copy is an
+unreferenced object that the engine's garbage collection can remove). Any other signature
+starts the product over from ``main``'s tip. Every move of ``main`` is one version:
+:func:`agriland_scale.store.history` lists them and ``open_run(OUT, version=...)`` reads one.
+
+One process writes a run at a time (the run lock); the engine's commits are atomic on local
+disk and on object storage alike, which is what makes the same code serve both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import icechunk
 import numpy as np
 import xarray as xr
+import zarr
 
 from agriland_scale.errors import BlockFailed
-from agriland_scale.layout import PARTIAL_DIR, STORE
-from agriland_scale.store import consolidate
+from agriland_scale.store import has_group, open_repo, store_location
 
-__all__ = ["Products"]
+__all__ = ["WIP", "Products"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 
+# the branch products are built on before ``main`` is moved to them
+WIP = "wip"
 
-def _signature(ds: xr.Dataset, dim: str) -> dict[str, Any]:
-    return {"dim": dim, "vars": {name: {"dims": list(v.dims), "shape": list(v.shape), "dtype": str(v.dtype),
-                                        "chunks": [list(c) for c in v.chunks] if v.chunks else None}
-                                 for name, v in sorted(ds.variables.items())}}
+
+def _signature(ds: xr.Dataset, dim: str, settings: dict[str, Any] | None) -> str:
+    """Hash what a product's blocks depend on: variables, shapes, dtypes, chunks and settings."""
+    sig = {"dim": dim, "vars": {name: {"dims": list(v.dims), "shape": list(v.shape), "dtype": str(v.dtype),
+                                       "chunks": [list(c) for c in v.chunks] if v.chunks else None}
+                                for name, v in sorted(ds.variables.items())},
+           "settings": json.loads(json.dumps(settings, default=str)) if settings is not None else None}
+    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, block: xr.Dataset) -> Any:
+    """Write one computed block into ``fork`` (runs on a worker) and return the fork.
+
+    ``block`` arrives computed (Dask computes a Dataset argument of a task); xarray encodes it
+    as it encoded the product's metadata (CF scale factors, fill values, dtypes).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+        block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
+                      consolidated=False)
+    return fork
 
 
 class Products:
-    """The products of one run folder ``out`` (see the module doc)."""
+    """The products of one run, in its Icechunk store (see the module doc).
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.store = self.out / STORE
-        self.staging = self.out / PARTIAL_DIR / STORE
+    Parameters
+    ----------
+    out : str or Path
+        The run's ``--out`` (folder or object-storage URL).
+    storage_options : dict, optional
+        Credentials and endpoint for object storage (:func:`agriland_scale.store.repo_storage`).
+    commit_every_s : float
+        Seconds between commits of finished blocks: what a kill can lose at most.
+    """
+
+    def __init__(self, out: str | Path, storage_options: dict[str, Any] | None = None, *,
+                 commit_every_s: float = 5.0):
+        self.location = store_location(out)
+        self.repo = open_repo(self.location, create=True, storage_options=storage_options)
+        self.commit_every_s = commit_every_s
+        self._reader: tuple[str, Any] | None = None
+        self.commits = 0
+        self.commit_seconds = 0.0
+
+    # -- reading -----------------------------------------------------------------------
+    def reader(self) -> Any:
+        """Return a read-only store at ``main``'s tip (the complete products); it pickles to tasks."""
+        tip = self.repo.lookup_branch("main")
+        if self._reader is None or self._reader[0] != tip:
+            self._reader = (tip, self.repo.readonly_session(snapshot_id=tip).store)
+        return self._reader[1]
 
     def exists(self, group: str) -> bool:
-        """Tell whether ``group`` is complete in the run's store."""
-        return (self.store / group / "zarr.json").exists()
+        """Tell whether ``group`` is complete in the run's store (on ``main``)."""
+        return has_group(self.reader(), group)
 
-    def _journal(self, group: str) -> Path:
-        return self.out / ".partial" / (group.replace("/", "__") + ".blocks")
+    # -- the wip branch ------------------------------------------------------------------
+    def _fresh_session(self) -> icechunk.Session:
+        """Open a writable session on ``wip``, reset to ``main``'s tip (unfinished work dropped)."""
+        main = self.repo.lookup_branch("main")
+        if WIP in self.repo.list_branches():
+            self.repo.reset_branch(WIP, main)
+        else:
+            self.repo.create_branch(WIP, main)
+        return self.repo.writable_session(WIP)
 
+    def _pending(self, group: str, sig: str) -> tuple[set[int], bool] | None:
+        """Blocks of ``group`` committed on ``wip`` since ``main``'s tip by an attempt with ``sig``.
+
+        Returns ``(blocks, complete)``, or None when ``wip`` holds no such attempt.
+        """
+        if WIP not in self.repo.list_branches():
+            return None
+        main = self.repo.lookup_branch("main")
+        blocks: set[int] = set()
+        complete = False
+        for c in self.repo.ancestry(branch=WIP):
+            if c.id == main:
+                break
+            m = dict(c.metadata)
+            if m.get("group") != group or m.get("signature") != sig:
+                return None  # another product's or another attempt's work: start over
+            blocks.update(int(b) for b in m.get("blocks") or [])
+            complete = complete or bool(m.get("complete"))
+            if m.get("kind") == "start":
+                return blocks, complete
+        return None  # wip does not descend from main's tip, or holds no start of this product
+
+    def pending_blocks(self, group: str) -> set[int]:
+        """Return the blocks of an unfinished ``group`` that commits on ``wip`` hold (any attempt)."""
+        if WIP not in self.repo.list_branches():
+            return set()
+        main = self.repo.lookup_branch("main")
+        blocks: set[int] = set()
+        for c in self.repo.ancestry(branch=WIP):
+            if c.id == main:
+                break
+            if dict(c.metadata).get("group") == group:
+                blocks.update(int(b) for b in dict(c.metadata).get("blocks") or [])
+        return blocks
+
+    def _commit(self, session: icechunk.Session, message: str, **metadata: Any) -> str:
+        t0 = time.perf_counter()
+        snap = session.commit(message, metadata=metadata)
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - t0
+        return snap
+
+    def _publish(self, group: str, message: str) -> None:
+        """Move ``main`` to ``wip``'s tip, which completes ``group`` (a fast-forward)."""
+        tip = self.repo.lookup_branch(WIP)
+        self.repo.reset_branch("main", tip)
+        log.info("%s: %s (version %s)", group, message, tip)
+
+    def tag_run(self, attempt: int) -> str:
+        """Name ``main``'s tip ``run-YYYYMMDDTHHMMSSZ`` (a finished run's products); returns the tag."""
+        tag = time.strftime("run-%Y%m%dT%H%M%SZ", time.gmtime())
+        tip = self.repo.lookup_branch("main")
+        if tag not in self.repo.list_tags():
+            self.repo.create_tag(tag, tip)
+        log.info("products of attempt %d: version %s, tag %s", attempt, tip, tag)
+        return tag
+
+    # -- writing -------------------------------------------------------------------------
     def discard(self, group: str) -> None:
-        """Remove ``group`` from the store and from staging (to redo it).
-
-        The store's consolidated metadata is rewritten without it, so that no reader opens
-        the removed product from a stale listing (its arrays would read as fill values).
-        """
-        existed = (self.store / group).exists()
-        for p in (self.store / group, self.staging / group):
-            shutil.rmtree(p, ignore_errors=True)
-        self._journal(group).unlink(missing_ok=True)
-        if existed:
-            self._reconsolidate()
-
-    def _reconsolidate(self) -> None:
-        """Keep the root's consolidated metadata equal to the store.
-
-        It is rewritten when the root carries one (the publish stage consolidates; stages
-        that change a group later must not leave a listing that disagrees with the groups on
-        disk).
-        """
-        root = self.store / "zarr.json"
-        try:
-            meta = json.loads(root.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        """Remove ``group`` from the products (to redo it); earlier versions keep it."""
+        if not self.exists(group):
             return
-        if meta.get("consolidated_metadata"):
-            consolidate(self.store)
-
-    def _publish(self, group: str) -> None:
-        import zarr
-
-        parent = str(Path(group).parent)
-        zarr.open_group(str(self.store), mode="a", zarr_format=3)  # the root group
-        if parent != ".":
-            zarr.open_group(str(self.store), path=parent, mode="a", zarr_format=3)
-        dest = self.store / group
-        old = self.out / ".partial" / ("replaced__" + group.replace("/", "__"))
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():  # moved aside, not deleted in place: no reader sees it half-removed
-            os.replace(dest, old)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.staging / group, dest)
-        shutil.rmtree(old, ignore_errors=True)
-        self._journal(group).unlink(missing_ok=True)
-        self._reconsolidate()
+        session = self._fresh_session()
+        root = zarr.open_group(session.store, mode="r+")
+        del root[group]
+        self._commit(session, f"remove {group}", group=group, kind="remove", complete=True)
+        self._publish(group, "removed")
 
     def write(self, ds: xr.Dataset, group: str) -> None:
-        """Write a small product at once (computed by the active Dask client), then publish it."""
-        shutil.rmtree(self.staging / group, ignore_errors=True)
+        """Write a small product at once (computed in this process), then publish it."""
+        ds = ds.load()
+        session = self._fresh_session()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-            ds.to_zarr(str(self.staging), group=group, mode="w", zarr_format=3, consolidated=False)
-        self._publish(group)
+            ds.to_zarr(session.store, group=group, mode="w", zarr_format=3, consolidated=False)
+        self._commit(session, f"write {group}", group=group, kind="write", complete=True)
+        self._publish(group, "written")
 
-    def staged(self, group: str) -> Path:
-        """Return a fresh staging folder for a product written by other code (then :meth:`publish`)."""
-        shutil.rmtree(self.staging / group, ignore_errors=True)
-        (self.staging / group).parent.mkdir(parents=True, exist_ok=True)
-        return self.staging / group
-
-    def publish(self, group: str) -> None:
-        """Move a staged product (see :meth:`staged`) into the run's store."""
-        self._publish(group)
-
-    def write_blocks(self, ds: xr.Dataset, group: str, dim: str, client, *, label: str | None = None,
+    def write_blocks(self, ds: xr.Dataset, group: str, dim: str, client: Any, *, label: str | None = None,
                      progress: Progress | None = None, settings: dict[str, Any] | None = None
                      ) -> dict[str, int]:
         """Write the dask-backed ``ds`` block by block along ``dim`` with ``client``, resumably.
 
-        One block is one Dask chunk of ``dim`` (every variable must have the same chunks
-        along it). Blocks listed in the journal of an earlier, interrupted attempt are not
-        computed again. A failing block raises :class:`BlockFailed` naming the group and the
-        block's index range. ``settings`` (the config values the blocks depend on) are part of
-        the journal's signature: blocks of an attempt made with other settings are not reused. Returns ``{"blocks": n, "reused": blocks_from_earlier_attempt}``.
+        One block is one Dask chunk of ``dim`` (every variable must have the same chunks along
+        it). Blocks committed by an earlier, interrupted attempt with the same signature
+        (``settings``: the config values the blocks depend on) are not computed again. A
+        failing block raises :class:`BlockFailed` naming the group and the block's index range;
+        the blocks finished before it are committed first.
+
+        Returns
+        -------
+        dict
+            ``{"blocks": n, "reused": blocks from an earlier attempt, "commits": commits made}``.
         """
         from distributed import as_completed
 
@@ -141,62 +222,80 @@ class Products:
         if chunks is None:
             raise ValueError(f"{group}: nothing in the dataset is chunked along '{dim}'")
         edges = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
-        sig = _signature(ds, dim)
-        if settings is not None:  # the config the blocks were computed with: other settings, new blocks
-            sig["settings"] = json.loads(json.dumps(settings, default=str))
-        journal = self._journal(group)
-        done: set[int] = set()
-        if journal.exists() and (self.staging / group / "zarr.json").exists():
-            lines = journal.read_text().splitlines()
-            try:
-                same = bool(lines) and json.loads(lines[0]) == sig
-            except json.JSONDecodeError:
-                same = False
-            if same:
-                for line in lines[1:]:
-                    try:  # a line cut by a kill is simply not done
-                        done.add(int(json.loads(line)["block"]))
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                        pass
-        if not done:
-            shutil.rmtree(self.staging / group, ignore_errors=True)
-            journal.parent.mkdir(parents=True, exist_ok=True)
+        n = len(chunks)
+        sig = _signature(ds, dim, settings)
+        found = self._pending(group, sig)
+        commits0 = self.commits
+        if found is None:
+            session = self._fresh_session()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-                ds.to_zarr(str(self.staging), group=group, mode="w", compute=False, zarr_format=3,
+                ds.to_zarr(session.store, group=group, mode="w", compute=False, zarr_format=3,
                            consolidated=False)
-            journal.write_text(json.dumps(sig) + "\n")
-        n = len(chunks)
-        todo = [i for i in range(n) if i not in done]
-        reused = n - len(todo)
+            self._commit(session, f"start {group}: {n} blocks along {dim}", group=group, signature=sig,
+                         kind="start", blocks=[])
+            done: set[int] = set()
+            complete = False
+        else:
+            done, complete = found
+        reused = len(done)
         if reused:
             log.info("%s: %d of %d blocks already written by an earlier attempt", group, reused, n)
         if progress:
             progress(label, reused, n)
+        todo = [] if complete else [i for i in range(n) if i not in done]
+        session = self.repo.writable_session(WIP)
+        if todo:
+            self._write_todo(ds, group, dim, edges, todo, session, sig, client, label, progress, reused, n,
+                             as_completed)
+        self._publish(group, f"complete ({n} blocks, {reused} from an earlier attempt)")
+        return {"blocks": n, "reused": reused, "commits": self.commits - commits0}
+
+    def _commit_or_skip(self, session: icechunk.Session, group: str, sig: str, blocks: list[int], *,
+                        complete: bool) -> icechunk.Session:
+        """Commit the merged ``blocks`` (if any change) and return a new session on ``wip``."""
+        if session.has_uncommitted_changes:
+            what = "complete" if complete else f"{len(blocks)} block(s)"
+            self._commit(session, f"{group}: {what}", group=group, signature=sig, kind="blocks",
+                         blocks=sorted(blocks), complete=complete)
+            return self.repo.writable_session(WIP)
+        return session
+
+    def _write_todo(self, ds: xr.Dataset, group: str, dim: str, edges: np.ndarray, todo: list[int],
+                    session: icechunk.Session, sig: str, client: Any, label: str,
+                    progress: Progress | None, written: int, n: int, as_completed: Any) -> None:
+        import dask
+
         along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-            parts = [along.isel({dim: slice(edges[i], edges[i + 1])}).to_zarr(
-                str(self.staging), group=group, region={dim: slice(edges[i], edges[i + 1])},
-                compute=False, consolidated=False) for i in todo]
-        futures = client.compute(parts) if parts else []
+        fork = session.fork()
+        tasks = [dask.delayed(_write_block, pure=False)(
+            fork, group, dim, int(edges[i]), int(edges[i + 1]), along.isel({dim: slice(edges[i], edges[i + 1])}))
+            for i in todo]
+        futures = client.compute(tasks)
         which = {f.key: i for f, i in zip(futures, todo)}
-        written = reused
-        with journal.open("a") as jf:
+        merged: list[int] = []
+        last = time.monotonic()
+        try:
             for fut in as_completed(futures):
                 i = which[fut.key]
                 if fut.status == "error":
                     err = fut.exception()
                     for f in futures:
                         f.cancel()
+                    self._commit_or_skip(session, group, sig, merged, complete=False)
                     raise BlockFailed(
                         f"{label}: block {i} ({dim} {edges[i]}:{edges[i + 1]}) failed: "
                         f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
                         "fix the cause and run again to continue") from err
-                jf.write(json.dumps({"block": i}) + "\n")
-                jf.flush()
+                session.merge(fut.result())
+                merged.append(i)
                 written += 1
                 if progress:
                     progress(label, written, n)
-        self._publish(group)
-        return {"blocks": n, "reused": reused}
+                if written < n and time.monotonic() - last >= self.commit_every_s:
+                    session = self._commit_or_skip(session, group, sig, merged, complete=False)
+                    merged, last = [], time.monotonic()
+        except KeyboardInterrupt:  # keep what is merged: the next attempt need not redo it
+            self._commit_or_skip(session, group, sig, merged, complete=False)
+            raise
+        self._commit_or_skip(session, group, sig, merged, complete=True)

@@ -5,7 +5,8 @@ segmentation -> publish.
 
 :func:`run` composes the stage modules over one output folder::
 
-    OUT/agriland.zarr   groups cube, patches, embeddings, clusters, segmentation (one UTM zone);
+    OUT/agriland.icechunk  the products (an Icechunk repository of Zarr v3 groups, versioned):
+                        cube, patches, embeddings, clusters, segmentation (one UTM zone);
                         utm18n/cube, utm33n/cube, ... per zone when the region spans several,
                         plus ``mosaic`` (probability in cube.mosaic_crs) when asked
     OUT/cog/            cluster_map.tif, probability.tif, mask.tif (Cloud-Optimized GeoTIFF)
@@ -16,10 +17,10 @@ segmentation -> publish.
     OUT/stac/           STAC Collection + Items of the products (COG and Zarr assets)
     OUT/clusters/       gallery.png, embedding_map.png, stats.csv (per zone when several)
     OUT/logs/           one log file per invocation
-    OUT/.partial/       products being written and their block journals (see :mod:`.resume`)
 
-Resume: ``run.json`` records each finished stage; a product is built block by block in
-``.partial`` and moved into the store only when complete. Running again on the same folder
+Resume: ``run.json`` records each finished stage; a product is built block by block on the
+store's ``wip`` branch and becomes visible (branch ``main``) only when complete (see
+:mod:`.resume`). Running again on the same folder
 skips finished stages, writes only the blocks an interrupted stage had not finished, and
 reuses the recorded search results (a search is not repeated). ``force`` redoes stages and
 everything that depends on them; a config that changed in a section a finished stage used
@@ -32,7 +33,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -45,7 +45,6 @@ from agriland_scale.layout import (
     ITEMS,
     LOGS_DIR,
     MODELS_DIR,
-    PARTIAL_DIR,
     RECORD,
     STAGES,
     dependents,
@@ -128,7 +127,7 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
         record.setdefault("attempts", 1)
         record["attempts"] += 1
-    products = Products(out)
+    products = Products(out, commit_every_s=cfg.runtime.commit_every_s)
     if force:
         # what the forced stages made goes before they are redone: no reader may open a
         # product, COG, gallery or STAC file that is no longer current. The record says so
@@ -319,8 +318,8 @@ class _Runner:
                 if perf.exists():
                     rec["performance_report"] = str(perf.relative_to(self.out))
                 client.cancel(ctx.background)
-        if wanted[-1] == "publish":
-            shutil.rmtree(self.out / PARTIAL_DIR, ignore_errors=True)
+        if wanted[-1] == "publish":  # a finished run: its products' version gets a name
+            self.products.tag_run(rec.get("attempts", 1))
 
     def _stages(self, ctx: RunContext, todo: list[str]) -> None:
         """Run the stages of ``todo`` in pipeline order, recording each one in the run record.

@@ -9,7 +9,6 @@ found in ``ctx.record``; the runner (:mod:`.runner`) owns status, timing, files 
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ from agriland_scale.publish.stac import write_stac
 from agriland_scale.publish.vector import write_fields
 from agriland_scale.search.items import acquired, normalize_items
 from agriland_scale.search.stac import api_url, region_of, search_items
-from agriland_scale.store import consolidate, open_cube, open_product, write_georef, write_group
+from agriland_scale.store import open_cube, open_product, write_georef
 
 __all__ = ["STAGE_FUNCTIONS"]
 
@@ -71,15 +70,22 @@ class _Rows:
         return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), dtype="float32")
 
 
-def _fit_clusters_task(store: str, groups: list[str], valid: np.ndarray, cfg, seed: int, out: str,
-                       sample_size: int) -> dict[str, Any]:
-    """Streaming k-means + DEC over the embeddings of every zone (runs on a worker)."""
+def _fit_clusters_task(store: Any, groups: list[str], valid: np.ndarray, cfg, seed: int,
+                       sample_size: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Streaming k-means + DEC over the embeddings of every zone (runs on a worker).
+
+    Returns the fit's summary and its arrays (``labels``, ``kmeans_labels`` ``(patch,)``,
+    ``soft`` ``(patch, cluster)``, ``centroids`` ``(cluster, dim)``): a few bytes a patch,
+    sent back to the client, which writes them into the run's store.
+    """
     import zarr
 
     root = zarr.open_group(store, mode="r")
     emb = _Rows([cast(zarr.Group, root[g])["embedding"] for g in groups])
+    fit = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     # _Rows reads like a Zarr array (``shape``, row slices), all fit_clusters_streaming uses
-    return fit_clusters_streaming(cast(zarr.Array, emb), valid, cfg, seed, out=out, sample_size=sample_size)
+    info = fit_clusters_streaming(cast(zarr.Array, emb), valid, cfg, seed, out=fit, sample_size=sample_size)
+    return info, {name: np.asarray(arr[...]) for name, arr in fit.arrays()}
 
 
 
@@ -231,11 +237,12 @@ def clusters_stage(ctx: RunContext) -> None:
     c, zones = ctx.cfg.cluster, ctx.zones()
     idx = {n: _index(ctx, z) for n, z in zones.items()}
     valid_all = np.concatenate([idx[n][1] for n in zones])
-    fit_dir = ctx.products.staged("clusters_fit")
     fut = ctx.client.submit(_fit_clusters_task, ctx.store, [z["prefix"] + "embeddings" for z in zones.values()],
-                            valid_all, c, ctx.cfg.seed, str(fit_dir), c.sample_size, pure=False)
-    info = fut.result()
-    fit = xr.open_zarr(fit_dir, consolidated=False)
+                            valid_all, c, ctx.cfg.seed, c.sample_size, pure=False)
+    info, arrays = fut.result()
+    fit = xr.Dataset({"labels": ("patch", arrays["labels"]), "kmeans_labels": ("patch", arrays["kmeans_labels"]),
+                      "soft": (("patch", "cluster"), arrays["soft"]),
+                      "centroids": (("cluster", "dim"), arrays["centroids"])})
     start = 0
     for name, z in zones.items():
         index, _ = idx[name]
@@ -252,7 +259,6 @@ def clusters_stage(ctx: RunContext) -> None:
         cl["cluster_map"] = cluster_map(cl["labels"].values, index, cube)
         cl = write_georef(cl, cube.rio.crs)
         ctx.products.write(cl, z["prefix"] + "clusters")
-    shutil.rmtree(fit_dir, ignore_errors=True)
     ctx.record["clusters"] = info
     ctx.say(f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
             f"patches, {info['n_clustered']} patches assigned")
@@ -298,7 +304,7 @@ def unet_stage(ctx: RunContext) -> None:
     lab["label"].attrs.update(long_name="U-Net training label", flag_values=[0, 1, IGNORE],
                               flag_meanings="other agricultural ignored")
     lab["label"].encoding.update(chunks=(2048, 2048), _FillValue=None)
-    write_group(lab, ctx.store, prefix + "labels")
+    ctx.products.write(lab, prefix + "labels")
     fut = ctx.client.submit(train_unet, ctx.store, prefix + "labels", s, path, seed=cfg.seed,
                             label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
                             group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
@@ -374,8 +380,7 @@ def publish_stage(ctx: RunContext) -> None:
                   description="agricultural land probability, zones reprojected", units="1")
         groups.append("mosaic")
     ctx.client.gather(pictures)  # a failed picture fails the stage, with its own error
-    consolidate(store)
-    ctx.record["products"] = {"zarr": store, "groups": groups,
+    ctx.record["products"] = {"zarr": ctx.products.location, "groups": groups,
                               "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
                               "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
     write_json(ctx.record, out / RECORD)

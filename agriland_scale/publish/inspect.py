@@ -17,6 +17,7 @@ from agriland_scale.layout import (
     COG_NAMES,
     LOCK_NAME,
     STAGES,
+    STORE,
     RunRecord,
     load_items,
     load_run_record,
@@ -32,7 +33,7 @@ __all__ = ["COG_NAMES", "STAGES", "format_summary", "load_items", "load_run_reco
 
 def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
     """Products a run writes, expected or found, with their on-disk size (None when missing)."""
-    rels = ["agriland.zarr"]
+    rels = [STORE]
     for name, z in (zones_of(record) or {"": {}}).items():
         tag = f"{name}_" if z.get("prefix") else ""  # zone-prefixed groups <=> zone-tagged COGs
         rels += [f"cog/{tag}{c}.tif" for c in COG_NAMES]

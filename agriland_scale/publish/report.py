@@ -1,7 +1,7 @@
 """Run report: one self-contained HTML page describing a run's output folder.
 
 :func:`write_report` reads only the output folder (``run.json``, ``items.json``,
-``agriland.zarr``, ``models/*.json``, ``clusters/*.png``) and writes ``OUT/report.html``:
+``agriland.icechunk``, ``models/*.json``, ``clusters/*.png``) and writes ``OUT/report.html``:
 run name and status, stage timings, inputs, configuration, quicklooks of every product,
 the cluster gallery and embedding map when another step made them, training curves,
 validation metrics, models and package versions. Pictures are PNGs embedded as base64 and
@@ -138,13 +138,13 @@ def _section_products(out: Path, record: RunRecord) -> str:
     zones = zones_of(record) or {"": {"prefix": ""}}
     parts = []
     for name, z in zones.items():
-        figs = quicklooks(out / "agriland.zarr", z.get("prefix") or "")
+        figs = quicklooks(out, z.get("prefix") or "")
         if figs:
             if z.get("prefix"):
                 parts.append(f"<h3>Zone {_e(name)} ({_e(z.get('crs'))}, groups {_e(z.get('prefix'))}*)</h3>")
             parts.append("<div class='grid'>" + "".join(figs) + "</div>")
     if not parts:
-        return "<h2>Products</h2><p class='muted'>No product written yet (no cube in agriland.zarr).</p>"
+        return "<h2>Products</h2><p class='muted'>No product written yet (no cube in the product store).</p>"
     return "<h2>Products</h2>" + "".join(parts)
 
 

@@ -47,6 +47,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import write_json
 from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
+from agriland_scale.store import ICECHUNK_MEDIA_TYPE, is_repo, product_groups, reader, store_location
 
 __all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "write_stac"]
 
@@ -150,12 +151,21 @@ def _raster_band(src: rasterio.DatasetReader, unit: str | None) -> RasterBand:
     return band
 
 
-def _zarr_asset(store: Path, group: str | None, title: str) -> pystac.Asset:
-    kwargs: dict[str, Any] = {"engine": "zarr", "decode_coords": "all"}
+def _zarr_asset(store: str, group: str | None, title: str) -> pystac.Asset:
+    """Make the asset of a group (or the whole) of the run's store, an Icechunk repository.
+
+    ``xarray:open_kwargs`` are what ``xarray.open_zarr`` needs on the repository's store
+    (``agriland_scale.store.reader(href)`` or ``icechunk``'s ``readonly_session("main").store``);
+    ``agriland_scale.open_run(href)`` opens every group.
+    """
+    kwargs: dict[str, Any] = {"engine": "zarr", "decode_coords": "all", "consolidated": False}
     if group:
         kwargs["group"] = group
-    return pystac.Asset(href=str(store.resolve()), media_type=ZARR_MEDIA_TYPE, title=title,
-                        roles=["data"], extra_fields={"xarray:open_kwargs": kwargs})
+    return pystac.Asset(href=store, media_type=ICECHUNK_MEDIA_TYPE, title=title, roles=["data"],
+                        description="Zarr v3 groups in an Icechunk repository (branch main): open with "
+                                    "agriland_scale.open_run(href), or xarray.open_zarr on "
+                                    "icechunk.Repository.open(storage).readonly_session('main').store",
+                        extra_fields={"xarray:open_kwargs": kwargs})
 
 
 def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
@@ -167,7 +177,7 @@ def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str]
 
 
 def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[str, str, str | None],
-              store: Path) -> pystac.Item:
+              store: str, groups: list[str]) -> pystac.Item:
     group, title, unit = COG_PRODUCTS[product]
     group = group if product.startswith("mosaic") else prefix + group
     try:
@@ -184,22 +194,21 @@ def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[
                          roles=["data"])
     item.add_asset("cog", asset)
     RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
-    if (store / group / "zarr.json").is_file():
+    if group in groups:
         item.add_asset("zarr", _zarr_asset(store, group, f"{title}: Zarr group '{group}'"))
         item.stac_extensions.append(XARRAY_ASSETS)
     return item
 
 
 def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | None],
-               store: Path) -> pystac.Item:
+               store: str, all_groups: list[str]) -> pystac.Item:
     """Make an Item for the store (single zone) or for one zone's subtree of it (``group`` = zone)."""
     from pyproj import CRS
 
     crs = CRS.from_user_input(zone["crs"])
     geom, bbox = _footprint(crs, tuple(zone["bounds"]))
     prefix = zone.get("prefix") or ""
-    root = store / prefix
-    groups = sorted(p.name for p in root.iterdir() if (p / "zarr.json").is_file() and p.name != "zarr.json")
+    groups = sorted(g[len(prefix):] for g in all_groups if g.startswith(prefix) and "/" not in g[len(prefix):])
     where = f"zone group '{prefix.rstrip('/')}' of the Zarr store" if prefix else "the Zarr store"
     item = _new_item(item_id, geom, bbox, *dates, f"every product of the run as groups of {where}")
     shape = zone.get("shape") or {}
@@ -265,7 +274,7 @@ def write_stac(out_dir: str | Path) -> Path:
     """Write a self-contained STAC Collection of the run's products under ``OUT/stac/``.
 
     Reads only the output folder (``run.json``, ``items.json``, ``cog/*.tif``,
-    ``agriland.zarr``); describes the products that exist, so it also works on a run whose
+    ``agriland.icechunk``); describes the products that exist, so it also works on a run whose
     later stages failed. Idempotent: ``OUT/stac`` is replaced on every call.
 
     Returns
@@ -288,7 +297,8 @@ def write_stac(out_dir: str | Path) -> Path:
     created = record.get("finished") or record.get("started")
     if created:  # run.json writes +0000; make it RFC 3339
         created = pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(created))
-    store = out / "agriland.zarr"
+    store = store_location(out)
+    all_groups = product_groups(reader(store)) if is_repo(store) else []
     stac_dir = out / "stac"
     if stac_dir.exists():
         shutil.rmtree(stac_dir)
@@ -302,15 +312,15 @@ def write_stac(out_dir: str | Path) -> Path:
         if found is None:
             log.warning("%s is not a known product; left out of the STAC catalog", path)
             continue
-        products.append(_cog_item(path, f"{run}-{path.stem}", *found, dates, store))
+        products.append(_cog_item(path, f"{run}-{path.stem}", *found, dates, store, all_groups))
     for name, zone in zones.items():
-        if store.is_dir() and (store / (zone.get("prefix") or "") / "cube" / "zarr.json").is_file():
+        if (zone.get("prefix") or "") + "cube" in all_groups:
             zid = f"{run}-{name}-zarr" if zone.get("prefix") else f"{run}-zarr"
-            products.append(_zarr_item(zone, zid, dates, store))
+            products.append(_zarr_item(zone, zid, dates, store, all_groups))
     if not products:
         shutil.rmtree(stac_dir)
         raise CorruptInput(f"{out} holds no product to describe (no cog/*.tif, no cube in "
-                           f"agriland.zarr; stages: {record.get('stages')}): finish the run first")
+                           f"agriland.icechunk; stages: {record.get('stages')}): finish the run first")
     sources = _source_links(items, stac_dir)
     for item in products:
         for link in sources:
