@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +43,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _folder_arg(text: str) -> Path:
-    """Parse a run folder argument: a path or ``file://`` URL; an object-storage URL is refused."""
+    """Parse a local folder argument: a path or ``file://`` URL; any other URL is refused."""
     from agriland_scale.errors import OutputError
     from agriland_scale.layout import local_folder
 
@@ -49,6 +51,42 @@ def _folder_arg(text: str) -> Path:
         return local_folder(text)
     except OutputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _run_arg(text: str) -> Path | str:
+    """Parse where a run lives: a folder (path or ``file://``), or an object-storage URL (kept as is)."""
+    from agriland_scale.files import is_object_url
+
+    return text.rstrip("/") if is_object_url(text) else _folder_arg(text)
+
+
+@contextlib.contextmanager
+def _working_copy(run: Path | str, command: str | None = None) -> Iterator[Path]:
+    """Give the run's folder; for a run on object storage, a fetched working copy of its files.
+
+    With ``command`` (a command that writes into the run) the run is locked and the working
+    copy's changes are put back at the end.
+    """
+    if isinstance(run, Path):
+        if command is None:
+            yield run
+        else:
+            from agriland_scale.pipeline.outdir import locked
+
+            with locked(_existing_run(run), command):
+                yield run
+        return
+    from agriland_scale.pipeline.remote import Mirror, RemoteLock, fresh_copy, working_copy
+
+    local = working_copy(run)
+    lock = RemoteLock(run, command) if command else contextlib.nullcontext()
+    with lock:
+        fresh_copy(local)
+        mirror = Mirror(run, local)
+        mirror.pull()
+        yield _existing_run(local)
+        if command:
+            mirror.push()
 
 
 def _cluster_ids(text: str) -> list[int]:
@@ -121,7 +159,7 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
                   until=until, report=show.line, progress=show, command=f"agriland {args.command}")
     finally:
         show.close()
-    result: dict = {"out": str(Path(args.out).resolve()), "name": cfg.name, "stages": rec.get("stages"),
+    result: dict = {"out": str(args.out), "name": cfg.name, "stages": rec.get("stages"),
                     "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
                     "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}
     if until == "cae":
@@ -183,7 +221,8 @@ def _inspect(args: argparse.Namespace) -> int:
             tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
             print(f"{v['version']}  {v['time']}  {v['message']}{tags}")
         return 0
-    summary = summarise_run(args.run)
+    with _working_copy(args.run) as folder:
+        summary = summarise_run(folder)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return 0
 
@@ -208,24 +247,37 @@ def _existing_run(path: Path) -> Path:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from agriland_scale.pipeline.outdir import locked
     from agriland_scale.publish.report import write_report
     from agriland_scale.publish.stac import write_stac
 
-    with locked(_existing_run(args.run), "agriland report"):
-        print(f"report: {write_report(args.run)}")
-        print(f"STAC:   {write_stac(args.run)}")
+    with _working_copy(args.run, "agriland report") as folder:
+        report, stac = str(write_report(folder)), str(write_stac(folder))
+    if isinstance(args.run, str):  # put back on the object store
+        report, stac = f"{args.run}/report.html", f"{args.run}/stac/collection.json"
+    print(f"report: {report}")
+    print(f"STAC:   {stac}")
     return 0
+
+
+def _local_out(args: argparse.Namespace, default: str) -> Path:
+    """``--out`` of a labels command, or its default in the run folder (a local folder is needed)."""
+    from agriland_scale.errors import OutputError
+
+    if args.out is not None:
+        return args.out
+    if isinstance(args.run, str):
+        raise OutputError(f"{args.run} is on object storage: give --out, a local path for the {default} "
+                          "(it is drawn or used on this machine)")
+    return args.run / default
 
 
 def _export_labels(args: argparse.Namespace) -> int:
     from agriland_scale.labels.via import export_via
-    from agriland_scale.pipeline.outdir import locked
 
     clusters = args.clusters
-    out = args.out or args.run / "labels" / "via"
-    with locked(_existing_run(args.run), "agriland export-labels"):
-        project = export_via(args.run, out, clusters, overwrite=args.overwrite)
+    out = _local_out(args, "labels/via")
+    with _working_copy(args.run, "agriland export-labels") as folder:
+        project = export_via(folder, out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
           f"region attribute 'class' = arable / other, save the project, then run:\n"
@@ -235,13 +287,12 @@ def _export_labels(args: argparse.Namespace) -> int:
 
 def _import_labels(args: argparse.Namespace) -> int:
     from agriland_scale.labels.via import import_via
-    from agriland_scale.pipeline.outdir import locked
     from agriland_scale.publish.cog import write_cog
     from agriland_scale.store import open_cube
 
-    out = args.out or args.run / "labels" / "via_mask.tif"
-    with locked(_existing_run(args.run), "agriland import-labels"):
-        cube = open_cube(args.run)
+    out = _local_out(args, "labels/via_mask.tif")
+    with _working_copy(args.run, "agriland import-labels") as folder:
+        cube = open_cube(folder)
         mask = import_via(args.via_json, cube)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_cog(mask, out, nodata=255)
@@ -275,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def run_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, type=_folder_arg, help="output folder of the run")
+        p.add_argument("--out", required=True, type=_run_arg,
+                       help="where the run lives: a folder, or s3://BUCKET/PREFIX (gs://, az:// too)")
         p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace another run in --out (deletes only the files that run wrote)")
@@ -301,29 +353,29 @@ def main(argv: list[str] | None = None) -> int:
     p_val = sub.add_parser("validate", help="check a pipeline file and name the wrong key")
     p_val.add_argument("pipeline", type=Path)
     p_ins = sub.add_parser("inspect", help="summarise a run folder: region, items, products, stages")
-    p_ins.add_argument("run", type=_folder_arg)
+    p_ins.add_argument("run", type=_run_arg)
     p_ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     p_ins.add_argument("--history", action="store_true",
                        help="list the versions of the products (each change of the store), newest first")
     p_zarr = sub.add_parser("export", help="copy a run's products to a plain Zarr store (for tools "
                                            "that cannot read Icechunk, e.g. GDAL)")
-    p_zarr.add_argument("run", type=_folder_arg)
+    p_zarr.add_argument("run", type=_run_arg)
     p_zarr.add_argument("--zarr", required=True, type=_folder_arg, help="the new Zarr store (must not exist)")
     p_zarr.add_argument("--version", help="a version of `agriland inspect RUN --history` (default: latest)")
     p_zarr.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
                         help="Zarr format of the copy (2 for GDAL older than 3.11)")
     p_rep = sub.add_parser("report", help="(re)write a run's report.html and STAC catalogue")
-    p_rep.add_argument("run", type=_folder_arg)
+    p_rep.add_argument("run", type=_run_arg)
     p_exp = sub.add_parser("export-labels",
                            help="write the patches of chosen clusters as a VGG Image Annotator project")
-    p_exp.add_argument("run", type=_folder_arg, help="a finished run folder")
+    p_exp.add_argument("run", type=_run_arg, help="a finished run (folder or object-storage URL)")
     p_exp.add_argument("--clusters", required=True, type=_cluster_ids,
                        help="cluster ids named arable, e.g. 3,7")
     p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
     p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
     p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
     p_imp.add_argument("via_json", type=Path)
-    p_imp.add_argument("run", type=_folder_arg)
+    p_imp.add_argument("run", type=_run_arg)
     p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
 
     for p in sub.choices.values():  # the global flags also after the command: agriland run P.yaml -q

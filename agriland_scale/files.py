@@ -1,8 +1,10 @@
-"""Files that are not Zarr (JSON, CSV, PNG, HTML, GeoParquet, COG): never half-written.
+"""Files that are not Zarr (JSON, CSV, PNG, HTML, GeoParquet, COG, models): never half-written.
 
-Each is built under a temporary name beside its destination (``NAME.tmp``, which the run's
-file bookkeeping ignores) and renamed over it only when complete, so a reader or a rerun
-sees the old file or the new one, never a part.
+On local disk each is built under a temporary name beside its destination (``NAME.tmp``,
+which the run's file bookkeeping ignores) and renamed over it only when complete. On object
+storage (``s3://``, ``gs://``, ``az://``) a file is built locally, then put as one object
+(one PUT): a reader or a rerun sees the old file or the new one, never a part. Objects read
+back (models, a run's files) are cached per machine (:func:`cache_dir`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from urllib.parse import urlparse
 
 from agriland_scale.errors import OutputError
 
-__all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "is_object_url", "object_store", "probe_location",
-           "s3_settings", "write_json", "write_text"]
+__all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "cache_dir", "delete_object", "delete_prefix", "download", "is_object_url",
+           "join_url", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
+           "s3_settings", "upload_file", "write_json", "write_text"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -203,3 +206,140 @@ def probe_location(location: str, storage_options: dict[str, Any] | None = None,
             obstore.delete(store, name)
         except Exception as e:  # noqa: BLE001
             raise fail(e, "write") from None
+
+
+def _not_found() -> tuple[type[BaseException], ...]:
+    """Return the exceptions meaning "no such object" (the object store's and Python's)."""
+    from obstore.exceptions import NotFoundError
+
+    return (FileNotFoundError, NotFoundError)
+
+
+def join_url(base: str, rel: str) -> str:
+    """Join ``base`` (an object URL or a folder) and the relative path ``rel`` (``/``-separated)."""
+    return f"{str(base).rstrip('/')}/{rel.lstrip('/')}"
+
+
+def cache_dir() -> Path:
+    """Return this machine's cache folder for agriland (``$AGRILAND_CACHE``, else ``~/.cache/agriland``).
+
+    What lies there can always be fetched again: copies of models and of runs' files on object
+    storage. Deleting it loses nothing.
+    """
+    root = os.environ.get("AGRILAND_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "agriland")
+    return Path(root)
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``s3://b/p/name`` -> (``s3://b/p``, ``name``)."""
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    return parent, name
+
+
+def upload_file(local: str | Path, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Put the local file ``local`` at ``url`` as one object (one PUT: never visible half-written)."""
+    import obstore
+
+    parent, name = _split(url)
+    obstore.put(object_store(parent, storage_options), name, Path(local))
+
+
+def delete_object(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the object at ``url`` (missing is fine)."""
+    import obstore
+
+    parent, name = _split(url)
+    try:
+        obstore.delete(object_store(parent, storage_options), name)
+    except _not_found():
+        pass
+
+
+def delete_prefix(url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Delete every object under the prefix ``url``; returns how many."""
+    import obstore
+
+    store = object_store(url, storage_options)
+    paths = [str(m["path"]) for batch in obstore.list(store) for m in batch]
+    for i in range(0, len(paths), 1000):
+        obstore.delete(store, paths[i:i + 1000])
+    return len(paths)
+
+
+def list_objects(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Return ``{path relative to url: size in bytes}`` of every object under the prefix ``url``."""
+    import obstore
+
+    found: dict[str, int] = {}
+    for batch in obstore.list(object_store(url, storage_options)):
+        for meta in batch:
+            found[str(meta["path"])] = int(meta["size"])
+    return found
+
+
+def download(url: str, local: str | Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """Copy the object at ``url`` to the local file ``local`` (atomically); returns ``local``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No object at ``url``.
+    """
+    import obstore
+
+    parent, name = _split(url)
+    try:
+        data = obstore.get(object_store(parent, storage_options), name).bytes()
+    except _not_found():
+        raise FileNotFoundError(f"no object at {url}") from None
+    with atomic_path(local) as tmp:
+        tmp.write_bytes(bytes(data))
+    return Path(local)
+
+
+def object_version(url: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Return an object's version tag (its e-tag, or size and time), or None when it does not exist."""
+    import obstore
+
+    parent, name = _split(url)
+    try:
+        meta = obstore.head(object_store(parent, storage_options), name)
+    except _not_found():
+        return None
+    return str(meta.get("e_tag") or f"{meta['size']}-{meta['last_modified']}")
+
+
+def local_copy(location: str | Path, storage_options: dict[str, Any] | None = None, *,
+               with_sidecar: bool = False) -> Path:
+    """Return a local path for ``location``: itself for a path, a cached copy for an object URL.
+
+    An object is downloaded once per machine and version (:func:`cache_dir`/``objects``);
+    ``with_sidecar`` also fetches ``LOCATION.json`` (a model's metadata) when it exists.
+
+    Raises
+    ------
+    FileNotFoundError
+        No object at ``location``.
+    """
+    import hashlib
+
+    text = str(location)
+    if not is_object_url(text):
+        m = _URL.match(text)
+        return Path(m.group(2) if m and m.group(1).lower() == "file" else text)
+    version = object_version(text, storage_options)
+    if version is None:
+        raise FileNotFoundError(f"no object at {text}")
+    key = hashlib.sha256(f"{text}\n{version}".encode()).hexdigest()[:24]
+    local = cache_dir() / "objects" / key / _split(text)[1]
+    if not local.is_file():
+        download(text, local, storage_options)
+    if with_sidecar:
+        side = Path(str(local) + ".json")
+        if not side.is_file():
+            try:
+                download(text + ".json", side, storage_options)
+            except FileNotFoundError:
+                pass
+    return local

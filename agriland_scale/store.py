@@ -20,7 +20,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import icechunk
@@ -31,7 +31,7 @@ import zarr
 
 from agriland_scale.errors import CorruptInput, OutputError
 from agriland_scale.files import is_object_url, probe_location, s3_settings
-from agriland_scale.layout import STORE, local_folder
+from agriland_scale.layout import RECORD, STORE, local_folder
 
 __all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "has_group", "history", "is_repo",
            "open_cube", "open_product", "open_repo", "open_run", "product_groups", "reader", "repo_storage", "store_location",
@@ -62,7 +62,24 @@ def store_location(out: str | Path) -> str:
         return text if _URL.match(text) else str(local_folder(text))
     if _URL.match(text) and not text.lower().startswith("file://"):
         return f"{text}/{STORE}"
-    return str(local_folder(text) / STORE)
+    folder = local_folder(text)
+    if not (folder / STORE).exists():  # the working copy of a run on object storage
+        location = _recorded_location(folder)
+        if location and is_object_url(location):
+            return f"{location}/{STORE}"
+    return str(folder / STORE)
+
+
+def _recorded_location(folder: Path) -> str | None:
+    """Return the ``location`` that a run folder's ``run.json`` names (an object-storage URL)."""
+    import json
+
+    try:
+        rec = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    loc = rec.get("location") if isinstance(rec, dict) else None
+    return str(loc).rstrip("/") if loc else None
 
 
 def repo_storage(location: str | Path, storage_options: dict[str, Any] | None = None) -> icechunk.Storage:
@@ -494,10 +511,13 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
     for g in groups:
         ds = xr.open_zarr(store, group=g, consolidated=False, mask_and_scale=False, decode_times=False,
                           decode_coords="all")
-        for v in ds.variables.values():
-            keep = {k: v.encoding[k] for k in ("chunks", "dtype") if k in v.encoding}
-            if "_FillValue" in v.attrs or "_FillValue" in v.encoding:
-                keep["_FillValue"] = v.attrs.pop("_FillValue", v.encoding.get("_FillValue"))
+        src = zarr.open_group(store, path=g, mode="r")
+        for name, v in ds.variables.items():
+            keep = {k: v.encoding[k] for k in ("chunks", "dtype", "grid_mapping", "coordinates") if k in v.encoding}
+            # the fill value as stored, and none where none was declared (xarray would add NaN)
+            keep["_FillValue"] = v.attrs.pop("_FillValue", v.encoding.get("_FillValue"))
+            if zarr_format == 3 and str(name) in src:  # the Zarr fill value as stored (GDAL's nodata)
+                keep["fill_value"] = cast(zarr.Array, src[str(name)]).metadata.fill_value
             v.encoding = keep
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")

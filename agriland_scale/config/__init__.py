@@ -11,6 +11,7 @@ from agriland_scale.config.schema import (
     CubeConfig,
     DECConfig,
     EmbedConfig,
+    OutputConfig,
     PatchConfig,
     RunConfig,
     RuntimeConfig,
@@ -20,6 +21,6 @@ from agriland_scale.config.schema import (
     check_bbox,
 )
 
-__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "PatchConfig", "RunConfig",
+__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "OutputConfig", "PatchConfig", "RunConfig",
            "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox", "check_input_files",
            "load_config", "resolve_path"]

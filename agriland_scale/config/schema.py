@@ -34,7 +34,7 @@ from agriland_scale.config.checks import (
 from agriland_scale.config.region import check_bbox
 from agriland_scale.errors import ConfigError
 
-__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "PatchConfig", "RunConfig", "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox"]
+__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "OutputConfig", "PatchConfig", "RunConfig", "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox"]
 
 
 class _Model(BaseModel):
@@ -327,6 +327,20 @@ class RuntimeConfig(_Model):
     commit_every_s: float = Field(default=5.0, ge=0)
 
 
+class OutputConfig(_Model):
+    """Where the run's outputs go, when ``--out`` is object storage (``s3://``, ``gs://``, ``az://``).
+
+    ``storage_options``: credentials and endpoint for the store, when the usual variables
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``;
+    the GCS and Azure equivalents) are not what to use. For S3: ``endpoint_url``, ``region``,
+    ``access_key_id``, ``secret_access_key``, ``session_token``, ``allow_http``, ``anonymous``.
+    They are never written to ``run.json``. Workers take credentials from their own
+    environment (a cluster's nodes usually have a role or variables of their own).
+    """
+
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+
 class RunConfig(_Model):
     """A whole run: one pipeline file."""
 
@@ -339,6 +353,7 @@ class RunConfig(_Model):
     cluster: ClusterConfig = ClusterConfig()
     segment: SegmentConfig = SegmentConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.errors import CorruptInput
-from agriland_scale.files import write_json
+from agriland_scale.files import is_object_url, local_copy, write_json
 
 __all__ = ["check_keras_file", "read_sidecar", "sidecar_path", "write_sidecar"]
 
@@ -38,6 +38,8 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
     """
     p = sidecar_path(model_path)
     try:
+        if is_object_url(model_path):  # a model on object storage: its sidecar, cached
+            p = local_copy(str(model_path) + ".json")
         meta = json.loads(p.read_text())
     except FileNotFoundError:
         raise CorruptInput(f"model {model_path} has no metadata sidecar {p}: it was not saved by "
@@ -64,7 +66,10 @@ def check_keras_file(model_path: str | Path, where: str | None = None) -> None:
         Naming ``where`` (default: the path) and what is wrong.
     """
     where = where or f"model {model_path}"
-    p = Path(model_path)
+    try:
+        p = local_copy(model_path)  # a model on object storage is checked in this machine's cache
+    except FileNotFoundError:
+        p = Path("/nonexistent/" + Path(str(model_path)).name)
     if not p.is_file():
         raise CorruptInput(f"{where}: no such file" + (" (it is a folder)" if p.is_dir() else "")
                            + ": give the path of a .keras file saved by agriland-scale")

@@ -6,8 +6,12 @@ patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sid
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -277,9 +281,10 @@ def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig,
     dict
         The model's metadata: history (loss per epoch), seconds, paths.
     """
-    with _worker.seeded(seed):
-        return _train_cae(cube_store, y0, x0, cfg, size, out_path, seed=seed, region=region, group=group,
+    with _worker.seeded(seed), _saved_to(out_path) as local:
+        meta = _train_cae(cube_store, y0, x0, cfg, size, local, seed=seed, region=region, group=group,
                           progress_tag=progress_tag)
+    return _relocated(meta, local, out_path)
 
 
 def train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *, seed: int = 0,
@@ -314,6 +319,37 @@ def train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out
     dict
         The model's metadata: validation metrics, per-epoch history, seconds.
     """
-    with _worker.seeded(seed):
-        return _train_unet(cube_store, label, cfg, out_path, seed=seed, label_source=label_source,
+    with _worker.seeded(seed), _saved_to(out_path) as local:
+        meta = _train_unet(cube_store, label, cfg, local, seed=seed, label_source=label_source,
                            region=region, group=group, progress_tag=progress_tag)
+    return _relocated(meta, local, out_path)
+
+
+@contextlib.contextmanager
+def _saved_to(out_path: str) -> Iterator[str]:
+    """Give the local path a model is saved to; for an object-storage ``out_path``, upload after.
+
+    A model for ``s3://.../models/unet.keras`` is saved in a temporary folder of the worker,
+    then every file saved beside it (the model, its encoder, sidecars, MLM items) is put next
+    to ``out_path``, one object each, when training succeeded.
+    """
+    from agriland_scale.files import is_object_url, join_url, upload_file
+
+    if not is_object_url(out_path):
+        yield out_path
+        return
+    with tempfile.TemporaryDirectory(prefix="agriland-model-") as d:
+        local = str(Path(d) / out_path.rstrip("/").rpartition("/")[2])
+        yield local
+        parent = out_path.rstrip("/").rpartition("/")[0]
+        for f in sorted(Path(d).iterdir()):
+            if f.is_file():
+                upload_file(f, join_url(parent, f.name))
+
+
+def _relocated(meta: dict[str, Any], local: str, out_path: str) -> dict[str, Any]:
+    """Replace the local save paths in a model's metadata by where the model was put."""
+    if local == out_path:
+        return meta
+    parent, here = out_path.rstrip("/").rpartition("/")[0], str(Path(local).parent)
+    return json.loads(json.dumps(meta, default=str).replace(here, parent))

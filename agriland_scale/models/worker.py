@@ -79,7 +79,8 @@ def get_model(path: str | Path, precision: str = "float32", input_size: int | No
     Parameters
     ----------
     path : str or Path
-        A ``.keras`` file; the cache is keyed by its path and modification time.
+        A ``.keras`` file, or its object-storage URL (``s3://...``: fetched into this machine's
+        cache); the cache is keyed by its path and modification time.
     precision : str
         ``"mixed_float16"`` gives a copy computing in float16 with float32 weights
         (:func:`with_precision`; for GPUs with tensor cores), kept beside the float32 one.
@@ -95,9 +96,10 @@ def get_model(path: str | Path, precision: str = "float32", input_size: int | No
     configure_tensorflow()
     import keras
 
+    from agriland_scale.files import local_copy
     from agriland_scale.models import dec, unet  # noqa: F401  (register custom objects)
 
-    p = Path(path)
+    p = local_copy(path)  # a model on object storage: fetched once per machine and version
     key = (str(p.resolve()), p.stat().st_mtime, precision, None)
     with _lock:
         if key not in _models:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.config.schema import RunConfig
+from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.worker import warm_up
 from agriland_scale.pipeline.resume import Products
@@ -49,6 +50,11 @@ class RunContext:
         ``progress(label, done, total[, info, milestone])``: blocks or training steps.
     wanted : tuple of str
         The stages this invocation runs or keeps, in order.
+    location : str
+        Where the run lives: ``out`` itself, or the object-storage URL ``out`` is the
+        working copy of (:mod:`.remote`).
+    mirror : Mirror or None
+        Puts the working copy's files on the object store (a run on object storage).
     background : list
         Futures of tasks that prepare later stages (model warm-ups); the runner cancels
         what is left of them when the run ends.
@@ -64,6 +70,8 @@ class RunContext:
     say: Report
     progress: Progress
     wanted: tuple[str, ...]
+    location: str = ""
+    mirror: Any = None
     background: list[Any] = field(default_factory=list)
 
     @property
@@ -73,8 +81,27 @@ class RunContext:
 
     @property
     def models(self) -> Path:
-        """Where trained models go, ``OUT/models``."""
+        """Where trained models go in the run folder (or its working copy), ``OUT/models``."""
         return self.out / MODELS_DIR
+
+    def where(self, rel: str) -> str:
+        """Where the run's file ``rel`` (relative to OUT) lives: a path, or a URL on object storage."""
+        return join_url(self.location, rel) if is_object_url(self.location) else str(self.out / rel)
+
+    def model_location(self, name: str) -> str:
+        """Where the training task saves model ``name``: ``OUT/models/NAME``, a path or a URL.
+
+        For a run on object storage the task puts it there itself (a worker may share no
+        folder with this process); :meth:`fetched_models` then copies the files here.
+        """
+        if is_object_url(self.location):
+            return join_url(self.location, f"{MODELS_DIR}/{name}")
+        return str(self.models / name)
+
+    def fetched_models(self) -> None:
+        """Copy the models a training task put on the object store into the working copy."""
+        if self.mirror is not None:
+            self.mirror.pull(MODELS_DIR + "/")
 
     def warm_up(self, models: list[tuple[str, int, int, bool]], *, only_tensorflow: bool = False) -> None:
         """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
@@ -96,6 +123,14 @@ class RunContext:
     def settings(self, stage: str) -> dict[str, Any]:
         """Return the settings ``stage``'s outputs depend on (see :func:`stage_settings`)."""
         return stage_settings(self.cfg, self.record, stage)
+
+
+def model_version(path: str) -> int | str | None:
+    """Return a model file's version: mtime (ns), or its e-tag on object storage; None if missing."""
+    if is_object_url(path):
+        return object_version(path)
+    p = Path(path)
+    return p.stat().st_mtime_ns if p.exists() else None
 
 
 def zones_with_data(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -131,6 +166,8 @@ def stage_settings(cfg: RunConfig, record: dict[str, Any], stage: str) -> dict[s
         out[key] = node
     for name, attr in (("cae", "encoder_path"), ("unet", "model_path")):
         path = (record.get(name) or {}).get(attr)
-        if path and stage in ("embeddings", "segmentation") and Path(path).exists():
-            out[f"{name}_model"] = [path, Path(path).stat().st_mtime_ns]
+        if path and stage in ("embeddings", "segmentation"):
+            version = model_version(path)
+            if version is not None:
+                out[f"{name}_model"] = [path, version]
     return out

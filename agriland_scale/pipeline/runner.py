@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.config.schema import RunConfig
-from agriland_scale.files import write_json
+from agriland_scale.files import delete_prefix, is_object_url, join_url, probe_location, write_json
 from agriland_scale.layout import (
     GROUPS,
     ITEMS,
@@ -47,6 +47,7 @@ from agriland_scale.layout import (
     MODELS_DIR,
     RECORD,
     STAGES,
+    STORE,
     dependents,
     local_folder,
     package_versions,
@@ -54,8 +55,9 @@ from agriland_scale.layout import (
 )
 from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
-from agriland_scale.pipeline.context import Progress, Report, RunContext, zones_with_data
+from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
+from agriland_scale.pipeline.remote import Mirror, RemoteLock, fresh_copy, working_copy
 from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client, gpu_resources
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
@@ -91,29 +93,64 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     OutputExists, OutputError
         ``out`` cannot take this run (see :func:`prepare_output`).
     """
-    out = local_folder(out)
     force = list(force)
     wanted = stages_needed(until)
     forced = dependents(force)
     say = _say(report)
-    with outdir.locked(out, command, notice=say):
-        old = prepare_output(out, cfg, overwrite, force)
-        preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
-        if overwrite and old is not None:
-            refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
-                                   "--overwrite")
-            remove_run(out, old)
-            old = None
-        elif force and old is not None:
-            refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
-                                              for f in (old.get("files") or {}).get(s, [])],
-                                   f"--force {' '.join(force)}")
-        return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until)
+    with _location(cfg, out, command, say) as (out, location, mirror):
+        with outdir.locked(out, command, notice=say):
+            old = prepare_output(out, cfg, overwrite, force)
+            preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
+            if overwrite and old is not None:
+                refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
+                                       "--overwrite")
+                remove_run(out, old)
+                if mirror is not None:  # the products on the object store go too
+                    delete_prefix(join_url(location, STORE), cfg.output.storage_options)
+                old = None
+            elif force and old is not None:
+                refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
+                                                  for f in (old.get("files") or {}).get(s, [])],
+                                       f"--force {' '.join(force)}")
+            return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until,
+                               location, mirror)
+
+
+@contextlib.contextmanager
+def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
+              ) -> Iterator[tuple[Path, str, Mirror | None]]:
+    """Give the run's folder, its location and, for object storage, its mirror, under the run's lock.
+
+    A local ``out`` is the run's folder. An object-storage ``out`` is checked (reachable,
+    bucket, credentials, write permission) before anything else, locked
+    (:class:`~.remote.RemoteLock`), and its files are fetched into this machine's working copy
+    (:func:`~.remote.working_copy`), which is put back after every stage and at the end.
+    """
+    if not is_object_url(out):
+        folder = local_folder(out)
+        yield folder, str(folder), None
+        return
+    location = str(out).rstrip("/")
+    opts = cfg.output.storage_options
+    probe_location(location, opts)
+    local = working_copy(location)
+    with RemoteLock(location, command, opts, notice=say):
+        fresh_copy(local)
+        mirror = Mirror(location, local, opts)
+        fetched = mirror.pull()
+        say(f"run on object storage: {location} (working copy {local}, {len(fetched)} file(s) fetched)")
+        try:
+            yield local, location, mirror
+        finally:
+            try:
+                mirror.push()
+            except Exception as e:  # noqa: BLE001 - never hide the run's own error; the next run pushes
+                log.warning("could not put the run's files on %s: %s", location, e)
 
 
 def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
-                scheduler: str | None, say: Report, progress: Progress | None, until: str | None
-                ) -> dict[str, Any]:
+                scheduler: str | None, say: Report, progress: Progress | None, until: str | None,
+                location: str, mirror: Mirror | None) -> dict[str, Any]:
     (out / MODELS_DIR).mkdir(exist_ok=True)
     record: dict[str, Any] = {
         "config": json.loads(cfg.model_dump_json()), "versions": package_versions(),
@@ -127,7 +164,8 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
         record.setdefault("attempts", 1)
         record["attempts"] += 1
-    products = Products(out, commit_every_s=cfg.runtime.commit_every_s)
+    record["location"] = location
+    products = Products(location, cfg.output.storage_options, commit_every_s=cfg.runtime.commit_every_s)
     if force:
         # what the forced stages made goes before they are redone: no reader may open a
         # product, COG, gallery or STAC file that is no longer current. The record says so
@@ -157,7 +195,7 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
     try:
-        _Runner(cfg, out, record, products, say, progress).run(wanted, scheduler)
+        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -250,8 +288,9 @@ class _Runner:
     """Runs the stages of one run: status, timing, files and resume in ``record`` (run.json)."""
 
     def __init__(self, cfg: RunConfig, out: Path, record: dict[str, Any], products: Products,
-                 say: Report, progress: Progress | None):
+                 say: Report, progress: Progress | None, location: str = "", mirror: Mirror | None = None):
         self.cfg, self.out, self.record, self.products, self.say = cfg, out, record, products, say
+        self.location, self.mirror = location or str(out), mirror
 
         def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
             if progress:
@@ -274,9 +313,9 @@ class _Runner:
         if stage in GROUPS:
             return bool(zones) and all(self.products.exists(z["prefix"] + GROUPS[stage]) for z in zones.values())
         if stage == "cae":
-            return Path((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")).exists()
+            return model_version((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")) is not None
         if stage == "unet":
-            return Path((self.record.get("unet") or {}).get("model_path", "/nonexistent")).exists()
+            return model_version((self.record.get("unet") or {}).get("model_path", "/nonexistent")) is not None
         return (self.out / RECORD).exists() and (self.out / "report.html").exists()
 
     def run(self, wanted: list[str], scheduler: str | None) -> None:
@@ -292,7 +331,8 @@ class _Runner:
             # training tasks relay their progress (epoch, step, loss) as events of this run
             ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
                              res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,
-                             progress=self.progress, wanted=tuple(wanted))
+                             progress=self.progress, wanted=tuple(wanted), location=self.location,
+                             mirror=self.mirror)
 
             def on_event(event: tuple) -> None:
                 msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
@@ -353,6 +393,9 @@ class _Runner:
                 # what the stage wrote is the run's to replace or delete later, nothing else
                 rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
                                              | set(outdir.changed_since(self.out, before)))
+                if self.mirror is not None:  # the stage's files on the object store, one object each
+                    write_json(rec, self.out / RECORD)
+                    self.mirror.push()
             rec["stages"][stage] = "done"
             rec.pop("error", None)
             write_json(rec, self.out / RECORD)

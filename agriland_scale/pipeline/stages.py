@@ -25,7 +25,7 @@ from agriland_scale.cube.assets import check_assets
 from agriland_scale.cube.composite import chunk_valid_fraction
 from agriland_scale.cube.load import load_bands, load_zone_cubes
 from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound
-from agriland_scale.files import write_json
+from agriland_scale.files import atomic_path, write_json
 from agriland_scale.labels.classes import IGNORE
 from agriland_scale.labels.raster import load_labels
 from agriland_scale.layout import COG_DIR, ITEMS, RECORD, zone_name
@@ -207,10 +207,11 @@ def cae_stage(ctx: RunContext) -> None:
     ix, valid = idx[train_zone]
     sel = np.flatnonzero(valid)
     fut = ctx.client.submit(train_cae, ctx.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
-                            cfg.patches.size, str(ctx.models / "cae.keras"), seed=cfg.seed,
+                            cfg.patches.size, ctx.model_location("cae.keras"), seed=cfg.seed,
                             region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
                             progress_tag=ctx.tag, resources=ctx.res, pure=False)
     meta = fut.result()
+    ctx.fetched_models()
     ctx.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
         "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
     ctx.say(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
@@ -295,7 +296,7 @@ def unet_stage(ctx: RunContext) -> None:
     # labels that cannot train (no positive or no negative pixel) stop here, not after training
     training_windows(np.asarray(labels[train_zone].values), s,
                      f"the labels {resolve_path(s.labels, Path.cwd())} (zone {train_zone})")
-    path = str(ctx.models / "unet.keras")
+    path = ctx.model_location("unet.keras")
     # the training task reads the label raster from the store (a full tile's is 120 MB:
     # not something to send through the scheduler)
     prefix = ctx.zones()[train_zone]["prefix"]
@@ -309,6 +310,7 @@ def unet_stage(ctx: RunContext) -> None:
                             label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
                             group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
     meta = fut.result()
+    ctx.fetched_models()
     ctx.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
         "zone": train_zone, "model_path": path}
     ctx.say(f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
@@ -335,10 +337,28 @@ def segmentation_stage(ctx: RunContext) -> None:
                                           label=f"segmentation {name}", progress=ctx.progress)
         z["segmentation_blocks"] = stats
 
-def _quicklook_task(store: str, prefix: str, path: str) -> None:
-    """Draw a zone's quicklook PNG (runs on a worker, beside the publish stage's own work)."""
+def _files_task(draw: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, bytes]:
+    """Run ``draw(*args, out_dir, **kwargs)`` in a temporary folder of a worker; return its files.
+
+    The pictures and tables of the publish stage are drawn on the workers, which may share no
+    filesystem with this process: they come back as ``{path relative to OUT: bytes}``.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="agriland-publish-") as d:
+        draw(*args, d, **kwargs)
+        return {str(f.relative_to(d)).replace("\\", "/"): f.read_bytes()
+                for f in sorted(Path(d).rglob("*")) if f.is_file()}
+
+
+def _quicklook(store: Any, prefix: str, name: str, out_dir: str) -> None:
+    """Draw a zone's quicklook PNG ``out_dir/name``."""
     write_quicklook(open_cube(store, prefix + "cube"), open_product(store, prefix + "clusters"),
-                    open_product(store, prefix + "segmentation"), path)
+                    open_product(store, prefix + "segmentation"), str(Path(out_dir) / name))
+
+
+def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str) -> None:
+    write_cluster_products(store, out_dir, k, seed, zone=zone)
 
 
 def publish_stage(ctx: RunContext) -> None:
@@ -353,9 +373,9 @@ def publish_stage(ctx: RunContext) -> None:
     cogs = out / COG_DIR
     pictures = []
     for name, z in zones.items():
-        pictures.append(ctx.client.submit(_quicklook_task, store, z["prefix"],
-                                          str(out / f"quicklook{'_' + name if multi else ''}.png"), pure=False))
-        pictures.append(ctx.client.submit(write_cluster_products, store, str(out), cfg.cluster.k, cfg.seed,
+        pictures.append(ctx.client.submit(_files_task, _quicklook, store, z["prefix"],
+                                          f"quicklook{'_' + name if multi else ''}.png", pure=False))
+        pictures.append(ctx.client.submit(_files_task, _cluster_products, store, cfg.cluster.k, cfg.seed,
                                           zone=name if multi else "", pure=False))
     groups, seg_by_zone = [], {}
     for name, z in zones.items():
@@ -379,10 +399,13 @@ def publish_stage(ctx: RunContext) -> None:
         write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
                   description="agricultural land probability, zones reprojected", units="1")
         groups.append("mosaic")
-    ctx.client.gather(pictures)  # a failed picture fails the stage, with its own error
+    for files in ctx.client.gather(pictures):  # a failed picture fails the stage, with its own error
+        for rel, data in files.items():
+            with atomic_path(out / rel) as tmp:
+                tmp.write_bytes(data)
     ctx.record["products"] = {"zarr": ctx.products.location, "groups": groups,
-                              "cogs": sorted(str(x) for x in cogs.glob("*.tif")),
-                              "report": str(out / "report.html"), "stac": str(out / "stac" / "collection.json")}
+                              "cogs": sorted(ctx.where(f"{COG_DIR}/{x.name}") for x in cogs.glob("*.tif")),
+                              "report": ctx.where("report.html"), "stac": ctx.where("stac/collection.json")}
     write_json(ctx.record, out / RECORD)
     write_stac(out)
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agriland_scale.files import is_object_url, join_url, list_objects
 from agriland_scale.layout import (
     COG_NAMES,
     LOCK_NAME,
@@ -43,11 +44,21 @@ def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
     rels += quick + ["items.json", "clusters/gallery.png", "clusters/embedding_map.png", "report.html",
                      "stac/collection.json"]
     rows = []
+    location = _location(out, record)
     for rel in rels:
         p = out / rel
-        rows.append({"name": rel.rsplit("/", 1)[-1], "path": rel, "exists": p.exists(),
-                     "bytes": _size_bytes(p) if p.exists() else None})
+        size = _size_bytes(p) if p.exists() else None
+        if rel == STORE and size is None and is_object_url(location):  # the store is on object storage
+            size = sum(list_objects(join_url(location, STORE)).values()) or None
+        rows.append({"name": rel.rsplit("/", 1)[-1], "path": rel, "exists": size is not None,
+                     "bytes": size})
     return rows
+
+
+def _location(out: Path, record: RunRecord) -> str:
+    """Where the run lives: its folder, or the object-storage URL a working copy stands for."""
+    loc = str(record.get("location") or "")
+    return loc if is_object_url(loc) else str(out.resolve())
 
 
 def _size_bytes(path: Path) -> int:
@@ -167,7 +178,7 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
                        "model": meta.get("model"), "sidecar": side.is_file()})
     return {
         "name": cfg.get("name"),
-        "out_dir": str(out.resolve()),
+        "out_dir": _location(out, record),
         "started": record.get("started"),
         "finished": record.get("finished"),
         "error": record.get("error"),
