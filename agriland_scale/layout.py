@@ -123,6 +123,7 @@ class RunRecord(TypedDict, total=False):
     clusters: dict[str, Any]
     unet: dict[str, Any]
     vector: dict[str, Any]
+    store: dict[str, Any]  # the product store: location, commits and their seconds (this invocation)
     location: str  # the folder, or the object-storage URL (s3://...) the run lives at
 
 

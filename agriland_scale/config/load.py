@@ -22,7 +22,7 @@ from agriland_scale.config.checks import (
     expanded_size,
     format_errors,
 )
-from agriland_scale.config.files import resolve_path
+from agriland_scale.config.files import is_url, resolve_path
 from agriland_scale.config.schema import RunConfig, apply_overrides
 from agriland_scale.errors import ConfigError
 
@@ -138,14 +138,14 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
 def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
     out = {}
     for key, value in (("search.catalog", cfg.search.catalog), ("search.region", cfg.search.region)):
-        if value and not value.startswith("builtin:"):
+        if value and not value.startswith("builtin:") and not is_url(value):
             r = str(resolve_path(value, base))
             if r != value:
                 out[key] = r
     for key, value in (("segment.labels", cfg.segment.labels), ("embed.weights", cfg.embed.weights),
                        ("segment.weights", cfg.segment.weights), ("embed.model", cfg.embed.model),
                        ("segment.model", cfg.segment.model)):
-        if value and value not in ("imagenet", "none") and not value.startswith("builtin:"):
+        if value and value not in ("imagenet", "none") and not value.startswith("builtin:") and not is_url(value):
             r = str(resolve_path(value, base))
             if r != value:
                 out[key] = r

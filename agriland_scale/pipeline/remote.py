@@ -10,7 +10,8 @@ fetching those files, so the object store is the only place a run lives.
 One writer: :class:`RemoteLock` holds ``OUT/.agriland.lock``, an object created with a
 conditional PUT (``If-None-Match``: a second ``agriland run`` is refused at once) and
 refreshed by a heartbeat; a lock whose heartbeat stopped for :data:`STALE_S` seconds (a
-killed process) is taken over, conditionally on the e-tag it had.
+killed process), or whose holder was a process of this host that no longer runs, is taken
+over, conditionally on the e-tag it had.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class RemoteLock:
     def acquire(self) -> RemoteLock:
         """Take the lease, or raise :class:`RunLocked` naming the process that holds it."""
         import obstore
-        from obstore.exceptions import AlreadyExistsError
+        from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 
         lock_url = join_url(self.location, LOCK_NAME)
         for _ in range(5):
@@ -168,19 +169,20 @@ class RemoteLock:
                 continue  # released in between: try again
             holder, etag = found
             age = time.time() - float(holder.get("heartbeat") or 0)
-            if age < STALE_S:
+            if age < STALE_S and not _ended_here(holder):
                 raise RunLocked(
                     f"{self.location} is in use by {self.describe(holder)} (its lock {lock_url} was "
                     f"refreshed {age:.0f} s ago): one process writes a run at a time. Wait for it to finish "
                     "(or stop it), or choose another --out") from None
             try:  # a holder that stopped refreshing its lock has ended: take it over, if still so
                 self._etag = obstore.put(self.store, LOCK_NAME, self._body(),
-                                         mode={"e_tag": etag, "version": None}).get("e_tag")
-            except Exception:  # noqa: BLE001 - someone else took it over first: look again
+                                         mode=_if_match(etag)).get("e_tag")
+            except (PreconditionError, NotFoundError):  # someone else was first: look again
                 continue
             if self.notice:
-                self.notice(f"note: the previous run in {self.location}, {self.describe(holder)}, stopped "
-                            f"refreshing its lock {age:.0f} s ago (killed?): its lock is taken over")
+                self.notice(f"note: the previous run in {self.location}, {self.describe(holder)}, ended "
+                            f"without releasing its lock (killed? last refreshed {age:.0f} s ago): its lock "
+                            "is taken over")
             break
         else:
             raise RunLocked(f"could not lock {self.location}: its lock keeps changing (another process is "
@@ -196,7 +198,7 @@ class RemoteLock:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self._etag = obstore.put(self.store, LOCK_NAME, self._body(),
-                                         mode={"e_tag": self._etag, "version": None}).get("e_tag")
+                                         mode=_if_match(self._etag)).get("e_tag")
             except Exception as e:  # noqa: BLE001 - logged; the next beat tries again
                 log.warning("could not refresh the lock of %s: %s", self.location, e)
 
@@ -219,6 +221,24 @@ class RemoteLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _if_match(etag: str | None) -> Any:
+    """Return the put mode that replaces an object only while its e-tag is ``etag`` (If-Match)."""
+    return {"e_tag": etag} if etag else "create"
+
+
+def _ended_here(holder: dict[str, Any]) -> bool:
+    """Tell whether a lock's holder ran on this host and its process no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
 
 
 def fresh_copy(local: Path) -> None:

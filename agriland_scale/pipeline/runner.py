@@ -198,6 +198,8 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
+        record["store"] = {"location": products.location, "commits": products.commits,
+                           "commit_seconds": round(products.commit_seconds, 3)}
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for stage, status in record["stages"].items():  # stopped where no handler could say so
             if status == "running":
@@ -375,6 +377,8 @@ class _Runner:
             t0 = time.perf_counter()
             rec["stages"][stage] = "running"
             write_json(rec, self.out / RECORD)
+            if self.mirror is not None:  # readers of the object store see the stage running
+                self.mirror.push()
             before = outdir.snapshot(self.out)
             try:
                 STAGE_FUNCTIONS[stage](ctx)

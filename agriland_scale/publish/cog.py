@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from agriland_scale.files import TMP_SUFFIX, atomic_path
 from agriland_scale.render import RGB, stretch_limits, to_rgb
 from agriland_scale.store import write_georef
 
-__all__ = ["MASK_COLORMAP", "cluster_colormap", "copy_zarr_v2", "mosaic_zones", "write_cluster_cog", "write_cog"]
+__all__ = ["MASK_COLORMAP", "cluster_colormap", "mosaic_zones", "write_cluster_cog", "write_cog"]
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +78,6 @@ def _source_nodata(da: xr.DataArray) -> float | int | None:
         if where.get("_FillValue") is not None:
             return where["_FillValue"]
     return None
-
-
-def copy_zarr_v2(store: str | Path, group: str, dest: str | Path) -> None:
-    """Copy one product ``group`` of the (Zarr v3) ``store`` to a Zarr v2 store ``dest``.
-
-    For GDAL before 3.11 (e.g. the GDAL 3.10 of rasterio 1.4 wheels), whose Zarr driver reads
-    Zarr v2 but not final-spec Zarr v3 (it knows neither the ``bytes`` nor the ``zstd`` codec):
-    ``gdalinfo 'ZARR:"DEST":/probability'`` then gives the CRS (CF ``grid_mapping``), the
-    geotransform, nodata (the fill value) and the scale. Values are copied as stored (no CF
-    decoding), with their attributes; the copy uses zarr-python's default v2 compressor.
-    """
-    ds = xr.open_zarr(store, group=group, consolidated=False, mask_and_scale=False)
-    for v in ds.variables.values():
-        v.encoding = {k: e for k, e in v.encoding.items() if k in ("chunks", "coordinates")}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-        ds.to_zarr(str(dest), mode="w", zarr_format=2, consolidated=True)
 
 
 def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,

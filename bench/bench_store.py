@@ -1,0 +1,168 @@
+"""The product store on object storage against a local folder (issue 15), measured in one run.
+
+- **The demo pipeline, local folder vs S3**: the embedded demo (fixed short schedules, the
+  models trained once by a first local run and then given as ``embed.model``/``segment.model``,
+  so every measured run does the same work), alternately into a new local folder and a new
+  prefix of a real S3 server on 127.0.0.1 (SeaweedFS, ``scripts/local_s3.py``). Reports the
+  wall time of each (median over the rounds) and their ratio (goal <= 1.15), the bytes written
+  (the folder, or every object under the prefix), and the store's commits and their total time
+  (``run.json`` ``store``).
+- **Commit overhead per block row**: a real cube (the demo's reflectance, 16 block rows of 64 px)
+  written with :class:`~agriland_scale.pipeline.resume.Products` committing every block
+  (``runtime.commit_every_s: 0``) and committing once, locally and on S3:
+  (time every block - time once) / blocks.
+- **Engine metadata after ``--force`` twice**: a local run redone twice with ``--force
+  segmentation``; the bytes of the store's snapshots, manifests, transactions and refs
+  against its chunks, and the number of versions.
+
+Run: ``nice -n 5 python bench/bench_store.py [--rounds 2] [--json bench/results/store.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+# the demo's short schedules (as the tests' end-to-end runs)
+FAST = {
+    "embed.batch_size": 4,
+    "embed.train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001, "augment": True},
+    "cluster.dec": {"max_iter": 300, "update_interval": 50, "tol": 0.001, "batch_size": 16,
+                    "learning_rate": 0.01, "momentum": 0.9, "alpha": 1.0},
+    "segment.train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001, "augment_factor": 1,
+                      "patience": 3, "validation": "west", "validation_fraction": 0.3},
+    "runtime.dashboard_address": ":0",
+}
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _one_run(cfg, out: str) -> dict:
+    from agriland_scale.files import is_object_url, list_objects
+    from agriland_scale.pipeline.runner import run
+
+    t0 = time.perf_counter()
+    rec = run(cfg, out)
+    wall = time.perf_counter() - t0
+    written = sum(list_objects(out).values()) if is_object_url(out) else _du(Path(out))
+    return {"wall_s": wall, "bytes": written, "commits": rec["store"]["commits"],
+            "commit_s": rec["store"]["commit_seconds"], "stages_s": rec["timings_s"]}
+
+
+def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
+    """Seconds per block row that a commit a block costs over one commit, at ``location``."""
+    import numpy as np
+    import xarray as xr
+
+    from agriland_scale import load_config
+    from agriland_scale.config.schema import RuntimeConfig
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.pipeline.resume import Products
+    from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.search.stac import local_stac_api, search_items
+
+    cfg = load_config(REPO / "agriland_scale" / "data" / "demo.yaml")
+    with local_stac_api(cfg.search.catalog) as url:
+        items = search_items(cfg.search, url)
+    cube = load_cube(items, cfg.cube, cfg.search.bbox).isel(y=slice(0, rows)).compute()
+    n = rows // block
+    times = {}
+    with dask_client(RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB",
+                                   dashboard_address=":0")) as client:
+        for name, every in (("once", 1e9), ("every_block", 0.0), ("once_again", 1e9), ("every_block_again", 0.0)):
+            products = Products(f"{location}/commits-{name}", commit_every_s=every)
+            ds = cube.chunk({"y": block, "x": -1, "band": -1})
+            t0 = time.perf_counter()
+            stats = products.write_blocks(ds, "cube", "y", client)
+            times[name] = (time.perf_counter() - t0, stats["commits"], products.commit_seconds)
+            got = xr.open_zarr(products.reader(), group="cube", consolidated=False)["clear_count"].values
+            assert np.array_equal(got, cube["clear_count"].values)
+    once = statistics.median([times["once"][0], times["once_again"][0]])
+    every = statistics.median([times["every_block"][0], times["every_block_again"][0]])
+    return {"blocks": n, "once_s": once, "every_block_s": every, "per_block_row_s": (every - once) / n,
+            "commits_every_block": times["every_block"][1],
+            "commit_seconds_every_block": times["every_block"][2]}
+
+
+def _metadata_after_forces(cfg, out: Path) -> dict:
+    from agriland_scale.pipeline.runner import run
+    from agriland_scale.store import history
+
+    for _ in range(2):
+        run(cfg, out, force=["segmentation"])
+    store = out / "agriland.icechunk"
+    parts = {d.name: _du(d) for d in store.iterdir() if d.is_dir()}
+    meta = sum(v for k, v in parts.items() if k != "chunks")
+    return {"bytes_by_folder": parts, "metadata_bytes": meta, "chunk_bytes": parts.get("chunks", 0),
+            "metadata_fraction": meta / max(1, meta + parts.get("chunks", 0)),
+            "versions": len(history(out)), "commits": len(history(out, every_commit=True))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from local_s3 import LocalS3
+
+    from agriland_scale import load_config
+
+    base = load_config(REPO / "agriland_scale" / "data" / "demo.yaml").with_overrides(**FAST)
+    work = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cpus": os.cpu_count()}
+    with LocalS3(work / "s3") as s3:
+        os.environ.update(s3.env)  # this process and the LocalCluster's workers
+        t0 = time.perf_counter()
+        from agriland_scale.pipeline.runner import run
+
+        run(base, work / "train")  # trains the CAE and the U-Net once
+        results["training_run_s"] = time.perf_counter() - t0
+        models = work / "train" / "models"
+        cfg = base.with_overrides(**{"embed.model": str(models / "encoder.keras"),
+                                     "segment.model": str(models / "unet.keras")})
+        runs: dict[str, list[dict]] = {"local": [], "s3": []}
+        for r in range(args.rounds):
+            runs["local"].append(_one_run(cfg, str(work / f"local-{r}")))
+            runs["s3"].append(_one_run(cfg, s3.url(f"bench-{r}")))
+            print(f"round {r + 1}: local {runs['local'][-1]['wall_s']:.1f} s, S3 {runs['s3'][-1]['wall_s']:.1f} s",
+                  flush=True)
+        med = {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()}
+        results["demo"] = {"runs": runs, "median_wall_s": med, "ratio_s3_over_local": med["s3"] / med["local"]}
+        results["commit_overhead"] = {"local": _commit_overhead(str(work / "commits")),
+                                      "s3": _commit_overhead(s3.url("commits"))}
+        results["metadata_after_two_forces"] = _metadata_after_forces(cfg, work / "local-0")
+
+    d, c, m = results["demo"], results["commit_overhead"], results["metadata_after_two_forces"]
+    print(f"\ndemo pipeline (given models), median of {args.rounds}: local {d['median_wall_s']['local']:.1f} s, "
+          f"S3 {d['median_wall_s']['s3']:.1f} s -> ratio S3/local {d['ratio_s3_over_local']:.2f} (goal <= 1.15)")
+    for k in ("local", "s3"):
+        x = d["runs"][k][0]
+        print(f"  {k:5}: {x['bytes'] / 2**20:.1f} MiB written, {x['commits']} commits in {x['commit_s']:.2f} s")
+    for k in ("local", "s3"):
+        print(f"commit overhead {k:5}: {c[k]['per_block_row_s'] * 1000:.1f} ms per block row "
+              f"({c[k]['blocks']} rows: {c[k]['once_s']:.2f} s committing once, {c[k]['every_block_s']:.2f} s "
+              f"a commit a row; {c[k]['commits_every_block']} commits took {c[k]['commit_seconds_every_block']:.2f} s)")
+    print(f"engine metadata after --force segmentation twice: {m['metadata_bytes'] / 2**10:.0f} KiB "
+          f"({m['metadata_fraction']:.1%} of the store; chunks {m['chunk_bytes'] / 2**20:.1f} MiB), "
+          f"{m['versions']} versions, {m['commits']} commits")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
