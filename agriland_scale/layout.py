@@ -76,8 +76,8 @@ def local_folder(location: str | Path) -> Path:
     Raises
     ------
     OutputError
-        ``location`` is an object-storage or other URL (``s3://``, ``gs://``, ``az://``, ...):
-        a run is written to a local or mounted folder (object storage is not supported yet).
+        ``location`` is an object-storage URL (``s3://``, ``gs://``, ``az://``: callers that
+        accept one handle it before) or a URL of another kind.
     """
     text = str(location)
     url = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", text)
@@ -85,12 +85,14 @@ def local_folder(location: str | Path) -> Path:
         scheme, rest = url.groups()
         if scheme.lower() == "file":
             return Path(rest).expanduser().resolve()
-        what = _OBJECT_STORES.get(scheme.lower(), f"'{scheme}://' URLs")
+        if scheme.lower() in ("s3", "gs", "gcs", "az", "abfs", "abfss"):
+            raise OutputError(
+                f"{text} is on {_OBJECT_STORES[scheme.lower()]}, and this takes a local folder: give a folder "
+                "here (a run on object storage is read with `agriland inspect URL`, `agriland export URL "
+                "--zarr DEST` or agriland_scale.open_run(URL))")
         raise OutputError(
-            f"{text}: agriland-scale reads and writes a run in a local or mounted folder; {what} "
-            "is not supported as a run location yet. Give a local folder (or a bucket mounted with "
-            "s3fs/gcsfuse/blobfuse2, which all workers see) and copy the finished run to object storage "
-            "afterwards (e.g. `aws s3 sync OUT s3://bucket/prefix`)")
+            f"{text}: '{scheme}://' is not a supported location; use a local folder (or file://), "
+            "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
     return Path(text).expanduser().resolve()
 
 

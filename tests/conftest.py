@@ -77,41 +77,51 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def external_cluster(tmp_path_factory):
-    """A `dask scheduler` and two `dask worker` processes (with nannies) on 127.0.0.1, as users
-    run them. Yields the scheduler address."""
+def _dask_cluster(root: Path, env: dict, workers: list[tuple[list[str], Path, dict]]):
+    """Start `dask scheduler` in ``root`` and one `dask worker` a ``(args, cwd, extra env)``;
+    wait until all are connected. Returns the address and a function that stops them."""
     port = _port()
     addr = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
-    env = os.environ | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2",
-                        "DASK_LOGGING__DISTRIBUTED": "error"}
-    wd = tmp_path_factory.mktemp("dask")
     sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--dashboard-address", ":0"], cwd=wd, env=env,
+                              "--dashboard-address", ":0"], cwd=root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = [subprocess.Popen([bindir / "dask", "worker", addr, "--nthreads", "2", "--memory-limit", "8GiB",
-                                 "--name", f"worker-{i}", "--local-directory", str(wd)], cwd=wd, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    procs = [subprocess.Popen([bindir / "dask", "worker", addr, *args], cwd=cwd, env=env | extra,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for args, cwd, extra in workers]
     from distributed import Client
 
     deadline = time.monotonic() + 60
     while True:
         try:
             with Client(addr, timeout="5s") as c:
-                if len(c.scheduler_info()["workers"]) == 2:
+                if len(c.scheduler_info()["workers"]) == len(workers):
                     break
         except OSError:
             pass
         assert time.monotonic() < deadline, "dask cluster did not start"
         time.sleep(0.5)
+
+    def stop() -> None:
+        for w in procs:
+            w.terminate()
+        sched.terminate()
+        for w in procs:
+            w.wait(20)
+        sched.wait(20)
+    return addr, stop
+
+
+@pytest.fixture(scope="session")
+def external_cluster(tmp_path_factory):
+    """A `dask scheduler` and two `dask worker` processes (with nannies) on 127.0.0.1, as users
+    run them. Yields the scheduler address."""
+    env = os.environ | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2",
+                        "DASK_LOGGING__DISTRIBUTED": "error"}
+    wd = tmp_path_factory.mktemp("dask")
+    addr, stop = _dask_cluster(wd, env, [(["--nthreads", "2", "--memory-limit", "8GiB", "--name", f"worker-{i}",
+                                           "--local-directory", str(wd)], wd, {}) for i in range(2)])
     yield addr
-    for w in workers:
-        w.terminate()
-    sched.terminate()
-    for w in workers:
-        w.wait(20)
-    sched.wait(20)
+    stop()
 
 
 @pytest.fixture(scope="session")
@@ -151,42 +161,18 @@ def s3_cluster(s3_server, tmp_path_factory):
     each worker runs in its own empty working directory, with its own cache
     (``AGRILAND_CACHE``) and Dask scratch space, and S3 credentials in its environment.
     Yields ``(address, [worker working dirs], [worker caches])``."""
-    port = _port()
-    addr = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
     base = os.environ | s3_server.env | {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1",
                                          "DASK_LOGGING__DISTRIBUTED": "error"}
     root = tmp_path_factory.mktemp("s3-cluster")
-    sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--dashboard-address", ":0"], cwd=root, env=base,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    dirs, caches, workers = [], [], []
+    dirs, caches, specs = [], [], []
     for i in range(2):
         wd, cache, scratch = root / f"worker-{i}", root / f"cache-{i}", root / f"scratch-{i}"
         for d in (wd, cache, scratch):
             d.mkdir()
         dirs.append(wd)
         caches.append(cache)
-        workers.append(subprocess.Popen(
-            [bindir / "dask", "worker", addr, "--nthreads", "1", "--memory-limit", "6GiB", "--name", f"s3-worker-{i}",
-             "--local-directory", str(scratch)], cwd=wd, env=base | {"AGRILAND_CACHE": str(cache)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    from distributed import Client
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(addr, timeout="5s") as c:
-                if len(c.scheduler_info()["workers"]) == 2:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "dask cluster did not start"
-        time.sleep(0.5)
+        specs.append((["--nthreads", "1", "--memory-limit", "6GiB", "--name", f"s3-worker-{i}",
+                       "--local-directory", str(scratch)], wd, {"AGRILAND_CACHE": str(cache)}))
+    addr, stop = _dask_cluster(root, base, specs)
     yield addr, dirs, caches
-    for w in workers:
-        w.terminate()
-    sched.terminate()
-    for w in workers:
-        w.wait(20)
-    sched.wait(20)
+    stop()

@@ -262,3 +262,18 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_pat
     obstore.put(store, ".agriland.lock", json.dumps({"host": "elsewhere", "pid": 1, "command": "agriland run",
                                                      "heartbeat": time.time() - 3600}).encode())
     RemoteLock(url, "agriland run").acquire().release()
+
+
+@pytest.mark.parametrize("out, expect", [
+    ("s3://no-such-bucket-here/run", "bucket 'no-such-bucket-here' exist"),
+    ("ftp://example.org/run", "'ftp://' is not a supported location"),
+])
+def test_cli_refuses_a_bad_out_url_before_any_work(s3_env, tmp_path, out, expect):
+    """`agriland demo --out URL`: exit 2, one paragraph naming the URL and what to do, and
+    nothing written (no working copy, no object)."""
+    env = os.environ | s3_env.env | {"AGRILAND_CACHE": str(tmp_path / "cache")}
+    cli = subprocess.run([os.path.join(os.path.dirname(sys.executable), "agriland"), "demo", "--out", out],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
+    assert out.split("/run")[0] in cli.stderr and expect in cli.stderr, cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, nothing in the working dir

@@ -112,7 +112,24 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
                 "quicklook.png", "clusters/gallery.png", "stac/collection.json"):
         assert objects.get(rel, 0) > 0, rel
     assert xr.open_zarr(reader(url), group="cube", consolidated=False).rio.crs.to_epsg() == 32618
-    # 6. nothing written where the client or the workers run, except their caches
+    # 6. the other commands take the URL: inspect (read only), report (locks, writes, puts back)
+    agriland = cmd[0]
+    ins = subprocess.run([agriland, "inspect", url, "--json"], cwd=client_dir, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert ins.returncode == 0, ins.stderr
+    summary = json.loads(ins.stdout)
+    assert summary["out_dir"] == url and {s["status"] for s in summary["stages"]} == {"done"}
+    sizes = {r["path"]: r["bytes"] for r in summary["products"]}
+    assert sizes["agriland.icechunk"] > sizes["cog/probability.tif"] > 0
+    before = list_objects(url)["report.html"]
+    rep = subprocess.run([agriland, "report", url], cwd=client_dir, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert rep.returncode == 0 and f"{url}/report.html" in rep.stdout, rep.stderr
+    assert list_objects(url)["report.html"] > 0 and before > 0
+    hist = subprocess.run([agriland, "inspect", url, "--history"], cwd=client_dir, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert hist.returncode == 0 and "segmentation: complete" in hist.stdout and "run-" in hist.stdout
+    # 7. nothing written where the client or the workers run, except their caches
     assert list(client_dir.iterdir()) == []
     for d in worker_dirs:
         assert list(d.iterdir()) == [], d
