@@ -157,10 +157,19 @@ def transfer_weights(src: keras.Model, dst: keras.Model, bands: Sequence[str],
 
 
 def load_weights_file(model: keras.Model, path: str) -> None:
-    """Load weights from a ``.keras`` model file or a ``.weights.h5`` file into ``model``."""
-    p = Path(path)
+    """Load weights from a ``.keras`` model file or a ``.weights.h5`` file into ``model``.
+
+    ``path`` may be an object-storage URL (``s3://...``): the file is fetched into this
+    machine's cache first (the worker that trains may share no folder with the client).
+    """
+    from agriland_scale.files import local_copy
+
+    try:
+        p = local_copy(path)
+    except FileNotFoundError:
+        p = Path("/nonexistent") / Path(str(path)).name
     if not p.exists():
-        raise CorruptInput(f"weights file {p} does not exist: give an existing file, 'imagenet' or 'none'")
+        raise CorruptInput(f"weights file {path} does not exist: give an existing file, 'imagenet' or 'none'")
     try:
         if p.suffix == ".keras":
             other = keras.saving.load_model(p, compile=False)
