@@ -106,6 +106,20 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Terminated()
 
 
+class _DaskShutdownNoise(logging.Filter):
+    """Drop asyncio's report of a dask gather stopped by an interrupt (``AllExit``).
+
+    When Ctrl-C or SIGTERM stops a run while the client fetches a result, distributed's
+    gather ends with its internal ``AllExit`` sentinel as the client closes; asyncio then logs
+    it as "Task exception was never retrieved", a traceback that says nothing to the user (the
+    interrupt itself is reported in one line).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "AllExit"
+
+
 class _Display:
     """What a run shows on the terminal (stderr): its message lines and progress bars.
 
@@ -394,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").addFilter(_DaskShutdownNoise())
     for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
         h.setLevel(level)
     if args.verbose:

@@ -172,7 +172,7 @@ def test_pipeline_path_is_a_folder(tmp_path):
     ("embed.trian.epochs", (r"override 'embed\.trian\.epochs': no such key 'trian' in section 'embed' "
                             r"\(did you mean 'train'\?\); valid keys there: bands, .*train, weights")),
     ("nosuch.key", (r"override 'nosuch\.key': no such key 'nosuch' at the top level; valid keys there: "
-                    r"cluster, cube, embed, name, patches, runtime, search, seed, segment")),
+                    r"cluster, cube, embed, name, output, patches, runtime, search, seed, segment")),
     ("seed.x", r"override 'seed\.x': 'seed' is a value \(42\), not a section"),
     ("cluster.kk", r"override 'cluster\.kk': no such key 'kk' in section 'cluster' \(did you mean 'k'\?\)"),
 ])

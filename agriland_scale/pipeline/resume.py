@@ -287,7 +287,7 @@ class Products:
                         f"{label}: block {i} ({dim} {edges[i]}:{edges[i + 1]}) failed: "
                         f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
                         "fix the cause and run again to continue") from err
-                session.merge(fut.result())
+                session.merge(fut.result())  # finished: the fork comes back at once
                 merged.append(i)
                 written += 1
                 if progress:
