@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
-names=("${@:-cube cube_http segment cluster run naive store unet_variants}")
+names=("${@:-cube cube_http segment windows cluster run naive store unet_variants}")
 for name in ${names[@]}; do
   echo "== $name ($(date -u +%H:%M:%S))"
   case $name in
@@ -15,6 +15,7 @@ for name in ${names[@]}; do
     cluster) cmd=(python bench/bench_cluster.py) ;;
     run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
     naive) cmd=(python bench/bench_naive.py --rounds 2 --json bench/results/naive.json) ;;
+    windows) cmd=(python bench/bench_windows.py --repeat 2 --json bench/results/windows.json) ;;
     store) cmd=(python bench/bench_store.py --rounds 2 --json bench/results/store.json) ;;
     unet_variants) cmd=(python bench/bench_unet_variants.py --out bench/results/unet_variants.json) ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
