@@ -76,17 +76,22 @@ def _working_copy(run: Path | str, command: str | None = None) -> Iterator[Path]
             with locked(_existing_run(run), command):
                 yield run
         return
+    import tempfile
+
     from agriland_scale.pipeline.remote import Mirror, RemoteLock, fresh_copy, working_copy
 
-    local = working_copy(run)
-    lock = RemoteLock(run, command) if command else contextlib.nullcontext()
-    with lock:
+    if command is None:  # a reader: its own temporary copy, never the working copy a run may be using
+        with tempfile.TemporaryDirectory(prefix="agriland-read-") as tmp:
+            Mirror(run, Path(tmp)).pull()
+            yield _existing_run(Path(tmp))
+        return
+    with RemoteLock(run, command):  # a writer: the run's working copy, under the run's lock
+        local = working_copy(run)
         fresh_copy(local)
         mirror = Mirror(run, local)
         mirror.pull()
         yield _existing_run(local)
-        if command:
-            mirror.push()
+        mirror.push()
 
 
 def _cluster_ids(text: str) -> list[int]:

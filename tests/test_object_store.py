@@ -277,3 +277,25 @@ def test_cli_refuses_a_bad_out_url_before_any_work(s3_env, tmp_path, out, expect
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
     assert out.split("/run")[0] in cli.stderr and expect in cli.stderr, cli.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, nothing in the working dir
+
+
+def test_inspect_of_a_run_on_s3_leaves_its_working_copy_alone(s3_env, tmp_path, monkeypatch, capsys):
+    """`agriland inspect URL` reads a temporary copy of the run's files: the working copy that a
+    run on this machine may be writing is not touched."""
+    from agriland_scale.cli import main
+    from agriland_scale.files import upload_file
+    from agriland_scale.pipeline.remote import working_copy
+
+    url = s3_env.url("inspected")
+    Products(url)  # the product store
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps({"config": {"name": "inspected"}, "stages": {"search": "running"},
+                                  "location": url}))
+    upload_file(record, f"{url}/run.json")
+    monkeypatch.setenv("AGRILAND_CACHE", str(tmp_path / "cache"))
+    copy = working_copy(url)
+    copy.mkdir(parents=True)
+    (copy / "run.json").write_text("{being written}")
+    assert main(["inspect", url]) == 0
+    assert f"run 'inspected' in {url}" in capsys.readouterr().out
+    assert (copy / "run.json").read_text() == "{being written}"
