@@ -299,3 +299,19 @@ def test_inspect_of_a_run_on_s3_leaves_its_working_copy_alone(s3_env, tmp_path, 
     assert main(["inspect", url]) == 0
     assert f"run 'inspected' in {url}" in capsys.readouterr().out
     assert (copy / "run.json").read_text() == "{being written}"
+
+
+def test_a_second_writer_never_overwrites_the_first_ones_version(tmp_path):
+    """Two writers on one store (which the run lock prevents; here on purpose): the one whose
+    product was started before the other published is refused, and the other's version stays."""
+    from agriland_scale.errors import RunLocked
+
+    first, second = Products(tmp_path / "run"), Products(tmp_path / "run")
+    a = xr.Dataset({"v": ("x", np.arange(4.0))})
+    session = first._fresh_session()  # the first starts a product ...
+    a.to_zarr(session.store, group="late", mode="w", consolidated=False)
+    first._commit(session, "late", group="late", kind="write", complete=True)
+    second.write(a * 2, "early")  # ... the second publishes one meanwhile
+    with pytest.raises(RunLocked, match="another process changed the products while this one wrote 'late'"):
+        first._publish("late", "written")
+    assert second.exists("early") and not second.exists("late")

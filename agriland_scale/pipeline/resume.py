@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from agriland_scale.errors import BlockFailed
+from agriland_scale.errors import BlockFailed, RunLocked
 from agriland_scale.store import has_group, open_repo, store_location
 
 __all__ = ["WIP", "Products"]
@@ -96,6 +96,7 @@ class Products:
         self.repo = open_repo(self.location, create=True, storage_options=storage_options)
         self.commit_every_s = commit_every_s
         self._reader: tuple[str, Any] | None = None
+        self._base: str | None = None  # main's tip when the product being written was started
         self.commits = 0
         self.commit_seconds = 0.0
 
@@ -119,6 +120,7 @@ class Products:
             self.repo.reset_branch(WIP, main)
         else:
             self.repo.create_branch(WIP, main)
+        self._base = main
         return self.repo.writable_session(WIP)
 
     def _pending(self, group: str, sig: str) -> tuple[set[int], bool] | None:
@@ -140,6 +142,7 @@ class Products:
             blocks.update(int(b) for b in m.get("blocks") or [])
             complete = complete or bool(m.get("complete"))
             if m.get("kind") == "start":
+                self._base = main
                 return blocks, complete
         return None  # wip does not descend from main's tip, or holds no start of this product
 
@@ -164,9 +167,30 @@ class Products:
         return snap
 
     def _publish(self, group: str, message: str) -> None:
-        """Move ``main`` to ``wip``'s tip, which completes ``group`` (a fast-forward)."""
+        """Move ``main`` to ``wip``'s tip, which completes ``group`` (a fast-forward).
+
+        Only while ``main`` is where it was when the product was started: a ``main`` that moved
+        in between means another process wrote this run (it should hold the run's lock), and
+        its version is kept, not overwritten.
+
+        Raises
+        ------
+        RunLocked
+            ``main`` moved while this product was written.
+        """
         tip = self.repo.lookup_branch(WIP)
-        self.repo.reset_branch("main", tip)
+        try:
+            self.repo.reset_branch("main", tip, from_snapshot_id=self._base)
+        except Exception as e:  # noqa: BLE001 - the engine's conflict, said in the run's words
+            now = self.repo.lookup_branch("main")
+            if now == self._base:
+                raise
+            raise RunLocked(
+                f"{self.location}: another process changed the products while this one wrote '{group}' "
+                f"(version {now}, expected {self._base}); its version is kept and '{group}' is not "
+                "published. One process writes a run at a time: check what else writes there, then run "
+                f"again ({type(e).__name__})") from None
+        self._base = tip
         log.info("%s: %s (version %s)", group, message, tip)
 
     def tag_run(self, attempt: int) -> str:
