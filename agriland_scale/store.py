@@ -30,7 +30,7 @@ import xarray as xr
 import zarr
 
 from agriland_scale.errors import CorruptInput, OutputError
-from agriland_scale.files import is_object_url, probe_location, s3_settings
+from agriland_scale.files import OBJECT_SCHEMES, is_object_url, probe_location, s3_settings
 from agriland_scale.layout import RECORD, STORE, local_folder
 
 __all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "has_group", "history", "is_repo",
@@ -49,7 +49,6 @@ ICECHUNK_MEDIA_TYPE = "application/vnd.zarr+icechunk"
 StoreLike = Any
 
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)")
-_SCHEMES = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 
 
 def store_location(out: str | Path) -> str:
@@ -109,7 +108,7 @@ def repo_storage(location: str | Path, storage_options: dict[str, Any] | None = 
     if not m or m.group(1).lower() == "file":
         return icechunk.local_filesystem_storage(str(local_folder(text)))
     scheme = m.group(1).lower()
-    kind = _SCHEMES.get(scheme)
+    kind = OBJECT_SCHEMES.get(scheme)
     parsed = urlparse(text)
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
     if kind is None:
