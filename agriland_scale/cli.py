@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -11,7 +10,6 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,40 +58,6 @@ def _run_arg(text: str) -> Path | str:
     return text.rstrip("/") if is_object_url(text) else _folder_arg(text)
 
 
-@contextlib.contextmanager
-def _working_copy(run: Path | str, command: str | None = None) -> Iterator[Path]:
-    """Give the run's folder; for a run on object storage, a fetched working copy of its files.
-
-    With ``command`` (a command that writes into the run) the run is locked and the working
-    copy's changes are put back at the end.
-    """
-    if isinstance(run, Path):
-        if command is None:
-            yield run
-        else:
-            from agriland_scale.pipeline.outdir import locked
-
-            with locked(_existing_run(run), command):
-                yield run
-        return
-    import tempfile
-
-    from agriland_scale.pipeline.remote import Mirror, RemoteLock, fresh_copy, working_copy
-
-    if command is None:  # a reader: its own temporary copy, never the working copy a run may be using
-        with tempfile.TemporaryDirectory(prefix="agriland-read-") as tmp:
-            Mirror(run, Path(tmp)).pull()
-            yield _existing_run(Path(tmp))
-        return
-    with RemoteLock(run, command):  # a writer: the run's working copy, under the run's lock
-        local = working_copy(run)
-        fresh_copy(local)
-        mirror = Mirror(run, local)
-        mirror.pull()
-        yield _existing_run(local)
-        mirror.push()
-
-
 def _cluster_ids(text: str) -> list[int]:
     """``3,7`` -> ``[3, 7]`` for ``export-labels --clusters`` (argparse reports the error)."""
     try:
@@ -109,20 +73,6 @@ def _cluster_ids(text: str) -> list[int]:
 
 def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
     raise Terminated()
-
-
-class _DaskShutdownNoise(logging.Filter):
-    """Drop asyncio's report of a dask gather stopped by an interrupt (``AllExit``).
-
-    When Ctrl-C or SIGTERM stops a run while the client fetches a result, distributed's
-    gather ends with its internal ``AllExit`` sentinel as the client closes; asyncio then logs
-    it as "Task exception was never retrieved", a traceback that says nothing to the user (the
-    interrupt itself is reported in one line).
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return type(exc).__name__ != "AllExit"
 
 
 class _Display:
@@ -225,6 +175,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from agriland_scale.pipeline.remote import run_folder
     from agriland_scale.publish.inspect import format_summary, summarise_run
 
     if args.history:
@@ -240,7 +191,7 @@ def _inspect(args: argparse.Namespace) -> int:
             tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
             print(f"{v['version']}  {v['time']}  {v['message']}{tags}")
         return 0
-    with _working_copy(args.run) as folder:
+    with run_folder(args.run) as folder:
         summary = summarise_run(folder)
     print(json.dumps(summary, indent=1, default=str) if args.json else format_summary(summary))
     return 0
@@ -257,19 +208,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_run(path: Path) -> Path:
-    """Return ``path`` if it holds a run (its run.json readable), for commands that write into one."""
-    from agriland_scale.layout import load_run_record
-
-    load_run_record(path)
-    return path
-
-
 def _report(args: argparse.Namespace) -> int:
+    from agriland_scale.pipeline.remote import run_folder
     from agriland_scale.publish.report import write_report
     from agriland_scale.publish.stac import write_stac
 
-    with _working_copy(args.run, "agriland report") as folder:
+    with run_folder(args.run, "agriland report") as folder:
         report, stac = str(write_report(folder)), str(write_stac(folder))
     if isinstance(args.run, str):  # put back on the object store
         report, stac = f"{args.run}/report.html", f"{args.run}/stac/collection.json"
@@ -292,10 +236,11 @@ def _local_out(args: argparse.Namespace, default: str) -> Path:
 
 def _export_labels(args: argparse.Namespace) -> int:
     from agriland_scale.labels.via import export_via
+    from agriland_scale.pipeline.remote import run_folder
 
     clusters = args.clusters
     out = _local_out(args, "labels/via")
-    with _working_copy(args.run, "agriland export-labels") as folder:
+    with run_folder(args.run, "agriland export-labels") as folder:
         project = export_via(folder, out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
     print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
@@ -306,11 +251,12 @@ def _export_labels(args: argparse.Namespace) -> int:
 
 def _import_labels(args: argparse.Namespace) -> int:
     from agriland_scale.labels.via import import_via
+    from agriland_scale.pipeline.remote import run_folder
     from agriland_scale.publish.cog import write_cog
     from agriland_scale.store import open_cube
 
     out = _local_out(args, "labels/via_mask.tif")
-    with _working_copy(args.run, "agriland import-labels") as folder:
+    with run_folder(args.run, "agriland import-labels") as folder:
         cube = open_cube(folder)
         mask = import_via(args.via_json, cube)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -413,7 +359,6 @@ def main(argv: list[str] | None = None) -> int:
         dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("asyncio").addFilter(_DaskShutdownNoise())
     for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
         h.setLevel(level)
     if args.verbose:

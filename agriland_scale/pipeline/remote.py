@@ -16,6 +16,7 @@ over, conditionally on the e-tag it had.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,8 +24,10 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +42,10 @@ from agriland_scale.files import (
     object_store,
     upload_file,
 )
-from agriland_scale.layout import LOCK_NAME, STORE
+from agriland_scale.layout import LOCK_NAME, STORE, load_run_record
 
-__all__ = ["HEARTBEAT_S", "STALE_S", "Mirror", "RemoteLock", "working_copy"]
+__all__ = ["HEARTBEAT_S", "STALE_S", "Mirror", "RemoteLock", "checked_out", "fresh_copy", "run_folder",
+           "working_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +250,61 @@ def fresh_copy(local: Path) -> None:
     if local.exists():
         shutil.rmtree(local)
     local.mkdir(parents=True)
+
+
+@contextlib.contextmanager
+def checked_out(location: str, command: str, storage_options: dict[str, Any] | None = None,
+                notice=None) -> Iterator[tuple[Path, Mirror]]:
+    """Lock the run at ``location`` and fetch its files into this machine's working copy.
+
+    Yields the working copy and its :class:`Mirror`; what changed there is put back when the
+    block ends, also after a failure (a problem putting it back is logged, never hiding the
+    block's own error: the next command on the run puts it back).
+    """
+    with RemoteLock(location, command, storage_options, notice=notice):
+        local = working_copy(location)
+        fresh_copy(local)
+        mirror = Mirror(location, local, storage_options)
+        mirror.pull()
+        try:
+            yield local, mirror
+        finally:
+            try:
+                mirror.push()
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                log.warning("could not put the run's files on %s: %s", location, e)
+
+
+@contextlib.contextmanager
+def run_folder(run: Path | str, command: str | None = None) -> Iterator[Path]:
+    """Give the folder of the run ``run`` (a folder, or an object-storage URL) to read or change.
+
+    ``command`` names a command that writes into the run: the run is locked (its folder's
+    lock, or :class:`RemoteLock`), and for object storage the changes are put back. A reader
+    of a run on object storage gets a temporary copy of its files, never the working copy a
+    run on this machine may be writing.
+
+    Raises
+    ------
+    CorruptInput
+        ``run`` holds no run (no readable ``run.json``).
+    """
+    if isinstance(run, Path):
+        load_run_record(run)
+        if command is None:
+            yield run
+            return
+        from agriland_scale.pipeline.outdir import locked
+
+        with locked(run, command):
+            yield run
+        return
+    if command is None:
+        with tempfile.TemporaryDirectory(prefix="agriland-read-") as tmp:
+            Mirror(run, Path(tmp)).pull()
+            load_run_record(Path(tmp))
+            yield Path(tmp)
+        return
+    with checked_out(run, command) as (local, _):
+        load_run_record(local)
+        yield local

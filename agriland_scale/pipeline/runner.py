@@ -57,7 +57,7 @@ from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
-from agriland_scale.pipeline.remote import Mirror, RemoteLock, fresh_copy, working_copy
+from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client, gpu_resources
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
@@ -131,21 +131,10 @@ def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
         yield folder, str(folder), None
         return
     location = str(out).rstrip("/")
-    opts = cfg.output.storage_options
-    probe_location(location, opts)
-    local = working_copy(location)
-    with RemoteLock(location, command, opts, notice=say):
-        fresh_copy(local)
-        mirror = Mirror(location, local, opts)
-        fetched = mirror.pull()
-        say(f"run on object storage: {location} (working copy {local}, {len(fetched)} file(s) fetched)")
-        try:
-            yield local, location, mirror
-        finally:
-            try:
-                mirror.push()
-            except Exception as e:  # noqa: BLE001 - never hide the run's own error; the next run pushes
-                log.warning("could not put the run's files on %s: %s", location, e)
+    probe_location(location, cfg.output.storage_options)
+    with checked_out(location, command, cfg.output.storage_options, notice=say) as (local, mirror):
+        say(f"run on object storage: {location} (working copy {local})")
+        yield local, location, mirror
 
 
 def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],

@@ -52,6 +52,18 @@ class StderrToFile(WorkerPlugin):
         os.close(fd)
 
 
+def _not_an_interrupted_gather(record: logging.LogRecord) -> bool:
+    """Drop asyncio's report of a gather stopped by an interrupt (distributed's ``AllExit``).
+
+    When Ctrl-C or SIGTERM stops a run while the client fetches a result, the gather ends with
+    distributed's internal ``AllExit`` sentinel as the client closes; asyncio logs it as "Task
+    exception was never retrieved", a traceback that says nothing to the user (the interrupt
+    itself is reported in one line).
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    return type(exc).__name__ != "AllExit"
+
+
 @contextlib.contextmanager
 def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
                 worker_log: str | None = None) -> Iterator[Client]:
@@ -61,6 +73,9 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
     ``worker_log``: a file that receives the standard error of the LocalCluster's worker
     processes (see :class:`StderrToFile`).
     """
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_an_interrupted_gather not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_an_interrupted_gather)
     address = scheduler or cfg.scheduler
     if address:
         try:
