@@ -33,7 +33,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,20 +123,29 @@ class Products:
         self._base = main
         return self.repo.writable_session(WIP)
 
+    def _since_main(self) -> Iterator[dict[str, Any]]:
+        """Yield the metadata of ``wip``'s commits since ``main``'s tip, newest first.
+
+        Nothing when there is no ``wip``; when ``wip`` does not descend from ``main``'s tip,
+        every commit of ``wip`` (which then holds no start of a product on this ``main``).
+        """
+        if WIP not in self.repo.list_branches():
+            return
+        main = self.repo.lookup_branch("main")
+        for c in self.repo.ancestry(branch=WIP):
+            if c.id == main:
+                return
+            yield dict(c.metadata)
+
     def _pending(self, group: str, sig: str) -> tuple[set[int], bool] | None:
         """Blocks of ``group`` committed on ``wip`` since ``main``'s tip by an attempt with ``sig``.
 
         Returns ``(blocks, complete)``, or None when ``wip`` holds no such attempt.
         """
-        if WIP not in self.repo.list_branches():
-            return None
         main = self.repo.lookup_branch("main")
         blocks: set[int] = set()
         complete = False
-        for c in self.repo.ancestry(branch=WIP):
-            if c.id == main:
-                break
-            m = dict(c.metadata)
+        for m in self._since_main():
             if m.get("group") != group or m.get("signature") != sig:
                 return None  # another product's or another attempt's work: start over
             blocks.update(int(b) for b in m.get("blocks") or [])
@@ -148,16 +157,7 @@ class Products:
 
     def pending_blocks(self, group: str) -> set[int]:
         """Return the blocks of an unfinished ``group`` that commits on ``wip`` hold (any attempt)."""
-        if WIP not in self.repo.list_branches():
-            return set()
-        main = self.repo.lookup_branch("main")
-        blocks: set[int] = set()
-        for c in self.repo.ancestry(branch=WIP):
-            if c.id == main:
-                break
-            if dict(c.metadata).get("group") == group:
-                blocks.update(int(b) for b in dict(c.metadata).get("blocks") or [])
-        return blocks
+        return {int(b) for m in self._since_main() if m.get("group") == group for b in m.get("blocks") or []}
 
     def _commit(self, session: icechunk.Session, message: str, **metadata: Any) -> str:
         t0 = time.perf_counter()
