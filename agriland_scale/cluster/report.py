@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 ROW_INCHES = 1.5  # height of one gallery row
 COL_INCHES = 1.3  # width of one gallery column
 DPI = 100
+# a cube up to this size (decoded float32 reflectance) is read once for the statistics and
+# the gallery instead of a batch of patches at a time (the demo region: 16 MB; a whole
+# Sentinel-2 tile with 4 bands: 1.9 GB, read by batches)
+IN_MEMORY_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------- reading
@@ -268,6 +272,8 @@ def write_cluster_products(store: str | Path, out_dir: str | Path, k: int, seed:
 
     pre = f"{zone}/" if zone else ""
     cube = open_cube(store, pre + "cube")
+    if cube["reflectance"].nbytes <= IN_MEMORY_BYTES:  # one read, not one a batch of patches
+        cube = cube.load()
     index = open_product(store, pre + "patches").load()
     labels = open_product(store, pre + "clusters")["labels"].values
     out = Path(out_dir) / "clusters" / zone

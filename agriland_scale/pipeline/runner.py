@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -183,8 +184,9 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     handler = _log_file(out)
     say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
+    closing: list[threading.Thread] = []  # the LocalCluster stops while the report is written
     try:
-        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler)
+        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["store"] = {"location": products.location, "commits": products.commits,
@@ -203,6 +205,8 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
             record["files"]["report"] = sorted(set(record["files"].get("report", []))
                                                | set(outdir.changed_since(out, before)))
             write_json(record, out / RECORD)
+        for thread in closing:
+            thread.join()
         say(f"done in {record['timings_s']['total']:.0f} s: {out}")
         _close_log(handler)
     return record
@@ -309,12 +313,15 @@ class _Runner:
             return model_version((self.record.get("unet") or {}).get("model_path", "/nonexistent")) is not None
         return (self.out / RECORD).exists() and (self.out / "report.html").exists()
 
-    def run(self, wanted: list[str], scheduler: str | None) -> None:
-        """Start or join the Dask cluster, then run the unfinished stages of ``wanted``."""
+    def run(self, wanted: list[str], scheduler: str | None, closing: list[threading.Thread] | None = None) -> None:
+        """Start or join the Dask cluster, then run the unfinished stages of ``wanted``.
+
+        ``closing``: see :func:`~.runtime.dask_client` (the caller joins the thread).
+        """
         rec = self.record
         stamp = time.strftime("%Y%m%d-%H%M%S")
         worker_log = self.out / LOGS_DIR / f"workers-{stamp}.log"
-        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log)) as client:
+        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing) as client:
             rec["dashboard"] = client.dashboard_link
             rec["scheduler"] = client.scheduler.address
             self.say(f"Dask dashboard: {client.dashboard_link}")
