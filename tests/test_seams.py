@@ -206,6 +206,29 @@ def test_inference_window_choice():
         assert _predicted_pixels(256, 64, h, w) / _predicted_pixels(size, 64, h, w) >= 1.45
 
 
+def test_window_grid_covers_every_pixel_without_a_redundant_window():
+    """The U-Net's window grid covers each axis, and no window only repeats its neighbour's pixels.
+
+    On the Virginia scene (1943 px) the 1024 px grid needs 2 windows a side, not 3: the
+    third one started inside the second (4.2 instead of 9.4 Mpx predicted).
+    """
+    from agriland_scale.models.segment import _grid, _predicted_pixels, choose_inference_window
+
+    for length in (200, 256, 1000, 1024, 1943, 1947, 2048, 10980):
+        for window, overlap in ((256, 64), (256, 0), (736, 64), (1024, 64), (1024, 128)):
+            starts = _grid(length, window, overlap)
+            covered = np.zeros(length, dtype=int)
+            for s0 in starts:
+                covered[max(s0, 0):min(s0 + window, length)] += 1
+            assert (covered > 0).all(), (length, window, overlap)
+            assert (np.diff(starts) == window - overlap).all() and starts[0] == -(overlap // 2)
+            # without the last window the grid would not reach the last pixel
+            assert len(starts) == 1 or starts[-2] + window < length, (length, window, overlap, starts)
+    assert len(_grid(1943, 1024, 64)) == 2
+    assert _predicted_pixels(1024, 64, 1943, 1929) == 4 * 1024**2
+    assert choose_inference_window("auto", 256, 64, 1943, 1929, "plain") == 1024
+
+
 def test_only_resizable_models_change_window():
     from agriland_scale.errors import ModelMismatch
     from agriland_scale.models.worker import at_input_size

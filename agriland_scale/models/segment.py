@@ -41,8 +41,17 @@ RESIZABLE_ENCODERS = ("plain", "resnet50")
 
 
 def _grid(length: int, window: int, overlap: int) -> np.ndarray:
-    """Global window starts along one axis of ``length`` px."""
-    return window_starts(length, window, window - overlap, overlap // 2)
+    """Global window starts along one axis of ``length`` px.
+
+    Windows step by ``window - overlap`` from ``-overlap // 2``; a window is left out when
+    the one before it already reaches the last pixel (its blending weight is positive up to
+    its edge, so every pixel stays covered). The grid depends on ``length`` only, never on
+    how the image is split into blocks.
+    """
+    starts = window_starts(length, window, window - overlap, overlap // 2)
+    needed = np.ones(len(starts), dtype=bool)
+    needed[1:] = starts[:-1] + window < length
+    return starts[needed]
 
 
 def _predicted_pixels(size: int, overlap: int, height: int, width: int) -> int:
