@@ -18,7 +18,7 @@ import rasterio
 
 from agriland_scale.config.schema import CubeConfig
 from agriland_scale.cube.assets import check_assets
-from agriland_scale.cube.load import load_bands, load_cube, load_zone_cubes
+from agriland_scale.cube.load import read_chunk, load_bands, load_cube, load_zone_cubes
 from agriland_scale.errors import AgrilandWarning, BlockFailed, CorruptInput
 from agriland_scale.search.items import normalize_items
 from agriland_scale.search.stac import local_stac_api, search_items
@@ -189,7 +189,10 @@ def test_corrupt_tile_in_the_cube_is_named_or_left_out(middle_tile, demo_cfg):
            r".*IReadBlock failed.*\) while loading the cube: .*set cube.on_bad_asset: skip")
     with pytest.raises(CorruptInput, match=msg):
         _compute(cube)
+    # read in 1024 px chunks (auto): the failed chunk is read again by stored chunk, so only
+    # the 256 px tile that cannot be read is left out
     skip = CubeConfig(bands=BANDS, on_bad_asset="skip")
+    assert read_chunk(skip, len(items), len(BANDS)) == 1024
     cube = load_cube(items, skip, demo_cfg.search.bbox, normalized=True)
     left_out = r"virginia_bad_tile: asset 'red' .* cannot be read .*'skip', so these pixels of the item"
     with pytest.warns(AgrilandWarning, match=left_out):
@@ -207,7 +210,9 @@ def test_corrupt_tile_on_a_dask_worker_names_the_asset(middle_tile, demo_cfg, tm
     from agriland_scale.pipeline.resume import Products
     from agriland_scale.pipeline.runtime import dask_client
 
-    cube = load_cube(_items(middle_tile), CubeConfig(bands=BANDS), demo_cfg.search.bbox, normalized=True)
+    # blocks of one stored chunk (256 px): the block holding the bad tile is named
+    cube = load_cube(_items(middle_tile), CubeConfig(bands=BANDS, read_chunk=256), demo_cfg.search.bbox,
+                     normalized=True)
     rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
     failed = (r"block 1 \(y 256:512\) failed: CorruptInput: item virginia_bad_tile: asset 'red' "
               r"\(\S+/bad/B04.tif\) cannot be read")

@@ -189,6 +189,8 @@ def test_override_unknown_key(demo_cfg, key, msg):
     ("cube.chunk", 100, (r"invalid override cube\.chunk:\n.*cube\.chunk \(100\) must be a multiple of "
                          r"patches\.stride")),
     ("search.bbox", [179, 10, -179, 11], r"invalid override search\.bbox:\n.*antimeridian"),
+    ("cube.read_chunk", 300, r"invalid override cube\.read_chunk:\n.*cube\.read_chunk \(300\) must be 'auto' "
+                             r"or a multiple of cube\.chunk \(256\)"),
     ("name", "x" * 100_000, None),
 ])
 def test_override_invalid_value(demo_cfg, key, value, msg):

@@ -118,6 +118,11 @@ class CubeConfig(_Model):
     are the s2cloudless ones: 0.4, 4 and 2 (i.e. 640 m and 320 m at 160 m). The mask is
     repeated onto the cube grid. It flags clouds, not their shadows.
 
+    ``chunk`` (px) is the stored chunk, aligned to the patch grid. ``read_chunk``: the side
+    of the chunks the cube is read, masked and composited in (a multiple of ``chunk``);
+    ``auto`` (default) takes the largest up to 1024 px whose task holds at most 128 MiB of
+    bands x dates (fewer, larger tasks); it is also the cube's unit of resume.
+
     ``composite``: per-pixel median (default), mean, first or last of the clear observations;
     ``clear_count`` keeps how many there were. ``on_bad_asset``: ``fail`` on an asset that
     cannot be read, or ``skip`` its item with a warning (recorded in run.json).
@@ -133,6 +138,7 @@ class CubeConfig(_Model):
     bands: Bands = Field(default_factory=lambda: ["red", "green", "blue", "nir"], min_length=1)
     resolution: float = Field(default=10.0, gt=0)
     chunk: int = Field(default=256, ge=64)
+    read_chunk: Literal["auto"] | int = "auto"
     composite: Literal["median", "mean", "first", "last"] = "median"
     storage: Literal["int16", "float32"] = "int16"
     cloud_mask: Literal["auto", "scl", "s2cloudless", "none"] = "auto"
@@ -154,6 +160,14 @@ class CubeConfig(_Model):
         if isinstance(v, bool):  # pipeline files written before the masks had names
             return "auto" if v else "none"
         return v
+
+    @model_validator(mode="after")
+    def _read_chunk(self) -> CubeConfig:
+        rc = self.read_chunk
+        if rc != "auto" and (rc < self.chunk or rc % self.chunk):
+            raise ValueError(f"cube.read_chunk ({rc}) must be 'auto' or a multiple of cube.chunk ({self.chunk}), "
+                             f"e.g. {self.chunk} or {4 * self.chunk}")
+        return self
 
     @model_validator(mode="after")
     def _s2cloudless_grid(self) -> CubeConfig:

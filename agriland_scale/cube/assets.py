@@ -234,16 +234,23 @@ class _AssetNames(_StacMDParser or object):  # type: ignore[misc]
 
 
 class _NamedReader:
-    """A rasterio reader whose failures name the item, asset and href (see :func:`_load`)."""
+    """A rasterio reader whose failures name the item, asset and href (see :func:`_load`).
 
-    def __init__(self, inner, src, skip: bool) -> None:
-        self._inner, self._src, self._skip = inner, src, skip
+    With ``skip``, a failed read of a chunk is read again in parts of ``part`` px a side (the
+    cube's stored chunk: a read chunk holds several), and only the parts that fail are left out.
+    """
+
+    def __init__(self, inner, src, skip: bool, part: int | None = None) -> None:
+        self._inner, self._src, self._skip, self._part = inner, src, skip, part
 
     def read(self, cfg, dst_geobox, *, dst=None, selection=None):
         try:
             return self._inner.read(cfg, dst_geobox, dst=dst, selection=selection)
         except _READ_ERRORS as e:
             reason = _read_error_text(e)
+        parts = None
+        if self._skip and self._part and max(dst_geobox.shape.yx) > self._part and dst is None:
+            parts = self._read_parts(cfg, dst_geobox, selection)
         # raised outside the except block: rasterio's error chain (GDAL's CPLE errors) does not
         # unpickle, and a Dask worker would then send a bare Exception instead of CorruptInput
         names = self._src.driver_data if isinstance(self._src.driver_data, dict) else {}
@@ -256,8 +263,32 @@ class _NamedReader:
                 "cube.on_bad_asset: skip to leave its unreadable parts out")
         warnings.warn(f"{what}: cube.on_bad_asset is 'skip', so these pixels of the item are left out "
                       "(nodata)", AgrilandWarning, stacklevel=2)
+        if parts is not None:  # the parts that could be read
+            return parts
         out = dst[0:0, 0:0] if dst is not None else np.ndarray((0, 0), dtype=cfg.dtype)
         return np.s_[0:0, 0:0], out
+
+    def _read_parts(self, cfg, dst_geobox, selection):
+        """Read ``dst_geobox`` in parts of ``part`` px; the parts that fail keep the fill value.
+
+        Returns ``(roi, pixels)`` over the whole box, or None when every part failed.
+        """
+        from odc.loader._builder import resolve_dst_fill_value, resolve_src_nodata
+
+        h, w = dst_geobox.shape.yx
+        step = int(self._part or 1)
+        out = None
+        for r0 in range(0, h, step):
+            for c0 in range(0, w, step):
+                try:
+                    roi, pix = self._inner.read(cfg, dst_geobox[r0:r0 + step, c0:c0 + step], selection=selection)
+                except _READ_ERRORS:
+                    continue
+                if out is None:
+                    fill = resolve_dst_fill_value(pix.dtype, cfg, resolve_src_nodata(cfg.fill_value, cfg))
+                    out = np.full((h, w) + pix.shape[2:], fill, dtype=pix.dtype)
+                out[r0:r0 + step, c0:c0 + step][roi] = pix
+        return None if out is None else ((slice(0, h), slice(0, w)), out)
 
 
 class _NamedRioDriver(RioDriver):
@@ -267,15 +298,20 @@ class _NamedRioDriver(RioDriver):
     href, or (``skip``) a warning and nodata for that read.
     """
 
-    def __init__(self, on_bad_asset: str = "fail") -> None:
+    def __init__(self, on_bad_asset: str = "fail", part: int | None = None) -> None:
         super().__init__(md_parser=_AssetNames({}))
         self.skip = on_bad_asset == "skip"
+        self.part = part
 
     def open(self, src, ctx):
-        return _NamedReader(super().open(src, ctx), src, self.skip)
+        return _NamedReader(super().open(src, ctx), src, self.skip, self.part)
 
 
-def read_items(items: Sequence[pystac.Item], cfg: CubeConfig, **kw) -> xr.Dataset:
-    """``odc.stac.load`` with reads that name the failing item, asset and href."""
-    driver = _NamedRioDriver(cfg.on_bad_asset) if _StacMDParser is not None else None
+def read_items(items: Sequence[pystac.Item], cfg: CubeConfig, *, part: int | None = None, **kw) -> xr.Dataset:
+    """``odc.stac.load`` with reads that name the failing item, asset and href.
+
+    ``part``: with ``cube.on_bad_asset: skip``, the side (px of the destination grid) of the
+    parts a failed chunk is read again in, so that only those that fail are left out.
+    """
+    driver = _NamedRioDriver(cfg.on_bad_asset, part) if _StacMDParser is not None else None
     return odc.stac.load(list(items), fail_on_error=True, driver=driver, **kw)

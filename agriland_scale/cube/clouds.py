@@ -66,7 +66,8 @@ def _repeat_block(block: np.ndarray, k: int, block_info=None) -> np.ndarray:
     return block.repeat(k, axis=1).repeat(k, axis=2)[:, :shape[1], :shape[2]]
 
 
-def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox) -> xr.DataArray:
+def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *,
+                            chunk: int | None = None) -> xr.DataArray:
     """Read the TOA reflectance of the s2cloudless bands lazily, on a coarse grid.
 
     The grid is ``geobox`` (the cube's, in its UTM CRS) zoomed out to
@@ -80,6 +81,9 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
         The cube settings (``resolution``, ``s2cloudless_resolution`` in metres, ``chunk``).
     geobox : odc.geo.geobox.GeoBox
         The cube's grid.
+    chunk : int, optional
+        The cube's read chunk (px of the cube grid), a multiple of ``cfg.chunk``
+        (default ``cfg.chunk``).
 
     Returns
     -------
@@ -93,9 +97,9 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
     """
     k = round(cfg.s2cloudless_resolution / cfg.resolution)
     coarse = geobox.zoom_out(k)
-    c = cfg.chunk // k
+    c = (chunk or cfg.chunk) // k
     bands = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
-    ds = read_items(items, cfg, bands=bands, geobox=coarse, groupby="solar_day",
+    ds = read_items(items, cfg, bands=bands, geobox=coarse, groupby="solar_day", part=max(cfg.chunk // k, 1),
                     chunks={"time": -1, "x": c, "y": c}, resampling="average")
     refl = []
     for b in bands:
@@ -106,14 +110,16 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
                         coords={"time": ds.time, "y": ds.y, "x": ds.x, "band": list(S2CLOUDLESS_BANDS)})
 
 
-def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox) -> xr.DataArray:
+def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *,
+                     chunk: int | None = None) -> xr.DataArray:
     """Lazy s2cloudless cloud mask ``(time, y, x)`` bool (True = cloud) on ``geobox``.
 
     The model runs on :func:`s2cloudless_reflectance` chunk by chunk with a halo of
     ``average_over + dilation_size`` coarse pixels (dask ``map_overlap``; no padding at the
     image edges, where s2cloudless reflects as on a whole image), so the chunked mask equals
     the whole-image one. Each coarse pixel is then repeated onto the ``k x k`` cube pixels it
-    covers and the grid cropped to ``geobox``; chunks are ``(time, chunk, chunk)``.
+    covers and the grid cropped to ``geobox``; chunks are ``(time, chunk, chunk)`` (``chunk``
+    defaults to ``cfg.chunk``; the cube passes its read chunk).
 
     Parameters
     ----------
@@ -138,7 +144,8 @@ def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoB
                               "average_over": cfg.s2cloudless_average_over,
                               "dilation_size": cfg.s2cloudless_dilation_size}
     _s2cloudless_detector(**params)  # fails now, not in a task, when s2cloudless is missing
-    refl = s2cloudless_reflectance(items, cfg, geobox)
+    chunk = chunk or cfg.chunk
+    refl = s2cloudless_reflectance(items, cfg, geobox, chunk=chunk)
     halo = cfg.s2cloudless_average_over + cfg.s2cloudless_dilation_size
     coarse = refl.data.map_overlap(_detect_clouds, depth={0: 0, 1: halo, 2: halo, 3: 0}, boundary="none",
                                    drop_axis=3, dtype=bool, **params)
@@ -146,8 +153,8 @@ def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoB
     coarse = coarse.rechunk(refl.chunks[:3])  # map_overlap merges edge chunks smaller than the halo
     k = round(cfg.s2cloudless_resolution / cfg.resolution)
     h, w = geobox.shape
-    chunks = (coarse.chunks[0], dsa.core.normalize_chunks(cfg.chunk, (h,))[0],
-              dsa.core.normalize_chunks(cfg.chunk, (w,))[0])
+    chunks = (coarse.chunks[0], dsa.core.normalize_chunks(chunk, (h,))[0],
+              dsa.core.normalize_chunks(chunk, (w,))[0])
     fine = coarse.map_blocks(_repeat_block, k, chunks=chunks, dtype=bool)
     coords = geobox.coordinates
     return xr.DataArray(fine, dims=("time", "y", "x"), name="cloud",

@@ -92,7 +92,7 @@ def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarra
         x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
         # batch by batch: what predict(x, batch_size=batch_size) computes, without building a
         # tf.data pipeline for every task
-        out[valid] = np.concatenate([np.asarray(model.predict_on_batch(x[s:s + batch_size]))
+        out[valid] = np.concatenate([_worker.predict(model, x[s:s + batch_size])
                                      for s in range(0, len(x), batch_size)])
     return out
 

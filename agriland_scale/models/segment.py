@@ -138,10 +138,10 @@ def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, 
     for s in range(0, len(offsets), batch_size):
         chunk = offsets[s:s + batch_size]
         batch = np.stack([span[r:r + window, c:c + window] for r, c in chunk])
-        # predict_on_batch: the same computation as predict(batch, batch_size=len(batch))
-        # without building a tf.data pipeline per call
+        # the same computation as predict(batch, batch_size=len(batch)) without building a
+        # tf.data pipeline per call, traced once for any batch size
         with lock or contextlib.nullcontext():
-            pred = model.predict_on_batch(batch)
+            pred = _worker.predict(model, batch)
         for (r, c), p in zip(chunk, np.asarray(pred)[..., 0]):
             acc[r:r + window, c:c + window] += p * weight
     return acc

@@ -39,6 +39,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
+
 from agriland_scale.config.schema import RunConfig
 from agriland_scale.files import delete_prefix, is_object_url, join_url, probe_location, write_json
 from agriland_scale.layout import (
@@ -377,7 +379,12 @@ class _Runner:
                 self.mirror.push()
             before = outdir.snapshot(self.out)
             try:
-                STAGE_FUNCTIONS[stage](ctx)
+                # what a stage computes implicitly (reading its inputs back from the store:
+                # valid fractions, the patch index, labels, the COGs' pixels) runs on this
+                # process's threads, not on a worker busy with the stage's own tasks or a
+                # model's warm-up; the stages' block tasks go through the client explicitly
+                with dask.config.set(scheduler="threads"):
+                    STAGE_FUNCTIONS[stage](ctx)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
                 rec["stages"][stage] = "interrupted"
                 rec["error"] = f"{stage}: interrupted"
