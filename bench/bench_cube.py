@@ -133,7 +133,7 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
     from distributed import Client, LocalCluster
 
     from agriland_scale.config.schema import CubeConfig, SearchConfig
-    from agriland_scale.cube.load import cube_geobox, load_cube
+    from agriland_scale.cube.load import cube_geobox, load_cube, read_chunk
     from agriland_scale.search.items import normalize_items
     from agriland_scale.search.stac import local_stac_api, search_items
     from agriland_scale.store import write_group
@@ -144,15 +144,16 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
         items = normalize_items(search_items(s, url), BANDS)
     cfg = CubeConfig(bands=BANDS, resolution=10, chunk=512)
     gb = cube_geobox(items, bbox, 10)
+    rc = read_chunk(cfg, len(items), len(BANDS))  # the chunks load_cube reads in (stored: cfg.chunk)
 
     def once(i: int) -> None:
         if mode == "ours":
             write_group(load_cube(items, cfg, bbox), f"{out}-{i}.zarr", "cube")
         elif mode == "ours_in_memory":
             load_cube(items, cfg, bbox).compute()
-        else:  # what load_cube asks odc-stac for: same grid, resampling and chunks
+        else:  # what load_cube asks odc-stac for: same grid, resampling and (read) chunks
             ds = odc.stac.load(items, bands=BANDS, geobox=gb, groupby="solar_day",
-                               chunks={"time": time_chunk, "x": cfg.chunk, "y": cfg.chunk},
+                               chunks={"time": time_chunk, "x": rc, "y": rc},
                                resampling="bilinear", fail_on_error=True)
             ds.compute()
 
@@ -172,7 +173,7 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
             cpus.append(cpu() - c0)
     return {"mode": mode, "seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpus),
             "all_seconds": wall, "pixels": int(gb.shape[0] * gb.shape[1]), "dates": len(items),
-            "peak_rss_mib": rss}
+            "peak_rss_mib": rss, "read_chunk": rc, "stored_chunk": cfg.chunk}
 
 
 def child(args: list[str]) -> dict:
@@ -226,7 +227,8 @@ def main() -> None:
                     "mode": mode, "seconds": statistics.median(wall),
                     "cpu_seconds": statistics.median([x["cpu_seconds"] for x in res]),
                     "all_seconds": wall, "pixels": res[0]["pixels"], "dates": res[0]["dates"],
-                    "peak_rss_mib": max(x["peak_rss_mib"] for x in res)}
+                    "peak_rss_mib": max(x["peak_rss_mib"] for x in res),
+                    "read_chunk": res[0].get("read_chunk"), "stored_chunk": res[0].get("stored_chunk")}
     big_o, big_p = runs["region_4x/ours"], runs["region_4x/plain"]
     thr_o = big_o["pixels"] * big_o["dates"] / big_o["seconds"]
     thr_p = big_p["pixels"] * big_p["dates"] / big_p["seconds"]
@@ -239,7 +241,8 @@ def main() -> None:
     result = {
         "source": what, "assets": a.assets, "dates": a.dates, "bands": BANDS, "repeat": a.repeat, "rounds": a.rounds,
         "dask": "LocalCluster 1 worker x 2 threads",
-        "plain_chunks": {"time": a.plain_time_chunk, "x": 512, "y": 512},
+        "plain_chunks": {"time": a.plain_time_chunk, "x": big_p["read_chunk"], "y": big_p["read_chunk"]},
+        "stored_chunk": big_o["stored_chunk"],
         "runs": runs,
         "throughput_px_per_s": {"ours": thr_o, "plain_odc_stac": thr_p},
         "throughput_ratio": thr_o / thr_p, "throughput_ratio_in_memory": thr_m / thr_p,

@@ -5,13 +5,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
-names=("${@:-cube cube_http segment windows cluster run naive store unet_variants}")
+names=("${@:-cube cube_http segment windows embed cluster run naive store unet_variants}")
 for name in ${names[@]}; do
   echo "== $name ($(date -u +%H:%M:%S))"
   case $name in
     cube) cmd=(python bench/bench_cube.py --json bench/results/cube.json) ;;
     cube_http) cmd=(python bench/bench_cube.py --assets http --json bench/results/cube_http.json) ;;
     segment) cmd=(python bench/bench_segment.py --repeat 2 --json bench/results/segment.json) ;;
+    embed) cmd=(python bench/bench_embed.py --repeat 8) ;;
     cluster) cmd=(python bench/bench_cluster.py) ;;
     run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
     naive) cmd=(python bench/bench_naive.py --rounds 2 --json bench/results/naive.json) ;;

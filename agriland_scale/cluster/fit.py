@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import zarr
-from sklearn.cluster import MiniBatchKMeans
 
 from agriland_scale.config.schema import ClusterConfig
 from agriland_scale.errors import CorruptInput, EmptyRegion
@@ -140,6 +139,8 @@ def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cf
     t0 = time.perf_counter()
     rows = sample_rows(valid, sample_size, seed)
     z = _gather(emb, rows, chunk)
+    from sklearn.cluster import MiniBatchKMeans  # here: the run's own process never imports sklearn
+
     km = MiniBatchKMeans(n_clusters=cfg.k, n_init=cfg.n_init, batch_size=cfg.kmeans_batch_size, random_state=seed)
     km.fit(z.astype("float64"))
     if len(rows) < n_valid:  # refine on every row, starting from the sample's centres
