@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class RunContext:
     location: str = ""
     mirror: Any = None
     background: list[Any] = field(default_factory=list)
+    # the warm-ups among ``background``, with the model files each loads (none: TensorFlow only)
+    warming: list[tuple[Any, tuple[str, ...]]] = field(default_factory=list)
 
     @property
     def store(self) -> Any:
@@ -115,6 +118,28 @@ class RunContext:
             self.background.append(self.client.submit(
                 warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
                 allow_other_workers=False, pure=False))
+            self.warming.append((self.background[-1], tuple(m[0] for m in models)))
+
+    def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
+        """Wait for the warm-ups that load ``model`` or import TensorFlow; return the seconds waited.
+
+        A model stage calls this first, so that its own time is its work, and the time the
+        workers still needed to import TensorFlow and load the model is recorded apart
+        (``timings_s["warm_up_wait"]``). A warm-up never fails (see
+        :func:`~agriland_scale.models.worker.warm_up`); after ``timeout`` seconds the stage
+        starts anyway.
+        """
+        from distributed import wait
+
+        futures = [f for f, paths in self.warming if not paths or model in paths]
+        if not futures:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            wait(futures, timeout=timeout)
+        except TimeoutError:
+            pass
+        return time.perf_counter() - t0
 
     def zones(self) -> dict[str, dict[str, Any]]:
         """Return the run's UTM zones that hold clear pixels: ``{name: {prefix, epsg, shape, ...}}``."""

@@ -372,6 +372,13 @@ class _Runner:
             if stage not in todo:
                 self.say(f"[{stage}] finished earlier: kept")
                 continue
+            model = {"embeddings": (rec.get("cae") or {}).get("encoder_path"),
+                     "segmentation": (rec.get("unet") or {}).get("model_path")}.get(stage)
+            if model:  # the workers' TensorFlow import and model load, apart from the stage's work
+                waited = ctx.wait_for_warm_up(model)
+                if waited >= 0.05:
+                    rec["timings_s"]["warm_up_wait"] = rec["timings_s"].get("warm_up_wait", 0.0) + waited
+                    self.say(f"[{stage}] {waited:.1f} s waiting for the workers' TensorFlow and model warm-up")
             t0 = time.perf_counter()
             rec["stages"][stage] = "running"
             write_json(rec, self.out / RECORD)
