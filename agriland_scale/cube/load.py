@@ -167,7 +167,10 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
               normalized: bool = False) -> xr.Dataset:
     """Lazily load, cloud-mask and composite the items of ONE UTM zone (see module doc).
 
-    Nothing is read until the result is computed or written. ``cfg.cloud_mask``: ``auto``
+    Nothing is read until the result is computed or written, in read chunks
+    (:func:`read_chunk`); the variables' ``encoding["chunks"]`` holds the stored chunk
+    (``cfg.chunk``): drop it to write the cube in chunks that are not a multiple of it.
+    ``cfg.cloud_mask``: ``auto``
     masks with SCL when every item carries the SCL asset (L2A) and composites L1C items
     unmasked; ``scl`` requires SCL; ``s2cloudless`` masks with the s2cloudless model (L1C,
     see :func:`s2cloudless_mask`); ``none`` masks nodata only. Pixels outside a polygon
