@@ -6,7 +6,8 @@ patches with the same encoder file: the stage reads patches from the Zarr cube i
 tasks on a LocalCluster (model loaded once per worker); the baseline calls ``predict`` on the
 patches already in memory, in this process. Prints patches/s of both and their ratio
 (goal >= 0.9). Run: ``python bench/bench_embed.py [DIR] [--repeat N]`` (``--repeat 8``: 392
-patches of the demo window).
+patches of a demo run's 49; the run it trains itself has 36 patches, so run_all asks
+``--repeat 11``: 396).
 """
 
 from __future__ import annotations
