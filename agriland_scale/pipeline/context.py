@@ -74,8 +74,9 @@ class RunContext:
     location: str = ""
     mirror: Any = None
     background: list[Any] = field(default_factory=list)
-    # the warm-ups among ``background``, with the model files each loads (none: TensorFlow only)
-    warming: list[tuple[Any, tuple[str, ...]]] = field(default_factory=list)
+    # the warm-ups among ``background``: (future, the model files it loads (none: TensorFlow
+    # only), the worker it runs on)
+    warming: list[tuple[Any, tuple[str, ...], str]] = field(default_factory=list)
 
     @property
     def store(self) -> Any:
@@ -118,7 +119,7 @@ class RunContext:
             self.background.append(self.client.submit(
                 warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
                 allow_other_workers=False, pure=False))
-            self.warming.append((self.background[-1], tuple(m[0] for m in models)))
+            self.warming.append((self.background[-1], tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
         """Wait for the warm-ups that load ``model`` or import TensorFlow; return the seconds waited.
@@ -126,19 +127,23 @@ class RunContext:
         A model stage calls this first, so that its own time is its work, and the time the
         workers still needed to import TensorFlow and load the model is recorded apart
         (``timings_s["warm_up_wait"]``). A warm-up never fails (see
-        :func:`~agriland_scale.models.worker.warm_up`); after ``timeout`` seconds the stage
-        starts anyway.
+        :func:`~agriland_scale.models.worker.warm_up`). A warm-up is pinned to its worker:
+        once that worker has left the cluster (killed, restarted by its nanny with a new
+        address) it can never finish, and it is no longer waited for. After ``timeout``
+        seconds the stage starts anyway.
         """
         from distributed import wait
 
-        futures = [f for f, paths in self.warming if not paths or model in paths]
-        if not futures:
-            return 0.0
+        pending = [(f, w) for f, paths, w in self.warming if not paths or model in paths]
         t0 = time.perf_counter()
-        try:
-            wait(futures, timeout=timeout)
-        except TimeoutError:
-            pass
+        while pending and time.perf_counter() - t0 < timeout:
+            alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            pending = [(f, w) for f, w in pending if not f.done() and w in alive]
+            if pending:
+                try:
+                    wait([f for f, _ in pending], timeout=0.5)
+                except TimeoutError:
+                    pass
         return time.perf_counter() - t0
 
     def zones(self) -> dict[str, dict[str, Any]]:

@@ -378,7 +378,7 @@ class _Runner:
                 waited = ctx.wait_for_warm_up(model)
                 if waited >= 0.05:
                     rec["timings_s"]["warm_up_wait"] = rec["timings_s"].get("warm_up_wait", 0.0) + waited
-                    self.say(f"[{stage}] {waited:.1f} s waiting for the workers' TensorFlow and model warm-up")
+                    self.say(f"{stage}: waited {waited:.1f} s for the workers' TensorFlow and model warm-up")
             t0 = time.perf_counter()
             rec["stages"][stage] = "running"
             write_json(rec, self.out / RECORD)
