@@ -56,9 +56,10 @@ class RunContext:
         working copy of (:mod:`.remote`).
     mirror : Mirror or None
         Puts the working copy's files on the object store (a run on object storage).
-    background : list
-        Futures of tasks that prepare later stages (model warm-ups); the runner cancels
-        what is left of them when the run ends.
+    warming : list
+        The model warm-ups started for later stages: ``(future, the model files it loads
+        (none: TensorFlow only), the worker it is pinned to)``; the runner cancels what is
+        left of them when the run ends.
     """
 
     cfg: RunConfig
@@ -73,9 +74,6 @@ class RunContext:
     wanted: tuple[str, ...]
     location: str = ""
     mirror: Any = None
-    background: list[Any] = field(default_factory=list)
-    # the warm-ups among ``background``: (future, the model files it loads (none: TensorFlow
-    # only), the worker it runs on)
     warming: list[tuple[Any, tuple[str, ...], str]] = field(default_factory=list)
 
     @property
@@ -116,10 +114,9 @@ class RunContext:
         if not models and not only_tensorflow:
             return
         for i, w in enumerate(self.client.scheduler_info(n_workers=-1)["workers"]):
-            self.background.append(self.client.submit(
-                warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
-                allow_other_workers=False, pure=False))
-            self.warming.append((self.background[-1], tuple(m[0] for m in models), w))
+            future = self.client.submit(warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
+                                        workers=[w], allow_other_workers=False, pure=False)
+            self.warming.append((future, tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
         """Wait for the warm-ups that load ``model`` or import TensorFlow; return the seconds waited.

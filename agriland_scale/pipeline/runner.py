@@ -357,7 +357,7 @@ class _Runner:
             finally:  # also for a failed run: where its time went is worth seeing
                 if perf.exists():
                     rec["performance_report"] = str(perf.relative_to(self.out))
-                client.cancel(ctx.background)
+                client.cancel([future for future, _, _ in ctx.warming])
         if wanted[-1] == "publish":  # a finished run: its products' version gets a name
             self.products.tag_run(rec.get("attempts", 1))
 

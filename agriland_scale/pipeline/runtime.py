@@ -116,19 +116,18 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
     except BaseException:
         cluster.close()
         raise
-    try:
-        if worker_log:
-            client.register_plugin(StderrToFile(worker_log))
-        yield client
-    except BaseException:
-        client.close()
-        cluster.close()
-        raise
 
     def close() -> None:
         client.close()
         cluster.close()
 
+    try:
+        if worker_log:
+            client.register_plugin(StderrToFile(worker_log))
+        yield client
+    except BaseException:
+        close()
+        raise
     if closing is None:
         close()
     else:
