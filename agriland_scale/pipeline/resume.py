@@ -64,17 +64,49 @@ def _signature(ds: xr.Dataset, dim: str, settings: dict[str, Any] | None) -> str
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, block: xr.Dataset) -> Any:
-    """Write one computed block into ``fork`` (runs on a worker) and return the fork.
+def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, shell: xr.Dataset,
+                 parts: dict[str, tuple[tuple[str, ...], list, dict, dict]]) -> Any:
+    """Write one block into ``fork`` (runs on a worker) and return the fork.
 
-    ``block`` arrives computed (Dask computes a Dataset argument of a task); xarray encodes it
-    as it encoded the product's metadata (CF scale factors, fill values, dtypes).
+    ``shell`` is the block's coordinates; ``parts`` gives each data variable as its dims, its
+    computed Dask chunks (nested lists that :func:`numpy.block` joins), attributes and encoding
+    (see :func:`_block_parts`). xarray encodes the block as it encoded the product's metadata
+    (CF scale factors, fill values, dtypes).
     """
+    block = shell.assign({name: xr.Variable(dims, np.block(chunks), attrs, encoding)
+                          for name, (dims, chunks, attrs, encoding) in parts.items()})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
         block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
                       consolidated=False)
     return fork
+
+
+def _block_parts(ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int]) -> list[tuple[xr.Dataset, dict]]:
+    """Split ``ds`` into the arguments of :func:`_write_block` for each of ``blocks``.
+
+    The graph is optimised once for every block together and each block's tasks refer to its
+    chunks by their keys, so that a task that several blocks need (a U-Net window reaching
+    two blocks, a cloud mask's dilated neighbourhood) runs once. Handing each block's
+    Dataset to a task instead would give every block its own renamed copy of the whole graph
+    (``dask.delayed`` finalises each collection apart), and run the shared tasks per block.
+    """
+    import dask
+
+    (ds,) = dask.optimize(ds)
+    lazy = [name for name, v in ds.data_vars.items() if v.chunks is not None]
+    chunks = {name: ds[name].data.to_delayed(optimize_graph=False) for name in lazy}
+    out = []
+    for i in blocks:
+        sl = slice(int(edges[i]), int(edges[i + 1]))
+        shell = ds.drop_vars(lazy).isel({dim: sl})
+        parts = {}
+        for name in lazy:
+            v = ds[name].variable
+            axis = v.dims.index(dim)
+            parts[name] = (v.dims, np.take(chunks[name], [i], axis=axis).tolist(), v.attrs, v.encoding)
+        out.append((shell, parts))
+    return out
 
 
 class Products:
@@ -292,9 +324,9 @@ class Products:
 
         along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
         fork = session.fork()
-        tasks = [dask.delayed(_write_block, pure=False)(
-            fork, group, dim, int(edges[i]), int(edges[i + 1]), along.isel({dim: slice(edges[i], edges[i + 1])}))
-            for i in todo]
+        tasks = [dask.delayed(_write_block, pure=False)(fork, group, dim, int(edges[i]), int(edges[i + 1]),
+                                                        shell, parts)
+                 for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))]
         futures = client.compute(tasks)
         which = {f.key: i for f, i in zip(futures, todo)}
         merged: list[int] = []

@@ -1,0 +1,52 @@
+"""Blocks written by ``Products.write_blocks`` share their Dask tasks: a task that two blocks
+need (a U-Net window reaching across a block border) runs once, and each block keeps its
+variables' encoding. A real LocalCluster and a real Icechunk store on disk."""
+
+from __future__ import annotations
+
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+
+from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.pipeline.resume import Products
+from agriland_scale.pipeline.runtime import dask_client
+
+
+def _window(marks: str) -> np.ndarray:
+    """A costly task both blocks need; leaves one file per run in ``marks``."""
+    from pathlib import Path
+
+    (Path(marks) / uuid.uuid4().hex).touch()
+    return np.arange(8 * 6, dtype="float32").reshape(8, 6) / 48
+
+
+def test_a_task_two_blocks_need_runs_once_and_encoding_is_kept(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    span = dask.delayed(_window, pure=True)(str(marks))
+    # two 4-row blocks, each cut from the one shared window (as segment_region's blend tasks)
+    halves = [da.from_delayed(dask.delayed(lambda s, lo=lo: s[lo:lo + 4], pure=True)(span),
+                              shape=(4, 6), dtype="float32") for lo in (0, 4)]
+    prob = da.concatenate(halves)
+    ds = xr.Dataset({"probability": (("y", "x"), prob), "doubled": (("y", "x"), prob * 2)},
+                    coords={"y": np.arange(8.0), "x": np.arange(6.0)})
+    ds["probability"].attrs["units"] = "1"
+    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), _FillValue=np.uint8(255))
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
+    products = Products(tmp_path / "run")
+    with dask_client(rt) as client:
+        stats = products.write_blocks(ds, "product", "y", client)
+    assert stats["blocks"] == 2
+    assert len(list(marks.iterdir())) == 1  # the shared window ran once, not once per block
+    out = xr.open_zarr(products.reader(), group="product", consolidated=False)
+    expected = np.arange(48, dtype="float32").reshape(8, 6) / 48
+    np.testing.assert_allclose(out["probability"].values, expected, atol=0.5 / 254)
+    np.testing.assert_allclose(out["doubled"].values, expected * 2, rtol=1e-6)
+    assert out["probability"].attrs["units"] == "1"
+    stored = zarr.open_group(products.reader(), mode="r", path="product")["probability"]
+    assert stored.dtype == np.uint8  # the block kept its variable's encoding
