@@ -39,13 +39,27 @@ from agriland_scale.repo import (  # the repository's API, also here for the rea
     store_location,
 )
 
-__all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "has_group", "history", "is_repo",
+__all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "fast_compressors", "has_group", "history", "is_repo",
            "open_cube", "open_product", "open_repo", "open_run", "product_groups", "reader", "repo_storage", "store_location",
            "try_open_product", "write_georef", "write_group"]
 
 # a product store as the functions below take it: an opened Zarr store (an Icechunk
 # session's store, pickled to workers), a run folder or its store, or a plain Zarr path
 StoreLike = Any
+
+def fast_compressors() -> tuple[Any, ...]:
+    """Return the Zarr compressors of the cube's arrays: Blosc LZ4 with bit shuffle.
+
+    The cube is written once and read by every later stage. On the Virginia cube (int16 half
+    digital numbers, 4 bands, 256 px chunks) Blosc LZ4 with bit shuffle encodes 8x and
+    decodes 4x faster than Zarr's default (Zstd, level 0), and its chunks are 5 % smaller
+    (measured with numcodecs: 8.5 against 69.5 ms to encode 1024 x 1024 px x 4 bands, 4.0
+    against 15.6 ms to decode; 66.5 % against 69.7 % of the raw size).
+    """
+    from zarr.codecs import BloscCodec
+
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),)
+
 
 def _as_store(store: StoreLike) -> Any:
     """Resolve a path naming a run or its Icechunk store to a reader; other values pass through."""

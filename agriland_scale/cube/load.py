@@ -41,7 +41,7 @@ from agriland_scale.errors import (
 )
 from agriland_scale.search.items import acquired, group_by_zone, item_epsg, normalize_items, scale_offset
 from agriland_scale.search.stac import item_tile
-from agriland_scale.store import write_georef
+from agriland_scale.store import fast_compressors, write_georef
 
 __all__ = ["S2CLOUDLESS_BANDS", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "read_chunk", "region_mask", "s2cloudless_mask", "write_georef"]
 
@@ -246,6 +246,8 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     out = xr.Dataset({"reflectance": comp, "clear_count": count})
     out["reflectance"].encoding["chunks"] = (n_bands, cfg.chunk, cfg.chunk)
     out["clear_count"].encoding["chunks"] = (cfg.chunk, cfg.chunk)
+    for var in out.data_vars.values():  # written once, read by every later stage: fast codec
+        var.encoding["compressors"] = fast_compressors()
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
     if packed:  # decoded by xarray, GDAL and CF readers: value = stored * scale_factor
