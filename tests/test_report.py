@@ -117,6 +117,20 @@ def test_report_shows_gallery_when_present_and_is_idempotent(published, tmp_path
     assert 'alt="cluster gallery"' not in page and 'alt="embedding map"' not in page
 
 
+def test_report_embeds_the_maps_the_publish_stage_drew(published, tmp_path):
+    """The publish stage draws the report's maps while the workers draw their pictures; the
+    report embeds them as given, and they are the maps the report would draw itself."""
+    from agriland_scale.publish.figures import image, quicklooks
+
+    _, out, _, report, _ = published
+    drawn = quicklooks(out, "")
+    assert write_report(out, product_figures={"": drawn}).read_text() == report.read_text()
+    marker = image(base64.b64encode(PNG_SIGNATURE).decode(), "given map", "drawn by publish")
+    page = write_report(out, product_figures={"": [marker]}).read_text()
+    assert 'alt="given map"' in page and 'alt="RGB composite"' not in page  # not drawn again
+    write_report(out)
+
+
 @pytest.mark.slow
 def test_report_of_a_run_that_failed_at_segmentation(published, tmp_path):
     _, out, _, _, _ = published

@@ -35,3 +35,27 @@ def test_dashboard_listens_on_loopback_only_by_default():
 
     assert hosts("127.0.0.1:0") == {"127.0.0.1"}
     assert hosts(":0") - {"127.0.0.1", "::1"}  # opened to the network only when asked
+
+
+def test_own_workers_exit_at_once_with_their_streams_flushed(tmp_path):
+    """The run's own LocalCluster workers skip the interpreter's teardown at exit (FastExit)
+    and lose nothing they wrote; the workers of an existing cluster are left alone."""
+    import sys
+
+    from distributed import LocalCluster
+
+    def has_plugin(dask_worker) -> bool:
+        return "agriland-fast-exit" in dask_worker.plugins
+
+    def last_words() -> None:
+        sys.stderr.write("last words, unflushed")  # no newline: still in the buffer at exit
+
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    log = tmp_path / "workers.log"
+    with dask_client(cfg, worker_log=str(log)) as client:
+        assert all(client.run(has_plugin).values())
+        client.run(last_words)
+    assert log.read_text().endswith("last words, unflushed")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc:
+        with dask_client(cfg, lc.scheduler_address) as client:
+            assert not any(client.run(has_plugin).values())

@@ -60,6 +60,10 @@ class RunContext:
         The model warm-ups started for later stages: ``(future, the model files it loads
         (none: TensorFlow only), the worker it is pinned to)``; the runner cancels what is
         left of them when the run ends.
+    report_figures : dict
+        ``{zone prefix: HTML figures}``: the report's maps of the products, drawn by the
+        publish stage while the workers draw the quicklook and cluster pictures (this process
+        is otherwise idle then); ``report.html`` embeds them instead of drawing them again.
     """
 
     cfg: RunConfig
@@ -75,6 +79,7 @@ class RunContext:
     location: str = ""
     mirror: Any = None
     warming: list[tuple[Any, tuple[str, ...], str]] = field(default_factory=list)
+    report_figures: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def store(self) -> Any:

@@ -187,8 +187,10 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
     closing: list[threading.Thread] = []  # the LocalCluster stops while the report is written
+    figures: dict[str, list[str]] = {}  # the report's product maps, drawn by the publish stage
     try:
-        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing)
+        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing,
+                                                                                 figures)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["store"] = {"location": products.location, "commits": products.commits,
@@ -201,7 +203,7 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         if until is None or until == "publish":
             before = outdir.snapshot(out)
             try:  # also for a failed run: the report shows what exists and where it stopped
-                write_report(out)
+                write_report(out, product_figures=figures)
             except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
                 log.warning("could not write %s: %s", out / "report.html", e)
             record["files"]["report"] = sorted(set(record["files"].get("report", []))
@@ -315,10 +317,13 @@ class _Runner:
             return model_version((self.record.get("unet") or {}).get("model_path", "/nonexistent")) is not None
         return (self.out / RECORD).exists() and (self.out / "report.html").exists()
 
-    def run(self, wanted: list[str], scheduler: str | None, closing: list[threading.Thread] | None = None) -> None:
+    def run(self, wanted: list[str], scheduler: str | None, closing: list[threading.Thread] | None = None,
+            figures: dict[str, list[str]] | None = None) -> None:
         """Start or join the Dask cluster, then run the unfinished stages of ``wanted``.
 
         ``closing``: see :func:`~.runtime.dask_client` (the caller joins the thread).
+        ``figures``: receives the report's product maps if the publish stage draws them
+        (:attr:`.RunContext.report_figures`).
         """
         rec = self.record
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -332,7 +337,7 @@ class _Runner:
             ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
                              res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,
                              progress=self.progress, wanted=tuple(wanted), location=self.location,
-                             mirror=self.mirror)
+                             mirror=self.mirror, report_figures=figures if figures is not None else {})
 
             def on_event(event: tuple) -> None:
                 msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event

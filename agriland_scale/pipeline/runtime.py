@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import SchedulerError
 
-__all__ = ["StderrToFile", "dask_client", "gpu_resources", "worker_env"]
+__all__ = ["FastExit", "StderrToFile", "dask_client", "gpu_resources", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,37 @@ class StderrToFile(WorkerPlugin):
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
         os.close(fd)
+
+
+class FastExit(WorkerPlugin):
+    """Let a worker process of the run's own LocalCluster exit without the interpreter's teardown.
+
+    A process that imported TensorFlow spends about a second tearing its modules down after
+    its last line (1.16 s against 0.05 s with :func:`os._exit`, measured here), and the run
+    waits for its LocalCluster to close. At setup this registers an exit handler that flushes
+    the logs and standard streams and ends the process at once. Exit handlers registered
+    after it (TensorFlow's, imported later by the model warm-up) still run first. Only for the
+    LocalCluster a run starts: the workers of an existing cluster are not the run's to end.
+    """
+
+    name = "agriland-fast-exit"
+
+    def setup(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
+        """Register :func:`_exit_now` to run at the worker process's exit."""
+        import atexit
+
+        atexit.register(_exit_now)
+
+
+def _exit_now() -> None:
+    """Flush logging and the standard streams, then end the process (status 0) at once."""
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def _not_an_interrupted_gather(record: logging.LogRecord) -> bool:
@@ -122,6 +153,7 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
         cluster.close()
 
     try:
+        client.register_plugin(FastExit())
         if worker_log:
             client.register_plugin(StderrToFile(worker_log))
         yield client

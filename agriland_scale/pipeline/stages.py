@@ -43,6 +43,7 @@ from agriland_scale.publish.cog import (
     write_cog,
     write_quicklook,
 )
+from agriland_scale.publish.figures import quicklooks
 from agriland_scale.publish.stac import write_stac
 from agriland_scale.publish.vector import write_fields
 from agriland_scale.search.items import acquired, normalize_items
@@ -365,7 +366,8 @@ def publish_stage(ctx: RunContext) -> None:
     """Write the COGs, quicklooks, cluster report, field polygons, mosaic and STAC of the run.
 
     The pictures (quicklook, cluster gallery, t-SNE map: matplotlib, a few seconds each) are
-    drawn by tasks on the workers while this process writes the COGs.
+    drawn by tasks on the workers while this process writes the COGs and draws the report's
+    maps of the products (:attr:`.RunContext.report_figures`).
     """
     cfg, out, store = ctx.cfg, ctx.out, ctx.store
     zones = ctx.zones()
@@ -399,6 +401,8 @@ def publish_stage(ctx: RunContext) -> None:
         write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
                   description="agricultural land probability, zones reprojected", units="1")
         groups.append("mosaic")
+    for z in zones.values():  # the report's maps, drawn here while the workers draw their pictures
+        ctx.report_figures[z["prefix"]] = quicklooks(out, z["prefix"])
     for files in ctx.client.gather(pictures):  # a failed picture fails the stage, with its own error
         for rel, data in files.items():
             with atomic_path(out / rel) as tmp:

@@ -134,11 +134,12 @@ def _section_inputs(out: Path, summary: dict[str, Any]) -> str:
     return "<h2>Inputs</h2>" + _table(header, rows, {2})
 
 
-def _section_products(out: Path, record: RunRecord) -> str:
+def _section_products(out: Path, record: RunRecord, drawn: dict[str, list[str]]) -> str:
     zones = zones_of(record) or {"": {"prefix": ""}}
     parts = []
     for name, z in zones.items():
-        figs = quicklooks(out, z.get("prefix") or "")
+        prefix = z.get("prefix") or ""
+        figs = drawn[prefix] if prefix in drawn else quicklooks(out, prefix)
         if figs:
             if z.get("prefix"):
                 parts.append(f"<h3>Zone {_e(name)} ({_e(z.get('crs'))}, groups {_e(z.get('prefix'))}*)</h3>")
@@ -206,12 +207,14 @@ def _section_versions(record: RunRecord) -> str:
     return "<h2>Versions</h2>" + _table(["package", "version"], [[_e(k), _e(x)] for k, x in v.items()])
 
 
-def write_report(out_dir: str | Path) -> Path:
+def write_report(out_dir: str | Path, *, product_figures: dict[str, list[str]] | None = None) -> Path:
     """Write ``OUT/report.html``, a self-contained page about the run in ``out_dir``.
 
     A pure function of the output folder (nothing is recomputed, no network); idempotent.
     Products are read lazily with ``xr.open_zarr(store, group=...)`` and subsampled to at most
     :data:`MAX_PIXELS` a side; pictures are base64 PNGs at :data:`DPI` dpi.
+    ``product_figures`` (``{zone prefix: HTML figures}``, from :func:`.figures.quicklooks` on
+    the same folder after its products were written) are embedded instead of drawn again.
 
     Returns
     -------
@@ -239,7 +242,7 @@ def write_report(out_dir: str | Path) -> Path:
         _section_run(summary, record),
         _section_stages(summary),
         _section_inputs(out, summary),
-        _section_products(out, record),
+        _section_products(out, record, product_figures or {}),
         _section_clusters(out, record),
         _section_training(out, record),
         "<h2>Configuration</h2><pre>" + _e(_config_text(record.get("config") or {})) + "</pre>",
