@@ -52,9 +52,10 @@ def fast_compressors() -> tuple[Any, ...]:
 
     The cube is written once and read by every later stage. On the Virginia cube (int16 half
     digital numbers, 4 bands, 256 px chunks) Blosc LZ4 with bit shuffle encodes 8x and
-    decodes 4x faster than Zarr's default (Zstd, level 0), and its chunks are 5 % smaller
-    (measured with numcodecs: 8.5 against 69.5 ms to encode 1024 x 1024 px x 4 bands, 4.0
-    against 15.6 ms to decode; 66.5 % against 69.7 % of the raw size).
+    decodes 4x faster than Zarr's default (Zstd, level 0), and is no bigger (measured with
+    numcodecs on 1024 x 1024 px x 4 bands: 8.5 against 69.5 ms to encode, 4.0 against 15.6 ms
+    to decode, 66.5 % against 69.7 % of the raw size; the whole cube's reflectance: 17.93
+    against 18.07 MiB, written in 0.20 against 0.71 s).
     """
     from zarr.codecs import BloscCodec
 
