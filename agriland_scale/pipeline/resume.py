@@ -94,19 +94,13 @@ def _block_parts(ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int])
     import dask
 
     (ds,) = dask.optimize(ds)
-    lazy = [name for name, v in ds.data_vars.items() if v.chunks is not None]
-    chunks = {name: ds[name].data.to_delayed(optimize_graph=False) for name in lazy}
-    out = []
-    for i in blocks:
-        sl = slice(int(edges[i]), int(edges[i + 1]))
-        shell = ds.drop_vars(lazy).isel({dim: sl})
-        parts = {}
-        for name in lazy:
-            v = ds[name].variable
-            axis = v.dims.index(dim)
-            parts[name] = (v.dims, np.take(chunks[name], [i], axis=axis).tolist(), v.attrs, v.encoding)
-        out.append((shell, parts))
-    return out
+    lazy = {name: v.variable for name, v in ds.data_vars.items() if v.chunks is not None}
+    chunks = {name: v.data.to_delayed(optimize_graph=False) for name, v in lazy.items()}
+    coords = ds.drop_vars(list(lazy))
+    return [(coords.isel({dim: slice(int(edges[i]), int(edges[i + 1]))}),
+             {name: (v.dims, np.take(chunks[name], [i], axis=v.dims.index(dim)).tolist(), v.attrs, v.encoding)
+              for name, v in lazy.items()})
+            for i in blocks]
 
 
 class Products:
