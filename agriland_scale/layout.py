@@ -120,6 +120,7 @@ class RunRecord(TypedDict, total=False):
     dashboard: str
     scheduler: str
     gpu: bool
+    precision: dict[str, str]  # model stage -> Keras dtype policy of its predictions (float32, mixed_bfloat16)
     patches: dict[str, Any]
     cae: dict[str, Any]
     clusters: dict[str, Any]

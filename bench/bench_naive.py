@@ -12,7 +12,9 @@ schedule, or given with ``--models DIR``), the two are run alternately as separa
   window left out, seams at window borders), a GeoTIFF of the probability;
 - **agriland run** with ``embed.model``/``segment.model`` set (no training),
   ``patches.stride: 256`` and the default ``segment.overlap`` (64 px: a seamless mosaic of the
-  whole scene), and once more with ``segment.overlap: 0``.
+  whole scene), once more with ``segment.overlap: 0``, and once with
+  ``runtime.inference_precision: float32`` (the default ``auto`` computes the predictions in
+  bfloat16 on CPUs that have it natively, as this machine's does).
 
 Prints wall times (median of the rounds), the ratio naive / agriland (goal >= 1.5 at the
 default overlap), agriland's stage breakdown from ``run.json`` and the time not spent in
@@ -113,7 +115,8 @@ def batched_predict(models: Path) -> dict:
     """Plain batched ``predict`` of the scene's 256 px patches with both models, warm (s).
 
     What the embeddings stage is compared with: the same patches, already in memory, in one
-    ``predict`` call of batch 16 (the second of two calls: no model load, no first trace).
+    ``predict`` call of batch 16 (the second of two calls: no model load, no first trace);
+    also in bfloat16 (``*_bf16_s``, the copy agriland predicts with) where the CPU has it.
     """
     import keras
     import numpy as np
@@ -123,13 +126,18 @@ def batched_predict(models: Path) -> dict:
     img = np.stack([s.read(1).astype("float32") for s in srcs], -1) / 10000.0
     h, w = img.shape[:2]
     x = np.stack([img[r:r + 256, c:c + 256] for r in range(0, h - 255, 256) for c in range(0, w - 255, 256)])
+    from agriland_scale.models.worker import cpu_has_bfloat16, with_precision
+
     out = {"patches": len(x)}
     for name, batch in (("encoder", 16), ("unet", 8)):
         model = keras.saving.load_model(models / f"{name}.keras", compile=False)
-        model.predict(x[:batch], batch_size=batch, verbose=0)
-        t0 = time.perf_counter()
-        model.predict(x, batch_size=batch, verbose=0)
-        out[f"{name}_s"] = round(time.perf_counter() - t0, 2)
+        variants = [("", model)] + ([("_bf16", with_precision(model, "mixed_bfloat16"))]
+                                    if cpu_has_bfloat16() else [])
+        for sfx, m in variants:
+            m.predict(x[:batch], batch_size=batch, verbose=0)
+            t0 = time.perf_counter()
+            m.predict(x, batch_size=batch, verbose=0)
+            out[f"{name}{sfx}_s"] = round(time.perf_counter() - t0, 2)
     return out
 
 
@@ -182,12 +190,15 @@ def main() -> None:
     given = {"embed.model": str(models / "encoder.keras"), "segment.model": str(models / "unet.keras"),
              "patches.stride": 256}
     pipes = {"agriland (overlap 64)": pipeline(tmp, cat, bbox, "naive-a64", **given),
-             "agriland (overlap 0)": pipeline(tmp, cat, bbox, "naive-a0", **given, **{"segment.overlap": 0})}
+             "agriland (overlap 0)": pipeline(tmp, cat, bbox, "naive-a0", **given, **{"segment.overlap": 0}),
+             "agriland (overlap 64, float32)": pipeline(tmp, cat, bbox, "naive-a64-f32", **given,
+                                                        **{"runtime.inference_precision": "float32"})}
     agri = str(Path(sys.executable).parent / "agriland")
     walls: dict[str, list[float]] = {"naive script": [], **{k: [] for k in pipes}}
     inner: list[dict] = []
     breakdown: dict[str, list[dict]] = {k: [] for k in pipes}
     predicted: dict[str, int] = {}  # pixels the U-Net predicts in each agriland run
+    precision: dict[str, str] = {}  # the precision each agriland run computed its predictions in
     for r in range(args.rounds):
         out = tmp / f"naive-{r}"
         out.mkdir()
@@ -201,6 +212,7 @@ def main() -> None:
             rec = json.loads((run_out / "run.json").read_text())
             breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
             predicted[name] = _predicted(rec)
+            precision[name] = rec.get("precision", "float32")
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
     _, stdout = _wall([sys.executable, __file__, "--batched", "--models", str(models)])
     batched = json.loads(stdout.strip().splitlines()[-1])
@@ -208,13 +220,21 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "wall_s": walls, "median_wall_s": med,
               "ratio_naive_over_agriland": {k: round(med["naive script"] / med[k], 2) for k in pipes},
               "naive_inner_s": inner, "agriland_stage_s": breakdown, "batched_predict_s": batched}
-    emb = statistics.median(r["embeddings"] for r in breakdown["agriland (overlap 64)"])
+    result["precision"] = precision
+    # the embeddings stage against a batched predict in the same precision
+    emb = statistics.median(r["embeddings"] for r in breakdown["agriland (overlap 64, float32)"])
     result["embeddings_stage_vs_batched_predict"] = round(batched["encoder_s"] / emb, 2)
-    # model compute = what a warm, batched predict of the same work costs; the rest of the wall
-    # time is fixed cost (start-up, imports, model loads, cube, publish, report, ...)
-    unet_s_per_px = batched["unet_s"] / (batched["patches"] * 256 * 256)
+    # model compute = what a warm, batched predict of the same work costs in the run's
+    # precision; the rest of the wall time is fixed cost (start-up, imports, model loads, cube,
+    # publish, report, ...)
+    sfx = {"float32": "", "mixed_bfloat16": "_bf16"}
+
+    def unet_s_per_px(k: str) -> float:
+        return batched[f"unet{sfx[precision[k]]}_s"] / (batched["patches"] * 256 * 256)
+
     compute = {"naive script": batched["encoder_s"] + batched["unet_s"],
-               **{k: batched["encoder_s"] + unet_s_per_px * predicted[k] for k in pipes}}
+               **{k: batched[f"encoder{sfx[precision[k]]}_s"] + unet_s_per_px(k) * predicted[k]
+                  for k in pipes}}
     result["model_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
     result["not_model_compute_s"] = {k: round(med[k] - compute[k], 1) for k in compute}
     result["unet_predicted_px"] = predicted
@@ -225,8 +245,10 @@ def main() -> None:
         print(f"ratio naive / {k}: {v:.2f}  (goal >= 1.5 at the default overlap)")
     print("\nnaive script, in-process (s):", {k: round(v, 2) for k, v in inner[-1].items()})
     print(f"batched predict of the {batched['patches']} patches: encoder {batched['encoder_s']} s, U-Net "
-          f"{batched['unet_s']} s; embeddings stage / batched predict: "
+          f"{batched['unet_s']} s (bfloat16: {batched.get('encoder_bf16_s')} s, {batched.get('unet_bf16_s')} s); "
+          f"embeddings stage (float32) / batched predict (float32): "
           f"{result['embeddings_stage_vs_batched_predict']} (goal >= 0.7)")
+    print("prediction precision of the agriland runs:", precision)
     for k, rows in breakdown.items():
         print(f"{k}, stages (s, last round):", rows[-1])
     print("\nmodel compute (a warm batched predict of the same patches and U-Net pixels) and the rest:")

@@ -82,6 +82,14 @@ def test_cogs_models_and_run_record(demo_run):
     assert saved["inputs"]["items"][0]["id"] == "S2_L1C_18S_virginia_demo_window"
     assert "xarray" in saved["versions"] and saved["timings_s"]["total"] > 0
     assert saved["dashboard"].startswith("http")
+    # one inference precision for the run (bfloat16 only on CPUs that compute it natively),
+    # recorded with the products it made
+    from agriland_scale.models.worker import cpu_has_bfloat16
+
+    assert saved["precision"] == {"embeddings": "float32",
+                                  "segmentation": "mixed_bfloat16" if cpu_has_bfloat16() else "float32"}
+    for group, var in (("segmentation", "probability"), ("embeddings", "embedding")):
+        assert xr.open_zarr(reader(out), group=group)[var].attrs["precision"] == saved["precision"][group]
     run_logs = sorted((out / "logs").glob("run-*.log"))
     assert len(run_logs) == 1 and "[embeddings]" in run_logs[0].read_text()
     assert len(list((out / "logs").glob("dask-performance-*.html"))) == 1

@@ -176,3 +176,38 @@ def test_masked_losses_hand_computed():
     assert unet_loss("bce") is masked_bce and unet_loss("dice") is masked_dice
     perfect = np.where(y == 255, 0.3, y).astype("float32")
     assert float(masked_dice(y, perfect)) < 1e-6
+
+
+def test_bfloat16_copy_keeps_its_output_layer_and_outputs_float32(tmp_path):
+    """``runtime.inference_precision: bfloat16``: every layer computes in bfloat16 except the
+    one that gives the probabilities (float32, not rounded to bfloat16's 8 significant bits),
+    predictions come back float32, within one step (1/254) of the stored uint8 probability."""
+    import keras
+
+    from agriland_scale.models import worker as _worker
+    from agriland_scale.models.unet import build_unet
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "unet.keras"
+    build_unet("plain", 64, 3, weights="none", filters=(4, 8, 16)).save(path)
+    m32, _ = _worker.get_model(path)
+    mbf, _ = _worker.get_model(path, "mixed_bfloat16")
+    convs = [layer for layer in mbf.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs[-1].name == mbf.layers[-1].name and convs[-1].compute_dtype == "float32"
+    assert {c.compute_dtype for c in convs[:-1]} == {"bfloat16"}
+    assert {c.variable_dtype for c in convs} == {"float32"}
+    x = np.random.default_rng(0).uniform(0, 0.3, (2, 64, 64, 3)).astype("float32")
+    a, b = _worker.predict(m32, x), _worker.predict(mbf, x)
+    assert a.dtype == b.dtype == np.float32 and b.shape == a.shape
+    assert 0 < np.abs(b - a).max() < 1 / 254
+
+
+def test_bfloat16_support_is_read_from_the_cpu_flags(tmp_path):
+    from agriland_scale.models.worker import cpu_has_bfloat16
+
+    info = tmp_path / "cpuinfo"
+    for flags, has in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
+                       ("fpu amx_bf16 amx_tile", True)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert cpu_has_bfloat16(str(info)) is has
+    assert cpu_has_bfloat16(str(tmp_path / "missing")) is False

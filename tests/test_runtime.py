@@ -59,3 +59,31 @@ def test_own_workers_exit_at_once_with_their_streams_flushed(tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as lc:
         with dask_client(cfg, lc.scheduler_address) as client:
             assert not any(client.run(has_plugin).values())
+
+
+def test_inference_precision_is_one_for_the_run():
+    """``auto`` gives the U-Net bfloat16 only where every worker's CPU has it, never beside a
+    GPU, and keeps the encoder in float32; the explicit settings apply to both models. A
+    resumed run recomputes model blocks of another precision: it is part of the model stages'
+    settings (float32 runs keep their old ones)."""
+    from agriland_scale.config.schema import RunConfig
+    from agriland_scale.models.worker import cpu_has_bfloat16
+    from agriland_scale.pipeline.context import stage_settings
+    from agriland_scale.pipeline.runtime import inference_precision
+
+    bf, f32 = "mixed_bfloat16", "float32"
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    with dask_client(cfg) as client:
+        native = cpu_has_bfloat16()
+        assert inference_precision(client, "auto", False) == {"embeddings": f32,
+                                                              "segmentation": bf if native else f32}
+        assert inference_precision(client, "auto", True) == {"embeddings": f32, "segmentation": f32}
+        assert inference_precision(client, "float32", False) == {"embeddings": f32, "segmentation": f32}
+        assert inference_precision(client, "bfloat16", True) == {"embeddings": bf, "segmentation": bf}
+    run = RunConfig.model_validate({"name": "t", "search": {"api": "local", "catalog": ".",
+                                                            "collections": ["c"], "bbox": [0, 0, 1, 1]}})
+    record = {"precision": {"embeddings": f32, "segmentation": bf}}
+    assert stage_settings(run, record, "segmentation")["precision"] == bf
+    for stage in ("embeddings", "clusters"):
+        assert "precision" not in stage_settings(run, record, stage)
+    assert "precision" not in stage_settings(run, {}, "segmentation")

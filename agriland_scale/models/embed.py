@@ -104,7 +104,8 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     """Lazy embeddings ``(patch, dim)`` float32 of every patch of ``index``; compute on a Dask client.
 
     Patches are read by the workers from the cube ``group`` of the Zarr store ``cube_store``.
-    ``precision``: ``float32``, or ``mixed_float16`` (float16 compute, for GPU workers).
+    ``precision``: ``float32``, ``mixed_float16`` (float16 compute, for GPU workers) or
+    ``mixed_bfloat16`` (CPUs with bfloat16 instructions); the embeddings are float32.
 
     One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
     few dozen patches and each ``predict`` call sees a full batch.

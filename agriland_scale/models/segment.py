@@ -196,12 +196,12 @@ def _open(cube_store: str, group: str, bands: list[str]):
 
 def _predict_task(model_path: str, cube_store: str, rs: np.ndarray, cs: np.ndarray, bands: list[str],
                   window: int, reflectance_max: float, batch_size: int, group: str = "cube",
-                  input_size: int | None = None) -> np.ndarray | None:
+                  input_size: int | None = None, precision: str = "float32") -> np.ndarray | None:
     """Return the weighted sum of the predictions of windows ``rs x cs`` over their span.
 
     See :func:`_weighted_sum`; runs on a worker, with its cached model.
     """
-    model, lock = _worker.get_model(model_path, input_size=input_size)
+    model, lock = _worker.get_model(model_path, precision, input_size)
     refl, clear = _open(cube_store, group, bands)
     return _weighted_sum(model, refl, clear, rs, cs, window=window, reflectance_max=reflectance_max,
                          batch_size=batch_size, lock=lock)
@@ -237,7 +237,8 @@ def _groups(starts: np.ndarray, length: int, window: int, block: int) -> list[np
 def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: list[str], *,
                    window: int, overlap: int, reflectance_max: float, threshold: float,
                    batch_size: int, block: int = 1024, resources: dict | None = None,
-                   group: str = "cube", inference_window: int | str | None = None) -> xr.Dataset:
+                   group: str = "cube", inference_window: int | str | None = None,
+                   precision: str = "float32") -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
     Output chunks of ``block`` x ``block`` px; every window is predicted once (see the module
@@ -247,7 +248,9 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
 
     ``window`` is the model's training window; the windows predicted are
     ``inference_window`` px (:func:`choose_inference_window`), in batches of about the same
-    number of pixels as ``batch_size`` training windows (bounded memory).
+    number of pixels as ``batch_size`` training windows (bounded memory). ``precision``: the
+    Keras dtype policy the U-Net computes in (``float32`` or ``mixed_bfloat16``, see
+    :func:`~agriland_scale.models.worker.get_model`).
     """
     meta = check_model(model_path, "segmentation", bands, reflectance_max, window)
     H, W = cube.sizes["y"], cube.sizes["x"]
@@ -267,7 +270,7 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
                     sums[bi, bj] = ((int(rs.min()), int(cs.min())),
                                     (int(rs.max()) + window, int(cs.max()) + window),
                                     predict(model_path, cube_store, rs, cs, bands, window, reflectance_max,
-                                            batch_size, group, input_size))
+                                            batch_size, group, input_size, precision))
     reach = -(-window // block)  # a span reaches at most this many blocks past its own
     rows = []
     for bi, gy in enumerate(range(0, H, block)):
@@ -288,7 +291,7 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
                     coords={"y": cube.y, "x": cube.x})
     ds["probability"].attrs.update(long_name="agricultural land probability", units="1",
                                    model=str(model_path), window=window, training_window=trained,
-                                   overlap=overlap)
+                                   overlap=overlap, precision=precision)
     ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
                             flag_values=[0, 1], flag_meanings="other agricultural")
     # nodata agrees everywhere: CF _FillValue == Zarr fill_value == 255, never a valid value

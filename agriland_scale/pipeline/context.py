@@ -86,6 +86,10 @@ class RunContext:
         """A read-only store of the run's complete products (``main``'s tip; it pickles to tasks)."""
         return self.products.reader()
 
+    def precision(self, stage: str) -> str:
+        """Return the Keras dtype policy of model stage ``stage``'s predictions (``run.json``'s ``precision``)."""
+        return (self.record.get("precision") or {}).get(stage, "float32")
+
     @property
     def models(self) -> Path:
         """Where trained models go in the run folder (or its working copy), ``OUT/models``."""
@@ -110,16 +114,17 @@ class RunContext:
         if self.mirror is not None:
             self.mirror.pull(MODELS_DIR + "/")
 
-    def warm_up(self, models: list[tuple[str, int, int, bool]], *, only_tensorflow: bool = False) -> None:
+    def warm_up(self, models: list[tuple[str, int, int, bool]], stage: str = "embeddings", *,
+                only_tensorflow: bool = False) -> None:
         """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
 
-        ``models``: ``(path, window px, bands, trace)``; with none, workers only import TensorFlow
-        (when ``only_tensorflow``).
+        ``models``: ``(path, window px, bands, trace)``, for model stage ``stage`` (its
+        precision); with none, workers only import TensorFlow (when ``only_tensorflow``).
         """
         if not models and not only_tensorflow:
             return
         for i, w in enumerate(self.client.scheduler_info(n_workers=-1)["workers"]):
-            future = self.client.submit(warm_up, models, key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
+            future = self.client.submit(warm_up, models, self.precision(stage), key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
                                         workers=[w], allow_other_workers=False, pure=False)
             self.warming.append((future, tuple(m[0] for m in models), w))
 
@@ -187,7 +192,8 @@ def stage_settings(cfg: RunConfig, record: dict[str, Any], stage: str) -> dict[s
     Returns
     -------
     dict
-        ``{dotted key: value}``, plus ``cae_model``/``unet_model`` ``[path, mtime_ns]``.
+        ``{dotted key: value}``, plus ``cae_model``/``unet_model`` ``[path, mtime_ns]`` and
+        the run's ``precision`` (model stages, unless float32).
     """
     values = json.loads(cfg.model_dump_json())
     out: dict[str, Any] = {}
@@ -202,4 +208,7 @@ def stage_settings(cfg: RunConfig, record: dict[str, Any], stage: str) -> dict[s
             version = model_version(path)
             if version is not None:
                 out[f"{name}_model"] = [path, version]
+    precision = (record.get("precision") or {}).get(stage, "float32")
+    if precision != "float32":  # the blocks of float32 runs keep their settings
+        out["precision"] = precision
     return out

@@ -62,7 +62,7 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.resume import Products
-from agriland_scale.pipeline.runtime import dask_client, gpu_resources
+from agriland_scale.pipeline.runtime import dask_client, gpu_resources, inference_precision
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
 from agriland_scale.publish.report import write_report
 
@@ -333,6 +333,7 @@ class _Runner:
             rec["scheduler"] = client.scheduler.address
             self.say(f"Dask dashboard: {client.dashboard_link}")
             res = gpu_resources(client)
+            rec["precision"] = inference_precision(client, self.cfg.runtime.inference_precision, bool(res))
             # training tasks relay their progress (epoch, step, loss) as events of this run
             ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
                              res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,

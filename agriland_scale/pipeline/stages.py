@@ -163,7 +163,8 @@ def cube_stage(ctx: RunContext) -> None:
         encoder = read_sidecar(s.model).get("encoder")
         sizes = {choose_inference_window(s.inference_window, s.window, s.overlap, z["shape"]["y"],
                                          z["shape"]["x"], encoder) for z in ctx.zones().values()}
-        ctx.warm_up([(s.model, size, len(s.bands), size == s.window) for size in sorted(sizes)])
+        ctx.warm_up([(s.model, size, len(s.bands), size == s.window) for size in sorted(sizes)],
+                    "segmentation")
 
 def _index(ctx: RunContext, zone: dict[str, Any]) -> tuple[xr.Dataset, np.ndarray]:
     index = open_product(ctx.store, zone["prefix"] + "patches").load()
@@ -227,7 +228,7 @@ def embeddings_stage(ctx: RunContext) -> None:
                             min_valid_fraction=p.min_valid_fraction, resources=ctx.res,
                             group=z["prefix"] + "cube",
                             precision="mixed_float16" if e.mixed_precision and ctx.res
-                            else "float32")
+                            else ctx.precision("embeddings"))
         stats = ctx.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", ctx.client,
                                           settings=ctx.settings("embeddings"),
                                           label=f"embeddings {name}", progress=ctx.progress)
@@ -325,7 +326,8 @@ def segmentation_stage(ctx: RunContext) -> None:
         seg = segment_region(ctx.record["unet"]["model_path"], ctx.store, cube, s.bands,
                              window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
                              threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
-                             group=z["prefix"] + "cube", inference_window=s.inference_window)
+                             group=z["prefix"] + "cube", inference_window=s.inference_window,
+                             precision=ctx.precision("segmentation"))
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)
