@@ -198,7 +198,7 @@ def main() -> None:
     inner: list[dict] = []
     breakdown: dict[str, list[dict]] = {k: [] for k in pipes}
     predicted: dict[str, int] = {}  # pixels the U-Net predicts in each agriland run
-    precision: dict[str, str] = {}  # the precision each agriland run computed its predictions in
+    precision: dict[str, dict[str, str]] = {}  # each agriland run's precision, by model stage
     for r in range(args.rounds):
         out = tmp / f"naive-{r}"
         out.mkdir()
@@ -212,7 +212,7 @@ def main() -> None:
             rec = json.loads((run_out / "run.json").read_text())
             breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
             predicted[name] = _predicted(rec)
-            precision[name] = rec.get("precision", "float32")
+            precision[name] = rec.get("precision") or {}
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
     _, stdout = _wall([sys.executable, __file__, "--batched", "--models", str(models)])
     batched = json.loads(stdout.strip().splitlines()[-1])
@@ -229,12 +229,12 @@ def main() -> None:
     # publish, report, ...)
     sfx = {"float32": "", "mixed_bfloat16": "_bf16"}
 
-    def unet_s_per_px(k: str) -> float:
-        return batched[f"unet{sfx[precision[k]]}_s"] / (batched["patches"] * 256 * 256)
+    def measured(model: str, k: str, stage: str) -> float:
+        return batched[f"{model}{sfx[precision[k].get(stage, 'float32')]}_s"]
 
     compute = {"naive script": batched["encoder_s"] + batched["unet_s"],
-               **{k: batched[f"encoder{sfx[precision[k]]}_s"] + unet_s_per_px(k) * predicted[k]
-                  for k in pipes}}
+               **{k: measured("encoder", k, "embeddings") + measured("unet", k, "segmentation")
+                  * predicted[k] / (batched["patches"] * 256 * 256) for k in pipes}}
     result["model_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
     result["not_model_compute_s"] = {k: round(med[k] - compute[k], 1) for k in compute}
     result["unet_predicted_px"] = predicted

@@ -15,7 +15,7 @@ for name in ${names[@]}; do
     embed) cmd=(python bench/bench_embed.py --repeat 11) ;;
     cluster) cmd=(python bench/bench_cluster.py) ;;
     run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
-    naive) cmd=(python bench/bench_naive.py --rounds 2 ${NAIVE_MODELS:+--models "$NAIVE_MODELS"} --json bench/results/naive.json) ;;
+    naive) cmd=(python bench/bench_naive.py --rounds 3 ${NAIVE_MODELS:+--models "$NAIVE_MODELS"} --json bench/results/naive.json) ;;
     windows) cmd=(python bench/bench_windows.py --repeat 2 --json bench/results/windows.json) ;;
     store) cmd=(python bench/bench_store.py --rounds 2 --json bench/results/store.json) ;;
     unet_variants) cmd=(python bench/bench_unet_variants.py --out bench/results/unet_variants.json) ;;
