@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from agriland_scale import __version__
 from agriland_scale.config.load import load_config
+from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import AgrilandError, ConfigError, Terminated
 from agriland_scale.layout import STAGES
 
@@ -338,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="cluster ids named arable, e.g. 3,7")
     p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
     p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
+    p_cl = sub.add_parser("cluster", help="keep a Dask cluster of warm workers for runs (--scheduler ADDRESS)")
+    p_cl.add_argument("pipeline", type=Path, nargs="?", help="take runtime.* from it, and load its given models")
+    p_cl.add_argument("--port", type=int, default=8786, help="scheduler port on 127.0.0.1 (0: any free port)")
     p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
     p_imp.add_argument("via_json", type=Path)
     p_imp.add_argument("run", type=_run_arg)
@@ -389,6 +393,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run(args.pipeline, args, until=args.command.removeprefix("train-"))
         if args.command == "search":
             return _search(args)
+        if args.command == "cluster":
+            from agriland_scale.pipeline.runtime import given_models, serve_cluster
+
+            cfg = load_config(args.pipeline) if args.pipeline else None
+            serve_cluster(cfg.runtime if cfg else RuntimeConfig(), args.port, models=given_models(cfg) if cfg else None,
+                          report=lambda line: print(line, flush=True))
+            return 0
         handlers = {"inspect": _inspect, "export": _export, "report": _report, "export-labels": _export_labels,
                     "import-labels": _import_labels}
         if args.command in handlers:

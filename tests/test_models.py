@@ -211,3 +211,28 @@ def test_bfloat16_support_is_read_from_the_cpu_flags(tmp_path):
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
         assert cpu_has_bfloat16(str(info)) is has
     assert cpu_has_bfloat16(str(tmp_path / "missing")) is False
+
+
+def test_a_long_lived_worker_keeps_only_the_models_used_last(tmp_path, monkeypatch):
+    """A worker that outlives runs (``agriland cluster``) does not keep every model it ever
+    loaded: at most ``MAX_MODELS``, the least recently used go first; a model used again
+    stays, and a file saved again is loaded again."""
+    import keras
+
+    from agriland_scale.models import worker as _worker
+    from agriland_scale.models.unet import build_unet
+
+    monkeypatch.setattr(_worker, "_models", type(_worker._models)())
+    monkeypatch.setattr(_worker, "MAX_MODELS", 2)
+    keras.utils.set_random_seed(0)
+    paths = [tmp_path / f"unet{i}.keras" for i in range(3)]
+    for p in paths:
+        build_unet("plain", 32, 3, weights="none", filters=(2, 4)).save(p)
+    a = _worker.get_model(paths[0])[0]
+    _worker.get_model(paths[1])
+    assert _worker.get_model(paths[0])[0] is a  # used again: now the most recent
+    _worker.get_model(paths[2])
+    kept = [k[0] for k in _worker._models]
+    assert kept == [str(paths[0].resolve()), str(paths[2].resolve())]
+    _worker.get_model(paths[2], input_size=64)  # a copy for another window size counts as one
+    assert [k[0] for k in _worker._models] == [str(paths[2].resolve())] * 2

@@ -1,4 +1,7 @@
+import json
+
 import dask.array as da
+import pytest
 
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.pipeline.runtime import dask_client, gpu_resources
@@ -15,8 +18,6 @@ def test_local_cluster_has_a_dashboard_and_limits_threads():
 
 
 def test_unreachable_scheduler_is_a_clear_error():
-    import pytest
-
     from agriland_scale.errors import SchedulerError
 
     with pytest.raises(SchedulerError, match="no Dask scheduler answers at tcp://127.0.0.1:9"):
@@ -87,3 +88,63 @@ def test_inference_precision_is_one_for_the_run():
     for stage in ("embeddings", "clusters"):
         assert "precision" not in stage_settings(run, record, stage)
     assert "precision" not in stage_settings(run, {}, "segmentation")
+
+
+def test_a_taken_port_is_a_clear_error_for_agriland_cluster():
+    import socket
+
+    from agriland_scale.errors import SchedulerError
+    from agriland_scale.pipeline.runtime import serve_cluster
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SchedulerError, match=f"127.0.0.1:{port}.*--scheduler tcp://127.0.0.1:{port}.*--port"):
+            serve_cluster(RuntimeConfig(dashboard_address=":0"), port)
+
+
+@pytest.mark.slow
+def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, demo_run):
+    """``agriland cluster PIPELINE``: a scheduler on 127.0.0.1 whose workers have imported
+    TensorFlow and loaded the pipeline's given models before the first run; a run given its
+    address reuses them (no model load, no warm-up wait); Ctrl-C stops it and its workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from distributed import Client
+
+    cfg, demo_out, _ = demo_run
+    pipe = tmp_path / "given.yaml"
+    pipe.write_text(yaml.safe_dump(cfg.with_overrides(**{
+        "embed.model": str(demo_out / "models" / "encoder.keras"), "segment.model": str(demo_out / "models" / "unet.keras"),
+        "runtime.dashboard_address": ":0"}).model_dump(mode="json")))
+    agriland = str(Path(sys.executable).parent / "agriland")
+    proc = subprocess.Popen([agriland, "cluster", str(pipe), "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        first, ready = proc.stdout.readline(), proc.stdout.readline()
+        address = first.split(" at ")[1].split(",")[0]
+        assert address.startswith("tcp://127.0.0.1:") and "loaded encoder.keras, unet.keras" in ready
+        with Client(address) as c:
+            state = c.run(lambda: (os.getpid(), "tensorflow" in sys.modules, "matplotlib.pyplot" in sys.modules,
+                                   sorted(Path(k[0]).name for k in
+                                          sys.modules["agriland_scale.models.worker"]._models)))
+        (pid, tf, mpl, loaded), = state.values()
+        assert tf and mpl and loaded == ["encoder.keras", "unet.keras"]
+        out = tmp_path / "run"
+        res = subprocess.run([agriland, "run", str(pipe), "--out", str(out), "--quiet", "--scheduler", address],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        rec = json.loads((out / "run.json").read_text())
+        assert rec["timings_s"].get("warm_up_wait", 0) < 1.0 and rec["scheduler"] == address
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and rest.strip().endswith("agriland cluster: stopped")
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

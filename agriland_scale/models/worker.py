@@ -1,7 +1,8 @@
 """Per-worker state: one copy of each model, TensorFlow threads set once.
 
 Tasks call :func:`get_model`; a worker process loads a model file the first time it is
-asked and keeps it for later tasks (keyed by path and modification time). A lock keeps
+asked and keeps it for later tasks (keyed by path and modification time; the
+:data:`MAX_MODELS` used last). A lock keeps
 concurrent tasks of one worker from running the same model at once, so TensorFlow's thread
 pool (sized to the worker's threads) is not oversubscribed.
 """
@@ -13,13 +14,18 @@ import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from agriland_scale.errors import CorruptInput, MissingDependency, ModelMismatch
 
-_models: dict[tuple[str, float, str, int | None], Any] = {}
+# the models this process keeps, least recently used first; a worker that outlives runs (an
+# `agriland cluster`, an existing cluster) keeps at most MAX_MODELS (a U-Net copy per window
+# size and precision counts as one)
+MAX_MODELS = 8
+_models: OrderedDict[tuple[str, float, str, int | None], Any] = OrderedDict()
 _lock = threading.Lock()
 _configured = False
 
@@ -114,13 +120,19 @@ def get_model(path: str | Path, precision: str = "float32", input_size: int | No
             if precision != "float32":
                 model = with_precision(model, precision)
             _models[key] = (model, threading.Lock())
+        _models.move_to_end(key)
         base = _models[key]
         if input_size is None or base[0].input_shape[1] == input_size:
-            return base
-        sized = key[:3] + (input_size,)
-        if sized not in _models:
-            _models[sized] = (at_input_size(base[0], input_size), threading.Lock())
-        return _models[sized]
+            found = base
+        else:
+            sized = key[:3] + (input_size,)
+            if sized not in _models:
+                _models[sized] = (at_input_size(base[0], input_size), threading.Lock())
+            _models.move_to_end(sized)
+            found = _models[sized]
+        while len(_models) > MAX_MODELS:  # a task still holding an evicted model keeps its copy
+            _models.popitem(last=False)
+        return found
 
 
 def predict(model: Any, batch: Any, *, trace_only: bool = False) -> Any:
