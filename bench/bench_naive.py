@@ -175,7 +175,7 @@ def _start_cluster(agri: str, pipe: Path) -> tuple[subprocess.Popen, str, float]
     proc = subprocess.Popen([agri, "cluster", str(pipe), "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
-    atexit.register(lambda: proc.poll() is None and (proc.send_signal(signal.SIGINT), proc.wait(120)))
+    atexit.register(lambda: proc.poll() is None and (proc.send_signal(signal.SIGTERM), proc.wait(120)))
     first, ready = proc.stdout.readline(), proc.stdout.readline()
     if "workers ready" not in ready:
         proc.kill()
@@ -241,7 +241,7 @@ def main() -> None:
             predicted[name] = _predicted(rec)
             precision[name] = rec.get("precision") or {}
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
-    cluster.send_signal(signal.SIGINT)
+    cluster.send_signal(signal.SIGTERM)
     cluster.communicate(timeout=120)
     _, stdout = _wall([sys.executable, __file__, "--batched", "--models", str(models)])
     batched = json.loads(stdout.strip().splitlines()[-1])

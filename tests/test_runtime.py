@@ -124,8 +124,10 @@ def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, de
         "embed.model": str(demo_out / "models" / "encoder.keras"), "segment.model": str(demo_out / "models" / "unet.keras"),
         "runtime.dashboard_address": ":0"}).model_dump(mode="json")))
     agriland = str(Path(sys.executable).parent / "agriland")
+    # started as `agriland cluster ... &` from a script: SIGINT comes ignored, yet stops it
     proc = subprocess.Popen([agriland, "cluster", str(pipe), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         first, ready = proc.stdout.readline(), proc.stdout.readline()
         address = first.split(" at ")[1].split(",")[0]
@@ -144,7 +146,12 @@ def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, de
         assert rec["timings_s"].get("warm_up_wait", 0) < 1.0 and rec["scheduler"] == address
     finally:
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
+        try:
+            rest = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the other way to stop it
+            proc.communicate(timeout=60)
+            raise
     assert proc.returncode == 0 and rest.strip().endswith("agriland cluster: stopped")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

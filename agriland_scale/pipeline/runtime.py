@@ -239,7 +239,8 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
                              "choose another --port") from None
     stop = stop or threading.Event()
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main else None
+    # both stop it, even where SIGINT came ignored (a command started with & by a script)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     client = Client(cluster)
     try:
         client.register_plugin(FastExit())
@@ -264,11 +265,9 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
                "(or runtime.scheduler); stop with Ctrl-C")
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         client.close()
         cluster.close()
     report("agriland cluster: stopped")
