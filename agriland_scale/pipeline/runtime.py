@@ -210,7 +210,7 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
 
     Its workers are those a run starts for itself (``cfg``'s workers, threads, memory limit,
     environment and dashboard), but they stay between runs: each imports TensorFlow, Keras,
-    scikit-learn and matplotlib at once, and keeps the models that runs load (cached by path
+    odc-stac, scikit-learn and matplotlib at once, and keeps the models that runs load (cached by path
     and modification time, :func:`~agriland_scale.models.worker.get_model`). A run given its
     address (``--scheduler``) skips the worker start, the imports and the model loads that a
     run's own cluster pays each time (about 10 s of a small run on 2 cores, bench_naive).
@@ -241,8 +241,9 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
     main = threading.current_thread() is threading.main_thread()
     # both stop it, even where SIGINT came ignored (a command started with & by a script)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    client = Client(cluster)
+    client = None
     try:
+        client = Client(cluster)
         client.register_plugin(FastExit())
         report(f"agriland cluster: {cfg.n_workers} worker(s) x {cfg.threads_per_worker} threads at "
                f"{cluster.scheduler_address}, dashboard {client.dashboard_link}")
@@ -268,7 +269,8 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        client.close()
+        if client is not None:
+            client.close()
         cluster.close()
     report("agriland cluster: stopped")
 
