@@ -76,35 +76,57 @@ class LocalS3:
             {"name": "reader", "credentials": [{"accessKey": self.ro_key, "secretKey": self.ro_secret}],
              "actions": ["Read", "List"]}]}
         (self.root / "identities.json").write_text(json.dumps(ids))
+        # a free port may be taken before weed binds it (any process's outgoing connection
+        # draws from the same range): start again, afresh, on other ports when that happens
+        for _ in range(5):
+            if self._serve(weed, timeout):
+                break
+            shutil.rmtree(self.root / "data")
+            (self.root / "data").mkdir()
+        else:
+            raise RuntimeError("SeaweedFS found one of its ports taken 5 times in a row: "
+                               + (self.root / "weed.log").read_text()[-2000:])
+        self.create_bucket(self.bucket)
+        return self
+
+    def _serve(self, weed: Path, timeout: float) -> bool:
+        """Start ``weed server`` on free ports and wait until S3 answers.
+
+        Returns True once it answers, False when one of its ports was taken meanwhile (the
+        server ended saying so); raises when it ends for another reason or does not answer.
+        """
         ports: list[int] = []
         while len(ports) < 4:
             p = _free_port()
             if p not in ports:
                 ports.append(p)
         s3, master, volume, filer = ports
+        log = self.root / "weed.log"
         self.proc = subprocess.Popen(
             [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
              "-s3", f"-s3.port={s3}", f"-s3.config={self.root / 'identities.json'}",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
              # no side servers on fixed ports, no telemetry, buckets made only on purpose (as S3)
              "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false"],
-            stdout=open(self.root / "weed.log", "w"), stderr=subprocess.STDOUT)
+            stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self.endpoint, self.master = f"http://127.0.0.1:{s3}", f"127.0.0.1:{master}"
         deadline = time.monotonic() + timeout
         while True:
             try:
                 urllib.request.urlopen(self.endpoint, timeout=2)
-                break
+                return True
             except urllib.error.HTTPError:
-                break  # it answers (an unsigned request is refused)
+                return True  # it answers (an unsigned request is refused)
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError("SeaweedFS ended: " + (self.root / "weed.log").read_text()[-2000:]) from None
+                    text = log.read_text()
+                    if "address already in use" in text:
+                        self.stop()  # its other servers may still run: end them before retrying
+                        return False
+                    raise RuntimeError("SeaweedFS ended: " + text[-2000:]) from None
                 if time.monotonic() > deadline:
                     raise TimeoutError("SeaweedFS did not answer on " + self.endpoint) from None
                 time.sleep(0.3)
-        self.create_bucket(self.bucket)
-        return self
 
     def create_bucket(self, name: str) -> None:
         """Create the bucket ``name`` (``weed shell``; the master needs a moment after start)."""

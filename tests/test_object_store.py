@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +317,35 @@ def test_a_second_writer_never_overwrites_the_first_ones_version(tmp_path):
     with pytest.raises(RunLocked, match="another process changed the products while this one wrote 'late'"):
         first._publish("late", "written")
     assert second.exists("early") and not second.exists("late")
+
+
+@pytest.mark.slow
+def test_the_test_s3_server_starts_again_when_a_port_is_taken_meanwhile(tmp_path, monkeypatch):
+    """A free port can be taken between its probe and SeaweedFS's bind (CI saw the S3
+    listener's port go to another process's connection): the server starts again on other
+    ports instead of failing every object-storage test."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import local_s3
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    real, calls = local_s3._free_port, []
+
+    def first_a_taken_one() -> int:
+        calls.append(1)
+        return taken if len(calls) == 1 else real()
+
+    monkeypatch.setattr(local_s3, "_free_port", first_a_taken_one)
+    try:
+        with local_s3.LocalS3(tmp_path) as server:
+            assert server.endpoint != f"http://127.0.0.1:{taken}" and len(calls) == 8
+            with pytest.raises(urllib.error.HTTPError):  # it answers: an unsigned request is refused
+                urllib.request.urlopen(server.endpoint, timeout=5)
+    finally:
+        held.close()
