@@ -113,6 +113,17 @@ def _not_an_interrupted_gather(record: logging.LogRecord) -> bool:
     return type(exc).__name__ != "AllExit"
 
 
+def _local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
+    """Start the LocalCluster of ``cfg``, as a run starts it.
+
+    Worker processes, threads, memory limit, dashboard and :func:`worker_env` from ``cfg``;
+    ``kwargs`` go to ``LocalCluster`` too.
+    """
+    return LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+                        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+                        processes=True, env=worker_env(cfg.threads_per_worker), **kwargs)
+
+
 @contextlib.contextmanager
 def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
                 worker_log: str | None = None, closing: list[threading.Thread] | None = None
@@ -140,11 +151,7 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
         finally:
             client.close()
         return
-    cluster = LocalCluster(
-        n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
-        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-        processes=True, env=worker_env(cfg.threads_per_worker),
-    )
+    cluster = _local_cluster(cfg)
     try:
         client = Client(cluster)
     except BaseException:
@@ -228,11 +235,7 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the scheduler binds
                 probe.bind(("127.0.0.1", port))
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
-            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-            processes=True, env=worker_env(cfg.threads_per_worker), host="127.0.0.1", scheduler_port=port,
-        )
+        cluster = _local_cluster(cfg, host="127.0.0.1", scheduler_port=port)
     except (OSError, RuntimeError) as e:
         raise SchedulerError(f"cannot start a scheduler on 127.0.0.1:{port} ({e}): if an agriland cluster "
                              f"already runs there, use it (--scheduler tcp://127.0.0.1:{port}); else "
