@@ -81,6 +81,7 @@ def test_gallery_one_row_per_cluster_and_seeded_sampling(cube, index, tmp_path):
     info = write_gallery(cube, index, labels, 3, tmp_path / "g.png", per_cluster=4, seed=1)
     img = Image.open(tmp_path / "g.png")
     assert img.size == (info["width_px"], info["height_px"]) == (4 * 130, 3 * 150)
+    assert img.mode == "RGB"  # no alpha channel: it carried nothing, and a quarter of the bytes
     assert info["rows"] == 3 and sorted(info["patches"]) == [0, 1, 2]
     for c, ids in info["patches"].items():
         assert len(ids) == 4 and all(labels[i] == c for i in ids)

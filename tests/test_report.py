@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from agriland_scale.errors import CorruptInput, OutputError
+from agriland_scale.errors import CorruptInput, EmptyRegion, OutputError
 from agriland_scale.publish.inspect import format_summary, summarise_run
 from agriland_scale.publish.report import write_report
 from agriland_scale.publish.stac import write_stac
@@ -128,6 +128,30 @@ def test_report_embeds_the_maps_the_publish_stage_drew(published, tmp_path):
     marker = image(base64.b64encode(PNG_SIGNATURE).decode(), "given map", "drawn by publish")
     page = write_report(out, product_figures={"": [marker]}).read_text()
     assert 'alt="given map"' in page and 'alt="RGB composite"' not in page  # not drawn again
+
+
+def test_the_quicklook_is_the_reports_first_three_maps_side_by_side(published, tmp_path):
+    """The publish stage writes ``quicklook.png`` from the maps it draws for the report (no
+    second read or drawing): composite, clusters, probability, pixel for pixel."""
+    import io
+
+    from PIL import Image
+
+    from agriland_scale.publish.figures import product_maps, write_quicklook
+
+    _, out, _, _, _ = published
+    maps = product_maps(out, "")
+    assert [alt for _, alt, _ in maps] == ["RGB composite", "cluster map over composite",
+                                           "probability over composite", "agricultural land mask"]
+    tiles = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png, _, _ in maps[:3]]
+    assert {t.shape for t in tiles} == {(400, 448, 3)}
+    sheet = Image.open(out / "quicklook.png")
+    assert sheet.mode == "RGB" and sheet.size == (3 * 448, 400)
+    np.testing.assert_array_equal(np.asarray(sheet), np.concatenate(tiles, axis=1))
+    assert tiles[0].std() > 10 and not np.array_equal(tiles[0], tiles[2])  # real maps, not blanks
+    with pytest.raises(EmptyRegion, match="no map to put in .*cube holds no valid reflectance"):
+        write_quicklook([], tmp_path / "q.png")
+    assert not (tmp_path / "q.png").exists()
     write_report(out)
 
 

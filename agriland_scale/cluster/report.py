@@ -22,7 +22,7 @@ import xarray as xr
 from agriland_scale.errors import AgrilandWarning, ConfigError, CorruptInput, EmptyRegion
 from agriland_scale.files import atomic_path
 from agriland_scale.patches import read_windows
-from agriland_scale.render import RGB, check_bands, stretch_limits, to_rgb8
+from agriland_scale.render import RGB, check_bands, figure_png, stretch_limits, to_rgb8
 
 __all__ = ["cluster_stats", "sample_patches", "stats_table", "write_cluster_products", "write_embedding_map",
            "write_gallery"]
@@ -139,7 +139,7 @@ def _pyplot():
 def _save(fig: Any, path: Path) -> None:
     """Save a figure atomically (temporary file + rename), so reruns never leave half a PNG."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        tmp.write_bytes(figure_png(fig, DPI))
 
 
 def sample_patches(labels: np.ndarray, cluster: int, n: int, seed: int) -> np.ndarray:

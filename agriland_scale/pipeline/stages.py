@@ -41,7 +41,6 @@ from agriland_scale.publish.cog import (
     mosaic_zones,
     write_cluster_cog,
     write_cog,
-    write_quicklook,
 )
 from agriland_scale.publish.figures import quicklooks
 from agriland_scale.publish.stac import write_stac
@@ -354,57 +353,61 @@ def _files_task(draw: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
                 for f in sorted(Path(d).rglob("*")) if f.is_file()}
 
 
-def _quicklook(store: Any, prefix: str, name: str, out_dir: str) -> None:
-    """Draw a zone's quicklook PNG ``out_dir/name``."""
-    write_quicklook(open_cube(store, prefix + "cube"), open_product(store, prefix + "clusters"),
-                    open_product(store, prefix + "segmentation"), str(Path(out_dir) / name))
-
-
 def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str) -> None:
     write_cluster_products(store, out_dir, k, seed, zone=zone)
 
 
-def publish_stage(ctx: RunContext) -> None:
-    """Write the COGs, quicklooks, cluster report, field polygons, mosaic and STAC of the run.
-
-    The pictures (quicklook, cluster gallery, t-SNE map: matplotlib, a few seconds each) are
-    drawn by tasks on the workers while this process writes the COGs and draws the report's
-    maps of the products (:attr:`.RunContext.report_figures`).
-    """
-    cfg, out, store = ctx.cfg, ctx.out, ctx.store
-    zones = ctx.zones()
-    multi = len(ctx.record["zones"]) > 1
-    cogs = out / COG_DIR
-    pictures = []
-    for name, z in zones.items():
-        pictures.append(ctx.client.submit(_files_task, _quicklook, store, z["prefix"],
-                                          f"quicklook{'_' + name if multi else ''}.png", pure=False))
-        pictures.append(ctx.client.submit(_files_task, _cluster_products, store, cfg.cluster.k, cfg.seed,
-                                          zone=name if multi else "", pure=False))
-    groups, seg_by_zone = [], {}
-    for name, z in zones.items():
-        pre, tag = z["prefix"], (f"{name}_" if multi else "")
-        cl = open_product(store, pre + "clusters")
-        seg = open_product(store, pre + "segmentation")
-        seg_by_zone[name] = seg
+def _write_cogs(cfg: Any, cogs: Path, products: dict[str, tuple[xr.Dataset, xr.Dataset]], multi: bool) -> None:
+    """Write each zone's cluster map, probability and mask COGs (``products``: zone -> (clusters, segmentation))."""
+    for name, (cl, seg) in products.items():
+        tag = f"{name}_" if multi else ""
         write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=cfg.cluster.k)
         write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
                   description="agricultural land probability", units="1")
         write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
                   description="agricultural land mask", colormap=MASK_COLORMAP)
-        if cfg.segment.vectorize:
+
+
+def publish_stage(ctx: RunContext) -> None:
+    """Write the COGs, quicklooks, cluster report, field polygons, mosaic and STAC of the run.
+
+    Three things run at once: the cluster pictures (gallery, t-SNE map: matplotlib) are drawn
+    by tasks on the workers; the COGs are written by a thread of this process (GDAL compresses
+    outside the GIL); and this thread draws the report's maps of the products
+    (:attr:`.RunContext.report_figures`), whose first three make the quicklook.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, out, store = ctx.cfg, ctx.out, ctx.store
+    zones = ctx.zones()
+    multi = len(ctx.record["zones"]) > 1
+    cogs = out / COG_DIR
+    pictures = [ctx.client.submit(_files_task, _cluster_products, store, cfg.cluster.k, cfg.seed,
+                                  zone=name if multi else "", pure=False) for name in zones]
+    groups, seg_by_zone, products = [], {}, {}
+    for name, z in zones.items():
+        pre = z["prefix"]
+        seg_by_zone[name] = open_product(store, pre + "segmentation")
+        products[name] = (open_product(store, pre + "clusters"), seg_by_zone[name])
+        groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
+    with ThreadPoolExecutor(1, thread_name_prefix="agriland-cogs") as pool:
+        written = pool.submit(_write_cogs, cfg, cogs, products, multi)
+        for name, z in zones.items():
+            ctx.report_figures[z["prefix"]] = quicklooks(out, z["prefix"],
+                                                         quicklook=out / f"quicklook{'_' + name if multi else ''}.png")
+        written.result()  # a failed COG fails the stage, with its own error
+    if cfg.segment.vectorize:
+        for name, seg in seg_by_zone.items():
+            tag = f"{name}_" if multi else ""
             n = write_fields(seg["mask"], out / "vector" / f"{tag}fields.parquet",
                              min_area_m2=cfg.segment.min_field_area_m2)
             ctx.record.setdefault("vector", {})[name] = {"path": f"vector/{tag}fields.parquet", "polygons": n}
-        groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
     if cfg.cube.mosaic_crs:
         mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
         ctx.products.write(mosaic, "mosaic")
         write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
                   description="agricultural land probability, zones reprojected", units="1")
         groups.append("mosaic")
-    for z in zones.values():  # the report's maps, drawn here while the workers draw their pictures
-        ctx.report_figures[z["prefix"]] = quicklooks(out, z["prefix"])
     for files in ctx.client.gather(pictures):  # a failed picture fails the stage, with its own error
         for rel, data in files.items():
             with atomic_path(out / rel) as tmp:

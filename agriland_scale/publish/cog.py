@@ -12,7 +12,6 @@ import xarray as xr
 
 from agriland_scale.errors import ConfigError
 from agriland_scale.files import TMP_SUFFIX, atomic_path
-from agriland_scale.render import RGB, stretch_limits, to_rgb
 from agriland_scale.store import write_georef
 
 __all__ = ["MASK_COLORMAP", "cluster_colormap", "mosaic_zones", "write_cluster_cog", "write_cog"]
@@ -265,50 +264,3 @@ def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None
                     "zones": list(segs)}
     merged.encoding = {}
     return write_georef(merged.to_dataset(name="probability"), crs)
-
-
-def write_quicklook(cube: xr.Dataset, clusters: xr.Dataset, seg: xr.Dataset, path: str | Path, *,
-                    max_px: int = 800) -> None:
-    """Write a PNG with the RGB composite, the cluster map and the probability over the composite.
-
-    Rasters are read every ``step``-th pixel so that at most ``max_px`` per side are held
-    (a full Sentinel-2 tile is not loaded whole); written to a temporary name, then renamed.
-    Each of the three panels is about 380 px wide (15 in at 80 dpi): 800 px keeps twice the
-    panel's resolution for matplotlib's antialiasing, and drawing a 1943 px scene costs a
-    quarter of drawing every pixel.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    step = max(1, -(-max(cube.sizes["y"], cube.sizes["x"]) // max_px))
-    sub = {"y": slice(None, None, step), "x": slice(None, None, step)}
-    lo, hi = stretch_limits(cube, RGB)
-    rgb = to_rgb(cube["reflectance"].sel(band=list(RGB)).isel(sub).values, lo, hi)
-    left, b, r, t = cube.rio.bounds()
-    ext = (left, r, b, t)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
-    axes[0].imshow(rgb, extent=ext)
-    axes[0].set_title("composite (B04, B03, B02)")
-    cm = clusters["cluster_map"]
-    cl, cb, cr, ct = cm.rio.bounds()
-    axes[1].imshow(rgb, extent=ext)
-    im1 = axes[1].imshow(np.ma.masked_less(cm.values, 0), extent=(cl, cr, cb, ct), cmap="tab10",
-                         alpha=0.55, interpolation="nearest")
-    fig.colorbar(im1, ax=axes[1], shrink=0.8, label="DEC cluster (one cell a patch)")
-    axes[1].set_title("clusters")
-    axes[2].imshow(rgb, extent=ext)
-    im2 = axes[2].imshow(seg["probability"].isel(sub).values, extent=ext, cmap="magma", vmin=0, vmax=1,
-                         alpha=0.6)
-    fig.colorbar(im2, ax=axes[2], shrink=0.8, label="agricultural land probability")
-    axes[2].set_title("U-Net probability")
-    for ax in axes:
-        ax.set_xlim(left, r)
-        ax.set_ylim(b, t)
-        ax.set_xlabel(f"x (m, {cube.rio.crs})")
-        ax.ticklabel_format(style="plain")
-        ax.tick_params(labelsize=7)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
