@@ -62,8 +62,8 @@ class RunContext:
         left of them when the run ends.
     report_figures : dict
         ``{zone prefix: HTML figures}``: the report's maps of the products, drawn by the
-        publish stage while the workers draw the quicklook and cluster pictures (this process
-        is otherwise idle then); ``report.html`` embeds them instead of drawing them again.
+        publish stage while the workers draw the cluster pictures (the first three also make
+        the quicklook); ``report.html`` embeds them instead of drawing them again.
     """
 
     cfg: RunConfig

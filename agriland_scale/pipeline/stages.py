@@ -357,11 +357,14 @@ def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str)
     write_cluster_products(store, out_dir, k, seed, zone=zone)
 
 
-def _write_cogs(cfg: Any, cogs: Path, products: dict[str, tuple[xr.Dataset, xr.Dataset]], multi: bool) -> None:
-    """Write each zone's cluster map, probability and mask COGs (``products``: zone -> (clusters, segmentation))."""
+def _write_cogs(cogs: Path, products: dict[str, tuple[xr.Dataset, xr.Dataset]], k: int, multi: bool) -> None:
+    """Write each zone's cluster map (``k`` clusters), probability and mask COGs into ``cogs``.
+
+    ``products``: zone -> (clusters, segmentation); with ``multi``, file names start with the zone.
+    """
     for name, (cl, seg) in products.items():
         tag = f"{name}_" if multi else ""
-        write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=cfg.cluster.k)
+        write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=k)
         write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
                   description="agricultural land probability", units="1")
         write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
@@ -391,7 +394,7 @@ def publish_stage(ctx: RunContext) -> None:
         products[name] = (open_product(store, pre + "clusters"), seg_by_zone[name])
         groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
     with ThreadPoolExecutor(1, thread_name_prefix="agriland-cogs") as pool:
-        written = pool.submit(_write_cogs, cfg, cogs, products, multi)
+        written = pool.submit(_write_cogs, cogs, products, cfg.cluster.k, multi)
         for name, z in zones.items():
             ctx.report_figures[z["prefix"]] = quicklooks(out, z["prefix"],
                                                          quicklook=out / f"quicklook{'_' + name if multi else ''}.png")
