@@ -88,7 +88,7 @@ def figure_png(fig: Any, dpi: float, *, compress_level: int = 6) -> bytes:
     """Draw a matplotlib figure at ``dpi`` and return it as an RGB PNG (no alpha channel).
 
     A figure's background is opaque, so the alpha channel ``savefig`` writes carries nothing:
-    without it the cluster gallery is a quarter smaller and encodes faster. ``compress_level``
+    without it the demo's cluster gallery is 12 % smaller (1.26 MB, not 1.44) and encodes faster. ``compress_level``
     is zlib's (PIL's default 6; 1 encodes about twice as fast, for ~10 % more bytes).
     """
     import io

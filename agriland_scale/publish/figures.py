@@ -20,7 +20,7 @@ import xarray as xr
 from agriland_scale.errors import CorruptInput, EmptyRegion
 from agriland_scale.files import atomic_path
 from agriland_scale.models.files import read_sidecar, sidecar_path
-from agriland_scale.render import check_bands, display_bands, figure_png, percentile_limits, to_rgb
+from agriland_scale.render import display_bands, figure_png, percentile_limits, to_rgb
 from agriland_scale.store import try_open_product
 
 __all__ = ["MAP_INCHES", "MAX_PIXELS", "STATUS_COLOURS", "image", "model_meta", "product_maps", "quicklooks",
@@ -50,15 +50,20 @@ def _plt():
     return plt
 
 
-def _png(fig: Any) -> str:
-    """Render a matplotlib figure to a base64 RGB PNG string (``dpi`` = :data:`DPI`) and close it.
+def _png_bytes(fig: Any) -> bytes:
+    """Render a matplotlib figure to an RGB PNG (``dpi`` = :data:`DPI`) and close it.
 
     zlib level :data:`PNG_COMPRESSION`: the report's four maps encode in 0.35 s less than at
     PIL's default 6, for 9 % more bytes.
     """
     png = figure_png(fig, DPI, compress_level=PNG_COMPRESSION)
     _plt().close(fig)
-    return base64.b64encode(png).decode("ascii")
+    return png
+
+
+def _png(fig: Any) -> str:
+    """Render a matplotlib figure as :func:`_png_bytes` does, base64-encoded (for ``<img src>``)."""
+    return base64.b64encode(_png_bytes(fig)).decode("ascii")
 
 
 def image(b64: str, alt: str, caption: str = "") -> str:
@@ -108,7 +113,6 @@ def _rgb(cube: xr.Dataset) -> tuple[np.ndarray, tuple[float, float, float, float
     if refl is None:
         return None
     bands = display_bands(cube)
-    check_bands(cube, bands)
     sample = _thin(refl.sel(band=list(bands)), _step(refl)).astype("float32")
     try:
         lo, hi = percentile_limits(sample, bands)
@@ -132,7 +136,7 @@ def _map_figure(draw: Callable[[Any, Any], None]) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=MAP_INCHES, constrained_layout=True)
     draw(fig, ax)
-    return base64.b64decode(_png(fig))
+    return _png_bytes(fig)
 
 
 def quicklooks(store: Path, prefix: str = "", *, quicklook: str | Path | None = None) -> list[str]:
