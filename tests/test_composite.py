@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
+from xarray.conventions import encode_cf_variable
 
-from agriland_scale.cube.composite import _cube_block, composite_block
+from agriland_scale.cube.composite import (
+    PACK_FILL,
+    PACK_LIMIT,
+    _cube_block,
+    composite_block,
+    pack_reflectance,
+)
 
 SCALE = np.array([1e-4, 2e-4, 1e-4], dtype="float32")
 OFFSET = np.array([-0.1, 0.0, 0.05], dtype="float32")
@@ -87,3 +95,59 @@ def test_cube_block_masks_nodata_clouds_and_region():
     np.testing.assert_array_equal(count, clear.sum(0))
     np.testing.assert_array_equal(refl, plain(dn, clear, "median"))
     assert count[:8, 16:].max() == 3 and count[8:-4, 16:].min() == 4 and np.isnan(refl[:, -4:]).all()
+
+
+def xarray_packed(refl: np.ndarray, step: np.float32) -> np.ndarray:
+    """What ``to_zarr`` stores for float reflectance encoded as int16 steps of ``step``."""
+    var = xr.Variable(("band", "y", "x"), refl,
+                      encoding={"dtype": "int16", "scale_factor": step, "_FillValue": np.int16(PACK_FILL)})
+    return encode_cf_variable(var).values
+
+
+def test_pack_reflectance_is_xarrays_cf_encoding():
+    rng = np.random.default_rng(5)
+    step = np.float32(0.5e-4)
+    refl = rng.uniform(-2.0, 2.0, (3, 40, 50)).astype("float32")  # beyond +-1.638: clipped
+    refl[:, :5] = np.nan
+    refl = np.clip(refl, -step * PACK_LIMIT, step * PACK_LIMIT)  # as the cube clips before encoding
+    got = pack_reflectance(refl, float(step))
+    assert got.dtype == np.int16 and (got == PACK_FILL).sum() == 3 * 5 * 50
+    np.testing.assert_array_equal(got, xarray_packed(refl, step))
+
+
+@pytest.mark.parametrize("method", ["median", "mean", "first", "last"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 30])
+@pytest.mark.parametrize("offset", [(-0.1, 0.0, 0.05), (0.00003, -0.1, 0.0)], ids=["whole-steps", "other"])
+@pytest.mark.parametrize("cloud", [0.0, 0.4])
+def test_packed_block_is_the_float_block_as_xarray_packs_it(method, T, offset, cloud):
+    """``part="packed"`` (integers for a median, first or last when every offset is a whole
+    number of half DNs; the float composite and :func:`pack_reflectance` otherwise) equals
+    xarray's encoding of the clipped float32 composite, bit for bit: the stored cube is the
+    same either way. DNs up to 40000 reach the clipping limit; 0 is nodata."""
+    rng = np.random.default_rng(100 + T)
+    dn = rng.integers(0, 40000, (3, T, 37, 53), dtype="uint16")
+    cloud_mask = rng.random((T, 37, 53)) < cloud
+    scale, off = np.full(3, 1e-4, dtype="float32"), np.array(offset, dtype="float32")
+    step = np.float32(0.5) * scale[0]
+    kw = {"n_bands": 3, "nodata": [0.0, 0, None], "scl_classes": None, "cloud": True, "region": False,
+          "scale": scale, "offset": off, "method": method}
+    refl = _cube_block(*dn, cloud_mask, **kw, part="reflectance", limit=float(step * PACK_LIMIT))
+    packed = _cube_block(*dn, cloud_mask, **kw, part="packed", step=float(step))
+    assert packed.dtype == np.int16 and packed.shape == (3, 37, 53)
+    np.testing.assert_array_equal(packed, xarray_packed(refl, step))
+    assert (packed == PACK_LIMIT).any()  # the clipping was exercised
+    count = _cube_block(*dn, cloud_mask, **kw, part="clear_count")
+    assert np.array_equal(packed == PACK_FILL, np.broadcast_to(count == 0, packed.shape))
+
+
+@pytest.mark.parametrize("nodata", [0, 0.0, np.float64(0), -9999.0, 70000])
+def test_nodata_of_any_type_masks_the_same_pixels(nodata):
+    """A nodata given as a float (as asset metadata gives it) masks exactly what the same
+    integer does (it is compared as a uint16, which is faster); one that no uint16 can hold
+    masks nothing."""
+    rng = np.random.default_rng(9)
+    dn = rng.integers(0, 3, (2, 3, 16, 16), dtype="uint16")  # many zeros
+    kw = {"n_bands": 2, "scl_classes": None, "cloud": False, "region": False}
+    count = _cube_block(*dn, **kw, nodata=[nodata, nodata], part="clear_count")
+    expect = ((dn != 0).all(0).sum(0) if float(nodata) == 0 else np.full((16, 16), 3))
+    np.testing.assert_array_equal(count, expect)

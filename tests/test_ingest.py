@@ -81,6 +81,38 @@ def test_three_zones_each_in_its_native_crs(three_items, three_search):
     assert 0.9 < (cc > 0).mean() < 1.0
 
 
+@pytest.mark.parametrize("method", ["median", "mean"])
+def test_an_encoded_cube_stores_what_the_float_cube_stores(three_items, three_search, tmp_path, method):
+    """``load_cube(encoded=True)`` (what the cube stage writes: int16 computed in integers,
+    no float pass) stores bit for bit what writing the float32 composite stores, with the
+    same attributes, on real data with SCL-masked clouds and nodata outside the polygon."""
+    import zarr
+
+    from agriland_scale.store import open_cube, write_group
+
+    region = region_of(three_search)
+    cfg = CubeConfig(resolution=20, chunk=128, composite=method)
+    stores = {}
+    for encoded in (False, True):
+        cubes = load_zone_cubes(three_items, cfg, region, encoded=encoded)
+        for epsg, cube in cubes.items():
+            stores[encoded, epsg] = str(tmp_path / f"{encoded}-{epsg}.zarr")
+            if encoded:
+                assert cube["reflectance"].dtype == np.int16 and "scale_factor" in cube["reflectance"].attrs
+            with dask.config.set(scheduler="synchronous"):
+                write_group(cube, stores[encoded, epsg], "cube")
+    masked = 0
+    for epsg in (32618, 32629, 32633):
+        a = zarr.open_group(stores[False, epsg], mode="r", path="cube")["reflectance"]
+        b = zarr.open_group(stores[True, epsg], mode="r", path="cube")["reflectance"]
+        assert b.dtype == a.dtype == np.int16 and b.fill_value == a.fill_value == -32768
+        np.testing.assert_array_equal(b[:], a[:])
+        assert dict(b.attrs) == dict(a.attrs)
+        masked += int((a[:] == -32768).sum())
+        assert open_cube(stores[True, epsg]).identical(open_cube(stores[False, epsg]))
+    assert masked > 0  # clouds and the polygon's outside were compared too
+
+
 def test_search_summary_lists_every_zone(three_items, three_search):
     info = describe_search(three_items, ["red", "green", "blue", "nir"], region_of(three_search), 20)
     assert set(info["zones"]) == {"EPSG:32618", "EPSG:32629", "EPSG:32633"}

@@ -50,3 +50,28 @@ def test_a_task_two_blocks_need_runs_once_and_encoding_is_kept(tmp_path):
     assert out["probability"].attrs["units"] == "1"
     stored = zarr.open_group(products.reader(), mode="r", path="product")["probability"]
     assert stored.dtype == np.uint8  # the block kept its variable's encoding
+
+
+def test_a_packed_variable_is_written_as_it_is(tmp_path):
+    """A variable whose values are already CF-packed (``scale_factor`` and ``_FillValue`` in
+    its attributes, as the cube stage's ``load_cube(encoded=True)`` gives reflectance) is
+    written block by block as it is: xarray would pack the store's values a second time (or
+    refuse), so the raw int16 must come back unchanged and decode to the steps."""
+    raw = np.arange(-20, 28, dtype="int16").reshape(8, 6)
+    raw[0, 0] = -32768  # nodata
+    ds = xr.Dataset({"reflectance": (("y", "x"), da.from_array(raw, chunks=(4, 6))),
+                     "count": (("y", "x"), da.ones((8, 6), dtype="uint16", chunks=(4, 6)))},
+                    coords={"y": np.arange(8.0), "x": np.arange(6.0)})
+    ds["reflectance"].attrs.update(scale_factor=np.float32(0.5e-4), _FillValue=np.int16(-32768))
+    ds["reflectance"].encoding["fill_value"] = np.int16(-32768)  # as write_georef sets it
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
+    products = Products(tmp_path / "run")
+    with dask_client(rt) as client:
+        assert products.write_blocks(ds, "cube", "y", client)["blocks"] == 2
+    stored = zarr.open_group(products.reader(), mode="r", path="cube")
+    np.testing.assert_array_equal(stored["reflectance"][:], raw)
+    assert stored["reflectance"].fill_value == -32768
+    np.testing.assert_array_equal(stored["count"][:], 1)
+    out = xr.open_zarr(products.reader(), group="cube", consolidated=False)["reflectance"].values
+    assert np.isnan(out[0, 0])
+    np.testing.assert_allclose(out.ravel()[1:], raw.ravel()[1:] * np.float32(0.5e-4), rtol=1e-6)

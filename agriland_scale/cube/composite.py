@@ -16,10 +16,11 @@ from odc.geo.geobox import GeoBox
 from agriland_scale.config.region import Region
 from agriland_scale.errors import EmptyRegion
 
-# packed reflectance (int16) holds +-PACK_LIMIT steps; -32768 is its fill value (no data)
+# packed reflectance (int16) holds +-PACK_LIMIT steps; PACK_FILL is its fill value (no data)
 PACK_LIMIT = 32767
+PACK_FILL = -32768
 
-__all__ = ["PACK_LIMIT", "check_not_empty", "chunk_valid_fraction", "composite_block", "region_mask"]
+__all__ = ["PACK_FILL", "PACK_LIMIT", "check_not_empty", "chunk_valid_fraction", "composite_block", "pack_reflectance", "region_mask"]
 
 
 def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -140,12 +141,14 @@ def _clear_count(clear: np.ndarray) -> np.ndarray:
     return np.add.reduce(clear, axis=0, dtype="int16" if clear.shape[0] < 2**15 else "int64")
 
 
-def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
-               scale: np.ndarray, offset: np.ndarray, method: str) -> None:
-    """Run :func:`composite_block` into ``out``, given ``n = _clear_count(clear)``.
+def _band_values(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, method: str):
+    """Yield, band by band, what the composite of each pixel is made of.
 
-    Every step keeps the float32 arithmetic of the plain expressions (in place where it
-    saves a copy).
+    ``(lo, hi)`` integer or float planes ``(y, x)`` whose mean is the composite: the middle
+    pair of the clear values for ``median`` (the same plane twice for an odd count), the
+    picked value twice (the same object) for ``first`` and ``last``; ``(v, None)`` with
+    ``v`` the float mean for ``mean``. Pixels without a clear observation (``n == 0``) hold
+    arbitrary values: callers mask them.
     """
     T = clear.shape[0]
     all_clear = bool(n.min() == T)  # the common case: no masking to apply
@@ -161,57 +164,147 @@ def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.n
         with np.errstate(invalid="ignore", divide="ignore"):
             if method == "median":
                 if all_clear:
-                    lo, hi = _middle_pair(dn[b])
+                    yield _middle_pair(dn[b])
+                    continue
+                # clear values sort first: the others are set to the dtype's max (np.where
+                # costs a branch per pixel; for unsigned integers an OR with all ones does it)
+                if np.issubdtype(dn[b].dtype, np.unsignedinteger):
+                    if dn[b].dtype not in masked_max:
+                        masked_max[dn[b].dtype] = np.negative((~clear).astype(dn[b].dtype))
+                    x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
                 else:
-                    # clear values sort first: the others are set to the dtype's max (np.where
-                    # costs a branch per pixel; for unsigned integers an OR with all ones does it)
-                    if np.issubdtype(dn[b].dtype, np.unsignedinteger):
-                        if dn[b].dtype not in masked_max:
-                            masked_max[dn[b].dtype] = np.negative((~clear).astype(dn[b].dtype))
-                        x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
-                    else:
-                        x = np.where(clear, dn[b], fill)
-                    s = _sort_small(x)
-                    lo, hi = pick_lo(s), pick_hi(s)
+                    x = np.where(clear, dn[b], fill)
+                s = _sort_small(x)
+                yield pick_lo(s), pick_hi(s)
+            elif method == "mean":
+                if dn[b].dtype.kind == "u" and dn[b].dtype.itemsize <= 2:  # exact integer sums
+                    if ("and", dn[b].dtype) not in masked_max:
+                        masked_max["and", dn[b].dtype] = np.negative(clear.astype(dn[b].dtype))
+                    x = dn[b] if all_clear else np.bitwise_and(dn[b], masked_max["and", dn[b].dtype])
+                    yield x.sum(0, dtype="uint32") / n, None
+                else:
+                    yield np.where(clear, dn[b], 0).sum(0, dtype="float64") / n, None
+            else:
+                v = pick(dn[b])
+                yield v, v
+
+
+def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
+               scale: np.ndarray, offset: np.ndarray, method: str) -> None:
+    """Run :func:`composite_block` into ``out``, given ``n = _clear_count(clear)``.
+
+    Every step keeps the float32 arithmetic of the plain expressions (in place where it
+    saves a copy).
+    """
+    for b, (lo, hi) in enumerate(_band_values(dn, clear, n, method)):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if hi is not None and hi is not lo:  # a median's middle pair
                 # (lo + hi) * (scale / 2): one rounding, as (lo + hi) / 2 * scale (halving is exact)
                 v = np.add(lo, hi, dtype="float32")
                 np.multiply(v, np.float32(0.5) * scale[b], out=out[b], dtype="float32", casting="unsafe")
                 if offset[b]:
                     out[b] += offset[b]
                 continue
-            elif method == "mean":
-                if dn[b].dtype.kind == "u" and dn[b].dtype.itemsize <= 2:  # exact integer sums
-                    if ("and", dn[b].dtype) not in masked_max:
-                        masked_max["and", dn[b].dtype] = np.negative(clear.astype(dn[b].dtype))
-                    x = dn[b] if all_clear else np.bitwise_and(dn[b], masked_max["and", dn[b].dtype])
-                    v = x.sum(0, dtype="uint32") / n
-                else:
-                    v = np.where(clear, dn[b], 0).sum(0, dtype="float64") / n
-            else:
-                v = pick(dn[b])
-            np.multiply(v, scale[b], out=out[b], dtype="float32", casting="unsafe")
+            np.multiply(lo, scale[b], out=out[b], dtype="float32", casting="unsafe")
             out[b] += offset[b]
     if not n.min():
         out[:, n == 0] = np.nan
 
 
+def pack_reflectance(refl: np.ndarray, step: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Encode float32 reflectance as int16 steps of ``step``, as xarray's CF encoding does.
+
+    ``round(refl / step)`` in float32 arithmetic, clipped to +-:data:`PACK_LIMIT`, with
+    :data:`PACK_FILL` where ``refl`` is NaN: the values ``to_zarr`` stores for a float
+    variable encoded with ``dtype="int16"``, ``scale_factor=step`` and ``_FillValue=PACK_FILL``
+    (``tests/test_composite.py`` checks it against xarray).
+    """
+    with np.errstate(invalid="ignore"):
+        q = np.round(refl / np.float32(step))
+        np.clip(q, -PACK_LIMIT, PACK_LIMIT, out=q)
+    q[np.isnan(q)] = PACK_FILL
+    if out is None:
+        return q.astype("int16")
+    out[...] = q
+    return out
+
+
+def _composite_packed(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
+                      scale: np.ndarray, offset: np.ndarray, method: str, step: float) -> None:
+    """Run the composite into ``out`` ``(band, y, x)`` int16 as packed steps of ``step``.
+
+    The stored value is ``round(reflectance / step)``, clipped to +-:data:`PACK_LIMIT`, and
+    :data:`PACK_FILL` where no observation is clear: what :func:`pack_reflectance` makes of
+    the float32 composite. With ``step`` half of every band's DN scale and each ``offset`` a
+    whole number of steps (Sentinel-2: scale 1e-4, offset 0 or -0.1), a median, first or last
+    composite is the integer ``lo + hi + offset / step`` (see :func:`_band_values`),
+    computed in integers without a float pass; a mean, or other factors, go through the
+    float32 composite and :func:`pack_reflectance`.
+    """
+    k = offset / np.float32(step)
+    exact = (method != "mean" and all(np.issubdtype(np.asarray(d).dtype, np.integer) for d in dn)
+             and bool(np.allclose(scale * np.float32(0.5), step, rtol=1e-6))
+             and bool(np.all(np.abs(k - np.round(k)) < 1e-3)))
+    if not exact:
+        refl = np.empty(out.shape, dtype="float32")
+        _composite(dn, clear, n, refl, scale=scale, offset=offset, method=method)
+        pack_reflectance(refl, step, out=out)
+        return
+    for b, (lo, hi) in enumerate(_band_values(dn, clear, n, method)):
+        v = np.add(lo, hi, dtype="int32")
+        if k[b]:
+            v += int(np.round(k[b]))
+        np.clip(v, -PACK_LIMIT, PACK_LIMIT, out=v)
+        out[b] = v
+    if not n.min():
+        out[:, n == 0] = PACK_FILL
+
+
+def _as_dtype(value: float, dtype: np.dtype) -> float | np.generic:
+    """Return ``value`` as a scalar of ``dtype`` when it holds it exactly, else unchanged.
+
+    Comparing uint16 digital numbers with a Python float (a nodata of ``0.0`` from the
+    asset's metadata) converts every element to float64 first: five times slower than with
+    a uint16 scalar, for the same result.
+    """
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if float(value).is_integer() and info.min <= value <= info.max:
+            return dtype.type(int(value))
+    return value
+
+
+def _joined(blocks: np.ndarray | list) -> np.ndarray:
+    """Join the blocks dask passes for a contracted time axis (``concatenate=False``).
+
+    One block, the usual case, is returned without a copy.
+    """
+    if not isinstance(blocks, list):
+        return blocks
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
+
+
 def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
                 scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
-                limit: float | None = None, **composite) -> np.ndarray:
+                limit: float | None = None, step: float | None = None, **composite) -> np.ndarray:
     """Compute one spatial chunk of the cube.
 
-    The inputs are ``n_bands`` arrays ``(time, y, x)`` of digital numbers, then the SCL band
+    The inputs are ``n_bands`` arrays ``(time, y, x)`` of digital numbers (or lists of
+    their blocks along time, :func:`_joined`), then the SCL band
     (if ``scl_classes``), a cloud mask ``(time, y, x)`` (if ``cloud``) and a region mask
     ``(y, x)`` (if ``region``). With ``part="reflectance"`` the result is the composite
-    ``(n_bands, y, x)`` float32, with ``part="clear_count"`` the number of clear
-    observations ``(y, x)`` uint16. ``limit``: reflectance is clipped to ``[-limit, limit]``
-    (what packed int16 storage holds, :data:`PACK_LIMIT` steps).
+    ``(n_bands, y, x)`` float32, with ``part="packed"`` the composite as stored: int16
+    steps of ``step`` reflectance (:func:`_composite_packed`), with ``part="clear_count"``
+    the number of clear observations ``(y, x)`` uint16. ``limit``: reflectance is clipped to
+    ``[-limit, limit]`` (what packed int16 storage holds, :data:`PACK_LIMIT` steps).
     """
+    arrays = tuple(_joined(a) for a in arrays)
     bands, rest = arrays[:n_bands], list(arrays[n_bands:])
     clear = None
     for b, nd in zip(bands, nodata):
         if nd is not None:
-            clear = b != nd if clear is None else np.logical_and(clear, b != nd, out=clear)
+            value = _as_dtype(nd, b.dtype)
+            clear = b != value if clear is None else np.logical_and(clear, b != value, out=clear)
     if clear is None:
         clear = np.ones(bands[0].shape, dtype=bool)
     if scl_classes is not None:
@@ -223,6 +316,11 @@ def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None
     n = _clear_count(clear)
     if part == "clear_count":
         return n.astype("uint16")
+    if part == "packed":
+        assert step is not None
+        packed = np.empty((n_bands,) + bands[0].shape[1:], dtype="int16")
+        _composite_packed(bands, clear, n, packed, step=step, **composite)
+        return packed
     out = np.empty((n_bands,) + bands[0].shape[1:], dtype="float32")
     _composite(bands, clear, n, out, **composite)
     if limit is not None:

@@ -71,15 +71,34 @@ def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, shell: 
     ``shell`` is the block's coordinates; ``parts`` gives each data variable as its dims, its
     computed Dask chunks (nested lists that :func:`numpy.block` joins), attributes and encoding
     (see :func:`_block_parts`). xarray encodes the block as it encoded the product's metadata
-    (CF scale factors, fill values, dtypes).
+    (CF scale factors, fill values, dtypes), except for a variable that is already packed
+    (:func:`_is_packed`): its values are written as they are.
     """
+    packed = {name for name, (_, _, attrs, _) in parts.items() if _is_packed(attrs)}
     block = shell.assign({name: xr.Variable(dims, np.block(chunks), attrs, encoding)
-                          for name, (dims, chunks, attrs, encoding) in parts.items()})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-        block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
-                      consolidated=False)
+                          for name, (dims, chunks, attrs, encoding) in parts.items() if name not in packed})
+    if block.data_vars:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
+            block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
+                          consolidated=False)
+    if packed:
+        for name in sorted(packed):
+            dims, chunks, _, _ = parts[name]
+            arr = zarr.open_array(fork.store, path=f"{group}/{name}", mode="r+")
+            arr[tuple(slice(start, stop) if d == dim else slice(None) for d in dims)] = np.block(chunks)
     return fork
+
+
+def _is_packed(attrs: dict[str, Any]) -> bool:
+    """Tell whether a variable's values are already CF-packed integers.
+
+    Their CF ``scale_factor`` / ``add_offset`` are attributes (as ``decode_cf=False`` shows
+    them, e.g. :func:`~agriland_scale.cube.load.load_cube` with ``encoded=True``), not
+    xarray encoding: xarray writes such a variable whole as it is, but refuses to write a
+    region of it, where it would pack the store's values again.
+    """
+    return "scale_factor" in attrs or "add_offset" in attrs
 
 
 def _block_parts(ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int]) -> list[tuple[xr.Dataset, dict]]:

@@ -123,7 +123,7 @@ def cube_stage(ctx: RunContext) -> None:
                 f"every found item has a bad asset and cube.on_bad_asset is 'skip', so none is left: "
                 f"e.g. item {b['item']}, asset '{b['asset']}' ({b['href']}): {str(b['error'])[:300]}. "
                 "Fix or download the assets again, or widen the search")
-    cubes = load_zone_cubes(items, cfg.cube, region, normalized=True)
+    cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
     multi = len(cubes) > 1
     zones, empty = {}, []
     for epsg, cube in cubes.items():
