@@ -284,7 +284,7 @@ def _joined(blocks: np.ndarray | list) -> np.ndarray:
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
 
 
-def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None],
+def _cube_block(*arrays: np.ndarray | list[np.ndarray], n_bands: int, nodata: Sequence[float | None],
                 scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
                 limit: float | None = None, step: float | None = None, **composite) -> np.ndarray:
     """Compute one spatial chunk of the cube.
@@ -298,8 +298,8 @@ def _cube_block(*arrays: np.ndarray, n_bands: int, nodata: Sequence[float | None
     the number of clear observations ``(y, x)`` uint16. ``limit``: reflectance is clipped to
     ``[-limit, limit]`` (what packed int16 storage holds, :data:`PACK_LIMIT` steps).
     """
-    arrays = tuple(_joined(a) for a in arrays)
-    bands, rest = arrays[:n_bands], list(arrays[n_bands:])
+    joined = tuple(_joined(a) for a in arrays)
+    bands, rest = joined[:n_bands], list(joined[n_bands:])
     clear = None
     for b, nd in zip(bands, nodata):
         if nd is not None:

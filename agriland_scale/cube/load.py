@@ -92,9 +92,9 @@ def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Regio
                     normalized: bool = False, encoded: bool = False) -> dict[int, xr.Dataset]:
     """One lazy cube per UTM zone (EPSG code -> cube), each in its native CRS.
 
-    ``encoded``: as in :func:`load_cube`. Nothing is resampled across zones. Zones whose
-    items do not overlap the region are left
-    out; if none overlaps, :class:`NoItemsFound` is raised.
+    Nothing is resampled across zones. Zones whose items do not overlap the region are left
+    out; if none overlaps, :class:`NoItemsFound` is raised. ``encoded``: as in
+    :func:`load_cube`.
     """
     if not normalized:
         items = normalize_items(items, load_bands(items, cfg))
