@@ -23,22 +23,30 @@ PACK_FILL = -32768
 __all__ = ["PACK_FILL", "PACK_LIMIT", "check_not_empty", "chunk_valid_fraction", "composite_block", "pack_reflectance", "region_mask"]
 
 
-def _sort_small(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+def _sort_small(x: np.ndarray | Sequence[np.ndarray], *, inplace: bool = False) -> list[np.ndarray]:
     """Sort along axis 0 with an odd-even transposition network of whole-plane min/max.
 
     Returns the sorted planes.
     For the few dates of a season this is many times faster than ``np.sort`` along a short
     last axis (which pays a per-pixel call); it costs T^2 / 2 plane operations, so beyond 24
-    planes ``np.sort`` is used instead.
+    planes ``np.sort`` is used instead. ``inplace``: the planes of ``x`` (the caller's own
+    array) are overwritten and one spare plane serves every compare, instead of two new
+    arrays a compare (fresh 2 MB planes cost more in page faults than the min/max).
     """
     planes = list(x)
     n = len(planes)
     if n > 24:
         return list(np.sort(np.asarray(planes), axis=0))
+    spare = np.empty_like(planes[0]) if inplace and n > 1 else None
     for r in range(n):
         for i in range(r % 2, n - 1, 2):
             a, b = planes[i], planes[i + 1]
-            planes[i], planes[i + 1] = np.minimum(a, b), np.maximum(a, b)
+            if spare is None:
+                planes[i], planes[i + 1] = np.minimum(a, b), np.maximum(a, b)
+                continue
+            np.minimum(a, b, out=spare)
+            np.maximum(a, b, out=b)
+            planes[i], spare = spare, a
     return planes
 
 
@@ -57,7 +65,7 @@ def _middle_pair(x: np.ndarray | Sequence[np.ndarray], scratch: list[np.ndarray]
     if T <= 2:
         return p[0], p[-1]
     if T not in (3, 4):
-        s = _sort_small(p)
+        s = _sort_small(np.array(p), inplace=True)  # a copy: x is the caller's input
         return s[(T - 1) // 2], s[T // 2]
     a, b, c, d = scratch if scratch is not None else [np.empty_like(p[0]) for _ in range(4)]
     np.minimum(p[0], p[1], out=a)
@@ -187,7 +195,7 @@ def _band_values(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np
                     x = np.bitwise_or(dn[b], masked_max[dn[b].dtype])
                 else:
                     x = np.where(clear, dn[b], fill)
-                s = _sort_small(x)
+                s = _sort_small(x, inplace=True)  # x is this band's own masked copy
                 yield pick_lo(s), pick_hi(s)
             elif method == "mean":
                 if dn[b].dtype.kind == "u" and dn[b].dtype.itemsize <= 2:  # exact integer sums
