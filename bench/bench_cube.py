@@ -170,7 +170,8 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, \
             Client(lc):
         if mode == "pairs":  # ours and plain alternated build by build: per-pair plain/ours
-            once(0, "ours"), once(0, "plain")
+            once(0, "ours")
+            once(0, "plain")
             pairs = []
             for i in range(1, repeat + 1):  # (ours, plain) seconds; who goes first alternates
                 took = {}

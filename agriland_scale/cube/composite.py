@@ -183,9 +183,9 @@ def _band_values(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np
         with np.errstate(invalid="ignore", divide="ignore"):
             if method == "median":
                 if all_clear:
-                    if T in (3, 4) and dn[b][0].dtype not in scratch:
-                        scratch[dn[b][0].dtype] = [np.empty_like(dn[b][0]) for _ in range(4)]
-                    yield _middle_pair(dn[b], scratch.get(dn[b][0].dtype))
+                    if T in (3, 4) and dn[b].dtype not in scratch:
+                        scratch[dn[b].dtype] = [np.empty_like(dn[b][0]) for _ in range(4)]
+                    yield _middle_pair(dn[b], scratch.get(dn[b].dtype))
                     continue
                 # clear values sort first: the others are set to the dtype's max (np.where
                 # costs a branch per pixel; for unsigned integers an OR with all ones does it)
@@ -263,7 +263,7 @@ def _composite_packed(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, 
     float32 composite and :func:`pack_reflectance`.
     """
     k = offset / np.float32(step)
-    exact = (method != "mean" and all(np.issubdtype(np.asarray(d).dtype, np.integer) for d in dn)
+    exact = (method != "mean" and all(np.issubdtype(d.dtype, np.integer) for d in dn)
              and bool(np.allclose(scale * np.float32(0.5), step, rtol=1e-6))
              and bool(np.all(np.abs(k - np.round(k)) < 1e-3)))
     if not exact:
