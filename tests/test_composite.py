@@ -8,14 +8,18 @@ bit, for 1 to 7 and 30 dates, with every date clear and with clouds, and the med
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import xarray as xr
 from xarray.conventions import encode_cf_variable
 
 from agriland_scale.cube.composite import (
+    BUFFER_BYTES,
     PACK_FILL,
     PACK_LIMIT,
+    _buffer,
     _cube_block,
     composite_block,
     pack_reflectance,
@@ -119,13 +123,15 @@ def test_pack_reflectance_is_xarrays_cf_encoding():
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 30])
 @pytest.mark.parametrize("offset", [(-0.1, 0.0, 0.05), (0.00003, -0.1, 0.0)], ids=["whole-steps", "other"])
 @pytest.mark.parametrize("cloud", [0.0, 0.4])
-def test_packed_block_is_the_float_block_as_xarray_packs_it(method, T, offset, cloud):
+@pytest.mark.parametrize("dn_range", [(0, 40000), (1, 15000)], ids=["clipped-nodata", "in-int16"])
+def test_packed_block_is_the_float_block_as_xarray_packs_it(method, T, offset, cloud, dn_range):
     """``part="packed"`` (integers for a median, first or last when every offset is a whole
     number of half DNs; the float composite and :func:`pack_reflectance` otherwise) equals
     xarray's encoding of the clipped float32 composite, bit for bit: the stored cube is the
-    same either way. DNs up to 40000 reach the clipping limit; 0 is nodata."""
+    same either way. DNs up to 40000 reach the clipping limit (0 is nodata); DNs of 1-15000
+    (every date clear without clouds) take the int16 path that needs no clipping."""
     rng = np.random.default_rng(100 + T)
-    dn = rng.integers(0, 40000, (3, T, 37, 53), dtype="uint16")
+    dn = rng.integers(*dn_range, (3, T, 37, 53), dtype="uint16")
     cloud_mask = rng.random((T, 37, 53)) < cloud
     scale, off = np.full(3, 1e-4, dtype="float32"), np.array(offset, dtype="float32")
     step = np.float32(0.5) * scale[0]
@@ -135,7 +141,7 @@ def test_packed_block_is_the_float_block_as_xarray_packs_it(method, T, offset, c
     packed = _cube_block(*dn, cloud_mask, **kw, part="packed", step=float(step))
     assert packed.dtype == np.int16 and packed.shape == (3, 37, 53)
     np.testing.assert_array_equal(packed, xarray_packed(refl, step))
-    assert (packed == PACK_LIMIT).any()  # the clipping was exercised
+    assert (packed == PACK_LIMIT).any() == (dn_range[1] > 32767)  # the clipping was exercised
     count = _cube_block(*dn, cloud_mask, **kw, part="clear_count")
     assert np.array_equal(packed == PACK_FILL, np.broadcast_to(count == 0, packed.shape))
 
@@ -151,3 +157,76 @@ def test_nodata_of_any_type_masks_the_same_pixels(nodata):
     count = _cube_block(*dn, **kw, nodata=[nodata, nodata], part="clear_count")
     expect = ((dn != 0).all(0).sum(0) if float(nodata) == 0 else np.full((16, 16), 3))
     np.testing.assert_array_equal(count, expect)
+
+
+def _blocks_for_reuse() -> list[tuple[list[np.ndarray], np.ndarray, dict]]:
+    """Blocks of several shapes, date counts, clouds and methods (inputs and kwargs)."""
+    rng = np.random.default_rng(31)
+    out = []
+    for i, (T, shape, cloud, method) in enumerate([
+            (4, (40, 50), 0.0, "median"), (4, (40, 50), 0.3, "median"), (6, (33, 50), 0.3, "median"),
+            (3, (40, 50), 0.0, "median"), (4, (40, 50), 0.3, "first"), (5, (40, 50), 0.2, "last"),
+            (4, (40, 50), 0.0, "median"), (2, (40, 50), 0.5, "median")]):
+        dn = list(rng.integers(0 if i % 2 else 1, 30000, (3, T) + shape, dtype="uint16"))
+        mask = rng.random((T,) + shape) < cloud
+        kw = {"n_bands": 3, "nodata": [0, 0, 0], "scl_classes": None, "cloud": True, "region": False,
+              "scale": np.full(3, 1e-4, dtype="float32"), "offset": np.array([-0.1, 0, 0], dtype="float32"),
+              "method": method}
+        out.append((dn, mask, kw))
+    return out
+
+
+def _run_block(dn, mask, kw, part):
+    if part == "packed":
+        return _cube_block(*dn, mask, **kw, part="packed", step=5e-5)
+    return _cube_block(*dn, mask, **{k: v for k, v in kw.items() if k not in ("scale", "offset", "method")},
+                       part="clear_count") if part == "clear_count" else _cube_block(*dn, mask, **kw, part=part)
+
+
+def test_blocks_computed_one_after_another_equal_each_computed_alone():
+    """A thread reuses its scratch arrays from block to block (``_buffer``): a block computed
+    after others of other shapes, dates, clouds and methods equals the block computed in a
+    fresh thread, and no result is a reused array (earlier results stay as they were)."""
+    blocks = _blocks_for_reuse()
+    parts = ("packed", "reflectance", "clear_count")
+
+    def alone(i, part):  # a fresh thread: no scratch array from an earlier block
+        with ThreadPoolExecutor(1) as ex:
+            return ex.submit(_run_block, *blocks[i], part).result()
+
+    ref = {(i, part): alone(i, part) for i in range(len(blocks)) for part in parts}
+    kept = []
+    for order in (range(len(blocks)), reversed(range(len(blocks)))):
+        for i in order:
+            for part in parts:
+                got = _run_block(*blocks[i], part)
+                np.testing.assert_array_equal(got, ref[i, part], err_msg=f"block {i} {part}")
+                kept.append(((i, part), got, got.copy()))
+    for key, got, copy in kept:  # nothing written since into a returned array
+        np.testing.assert_array_equal(got, copy, err_msg=str(key))
+        np.testing.assert_array_equal(got, ref[key], err_msg=str(key))
+
+
+def test_blocks_in_concurrent_threads_equal_each_computed_alone():
+    """Threads keep their scratch arrays apart: blocks composited on 4 threads at once equal
+    the same blocks composited one by one."""
+    blocks = _blocks_for_reuse() * 3
+    ref = [_run_block(*b, "packed") for b in blocks]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda b: _run_block(*b, "packed"), blocks))
+    for i, (g, r) in enumerate(zip(got, ref)):
+        np.testing.assert_array_equal(g, r, err_msg=f"block {i}")
+
+
+def test_a_thread_keeps_at_most_buffer_bytes_of_scratch():
+    """The same scratch array comes back for the same name, shape and dtype; one that would
+    take the thread past BUFFER_BYTES is fresh and not kept."""
+    def run():
+        a = _buffer("t_small", (10, 10), "uint16")
+        same = _buffer("t_small", (10, 10), "uint16") is a
+        other = _buffer("t_small", (10, 11), "uint16") is not a
+        big = _buffer("t_big", (BUFFER_BYTES + 1,), "uint8")
+        return same, other, _buffer("t_big", (BUFFER_BYTES + 1,), "uint8") is not big
+
+    with ThreadPoolExecutor(1) as ex:
+        assert ex.submit(run).result() == (True, True, True)
