@@ -146,16 +146,16 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
     warnings.simplefilter("ignore")
     s = SearchConfig(api="local", catalog=catalog, collections=["bench"], bbox=tuple(bbox))
     with local_stac_api(catalog) as url:
-        items = normalize_items(search_items(s, url), BANDS)
+        items = normalize_items(search_items(s, url), BANDS)  # once, as the cube stage does (normalized=True below)
     cfg = CubeConfig(bands=BANDS, resolution=10, chunk=512)
     gb = cube_geobox(items, bbox, 10)
     rc = read_chunk(cfg, len(items), len(BANDS))  # the chunks load_cube reads in (stored: cfg.chunk)
 
     def once(i: int, mode: str = mode) -> None:
         if mode == "ours":
-            write_group(load_cube(items, cfg, bbox, encoded=True), f"{out}-{i}.zarr", "cube")
+            write_group(load_cube(items, cfg, bbox, normalized=True, encoded=True), f"{out}-{i}.zarr", "cube")
         elif mode == "ours_in_memory":
-            load_cube(items, cfg, bbox).compute()
+            load_cube(items, cfg, bbox, normalized=True).compute()
         else:  # what load_cube asks odc-stac for: same grid, resampling and (read) chunks
             ds = odc.stac.load(items, bands=BANDS, geobox=gb, groupby="solar_day",
                                chunks={"time": time_chunk, "x": rc, "y": rc},

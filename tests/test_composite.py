@@ -219,14 +219,19 @@ def test_blocks_in_concurrent_threads_equal_each_computed_alone():
 
 
 def test_a_thread_keeps_at_most_buffer_bytes_of_scratch():
-    """The same scratch array comes back for the same name, shape and dtype; one that would
-    take the thread past BUFFER_BYTES is fresh and not kept."""
+    """A name's scratch memory comes back for the same or a smaller array (an edge block);
+    a larger one is fresh memory, kept from then on; one that would take the thread past
+    BUFFER_BYTES is fresh and not kept."""
     def run():
         a = _buffer("t_small", (10, 10), "uint16")
-        same = _buffer("t_small", (10, 10), "uint16") is a
-        other = _buffer("t_small", (10, 11), "uint16") is not a
+        same = np.shares_memory(_buffer("t_small", (10, 10), "uint16"), a)
+        edge = np.shares_memory(_buffer("t_small", (7, 9), "int16"), a)
+        larger = _buffer("t_small", (10, 11), "uint16")
+        grown = not np.shares_memory(larger, a) and np.shares_memory(_buffer("t_small", (10, 10), "uint16"), larger)
         big = _buffer("t_big", (BUFFER_BYTES + 1,), "uint8")
-        return same, other, _buffer("t_big", (BUFFER_BYTES + 1,), "uint8") is not big
+        kept_big = np.shares_memory(_buffer("t_big", (BUFFER_BYTES + 1,), "uint8"), big)
+        shape_ok = _buffer("t_small", (3, 4, 5), "float32").shape == (3, 4, 5)
+        return same, edge, grown, kept_big, shape_ok
 
     with ThreadPoolExecutor(1) as ex:
-        assert ex.submit(run).result() == (True, True, True)
+        assert ex.submit(run).result() == (True, True, True, False, True)

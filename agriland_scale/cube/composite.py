@@ -25,33 +25,33 @@ __all__ = ["PACK_FILL", "PACK_LIMIT", "check_not_empty", "chunk_valid_fraction",
 
 
 # per-thread scratch arrays reused from block to block (see _buffer), at most this many bytes
-BUFFER_BYTES = 96 * 2**20
+BUFFER_BYTES = 64 * 2**20
 _buffers = threading.local()
 
 
 def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     """Return this thread's scratch array ``name`` of ``shape`` and ``dtype`` (uninitialised).
 
-    The same array comes back on the next call with the same name, shape and dtype, so a
-    task's temporaries are not fresh memory each block: on this machine a fresh 1024 px
-    block's planes cost more in page faults (about 0.7 ms a MiB) than the arithmetic on them
-    (a packed 4 band x 4 date block: 20 ms with fresh temporaries, 3.7 ms of arithmetic).
-    Callers use the array only until their task returns and never return it. A thread keeps
-    at most :data:`BUFFER_BYTES`; beyond, arrays are fresh ones, not kept.
+    The memory of the last call with that name comes back when it is large enough (a
+    smaller edge block takes the front of it), so a task's temporaries are not fresh memory
+    each block: on this machine a fresh 1024 px block's planes cost more in page faults
+    (about 0.7 ms a MiB) than the arithmetic on them (a packed 4 band x 4 date block: 20 ms
+    with fresh temporaries, 3.7 ms of arithmetic). Callers use the array only until their
+    task returns and never return it. A thread keeps at most :data:`BUFFER_BYTES`; beyond,
+    arrays are fresh ones, not kept.
     """
     pool = getattr(_buffers, "pool", None)
     if pool is None:
         pool = _buffers.pool = {}
     dtype = np.dtype(dtype)
-    a = pool.get(name)
-    if a is not None and a.shape == shape and a.dtype == dtype:
-        return a
-    if a is not None:
-        del pool[name]
-    a = np.empty(shape, dtype)
-    if a.nbytes + sum(x.nbytes for x in pool.values()) <= BUFFER_BYTES:
-        pool[name] = a
-    return a
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = pool.get(name)
+    if raw is None or raw.nbytes < nbytes:
+        pool.pop(name, None)
+        raw = np.empty(nbytes, dtype="uint8")
+        if nbytes + sum(x.nbytes for x in pool.values()) <= BUFFER_BYTES:
+            pool[name] = raw
+    return raw[:nbytes].view(dtype).reshape(shape)
 
 
 def _sort_small(x: np.ndarray | Sequence[np.ndarray], *, inplace: bool = False) -> list[np.ndarray]:
@@ -260,7 +260,7 @@ def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.n
         with np.errstate(invalid="ignore", divide="ignore"):
             if hi is not None and hi is not lo:  # a median's middle pair
                 # (lo + hi) * (scale / 2): one rounding, as (lo + hi) / 2 * scale (halving is exact)
-                v = np.add(lo, hi, dtype="float32")
+                v = np.add(lo, hi, out=_buffer("float_sum", lo.shape, "float32"), dtype="float32")
                 np.multiply(v, np.float32(0.5) * scale[b], out=out[b], dtype="float32", casting="unsafe")
                 if offset[b]:
                     out[b] += offset[b]
