@@ -21,6 +21,7 @@ from agriland_scale.cube.composite import (
     PACK_LIMIT,
     _buffer,
     _cube_block,
+    chunk_valid_fraction,
     composite_block,
     pack_reflectance,
 )
@@ -235,3 +236,24 @@ def test_a_thread_keeps_at_most_buffer_bytes_of_scratch():
 
     with ThreadPoolExecutor(1) as ex:
         assert ex.submit(run).result() == (True, True, True, False, True)
+
+
+@pytest.mark.parametrize("shape", [(100, 90), (64, 64), (1, 130), (97, 1)])
+@pytest.mark.parametrize("dask", [True, False])
+def test_chunk_valid_fraction_is_the_padded_block_mean(shape, dask):
+    """Per block, the fraction of pixels with a clear observation over the block's own pixels
+    (edge blocks smaller), as xarray's padded coarsen mean gives it; read in strips of
+    whole block rows (a tiny strip_bytes forces one block row a strip) or in one."""
+    rng = np.random.default_rng(sum(shape))
+    count = rng.integers(0, 3, shape).astype("uint16")
+    count[:16, :16] = 0  # an empty block
+    cube = xr.Dataset({"clear_count": (("y", "x"), count)})
+    if dask:
+        cube = cube.chunk({"y": 16, "x": 16})
+    expect = np.nan_to_num((xr.DataArray(count, dims=("y", "x")) > 0).astype("float32")
+                           .coarsen(y=16, x=16, boundary="pad").mean().values, nan=0.0)
+    for strip in (1, 64 * 2**20):
+        got = chunk_valid_fraction(cube, 16, strip_bytes=strip)
+        assert got.shape == (-(-shape[0] // 16), -(-shape[1] // 16))
+        np.testing.assert_allclose(got, expect, rtol=1e-6)
+        assert (got == 0).any()

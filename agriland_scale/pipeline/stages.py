@@ -133,7 +133,8 @@ def cube_stage(ctx: RunContext) -> None:
                                           settings=ctx.settings("cube"),
                                           label=f"cube {name}", progress=ctx.progress)
         cube = open_cube(ctx.store, prefix + "cube")
-        chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
+        # read here, without a task graph: a few MB of counts cost less than the cluster's round trips
+        chunks = chunk_valid_fraction(open_cube(ctx.store, prefix + "cube", dask=False), cfg.cube.chunk)
         info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
                 "crs": str(cube.rio.crs),
                 "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
