@@ -132,9 +132,10 @@ def cube_stage(ctx: RunContext) -> None:
         stats = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
                                           settings=ctx.settings("cube"),
                                           label=f"cube {name}", progress=ctx.progress)
-        cube = open_cube(ctx.store, prefix + "cube")
-        # read here, without a task graph: a few MB of counts cost less than the cluster's round trips
-        chunks = chunk_valid_fraction(open_cube(ctx.store, prefix + "cube", dask=False), cfg.cube.chunk)
+        # opened without dask: the clear counts are read here, with no task graph (a few MB of
+        # counts cost less than the cluster's round trips); the rest is metadata
+        cube = open_cube(ctx.store, prefix + "cube", dask=False)
+        chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
         info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
                 "crs": str(cube.rio.crs),
                 "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
