@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from agriland_scale import load_config
 from agriland_scale.config.schema import CubeConfig
 from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, s2cloudless_mask, s2cloudless_reflectance
-from agriland_scale.cube.composite import check_not_empty
 from agriland_scale.cube.load import cube_geobox, load_bands, load_cube
+from agriland_scale.cube.masks import check_not_empty
 from agriland_scale.errors import BandMismatch, ConfigError, EmptyRegion
 from agriland_scale.search.items import normalize_items
 

@@ -21,10 +21,10 @@ from agriland_scale.cube.composite import (
     PACK_LIMIT,
     _buffer,
     _cube_block,
-    chunk_valid_fraction,
     composite_block,
     pack_reflectance,
 )
+from agriland_scale.cube.masks import chunk_valid_fraction
 
 SCALE = np.array([1e-4, 2e-4, 1e-4], dtype="float32")
 OFFSET = np.array([-0.1, 0.0, 0.05], dtype="float32")

@@ -82,11 +82,10 @@ def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, shell: 
             warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
             block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
                           consolidated=False)
-    if packed:
-        for name in sorted(packed):
-            dims, chunks, _, _ = parts[name]
-            arr = zarr.open_array(fork.store, path=f"{group}/{name}", mode="r+")
-            arr[tuple(slice(start, stop) if d == dim else slice(None) for d in dims)] = np.block(chunks)
+    for name in sorted(packed):
+        dims, chunks, _, _ = parts[name]
+        arr = zarr.open_array(fork.store, path=f"{group}/{name}", mode="r+")
+        arr[tuple(slice(start, stop) if d == dim else slice(None) for d in dims)] = np.block(chunks)
     return fork
 
 

@@ -22,8 +22,8 @@ from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map, fit_clusters_
 from agriland_scale.cluster.report import write_cluster_products
 from agriland_scale.config.files import resolve_path
 from agriland_scale.cube.assets import check_assets
-from agriland_scale.cube.composite import chunk_valid_fraction
 from agriland_scale.cube.load import load_bands, load_zone_cubes
+from agriland_scale.cube.masks import chunk_valid_fraction
 from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound
 from agriland_scale.files import atomic_path, write_json
 from agriland_scale.labels.classes import IGNORE
