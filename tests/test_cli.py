@@ -104,8 +104,9 @@ def test_training_progress_reaches_the_run_log(demo_run):
 
 def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     """A task that fails on a worker of the run's own LocalCluster (a tile damaged in the
-    middle of a COG, found while the cube is computed): one paragraph naming the asset on
-    stderr, exit 2, no worker "Compute Failed" log or traceback."""
+    middle of a COG, found while the cube is computed by the worker inside the agriland
+    process): one paragraph naming the asset on stderr, exit 2, no worker "Compute Failed"
+    log or traceback."""
     import yaml
 
     cat = tmp_path / "catalog"
@@ -125,6 +126,12 @@ def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     err = done.stderr.strip()
     assert err.startswith("agriland: error: cube utm18n: block") and "asset 'red'" in err and "B04.tif" in err
     assert "Traceback" not in err and "Compute Failed" not in err and len(err.splitlines()) == 1, err
+    # the run's own cluster was importing TensorFlow: a worker in this process read the cube
+    rec = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert rec["cube"]["computed_by"].startswith("agriland-main-process") and rec["stages"]["cube"] == "failed"
+    # what its tasks logged (odc-stac's read error) went to the worker log, as from a worker process
+    logged = "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("workers-*.log"))
+    assert "ERROR odc.loader" in logged and "B04.tif" in logged
 
 
 def test_the_agriland_process_does_not_import_tensorflow():

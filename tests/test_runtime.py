@@ -144,6 +144,7 @@ def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, de
         assert res.returncode == 0, res.stderr
         rec = json.loads((out / "run.json").read_text())
         assert rec["timings_s"].get("warm_up_wait", 0) < 1.0 and rec["scheduler"] == address
+        assert rec["cube"]["computed_by"] == "the cluster"  # never a worker in the client's process here
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -155,3 +156,101 @@ def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, de
     assert proc.returncode == 0 and rest.strip().endswith("agriland cluster: stopped")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_worker_in_this_process_takes_the_tasks_sent_to_it_and_leaves_at_the_end(tmp_path):
+    """``main_process_worker``: a worker of the run's own cluster inside this process, for the
+    cube while the worker processes import TensorFlow. Tasks sent to it run here; the run's
+    worker plugins (stderr to the log file, fast exit) leave this process alone; it is gone
+    from the scheduler when the block ends, and the worker processes are untouched."""
+    import os
+
+    from agriland_scale.pipeline.runtime import MAIN_WORKER, main_process_worker
+
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
+    stderr_before = os.fstat(2)
+    with dask_client(cfg, worker_log=str(tmp_path / "workers.log")) as client:
+        (process,) = client.scheduler_info(n_workers=-1)["workers"]
+        with main_process_worker(client, cfg) as address:
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            assert set(info) == {process, address} and info[address]["name"] == MAIN_WORKER
+            assert info[address]["nthreads"] == 2
+            assert client.submit(os.getpid, workers=[address], pure=False).result() == os.getpid()
+            assert client.submit(os.getpid, workers=[process], pure=False).result() != os.getpid()
+            here = client.run(lambda dask_worker: sorted(dask_worker.plugins), workers=[address])[address]
+            assert {"agriland-fast-exit", "agriland-stderr-to-file"} <= set(here)  # registered, set up as no-ops
+        assert set(client.scheduler_info(n_workers=-1)["workers"]) == {process}
+        assert client.submit(os.getpid, pure=False).result() != os.getpid()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (stderr_before.st_dev, stderr_before.st_ino)  # not the log file
+
+
+def test_warm_ups_on_a_worker_run_one_after_another_and_never_in_this_process(tmp_path):
+    """A second warm-up (the U-Net's) waits for the first (the encoder's) on each worker, so
+    that the model needed first is not slowed by the other's load; a worker in this process
+    gets none."""
+    import time
+
+    from agriland_scale.config.schema import RunConfig
+    from agriland_scale.pipeline.context import RunContext
+    from agriland_scale.pipeline.runtime import main_process_worker
+
+    cfg = RunConfig.model_validate({"name": "t", "search": {"api": "local", "catalog": ".",
+                                                            "collections": ["c"], "bbox": [0, 0, 1, 1]},
+                                    "runtime": {"n_workers": 1, "threads_per_worker": 2,
+                                                "memory_limit": "2GiB", "dashboard_address": ":0"}})
+    with dask_client(cfg.runtime) as client:
+        ctx = RunContext(cfg=cfg, out=tmp_path, record={}, products=None, client=client, res=None, tag="t",
+                         say=print, progress=print, wanted=(), own_cluster=True)
+        with main_process_worker(client, cfg.runtime) as here:
+            ctx.warm_up([], only_tensorflow=True)
+            ctx.warm_up([("missing-model.keras", 64, 3, True)], "segmentation")
+            (first, _, on1), (second, paths, on2) = ctx.warming
+            assert on1 == on2 != here and paths == ("missing-model.keras",)
+
+            def deps(dask_scheduler, key=second.key):  # None until the submission arrives
+                ts = dask_scheduler.tasks.get(key)
+                return None if ts is None else [d.key for d in ts.dependencies]
+
+            for _ in range(100):
+                if (got := client.run_on_scheduler(deps)) is not None:
+                    break
+                time.sleep(0.05)
+            assert got == [first.key]
+            assert "error" in second.result(timeout=120)  # a warm-up reports, never raises
+            assert "error" not in first.result()
+
+
+def _wait_for(name: str) -> bool:
+    from distributed import Event
+
+    return Event(name).wait(60)
+
+
+def test_the_cube_is_computed_in_this_process_only_while_the_run_s_workers_warm_up(tmp_path):
+    """``RunContext.data_workers``: a worker in this process while a warm-up is pending on the
+    run's own single-process cluster; the cluster itself otherwise (warm-ups done, several
+    worker processes, or an existing cluster)."""
+    import os
+
+    from distributed import Event
+
+    from agriland_scale.config.schema import RunConfig
+    from agriland_scale.pipeline.context import RunContext
+
+    base = {"name": "t", "search": {"api": "local", "catalog": ".", "collections": ["c"], "bbox": [0, 0, 1, 1]}}
+    rt = {"threads_per_worker": 2, "memory_limit": "2GiB", "dashboard_address": ":0"}
+    for n_workers, own, warming, here in ((1, True, True, True), (1, True, False, False),
+                                          (2, True, True, False), (1, False, True, False)):
+        cfg = RunConfig.model_validate(base | {"runtime": rt | {"n_workers": n_workers}})
+        with dask_client(cfg.runtime) as client:
+            ctx = RunContext(cfg=cfg, out=tmp_path, record={}, products=None, client=client, res=None, tag="t",
+                             say=print, progress=print, wanted=(), own_cluster=own)
+            hold = Event(f"hold-{n_workers}-{own}-{warming}", client=client)
+            if warming:  # a warm-up that holds its worker's thread until the check is done
+                ctx.warming.append((client.submit(_wait_for, hold.name, pure=False), (), "w"))
+            with ctx.data_workers() as workers:
+                pids = {client.submit(os.getpid, workers=workers, pure=False).result() for _ in range(3)}
+                assert (pids == {os.getpid()}) is here, (n_workers, own, warming)
+                assert (workers is not None) is here
+            hold.set()

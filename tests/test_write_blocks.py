@@ -75,3 +75,30 @@ def test_a_packed_variable_is_written_as_it_is(tmp_path):
     out = xr.open_zarr(products.reader(), group="cube", consolidated=False)["reflectance"].values
     assert np.isnan(out[0, 0])
     np.testing.assert_allclose(out.ravel()[1:], raw.ravel()[1:] * np.float32(0.5e-4), rtol=1e-6)
+
+
+def _pids(n: int) -> np.ndarray:
+    import os
+
+    return np.full((n, 3), os.getpid(), dtype="int64")
+
+
+def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
+    """``workers=``: every task of the blocks (computing and writing) runs there; here the
+    worker inside this process (:func:`main_process_worker`), the cube's place while the
+    worker processes import TensorFlow. Without it, the worker processes."""
+    import os
+
+    from agriland_scale.pipeline.runtime import main_process_worker
+
+    blocks = [da.from_delayed(dask.delayed(_pids, pure=False)(4), shape=(4, 3), dtype="int64") for _ in range(3)]
+    ds = xr.Dataset({"pid": (("y", "x"), da.concatenate(blocks))}, coords={"y": np.arange(12.0), "x": np.arange(3.0)})
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
+    products = Products(tmp_path / "run")
+    with dask_client(rt) as client:
+        with main_process_worker(client, rt) as here:
+            assert products.write_blocks(ds, "here", "y", client, workers=[here])["blocks"] == 3
+        products.write_blocks(ds, "anywhere", "y", client)
+    stored = zarr.open_group(products.reader(), mode="r")
+    np.testing.assert_array_equal(stored["here/pid"][:], os.getpid())
+    assert os.getpid() not in stored["anywhere/pid"][:]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.worker import warm_up
 from agriland_scale.pipeline.resume import Products
+from agriland_scale.pipeline.runtime import MAIN_WORKER, main_process_worker
 
 __all__ = ["Progress", "Report", "RunContext"]
 
@@ -64,6 +66,11 @@ class RunContext:
         ``{zone prefix: HTML figures}``: the report's maps of the products, drawn by the
         publish stage while the workers draw the cluster pictures (the first three also make
         the quicklook); ``report.html`` embeds them instead of drawing them again.
+    own_cluster : bool
+        Whether the run started its LocalCluster itself (no ``--scheduler`` /
+        ``runtime.scheduler``): this machine's, closed with the run.
+    worker_log : str
+        The file that receives its worker processes' standard error (empty: none).
     """
 
     cfg: RunConfig
@@ -80,6 +87,8 @@ class RunContext:
     mirror: Any = None
     warming: list[tuple[Any, tuple[str, ...], str]] = field(default_factory=list)
     report_figures: dict[str, list[str]] = field(default_factory=dict)
+    own_cluster: bool = False
+    worker_log: str = ""
 
     @property
     def store(self) -> Any:
@@ -119,13 +128,18 @@ class RunContext:
         """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
 
         ``models``: ``(path, window px, bands, trace)``, for model stage ``stage`` (its
-        precision); with none, workers only import TensorFlow (when ``only_tensorflow``).
+        precision); with none, workers only import TensorFlow (when ``only_tensorflow``). On
+        each worker it starts when the warm-ups started before it there have ended.
         """
         if not models and not only_tensorflow:
             return
-        for i, w in enumerate(self.client.scheduler_info(n_workers=-1)["workers"]):
-            future = self.client.submit(warm_up, models, self.precision(stage), key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
-                                        workers=[w], allow_other_workers=False, pure=False)
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER):
+            # after the worker's earlier warm-ups: the model needed first is ready soonest
+            earlier = [f for f, _, on in self.warming if on == w and not f.done()]
+            future = self.client.submit(warm_up, models, self.precision(stage), *earlier,
+                                        key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
+                                        allow_other_workers=False, pure=False)
             self.warming.append((future, tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
@@ -152,6 +166,23 @@ class RunContext:
                 except TimeoutError:
                     pass
         return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def data_workers(self) -> Iterator[list[str] | None]:
+        """Give the workers a data stage's tasks go to (``workers=``) for the block; None: any.
+
+        While the workers of the run's own single-process LocalCluster still import
+        TensorFlow and load models (a warm-up is pending), a worker in this process
+        (:func:`~.runtime.main_process_worker`), closed when the block ends: tasks sharing a
+        process with that work wait for its interpreter lock. Otherwise (an existing cluster,
+        several worker processes, warm-ups done) None.
+        """
+        warming = any(not f.done() for f, _, _ in self.warming)
+        if not (self.own_cluster and self.cfg.runtime.n_workers == 1 and warming):
+            yield None
+            return
+        with main_process_worker(self.client, self.cfg.runtime, self.worker_log or None) as address:
+            yield [address]
 
     def zones(self) -> dict[str, dict[str, Any]]:
         """Return the run's UTM zones that hold clear pixels: ``{name: {prefix, epsg, shape, ...}}``."""

@@ -268,15 +268,16 @@ class Products:
         self._publish(group, "written")
 
     def write_blocks(self, ds: xr.Dataset, group: str, dim: str, client: Any, *, label: str | None = None,
-                     progress: Progress | None = None, settings: dict[str, Any] | None = None
-                     ) -> dict[str, int]:
+                     progress: Progress | None = None, settings: dict[str, Any] | None = None,
+                     workers: list[str] | None = None) -> dict[str, int]:
         """Write the dask-backed ``ds`` block by block along ``dim`` with ``client``, resumably.
 
         One block is one Dask chunk of ``dim`` (every variable must have the same chunks along
         it). Blocks committed by an earlier, interrupted attempt with the same signature
         (``settings``: the config values the blocks depend on) are not computed again. A
         failing block raises :class:`BlockFailed` naming the group and the block's index range;
-        the blocks finished before it are committed first.
+        the blocks finished before it are committed first. ``workers``: the addresses of the
+        workers that compute and write the blocks (all of their tasks); any worker by default.
 
         Returns
         -------
@@ -315,7 +316,7 @@ class Products:
         session = self.repo.writable_session(WIP)
         if todo:
             self._write_todo(ds, group, dim, edges, todo, session, sig, client, label, progress, reused, n,
-                             as_completed)
+                             as_completed, workers)
         self._publish(group, f"complete ({n} blocks, {reused} from an earlier attempt)")
         return {"blocks": n, "reused": reused, "commits": self.commits - commits0}
 
@@ -331,7 +332,8 @@ class Products:
 
     def _write_todo(self, ds: xr.Dataset, group: str, dim: str, edges: np.ndarray, todo: list[int],
                     session: icechunk.Session, sig: str, client: Any, label: str,
-                    progress: Progress | None, written: int, n: int, as_completed: Any) -> None:
+                    progress: Progress | None, written: int, n: int, as_completed: Any,
+                    workers: list[str] | None = None) -> None:
         import dask
 
         along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
@@ -339,7 +341,7 @@ class Products:
         tasks = [dask.delayed(_write_block, pure=False)(fork, group, dim, int(edges[i]), int(edges[i + 1]),
                                                         shell, parts)
                  for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))]
-        futures = client.compute(tasks)
+        futures = client.compute(tasks, workers=workers)
         which = {f.key: i for f, i in zip(futures, todo)}
         merged: list[int] = []
         last = time.monotonic()

@@ -338,7 +338,9 @@ class _Runner:
             ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
                              res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,
                              progress=self.progress, wanted=tuple(wanted), location=self.location,
-                             mirror=self.mirror, report_figures=figures if figures is not None else {})
+                             mirror=self.mirror, report_figures=figures if figures is not None else {},
+                             own_cluster=not (scheduler or self.cfg.runtime.scheduler),
+                             worker_log=str(worker_log))
 
             def on_event(event: tuple) -> None:
                 msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event

@@ -36,6 +36,7 @@ from agriland_scale.models.train import train_cae, train_unet
 from agriland_scale.models.windows import training_windows
 from agriland_scale.patches import patch_index
 from agriland_scale.pipeline.context import RunContext
+from agriland_scale.pipeline.runtime import MAIN_WORKER
 from agriland_scale.publish.cog import (
     MASK_COLORMAP,
     mosaic_zones,
@@ -125,13 +126,21 @@ def cube_stage(ctx: RunContext) -> None:
                 "Fix or download the assets again, or widen the search")
     cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
     multi = len(cubes) > 1
-    zones, empty = {}, []
+    zones, empty, written = {}, [], {}
+    # while the run's own worker imports TensorFlow, a worker in this process computes the cube
+    with ctx.data_workers() as workers:
+        computed_by = "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
+        rec["cube"] = {"computed_by": computed_by}
+        for epsg, cube in cubes.items():
+            name = zone_name(epsg)
+            prefix = f"{name}/" if multi else ""
+            written[name] = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
+                                                      settings=ctx.settings("cube"), label=f"cube {name}",
+                                                      progress=ctx.progress, workers=workers)
     for epsg, cube in cubes.items():
         name = zone_name(epsg)
         prefix = f"{name}/" if multi else ""
-        stats = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
-                                          settings=ctx.settings("cube"),
-                                          label=f"cube {name}", progress=ctx.progress)
+        stats = written[name]
         # opened without dask: the clear counts are read here, with no task graph (a few MB of
         # counts cost less than the cluster's round trips); the rest is metadata
         cube = open_cube(ctx.store, prefix + "cube", dask=False)
@@ -156,7 +165,7 @@ def cube_stage(ctx: RunContext) -> None:
         warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
                       stacklevel=1)
     first = next(iter(ctx.zones().values()))
-    rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
+    rec["cube"] = {**{k: first[k] for k in ("shape", "crs", "transform", "bounds")}, "computed_by": computed_by}
     s = ctx.cfg.segment
     if s.model and "segmentation" in ctx.wanted and rec["stages"].get("segmentation") != "done":
         # a given U-Net is loaded and traced at the window the segmentation will use, on the
