@@ -253,7 +253,7 @@ def at_input_size(model: Any, size: int) -> Any:
     return copy
 
 
-def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32", *after: Any) -> dict[str, Any]:
+def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32") -> dict[str, Any]:
     """Import TensorFlow, load ``models`` and trace their predict step, ahead of the stages.
 
     A run submits this to every worker while earlier stages run, so that TensorFlow's
@@ -269,10 +269,6 @@ def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32"
         whether to trace them.
     precision : str
         As for :func:`get_model`.
-    *after
-        The results of earlier warm-ups on this worker, unused: passed as futures, they make
-        this warm-up start when those end (two models loading at once in one process share
-        its interpreter lock, and the first model needed waits for both).
 
     Returns
     -------

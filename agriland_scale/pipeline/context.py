@@ -128,18 +128,15 @@ class RunContext:
         """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
 
         ``models``: ``(path, window px, bands, trace)``, for model stage ``stage`` (its
-        precision); with none, workers only import TensorFlow (when ``only_tensorflow``). On
-        each worker it starts when the warm-ups started before it there have ended.
+        precision); with none, workers only import TensorFlow (when ``only_tensorflow``). Not
+        on a worker in this process (:func:`~.runtime.main_process_worker`).
         """
         if not models and not only_tensorflow:
             return
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER):
-            # after the worker's earlier warm-ups: the model needed first is ready soonest
-            earlier = [f for f, _, on in self.warming if on == w and not f.done()]
-            future = self.client.submit(warm_up, models, self.precision(stage), *earlier,
-                                        key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
-                                        allow_other_workers=False, pure=False)
+            future = self.client.submit(warm_up, models, self.precision(stage), key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
+                                        workers=[w], allow_other_workers=False, pure=False)
             self.warming.append((future, tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
