@@ -13,6 +13,7 @@ Buckets are created only on purpose (as on S3), never by a first upload.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,8 @@ class LocalS3:
         self.bucket = bucket
         self.endpoint = self.master = ""
         self.proc: subprocess.Popen | None = None
+        self._sockets: list[Path] = []
+        self.grace = 5.0
 
     @property
     def env(self) -> dict[str, str]:
@@ -107,9 +110,15 @@ class LocalS3:
              "-s3", f"-s3.port={s3}", f"-s3.config={self.root / 'identities.json'}",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
              # no side servers on fixed ports, no telemetry, buckets made only on purpose (as S3)
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false"],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false",
+             f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            # its local sockets and log files (Go's temporary folder) stay in root, not in /tmp
+            env=os.environ | {"TMPDIR": str(self.root)})
         self.endpoint, self.master = f"http://127.0.0.1:{s3}", f"127.0.0.1:{master}"
+        # the gRPC servers' local sockets go to /tmp whatever TMPDIR says, and stay after exit
+        self._sockets = [Path(f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock")
+                         for kind, port in (("master", master), ("volume", volume), ("filer", filer), ("s3", s3))]
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -135,21 +144,29 @@ class LocalS3:
         for _ in range(40):
             out = subprocess.run([weed if weed.exists() else "weed", "shell", f"-master={self.master}"],
                                  input=f"s3.bucket.create -name {name}\n", capture_output=True, text=True,
-                                 timeout=60)
+                                 timeout=60, env=os.environ | {"TMPDIR": str(self.root)})
             if "created bucket" in out.stdout + out.stderr or "already exist" in out.stdout + out.stderr:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"could not create bucket {name}: {out.stdout if out else ''}")
 
     def stop(self) -> None:
-        """Stop the server (its data folder stays)."""
+        """Stop the server (its data folder stays) and remove the sockets it left in /tmp.
+
+        SeaweedFS's graceful shutdown takes 25 s here, most of it waiting on its own gRPC
+        clients; after ``grace`` seconds it is killed (its volumes survive a kill).
+        """
         if self.proc is not None:
             self.proc.terminate()
             try:
-                self.proc.wait(20)
+                self.proc.wait(self.grace)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(20)
             self.proc = None
+            for sock in self._sockets:  # its own: on the ports it was started with
+                if sock.is_socket():
+                    sock.unlink()
 
     def __enter__(self) -> LocalS3:
         return self.start()

@@ -349,3 +349,23 @@ def test_the_test_s3_server_starts_again_when_a_port_is_taken_meanwhile(tmp_path
                 urllib.request.urlopen(server.endpoint, timeout=5)
     finally:
         held.close()
+
+
+def test_the_local_s3_server_leaves_nothing_in_tmp(tmp_path):
+    """The SeaweedFS server of the tests and the demo keeps its logs and local sockets in its
+    own folder and removes the gRPC sockets it can only put in /tmp when it stops (200 of
+    them had piled up in /tmp from earlier test sessions)."""
+    import glob
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from local_s3 import LocalS3
+
+    def litter() -> set[str]:
+        return set(glob.glob("/tmp/seaweedfs-*.sock")) | set(glob.glob("/tmp/weed.*"))
+
+    before = litter()
+    with LocalS3(tmp_path / "s3") as server:
+        assert litter() - before  # its gRPC sockets, while it runs
+        assert server.endpoint.startswith("http://127.0.0.1:")
+    assert litter() <= before
+    assert list((tmp_path / "s3").glob("weed.*.log.INFO.*"))  # its logs are in its folder
