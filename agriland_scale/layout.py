@@ -109,6 +109,7 @@ class RunRecord(TypedDict, total=False):
     pending_removal: list[str]
     inputs: dict[str, Any]
     cube: dict[str, Any]
+    cube_computed_by: str  # "the cluster", or the worker in the agriland process while the workers loaded models
     zones: dict[str, dict[str, Any]]
     products: dict[str, Any]
     versions: dict[str, str]

@@ -128,7 +128,7 @@ def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     assert "Traceback" not in err and "Compute Failed" not in err and len(err.splitlines()) == 1, err
     # the run's own cluster was importing TensorFlow: a worker in this process read the cube
     rec = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert rec["cube"]["computed_by"].startswith("agriland-main-process") and rec["stages"]["cube"] == "failed"
+    assert rec["cube_computed_by"].startswith("agriland-main-process") and rec["stages"]["cube"] == "failed"
     # what its tasks logged (odc-stac's read error) went to the worker log, as from a worker process
     logged = "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("workers-*.log"))
     assert "ERROR odc.loader" in logged and "B04.tif" in logged

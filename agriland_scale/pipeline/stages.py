@@ -129,8 +129,7 @@ def cube_stage(ctx: RunContext) -> None:
     zones, empty, written = {}, [], {}
     # while the run's own worker imports TensorFlow, a worker in this process computes the cube
     with ctx.data_workers() as workers:
-        computed_by = "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
-        rec["cube"] = {"computed_by": computed_by}
+        rec["cube_computed_by"] = "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
         for epsg, cube in cubes.items():
             name = zone_name(epsg)
             prefix = f"{name}/" if multi else ""
@@ -165,7 +164,7 @@ def cube_stage(ctx: RunContext) -> None:
         warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
                       stacklevel=1)
     first = next(iter(ctx.zones().values()))
-    rec["cube"] = {**{k: first[k] for k in ("shape", "crs", "transform", "bounds")}, "computed_by": computed_by}
+    rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
     s = ctx.cfg.segment
     if s.model and "segmentation" in ctx.wanted and rec["stages"].get("segmentation") != "done":
         # a given U-Net is loaded and traced at the window the segmentation will use, on the
