@@ -86,7 +86,8 @@ def _pids(n: int) -> np.ndarray:
 def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
     """``workers=``: every task of the blocks (computing and writing) runs there; here the
     worker inside this process (:func:`main_process_worker`), the cube's place while the
-    worker processes import TensorFlow. Without it, the worker processes."""
+    worker processes import TensorFlow, however large this process is. Without it, the worker
+    processes."""
     import os
 
     from agriland_scale.pipeline.runtime import main_process_worker
@@ -95,6 +96,7 @@ def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
     ds = xr.Dataset({"pid": (("y", "x"), da.concatenate(blocks))}, coords={"y": np.arange(12.0), "x": np.arange(3.0)})
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
     products = Products(tmp_path / "run")
+    ballast = np.ones(3 * 2**30 // 8)  # this process above the run's 2 GiB limit: no worker pause
     with dask_client(rt) as client:
         with main_process_worker(client, rt) as here:
             assert products.write_blocks(ds, "here", "y", client, workers=[here])["blocks"] == 3
@@ -102,3 +104,4 @@ def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
     stored = zarr.open_group(products.reader(), mode="r")
     np.testing.assert_array_equal(stored["here/pid"][:], os.getpid())
     assert os.getpid() not in stored["anywhere/pid"][:]
+    del ballast

@@ -250,7 +250,7 @@ def main_process_worker(client: Client, cfg: RuntimeConfig, log_file: str | None
     for seconds at a time, and the cube's tasks in the same process waited for it. On the
     Virginia scene on 2 cores (one date) the cube took 5.8-6.1 s there and 1.05 s in this
     process, and the encoder's warm-up 12.5-12.8 s against 10.4 s. The worker has
-    ``cfg``'s threads and memory limit and shows on the dashboard as :data:`MAIN_WORKER`;
+    ``cfg``'s threads, no memory limit, and shows on the dashboard as :data:`MAIN_WORKER`;
     send it tasks by address (``workers=[address]``). It is closed when the block ends, its
     running tasks finished or cancelled first. The plugins of the run's own cluster
     (:class:`FastExit`, :class:`StderrToFile`) leave this process alone; what its tasks log
@@ -259,9 +259,11 @@ def main_process_worker(client: Client, cfg: RuntimeConfig, log_file: str | None
     """
     from distributed import Worker
 
+    # no memory limit: its monitor would measure the whole agriland process (scheduler,
+    # client, the run's state) and pause the worker for good once that passed the limit
     async def start() -> Worker:
         return await Worker(client.scheduler.address, nthreads=cfg.threads_per_worker, name=MAIN_WORKER,
-                            memory_limit=cfg.memory_limit)
+                            memory_limit=0)
 
     with _task_logs_to(log_file, f"{MAIN_WORKER}-"):
         worker = client.sync(start)
