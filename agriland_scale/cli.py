@@ -444,4 +444,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from agriland_scale.__main__ import entry
+
+    sys.exit(entry())

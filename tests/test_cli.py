@@ -7,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,42 @@ def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     # what its tasks logged (odc-stac's read error) went to the worker log, as from a worker process
     logged = "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("workers-*.log"))
     assert "ERROR odc.loader" in logged and "B04.tif" in logged
+
+
+def test_the_console_script_exits_without_teardown_with_the_status_and_everything_flushed():
+    """``agriland`` (``agriland_scale.__main__.entry``) ends the process once every other exit handler has run,
+    without the interpreter's teardown of modules (about a second after a run): the status is
+    ``main``'s (or argparse's), buffered stdout and the log reach their files, an exit handler
+    registered during the command still runs, an object's teardown (``__del__``) does not."""
+    code = textwrap.dedent("""
+        import atexit, logging, sys
+        import agriland_scale.__main__ as cli
+
+        class Teardown:
+            def __del__(self):
+                print("teardown ran", file=sys.stderr)
+
+        cli.kept = Teardown()
+
+        def command():
+            atexit.register(print, "handler ran", file=sys.stderr)
+            logging.basicConfig(filename=sys.argv[2], level=logging.INFO)
+            logging.getLogger("t").info("logged line")
+            sys.stdout.write("buffered result")  # no newline, stdout is a pipe: still in the buffer
+            return int(sys.argv[1])
+
+        cli.main = command
+        sys.exit(cli.entry())
+        """)
+    for status in (0, 3):
+        log = Path(tempfile.mkdtemp()) / "t.log"
+        done = subprocess.run([sys.executable, "-c", code, str(status), str(log)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == status and done.stdout == "buffered result", done
+        assert "handler ran" in done.stderr and "teardown ran" not in done.stderr, done.stderr
+        assert "logged line" in log.read_text()
+    assert _agriland("run").returncode == 2  # a usage error: argparse's status
+    assert _agriland("--version").stdout.startswith("agriland-scale ")
 
 
 def test_the_agriland_process_does_not_import_tensorflow():
