@@ -119,16 +119,28 @@ class _Display:
 
 
 def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> int:
-    from agriland_scale.pipeline.runner import run
-
     cfg = load_config(pipeline, **_overrides(args.set))
+    launch = None
+    if not (args.scheduler or cfg.runtime.scheduler):
+        # the run's LocalCluster starts, and its workers import TensorFlow, while this
+        # process imports the pipeline and checks the output folder and inputs
+        from agriland_scale.layout import stages_needed
+        from agriland_scale.pipeline.launch import ClusterLaunch
+
+        models = {"cae", "embeddings", "unet", "segmentation"} & set(stages_needed(until))
+        launch = ClusterLaunch(cfg.runtime, import_tensorflow=bool(models))
     show = _Display(args.quiet)
     show.line(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}")
     try:
+        from agriland_scale.pipeline.runner import run
+
         rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
-                  until=until, report=show.line, progress=show, command=f"agriland {args.command}")
+                  until=until, report=show.line, progress=show, command=f"agriland {args.command}",
+                  launch=launch)
     finally:
         show.close()
+        if launch is not None:
+            launch.close()
     result: dict = {"out": str(args.out), "name": cfg.name, "stages": rec.get("stages"),
                     "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
                     "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}

@@ -3,12 +3,15 @@ messages on stderr, a closed pipe, SIGPIPE-quiet, TensorFlow's noise kept off th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +173,39 @@ def test_the_console_script_exits_without_teardown_with_the_status_and_everythin
         assert "logged line" in log.read_text()
     assert _agriland("run").returncode == 2  # a usage error: argparse's status
     assert _agriland("--version").stdout.startswith("agriland-scale ")
+
+
+def test_a_run_refused_before_it_starts_closes_the_cluster_launched_for_it(tmp_path):
+    """``agriland run`` starts its LocalCluster, whose workers import TensorFlow, before it
+    checks the output folder (:class:`~agriland_scale.pipeline.launch.ClusterLaunch`). A run
+    refused there (a folder of someone else's files) is one paragraph, exit 2, none of the
+    workers' TensorFlow lines on the terminal, the folder untouched, and no worker process or
+    temporary file left behind."""
+    import psutil
+
+    mine = tmp_path / "mine"
+    (mine / "models").mkdir(parents=True)
+    (mine / "models" / "notes.txt").write_text("mine")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([AGRILAND, "run", str(DEMO_YAML), "--out", str(mine), "-q",
+                             "--set", "runtime.dashboard_address=127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    launched: set[int] = set()
+    while proc.poll() is None:  # the worker processes the run starts, seen while it runs
+        with contextlib.suppress(psutil.Error):
+            launched |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.startswith("agriland: error: ") and "no agriland run wrote" in err and len(err.splitlines()) == 1, err
+    assert not any(n in err for n in TF_NOISE), err
+    assert [p.name for p in mine.rglob("*")] == ["models", "notes.txt"]
+    assert launched, "the run started no worker process"
+    time.sleep(1)
+    assert not [pid for pid in launched if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("agriland")] == []  # dask's scratch space stays
 
 
 def test_the_agriland_process_does_not_import_tensorflow():

@@ -240,3 +240,58 @@ def test_the_cube_is_computed_in_this_process_only_while_the_run_s_workers_warm_
                 assert (pids == {os.getpid()}) is here, (n_workers, own, warming)
                 assert (workers is not None) is here
             hold.set()
+
+
+def test_a_launched_cluster_imports_tensorflow_and_the_run_takes_it_over_with_its_stderr(tmp_path):
+    """``ClusterLaunch`` (what ``agriland run`` starts before importing the pipeline): its
+    workers import TensorFlow at once, writing their standard error to a temporary file of
+    their own; ``dask_client(launch=)`` adopts that cluster instead of starting one and moves
+    what each worker wrote so far into the run's worker log, in order, before what follows;
+    no temporary file is left."""
+    import glob
+    import multiprocessing
+    import sys
+
+    from agriland_scale.pipeline.launch import ClusterLaunch
+
+    def say(text: str) -> None:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
+    log = tmp_path / "workers.log"
+    launch = ClusterLaunch(cfg, import_tensorflow=True)
+    cluster, client = launch.take()
+    imports = launch.imports
+    assert len(imports) == 1 and imports[0][1] in client.scheduler_info()["workers"]
+    assert imports[0][0].result(timeout=120).get("error") is None
+    assert all(client.run(lambda: "tensorflow" in sys.modules).values())
+    client.run(say, "before the run's log existed")
+    (early,) = glob.glob(glob.escape(launch.stderr_path) + ".*")  # one file per worker process
+    assert "before the run's log existed" in open(early).read()
+    with dask_client(cfg, worker_log=str(log), launch=launch) as adopted:
+        assert adopted is client and adopted.scheduler.address == cluster.scheduler_address
+        adopted.run(say, "after")
+        plugins = adopted.run(lambda dask_worker: sorted(dask_worker.plugins)).popitem()[1]
+        assert {"agriland-fast-exit", "agriland-stderr-to-file"} <= set(plugins)
+    text = log.read_text()
+    assert text.index("before the run's log existed") < text.index("after")
+    launch.close()
+    assert glob.glob(glob.escape(launch.stderr_path) + "*") == []
+    assert not multiprocessing.active_children()
+
+
+def test_a_launch_the_run_never_took_is_closed_with_its_workers_and_files():
+    """A run that stops before it takes the launched cluster (a locked output folder, a failed
+    check): closing the launch stops its worker processes, also while they import
+    TensorFlow, and removes its temporary files."""
+    import glob
+    import multiprocessing
+
+    from agriland_scale.pipeline.launch import ClusterLaunch
+
+    cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    with ClusterLaunch(cfg, import_tensorflow=True) as launch:
+        assert multiprocessing.active_children()  # the worker process
+    assert not multiprocessing.active_children()
+    assert glob.glob(glob.escape(launch.stderr_path) + "*") == []

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 
@@ -66,6 +66,9 @@ from agriland_scale.pipeline.runtime import dask_client, gpu_resources, inferenc
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
 from agriland_scale.publish.report import write_report
 
+if TYPE_CHECKING:
+    from agriland_scale.pipeline.launch import ClusterLaunch
+
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
         report: Report | None = None, progress: Progress | None = None, until: str | None = None,
-        force: Iterable[str] = (), command: str = "agriland run") -> dict[str, Any]:
+        force: Iterable[str] = (), command: str = "agriland run", launch: ClusterLaunch | None = None
+        ) -> dict[str, Any]:
     """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
 
     ``scheduler`` (or ``cfg.runtime.scheduler``) connects to an existing Dask cluster;
@@ -83,7 +87,9 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     holding an unfinished or finished run of the same config, finished work is kept (see the
     module doc); ``force`` names stages to redo with their dependents (their products, COGs,
     gallery and STAC files are removed before they are redone). ``overwrite`` replaces
-    another run, deleting only the files that run recorded as its own.
+    another run, deleting only the files that run recorded as its own. ``launch``: the
+    LocalCluster the CLI started ahead of this call (:class:`~.launch.ClusterLaunch`), used
+    instead of starting one; the caller closes it if the run does not take it.
 
     The folder is locked for the whole call (:class:`~agriland_scale.pipeline.outdir.RunLock`,
     ``command`` names this process in the lock); every check of the folder, the config's
@@ -116,7 +122,7 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
                                                   for f in (old.get("files") or {}).get(s, [])],
                                        f"--force {' '.join(force)}")
             return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until,
-                               location, mirror)
+                               location, mirror, launch)
 
 
 @contextlib.contextmanager
@@ -142,7 +148,7 @@ def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
 
 def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
                 scheduler: str | None, say: Report, progress: Progress | None, until: str | None,
-                location: str, mirror: Mirror | None) -> dict[str, Any]:
+                location: str, mirror: Mirror | None, launch: ClusterLaunch | None) -> dict[str, Any]:
     (out / MODELS_DIR).mkdir(exist_ok=True)
     record: dict[str, Any] = {
         "config": json.loads(cfg.model_dump_json()), "versions": package_versions(),
@@ -190,7 +196,7 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     figures: dict[str, list[str]] = {}  # the report's product maps, drawn by the publish stage
     try:
         _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing,
-                                                                                 figures)
+                                                                                 figures, launch)
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["store"] = {"location": products.location, "commits": products.commits,
@@ -318,17 +324,20 @@ class _Runner:
         return (self.out / RECORD).exists() and (self.out / "report.html").exists()
 
     def run(self, wanted: list[str], scheduler: str | None, closing: list[threading.Thread] | None = None,
-            figures: dict[str, list[str]] | None = None) -> None:
+            figures: dict[str, list[str]] | None = None, launch: ClusterLaunch | None = None) -> None:
         """Start or join the Dask cluster, then run the unfinished stages of ``wanted``.
 
         ``closing``: see :func:`~.runtime.dask_client` (the caller joins the thread).
         ``figures``: receives the report's product maps if the publish stage draws them
-        (:attr:`.RunContext.report_figures`).
+        (:attr:`.RunContext.report_figures`). ``launch``: see :func:`run`.
         """
         rec = self.record
         stamp = time.strftime("%Y%m%d-%H%M%S")
         worker_log = self.out / LOGS_DIR / f"workers-{stamp}.log"
-        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing) as client:
+        if scheduler or self.cfg.runtime.scheduler:
+            launch = None  # an existing cluster: the launched one is closed by its owner
+        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing,
+                         launch=launch) as client:
             rec["dashboard"] = client.dashboard_link
             rec["scheduler"] = client.scheduler.address
             self.say(f"Dask dashboard: {client.dashboard_link}")
@@ -352,10 +361,13 @@ class _Runner:
             write_json(rec, self.out / RECORD)
             todo = [s for s in wanted if not self._finished(s)]
             # TensorFlow's import and a given encoder's load and trace overlap search and cube
+            # (the import may have started with the launched cluster)
+            ctx.warming.extend((future, (), w) for future, w in (launch.imports if launch else []))
             e = self.cfg.embed
             ctx.warm_up([(e.model, self.cfg.patches.size, len(e.bands), True)]
                         if "embeddings" in todo and e.model and not (e.mixed_precision and res) else [],
-                        only_tensorflow=bool({"cae", "embeddings", "unet", "segmentation"} & set(todo)))
+                        only_tensorflow=not ctx.warming and bool({"cae", "embeddings", "unet", "segmentation"}
+                                                                 & set(todo)))
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log
             perf = self.out / LOGS_DIR / f"dask-performance-{stamp}.html"

@@ -15,14 +15,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
 
+if TYPE_CHECKING:
+    from agriland_scale.pipeline.launch import ClusterLaunch
+
 __all__ = ["MAIN_WORKER", "FastExit", "StderrToFile", "dask_client", "given_models", "gpu_resources",
-           "inference_precision", "main_process_worker", "serve_cluster", "worker_env"]
+           "inference_precision", "local_cluster", "main_process_worker", "serve_cluster", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +83,35 @@ class StderrToFile(_OtherProcesses):
 
     name = "agriland-stderr-to-file"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, per_process: bool = False, earlier: str | None = None):
         super().__init__()
-        self.path = path
+        self.path, self.per_process, self.earlier = path, per_process, earlier
 
     def setup_process(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
-        """Redirect the worker process's file descriptor 2 to the plugin's file (appending)."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 2)
-        os.close(fd)
+        """Redirect the worker process's file descriptor 2 to the plugin's file (appending).
+
+        With ``per_process``, the file is ``PATH.PID`` (one per worker process: a temporary
+        file, see :class:`~.launch.ClusterLaunch`). With ``earlier``, what this process wrote
+        to ``EARLIER.PID`` so far is moved into the file first, and ``EARLIER.PID`` removed.
+        """
+        pid = os.getpid()
+        fd = os.open(f"{self.path}.{pid}" if self.per_process else self.path,
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if self.earlier is None:
+                os.dup2(fd, 2)
+                return
+            before = f"{self.earlier}.{pid}"
+            try:
+                with open(before, "rb") as f:
+                    os.write(fd, f.read())
+                    os.dup2(fd, 2)
+                    os.write(fd, f.read())  # written between the first read and the switch
+                os.unlink(before)
+            except FileNotFoundError:
+                os.dup2(fd, 2)
+        finally:
+            os.close(fd)
 
 
 class FastExit(_OtherProcesses):
@@ -133,7 +157,7 @@ def _not_an_interrupted_gather(record: logging.LogRecord) -> bool:
     return type(exc).__name__ != "AllExit"
 
 
-def _local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
+def local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
     """Start the LocalCluster of ``cfg``, as a run starts it.
 
     Worker processes, threads, memory limit, dashboard and :func:`worker_env` from ``cfg``;
@@ -146,8 +170,8 @@ def _local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
 
 @contextlib.contextmanager
 def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
-                worker_log: str | None = None, closing: list[threading.Thread] | None = None
-                ) -> Iterator[Client]:
+                worker_log: str | None = None, closing: list[threading.Thread] | None = None,
+                launch: ClusterLaunch | None = None) -> Iterator[Client]:
     """Connect to ``scheduler`` (or ``cfg.scheduler``), else start a LocalCluster.
 
     The LocalCluster is closed when the block ends; an external cluster is left running.
@@ -155,6 +179,8 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
     processes (see :class:`StderrToFile`). ``closing``: when the block ends without an
     error, the LocalCluster closes in a thread appended to this list (a worker holding
     TensorFlow takes seconds to stop) and the caller joins it when its own work is done.
+    ``launch``: the LocalCluster the CLI started early (:class:`~.launch.ClusterLaunch`),
+    taken over instead of starting one (with no scheduler address only).
     """
     asyncio_log = logging.getLogger("asyncio")
     if _not_an_interrupted_gather not in asyncio_log.filters:
@@ -171,21 +197,26 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
         finally:
             client.close()
         return
-    cluster = _local_cluster(cfg)
-    try:
-        client = Client(cluster)
-    except BaseException:
-        cluster.close()
-        raise
+    if launch is not None:
+        cluster, client = launch.take()
+    else:
+        cluster = local_cluster(cfg)
+        try:
+            client = Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
 
     def close() -> None:
         client.close()
         cluster.close()
 
     try:
-        client.register_plugin(FastExit())
-        if worker_log:
-            client.register_plugin(StderrToFile(worker_log))
+        if launch is None:
+            client.register_plugin(FastExit())
+        if worker_log or launch is not None:  # the launch's temporary file moves into the log
+            client.register_plugin(StderrToFile(worker_log or os.devnull,
+                                                earlier=launch.stderr_path if launch else None))
         yield client
     except BaseException:
         close()
@@ -331,7 +362,7 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the scheduler binds
                 probe.bind(("127.0.0.1", port))
-        cluster = _local_cluster(cfg, host="127.0.0.1", scheduler_port=port)
+        cluster = local_cluster(cfg, host="127.0.0.1", scheduler_port=port)
     except (OSError, RuntimeError) as e:
         raise SchedulerError(f"cannot start a scheduler on 127.0.0.1:{port} ({e}): if an agriland cluster "
                              f"already runs there, use it (--scheduler tcp://127.0.0.1:{port}); else "

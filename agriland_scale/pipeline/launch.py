@@ -1,0 +1,107 @@
+"""Launch: a run's LocalCluster, started before the run's own modules are imported.
+
+A cold ``agriland run`` of a small region waits on one chain: the worker process starts,
+imports TensorFlow (5-7 s on 2 cores), loads and traces the encoder. The CLI therefore starts
+the LocalCluster as soon as it has read the config (:class:`ClusterLaunch`), and its workers
+start importing TensorFlow at once, while the ``agriland`` process imports the pipeline's
+modules and checks the output folder and inputs (1.2-2 s). The run then takes the cluster
+over (:func:`~.runtime.dask_client` given ``launch=``), or the launch is closed when the run
+never gets that far (a locked output folder, a failed check).
+
+Measured on the Virginia scene with given models (3 alternated cold runs, 2 cores): the
+workers' import started at 1.7-2.0 s instead of 3.4-3.5 s and ended 1.0-3.0 s sooner; the
+embeddings stage ended 2.4 s sooner (median). A cluster started in a thread beside those
+imports gained nothing: the two shared this process's interpreter lock.
+
+The workers' standard error goes to a temporary file of each worker process until the run's
+worker log exists (TensorFlow's import writes to it); :class:`~.runtime.StderrToFile` moves
+what it holds into the log and removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.pipeline.runtime import MAIN_WORKER, FastExit, StderrToFile, local_cluster
+
+if TYPE_CHECKING:
+    from distributed import Client, Future, LocalCluster
+
+__all__ = ["ClusterLaunch"]
+
+
+class ClusterLaunch:
+    """Start the LocalCluster of ``cfg`` now; :meth:`take` it, or :meth:`close` it.
+
+    With ``import_tensorflow``, each worker process starts importing TensorFlow as soon as
+    it is up (:func:`~agriland_scale.models.worker.warm_up` of no model), so that the import
+    overlaps what this process does before the model stages.
+
+    Attributes
+    ----------
+    imports : list of (distributed.Future, str)
+        The workers' TensorFlow imports and the address of each worker (none without
+        ``import_tensorflow``).
+    stderr_path : str
+        A temporary file; ``STDERR_PATH.PID`` receives a worker process's standard error
+        until the run's worker log takes over (moved into the log then, or removed by
+        :meth:`close`).
+    """
+
+    def __init__(self, cfg: RuntimeConfig, *, import_tensorflow: bool):
+        from distributed import Client
+
+        self.cfg = cfg
+        fd, self.stderr_path = tempfile.mkstemp(prefix="agriland-workers-", suffix=".log")
+        os.close(fd)
+        self._taken = False
+        self.cluster: LocalCluster | None = None
+        self.client: Client | None = None
+        self.imports: list[tuple[Future, str]] = []
+        try:
+            self.cluster = local_cluster(cfg)
+            self.client = Client(self.cluster)
+            self.client.register_plugin(FastExit())
+            self.client.register_plugin(StderrToFile(self.stderr_path, per_process=True))
+            if import_tensorflow:
+                from agriland_scale.models.worker import warm_up
+
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+                self.imports = [(self.client.submit(warm_up, [], key=f"import-tensorflow-{i}-{uuid.uuid4().hex[:8]}",
+                                                    workers=[w], allow_other_workers=False, pure=False), w)
+                                for i, (w, info) in enumerate(workers.items()) if info.get("name") != MAIN_WORKER]
+        except BaseException:
+            self.close()
+            raise
+
+    def take(self) -> tuple[LocalCluster, Client]:
+        """Return the cluster and its client: the caller closes them from now on.
+
+        :attr:`imports` are the workers' TensorFlow imports, ``(future, worker address)``.
+        """
+        assert self.cluster is not None and self.client is not None
+        self._taken = True
+        return self.cluster, self.client
+
+    def close(self) -> None:
+        """Close the cluster unless it was taken; remove the temporary stderr files."""
+        if not self._taken:
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        for path in [self.stderr_path, *glob.glob(glob.escape(self.stderr_path) + ".*")]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def __enter__(self) -> ClusterLaunch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
