@@ -124,11 +124,10 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
     if not (args.scheduler or cfg.runtime.scheduler):
         # the run's LocalCluster starts, and its workers import TensorFlow, while this
         # process imports the pipeline and checks the output folder and inputs
-        from agriland_scale.layout import stages_needed
-        from agriland_scale.pipeline.launch import ClusterLaunch
+        from agriland_scale.pipeline.launch import ClusterLaunch, models_to_run
 
-        models = {"cae", "embeddings", "unet", "segmentation"} & set(stages_needed(until))
-        launch = ClusterLaunch(cfg.runtime, import_tensorflow=bool(models))
+        launch = ClusterLaunch(cfg.runtime, import_tensorflow=models_to_run(args.out, until, force=bool(args.force),
+                                                                            overwrite=args.overwrite))
     show = _Display(args.quiet)
     show.line(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}")
     try:

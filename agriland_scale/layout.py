@@ -27,12 +27,14 @@ from typing import Any, TypedDict, cast
 
 from agriland_scale.errors import ConfigError, CorruptInput, OutputError
 
-__all__ = ["COG_DIR", "COG_NAMES", "DEPENDS", "GROUPS", "ITEMS", "LOCK_NAME", "LOGS_DIR", "MODELS_DIR",
+__all__ = ["COG_DIR", "COG_NAMES", "DEPENDS", "GROUPS", "ITEMS", "LOCK_NAME", "LOGS_DIR", "MODEL_STAGES", "MODELS_DIR",
            "PARTIAL_DIR", "RECORD", "STAGES", "STAGE_SETTINGS", "STORE", "RunRecord", "dependents", "load_items",
            "load_run_record", "local_folder", "read_record", "stages_needed", "zone_name", "zones_of"]
 
 # the pipeline's stages, in the order a run executes them
 STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+# the stages whose tasks run TensorFlow on the workers (training or applying a model)
+MODEL_STAGES = frozenset({"cae", "embeddings", "unet", "segmentation"})
 # what each stage reads
 DEPENDS: dict[str, tuple[str, ...]] = {
     "search": (), "cube": ("search",), "patches": ("cube",), "cae": ("patches",),

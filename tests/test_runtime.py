@@ -295,3 +295,24 @@ def test_a_launch_the_run_never_took_is_closed_with_its_workers_and_files():
         assert multiprocessing.active_children()  # the worker process
     assert not multiprocessing.active_children()
     assert glob.glob(glob.escape(launch.stderr_path) + "*") == []
+
+
+def test_the_launch_skips_tensorflow_for_a_run_whose_model_stages_are_done(tmp_path):
+    """``models_to_run``: a rerun of a finished local run (or one stopped after its model
+    stages) does not have the launched workers import TensorFlow; a new, unfinished,
+    forced, overwritten, damaged or object-storage run does; ``--until cube`` never does."""
+    from agriland_scale.layout import STAGES
+    from agriland_scale.pipeline.launch import models_to_run
+
+    def guess(out=tmp_path, until=None, force=False, overwrite=False) -> bool:
+        return models_to_run(out, until, force=force, overwrite=overwrite)
+
+    assert guess() and not guess(until="cube")
+    (tmp_path / "run.json").write_text(json.dumps({"stages": dict.fromkeys(STAGES, "done")}))
+    assert not guess() and not guess(until="cae")
+    assert guess(force=True) and guess(overwrite=True) and guess("s3://bucket/run")
+    (tmp_path / "run.json").write_text(json.dumps({"stages": {**dict.fromkeys(STAGES, "done"),
+                                                              "segmentation": "interrupted"}}))
+    assert guess() and not guess(until="embeddings")
+    (tmp_path / "run.json").write_text("{damaged")
+    assert guess()

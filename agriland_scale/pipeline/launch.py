@@ -22,18 +22,39 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import tempfile
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.layout import MODEL_STAGES, RECORD, stages_needed
 from agriland_scale.pipeline.runtime import MAIN_WORKER, FastExit, StderrToFile, local_cluster
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
 
-__all__ = ["ClusterLaunch"]
+__all__ = ["ClusterLaunch", "models_to_run"]
+
+
+def models_to_run(out: Path | str, until: str | None, *, force: bool, overwrite: bool) -> bool:
+    """Whether a run into ``out`` may train or apply a model; False when its record says those are done.
+
+    A first guess for :class:`ClusterLaunch` only (the runner checks the folder itself): a
+    finished or resumed local run whose model stages are done has its workers skip
+    TensorFlow's import, which would also hold up the cluster's close by seconds. ``out``
+    is a folder (``str``: an object-storage URL, not read here).
+    """
+    models = MODEL_STAGES & set(stages_needed(until))
+    if not models or force or overwrite or not isinstance(out, Path):
+        return bool(models)
+    try:
+        stages = json.loads((out / RECORD).read_text()).get("stages") or {}
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: the runner says so
+        return True
+    return any(stages.get(s) != "done" for s in models)
 
 
 class ClusterLaunch:

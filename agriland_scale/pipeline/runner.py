@@ -47,6 +47,7 @@ from agriland_scale.layout import (
     GROUPS,
     ITEMS,
     LOGS_DIR,
+    MODEL_STAGES,
     MODELS_DIR,
     RECORD,
     STAGES,
@@ -366,8 +367,7 @@ class _Runner:
             e = self.cfg.embed
             ctx.warm_up([(e.model, self.cfg.patches.size, len(e.bands), True)]
                         if "embeddings" in todo and e.model and not (e.mixed_precision and res) else [],
-                        only_tensorflow=not ctx.warming and bool({"cae", "embeddings", "unet", "segmentation"}
-                                                                 & set(todo)))
+                        only_tensorflow=not ctx.warming and bool(MODEL_STAGES & set(todo)))
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log
             perf = self.out / LOGS_DIR / f"dask-performance-{stamp}.html"
