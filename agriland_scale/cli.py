@@ -11,16 +11,13 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agriland_scale import __version__
 from agriland_scale.config.load import load_config
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import AgrilandError, ConfigError, Terminated
 from agriland_scale.layout import STAGES
-
-if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
+from agriland_scale.terminal import Display
 
 DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
@@ -76,59 +73,14 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Terminated()
 
 
-class _Display:
-    """What a run shows on the terminal (stderr): its message lines and progress bars.
-
-    A progress bar follows a stage's blocks or a training's steps (rich; epoch, loss and
-    metrics beside a training bar). Nothing but errors with ``--quiet``; lines without bars
-    when stderr is not a terminal (every run also logs progress to ``OUT/logs/``).
-    """
-
-    def __init__(self, quiet: bool):
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
-        self.bars = not quiet and self.console.is_terminal
-        self._progress: Progress | None = None
-        self._tasks: dict[str, TaskID] = {}
-
-    def line(self, text: str) -> None:
-        if not self.quiet:
-            self.console.print(text, markup=False, highlight=False)
-
-    def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
-        if not self.bars or total <= 0:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        if self._progress is None:
-            self._progress = Progress(TextColumn("  {task.description:<22}"), BarColumn(bar_width=30),
-                                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                      console=self.console)
-            self._progress.start()
-        task = self._tasks.get(label)
-        if task is None:
-            task = self._tasks[label] = self._progress.add_task(label, total=total, info=info.strip())
-        self._progress.update(task, completed=done, total=total, info=info.strip())
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
 def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> int:
-    cfg = load_config(pipeline, **_overrides(args.set))
-    launch = None
-    if not (args.scheduler or cfg.runtime.scheduler):
-        # the run's LocalCluster starts, and its workers import TensorFlow, while this
-        # process imports the pipeline and checks the output folder and inputs
-        from agriland_scale.pipeline.launch import ClusterLaunch, models_to_run
+    from agriland_scale.pipeline.launch import launch_for_run
 
-        launch = ClusterLaunch(cfg.runtime, import_tensorflow=models_to_run(args.out, until, force=bool(args.force),
-                                                                            overwrite=args.overwrite))
-    show = _Display(args.quiet)
+    cfg = load_config(pipeline, **_overrides(args.set))
+    # the run's own LocalCluster starts now, while this process imports the pipeline
+    launch = launch_for_run(cfg, args.out, until, scheduler=args.scheduler, force=bool(args.force),
+                            overwrite=args.overwrite)
+    show = Display(args.quiet)
     show.line(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}")
     try:
         from agriland_scale.pipeline.runner import run

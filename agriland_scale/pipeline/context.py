@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import Any
 from agriland_scale.config.schema import RunConfig
 from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
-from agriland_scale.models.worker import warm_up
+from agriland_scale.pipeline.launch import warm_up_workers
 from agriland_scale.pipeline.resume import Products
-from agriland_scale.pipeline.runtime import MAIN_WORKER, main_process_worker
+from agriland_scale.pipeline.runtime import main_process_worker
 
 __all__ = ["Progress", "Report", "RunContext"]
 
@@ -133,10 +132,7 @@ class RunContext:
         """
         if not models and not only_tensorflow:
             return
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER):
-            future = self.client.submit(warm_up, models, self.precision(stage), key=f"warm-up-{i}-{uuid.uuid4().hex[:8]}",
-                                        workers=[w], allow_other_workers=False, pure=False)
+        for future, w in warm_up_workers(self.client, models, self.precision(stage)):
             self.warming.append((future, tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:

@@ -1,4 +1,4 @@
-"""Launch: a run's LocalCluster, started before the run's own modules are imported.
+"""Launch: a run's LocalCluster, started before the run's own modules are imported, and warm-ups.
 
 A cold ``agriland run`` of a small region waits on one chain: the worker process starts,
 imports TensorFlow (5-7 s on 2 cores), loads and traces the encoder. The CLI therefore starts
@@ -29,14 +29,42 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.layout import MODEL_STAGES, RECORD, stages_needed
 from agriland_scale.pipeline.runtime import MAIN_WORKER, FastExit, StderrToFile, local_cluster
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
 
-__all__ = ["ClusterLaunch", "models_to_run"]
+__all__ = ["ClusterLaunch", "launch_for_run", "models_to_run", "warm_up_workers"]
+
+
+def warm_up_workers(client: Client, models: list[tuple[str, int, int, bool]], precision: str = "float32",
+                    name: str = "warm-up") -> list[tuple[Future, str]]:
+    """Start :func:`~agriland_scale.models.worker.warm_up` of ``models`` on each worker process.
+
+    One task a worker, pinned to it, never on a worker in this process (:data:`MAIN_WORKER`:
+    this process would import TensorFlow). With no model, the workers only import
+    TensorFlow. Returns ``(future, worker address)`` for each; the task keys start with ``name``.
+    """
+    from agriland_scale.models.worker import warm_up
+
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return [(client.submit(warm_up, models, precision, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
+                           allow_other_workers=False, pure=False), w)
+            for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER)]
+
+
+def launch_for_run(cfg: RunConfig, out: Path | str, until: str | None, *, scheduler: str | None, force: bool,
+                   overwrite: bool) -> ClusterLaunch | None:
+    """Start the LocalCluster of a run of ``cfg`` into ``out`` now; None for an existing cluster.
+
+    Its workers import TensorFlow at once when the run may need it (:func:`models_to_run`).
+    ``scheduler`` (or ``cfg.runtime.scheduler``): the address of an existing cluster.
+    """
+    if scheduler or cfg.runtime.scheduler:
+        return None
+    return ClusterLaunch(cfg.runtime, import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite))
 
 
 def models_to_run(out: Path | str, until: str | None, *, force: bool, overwrite: bool) -> bool:
@@ -78,7 +106,6 @@ class ClusterLaunch:
     def __init__(self, cfg: RuntimeConfig, *, import_tensorflow: bool):
         from distributed import Client
 
-        self.cfg = cfg
         fd, self.stderr_path = tempfile.mkstemp(prefix="agriland-workers-", suffix=".log")
         os.close(fd)
         self._taken = False
@@ -91,12 +118,7 @@ class ClusterLaunch:
             self.client.register_plugin(FastExit())
             self.client.register_plugin(StderrToFile(self.stderr_path, per_process=True))
             if import_tensorflow:
-                from agriland_scale.models.worker import warm_up
-
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
-                self.imports = [(self.client.submit(warm_up, [], key=f"import-tensorflow-{i}-{uuid.uuid4().hex[:8]}",
-                                                    workers=[w], allow_other_workers=False, pure=False), w)
-                                for i, (w, info) in enumerate(workers.items()) if info.get("name") != MAIN_WORKER]
+                self.imports = warm_up_workers(self.client, [], name="import-tensorflow")
         except BaseException:
             self.close()
             raise

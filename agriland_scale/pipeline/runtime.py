@@ -214,9 +214,8 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
     try:
         if launch is None:
             client.register_plugin(FastExit())
-        if worker_log or launch is not None:  # the launch's temporary file moves into the log
-            client.register_plugin(StderrToFile(worker_log or os.devnull,
-                                                earlier=launch.stderr_path if launch else None))
+        if worker_log:  # a launch's temporary files move into the log
+            client.register_plugin(StderrToFile(worker_log, earlier=launch.stderr_path if launch else None))
         yield client
     except BaseException:
         close()
