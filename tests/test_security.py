@@ -53,3 +53,59 @@ def test_no_shell_strings_in_the_package():
                     if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                         bad.append(f"{f.name}:{node.lineno} shell=")
     assert not bad, bad
+
+
+def _listening(proc) -> set[tuple[str, int]]:
+    """The (address, port) pairs that ``proc`` and its descendants listen on (TCP)."""
+    import psutil
+
+    found = set()
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_local_run_listens_on_loopback_only(tmp_path):
+    """Every socket a local run's process tree listens on (scheduler, dashboard, worker
+    processes, the worker inside the agriland process that computes the cube) is bound to
+    loopback, sampled every 0.2 s through a real run's search and cube stages."""
+    import ipaddress
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from .conftest import DEMO_YAML
+
+    # what `agriland run` does up to the cube: its LocalCluster, launched importing TensorFlow,
+    # taken over by the run, whose cube a worker inside the process computes meanwhile
+    script = (
+        "import sys\n"
+        "from agriland_scale import load_config\n"
+        "from agriland_scale.pipeline.launch import ClusterLaunch\n"
+        "from agriland_scale.pipeline.runner import run\n"
+        "cfg = load_config(sys.argv[1], **{'runtime.dashboard_address': '127.0.0.1:0'})\n"
+        "launch = ClusterLaunch(cfg.runtime, import_tensorflow=True)  # as for a run with models\n"
+        "try:\n"
+        "    rec = run(cfg, sys.argv[2], until='cube', launch=launch)\n"
+        "finally:\n"
+        "    launch.close()\n"
+        "assert rec['cube_computed_by'].startswith('agriland-main-process'), rec['cube_computed_by']\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(DEMO_YAML), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[tuple[str, int]] = set()
+    watched = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= _listening(watched)
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len({port for _, port in seen}) >= 3, seen  # the scheduler, its dashboard, workers
+    exposed = sorted((ip, port) for ip, port in seen if not ipaddress.ip_address(ip).is_loopback)
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -288,12 +288,17 @@ def main_process_worker(client: Client, cfg: RuntimeConfig, log_file: str | None
     terminal, as from a worker process.
     """
     from distributed import Worker
+    from distributed.comm import get_address_host
 
     # no memory limit: its monitor would measure the whole agriland process (scheduler,
     # client, the run's state) and pause the worker for good once that passed the limit
     async def start() -> Worker:
         return await Worker(client.scheduler.address, nthreads=cfg.threads_per_worker, name=MAIN_WORKER,
-                            memory_limit=0)
+                            memory_limit=0, host=host, dashboard=False)
+
+    # it listens where the scheduler does (loopback for the run's own LocalCluster), never on
+    # every interface, and opens no dashboard of its own
+    host = get_address_host(client.scheduler.address)
 
     with _task_logs_to(log_file, f"{MAIN_WORKER}-"):
         worker = client.sync(start)
