@@ -51,9 +51,25 @@ def _folder_arg(text: str) -> Path:
 
 def _run_arg(text: str) -> Path | str:
     """Parse where a run lives: a folder (path or ``file://``), or an object-storage URL (kept as is)."""
-    from agriland_scale.files import is_object_url
+    from agriland_scale.errors import OutputError
+    from agriland_scale.files import check_object_url, is_object_url
 
-    return text.rstrip("/") if is_object_url(text) else _folder_arg(text)
+    if not is_object_url(text):
+        return _folder_arg(text)
+    try:
+        return check_object_url(text.rstrip("/"))
+    except OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _scheduler_arg(text: str) -> str:
+    """Parse ``--scheduler``: a Dask scheduler's address, refused before anything is written."""
+    from agriland_scale.config.checks import check_scheduler_address
+
+    try:
+        return check_scheduler_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cluster_ids(text: str) -> list[int]:
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     def run_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, type=_run_arg,
                        help="where the run lives: a folder, or s3://BUCKET/PREFIX (gs://, az:// too)")
-        p.add_argument("--scheduler", help="address of an existing Dask scheduler (tcp://host:8786)")
+        p.add_argument("--scheduler", type=_scheduler_arg, help="address of an existing Dask scheduler (tcp://host:8786)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace another run in --out (deletes only the files that run wrote)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from agriland_scale.errors import OutputError
 
 __all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "cache_dir", "delete_object", "delete_prefix", "download", "is_object_url",
-           "join_url", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
+           "check_object_url", "join_url", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
            "s3_settings", "upload_file", "write_json", "write_text"]
 
 TMP_SUFFIX = ".tmp"
@@ -79,6 +79,36 @@ def is_object_url(location: str | Path) -> bool:
     return m is not None and m.group(1).lower() in OBJECT_SCHEMES
 
 
+def check_object_url(location: str) -> str:
+    """Return the object-storage URL ``location``, refused if a segment of its key is ``.`` or ``..``.
+
+    Object stores take such keys literally (``s3://b/../x`` is the key ``../x`` of bucket
+    ``b``), while a reader of the same URL as a path resolves them somewhere else: a run
+    would be written where nothing finds it, or over another prefix's objects.
+
+    Raises
+    ------
+    OutputError
+        ``location`` names no bucket, or has a ``.``/``..`` segment, an empty segment
+        (``//``) or a control character.
+    """
+    text = str(location)
+    m = _URL.match(text)
+    if not m or m.group(1).lower() not in OBJECT_SCHEMES:
+        return text
+    bucket, _, key = m.group(2).partition("/")
+    segments = key.rstrip("/").split("/") if key.rstrip("/") else []
+    bad = [s for s in segments if s in (".", "..", "")]
+    if not bucket or bucket in (".", "..") or bad or any(ord(c) < 32 or c == "\x7f" for c in text):
+        why = ("names no bucket" if not bucket or bucket in (".", "..")
+               else "has a control character" if not bad else
+               f"has the key segment {bad[0]!r}" if bad[0] else "has an empty key segment ('//')")
+        raise OutputError(f"{text[:200]} is not a valid location: it {why}. Object stores take such keys "
+                          f"literally, so the run would not be where the URL seems to point; write it as "
+                          f"{m.group(1)}://BUCKET/PREFIX with plain names, e.g. {m.group(1)}://my-bucket/runs/virginia")
+    return text
+
+
 def s3_settings(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the S3 settings of a run: ``storage_options`` first, then the usual variables.
 
@@ -124,6 +154,7 @@ def object_store(location: str | Path, storage_options: dict[str, Any] | None = 
     if kind is None:
         raise OutputError(f"{text}: '{m.group(1)}://' is not a supported location; use a local folder, "
                           "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
+    check_object_url(text)
     client = {"timeout": "60s", "connect_timeout": "5s"}
     if kind == "s3":
         s = s3_settings(storage_options)

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import icechunk
 
 from agriland_scale.errors import CorruptInput, OutputError
-from agriland_scale.files import OBJECT_SCHEMES, is_object_url, probe_location, s3_settings
+from agriland_scale.files import OBJECT_SCHEMES, check_object_url, is_object_url, probe_location, s3_settings
 from agriland_scale.layout import RECORD, STORE, local_folder
 
 __all__ = ["ICECHUNK_MEDIA_TYPE", "history", "is_repo", "open_repo", "reader", "repo_storage", "store_location"]
@@ -98,6 +98,7 @@ def repo_storage(location: str | Path, storage_options: dict[str, Any] | None = 
                           "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
     if not bucket:
         raise OutputError(f"{text}: the URL names no bucket; write it as {scheme}://BUCKET/PREFIX")
+    check_object_url(text)
     if kind == "s3":
         st = s3_settings(opts)
         kw: dict[str, Any] = {"bucket": bucket, "prefix": prefix or None, "region": st["region"],

@@ -197,7 +197,18 @@ CASES = [
     ("report-not-a-run", ["report", "{TMP}"], None, "prior", r"holds no run\.json"),
     ("import-labels-missing-file", ["import-labels", "{TMP}/drawn.json", "{OUT}"], None, "prior",
      r"drawn\.json"),
+    ("scheduler-dashboard-url", ["run", "{P}", "--out", "{OUT}", "--scheduler", "http://127.0.0.1:8787"], None,
+     "fresh", r"--scheduler: 'http://127\.0\.0\.1:8787' is a web address .*tcp://127\.0\.0\.1:8786"),
+    ("scheduler-not-an-address", ["run", "{P}", "--out", "{OUT}", "--scheduler", "not a url"], None, "fresh",
+     r"--scheduler: 'not a url' is not a scheduler address.*tcp://HOST:8786"),
+    ("scheduler-in-pipeline", ["run", "{P}", "--out", "{OUT}"],
+     lambda t: {"P": _write_pipeline(t, _edit(**{"runtime.scheduler": "https://dask.example.org/status"}))},
+     "fresh", r"runtime\.scheduler.*web address.*tcp://dask\.example\.org:8786"),
     # -- the output folder ------------------------------------------------------------------
+    ("out-s3-dot-dot", ["run", "{P}", "--out", "s3://bucket/../x"], None, "fresh",
+     r"s3://bucket/\.\./x is not a valid location: it has the key segment '\.\.'"),
+    ("out-s3-empty-segment", ["inspect", "s3://bucket/runs//x"], None, "fresh",
+     r"s3://bucket/runs//x is not a valid location: it has an empty key segment"),
     ("out-is-a-file", ["run", "{P}", "--out", "{TMP}/results.txt"],
      lambda t: (t / "results.txt").write_text("mine") and {}, "prior", r"results\.txt is a file, not a folder"),
     ("out-read-only", ["run", "{P}", "--out", "/proc/sys/agriland-run"], None, "prior",
@@ -242,6 +253,9 @@ CASES = [
     ("asset-shifted", ["run", "{P}", "--out", "{OUT}"],
      lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, _shift))}))}, "fresh",
      r"asset '(red|green|blue|nir)'.*transform"),
+    ("resolution-centimetres", ["run", "{P}", "--out", "{OUT}"],
+     lambda t: {"P": _write_pipeline(t, _edit(**{"cube.resolution": 0.01}))}, "fresh",
+     r"cube\.resolution 0\.01 m makes a grid of [\d,]+ x [\d,]+ px .*more than cube\.max_pixels"),
     ("asset-corrupt-tile", ["run", "{P}", "--out", "{OUT}"],
      lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, edit_tif=_corrupt_tile))}))},
      "fresh", r"asset 'red'.*B04\.tif"),
@@ -304,7 +318,8 @@ def test_bad_input(case, prior_run, external_cluster, tmp_path, capsys):
     out = prior_run if target == "prior" else tmp_path / "fresh-out"
     places["OUT"] = str(out)
     args = [a.format(**places) for a in argv]
-    if args[0] in ("run", "train-cae", "train-unet", "demo"):
+    if args[0] in ("run", "train-cae", "train-unet", "demo") and "--scheduler" not in args \
+            and not name.startswith("scheduler-"):
         args += ["--scheduler", external_cluster]
     watched = [out] + [Path(places["TMP"]) / d for d in ("damaged", "mine")]
     before = {str(w): _products(w) for w in watched}
@@ -323,6 +338,8 @@ def test_bad_input(case, prior_run, external_cluster, tmp_path, capsys):
     assert re.search(expect, err, re.S), err
     assert "Traceback" not in err and "unexpected error" not in err, err
     assert len(err) < 3000, err
+    if name.startswith(("scheduler-", "out-s3-")):  # refused before anything is written
+        assert not out.exists(), sorted(p.name for p in out.iterdir())
     for w in watched:  # what existed is unchanged; only a fresh folder may gain the failed run's report
         after = _products(w)
         assert {k: after.get(k) for k in before[str(w)]} == before[str(w)], f"{w}: existing products changed"

@@ -41,8 +41,22 @@ def test_missing_band(items, demo_cfg):
 
 
 def test_bbox_outside_items(items):
-    with pytest.raises(NoItemsFound, match="does not overlap"):
+    with pytest.raises(NoItemsFound, match=r"region \[-75\.0, 37\.0, -74\.9, 37\.1\] does not overlap"):
         cube_geobox(items, (-75.0, 37.0, -74.9, 37.1), 10)
+
+
+def test_a_region_wider_than_the_zone_covers_the_whole_footprint(items):
+    """A whole-world bbox (or a continent's polygon) overlaps the items: their whole footprint
+    is the cube's grid, as for a bbox just around them; the region mask is all True there."""
+    from agriland_scale.config.region import Region
+    from agriland_scale.cube.masks import region_mask
+
+    around = cube_geobox(items, (-75.8, 37.5, -75.5, 37.8), 10)
+    for world in [(-180, -90, 180, 90), (-179.9, -89.9, 179.9, 89.9), (-130, 20, -60, 55)]:
+        gb = cube_geobox(items, world, 10)
+        assert gb == around, world
+        polygons = Region(Region.from_bbox(world).geometry, is_box=False)
+        assert bool(region_mask(polygons, gb, 512).all()), world
 
 
 def test_region_inside_item_is_cropped_on_grid(items):

@@ -7,6 +7,7 @@ echoed cut to about :data:`SHOW` characters, and YAML aliases are sized without 
 from __future__ import annotations
 
 import difflib
+import re
 import reprlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["MAX_PIPELINE_VALUES", "REFERENCE", "Cyclic", "children_of_node", "children_of_value", "cut",
-           "did_you_mean", "expanded_size", "format_errors", "short"]
+__all__ = ["MAX_PIPELINE_VALUES", "REFERENCE", "Cyclic", "check_scheduler_address", "children_of_node",
+           "children_of_value", "cut", "did_you_mean", "expanded_size", "format_errors", "short"]
 
 
 # values (scalars, lists, mappings) a pipeline file or an override may expand to, aliases
@@ -53,6 +54,33 @@ def short(value: Any, limit: int = SHOW) -> str:
         return cut(_repr.repr(value), limit)
     except Exception:  # noqa: BLE001 - e.g. an int too large to convert: name its type only
         return f"<{type(value).__name__}>"
+
+
+# a Dask scheduler's address: [PROTOCOL://]HOST:PORT (HOST a name, an IPv4 address or [IPv6])
+_SCHEDULER = re.compile(r"^(?:(tcp|tls|ucx|ws|wss|inproc)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
+
+
+def check_scheduler_address(text: str) -> str:
+    """Return ``text`` if it is a Dask scheduler's address (``tcp://HOST:PORT``), else raise.
+
+    Checked before anything of a run is written. An ``http://`` address is most often the
+    dashboard's (port 8787): the message suggests the scheduler's ``tcp://HOST:8786``.
+
+    Raises
+    ------
+    ValueError
+        ``text`` is not ``[tcp|tls|ucx|ws|wss|inproc://]HOST:PORT``; the message says what to write.
+    """
+    value = str(text).strip()
+    m = _SCHEDULER.match(value)
+    if m and 0 < int(m.group(3)) < 65536:
+        return value
+    web = re.match(r"^https?://([^/:\s]+)", value, re.I)
+    host = web.group(1) if web else "HOST"
+    why = ("is a web address (the dashboard's, at port 8787?), not the scheduler's" if web
+           else "is not a scheduler address")
+    raise ValueError(f"{short(value)} {why}: give the Dask scheduler's address as tcp://{host}:8786 "
+                     f"(what `dask scheduler` or `agriland cluster` prints as 'Scheduler at')")
 
 
 def children_of_node(node: yaml.Node) -> Iterable[yaml.Node]:

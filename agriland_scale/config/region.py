@@ -44,6 +44,16 @@ class Region:
         """Return the geometry as a GeoJSON-like mapping (EPSG:4326 lon/lat)."""
         return mapping(self.geometry)
 
+    def near(self, bounds: Iterable[float], margin: float = 1.0) -> Region:
+        """Return the part of the region within ``margin`` degrees of ``bounds`` (lon/lat).
+
+        Used before projecting to a UTM zone: a region far wider than the zone (a continent,
+        the whole world) has no meaning in the zone's projection. The result may be empty.
+        """
+        x0, y0, x1, y1 = bounds
+        return Region(self.geometry.intersection(box(x0 - margin, y0 - margin, x1 + margin, y1 + margin)),
+                      self.is_box)
+
     def to_crs(self, crs) -> BaseGeometry:
         """Return the region's geometry in ``crs`` (anything pyproj accepts), densified to ~500 m."""
         from pyproj import Transformer

@@ -24,6 +24,7 @@ from agriland_scale.config.checks import (
     MAX_PIPELINE_VALUES,
     REFERENCE,
     Cyclic,
+    check_scheduler_address,
     children_of_value,
     cut,
     did_you_mean,
@@ -127,6 +128,10 @@ class CubeConfig(_Model):
     ``clear_count`` keeps how many there were. ``on_bad_asset``: ``fail`` on an asset that
     cannot be read, or ``skip`` its item with a warning (recorded in run.json).
 
+    ``max_pixels``: the largest grid (pixels a band, a UTM zone) a run builds; a larger one
+    is refused before its graph is planned, with its size (default 5e10: about 40 Sentinel-2
+    tiles of 110 km at 10 m; a mistaken ``resolution`` of centimetres asks for 10^12 and more).
+
     ``storage``: how reflectance is stored. ``int16`` (default) packs it in half digital
     numbers (CF ``scale_factor`` = half the bands' DN scale; readers decode it to float32):
     median, first and last composites are exact, a mean is rounded to half a DN (at most
@@ -153,6 +158,7 @@ class CubeConfig(_Model):
     on_bad_asset: Literal["fail", "skip"] = "fail"
     mosaic_crs: str | None = None
     mosaic_resolution: float | None = Field(default=None, gt=0)
+    max_pixels: float = Field(default=5e10, gt=0)
 
     @field_validator("cloud_mask", mode="before")
     @classmethod
@@ -348,6 +354,11 @@ class RuntimeConfig(_Model):
     dashboard_address: str = "127.0.0.1:8787"
     commit_every_s: float = Field(default=5.0, ge=0)
     inference_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        return None if v is None else check_scheduler_address(v)
 
 
 class OutputConfig(_Model):

@@ -37,6 +37,7 @@ from agriland_scale.cube.composite import PACK_FILL, PACK_LIMIT, _cube_block
 from agriland_scale.cube.masks import region_mask
 from agriland_scale.errors import (
     BandMismatch,
+    ConfigError,
     CorruptInput,
     NoItemsFound,
 )
@@ -47,6 +48,27 @@ from agriland_scale.store import fast_compressors, write_georef
 __all__ = ["S2CLOUDLESS_BANDS", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "read_chunk", "region_mask", "s2cloudless_mask", "write_georef"]
 
 log = logging.getLogger(__name__)
+
+
+def check_grid_size(geobox: GeoBox, resolution: float, max_pixels: float, bands: int, dates: int) -> None:
+    """Refuse a cube grid of more than ``max_pixels`` pixels (a band, a zone) before it is planned.
+
+    Raises
+    ------
+    ConfigError
+        The grid is larger: the message gives its shape, pixels and estimated bytes
+        (``bands`` x ``dates`` uint16 reads), and what to change.
+    """
+    h, w = geobox.shape.yx
+    px = float(h) * float(w)
+    if px <= max_pixels:
+        return
+    raise ConfigError(
+        f"cube.resolution {resolution:g} m makes a grid of {h:,} x {w:,} px ({px:.2g} px, about "
+        f"{px * bands * dates * 2 / 1e12:,.3g} TB to read for {bands} band(s) x {dates} date(s)) in {geobox.crs}, "
+        f"more than cube.max_pixels ({max_pixels:.2g}). Sentinel-2's bands are 10, 20 and 60 m: set "
+        "cube.resolution to 10 or coarser, or shrink search.bbox / search.region; raise cube.max_pixels only "
+        "for a region that big on purpose")
 
 
 def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], resolution: float) -> GeoBox:
@@ -69,11 +91,14 @@ def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], 
     footprints = [gb.extent for p in parsed for gb in p.geoboxes()[:1]]
     footprint = unary_union([f.to_crs(crs) for f in footprints])
     assert footprint is not None  # None only for no footprint at all
-    zone_region = Geometry(region.to_crs(str(crs)), crs=crs)
-    inter = zone_region & footprint
-    if inter.is_empty or inter.area < resolution**2:
+    # the region near the footprint only (1 degree around it), in lon/lat, before it is
+    # projected: a region far wider than the zone (a continent, the whole world) has no
+    # meaning in the zone's UTM projection, and projected whole it overlapped nothing
+    near = region.near(footprint.to_crs("EPSG:4326").boundingbox)
+    inter = None if near.geometry.is_empty else footprint & Geometry(near.to_crs(str(crs)), crs=crs)
+    if inter is None or inter.is_empty or inter.area < resolution**2:
         raise NoItemsFound(
-            f"the region {list(np.round(region.bbox, 4))} does not overlap the footprint of the "
+            f"the region {[round(float(v), 4) for v in region.bbox]} does not overlap the footprint of the "
             f"found items in {crs} ({footprint.to_crs('EPSG:4326').boundingbox}): move "
             "search.bbox / search.region over the data")
     x0, y0, x1, y1 = inter.boundingbox
@@ -195,6 +220,7 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     use_s2c = cfg.cloud_mask == "s2cloudless"
     fine = list(cfg.bands) + ([scl] if use_scl and scl not in cfg.bands else [])
     geobox = cube_geobox(items, region, cfg.resolution)
+    check_grid_size(geobox, cfg.resolution, cfg.max_pixels, len(fine), len({str(acquired(i))[:10] for i in items}))
     # reads, masks and the composite work in read chunks (a multiple of the stored chunk);
     # the store keeps cfg.chunk (encoding below). Dates: at most one a item.
     rc = read_chunk(cfg, len(items), len(fine))

@@ -18,7 +18,7 @@ def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
     import rasterio.features
     from affine import Affine
 
-    geom = region.to_crs(str(geobox.crs))
+    geom = region.near(geobox.extent.to_crs("EPSG:4326").boundingbox).to_crs(str(geobox.crs))
     t = geobox.transform
 
     def block(block_info=None) -> np.ndarray:

@@ -9,6 +9,7 @@ found in ``ctx.record``; the runner (:mod:`.runner`) owns status, timing, files 
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +125,11 @@ def cube_stage(ctx: RunContext) -> None:
                 f"every found item has a bad asset and cube.on_bad_asset is 'skip', so none is left: "
                 f"e.g. item {b['item']}, asset '{b['asset']}' ({b['href']}): {str(b['error'])[:300]}. "
                 "Fix or download the assets again, or widen the search")
+    ctx.say(f"cube: planning the cube of {len(items)} item(s) at {cfg.cube.resolution:g} m")
+    t0 = time.perf_counter()
     cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
+    ctx.say("cube: planned " + ", ".join(f"{zone_name(e)} {c.sizes['y']:,} x {c.sizes['x']:,} px"
+                                          for e, c in cubes.items()) + f" in {time.perf_counter() - t0:.1f} s")
     multi = len(cubes) > 1
     zones, empty, written = {}, [], {}
     # while the run's own worker imports TensorFlow, a worker in this process computes the cube
