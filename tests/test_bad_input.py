@@ -337,6 +337,7 @@ def test_bad_input(case, prior_run, external_cluster, tmp_path, capsys):
     assert code == 2, err
     assert re.search(expect, err, re.S), err
     assert "Traceback" not in err and "unexpected error" not in err, err
+    assert "done in" not in err, err  # a failed run is not "done"
     assert len(err) < 3000, err
     if name.startswith(("scheduler-", "out-s3-")):  # refused before anything is written
         assert not out.exists(), sorted(p.name for p in out.iterdir())

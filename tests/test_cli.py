@@ -216,3 +216,37 @@ def test_the_agriland_process_does_not_import_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_agriland_cluster_keeps_dask_and_tensorflow_noise_off_the_terminal(tmp_path):
+    """`agriland cluster` whose dashboard port is taken: the dashboard moves to a free port
+    (named in its first line), without distributed's "Port ... is already in use" warning;
+    TensorFlow's C++ lines and the workers' last words at Ctrl-C go to the workers' log."""
+    import signal
+    import socket
+
+    import yaml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        doc = yaml.safe_load(DEMO_YAML.read_text())
+        doc["runtime"] = {"dashboard_address": f"127.0.0.1:{port}", "memory_limit": "4GiB"}
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(yaml.safe_dump(doc))
+        proc = subprocess.Popen([AGRILAND, "cluster", str(pipeline), "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env=os.environ | {"AGRILAND_CACHE": str(tmp_path / "cache")})
+        try:
+            first, ready = proc.stdout.readline(), proc.stdout.readline()
+            assert "workers ready" in ready, first + ready + proc.stderr.read()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "dashboard http://127.0.0.1:" in first and f":{port}/" not in first, first
+    assert err == "", err  # no UserWarning, no oneDNN / absl line, no traceback
+    logs = list((tmp_path / "cache" / "logs").glob("cluster-workers-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in first
+    assert "agriland cluster: stopped" in out

@@ -195,9 +195,11 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     t_run = time.perf_counter()
     closing: list[threading.Thread] = []  # the LocalCluster stops while the report is written
     figures: dict[str, list[str]] = {}  # the report's product maps, drawn by the publish stage
+    finished = False
     try:
         _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing,
                                                                                  figures, launch)
+        finished = True
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
         record["store"] = {"location": products.location, "commits": products.commits,
@@ -218,7 +220,10 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
             write_json(record, out / RECORD)
         for thread in closing:
             thread.join()
-        say(f"done in {record['timings_s']['total']:.0f} s: {out}")
+        if finished:
+            say(f"done in {record['timings_s']['total']:.0f} s: {out}")
+        else:  # the error itself follows on the terminal (the CLI), and in this log
+            _RUN_LOG.info("stopped after %.0f s: %s", record["timings_s"]["total"], record.get("error", "interrupted"))
         _close_log(handler)
     return record
 

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
+from agriland_scale.files import cache_dir
 
 if TYPE_CHECKING:
     from agriland_scale.pipeline.launch import ClusterLaunch
@@ -163,9 +165,13 @@ def local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
     Worker processes, threads, memory limit, dashboard and :func:`worker_env` from ``cfg``;
     ``kwargs`` go to ``LocalCluster`` too.
     """
-    return LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
-                        memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-                        processes=True, env=worker_env(cfg.threads_per_worker), **kwargs)
+    with warnings.catch_warnings():
+        # a dashboard port in use moves the dashboard to a free port, which the run's
+        # "Dask dashboard:" line names: distributed's three-line warning says nothing more
+        warnings.filterwarnings("ignore", message=r"(?s)Port \d+ is already in use", category=UserWarning)
+        return LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+                            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
+                            processes=True, env=worker_env(cfg.threads_per_worker), **kwargs)
 
 
 @contextlib.contextmanager
@@ -379,8 +385,14 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
     try:
         client = Client(cluster)
         client.register_plugin(FastExit())
+        # the workers' standard error (TensorFlow's C++ log lines, a worker's last words when
+        # the cluster stops) goes to a log file, as a run's own workers' does
+        logs = cache_dir() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        worker_log = logs / f"cluster-workers-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        client.register_plugin(StderrToFile(str(worker_log)))
         report(f"agriland cluster: {cfg.n_workers} worker(s) x {cfg.threads_per_worker} threads at "
-               f"{cluster.scheduler_address}, dashboard {client.dashboard_link}")
+               f"{cluster.scheduler_address}, dashboard {client.dashboard_link}; workers' log {worker_log}")
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
         seconds = client.gather([client.submit(_preload, workers=[w], pure=False, key=f"agriland-preload-{i}")
                                  for i, w in enumerate(workers)])
