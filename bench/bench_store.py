@@ -14,8 +14,16 @@
 - **Engine metadata after ``--force`` twice**: a local run redone twice with ``--force
   segmentation``; the bytes of the store's snapshots, manifests, transactions and refs
   against its chunks, and the number of versions.
+- **The cost of the chunk checksums** (issue 31, item 5): the demo's real cube (packed int16
+  reflectance and clear counts, Blosc LZ4, written block by block as the cube stage writes it)
+  and embeddings at region scale (float32, 16384 patches x 100, Zarr's default Zstd), written
+  into new local stores with :class:`~agriland_scale.pipeline.resume.Products` with the CRC32C
+  checksum of every chunk (as the pipeline writes) and without it, alternately, in the same
+  run: the bytes of the stores (all, and their chunk objects), the write times and the time to
+  read every value back (medians over the rounds). ``--checksum-only`` measures only this.
 
-Run: ``nice -n 5 python bench/bench_store.py [--rounds 2] [--json bench/results/store.json]``
+Run: ``nice -n 5 python bench/bench_store.py [--rounds 2] [--json bench/results/store.json]
+[--checksum-only]``
 """
 
 from __future__ import annotations
@@ -104,6 +112,70 @@ def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
             "commit_seconds_every_block": times["every_block"][2]}
 
 
+def _checksum_cost(work: Path, rounds: int) -> dict:
+    """Store bytes, write and read seconds of the same products with and without chunk checksums."""
+    import contextlib
+
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    import agriland_scale.pipeline.resume as resume
+    from agriland_scale import load_config
+    from agriland_scale.config.schema import RuntimeConfig
+    from agriland_scale.cube.load import load_cube
+    from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.search.stac import local_stac_api, search_items
+    from agriland_scale.store import open_product
+
+    cfg = load_config(REPO / "agriland_scale" / "data" / "demo.yaml")
+    with local_stac_api(cfg.search.catalog) as url:
+        items = search_items(cfg.search, url)
+    src = work / "checksum-src.zarr"  # the cube computed once: what is timed is the store's write
+    load_cube(items, cfg.cube, cfg.search.bbox, encoded=True).to_zarr(src, zarr_format=3, consolidated=False)
+    cube = xr.open_zarr(src, consolidated=False, decode_cf=False, decode_coords="all")
+    for v in cube.variables.values():  # as the cube stage gives it: the cube's chunks, Blosc LZ4
+        v.encoding = {k: v.encoding[k] for k in ("chunks", "compressors", "fill_value") if k in v.encoding}
+    vectors = np.random.default_rng(0).standard_normal((16384, 100), dtype="float32")
+    emb = xr.Dataset({"embedding": (("patch", "feature"), da.from_array(vectors, chunks=(1024, 100)))},
+                     coords={"patch": np.arange(len(vectors))})
+
+    @contextlib.contextmanager
+    def checksums(on: bool):
+        keep = resume.with_checksums
+        if not on:
+            resume.with_checksums = lambda ds: ds  # what the products were before issue 31
+        try:
+            yield
+        finally:
+            resume.with_checksums = keep
+
+    runs: dict[str, list[dict]] = {"with": [], "without": []}
+    with dask_client(RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB",
+                                   dashboard_address=":0")) as client:
+        for r in range(rounds):
+            for kind in ("with", "without") if r % 2 == 0 else ("without", "with"):
+                out = work / f"checksum-{kind}-{r}"
+                products = resume.Products(out)
+                row: dict = {}
+                with checksums(kind == "with"):
+                    for group, ds in (("cube", cube.chunk({"y": cube.chunks["y"][0], "x": -1, "band": -1})),
+                                      ("embeddings", emb)):
+                        t0 = time.perf_counter()
+                        products.write_blocks(ds, group, "y" if group == "cube" else "patch", client)
+                        row[f"{group}_write_s"] = time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        for v in open_product(products.reader(), group).data_vars.values():
+                            np.asarray(v.values)
+                        row[f"{group}_read_s"] = time.perf_counter() - t0
+                store = out / "agriland.icechunk"
+                row |= {"bytes": _du(store), "chunk_bytes": _du(store / "chunks"),
+                        "chunk_objects": sum(1 for p in (store / "chunks").rglob("*") if p.is_file())}
+                runs[kind].append(row)
+    med = {kind: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for kind, rows in runs.items()}
+    return {"rounds": rounds, "cube_shape": dict(cube.sizes), "runs": runs, "median": med}
+
+
 def _metadata_after_forces(cfg, out: Path) -> dict:
     from agriland_scale.pipeline.runner import run
     from agriland_scale.store import history
@@ -118,19 +190,42 @@ def _metadata_after_forces(cfg, out: Path) -> dict:
             "versions": len(history(out)), "commits": len(history(out, every_commit=True))}
 
 
+def _print_checksum_cost(c: dict) -> None:
+    w, wo = c["median"]["with"], c["median"]["without"]
+    shape = " x ".join(f"{k} {v}" for k, v in c["cube_shape"].items())
+    print(f"chunk checksums (CRC32C), medians of {c['rounds']} rounds; cube ({shape}) + embeddings (16384 x 100):")
+    print(f"  store size : {w['bytes'] / 2**20:.3f} MiB with, {wo['bytes'] / 2**20:.3f} MiB without "
+          f"(+{w['bytes'] - wo['bytes']:,} bytes, +{(w['bytes'] / wo['bytes'] - 1) * 100:.3f} %); chunk objects "
+          f"{w['chunk_objects']:.0f}: {w['chunk_bytes']:,.0f} against {wo['chunk_bytes']:,.0f} bytes")
+    for g in ("cube", "embeddings"):
+        print(f"  {g:10} : write {w[g + '_write_s']:.2f} s with, {wo[g + '_write_s']:.2f} s without; "
+              f"read back {w[g + '_read_s']:.3f} s with, {wo[g + '_read_s']:.3f} s without")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--checksum-only", action="store_true", help="measure only the cost of the chunk checksums")
     args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    rounds = max(args.rounds, 3)
+    checksum = _checksum_cost(work, rounds)
+    _print_checksum_cost(checksum)
+    if args.checksum_only:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                                             "checksum_cost": checksum}, indent=1, default=str))
+        return
 
     from local_s3 import LocalS3
 
     from agriland_scale import load_config
 
     base = load_config(REPO / "agriland_scale" / "data" / "demo.yaml").with_overrides(**FAST)
-    work = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cpus": os.cpu_count()}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cpus": os.cpu_count(),
+                     "checksum_cost": checksum}
     with LocalS3(work / "s3") as s3:
         os.environ.update(s3.env)  # this process and the LocalCluster's workers
         t0 = time.perf_counter()
@@ -164,6 +259,7 @@ def main() -> None:
               f"committing every row ({c[k]['commits_every_block']} commits took "
               f"{c[k]['commit_seconds_every_block']:.2f} s); wall time of {c[k]['blocks']} rows: "
               f"{c[k]['once_s']:.2f} s committing once, {c[k]['every_block_s']:.2f} s a commit a row")
+    _print_checksum_cost(checksum)
     print(f"engine metadata after --force segmentation twice: {m['metadata_bytes'] / 2**10:.0f} KiB "
           f"({m['metadata_fraction']:.1%} of the store; chunks {m['chunk_bytes'] / 2**20:.1f} MiB), "
           f"{m['versions']} versions, {m['commits']} commits")

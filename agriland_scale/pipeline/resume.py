@@ -43,7 +43,7 @@ import xarray as xr
 import zarr
 
 from agriland_scale.errors import BlockFailed, RunLocked
-from agriland_scale.store import has_group, open_repo, store_location
+from agriland_scale.store import has_group, main_version, open_repo, store_location, with_checksums
 
 __all__ = ["WIP", "Products"]
 
@@ -132,12 +132,20 @@ class Products:
         Credentials and endpoint for object storage (:func:`agriland_scale.store.repo_storage`).
     commit_every_s : float
         Seconds between commits of finished blocks: what a kill can lose at most.
+
+    Raises
+    ------
+    CorruptInput
+        The store is there but damaged (its branch ``main``'s ref or snapshot cannot be read):
+        the message names the versions that still open and how to recover. Raised before
+        anything is read or written, so that no stage is taken as missing or failed.
     """
 
     def __init__(self, out: str | Path, storage_options: dict[str, Any] | None = None, *,
                  commit_every_s: float = 5.0):
         self.location = store_location(out)
         self.repo = open_repo(self.location, create=True, storage_options=storage_options)
+        main_version(self.repo, self.location, storage_options)
         self.commit_every_s = commit_every_s
         self._reader: tuple[str, Any] | None = None
         self._base: str | None = None  # main's tip when the product being written was started
@@ -258,8 +266,11 @@ class Products:
         self._publish(group, "removed")
 
     def write(self, ds: xr.Dataset, group: str) -> None:
-        """Write a small product at once (computed in this process), then publish it."""
-        ds = ds.load()
+        """Write a small product at once (computed in this process), then publish it.
+
+        Every array is stored with a CRC32C checksum (:func:`~agriland_scale.store.with_checksums`).
+        """
+        ds = with_checksums(ds.load())
         session = self._fresh_session()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
@@ -278,6 +289,7 @@ class Products:
         failing block raises :class:`BlockFailed` naming the group and the block's index range;
         the blocks finished before it are committed first. ``workers``: the addresses of the
         workers that compute and write the blocks (all of their tasks); any worker by default.
+        Every array is stored with a CRC32C checksum (:func:`~agriland_scale.store.with_checksums`).
 
         Returns
         -------
@@ -287,6 +299,7 @@ class Products:
         from distributed import as_completed
 
         label = label or group
+        ds = with_checksums(ds)
         chunks = ds.chunks.get(dim)
         if chunks is None:
             raise ValueError(f"{group}: nothing in the dataset is chunked along '{dim}'")

@@ -79,6 +79,24 @@ def _human(n: int | None) -> str:
     return f"{size:.1f} GiB"  # pragma: no cover
 
 
+def _store_damage(out: Path, record: RunRecord) -> str | None:
+    """Return why the run's product store cannot be read when it is damaged, else None.
+
+    Checks only that the store opens at its latest version (the engine reads its ref and that
+    snapshot); a store that is not there yet, or out of reach, is not damage.
+    """
+    from agriland_scale.errors import CorruptInput
+    from agriland_scale.repo import check_store
+
+    try:
+        check_store(_location(out, record))
+    except CorruptInput as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - storage out of reach: the summary is of the folder
+        return None
+    return None
+
+
 def _stage_rows(record: RunRecord) -> list[dict[str, Any]]:
     """One row a stage, in pipeline order: status (done/failed/running/not run) and seconds."""
     stages = record.get("stages") or {}
@@ -146,7 +164,9 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
         multi-zone run), ``zones`` ({name: prefix, crs, shape, bounds}), ``items`` (id, datetime,
         cloud cover in %), ``products`` (name, path, ``exists``, ``bytes`` on disk),
         ``stages`` (stage, status, seconds), ``total_s``, ``models`` (file, bytes, and the
-        sidecar's ``model`` name), ``patches``, ``validation_metrics``, ``dashboard``.
+        sidecar's ``model`` name), ``patches``, ``validation_metrics``, ``dashboard``,
+        ``store_damage`` (why the product store cannot be read, and how to recover; None when
+        it opens or is not there).
 
     Raises
     ------
@@ -201,6 +221,7 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
         "patches": record.get("patches"),
         "validation_metrics": (record.get("unet") or {}).get("validation_metrics"),
         "dashboard": record.get("dashboard"),
+        "store_damage": _store_damage(out, record),
     }
 
 
@@ -212,6 +233,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  started {summary['started']}, finished {summary.get('finished') or '-'}")
     if summary.get("error"):
         lines.append(f"  ERROR: {summary['error']}")
+    if summary.get("store_damage"):
+        lines.append(f"  DAMAGED: {summary['store_damage']}")
     lines.append(f"region: bbox {r.get('bbox')} (lon/lat)")
     if r.get("shape"):
         shape = ", ".join(f"{k} {v}" for k, v in r["shape"].items())
@@ -240,7 +263,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{holder.get('host', '?')}, since {holder.get('started', '?')})")
     for st in summary.get("stale") or []:
         lines.append(f"  stale: {st['stage']} {st['why']}")
-    if summary.get("stale"):
+    if summary.get("stale") and not summary.get("store_damage"):  # a rerun would fail the same way
         lines.append("  rerun the same command to bring every product up to date")
     lines.append("products:")
     for p in summary["products"]:
