@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from agriland_scale.errors import OutputError
 
 __all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "cache_dir", "delete_object", "delete_prefix", "download", "is_object_url",
-           "check_object_url", "join_url", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
+           "check_object_url", "join_url", "run_storage_options", "use_storage_options", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
            "s3_settings", "upload_file", "write_json", "write_text"]
 
 TMP_SUFFIX = ".tmp"
@@ -109,6 +109,39 @@ def check_object_url(location: str) -> str:
     return text
 
 
+# output.storage_options of the run this process (or worker) serves, by store kind ("s3",
+# "gcs", "azure"): used wherever a URL of that kind is opened with no options of its own
+_RUN_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def use_storage_options(location: str | Path, storage_options: dict[str, Any] | None) -> None:
+    """Make ``storage_options`` this process's credentials for URLs of ``location``'s kind.
+
+    A run on object storage calls it with its ``output.storage_options`` (and so do its
+    workers, through :class:`~agriland_scale.pipeline.runtime.StorageOptions`): every part of
+    the run that opens a URL of the same kind (``s3://``, ``gs://``, ``az://``) without options
+    of its own, the publish stage, a model given as a URL, a worker's block writes, uses them,
+    not the environment or the cloud metadata address. Empty options forget them.
+    """
+    m = _URL.match(str(location))
+    kind = OBJECT_SCHEMES.get(m.group(1).lower()) if m else None
+    if kind is None:
+        return
+    if storage_options:
+        _RUN_OPTIONS[kind] = dict(storage_options)
+    else:
+        _RUN_OPTIONS.pop(kind, None)
+
+
+def run_storage_options(location: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Return ``storage_options`` if given, else the run's for ``location``'s kind (:func:`use_storage_options`)."""
+    if storage_options:
+        return storage_options
+    m = _URL.match(str(location))
+    kind = OBJECT_SCHEMES.get(m.group(1).lower()) if m else None
+    return _RUN_OPTIONS.get(kind or "", storage_options)
+
+
 def s3_settings(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the S3 settings of a run: ``storage_options`` first, then the usual variables.
 
@@ -155,6 +188,7 @@ def object_store(location: str | Path, storage_options: dict[str, Any] | None = 
         raise OutputError(f"{text}: '{m.group(1)}://' is not a supported location; use a local folder, "
                           "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
     check_object_url(text)
+    storage_options = run_storage_options(text, storage_options)
     client = {"timeout": "60s", "connect_timeout": "5s"}
     if kind == "s3":
         s = s3_settings(storage_options)
@@ -195,6 +229,7 @@ def probe_location(location: str, storage_options: dict[str, Any] | None = None,
         Naming ``location`` and what to do: the endpoint cannot be reached, the bucket does
         not exist, the credentials are refused, or they may read but not write.
     """
+    storage_options = run_storage_options(location, storage_options)
     import uuid
 
     import obstore

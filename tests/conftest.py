@@ -159,13 +159,15 @@ def s3_env(s3_server, monkeypatch):
 def s3_cluster(s3_server, tmp_path_factory):
     """A `dask scheduler` and two `dask worker` processes that share no folder with the client:
     each worker runs in its own empty working directory, with its own cache
-    (``AGRILAND_CACHE``) and Dask scratch space, and S3 credentials in its environment.
+    (``AGRILAND_CACHE``) and Dask scratch space, and no S3 credentials in its environment
+    (a run gives them its pipeline's, :class:`~agriland_scale.pipeline.runtime.StorageOptions`).
     Yields ``(address, [worker working dirs], [worker caches])``."""
     # TensorFlow with the demo run's 2 intra-op threads (runtime.threads_per_worker): oneDNN's
     # results for a batch of one patch differ in the last bits between 1 and 2 threads, and
     # test_s3_run compares the two runs bit for bit
-    base = os.environ | s3_server.env | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2",
-                                         "DASK_LOGGING__DISTRIBUTED": "error"}
+    # no S3 variable: the run gives its workers the pipeline's output.storage_options
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2", "DASK_LOGGING__DISTRIBUTED": "error"}
     root = tmp_path_factory.mktemp("s3-cluster")
     dirs, caches, specs = [], [], []
     for i in range(2):

@@ -105,3 +105,23 @@ def test_unexpected_errors_are_one_paragraph_unless_debug(tmp_path, monkeypatch,
     for argv in (["--debug", "inspect", str(tmp_path)], ["inspect", str(tmp_path), "--debug"]):
         assert cli.main(argv) == 1
         assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_storage_options_survive_overrides(tmp_path):
+    """``output.storage_options`` (left out of run.json) stays in the config through ``--set``,
+    which may also add a key to it."""
+    import json
+
+    import yaml
+
+    doc = yaml.safe_load(DEMO_YAML.read_text())
+    opts = {"endpoint_url": "http://127.0.0.1:1", "access_key_id": "k", "secret_access_key": "s"}
+    doc["output"] = {"storage_options": opts}
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    plain = load_config(p)
+    changed = load_config(p, **{"seed": 7, "output.storage_options.region": "eu-west-1"})
+    assert plain.output.storage_options == opts
+    assert changed.seed == 7 and changed.output.storage_options == opts | {"region": "eu-west-1"}
+    assert plain.with_overrides(seed=3).output.storage_options == opts
+    assert "secret" not in plain.model_dump_json() and "secret" not in json.dumps(changed.model_dump(mode="json"))

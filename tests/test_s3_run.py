@@ -1,6 +1,7 @@
 """The demo pipeline with ``--out s3://...`` on a real S3 server (SeaweedFS on 127.0.0.1) and an
 external Dask cluster whose workers share no folder with the client, with real faults:
 
+- the S3 credentials are in the pipeline file only (``output.storage_options``), with ``--set``;
 - the models are given as ``s3://`` URLs (the session run's trained encoder and U-Net, put on
   the server first): workers fetch them into their own caches;
 - a second ``agriland run`` on the same ``--out`` is refused while the first runs;
@@ -58,15 +59,20 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
     for name in ("encoder.keras", "encoder.keras.json", "unet.keras", "unet.keras.json"):
         upload_file(local_out / "models" / name, join_url(given, name))
     s3cfg = cfg.with_overrides(**{"embed.model": join_url(given, "encoder.keras"),
-                                  "segment.model": join_url(given, "unet.keras"),
-                                  "runtime.commit_every_s": 0})
+                                  "segment.model": join_url(given, "unet.keras")})
+    # the credentials are in the pipeline file only: neither the agriland process nor the
+    # workers have an AWS_* variable (anything that ignored output.storage_options would ask
+    # AWS or the cloud metadata address, and fail); --set once dropped them
+    doc = s3cfg.model_dump(mode="json") | {"output": {"storage_options": {
+        "endpoint_url": s3_env.env["AWS_ENDPOINT_URL"], "access_key_id": s3_env.env["AWS_ACCESS_KEY_ID"],
+        "secret_access_key": s3_env.env["AWS_SECRET_ACCESS_KEY"], "region": s3_env.env["AWS_REGION"]}}}
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump(s3cfg.model_dump(mode="json")))
+    pipeline.write_text(yaml.safe_dump(doc))
     client_dir, client_cache = tmp_path / "client", tmp_path / "client-cache"
     client_dir.mkdir()
-    env = os.environ | s3_env.env | {"AGRILAND_CACHE": str(client_cache)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"AGRILAND_CACHE": str(client_cache)}
     cmd = [str(Path(sys.executable).parent / "agriland"), "run", str(pipeline), "--out", url,
-           "--scheduler", addr, "--quiet"]
+           "--scheduler", addr, "--quiet", "--set", "runtime.commit_every_s=0"]
     first = subprocess.Popen(cmd, cwd=client_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     # 1. a second run on the same --out is refused at once, naming the first; the first goes on
@@ -113,7 +119,9 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
         assert objects.get(rel, 0) > 0, rel
     assert xr.open_zarr(reader(url), group="cube", consolidated=False).rio.crs.to_epsg() == 32618
     # 6. the other commands take the URL: inspect (read only), report (locks, writes, puts back)
+    assert "secret_access_key" not in json.dumps(rec)  # never in run.json
     agriland = cmd[0]
+    env = env | s3_env.env  # commands without a pipeline file take the environment's credentials
     ins = subprocess.run([agriland, "inspect", url, "--json"], cwd=client_dir, env=env, capture_output=True,
                          text=True, timeout=120)
     assert ins.returncode == 0, ins.stderr

@@ -410,8 +410,14 @@ class RunConfig(_Model):
         return apply_overrides(self, changes)
 
 
+# sections whose keys are not fixed by the schema: an override may add one
+_FREE_FORM = {"output.storage_options"}
+
+
 def apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None = None) -> RunConfig:
     data = cfg.model_dump()
+    # the credentials are left out of every dump (run.json never holds them), not out of the config
+    data.setdefault("output", {})["storage_options"] = dict(cfg.output.storage_options)
     for dotted, value in changes.items():
         key = cut(str(dotted))
         parts = str(dotted).split(".")
@@ -422,7 +428,7 @@ def apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None 
                 raise ConfigError(
                     f"override '{key}': '{cut(where)}' is a value ({short(node)}), not a section with "
                     f"keys: set it whole, e.g. '{cut(where)}=VALUE' ({REFERENCE})")
-            if part not in node:
+            if part not in node and not (where in _FREE_FORM and i == len(parts) - 1):
                 level = f"in section '{cut(where)}'" if where else "at the top level"
                 raise ConfigError(
                     f"override '{key}': no such key '{cut(part, 40)}' {level}"

@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from agriland_scale.config.schema import RunConfig
-from agriland_scale.files import delete_prefix, is_object_url, join_url, probe_location, write_json
+from agriland_scale.files import (
+    delete_prefix,
+    is_object_url,
+    join_url,
+    probe_location,
+    use_storage_options,
+    write_json,
+)
 from agriland_scale.layout import (
     GROUPS,
     ITEMS,
@@ -63,7 +70,7 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.resume import Products
-from agriland_scale.pipeline.runtime import dask_client, gpu_resources, inference_precision
+from agriland_scale.pipeline.runtime import StorageOptions, dask_client, gpu_resources, inference_precision
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
 from agriland_scale.publish.report import write_report
 
@@ -141,10 +148,16 @@ def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
         yield folder, str(folder), None
         return
     location = str(out).rstrip("/")
-    probe_location(location, cfg.output.storage_options)
-    with checked_out(location, command, cfg.output.storage_options, notice=say) as (local, mirror):
-        say(f"run on object storage: {location} (working copy {local})")
-        yield local, location, mirror
+    # the pipeline's credentials for every URL of this kind the run opens, here and on its
+    # workers (_Runner.run), before the environment's
+    use_storage_options(location, cfg.output.storage_options)
+    try:
+        probe_location(location, cfg.output.storage_options)
+        with checked_out(location, command, cfg.output.storage_options, notice=say) as (local, mirror):
+            say(f"run on object storage: {location} (working copy {local})")
+            yield local, location, mirror
+    finally:
+        use_storage_options(location, None)
 
 
 def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
@@ -344,6 +357,8 @@ class _Runner:
             launch = None  # an existing cluster: the launched one is closed by its owner
         with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing,
                          launch=launch) as client:
+            if self.mirror is not None and self.cfg.output.storage_options:
+                client.register_plugin(StorageOptions(self.location, self.cfg.output.storage_options))
             rec["dashboard"] = client.dashboard_link
             rec["scheduler"] = client.scheduler.address
             self.say(f"Dask dashboard: {client.dashboard_link}")
@@ -383,6 +398,9 @@ class _Runner:
                 if perf.exists():
                     rec["performance_report"] = str(perf.relative_to(self.out))
                 client.cancel([future for future, _, _ in ctx.warming])
+                if self.mirror is not None and self.cfg.output.storage_options:  # an existing cluster keeps
+                    with contextlib.suppress(Exception):  # no credentials of a finished run
+                        client.unregister_worker_plugin(StorageOptions.name)
         if wanted[-1] == "publish":  # a finished run: its products' version gets a name
             self.products.tag_run(rec.get("attempts", 1))
 

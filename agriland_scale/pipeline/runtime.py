@@ -22,12 +22,12 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
-from agriland_scale.files import cache_dir
+from agriland_scale.files import cache_dir, use_storage_options
 
 if TYPE_CHECKING:
     from agriland_scale.pipeline.launch import ClusterLaunch
 
-__all__ = ["MAIN_WORKER", "FastExit", "StderrToFile", "dask_client", "given_models", "gpu_resources",
+__all__ = ["MAIN_WORKER", "FastExit", "StderrToFile", "StorageOptions", "dask_client", "given_models", "gpu_resources",
            "inference_precision", "local_cluster", "main_process_worker", "serve_cluster", "worker_env"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,31 @@ class StderrToFile(_OtherProcesses):
                 os.dup2(fd, 2)
         finally:
             os.close(fd)
+
+
+class StorageOptions(_OtherProcesses):
+    """Give a worker the run's ``output.storage_options`` (:func:`~agriland_scale.files.use_storage_options`).
+
+    So that a worker that writes a block of the product store or fetches a model given as a
+    URL uses the credentials of the pipeline file, as the ``agriland`` process does, not its
+    environment or the cloud metadata address. Forgotten when the plugin is removed (the run
+    unregisters it when it ends: an existing cluster does not keep them).
+    """
+
+    name = "agriland-storage-options"
+
+    def __init__(self, location: str, storage_options: dict):
+        super().__init__()
+        self.location, self.storage_options = location, dict(storage_options)
+
+    def setup_process(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
+        """Make the options this worker process's for URLs of the run's kind."""
+        use_storage_options(self.location, self.storage_options)
+
+    def teardown(self, worker) -> None:  # noqa: ARG002 - WorkerPlugin signature
+        """Forget them (not in the process that registered the plugin: the run's own)."""
+        if os.getpid() != self.registered_by:
+            use_storage_options(self.location, None)
 
 
 class FastExit(_OtherProcesses):
