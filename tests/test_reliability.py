@@ -164,6 +164,47 @@ def test_models_are_checked_for_their_task(demo_run, tmp_path):
         check_model(str(tmp_path / "missing.keras"), "segmentation", s.bands, s.reflectance_max, s.window)
 
 
+def test_a_model_with_a_borrowed_sidecar_is_refused(demo_run, tmp_path):
+    """The encoder copied beside the U-Net's sidecar (and the other way round): the sidecar says
+    the right task, bands and size, but the file's own model does not fit (ran with exit 0 and
+    a probability of ~0.01 everywhere). Refused before the run, from the file's config."""
+    cfg, out, _ = demo_run
+    models = out / "models"
+    e, s = cfg.embed, cfg.segment
+    shutil.copy(models / "encoder.keras", tmp_path / "fake_unet.keras")
+    shutil.copy(models / "unet.keras.json", tmp_path / "fake_unet.keras.json")
+    with pytest.raises(ModelMismatch, match=r"segment\.model = .*fake_unet\.keras is not the model its sidecar "
+                                            r"describes \(its output is a Dense layer 'embedding'"):
+        check_model(str(tmp_path / "fake_unet.keras"), "segmentation", s.bands, s.reflectance_max, s.window,
+                    key="segment.model")
+    shutil.copy(models / "unet.keras", tmp_path / "fake_encoder.keras")
+    shutil.copy(models / "encoder.keras.json", tmp_path / "fake_encoder.keras.json")
+    with pytest.raises(ModelMismatch, match=r"not the model its sidecar describes \(its output is a Conv2D"):
+        check_model(str(tmp_path / "fake_encoder.keras"), "embedding", e.bands, e.reflectance_max,
+                    cfg.patches.size)
+
+
+def test_segmentation_refuses_a_model_whose_outputs_are_not_probabilities():
+    """What the loaded model computes is checked too: a 1-channel model without a sigmoid (its
+    outputs beyond [0, 1]) stops the segmentation of a block with ModelMismatch."""
+    import keras
+    import numpy as np
+
+    from agriland_scale.models.segment import predict_block
+
+    inp = keras.Input((64, 64, 3))
+    linear = keras.Model(inp, keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="ones")(inp))
+    refl = np.full((3, 128, 128), 0.5, dtype="float32")
+    clear = np.ones((128, 128), dtype="uint8")
+    with pytest.raises(ModelMismatch, match=r"outputs of shape \(\d+, 64, 64, 1\) in \[[\d.]+, 2\.5\].*not a U-Net"):
+        predict_block(linear, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0,
+                      batch_size=4)
+    sigmoid = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
+    prob = predict_block(sigmoid, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0,
+                         batch_size=4)
+    assert prob.shape == (64, 64) and np.all((prob >= 0) & (prob <= 1))
+
+
 def test_unet_stage_refuses_labels_without_a_positive_pixel(demo_run, external_cluster, tmp_path):
     """Labels whose classes are all 'other' stop the U-Net stage before training (was IoU 0, exit 0)."""
     cfg, out, _ = demo_run

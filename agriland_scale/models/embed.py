@@ -14,7 +14,7 @@ import xarray as xr
 
 from agriland_scale.errors import BandMismatch, ModelMismatch
 from agriland_scale.models import worker as _worker
-from agriland_scale.models.files import check_keras_file, read_sidecar
+from agriland_scale.models.files import check_keras_file, model_signature, read_sidecar
 from agriland_scale.patches import iter_batches, read_patches
 from agriland_scale.store import open_cube
 
@@ -70,11 +70,41 @@ def check_model(model_path: str, task: str, bands: list[str], reflectance_max: f
     if rmax is None or abs(rmax - reflectance_max) > 1e-9:
         raise BandMismatch(f"{where} expects reflectance_max {rmax}, the run uses "
                            f"{reflectance_max}: set it to {rmax} or retrain")
+    _check_signature(model_path, where, task, meta, len(bands))
     if meta.get("patch_size") != size:
         what = "patches.size" if task == "embedding" else "segment.window"
         raise ModelMismatch(f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
                             f"{size}: set {what} to {meta.get('patch_size')}")
     return meta
+
+
+def _check_signature(model_path: str, where: str, task: str, meta: dict, n_bands: int) -> None:
+    """Refuse a model whose own input and output (its ``config.json``) are not what ``task`` needs.
+
+    The sidecar says what a model is; this checks that the ``.keras`` file beside it is that
+    model (an encoder copied under a U-Net's name and sidecar gave a probability of ~0.01
+    everywhere): a U-Net takes ``n_bands`` bands and gives one sigmoid channel, an encoder
+    ends in a Dense layer of the sidecar's ``embedding_dim`` units.
+    """
+    sig = model_signature(model_path)
+    shape, out = sig.get("input"), sig.get("output") or {}
+    problems = []
+    if isinstance(shape, list) and len(shape) == 4 and shape[-1] not in (None, n_bands):
+        problems.append(f"it takes {shape[-1]} band(s), the run gives {n_bands}")
+    if task == "segmentation" and out and (out.get("class") != "Conv2D" or out.get("channels") != 1
+                                           or out.get("activation") != "sigmoid"):
+        problems.append(f"its output is a {out.get('class')} layer '{out.get('name')}' of "
+                        f"{out.get('channels')} channel(s), activation {out.get('activation')!r}, not one "
+                        "sigmoid probability a pixel (a Conv2D of 1 filter)")
+    if task == "embedding" and out and (out.get("class") != "Dense" or (
+            meta.get("embedding_dim") and out.get("channels") != meta.get("embedding_dim"))):
+        problems.append(f"its output is a {out.get('class')} layer '{out.get('name')}' of "
+                        f"{out.get('channels')} channel(s), not one vector of {meta.get('embedding_dim')} "
+                        "values a patch (a Dense layer)")
+    if problems:
+        raise ModelMismatch(f"{where} is not the model its sidecar describes ({'; '.join(problems)}): the "
+                            f".keras file and its sidecar {model_path}.json come from different models. Give the "
+                            f".keras file saved with that sidecar, or retrain; this stage needs {_TASKS[task]}")
 
 
 def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,

@@ -15,7 +15,7 @@ from typing import Any
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import is_object_url, local_copy, write_json
 
-__all__ = ["check_keras_file", "read_sidecar", "sidecar_path", "write_sidecar"]
+__all__ = ["check_keras_file", "model_signature", "read_sidecar", "sidecar_path", "write_sidecar"]
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -84,3 +84,46 @@ def check_keras_file(model_path: str | Path, where: str | None = None) -> None:
         what = f"its member {bad} is damaged" if bad else "it holds no config.json"
         raise CorruptInput(f"{where} is not a complete Keras model file ({what}): copy it again "
                            "or retrain")
+
+
+def model_signature(model_path: str | Path) -> dict[str, Any]:
+    """Read what a ``.keras`` file's model takes and gives from its ``config.json``, without TensorFlow.
+
+    Returns
+    -------
+    dict
+        ``input``: the input's batch shape (``[None, size, size, bands]``, ``None`` where
+        unknown); ``output``: the output layer's ``class`` (``Conv2D``, ``Dense``...),
+        ``name``, ``channels`` (filters or units) and ``activation``. Empty when the
+        archive's config is not a functional model's (nothing to check).
+    """
+    p = local_copy(model_path)
+    try:
+        with zipfile.ZipFile(p) as z:
+            config = json.loads(z.read("config.json"))
+    except (KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    inner = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(inner, dict) or not isinstance(inner.get("layers"), list):
+        return {}
+
+    def first_name(entry: Any) -> str | None:  # ["name", 0, 0] or [["name", 0, 0], ...]
+        while isinstance(entry, list) and entry:
+            if isinstance(entry[0], str):
+                return entry[0]
+            entry = entry[0]
+        return None
+
+    layers = {lay.get("name"): lay for lay in inner["layers"] if isinstance(lay, dict)}
+    found: dict[str, Any] = {}
+    inp = layers.get(first_name(inner.get("input_layers")))
+    if inp is not None:
+        found["input"] = (inp.get("config") or {}).get("batch_shape")
+    out = layers.get(first_name(inner.get("output_layers")))
+    if out is not None:
+        c = out.get("config") or {}
+        act = c.get("activation")
+        found["output"] = {"class": out.get("class_name"), "name": out.get("name"),
+                           "channels": c.get("filters", c.get("units")),
+                           "activation": act if isinstance(act, str) else None}
+    return found

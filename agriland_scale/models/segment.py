@@ -141,10 +141,25 @@ def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, 
         # the same computation as predict(batch, batch_size=len(batch)) without building a
         # tf.data pipeline per call, traced once for any batch size
         with lock or contextlib.nullcontext():
-            pred = _worker.predict(model, batch)
-        for (r, c), p in zip(chunk, np.asarray(pred)[..., 0]):
+            pred = np.asarray(_worker.predict(model, batch))
+        _check_probabilities(pred, batch.shape)
+        for (r, c), p in zip(chunk, pred[..., 0]):
             acc[r:r + window, c:c + window] += p * weight
     return acc
+
+
+def _check_probabilities(pred: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse predictions that are not one probability in [0, 1] a pixel of the windows ``shape``.
+
+    The sidecar and the file's config are checked before a run (:func:`~.embed.check_model`);
+    this checks what the loaded model computes, on every batch (a min and a max).
+    """
+    if pred.shape != (*shape[:3], 1) or not (np.all(pred >= 0) and np.all(pred <= 1)):
+        lo, hi = (float(np.nanmin(pred)), float(np.nanmax(pred))) if pred.size else (np.nan, np.nan)
+        raise ModelMismatch(f"the segmentation model gave outputs of shape {tuple(pred.shape)} in [{lo:.3g}, "
+                            f"{hi:.3g}] for windows of shape {tuple(shape)}: a U-Net gives one probability in "
+                            "[0, 1] a pixel (n, h, w, 1). segment.model is not a U-Net of agriland-scale: give "
+                            "one (models/unet.keras of a run), or retrain")
 
 
 def _weight_sum(rs: np.ndarray, cs: np.ndarray, window: int, gy: int, gx: int, h: int, w: int) -> np.ndarray:
