@@ -16,6 +16,7 @@ __all__ = [
     "CorruptInput",
     "EmptyRegion",
     "LabelError",
+    "LeaseLost",
     "MissingDependency",
     "ModelMismatch",
     "NoItemsFound",
@@ -81,6 +82,13 @@ class OutputError(AgrilandError, OSError):
 
 class RunLocked(AgrilandError, BlockingIOError):
     """Another process (named in the message) is writing to the same output folder."""
+
+
+class LeaseLost(RunLocked):
+    """Another run took over an object-storage output after this run's lease was not refreshed.
+
+    The run stops at once; what it had put on the store before is kept.
+    """
 
 
 class ModelMismatch(AgrilandError, ValueError):

@@ -241,11 +241,14 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_pat
         with pytest.raises(RunLocked, match=r"is in use by 'agriland run' \(pid \d+ on host"):
             RemoteLock(url, "agriland report").acquire()
     assert "locked-run/.agriland.lock" not in str(obstore.list(object_store(s3_env.url(""))).collect())
-    # a lock left by a process of this host that has ended (killed): taken over, with a notice
+    # a lock left by a process of this machine and PID namespace that has ended (killed): taken
+    # over, with a notice (the host name alone proves nothing: see test_remote_lock.py)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store = object_store(url)
-    obstore.put(store, ".agriland.lock", json.dumps({"host": os.uname().nodename, "pid": dead.pid,
+    here = {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "pid_ns": os.readlink("/proc/self/ns/pid")}
+    obstore.put(store, ".agriland.lock", json.dumps({"host": os.uname().nodename, "pid": dead.pid, **here,
                                                      "command": "agriland run", "heartbeat": time.time()}).encode())
     notes: list[str] = []
     lock = RemoteLock(url, "agriland run", notice=notes.append).acquire()

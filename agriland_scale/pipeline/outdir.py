@@ -34,7 +34,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from agriland_scale.errors import OutputError, RunLocked
 from agriland_scale.files import TMP_SUFFIX
 from agriland_scale.layout import LOCK_NAME, LOGS_DIR, PARTIAL_DIR, RECORD, STORE
 
-__all__ = ["LOCK_NAME", "OUTPUT_PATTERNS", "OWNED_DIRS", "RunLock", "changed_since", "check_writable", "foreign_entries", "is_output", "locked", "remove_files", "snapshot"]
+__all__ = ["LOCK_NAME", "OUTPUT_PATTERNS", "OWNED_DIRS", "RunLock", "changed_since", "check_writable", "foreign_entries",
+           "foreign_keys", "is_output", "locked", "remove_files", "run_keys", "snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,56 @@ def foreign_entries(out: Path) -> list[str]:
     """Names in ``out`` that no earlier command of ours leaves in a folder without a run."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in _NEUTRAL)
+    return foreign_keys(p.name for p in out.iterdir())
+
+
+def foreign_keys(keys: Iterable[str]) -> list[str]:
+    """Paths that no earlier command of ours leaves in a location without a run.
+
+    :func:`foreign_entries` for a listing: ``keys`` are paths relative to OUT, with ``/``
+    (an object store's keys under an ``--out`` prefix). Returns them sorted.
+    """
+    return sorted(k for k in keys if k.split("/", 1)[0] not in _NEUTRAL)
+
+
+def run_keys(keys: Iterable[str], record: Mapping[str, Any] | None) -> list[str]:
+    """Pick from a listing the paths that are files of the run recorded in ``record``.
+
+    Decided from the names alone (nothing is read): ``run.json``, the logs, the folders
+    that are the run's as wholes (:data:`OWNED_DIRS`), and what the record lists as the
+    run's (``files``, and ``pending_removal``: files a ``--force`` is still to delete); for
+    a record of an older agriland-scale without ``files``, every path where a stage writes
+    (:func:`is_output`). A path of no run (a user's object beside the run) is never
+    picked, so it is never fetched nor deleted.
+
+    Parameters
+    ----------
+    keys : iterable of str
+        Paths relative to OUT, with ``/``.
+    record : mapping or None
+        The run's ``run.json``; ``None`` when there is none (or it is unreadable): only
+        ``run.json``, the logs and the owned folders are the run's.
+
+    Returns
+    -------
+    list of str
+        The run's paths, sorted.
+    """
+    files = record.get("files") if record is not None else None
+    recorded: set[str] = set()
+    if isinstance(files, dict):
+        recorded = {f for fs in files.values() if isinstance(fs, list) for f in fs if isinstance(f, str)}
+    pending = record.get("pending_removal") if record is not None else None
+    if isinstance(pending, list):
+        recorded |= {f for f in pending if isinstance(f, str)}
+    older = record is not None and not isinstance(files, dict)
+
+    def ours(key: str) -> bool:
+        top = key.split("/", 1)[0]
+        return (key == RECORD or top == LOGS_DIR or top in OWNED_DIRS or key in recorded
+                or (older and is_output(key)))
+
+    return sorted(k for k in keys if ours(k))
 
 
 def snapshot(out: Path) -> dict[str, tuple[int, int]]:
@@ -303,6 +353,8 @@ class RunLock:
                 self.path.unlink()
         except FileNotFoundError:
             pass
+        except OSError as e:  # a folder turned read-only: the file stays, unlocked (the next run takes it)
+            log.warning("could not remove the lock file %s: %s", self.path, e)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

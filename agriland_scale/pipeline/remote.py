@@ -3,15 +3,23 @@
 The products go straight to the run's Icechunk store at ``OUT/agriland.icechunk`` (see
 :mod:`.resume`). Every other file (``run.json``, ``items.json``, COGs, pictures, the report,
 STAC, logs, models) is built in a local working copy of the run, a cache folder of this
-machine (:func:`working_copy`), and put on the store one object each (one PUT, never half
-visible) by :class:`Mirror` after every stage. A run continued on another machine starts by
-fetching those files, so the object store is the only place a run lives.
+machine that belongs to one lock holder (:func:`working_copy`), and put on the store one
+object each (one PUT, never half visible) by :class:`Mirror` after every stage. A run
+continued on another machine starts by fetching the run's own files (:func:`.outdir.run_keys`:
+an object that is not the run's is never downloaded), so the object store is the only place
+a run lives.
 
 One writer: :class:`RemoteLock` holds ``OUT/.agriland.lock``, an object created with a
-conditional PUT (``If-None-Match``: a second ``agriland run`` is refused at once) and
-refreshed by a heartbeat; a lock whose heartbeat stopped for :data:`STALE_S` seconds (a
-killed process), or whose holder was a process of this host that no longer runs, is taken
-over, conditionally on the e-tag it had.
+conditional PUT (``If-None-Match``: a second ``agriland run`` is refused at once) that names
+its holder with a random token, and refreshed by a heartbeat every :data:`HEARTBEAT_S`
+seconds, conditionally on its e-tag. A lease not refreshed for :data:`STALE_S` seconds has
+expired and is taken over (a killed process, or one paused or cut off from the store), as is
+the lock of a process that provably ended: one of this very machine (same boot id) and PID
+namespace whose pid no longer runs (a host name proves nothing: containers and machines may
+share one). A holder whose heartbeat finds the lock taken over, or that cannot refresh it
+before it expires, stops at once with :class:`~agriland_scale.errors.LeaseLost`. Both
+timings can be shortened with the variables ``AGRILAND_LOCK_HEARTBEAT_S`` and
+``AGRILAND_LOCK_STALE_S`` (read at import) or by setting the module's attributes.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -31,7 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agriland_scale.errors import RunLocked
+from agriland_scale.errors import CorruptInput, LeaseLost, OutputExists, RunLocked
 from agriland_scale.files import (
     TMP_SUFFIX,
     cache_dir,
@@ -42,21 +53,56 @@ from agriland_scale.files import (
     object_store,
     upload_file,
 )
-from agriland_scale.layout import LOCK_NAME, STORE, load_run_record
+from agriland_scale.layout import LOCK_NAME, RECORD, STORE, load_run_record
+from agriland_scale.pipeline.outdir import foreign_keys, is_output, run_keys
 
 __all__ = ["HEARTBEAT_S", "STALE_S", "Mirror", "RemoteLock", "checked_out", "fresh_copy", "run_folder",
            "working_copy"]
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 20.0
-STALE_S = 90.0
+
+def _seconds(variable: str, default: float) -> float:
+    """Read a positive number of seconds from the environment variable ``variable``, else ``default``."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        log.warning("%s=%r is not a positive number of seconds: %g s is used", variable, raw, default)
+        return default
+    return value
 
 
-def working_copy(location: str) -> Path:
-    """Return this machine's working copy of the run at ``location`` (a cache folder)."""
+HEARTBEAT_S = _seconds("AGRILAND_LOCK_HEARTBEAT_S", 20.0)  # how often a holder refreshes its lease
+STALE_S = _seconds("AGRILAND_LOCK_STALE_S", 90.0)  # a lease not refreshed for this long has expired
+
+_TOKEN = re.compile(r"[0-9a-f]{16,64}")
+
+
+def working_copy(location: str, holder: str = "") -> Path:
+    """Return this machine's working copy of the run at ``location`` (a cache folder).
+
+    Parameters
+    ----------
+    location : str
+        The run's object-storage URL.
+    holder : str
+        The token of the :class:`RemoteLock` held for the run: every holder gets a folder of
+        its own (two processes on one URL never share one), which :func:`checked_out` empties
+        when it starts and removes when it ends.
+
+    Returns
+    -------
+    Path
+        ``CACHE/runs/KEY-HOLDER`` (``CACHE/runs/KEY`` without a holder), KEY a hash of
+        ``location``.
+    """
     key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:20]
-    return cache_dir() / "runs" / key
+    return cache_dir() / "runs" / (f"{key}-{holder}" if holder else key)
 
 
 def _skip(rel: str) -> bool:
@@ -64,16 +110,48 @@ def _skip(rel: str) -> bool:
     return rel.startswith(STORE + "/") or rel == STORE or rel == LOCK_NAME or rel.endswith(TMP_SUFFIX)
 
 
+def _size_text(size: int) -> str:
+    """Return ``size`` (bytes) as people read it: MB from 0.1 MB on."""
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size} bytes"
+
+
+def _refuse_foreign(location: str, listing: dict[str, int]) -> None:
+    """Refuse a location without a run that holds objects no agriland run wrote, naming them.
+
+    The same refusal as :func:`.preflight.prepare_output` gives for a local folder, decided
+    from the listing (nothing is downloaded).
+
+    Raises
+    ------
+    OutputExists
+        ``listing`` (path relative to ``location`` -> size) holds such objects.
+    """
+    foreign = foreign_keys(listing)
+    if not foreign:
+        return
+    shown = ", ".join(f"{k} ({_size_text(listing[k])})" for k in foreign[:5])
+    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+    raise OutputExists(
+        f"{location} already holds files that no agriland run wrote ({shown}{more}). agriland writes a "
+        "new run only into an empty or new location, and never deletes (or downloads) files it did "
+        "not write: choose an empty or new --out prefix")
+
+
 class Mirror:
     """Keep the run's files at ``location`` equal to the working copy ``local``.
 
-    :meth:`pull` makes the working copy what the store holds; :meth:`push` puts what changed
-    locally since the last pull or push, and deletes on the store what the run deleted
-    locally (``--force``, ``--overwrite``: only files of ours, see :mod:`.outdir`).
+    :meth:`pull` makes the working copy what the store holds of the run's own files;
+    :meth:`push` puts what changed locally since the last pull or push, and deletes on the
+    store what the run deleted locally (``--force``, ``--overwrite``: only files of ours,
+    see :mod:`.outdir`). With the run's ``lock``, :meth:`push` first checks that its lease
+    still holds (:meth:`RemoteLock.check`): a run that lost it never writes over the run
+    that took over.
     """
 
-    def __init__(self, location: str, local: Path, storage_options: dict[str, Any] | None = None):
+    def __init__(self, location: str, local: Path, storage_options: dict[str, Any] | None = None,
+                 lock: RemoteLock | None = None):
         self.location, self.local, self.options = location.rstrip("/"), Path(local), storage_options
+        self.lock = lock
         self._known: dict[str, tuple[int, int]] = {}
 
     def _local_files(self) -> dict[str, tuple[int, int]]:
@@ -85,28 +163,75 @@ class Mirror:
                 found[rel] = (st.st_size, st.st_mtime_ns)
         return found
 
-    def pull(self, prefix: str = "") -> list[str]:
-        """Fetch the run's files (under ``prefix``) from the store; with no prefix, replace the copy.
+    def _record(self, listing: dict[str, int]) -> dict[str, Any] | None:
+        """Fetch ``run.json`` (when listed) and return it, or None (none, or unreadable)."""
+        if RECORD not in listing:
+            return None
+        p = download(join_url(self.location, RECORD), self.local / RECORD, self.options)
+        try:
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None  # the runner names the damage (layout.read_record)
+        return record if isinstance(record, dict) else None
 
-        Returns the paths fetched.
+    def pull(self, prefix: str = "", *, refuse_foreign: bool = False) -> list[str]:
+        """Fetch the run's own files (under ``prefix``) from the store; with no prefix, replace the copy.
+
+        Which objects are the run's is decided from the listing before any download: with
+        no prefix, ``run.json`` is fetched first and the files it records are the run's
+        (:func:`.outdir.run_keys`); under a prefix (models a training task put there), the
+        paths where stages write (:func:`.outdir.is_output`). Any other object is left
+        alone: never downloaded, never deleted.
+
+        Parameters
+        ----------
+        prefix : str
+            Only paths starting with it; ``""``: the whole working copy.
+        refuse_foreign : bool
+            With no prefix, refuse a location without ``run.json`` that holds other
+            objects (a new run goes only into an empty location).
+
+        Returns
+        -------
+        list of str
+            The paths fetched.
+
+        Raises
+        ------
+        OutputExists
+            ``refuse_foreign`` and the location holds files of no run (named, with the URL).
         """
-        remote = {rel: size for rel, size in list_objects(self.location, self.options).items()
-                  if not _skip(rel) and rel.startswith(prefix)}
-        if not prefix:  # the whole copy: what is not on the store is not the run's any more
-            for rel in self._local_files():
+        listing = {rel: size for rel, size in list_objects(self.location, self.options).items()
+                   if not _skip(rel) and rel.startswith(prefix)}
+        if prefix:
+            remote = {rel: size for rel, size in listing.items() if is_output(rel)}
+        else:
+            if refuse_foreign and RECORD not in listing:
+                _refuse_foreign(self.location, listing)
+            record = self._record(listing)
+            remote = {rel: listing[rel] for rel in run_keys(listing, record)}
+            for rel in self._local_files():  # what is not on the store is not the run's any more
                 if rel not in remote:
                     (self.local / rel).unlink(missing_ok=True)
-        got = []
+        got = [RECORD] if RECORD in remote else []
         for rel, size in sorted(remote.items()):
             p = self.local / rel
-            if not (p.is_file() and p.stat().st_size == size and rel in self._known):
+            if rel != RECORD and not (p.is_file() and p.stat().st_size == size and rel in self._known):
                 download(join_url(self.location, rel), p, self.options)
                 got.append(rel)
         self._known.update({k: v for k, v in self._local_files().items() if k in remote})
         return got
 
     def push(self) -> int:
-        """Put the files changed since the last pull/push; delete those removed. Returns objects put."""
+        """Put the files changed since the last pull/push; delete those removed. Returns objects put.
+
+        Raises
+        ------
+        LeaseLost
+            The run's lock was taken over (nothing is put).
+        """
+        if self.lock is not None:
+            self.lock.check()
         now = self._local_files()
         put = 0
         for rel, sig in sorted(now.items()):
@@ -119,22 +244,56 @@ class Mirror:
         return put
 
 
+def _this_machine() -> dict[str, str | None]:
+    """Return this process's boot id and PID namespace: a pid names the same process only where both match."""
+    here: dict[str, str | None] = {"boot_id": None, "pid_ns": None}
+    with contextlib.suppress(OSError):  # Linux only: elsewhere no holder is known to have ended
+        here["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+        here["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    return here
+
+
+def _heartbeat(holder: dict[str, Any]) -> float:
+    """Return when the lock's holder last refreshed it (seconds since the epoch; 0 if unknown)."""
+    try:
+        return float(holder.get("heartbeat") or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class RemoteLock:
-    """The lease of one writer on the run at ``location`` (see the module doc)."""
+    """The lease of one writer on the run at ``location`` (see the module doc).
+
+    ``notice`` receives a line when an expired lock, or one of a process that ended, is taken
+    over. ``interrupt``: when the lease is lost, the heartbeat interrupts the main thread (as
+    Ctrl-C would, where SIGINT is handled) and leaving the ``with`` block raises
+    :class:`~agriland_scale.errors.LeaseLost`; without it, :meth:`check` raises it.
+    """
 
     def __init__(self, location: str, command: str, storage_options: dict[str, Any] | None = None,
-                 notice=None):
+                 notice=None, *, interrupt: bool = False):
         self.location = location.rstrip("/")
-        self.command, self.notice = command, notice
+        self.command, self.notice, self.interrupt = command, notice, interrupt
         self.store = object_store(self.location, storage_options)
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+        self.token = secrets.token_hex(16)
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), **_this_machine(), "token": self.token,
+                     "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+        self.ended_holder: dict[str, Any] | None = None  # a holder taken over because its process ended
         self._etag: str | None = None
+        self._refreshed = 0.0  # time.time() of the last refresh that succeeded
+        self._lost: str | None = None  # why the lease was lost
+        self._held = False
+        self._guard = threading.Lock()  # one refresh at a time, and none after release
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _body(self) -> bytes:
-        return json.dumps(self.info | {"heartbeat": time.time()}).encode()
+    def _put(self, mode: Any) -> None:
+        import obstore
+
+        now = time.time()
+        self._etag = obstore.put(self.store, LOCK_NAME, json.dumps(self.info | {"heartbeat": now}).encode(),
+                                 mode=mode).get("e_tag")
+        self._refreshed = now
 
     def _read(self) -> tuple[dict[str, Any], str | None] | None:
         import obstore
@@ -157,14 +316,20 @@ class RemoteLock:
                 f"started {h.get('started', '?')})")
 
     def acquire(self) -> RemoteLock:
-        """Take the lease, or raise :class:`RunLocked` naming the process that holds it."""
-        import obstore
+        """Take the lease, or raise :class:`RunLocked` naming the process that holds it.
+
+        Raises
+        ------
+        RunLocked
+            A holder refreshed the lock less than :data:`STALE_S` seconds ago and is not a
+            process of this machine and PID namespace that has ended.
+        """
         from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 
         lock_url = join_url(self.location, LOCK_NAME)
         for _ in range(5):
             try:
-                self._etag = obstore.put(self.store, LOCK_NAME, self._body(), mode="create").get("e_tag")
+                self._put("create")
                 break
             except (FileExistsError, AlreadyExistsError):
                 pass
@@ -172,59 +337,167 @@ class RemoteLock:
             if found is None:
                 continue  # released in between: try again
             holder, etag = found
-            age = time.time() - float(holder.get("heartbeat") or 0)
-            if age < STALE_S and not _ended_here(holder):
+            age = time.time() - _heartbeat(holder)
+            ended = _ended_here(holder)
+            if age < STALE_S and not ended:
                 raise RunLocked(
                     f"{self.location} is in use by {self.describe(holder)} (its lock {lock_url} was "
-                    f"refreshed {age:.0f} s ago): one process writes a run at a time. Wait for it to finish "
-                    "(or stop it), or choose another --out") from None
-            try:  # a holder that stopped refreshing its lock has ended: take it over, if still so
-                self._etag = obstore.put(self.store, LOCK_NAME, self._body(),
-                                         mode=_if_match(etag)).get("e_tag")
-            except (PreconditionError, NotFoundError):  # someone else was first: look again
-                continue
-            if self.notice:
-                self.notice(f"note: the previous run in {self.location}, {self.describe(holder)}, ended "
-                            f"without releasing its lock (killed? last refreshed {age:.0f} s ago): its lock "
-                            "is taken over")
+                    f"refreshed {max(age, 0):.0f} s ago; a lock not refreshed for {STALE_S:.0f} s is taken "
+                    "over): one process writes a run at a time. Wait for it to finish (or stop it), or "
+                    "choose another --out") from None
+            try:  # an expired lease, or a holder that ended: take it over, if still so
+                self._put(_if_match(etag))
+            except (PreconditionError, NotFoundError, FileNotFoundError, AlreadyExistsError, FileExistsError):
+                continue  # someone else was first
+            self._took_over(holder, age, ended)
             break
         else:
             raise RunLocked(f"could not lock {self.location}: its lock keeps changing (another process is "
                             "starting a run there); try again")
+        self._held, self._lost = True, None
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="agriland-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
 
-    def _beat(self) -> None:
-        import obstore
+    def _took_over(self, holder: dict[str, Any], age: float, ended: bool) -> None:
+        if ended:
+            self.ended_holder = holder
+            what = "ended without releasing its lock (its process no longer runs on this machine)"
+        else:
+            silent = f"for {age:.0f} s" if _heartbeat(holder) > 0 else "(its lock holds no heartbeat)"
+            what = (f"did not refresh its lock {silent} (a lease expires after {STALE_S:.0f} s: that "
+                    "process ended, or was paused or cut off from the object store; should it still run, it "
+                    "stops when it finds its lease taken)")
+        if self.notice:
+            self.notice(f"note: the previous run in {self.location}, {self.describe(holder)}, {what}: its "
+                        "lock is taken over")
 
+    def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
+            if not self._refresh():
+                self._interrupt_main()
+                return
+
+    def _refresh(self) -> bool:
+        """Refresh the lease if the lock is still this holder's; else record why it is lost.
+
+        A refresh that fails for another reason (the network) is tried again at the next beat,
+        unless the lease would expire before it: then it is lost too. Returns whether the
+        lease is held.
+        """
+        from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
+
+        with self._guard:
+            if self._lost is not None or not self._held:
+                return self._lost is None
+            silent = time.time() - self._refreshed
             try:
-                self._etag = obstore.put(self.store, LOCK_NAME, self._body(),
-                                         mode=_if_match(self._etag)).get("e_tag")
-            except Exception as e:  # noqa: BLE001 - logged; the next beat tries again
-                log.warning("could not refresh the lock of %s: %s", self.location, e)
+                self._put(_if_match(self._etag))
+            except (PreconditionError, NotFoundError, FileNotFoundError, AlreadyExistsError, FileExistsError):
+                self._lost = self._loss(silent)
+            except Exception as e:  # noqa: BLE001 - the network: the next beat tries again, in time
+                if silent + HEARTBEAT_S < STALE_S:
+                    log.warning("could not refresh the lock of %s (tried again in %.0f s): %s",
+                                self.location, HEARTBEAT_S, e)
+                    return True
+                self._lost = self._loss(silent, e)
+            else:
+                if silent >= STALE_S:
+                    log.warning("the lease on %s was not refreshed for %.0f s; no other run took it over, so "
+                                "this one goes on", self.location, silent)
+                return True
+        log.info("%s", self._lost)
+        return False
+
+    def _loss(self, silent: float, error: Exception | None = None) -> str:
+        """Say why the lease is lost: who took it over, or why it could not be refreshed."""
+        try:
+            found = self._read()
+        except Exception:  # noqa: BLE001 - only for the message
+            found = None
+        holder = found[0] if found is not None else None
+        stopped = ("; this run stopped so that two runs never write there at once; its finished work is "
+                   "kept (what it had put on the object store)")
+        if holder is not None and holder.get("token") != self.token:
+            return (f"another run, {self.describe(holder)}, took over {self.location} after this one's lease "
+                    f"was not refreshed for {silent:.0f} s (a lease expires after {STALE_S:.0f} s: was this "
+                    f"process paused, or cut off from the object store?){stopped}. Wait for that run to finish "
+                    "(or stop it), then run the same command again to continue")
+        if holder is None and error is None:
+            return (f"the lock of this run on {self.location} was removed (by another run that took it over, "
+                    f"or by hand) after this one's lease was not refreshed for {silent:.0f} s{stopped}. Run "
+                    "the same command again to continue")
+        return (f"this run could not refresh its lease on {self.location} for {silent:.0f} s ({error}), and "
+                f"after {STALE_S:.0f} s another run may take it over{stopped}. Run the same command again "
+                "once the object store answers")
+
+    def _interrupt_main(self) -> None:
+        """Interrupt the main thread (as Ctrl-C) if asked to and SIGINT is handled in Python."""
+        with self._guard:
+            if not self.interrupt or self._stop.is_set() or not hasattr(signal, "pthread_kill"):
+                return
+            main = threading.main_thread()
+            if main is threading.current_thread() or not main.is_alive() or main.ident is None:
+                return
+            if callable(signal.getsignal(signal.SIGINT)):  # else it would kill, or be ignored
+                signal.pthread_kill(main.ident, signal.SIGINT)
+            else:
+                log.warning("%s (it stops at its next check: SIGINT is not handled here)", self._lost)
+
+    def check(self) -> None:
+        """Make sure the lease still holds; call it between stages (:meth:`Mirror.push` does).
+
+        A lease not refreshed for :data:`STALE_S` seconds (the heartbeat was held up) is
+        refreshed now, if no other run took it over meanwhile.
+
+        Raises
+        ------
+        LeaseLost
+            Another run took the lock over, or it could not be refreshed in time; the
+            message says which and what to do.
+        """
+        if self._held and self._lost is None and time.time() - self._refreshed >= STALE_S:
+            self._refresh()
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock, if it is still ours (idempotent)."""
+        """Stop the heartbeat and delete the lock, if it is still ours (idempotent).
+
+        A lock whose token is another holder's, or a lease that is lost, is left alone.
+        """
         import obstore
 
-        if self._thread is None:
+        if not self._held:
             return
-        self._stop.set()
-        self._thread.join(10)
-        self._thread = None
+        with self._guard:
+            self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self._lost is None and time.time() - self._refreshed >= STALE_S:
+            self._refresh()  # an expired lease is ours only while nobody took it over
+        self._held = False
+        if self._lost is not None:
+            return
         found = self._read()
-        if found is not None and found[0].get("pid") == self.info["pid"] \
-                and found[0].get("host") == self.info["host"]:
+        if found is not None and found[0].get("token") == self.token:
             obstore.delete(self.store, LOCK_NAME)
 
     def __enter__(self) -> RemoteLock:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """Release; a block that ran while the lease was lost ends with :class:`LeaseLost`."""
+        try:
+            self.release()
+        except KeyboardInterrupt as late:  # the heartbeat's interrupt, arriving here
+            if self._lost is None:
+                raise
+            exc = exc or late
+        if self._lost is not None and not isinstance(exc, LeaseLost):
+            raise LeaseLost(self._lost) from exc
 
 
 def _if_match(etag: str | None) -> Any:
@@ -233,11 +506,19 @@ def _if_match(etag: str | None) -> Any:
 
 
 def _ended_here(holder: dict[str, Any]) -> bool:
-    """Tell whether a lock's holder ran on this host and its process no longer runs."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """Tell whether a lock's holder was a process of this machine and PID namespace that no longer runs.
+
+    The host name proves nothing (containers, machines named alike); the holder's boot id
+    and PID namespace, recorded in its lock, must be this process's, or its pid may be
+    another process's.
+    """
+    here, pid = _this_machine(), holder.get("pid")
+    if None in here.values() or any(holder.get(k) != v for k, v in here.items()):
+        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
-        os.kill(holder["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # another user's live process
@@ -252,27 +533,96 @@ def fresh_copy(local: Path) -> None:
     local.mkdir(parents=True)
 
 
+def _forget(location: str, holder: dict[str, Any] | None) -> None:
+    """Remove the working copy a holder of this machine left when its process ended (killed)."""
+    token = (holder or {}).get("token")
+    if isinstance(token, str) and _TOKEN.fullmatch(token):
+        shutil.rmtree(working_copy(location, token), ignore_errors=True)
+
+
+def _put_back(mirror: Mirror) -> bool:
+    """Put what changed in the working copy on the store; return whether it is all there.
+
+    A holder that lost its lease puts nothing (:class:`RemoteLock` says why when its block
+    ends); a failure is logged, never hiding the block's own error.
+    """
+    try:
+        mirror.push()
+    except LeaseLost:
+        log.warning("the files this run had not yet put on %s are kept in %s", mirror.location, mirror.local)
+        return False
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("could not put the run's files on %s: %s; they are kept in %s", mirror.location, e,
+                    mirror.local)
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def checked_out(location: str, command: str, storage_options: dict[str, Any] | None = None,
-                notice=None) -> Iterator[tuple[Path, Mirror]]:
-    """Lock the run at ``location`` and fetch its files into this machine's working copy.
+                notice=None, *, new_run: bool = True) -> Iterator[tuple[Path, Mirror]]:
+    """Lock the run at ``location`` and fetch its own files into a working copy of this holder.
 
     Yields the working copy and its :class:`Mirror`; what changed there is put back when the
-    block ends, also after a failure (a problem putting it back is logged, never hiding the
-    block's own error: the next command on the run puts it back).
+    block ends, also after a failure, and the copy is removed (kept, and logged, when it
+    could not all be put back). Two holders on one URL never share a copy
+    (:func:`working_copy`); the copy of a holder of this machine whose process ended is
+    removed when its lock is taken over.
+
+    Parameters
+    ----------
+    location : str
+        The run's object-storage URL.
+    command : str
+        Names this process in the lock (``"agriland run"``).
+    storage_options : dict, optional
+        Credentials and endpoint (see :func:`~agriland_scale.files.s3_settings`).
+    notice : callable, optional
+        Receives a line when a lock is taken over.
+    new_run : bool
+        The location may take a new run: without ``run.json``, objects of no run there are
+        refused (:class:`OutputExists`, naming the URL and them) before any download.
+
+    Raises
+    ------
+    RunLocked
+        Another process holds the run's lease.
+    LeaseLost
+        Another run took the lease over while the block ran (the block is interrupted, and
+        nothing more is put on the store).
+    OutputExists
+        ``new_run`` and the location holds objects of no run.
     """
-    with RemoteLock(location, command, storage_options, notice=notice):
-        local = working_copy(location)
+    lock = RemoteLock(location, command, storage_options, notice=notice, interrupt=True)
+    with lock:
+        _forget(location, lock.ended_holder)
+        local = working_copy(location, lock.token)
         fresh_copy(local)
-        mirror = Mirror(location, local, storage_options)
-        mirror.pull()
+        mirror = Mirror(location, local, storage_options, lock=lock)
+        try:
+            mirror.pull(refuse_foreign=new_run)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
         try:
             yield local, mirror
         finally:
-            try:
-                mirror.push()
-            except Exception as e:  # noqa: BLE001 - see the docstring
-                log.warning("could not put the run's files on %s: %s", location, e)
+            if _put_back(mirror):
+                shutil.rmtree(local, ignore_errors=True)
+
+
+def _run_record(run: str, local: Path) -> None:
+    """Check that the copy ``local`` of the run at the URL ``run`` holds its ``run.json``.
+
+    Raises
+    ------
+    CorruptInput
+        There is none: ``run`` is not an agriland run (the message names the URL).
+    """
+    if not (local / RECORD).is_file():
+        raise CorruptInput(f"{run} holds no run.json, so it is not the output of an agriland run: pass the "
+                           "URL given as --out to 'agriland run' / 'agriland demo'")
+    load_run_record(local)
 
 
 @contextlib.contextmanager
@@ -281,8 +631,8 @@ def run_folder(run: Path | str, command: str | None = None) -> Iterator[Path]:
 
     ``command`` names a command that writes into the run: the run is locked (its folder's
     lock, or :class:`RemoteLock`), and for object storage the changes are put back. A reader
-    of a run on object storage gets a temporary copy of its files, never the working copy a
-    run on this machine may be writing.
+    of a run on object storage gets a temporary copy of the run's files, never the working
+    copy a run on this machine may be writing.
 
     Raises
     ------
@@ -302,9 +652,9 @@ def run_folder(run: Path | str, command: str | None = None) -> Iterator[Path]:
     if command is None:
         with tempfile.TemporaryDirectory(prefix="agriland-read-") as tmp:
             Mirror(run, Path(tmp)).pull()
-            load_run_record(Path(tmp))
+            _run_record(run, Path(tmp))
             yield Path(tmp)
         return
-    with checked_out(run, command) as (local, _):
-        load_run_record(local)
+    with checked_out(run, command, new_run=False) as (local, _):
+        _run_record(run, local)
         yield local
