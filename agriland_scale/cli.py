@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         import dask
 
         dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
+    # a log file on a disk that filled up or turned read-only must not print a traceback of
+    # its own ("--- Logging error ---"): the run's error says what happened
+    logging.raiseExceptions = bool(args.debug)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
@@ -406,6 +409,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
             return 1
+        from agriland_scale.files import storage_fault
+
+        fault = storage_fault(e, getattr(args, "out", None) or getattr(args, "run", None))
+        if fault is not None:  # a full disk, a folder turned read-only, a lost object store
+            print(f"agriland: error: {fault}", file=sys.stderr)
+            return 2
         where = ""
         tb = traceback.extract_tb(e.__traceback__)
         if tb:

@@ -9,6 +9,7 @@ back (models, a run's files) are cached per machine (:func:`cache_dir`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,8 +22,8 @@ from urllib.parse import urlparse
 from agriland_scale.errors import OutputError
 
 __all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "cache_dir", "delete_object", "delete_prefix", "download", "is_object_url",
-           "check_object_url", "join_url", "run_storage_options", "use_storage_options", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
-           "s3_settings", "upload_file", "write_json", "write_text"]
+           "check_object_url", "join_url", "short_error", "storage_fault", "run_storage_options", "use_storage_options", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
+           "s3_settings", "upload_file", "write_json", "write_json_anyhow", "write_text"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -61,6 +62,81 @@ def write_text(text: str, path: str | Path) -> None:
 def write_json(obj: Any, path: str | Path, *, indent: int | None = 1) -> None:
     """Write ``obj`` as JSON to ``path`` atomically; values JSON cannot hold are written as ``str``."""
     write_text(json.dumps(obj, indent=indent, default=str), path)
+
+
+def write_json_anyhow(obj: Any, path: str | Path) -> bool:
+    """Write ``obj`` to ``path`` atomically, or else in place; return whether it was written.
+
+    For recording a failure when the folder itself is the problem (full, turned read-only):
+    a rename beside the file may fail where rewriting the existing file still works (a folder
+    made read-only by its permissions; a full disk, whose file's own blocks are freed first).
+    Never raises.
+    """
+    try:
+        write_json(obj, path)
+        return True
+    except OSError:
+        pass
+    try:
+        with open(path, "r+", encoding="utf-8") as f:
+            f.truncate(0)
+            f.write(json.dumps(obj, indent=1, default=str))
+        return True
+    except OSError:
+        return False
+
+
+# what a failing disk or object store says, as the exception (errno) or as the text of the Rust
+# engines' errors (Icechunk, obstore), which reach Python as other exception types
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+_FULL_TEXT = re.compile(r"No space left on device|os error 28\b|Disk quota exceeded|os error 122\b")
+_READ_ONLY_TEXT = re.compile(r"Read-only file system|os error 30\b|Permission denied|os error 13\b")
+_GONE_TEXT = re.compile(r"error sending request|[Cc]onnection refused|tcp connect error|dispatch failure|"
+                        r"connection (?:closed|reset)|[Bb]roken pipe|timed out|os error 111\b")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from (``__cause__``/``__context__``), at most 10."""
+    found: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and e not in found and len(found) < 10:
+        found.append(e)
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def storage_fault(err: BaseException, out: str | Path | None = None) -> OutputError | None:
+    """Describe a full disk, a folder turned read-only or a lost object store behind ``err``.
+
+    ``out`` is the run's location (``--out``). Returns an :class:`OutputError` whose message
+    names the place (the file the error names, else ``out``; the cache folder when the error
+    is there), what happened and what to do, or ``None`` when ``err`` is none of these.
+    Finished work is kept in every case: a rerun continues where the run stopped.
+    """
+    chain = _chain(err)
+    text = " | ".join(str(e) for e in chain)
+    codes = {getattr(e, "errno", None) for e in chain if isinstance(e, OSError)}
+    named = next((str(e.filename) for e in chain if isinstance(e, OSError) and e.filename), None)
+    where = named or (str(out) if out is not None else "the output folder")
+    cache = str(cache_dir())
+    if named and named.startswith(cache) or not named and cache in text:
+        where = f"{named or cache} (this machine's agriland cache, $AGRILAND_CACHE)"
+    again = "then rerun the same command: it continues where it stopped, and nothing finished is lost"
+    if codes & set(_FULL) or _FULL_TEXT.search(text):
+        return OutputError(f"the disk holding {where} is full (no space left on device): free space there, "
+                           f"or move the run to a disk with room (or point AGRILAND_CACHE elsewhere), {again}")
+    if codes & set(_READ_ONLY) or _READ_ONLY_TEXT.search(text):
+        return OutputError(f"{where} can no longer be written (its file system or folder turned read-only, or "
+                           f"its permissions changed during the run): make it writable again (or copy the run to "
+                           f"a writable folder and give that as --out), {again}")
+    if out is not None and is_object_url(out) and _GONE_TEXT.search(text):
+        endpoint = s3_settings(run_storage_options(out))["endpoint_url"] if str(out).startswith("s3://") else None
+        at = f" at {endpoint}" if endpoint else ""
+        return OutputError(f"the object store{at} holding {out} stopped answering during the run "
+                           f"({short_error(next(e for e in chain if _GONE_TEXT.search(str(e))))}): check that it runs "
+                           f"and that this machine reaches it, {again}")
+    return None
 
 
 # --- object storage: one layer (obstore) for every file that is not Zarr ---------------------
@@ -206,8 +282,11 @@ def object_store(location: str | Path, storage_options: dict[str, Any] | None = 
     return obs.from_url(text, config=dict(storage_options or {}), client_options=client)
 
 
-def _why(err: Exception) -> str:
-    """Return the part of an object store's error that says what went wrong (one line)."""
+def short_error(err: BaseException) -> str:
+    """Return the part of an object store's error that says what went wrong (one line).
+
+    The Rust engines' errors (obstore, Icechunk) run to a hundred lines of debug output.
+    """
     text = str(err)
     if "error sending request" in text:
         return "the connection failed"
@@ -240,7 +319,7 @@ def probe_location(location: str, storage_options: dict[str, Any] | None = None,
     bucket = urlparse(str(location)).netloc
 
     def fail(err: Exception, doing: str) -> OutputError:
-        why = _why(err)
+        why = short_error(err)
         text = str(err)
         if "error sending request" in text or "Connection refused" in text or "dns error" in text \
                 or "timed out" in text.lower():

@@ -17,7 +17,7 @@ import pytest
 import rasterio
 
 from agriland_scale.config.schema import CubeConfig
-from agriland_scale.cube.assets import check_assets
+from agriland_scale.cube.assets import READ_SKIPPED, SkippedReads, check_assets
 from agriland_scale.cube.load import load_bands, load_cube, load_zone_cubes, read_chunk
 from agriland_scale.errors import AgrilandWarning, BlockFailed, CorruptInput
 from agriland_scale.search.items import normalize_items
@@ -219,6 +219,67 @@ def test_corrupt_tile_on_a_dask_worker_names_the_asset(middle_tile, demo_cfg, tm
     with dask_client(rt) as client, pytest.raises(BlockFailed, match=failed):
         Products(tmp_path / "run").write_blocks(cube, "cube", "y", client)
 
+
+
+def test_corrupt_tile_left_out_on_the_cluster_is_recorded_and_said(middle_tile, demo_cfg, external_cluster,
+                                                                    tmp_path):
+    """``skip`` with damage the probe does not read: the reads fail in the workers' tasks, and the
+    run's record (inputs.skipped_assets) and its report name the asset, once, with a count; beside
+    it, a second item that the probe leaves out is recorded and said too."""
+    from agriland_scale.pipeline.runner import run
+
+    # the catalogue's second item: its B04 damaged in the first tiles, which the probe reads
+    hole = _copy(tmp_path, "hole")
+    off1, _ = _tile_span(hole / "B04.tif", 0, 1)
+    _zero(hole / "B04.tif", off1 - 4096, 8192)
+    item = json.loads((hole / "item.json").read_text())
+    item["id"] = "virginia_hole"
+    for a in item["assets"].values():
+        a["href"] = str(hole / a["href"])
+    (middle_tile / "item_hole.json").write_text(json.dumps(item))
+
+    cfg = demo_cfg.with_overrides(**{"search.catalog": str(middle_tile), "cube.on_bad_asset": "skip"})
+    out, lines = tmp_path / "run", []
+    run(cfg, out, scheduler=external_cluster, until="cube", report=lines.append)
+    record = json.loads((out / "run.json").read_text())
+    assert record["stages"]["cube"] == "done" and record["zones"]["utm18n"]["items"] == ["virginia_bad_tile"]
+    probed, skip = record["inputs"]["skipped_assets"]  # one entry for the asset, not one a read
+    assert (probed["item"], probed["asset"], probed["problem"]) == ("virginia_hole", "red", "unreadable")
+    href = skip.pop("href")
+    assert href in (str(middle_tile / "B04.tif"), (middle_tile / "B04.tif").as_uri())  # as GDAL opened it
+    assert re.match(r"RasterioIOError: .*IReadBlock failed at X offset 1, Y offset 1", skip.pop("error"))
+    # one 1024 px read chunk failed; read again in 256 px chunks, one of them (the tile) is nodata
+    assert skip == {"item": "virginia_bad_tile", "asset": "red", "problem": READ_SKIPPED, "zone": "utm18n",
+                    "chunks": 1, "blocks": {"0": 1}}
+    said = [line for line in lines if "skipped" in line]
+    assert len(said) == 2, said
+    assert re.fullmatch(r"cube: skipped item virginia_hole: asset 'red' \(\S+/hole/B04.tif\) cannot be read: "
+                        r"RasterioIOError: .*IReadBlock failed.* \(cube.on_bad_asset: skip\)", said[0]), said
+    assert re.fullmatch(
+        rf"cube: skipped unreadable parts of item virginia_bad_tile, asset 'red' \({re.escape(href)}\): "
+        r"RasterioIOError: .*IReadBlock failed.* — 1 chunk\(s\) left as nodata \(cube.on_bad_asset: skip\)",
+        said[1]), said
+
+
+def test_skipped_reads_of_reused_blocks_keep_the_earlier_count(middle_tile, demo_cfg, external_cluster):
+    """Per block: a block an earlier attempt wrote keeps that attempt's count (its reads now, as a
+    neighbour, count for nothing); a block computed again counts anew, never twice."""
+    from distributed import Client
+
+    skip = CubeConfig(bands=BANDS, on_bad_asset="skip", read_chunk=256)  # 4 blocks of 256 rows
+    with Client(external_cluster) as client, SkippedReads(client) as found:
+        cube = load_cube(_items(middle_tile), skip, demo_cfg.search.bbox, normalized=True)
+        client.compute(cube["clear_count"]).result()
+    cubes = {"z": cube}
+    (now,) = found.records(cubes, {"z": set()})
+    assert (now["item"], now["asset"], now["zone"], now["chunks"], now["blocks"]) == (
+        "virginia_bad_tile", "red", "z", 1, {"1": 1})
+    assert found.records(cubes, {"z": {0, 1}}, [now]) == [now]  # block 1 reused: the earlier count
+    assert found.records(cubes, {"z": {0}}, [now]) == [now]  # block 1 computed again: counted once
+    assert found.records(cubes, {"z": {1}}, []) == []  # reused, with no earlier record: nothing new
+    earlier = now | {"blocks": {"1": 1, "3": 2}, "chunks": 3}
+    assert found.records(cubes, {"z": {0, 3}}, [earlier])[0]["blocks"] == {"1": 1, "3": 2}
+    assert found.records(cubes, {"z": {0}}, [earlier])[0]["blocks"] == {"1": 1}
 
 # -- 3. an item without any datetime -------------------------------------------------------------
 def _no_datetime(d):

@@ -123,3 +123,33 @@ def test_cube_arrays_use_the_fast_codec_and_stay_small(cube_store):
     block = np.ascontiguousarray(refl[:, :256, :256])
     stored = len(numcodecs.Blosc("lz4", 5, numcodecs.Blosc.BITSHUFFLE).encode(block))
     assert stored <= len(numcodecs.Zstd(level=0).encode(block))
+
+
+def test_the_read_chunk_follows_dates_not_items(items, demo_cfg):
+    """A region of many tiles has many items a date: the read chunk (and the task count) is
+    chosen from the dates the cube holds (odc-stac's solar days), so 40 tiles of one date
+    read in 1024 px chunks, as one tile does (from about 40 items it dropped to 256 px)."""
+    import copy
+
+    from agriland_scale.cube.load import read_chunk, solar_days
+
+    tiles = []
+    for i in range(40):
+        it = copy.deepcopy(items[0])
+        it.id = f"{it.id}-tile{i}"
+        tiles.append(it)
+    later = copy.deepcopy(items[0])
+    later.id += "-later"
+    later.properties["datetime"] = "2030-01-02T15:50:00Z"  # 15:50 UTC at -75.6 deg: the same local day
+    late = copy.deepcopy(items[0])
+    late.id += "-late"
+    late.properties["datetime"] = "2030-01-03T03:00:00Z"  # 22:00 the day before, locally
+    assert solar_days(tiles) == 1 and solar_days([later, late]) == 1 and solar_days(tiles + [later]) == 2
+    cfg = demo_cfg.cube
+    assert read_chunk(cfg, solar_days(tiles), 4) == 1024 and read_chunk(cfg, len(tiles), 4) == 256
+    cube = load_cube(tiles, cfg, demo_cfg.search.bbox)
+    assert max(cube["reflectance"].data.chunks[-1]) == 1024
+    from dask.utils import key_split  # the tasks say their stage on the dashboard
+
+    names = {key_split(k) for k in cube["reflectance"].data.__dask_graph__()}
+    assert "cube-composite" in names, names

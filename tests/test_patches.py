@@ -94,3 +94,22 @@ def test_read_patches_in_spans_equals_patch_by_patch(cube):
             want = refl.sel(band=["red", "green", "blue"]).isel(y=slice(a, a + 256), x=slice(b, b + 256)).values
             want = np.clip(np.nan_to_num(np.moveaxis(want, 0, -1)) / 0.3, 0, 1)
             np.testing.assert_array_equal(got[i], want)
+
+
+def test_valid_fractions_from_the_integral_image_equal_a_sum_per_patch():
+    """The per-patch valid fraction (block sums added through their integral image, no loop
+    over patches) equals the plain sum of each patch's pixels, for overlapping patches too."""
+    import dask.array as da
+    import xarray as xr
+
+    from agriland_scale.patches import _valid_fraction, patch_grid
+
+    rng = np.random.default_rng(3)
+    valid = (rng.random((700, 900)) > 0.3).astype("float32")
+    for size, stride in [(256, 256), (256, 128), (64, 48)]:
+        rows, cols = patch_grid(700, 900, size, stride)
+        y0, x0 = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
+        arr = xr.DataArray(da.from_array(valid, chunks=256), dims=("y", "x"))
+        got = _valid_fraction(arr, y0, x0, size)
+        want = np.array([valid[a:a + size, b:b + size].sum() / size**2 for a, b in zip(y0, x0)], dtype="float32")
+        np.testing.assert_array_equal(got, want)

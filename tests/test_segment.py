@@ -124,6 +124,10 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
                         0, 0, h, w, **kw)
     seg = segment_region(model_path, store, local, bands, threshold=0.5, block=384, **kw)
     assert seg["probability"].data.chunks == ((384, 384, 256), (384, 384, 256))
+    from dask.utils import key_split  # the tasks say their stage on the dashboard
+
+    names = {key_split(k) for k in seg["probability"].data.__dask_graph__()}
+    assert {"segment-windows", "segment-blend"} <= names, names
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB", dashboard_address=":0")
     with dask_client(rt):
         prob = seg["probability"].values

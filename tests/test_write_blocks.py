@@ -39,9 +39,15 @@ def test_a_task_two_blocks_need_runs_once_and_encoding_is_kept(tmp_path):
     ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), _FillValue=np.uint8(255))
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
     products = Products(tmp_path / "run")
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
     with dask_client(rt) as client:
-        stats = products.write_blocks(ds, "product", "y", client)
+        with get_task_stream(client) as stream:
+            stats = products.write_blocks(ds, "product", "y", client)
     assert stats["blocks"] == 2
+    # a block's write says its product on the dashboard's task stream
+    assert [key_split(t["key"]) for t in stream.data].count("product-block") == 2, stream.data
     assert len(list(marks.iterdir())) == 1  # the shared window ran once, not once per block
     out = xr.open_zarr(products.reader(), group="product", consolidated=False)
     expected = np.arange(48, dtype="float32").reshape(8, 6) / 48

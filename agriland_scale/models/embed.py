@@ -11,6 +11,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from agriland_scale.errors import BandMismatch, ModelMismatch
 from agriland_scale.models import worker as _worker
@@ -149,8 +150,10 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     fn = dask.delayed(_embed_batch, pure=True)
     with dask.annotate(resources=resources or {}):
         for sl in iter_batches(len(y0), batch_size * tasks_batches):
-            d = fn(model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
-                   batch_size, group, precision)
+            args = (model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
+                    batch_size, group, precision)
+            # named for the dashboard: "embed-batch" in the task stream and progress bars
+            d = fn(*args, dask_key_name=f"embed-batch-{tokenize(*args)}")
             parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
     arr = da.concatenate(parts)
     ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},

@@ -23,6 +23,7 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from agriland_scale.errors import ModelMismatch
 from agriland_scale.models import worker as _worker
@@ -282,10 +283,11 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
         for bi, rs in enumerate(row_groups):
             for bj, cs in enumerate(col_groups):
                 if len(rs) and len(cs):
+                    args = (model_path, cube_store, rs, cs, bands, window, reflectance_max, batch_size, group,
+                            input_size, precision)
                     sums[bi, bj] = ((int(rs.min()), int(cs.min())),
                                     (int(rs.max()) + window, int(cs.max()) + window),
-                                    predict(model_path, cube_store, rs, cs, bands, window, reflectance_max,
-                                            batch_size, group, input_size, precision))
+                                    predict(*args, dask_key_name=f"segment-windows-{tokenize(*args)}"))
     reach = -(-window // block)  # a span reaches at most this many blocks past its own
     rows = []
     for bi, gy in enumerate(range(0, H, block)):
@@ -295,9 +297,10 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
             near = [v for i in range(bi - reach, bi + reach + 1) for j in range(bj - reach, bj + reach + 1)
                     if (v := sums.get((i, j))) is not None
                     and v[0][0] < gy + h and v[1][0] > gy and v[0][1] < gx + w and v[1][1] > gx]
-            d = blend(cube_store, group, gy, gx, h, w, _touching(rs_all, gy, gy + h, window),
-                      _touching(cs_all, gx, gx + w, window), window, [v[0] for v in near],
-                      *[v[2] for v in near])
+            spans = (cube_store, group, gy, gx, h, w, _touching(rs_all, gy, gy + h, window),
+                    _touching(cs_all, gx, gx + w, window), window, [v[0] for v in near])
+            d = blend(*spans, *[v[2] for v in near],
+                      dask_key_name=f"segment-blend-{tokenize(*spans, [v[2].key for v in near])}")
             row.append(da.from_delayed(d, shape=(h, w), dtype="float32"))
         rows.append(row)
     prob = da.block(rows)

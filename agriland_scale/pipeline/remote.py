@@ -51,6 +51,7 @@ from agriland_scale.files import (
     join_url,
     list_objects,
     object_store,
+    short_error,
     upload_file,
 )
 from agriland_scale.layout import LOCK_NAME, RECORD, STORE, load_run_record
@@ -399,7 +400,7 @@ class RemoteLock:
             except Exception as e:  # noqa: BLE001 - the network: the next beat tries again, in time
                 if silent + HEARTBEAT_S < STALE_S:
                     log.warning("could not refresh the lock of %s (tried again in %.0f s): %s",
-                                self.location, HEARTBEAT_S, e)
+                                self.location, HEARTBEAT_S, short_error(e))
                     return True
                 self._lost = self._loss(silent, e)
             else:
@@ -428,7 +429,8 @@ class RemoteLock:
             return (f"the lock of this run on {self.location} was removed (by another run that took it over, "
                     f"or by hand) after this one's lease was not refreshed for {silent:.0f} s{stopped}. Run "
                     "the same command again to continue")
-        return (f"this run could not refresh its lease on {self.location} for {silent:.0f} s ({error}), and "
+        return (f"this run could not refresh its lease on {self.location} for {silent:.0f} s "
+                f"({short_error(error) if error else 'no answer'}), and "
                 f"after {STALE_S:.0f} s another run may take it over{stopped}. Run the same command again "
                 "once the object store answers")
 
@@ -552,8 +554,8 @@ def _put_back(mirror: Mirror) -> bool:
         log.warning("the files this run had not yet put on %s are kept in %s", mirror.location, mirror.local)
         return False
     except Exception as e:  # noqa: BLE001 - see the docstring
-        log.warning("could not put the run's files on %s: %s; they are kept in %s", mirror.location, e,
-                    mirror.local)
+        log.warning("could not put the run's files on %s: %s; they are kept in %s", mirror.location,
+                    short_error(e), mirror.local)
         return False
     return True
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -351,8 +352,11 @@ class Products:
 
         along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
         fork = session.fork()
+        # named for the dashboard: "cube-block", "segmentation-block"... in the task stream
+        stage = group.rstrip("/").rsplit("/", 1)[-1]
         tasks = [dask.delayed(_write_block, pure=False)(fork, group, dim, int(edges[i]), int(edges[i + 1]),
-                                                        shell, parts)
+                                                        shell, parts,
+                                                        dask_key_name=f"{stage}-block-{i}-{uuid.uuid4().hex[:12]}")
                  for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))]
         futures = client.compute(tasks, workers=workers)
         which = {f.key: i for f, i in zip(futures, todo)}

@@ -42,13 +42,17 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from agriland_scale.config.schema import RunConfig
+from agriland_scale.errors import AgrilandError
 from agriland_scale.files import (
     delete_prefix,
     is_object_url,
     join_url,
     probe_location,
+    short_error,
+    storage_fault,
     use_storage_options,
     write_json,
+    write_json_anyhow,
 )
 from agriland_scale.layout import (
     GROUPS,
@@ -156,6 +160,12 @@ def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
         with checked_out(location, command, cfg.output.storage_options, notice=say) as (local, mirror):
             say(f"run on object storage: {location} (working copy {local})")
             yield local, location, mirror
+    except Exception as e:
+        # a store lost between stages (a push, the lock): said while its endpoint is known
+        fault = None if isinstance(e, AgrilandError) else storage_fault(e, location)
+        if fault is not None:
+            raise fault from e
+        raise
     finally:
         use_storage_options(location, None)
 
@@ -221,16 +231,24 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         for stage, status in record["stages"].items():  # stopped where no handler could say so
             if status == "running":
                 record["stages"][stage] = "interrupted"
-        write_json(record, out / RECORD)
+        if finished:
+            write_json(record, out / RECORD)
+        elif not write_json_anyhow(record, out / RECORD):  # the run's own error goes on, not this one
+            log.warning("could not record the end of the run in %s", out / RECORD)
         if until is None or until == "publish":
             before = outdir.snapshot(out)
             try:  # also for a failed run: the report shows what exists and where it stopped
                 write_report(out, product_figures=figures)
             except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
-                log.warning("could not write %s: %s", out / "report.html", e)
+                # after a failed run (its error follows) in the run's log only
+                (log.warning if finished else log.info)("could not write %s: %s", out / "report.html",
+                                                         short_error(e))
             record["files"]["report"] = sorted(set(record["files"].get("report", []))
                                                | set(outdir.changed_since(out, before)))
-            write_json(record, out / RECORD)
+            if finished:
+                write_json(record, out / RECORD)
+            else:
+                write_json_anyhow(record, out / RECORD)
         for thread in closing:
             thread.join()
         if finished:
@@ -271,7 +289,7 @@ def _performance_report(path: Path) -> Iterator[None]:
             try:
                 rep.__exit__(None, None, None)
             except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own result
-                log.warning("could not write the Dask performance report %s: %s", path, e)
+                log.warning("could not write the Dask performance report %s: %s", path, short_error(e))
 
 
 def _say(report: Report | None) -> Report:
@@ -438,12 +456,16 @@ class _Runner:
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
                 rec["stages"][stage] = "interrupted"
                 rec["error"] = f"{stage}: interrupted"
-                write_json(rec, self.out / RECORD)  # at once: the cluster may take a while to close
+                write_json_anyhow(rec, self.out / RECORD)  # at once: the cluster may take a while to close
                 raise
             except BaseException as e:
+                # a full disk, a folder turned read-only, a lost object store: said as such
+                fault = storage_fault(e, self.location) if isinstance(e, Exception) else None
                 rec["stages"][stage] = "failed"
-                rec["error"] = f"{stage}: {e}"
-                write_json(rec, self.out / RECORD)
+                rec["error"] = f"{stage}: {fault or e}"
+                write_json_anyhow(rec, self.out / RECORD)  # also where the folder is the problem
+                if fault is not None:
+                    raise fault from e
                 raise
             finally:
                 rec["timings_s"][stage] = time.perf_counter() - t0
@@ -451,8 +473,14 @@ class _Runner:
                 rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
                                              | set(outdir.changed_since(self.out, before)))
                 if self.mirror is not None:  # the stage's files on the object store, one object each
-                    write_json(rec, self.out / RECORD)
-                    self.mirror.push()
+                    try:
+                        write_json(rec, self.out / RECORD)
+                        self.mirror.push()
+                    except Exception as e:
+                        if rec["stages"][stage] == "running":  # the stage itself went well
+                            raise
+                        # the stage's own error follows; the log keeps this one
+                        log.info("could not put the run's files on %s: %s", self.location, short_error(e))
             rec["stages"][stage] = "done"
             rec.pop("error", None)
             write_json(rec, self.out / RECORD)

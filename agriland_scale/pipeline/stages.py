@@ -22,7 +22,7 @@ import xarray as xr
 from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map, fit_clusters_streaming
 from agriland_scale.cluster.report import write_cluster_products
 from agriland_scale.config.files import resolve_path
-from agriland_scale.cube.assets import check_assets
+from agriland_scale.cube.assets import READ_SKIPPED, SkippedReads, check_assets, describe_skipped
 from agriland_scale.cube.load import load_bands, load_zone_cubes
 from agriland_scale.cube.masks import chunk_valid_fraction
 from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound
@@ -116,9 +116,17 @@ def cube_stage(ctx: RunContext) -> None:
     items = _items(ctx)
     bands = load_bands(items, cfg.cube)
     items = normalize_items(items, bands)
+    # inputs.skipped_assets: the probe's records (items left out, found again each attempt),
+    # then the parts of assets left out while the cube was computed (an earlier attempt's
+    # kept for the blocks this one reuses)
+    inputs = rec.setdefault("inputs", {})
+    earlier = [b for b in inputs.get("skipped_assets") or [] if b.get("problem") == READ_SKIPPED]
+    bad: list[dict] = []
     if cfg.cube.check_assets:
         items, bad = check_assets(items, bands, cfg.cube.on_bad_asset)
-        rec["inputs"]["skipped_assets"] = bad
+        inputs["skipped_assets"] = bad + earlier
+        for b in bad:
+            ctx.say(f"cube: {describe_skipped(b)}")
         if not items:
             b = bad[0]
             raise NoItemsFound(
@@ -127,20 +135,36 @@ def cube_stage(ctx: RunContext) -> None:
                 "Fix or download the assets again, or widen the search")
     ctx.say(f"cube: planning the cube of {len(items)} item(s) at {cfg.cube.resolution:g} m")
     t0 = time.perf_counter()
-    cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
-    ctx.say("cube: planned " + ", ".join(f"{zone_name(e)} {c.sizes['y']:,} x {c.sizes['x']:,} px"
-                                          for e, c in cubes.items()) + f" in {time.perf_counter() - t0:.1f} s")
-    multi = len(cubes) > 1
     zones, empty, written = {}, [], {}
-    # while the run's own worker imports TensorFlow, a worker in this process computes the cube
-    with ctx.data_workers() as workers:
-        rec["cube_computed_by"] = "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
-        for epsg, cube in cubes.items():
-            name = zone_name(epsg)
-            prefix = f"{name}/" if multi else ""
-            written[name] = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
-                                                      settings=ctx.settings("cube"), label=f"cube {name}",
-                                                      progress=ctx.progress, workers=workers)
+    reused: dict[str, set[int]] = {}  # per zone, the blocks an earlier attempt wrote
+    with SkippedReads(ctx.client) as skipped:
+        cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
+        ctx.say("cube: planned " + ", ".join(f"{zone_name(e)} {c.sizes['y']:,} x {c.sizes['x']:,} px"
+                                              for e, c in cubes.items()) + f" in {time.perf_counter() - t0:.1f} s")
+        multi = len(cubes) > 1
+        try:
+            # while the run's own worker imports TensorFlow, a worker in this process computes the cube
+            with ctx.data_workers() as workers:
+                rec["cube_computed_by"] = ("the cluster" if workers is None
+                                           else f"{MAIN_WORKER} (the workers loaded models)")
+                for epsg, cube in cubes.items():
+                    name = zone_name(epsg)
+                    prefix = f"{name}/" if multi else ""
+                    reused[name] = ctx.products.pending_blocks(prefix + "cube")
+                    written[name] = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
+                                                              settings=ctx.settings("cube"), label=f"cube {name}",
+                                                              progress=ctx.progress, workers=workers)
+                    if not written[name]["reused"]:
+                        reused[name] = set()
+        finally:  # also when a block fails: the next attempt keeps the records of the blocks it reuses
+            for epsg in cubes:
+                name = zone_name(epsg)
+                if name not in reused:
+                    reused[name] = ctx.products.pending_blocks((f"{name}/" if multi else "") + "cube")
+            parts = skipped.records({zone_name(e): c for e, c in cubes.items()}, reused, earlier)
+            inputs["skipped_assets"] = bad + parts
+            for part in parts:
+                ctx.say(f"cube: {describe_skipped(part)}")
     for epsg, cube in cubes.items():
         name = zone_name(epsg)
         prefix = f"{name}/" if multi else ""
@@ -188,7 +212,7 @@ def patches_stage(ctx: RunContext) -> None:
     p = ctx.cfg.patches
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
-        index = patch_index(cube, p.size, p.stride)
+        index = patch_index(cube, p.size, p.stride, client=ctx.client)  # counted by the workers
         ctx.products.write(index, z["prefix"] + "patches")
         valid = index["valid_fraction"].values >= p.min_valid_fraction
         z["patches"] = {"count": int(index.sizes["patch"]), "valid": int(valid.sum()),
