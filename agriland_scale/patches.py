@@ -79,6 +79,16 @@ def patch_index(cube: xr.Dataset, size: int, stride: int, client: Any = None) ->
         attrs={"patch_size": size, "stride": stride, "crs": str(cube.rio.crs),
                "n_rows": len(rows), "n_cols": len(cols)},
     )
+    unit = cube["x"].attrs.get("units", "m")  # CF: a long_name on every variable, units where any
+    for name, long_name, units in (
+            ("patch", "patch number", None), ("row", "row of the patch in the patch grid", None),
+            ("col", "column of the patch in the patch grid", None),
+            ("y0", "first pixel row of the patch in the cube", None),
+            ("x0", "first pixel column of the patch in the cube", None),
+            ("minx", "smallest x of the patch (cube CRS)", unit), ("miny", "smallest y of the patch (cube CRS)", unit),
+            ("maxx", "largest x of the patch (cube CRS)", unit), ("maxy", "largest y of the patch (cube CRS)", unit),
+            ("valid_fraction", "fraction of the patch's pixels with a clear observation", "1")):
+        idx[name].attrs.update({"long_name": long_name} | ({"units": units} if units else {}))
     return idx
 
 

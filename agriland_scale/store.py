@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -29,6 +29,7 @@ from zarr.core.codec_pipeline import BatchedCodecPipeline
 from zarr.registry import register_pipeline
 
 from agriland_scale.errors import CorruptInput, OutputError
+from agriland_scale.files import short_error
 from agriland_scale.layout import GROUPS, STORE, local_folder
 from agriland_scale.repo import (  # the repository's API, also here for the readers of groups
     _URL,
@@ -42,10 +43,10 @@ from agriland_scale.repo import (  # the repository's API, also here for the rea
     store_location,
 )
 
-__all__ = ["CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "fast_compressors", "has_group",
-           "history", "is_repo", "main_version", "open_cube", "open_product", "open_repo", "open_run",
-           "product_groups", "reader", "repo_storage", "store_location", "try_open_product", "with_checksums",
-           "write_georef", "write_group"]
+__all__ = ["CF_CONVENTIONS", "CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "fast_compressors",
+           "gdal_crs", "has_group", "history", "is_repo", "main_version", "open_cube", "open_product", "open_repo",
+           "open_run", "product_groups", "reader", "repo_storage", "run_relative", "store_location",
+           "try_open_product", "with_checksums", "write_georef", "write_group"]
 
 # a product store as the functions below take it: an opened Zarr store (an Icechunk
 # session's store, pickled to workers), a run folder or its store, or a plain Zarr path
@@ -203,6 +204,59 @@ def _xy_attrs(crs) -> tuple[dict, dict]:
              "units": unit, "axis": "Y"})
 
 
+# the CF version the products follow: every product group's global ``Conventions``
+CF_CONVENTIONS = "CF-1.10"
+
+
+def gdal_crs(crs: Any) -> dict[str, Any]:
+    """Return GDAL's ``_CRS`` attribute for ``crs`` (anything pyproj accepts).
+
+    GDAL's Zarr driver reads an array's CRS from its ``_CRS`` attribute (``.zattrs`` in Zarr
+    v2, ``attributes`` in v3), a dict with ``wkt`` (WKT2 2019), ``projjson`` and, for an EPSG
+    CRS, ``url`` (the OGC URL of the code). Every GDAL with a Zarr driver finds it (Debian 12's
+    GDAL 3.6, that of QGIS 3.22, included), where only newer ones read the CF ``grid_mapping``
+    (GDAL 3.10 does, 3.6 does not).
+    """
+    from pyproj import CRS
+
+    c = CRS.from_user_input(crs)
+    out: dict[str, Any] = {"wkt": c.to_wkt(), "projjson": c.to_json_dict()}
+    epsg = c.to_epsg()
+    if epsg is not None:
+        out["url"] = f"http://www.opengis.net/def/crs/EPSG/0/{epsg}"
+    return out
+
+
+def _is_remote(location: str | Path) -> bool:
+    """Tell whether ``location`` is a URL other than ``file://`` (no path of this machine)."""
+    return _URL.match(str(location)) is not None and not str(location).lower().startswith("file://")
+
+
+def run_relative(path: str | Path, *runs: str | Path) -> str:
+    """Return ``path`` as a product attribute names it: relative to the run, never a machine path.
+
+    ``runs`` are the run's folder (or its working copy) and URL. A file inside one of them is
+    named relative to it (``models/unet.keras``); a URL outside them (``s3://``...) is kept;
+    a local file outside them (a path or ``file://`` URL) is named by its file name alone: the
+    folders of the machine that made the run are no part of the product.
+    """
+    text = str(path)
+    for run in runs:
+        root = str(run).rstrip("/")
+        if root and text.startswith(root + "/"):
+            return text[len(root) + 1:]
+    if _is_remote(text):
+        return text
+    local = local_folder(text)
+    for run in runs:
+        if str(run) and not _is_remote(run):
+            try:
+                return local.relative_to(local_folder(run)).as_posix()
+            except ValueError:
+                pass
+    return local.name
+
+
 def _declared_fill(var: xr.DataArray):
     """Return the CF ``_FillValue`` a variable will be written with (encoding first), or None."""
     for where in (var.encoding, var.attrs):
@@ -225,6 +279,10 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
       ``fill_value`` too; an integer variable declaring none gets its dtype's maximum as Zarr
       ``fill_value`` (a reader that takes the Zarr fill value as nodata, as GDAL does, then
       hides no valid value, e.g. a ``clear_count`` of 0), unless a ``fill_value`` is set.
+    - the global attribute ``Conventions`` says :data:`CF_CONVENTIONS`;
+    - a scalar coordinate whose CF ``bounds`` variable is not in ``ds`` is dropped: the cube's
+      ``time`` (the composite's time, with ``time_bounds``), which every variable made on the
+      cube's x/y coordinates inherits, is the cube's alone.
 
     Parameters
     ----------
@@ -238,8 +296,12 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
     xarray.Dataset
         A georeferenced copy of ``ds``.
     """
+    inherited = [name for name, c in ds.coords.items() if c.ndim == 0
+                 and (c.attrs.get("bounds") or c.encoding.get("bounds")) not in (None, *ds.variables)]
+    ds = ds.drop_vars(inherited)
     ds = ds.rio.write_crs(crs)
     ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
+    ds.attrs["Conventions"] = CF_CONVENTIONS
     gm = ds.rio.grid_mapping
     xd, yd = ds.rio.x_dim, ds.rio.y_dim
     x_attrs, y_attrs = _xy_attrs(ds.rio.crs)
@@ -287,7 +349,8 @@ def open_cube(store: StoreLike, group: str = "cube", *, dask: bool = True) -> xr
     # the store lists its arrays in no fixed order: reflectance first, so that the dataset's
     # dimensions read (band, y, x) on every run
     order = [v for v in ("reflectance",) if v in ds.data_vars]
-    ds = ds[order + sorted(str(v) for v in ds.data_vars if v not in order)]
+    listed = ds[order + sorted(str(v) for v in ds.data_vars if v not in order)]
+    ds = listed.assign_coords({k: c for k, c in ds.coords.items() if k not in listed.coords})  # time_bounds
     return _packed_as_float32(ds) if dask else ds
 
 
@@ -366,7 +429,7 @@ def try_open_product(store: StoreLike, group: str) -> xr.Dataset | None:
             warnings.simplefilter("ignore")
             return open_product(store, group)
     except Exception as e:  # a half-written group: show the rest of the run
-        log.warning("cannot open group %s of %s: %s", group, store, e)
+        log.warning("cannot open group %s of %s: %s", group, store, short_error(e))
         return None
 
 
@@ -421,6 +484,14 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
     ``xr.open_zarr(dest, group=G, decode_coords="all")`` reads what :func:`open_product`
     reads. ``zarr_format=2`` writes a Zarr v2 copy (GDAL 3.10 reads v2, not our v3 codecs).
 
+    For the readers outside agriland, every georeferenced array also carries GDAL's ``_CRS``
+    attribute (:func:`gdal_crs`: how every GDAL and QGIS finds the CRS, beside CF's
+    ``grid_mapping``), every group and the root say ``Conventions`` (:data:`CF_CONVENTIONS`),
+    and the metadata is consolidated (Zarr v2's ``.zmetadata``, in the root and in each group;
+    zarr-python's consolidated metadata in v3), so that ``xr.open_zarr(dest, group=G)`` opens it
+    with one read and no warning, locally or over HTTP. ``_CRS`` is a dict: drop it from a
+    variable's ``attrs`` before writing it to netCDF.
+
     Returns
     -------
     list of str
@@ -445,8 +516,13 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
         ds = xr.open_zarr(store, group=g, consolidated=False, mask_and_scale=False, decode_times=False,
                           decode_coords="all")
         src = zarr.open_group(store, path=g, mode="r")
+        ds.attrs.setdefault("Conventions", CF_CONVENTIONS)
         for name, v in ds.variables.items():
-            keep = {k: v.encoding[k] for k in ("chunks", "dtype", "grid_mapping", "coordinates") if k in v.encoding}
+            keep = {k: v.encoding[k] for k in ("chunks", "dtype", "grid_mapping", "coordinates", "bounds")
+                    if k in v.encoding}
+            gm = keep.get("grid_mapping")
+            if gm in ds.variables and "crs_wkt" in ds[gm].attrs:  # GDAL's CRS, beside CF's
+                v.attrs["_CRS"] = gdal_crs(ds[gm].attrs["crs_wkt"])
             # the fill value as stored, and none where none was declared (xarray would add NaN)
             keep["_FillValue"] = v.attrs.pop("_FillValue", v.encoding.get("_FillValue"))
             if zarr_format == 3 and str(name) in src:  # the Zarr fill value as stored (GDAL's nodata)
@@ -455,5 +531,18 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
             ds.to_zarr(str(tmp), group=g, mode="w", zarr_format=zarr_format, consolidated=False)
+    _finish_export(str(tmp), groups, zarr_format)
     os.replace(tmp, dest_path)  # the copy appears whole
     return groups
+
+
+def _finish_export(path: str, groups: list[str], zarr_format: int) -> None:
+    """Say the root's ``Conventions`` and consolidate the metadata of each group, then of the root."""
+    fmt = cast(Literal[2, 3], zarr_format)
+    root = zarr.open_group(path, mode="a", zarr_format=fmt)
+    root.attrs["Conventions"] = CF_CONVENTIONS
+    with warnings.catch_warnings():  # v3: consolidated metadata is zarr-python's, not yet the spec's
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        for g in groups:
+            zarr.consolidate_metadata(path, path=g, zarr_format=fmt)
+        zarr.consolidate_metadata(path, zarr_format=fmt)

@@ -11,6 +11,7 @@ by :func:`segment_region`, and a cluster map made by :func:`cluster_map`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,127 @@ def test_gdal_zarr_v3_open_of_the_store(store):
                     "GIS users read the COGs, or a Zarr v2 copy (agriland export --zarr-format 2)")
     with rasterio.open(url) as src:  # pragma: no cover - GDAL >= 3.11 only
         assert src.crs == store["crs"] and src.transform == store["transform"] and src.nodata == 255
+
+
+# --- CF beyond georeferencing: Conventions, long names, standard names, time, packing, paths ---
+
+def _walk_attrs(path: str):
+    """(node path, attributes) of the root, every group and every array of a Zarr store."""
+    root = zarr.open_group(path, mode="r", use_consolidated=False)
+    yield "", dict(root.attrs)
+    for name, node in root.members(max_depth=None):
+        yield name, dict(node.attrs)
+
+
+def test_every_variable_has_a_long_name_and_every_group_says_conventions(store):
+    """CF: the root and every product group say ``Conventions: CF-1.10``; every variable that
+    the library's own functions make (load_cube, segment_region, cluster_map, patch_index) has a
+    long_name, except the grid mapping and the time bounds (CF: metadata of what they qualify)."""
+    from agriland_scale.patches import patch_index
+    from agriland_scale.store import open_cube
+
+    path = store["path"]
+    assert zarr.open_group(path, mode="r").attrs["Conventions"] == "CF-1.10"
+    made = {"cube": None, "segmentation": None, "clusters": ["cluster_map", "x", "y"]}
+    for group, names in made.items():
+        g = zarr.open_group(path, path=group, mode="r")
+        assert g.attrs["Conventions"] == "CF-1.10", group
+        for name in names or [str(n) for n in g.array_keys()]:
+            a = _attrs(path, group, name)
+            if "grid_mapping_name" in a or name == "time_bounds":
+                continue
+            assert a.get("long_name"), (group, name)
+    index = patch_index(open_cube(store["run"]), 64, 64)
+    assert all(index[v].attrs.get("long_name") for v in index.variables), \
+        [v for v in index.variables if not index[v].attrs.get("long_name")]
+
+
+def test_cube_reflectance_has_a_standard_name_and_a_time_coordinate_with_bounds(store):
+    """The demo item is L1C: TOA reflectance (units 1), a median over time. The composite's time
+    is a scalar coordinate (the cube stays (band, y, x)) with CF bounds holding its first and
+    last acquisition (the demo item covers 2015-06-23 to 2016-06-10); the dates attribute stays.
+    Products made from the cube do not inherit ``time`` without its bounds."""
+    from agriland_scale.store import open_cube
+
+    path = store["path"]
+    a = _attrs(path, "cube", "reflectance")
+    assert (a["standard_name"], a["units"], a["cell_methods"]) == ("toa_bidirectional_reflectance", "1", "time: median")
+    assert "time" in a["coordinates"].split()
+    t = _attrs(path, "cube", "time")
+    assert (t["standard_name"], t["bounds"], t["units"]) == ("time", "time_bounds", "seconds since 1970-01-01")
+    assert "coordinates" not in zarr.open_group(path, path="cube", mode="r").attrs  # no non-CF global list
+    for cube in (xr.open_zarr(path, group="cube", decode_coords="all"), open_cube(store["run"])):
+        assert cube["reflectance"].dims == ("band", "y", "x") and set(cube.data_vars) == {"reflectance", "clear_count"}
+        assert cube["time"].ndim == 0 and cube["time_bounds"].dims == ("nv",)
+        first, last = cube["time_bounds"].values
+        assert (first, last) == (np.datetime64("2015-06-23"), np.datetime64("2016-06-10"))
+        assert first <= cube["time"].values <= last
+        assert cube.attrs["dates"] == ["2015-06-23"]
+    plain = xr.open_zarr(path, group="cube")  # CF's view: time_bounds a variable of its own
+    assert plain["time"].attrs["bounds"] == "time_bounds" and "time_bounds" in plain.variables
+    for group in ("segmentation", "clusters"):
+        assert "time" not in xr.open_zarr(path, group=group).variables, group
+
+
+def test_l2a_cube_is_surface_reflectance():
+    """An L2A item gives surface reflectance, its acquisition time both bounds (lazy: nothing read)."""
+    import pystac
+
+    from agriland_scale.config.schema import CubeConfig
+    from agriland_scale.cube.load import load_cube, processing_level
+
+    data = Path(__file__).parent / "data"
+    l2a = pystac.Item.from_file(str(data / "l2a-29rkh" / "item.json"))
+    cube = load_cube([l2a], CubeConfig(cloud_mask="scl", resolution=100, chunk=128), l2a.bbox)
+    assert cube["reflectance"].attrs["standard_name"] == "surface_bidirectional_reflectance"
+    assert cube["reflectance"].attrs["units"] == "1"
+    assert list(cube["time_bounds"].values) == [np.datetime64("2020-02-19T11:34:25")] * 2
+    l1c = pystac.Item.from_file(str(data / "virginia-l1c" / "item.json"))
+    assert processing_level([l1c]) == "L1C" and processing_level([l2a, l1c]) is None
+    by_type = l1c.clone()
+    del by_type.properties["processing:level"]
+    by_type.properties["s2:product_type"] = "S2MSI2A"
+    by_collection = l1c.clone()
+    del by_collection.properties["processing:level"]
+    by_collection.collection_id = "sentinel-2-c1-l2a"
+    assert processing_level([by_type, by_collection, l2a]) == "L2A"
+
+
+def test_packed_probability_is_cf_packed_data(store):
+    """uint8 stored, float32 scale_factor 1/254 and add_offset 0, _FillValue 255 outside the
+    valid_range [0, 254] (in stored values): what CF (1.9 on: unsigned types) allows; decoded by
+    xarray to 0..1 with NaN for nodata. The mask: flag values 0/1 with meanings, 255 fill."""
+    path = store["path"]
+    a = _attrs(path, "segmentation", "probability")
+    arr = zarr.open_array(path, path="segmentation/probability", mode="r")
+    assert arr.dtype == np.uint8 and a["_FillValue"] == 255 and a["valid_range"] == [0, 254]
+    assert a["scale_factor"] == pytest.approx(1 / 254) and a["add_offset"] == 0
+    assert np.float32(a["scale_factor"]) * np.float32(254) == np.float32(1)
+    assert not a["valid_range"][0] <= a["_FillValue"] <= a["valid_range"][1]
+    raw = arr[...]
+    assert ((raw <= 254) | (raw == 255)).all()
+    prob = xr.open_zarr(path, group="segmentation")["probability"].values
+    assert np.array_equal(np.isnan(prob), raw == 255) and np.nanmax(prob) <= 1 and np.nanmin(prob) >= 0
+    m = _attrs(path, "segmentation", "mask")
+    assert m["flag_values"] == [0, 1] and m["flag_meanings"] == "other agricultural" and m["_FillValue"] == 255
+
+
+def test_no_path_of_the_machine_in_any_attribute(store):
+    """No attribute of the export names a folder of the machine (the U-Net given by its
+    absolute path is named by its file name)."""
+    machine = str(store["run"].parent)
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    for node, attrs in _walk_attrs(store["path"]):
+        for text in strings(attrs):
+            assert machine not in text and not text.startswith("/"), (node, text)
+    assert _attrs(store["path"], "segmentation", "probability")["model"] == "unet.keras"

@@ -262,7 +262,7 @@ def test_summarise_run(published):
     from agriland_scale.store import reader
 
     cube = xr.open_zarr(reader(out), group="cube", consolidated=False)
-    assert s["region"]["shape"] == dict(cube.sizes) == {"band": 4, "y": 1024, "x": 1024}
+    assert s["region"]["shape"] == {d: cube.sizes[d] for d in ("band", "y", "x")} == {"band": 4, "y": 1024, "x": 1024}
     assert s["region"]["crs"] == "EPSG:32618" and s["region"]["resolution_m"] == cfg.cube.resolution
     assert s["region"]["bbox"] == list(cfg.search.bbox)
     assert [(r["stage"], r["status"]) for r in s["stages"]] == [(n, "done") for n in STAGE_NAMES]

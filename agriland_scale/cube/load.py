@@ -45,7 +45,7 @@ from agriland_scale.search.items import acquired, group_by_zone, item_epsg, norm
 from agriland_scale.search.stac import item_tile
 from agriland_scale.store import fast_compressors, write_georef
 
-__all__ = ["S2CLOUDLESS_BANDS", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "read_chunk", "region_mask", "s2cloudless_mask", "write_georef"]
+__all__ = ["REFLECTANCE_STANDARD_NAMES", "S2CLOUDLESS_BANDS", "composite_time", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "processing_level", "read_chunk", "region_mask", "s2cloudless_mask", "write_georef"]
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,12 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
         var.encoding["compressors"] = fast_compressors()
     out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
                                     composite=cfg.composite)
+    out["band"].attrs.update(long_name="Sentinel-2 band")
+    level = processing_level(items)  # CF: TOA (L1C) or surface (L2A) reflectance
+    if level in REFLECTANCE_STANDARD_NAMES:
+        out["reflectance"].attrs.update(standard_name=REFLECTANCE_STANDARD_NAMES[level], processing_level=level)
+    if cfg.composite in ("median", "mean"):  # CF cell methods: over the time of the composite
+        out["reflectance"].attrs["cell_methods"] = f"time: {cfg.composite}"
     if encoded:  # already packed: written as it is, decoded by readers
         out["reflectance"].attrs.update(scale_factor=step, _FillValue=np.int16(PACK_FILL))
         out["reflectance"].encoding.update(dtype="int16")
@@ -327,8 +333,60 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
             s2cloudless_resolution_m=cfg.s2cloudless_resolution)
     out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution,
                      dates=[str(t)[:10] for t in ds.time.values])
+    out = out.assign_coords(composite_time(items))
     assert geobox.crs is not None  # cube_geobox always sets the zone's CRS
     return write_georef(out, geobox.crs.epsg or str(geobox.crs))
+
+
+# the CF standard name of the reflectance of each Sentinel-2 processing level
+REFLECTANCE_STANDARD_NAMES = {"L1C": "toa_bidirectional_reflectance", "L2A": "surface_bidirectional_reflectance"}
+
+
+def processing_level(items: Sequence[pystac.Item]) -> str | None:
+    """Return the items' Sentinel-2 processing level, ``L1C`` or ``L2A``, when they all have the same one.
+
+    Read from ``processing:level``, else ``s2:product_type`` (``S2MSI1C``, ``S2MSI2A``), else
+    the collection id (``sentinel-2-l2a``); None when an item says neither or they differ.
+    """
+    levels = set()
+    for item in items:
+        p = item.properties
+        text = str(p.get("processing:level") or p.get("s2:product_type") or item.collection_id or "").upper()
+        levels.add("L2A" if "L2A" in text or text.endswith("2A") else
+                   "L1C" if "L1C" in text or text.endswith("1C") else None)
+    return levels.pop() if len(levels) == 1 else None
+
+
+def composite_time(items: Sequence[pystac.Item]) -> dict[str, xr.Variable]:
+    """Return the CF time coordinates of a composite of ``items``: ``time`` and ``time_bounds``.
+
+    ``time_bounds`` (dim ``nv``, 2) holds the first and the last acquisition (UTC; an item's
+    ``start_datetime`` / ``end_datetime`` where it covers a range); ``time``, a scalar
+    coordinate (no dimension: the cube stays ``(band, y, x)``), the middle of that range, with
+    ``bounds: time_bounds``. Both are stored as int64 seconds since 1970-01-01. Empty when no
+    item has a time.
+    """
+    from datetime import timezone
+
+    def utc(when: Any) -> np.datetime64:
+        if when.tzinfo is not None:
+            when = when.astimezone(timezone.utc).replace(tzinfo=None)
+        return np.datetime64(when, "s")
+
+    starts = [utc(t) for i in items if (t := i.common_metadata.start_datetime or i.datetime) is not None]
+    ends = [utc(t) for i in items if (t := i.common_metadata.end_datetime or i.datetime) is not None]
+    if not starts or not ends:
+        return {}
+    first, last = min(starts), max(ends)
+    enc = {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
+    # "bounds" in the encoding, as xarray decodes it: written as the attribute, and time_bounds
+    # then not listed in a (non-CF) global "coordinates" attribute
+    time = xr.Variable((), first + (last - first) // 2,
+                       {"standard_name": "time", "long_name": "time of the composite (middle of its acquisitions)"},
+                       enc | {"bounds": "time_bounds"})
+    bounds = xr.Variable(("nv",), np.array([first, last]),
+                         {"long_name": "first and last acquisition of the composite"}, dict(enc))
+    return {"time": time, "time_bounds": bounds}
 
 
 def describe_search(items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...],

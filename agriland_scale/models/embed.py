@@ -158,7 +158,9 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     arr = da.concatenate(parts)
     ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},
                     coords={"patch": index["patch"].values, "dim": np.arange(dim)})
-    ds["embedding"].attrs.update(long_name="CAE patch embedding", model=str(model_path),
-                                 units="1", note="NaN for patches below min_valid_fraction",
-                                 precision=precision)
+    ds["embedding"].attrs.update(long_name="CAE patch embedding",
+                                 model=str(model_path).rstrip("/").rsplit("/", 1)[-1], units="1",
+                                 note="NaN for patches below min_valid_fraction", precision=precision)
+    ds["patch"].attrs.update(long_name="patch number (as in the patches group)")
+    ds["dim"].attrs.update(long_name="embedding dimension")
     return ds

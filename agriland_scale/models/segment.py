@@ -307,13 +307,17 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
     mask = da.where(da.isnan(prob), 255, (prob >= threshold).astype("uint8")).astype("uint8")
     ds = xr.Dataset({"probability": (("y", "x"), prob), "mask": (("y", "x"), mask)},
                     coords={"y": cube.y, "x": cube.x})
+    # the model by its file name, never a path of this machine (the pipeline names it relative
+    # to the run: store.run_relative)
     ds["probability"].attrs.update(long_name="agricultural land probability", units="1",
-                                   model=str(model_path), window=window, training_window=trained,
-                                   overlap=overlap, precision=precision)
+                                   model=str(model_path).rstrip("/").rsplit("/", 1)[-1], window=window,
+                                   training_window=trained, overlap=overlap, precision=precision,
+                                   valid_range=np.array([0, 254], dtype="uint8"))
     ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
-                            flag_values=[0, 1], flag_meanings="other agricultural")
+                            flag_values=np.array([0, 1], dtype="uint8"), flag_meanings="other agricultural")
     # nodata agrees everywhere: CF _FillValue == Zarr fill_value == 255, never a valid value
-    # (the probability is stored as round(p * 254) in 0..254, the mask as 0/1)
+    # (the probability is stored as round(p * 254) in 0..254, its CF valid_range in stored
+    # values, the mask as 0/1)
     ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254),
                                       add_offset=np.float32(0), _FillValue=np.uint8(255),
                                       fill_value=np.uint8(255))

@@ -49,7 +49,7 @@ from agriland_scale.publish.stac import write_stac
 from agriland_scale.publish.vector import write_fields
 from agriland_scale.search.items import acquired, normalize_items
 from agriland_scale.search.stac import api_url, region_of, search_items
-from agriland_scale.store import open_cube, open_product, write_georef
+from agriland_scale.store import open_cube, open_product, run_relative, write_georef
 
 __all__ = ["STAGE_FUNCTIONS"]
 
@@ -267,6 +267,7 @@ def embeddings_stage(ctx: RunContext) -> None:
                             group=z["prefix"] + "cube",
                             precision="mixed_float16" if e.mixed_precision and ctx.res
                             else ctx.precision("embeddings"))
+        emb["embedding"].attrs["model"] = run_relative(ctx.record["cae"]["encoder_path"], ctx.out, ctx.location)
         stats = ctx.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", ctx.client,
                                           settings=ctx.settings("embeddings"),
                                           label=f"embeddings {name}", progress=ctx.progress)
@@ -297,6 +298,10 @@ def clusters_stage(ctx: RunContext) -> None:
             cl[v].encoding["_FillValue"] = np.int16(-1)
         cl["labels"].attrs.update(long_name="DEC cluster", comment=NOT_CLUSTERED)
         cl["kmeans_labels"].attrs.update(long_name="k-means cluster", comment=NOT_CLUSTERED)
+        cl["soft"].attrs.update(long_name="DEC soft assignment: probability of each cluster", units="1")
+        cl["centroids"].attrs.update(long_name="DEC cluster centre in the embedding space", units="1")
+        cl["patch"].attrs.update(long_name="patch number (as in the patches group)")
+        cl["cluster"].attrs.update(long_name="cluster id")
         cl["cluster_map"] = cluster_map(cl["labels"].values, index, cube)
         cl = write_georef(cl, cube.rio.crs)
         ctx.products.write(cl, z["prefix"] + "clusters")
@@ -313,6 +318,7 @@ def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
         try:
             labels[name] = load_labels(label_path, open_cube(ctx.store, z["prefix"] + "cube"),
                                        s.positive_classes)
+            labels[name].attrs["source"] = run_relative(label_path, ctx.out, ctx.location)  # no machine path
         except EmptyRegion as err:
             why.append(f"{name}: {err}")
     if not labels:
@@ -366,12 +372,14 @@ def segmentation_stage(ctx: RunContext) -> None:
                              threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
                              group=z["prefix"] + "cube", inference_window=s.inference_window,
                              precision=ctx.precision("segmentation"))
+        seg["probability"].attrs["model"] = run_relative(ctx.record["unet"]["model_path"], ctx.out, ctx.location)
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)
             chunks = dict(zip(("y", "x"), prob_chunks))
             seg["training_label"] = labels[name].chunk(chunks)
             seg["training_label"].encoding.update(_FillValue=None)
+            seg["training_label"].attrs.update(long_name="U-Net training label")
         seg = write_georef(seg, cube.rio.crs)
         stats = ctx.products.write_blocks(seg, z["prefix"] + "segmentation", "y", ctx.client,
                                           settings=ctx.settings("segmentation"),
