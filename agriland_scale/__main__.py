@@ -32,7 +32,9 @@ def entry() -> int:
     other exit handler (distributed's, multiprocessing's, temporary files') by then; it
     flushes the logs and the standard streams and ends the process with :func:`main`'s
     status (argparse's for ``--help``, 1 for an uncaught exception). Only the console script
-    (and ``python -m agriland_scale[.cli]``) does this, never a caller of :func:`main`.
+    (and ``python -m agriland_scale``) does this, never a caller of :func:`main` (nor
+    ``python -m agriland_scale.cli``, which runs :func:`main` alone: this module imports the
+    CLI, never the other way round).
     """
     import atexit
 

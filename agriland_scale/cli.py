@@ -431,7 +431,5 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 1
 
 
-if __name__ == "__main__":
-    from agriland_scale.__main__ import entry
-
-    sys.exit(entry())
+if __name__ == "__main__":  # python -m agriland_scale.cli; the console script is agriland_scale.__main__
+    sys.exit(main())
