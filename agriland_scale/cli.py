@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run a pipeline file (continues an unfinished run in --out)")
     p_run.add_argument("pipeline", type=Path)
     run_opts(p_run)
+    p_run.add_argument("--until", choices=STAGES, metavar="STAGE",
+                       help="stop after STAGE, e.g. clusters (then label them: export-labels)")
     p_cae = sub.add_parser("train-cae", help="train the convolutional autoencoder on a region's patches")
     p_cae.add_argument("pipeline", type=Path)
     run_opts(p_cae)
@@ -370,7 +372,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "demo":
             return _run(DEMO, args)
         if args.command == "run":
-            return _run(args.pipeline, args)
+            return _run(args.pipeline, args, until=args.until)
         if args.command in ("train-cae", "train-unet"):
             return _run(args.pipeline, args, until=args.command.removeprefix("train-"))
         if args.command == "search":

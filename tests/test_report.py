@@ -348,3 +348,34 @@ def test_report_renders_in_headless_chromium(published, tmp_path):
     srcs = _images(dom)
     assert len(srcs) >= 4 and all(src.startswith("data:image/") for src in srcs)
     assert "dashboard" in dom.lower() and "stage" in dom.lower()
+
+
+def test_report_links_the_files_and_says_which_epoch_its_iou_is_of(tmp_path):
+    """Links to the COGs, the STAC collection and the store; the validation IoU's epoch (the kept one)."""
+    from agriland_scale.models.files import write_sidecar
+
+    (tmp_path / "cog").mkdir()
+    for name in ("cluster_map.tif", "probability.tif"):
+        (tmp_path / "cog" / name).write_bytes(b"\0" * 1024)
+    (tmp_path / "stac").mkdir()
+    (tmp_path / "stac" / "collection.json").write_text("{}")
+    (tmp_path / "agriland.icechunk").mkdir()
+    (tmp_path / "models").mkdir()
+    per_epoch = [{"epoch": e, "loss": 0.5, "val_loss": v, "iou": i}
+                 for e, v, i in ((1, 0.6, 0.5), (2, 0.3, 0.805), (3, 0.3, 0.7), (4, 0.4, 0.62))]
+    write_sidecar(str(tmp_path / "models" / "unet.keras"), {
+        "model": "unet", "epochs": 10, "steps_per_epoch": 4, "batch_size": 2, "per_epoch": per_epoch,
+        "validation_metrics": {"iou": 0.805, "f1": 0.89}, "validation_windows": 3, "train_windows": 9,
+        "validation": {"side": "east", "split_px": 100}})
+    (tmp_path / "run.json").write_text(json.dumps({
+        "config": {"name": "files"}, "stages": {s: "done" for s in STAGE_NAMES}, "timings_s": {"total": 1.0},
+        "products": {"zarr": str(tmp_path / "agriland.icechunk"), "stac": str(tmp_path / "stac/collection.json"),
+                     "cogs": [str(tmp_path / "cog" / "probability.tif")]}}))
+    page = write_report(tmp_path).read_text()
+    links = re.findall(r'<a href="([^"]*)"', page)
+    assert {"cog/cluster_map.tif", "cog/probability.tif", "stac/collection.json", "agriland.icechunk/"} <= set(links)
+    assert not [x for x in links if x.startswith("/")]  # relative to the run folder: the folder can move
+    text = re.sub(r"<[^>]+>", "", page)
+    # epoch 2 has the lowest validation loss (epoch 3 ties, later): its weights are kept
+    assert "IoU 0.805 at epoch 2 (best checkpoint: lowest validation loss) of 4 run (10 scheduled, stopped early)" in text
+    assert "the last epoch (4) ended at IoU 0.620" in text

@@ -37,10 +37,28 @@ try:  # the parser odc.stac.load uses by default (private: without it, failed re
 except ImportError:  # pragma: no cover
     _StacMDParser = None
 
-__all__ = ["GRID_TOLERANCE_PX", "READ_SKIPPED", "SKIPPED_READS_TOPIC", "SkippedReads", "check_assets",
-           "describe_skipped", "read_items"]
+__all__ = ["GDAL_CLOUD_OPTIONS", "GRID_TOLERANCE_PX", "READ_SKIPPED", "SKIPPED_READS_TOPIC", "SkippedReads", "check_assets",
+           "configure_rio", "describe_skipped", "read_items"]
 
 log = logging.getLogger(__name__)
+
+
+# GDAL's settings for reading COGs over HTTP(S) and object storage: odc-stac's cloud defaults
+# (no directory listing on open; 10 retries of 429/5xx answers and dropped connections, from
+# 0.5 s apart) and ranges of one read merged into one request
+GDAL_CLOUD_OPTIONS: dict[str, Any] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "10", "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_MULTIRANGE": "YES", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+}
+
+
+def configure_rio() -> None:
+    """Set :data:`GDAL_CLOUD_OPTIONS` as odc-stac's GDAL configuration, for every read of a cube.
+
+    ``odc.stac.configure_rio(cloud_defaults=True, ...)``: odc-stac copies the configuration
+    into each load's Dask tasks, so the workers (local or remote) read with it too.
+    """
+    odc.stac.configure_rio(cloud_defaults=True, **GDAL_CLOUD_OPTIONS)
 
 
 # the file's grid and the item's proj:transform may place a corner of the asset this fraction of
@@ -162,7 +180,7 @@ def _probe_asset(item: pystac.Item, band: str, *, full: bool = False) -> dict | 
     href = item.assets[band].get_absolute_href() or item.assets[band].href
     record = {"item": item.id, "asset": band, "href": href}
     try:
-        with rasterio.open(href) as ds:
+        with rasterio.Env(**GDAL_CLOUD_OPTIONS), rasterio.open(href) as ds:
             mismatch = _grid_mismatch(item, band, ds)
             if mismatch:
                 return record | {"problem": "georeferencing", "error": mismatch}
@@ -365,10 +383,12 @@ class _NamedRioDriver(RioDriver):
 def read_items(items: Sequence[pystac.Item], cfg: CubeConfig, *, part: int | None = None, **kw) -> xr.Dataset:
     """``odc.stac.load`` with reads that name the failing item, asset and href.
 
+    GDAL reads with :data:`GDAL_CLOUD_OPTIONS` (:func:`configure_rio`), on the workers too.
     ``part``: with ``cube.on_bad_asset: skip``, the side (px of the destination grid) of the
     parts a failed chunk is read again in, so that only those that fail are left out. Called
     inside ``with SkippedReads(client)``, the reads left out are reported to it.
     """
+    configure_rio()
     driver = _NamedRioDriver(cfg.on_bad_asset, part) if _StacMDParser is not None else None
     return odc.stac.load(list(items), fail_on_error=True, driver=driver, **kw)
 

@@ -32,6 +32,20 @@ __all__ = ["train_cae", "train_unet"]
 log = logging.getLogger(__name__)
 
 
+CAE_LABEL, UNET_LABEL = "CAE training", "U-Net training"
+_TENSORFLOW = "waiting for the worker's TensorFlow…"
+
+
+def _phase(tag: str | None, label: str, text: str, done: int = 0, total: int = 0) -> None:
+    """Tell the client that started the task which phase a training is in (before its steps).
+
+    A milestone of :func:`agriland_scale.models.worker.report_progress` with no step done
+    (``total`` 0: not counted yet); the first one, at the task's start, starts the training's
+    clock on the client.
+    """
+    _worker.report_progress(tag, label, done, total, text, True)
+
+
 def _relay_callback(label: str, epochs: int, steps: int, tag: str | None):
     """Make a Keras callback sending training progress to the client that started the task.
 
@@ -87,6 +101,8 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
     training history and timing. With ``cfg.train.epochs == 0`` the model is saved untrained.
     """
+    total = cfg.train.epochs * cfg.train.steps_per_epoch
+    _phase(progress_tag, CAE_LABEL, _TENSORFLOW, total=total)
     _worker.configure_tensorflow()
     import keras
     import tensorflow as tf
@@ -94,8 +110,10 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     from agriland_scale.models.encoder import build_cae
 
     t0 = time.perf_counter()
+    _phase(progress_tag, CAE_LABEL, f"reading {len(y0)} patches…", total=total)
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
+    _phase(progress_tag, CAE_LABEL, "building the model…", total=total)
     cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
                     embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed,
                     bands=[canonical_band(b) for b in cfg.bands])
@@ -113,13 +131,15 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
         # a checkpoint after every epoch (the autoencoder's weights), for long schedules
         ckpt = keras.callbacks.ModelCheckpoint(str(Path(out_path).with_suffix(".checkpoint.keras")),
                                                save_freq="epoch")
-        relay = _relay_callback("CAE training", tc.epochs, tc.steps_per_epoch, progress_tag)
+        relay = _relay_callback(CAE_LABEL, tc.epochs, tc.steps_per_epoch, progress_tag)
+        _phase(progress_tag, CAE_LABEL, "tracing the first step…", total=total)
         h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
                             shuffle=False, verbose=0, callbacks=[ckpt, relay])
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
     from agriland_scale.models.encoder import encoder_from_cae
     from agriland_scale.models.files import write_sidecar
 
+    _phase(progress_tag, CAE_LABEL, "saving the model…", total, total)
     cae.save(out_path)
     # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
     Path(out_path).with_suffix(".checkpoint.keras").unlink(missing_ok=True)
@@ -160,6 +180,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
     validation loss with the best weights kept. IoU, F1 and pixel accuracy on the
     validation windows are computed after every epoch and returned.
     """
+    _phase(progress_tag, UNET_LABEL, _TENSORFLOW)
     _worker.configure_tensorflow()
     import keras
     import tensorflow as tf
@@ -186,8 +207,10 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
         lab = np.stack([label[r:r + win, c:c + win] for r, c in offsets])[..., None]
         return img, lab
 
+    _phase(progress_tag, UNET_LABEL, f"reading {len(tr)} training and {len(va)} validation windows…")
     xtr, ytr = load(tr)
     xva, yva = load(va)
+    _phase(progress_tag, UNET_LABEL, "building the model…")
     n_b = xtr.shape[-1]
     model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
     model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss),
@@ -208,14 +231,16 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
             per_epoch.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, **m})
 
     ckpt = str(Path(out_path).with_suffix(".best.keras"))
-    callbacks = [Metrics(), _relay_callback("U-Net training", tc.epochs, steps, progress_tag),
+    callbacks = [Metrics(), _relay_callback(UNET_LABEL, tc.epochs, steps, progress_tag),
                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
                                                restore_best_weights=True),
                  keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
     if tc.epochs > 0:
+        _phase(progress_tag, UNET_LABEL, "tracing the first step…", total=tc.epochs * steps)
         model.fit(ds, epochs=tc.epochs, steps_per_epoch=steps,
                   validation_data=(xva, yva.astype("float32")), callbacks=callbacks,
                   shuffle=False, verbose=0)
+    _phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
     model.save(out_path)
     Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
     final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))

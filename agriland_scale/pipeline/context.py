@@ -20,8 +20,9 @@ from agriland_scale.pipeline.runtime import main_process_worker
 __all__ = ["Progress", "Report", "RunContext"]
 
 Report = Callable[[str], None]
-# progress(label, done, total, info): blocks of a stage, or steps of a training ("info": epoch,
-# loss and metrics); a display may take the first three arguments only
+# progress(label, done, total, info, milestone): blocks of a stage, or steps of a training ("info":
+# epoch, loss and metrics, or the phase before the first step; "milestone", passed only when
+# true: a phase or a finished epoch); block stages pass the first three arguments only
 Progress = Callable[..., None]
 
 

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.layout import MODEL_STAGES, RECORD, stages_needed
-from agriland_scale.pipeline.runtime import MAIN_WORKER, FastExit, StderrToFile, local_cluster
+from agriland_scale.pipeline.runtime import (
+    MAIN_WORKER,
+    FastExit,
+    StderrToFile,
+    local_cluster,
+    scheduler_address,
+)
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
@@ -60,9 +66,10 @@ def launch_for_run(cfg: RunConfig, out: Path | str, until: str | None, *, schedu
     """Start the LocalCluster of a run of ``cfg`` into ``out`` now; None for an existing cluster.
 
     Its workers import TensorFlow at once when the run may need it (:func:`models_to_run`).
-    ``scheduler`` (or ``cfg.runtime.scheduler``): the address of an existing cluster.
+    ``scheduler`` (or ``cfg.runtime.scheduler``, or Dask's ``scheduler-address``, e.g.
+    ``DASK_SCHEDULER_ADDRESS``): the address of an existing cluster.
     """
-    if scheduler or cfg.runtime.scheduler:
+    if scheduler_address(cfg.runtime, scheduler):
         return None
     return ClusterLaunch(cfg.runtime, import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite))
 

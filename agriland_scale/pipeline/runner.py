@@ -74,7 +74,13 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.resume import Products
-from agriland_scale.pipeline.runtime import StorageOptions, dask_client, gpu_resources, inference_precision
+from agriland_scale.pipeline.runtime import (
+    StorageOptions,
+    dask_client,
+    gpu_resources,
+    inference_precision,
+    scheduler_address,
+)
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
 from agriland_scale.publish.report import write_report
 
@@ -92,8 +98,8 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
         ) -> dict[str, Any]:
     """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
 
-    ``scheduler`` (or ``cfg.runtime.scheduler``) connects to an existing Dask cluster;
-    otherwise a LocalCluster is started and closed. ``report`` receives progress lines and
+    ``scheduler`` (or ``cfg.runtime.scheduler``, or Dask's ``scheduler-address`` such as
+    ``DASK_SCHEDULER_ADDRESS``) connects to an existing Dask cluster; otherwise a LocalCluster is started and closed. ``report`` receives progress lines and
     ``progress(label, done, total)`` block counts. ``until`` stops after that stage (and runs
     only what it needs: ``"cae"`` trains the autoencoder, ``"unet"`` the U-Net). On a folder
     holding an unfinished or finished run of the same config, finished work is kept (see the
@@ -114,6 +120,7 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
     OutputExists, OutputError
         ``out`` cannot take this run (see :func:`prepare_output`).
     """
+    scheduler = scheduler_address(cfg.runtime, scheduler)  # --scheduler > runtime.scheduler > Dask's config
     force = list(force)
     wanted = stages_needed(until)
     forced = dependents(force)
@@ -264,14 +271,15 @@ _RUN_LOG = logging.getLogger("agriland_scale.run")
 
 @contextlib.contextmanager
 def _performance_report(path: Path) -> Iterator[None]:
-    """Write a ``distributed.performance_report`` into ``path``.
+    """Write a ``distributed.performance_report`` into ``path``, with BokehJS inline.
 
     Skipped when the run is interrupted (collecting it then would delay the exit), and
     never failing the run.
     """
     from distributed import performance_report
 
-    rep = performance_report(filename=str(path))
+    # BokehJS inline (about 1 MB): the page opens offline, not only where its CDN answers
+    rep = performance_report(filename=str(path), mode="inline")
     try:
         rep.__enter__()
     except Exception as e:  # noqa: BLE001 - e.g. a scheduler that refuses run_on_scheduler
@@ -335,11 +343,18 @@ class _Runner:
         self.location, self.mirror = location or str(out), mirror
 
         def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
-            if progress:
-                progress(label, done, total, info) if info else progress(label, done, total)
-            if info:  # training: a line a finished epoch in the run log
+            if progress:  # a milestone (a training's phase or finished epoch) says so
                 if milestone:
+                    progress(label, done, total, info, True)
+                elif info:
+                    progress(label, done, total, info)
+                else:
+                    progress(label, done, total)
+            if info:  # training: a line a phase and a finished epoch in the run log
+                if milestone and done > 0:
                     _RUN_LOG.info("%s: step %d/%d, %s", label, done, total, info)
+                elif milestone:
+                    _RUN_LOG.info("%s: %s", label, info.strip())
                 return
             step = max(1, total // 10)
             if done == total or done % step == 0:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
+from agriland_scale.config.checks import check_scheduler_address
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
 from agriland_scale.files import cache_dir, use_storage_options
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from agriland_scale.pipeline.launch import ClusterLaunch
 
 __all__ = ["MAIN_WORKER", "FastExit", "StderrToFile", "StorageOptions", "dask_client", "given_models", "gpu_resources",
-           "inference_precision", "local_cluster", "main_process_worker", "serve_cluster", "worker_env"]
+           "inference_precision", "local_cluster", "main_process_worker", "scheduler_address", "serve_cluster",
+           "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -199,11 +201,50 @@ def local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
                             processes=True, env=worker_env(cfg.threads_per_worker), **kwargs)
 
 
+def scheduler_address(cfg: RuntimeConfig, scheduler: str | None = None) -> str | None:
+    """Return the address of the Dask scheduler a run uses; None for its own LocalCluster.
+
+    In order: ``scheduler`` (``--scheduler``), ``cfg.scheduler`` (``runtime.scheduler``), then
+    Dask's own configuration, ``scheduler-address`` (the ``DASK_SCHEDULER_ADDRESS``
+    environment variable or a Dask config file), as ``distributed.Client()`` reads it.
+
+    Parameters
+    ----------
+    cfg : RuntimeConfig
+        The run's runtime settings.
+    scheduler : str or None
+        An address given on the command line, checked there already.
+
+    Returns
+    -------
+    str or None
+        The scheduler's address, or None when none is named anywhere.
+
+    Raises
+    ------
+    ConfigError
+        Dask's configuration names something that is not a scheduler address.
+    """
+    if scheduler or cfg.scheduler:
+        return scheduler or cfg.scheduler
+    import dask.config
+
+    value = dask.config.get("scheduler-address", None)
+    if value is None or not str(value).strip():
+        return None
+    try:
+        return check_scheduler_address(str(value))
+    except ValueError as e:
+        raise ConfigError(f"DASK_SCHEDULER_ADDRESS (Dask's configuration 'scheduler-address', from the "
+                          f"environment or a Dask config file): {e}; or unset it to start a LocalCluster"
+                          ) from None
+
+
 @contextlib.contextmanager
 def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
                 worker_log: str | None = None, closing: list[threading.Thread] | None = None,
                 launch: ClusterLaunch | None = None) -> Iterator[Client]:
-    """Connect to ``scheduler`` (or ``cfg.scheduler``), else start a LocalCluster.
+    """Connect to ``scheduler`` (or ``cfg.scheduler``, or Dask's ``scheduler-address``), else start a LocalCluster.
 
     The LocalCluster is closed when the block ends; an external cluster is left running.
     ``worker_log``: a file that receives the standard error of the LocalCluster's worker
@@ -216,13 +257,14 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
     asyncio_log = logging.getLogger("asyncio")
     if _not_an_interrupted_gather not in asyncio_log.filters:
         asyncio_log.addFilter(_not_an_interrupted_gather)
-    address = scheduler or cfg.scheduler
+    address = scheduler_address(cfg, scheduler)  # --scheduler > runtime.scheduler > Dask's config
     if address:
         try:
             client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as e:
             raise SchedulerError(f"no Dask scheduler answers at {address} ({e}): start one "
-                                 "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+                                 "(`dask scheduler`) or fix runtime.scheduler / --scheduler / "
+                                 "DASK_SCHEDULER_ADDRESS") from None
         try:
             yield client
         finally:

@@ -3,6 +3,7 @@
 :func:`write_report` reads only the output folder (``run.json``, ``items.json``,
 ``agriland.icechunk``, ``models/*.json``, ``clusters/*.png``) and writes ``OUT/report.html``:
 run name and status, stage timings, inputs, configuration, quicklooks of every product,
+links to the COGs, the STAC collection and the product store,
 the cluster gallery and embedding map when another step made them, training curves,
 validation metrics, models and package versions. Pictures are PNGs embedded as base64 and
 the page has no external CSS or script, so it can be mailed or archived as one file. A run
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.files import write_text
-from agriland_scale.layout import STAGES, RunRecord, load_items, load_run_record, local_folder, zones_of
+from agriland_scale.layout import (
+    COG_DIR,
+    STAGES,
+    STORE,
+    RunRecord,
+    load_items,
+    load_run_record,
+    local_folder,
+    zones_of,
+)
 from agriland_scale.publish.figures import (
     STATUS_COLOURS,
     image,
@@ -149,6 +159,49 @@ def _section_products(out: Path, record: RunRecord, drawn: dict[str, list[str]])
     return "<h2>Products</h2>" + "".join(parts)
 
 
+def _section_files(out: Path, record: RunRecord) -> str:
+    """Link the run's files (relative to the run folder, like ``report.html`` itself): COGs, STAC, store."""
+    products = record.get("products") or {}
+    rows = []
+    cogs = sorted((out / COG_DIR).glob("*.tif")) if (out / COG_DIR).is_dir() else []
+    if cogs:
+        links = "<br>".join(f'<a href="{_e(f"{COG_DIR}/{f.name}")}">{_e(f"{COG_DIR}/{f.name}")}</a> '
+                            f"<span class='muted'>({f.stat().st_size / 2**20:.1f} MiB)</span>" for f in cogs)
+        rows.append(["Cloud-optimised GeoTIFFs", links + "<br><span class='muted'>(open in QGIS, GDAL, rasterio)"
+                     "</span>"])
+    if (out / "stac" / "collection.json").is_file() or products.get("stac"):
+        rows.append(["STAC collection", '<a href="stac/collection.json">stac/collection.json</a> '
+                     "<span class='muted'>(items for the products and the models)</span>"])
+    if (out / STORE).is_dir() or products.get("zarr"):
+        where = products.get("zarr")
+        elsewhere = f" <span class='muted'>at {_e(where)}</span>" if where and "://" in str(where) else ""
+        rows.append(["product store (Icechunk)", f'<a href="{STORE}/">{STORE}</a>{elsewhere} '
+                     "<span class='muted'>(open with <code>agriland_scale.open_run(&quot;RUN&quot;)</code> "
+                     "or <code>agriland export</code> for plain Zarr)</span>"])
+    if not rows:
+        return ""
+    return "<h2>Files</h2>" + _table(None, rows)
+
+
+def _kept_epoch(unet: dict[str, Any]) -> str:
+    """Say which epoch the U-Net's validation metrics come from: the kept (best) weights, and the last."""
+    per_epoch = [e for e in unet.get("per_epoch") or [] if isinstance(e, dict)]
+    if not per_epoch or any(not isinstance(e.get("val_loss"), (int, float)) for e in per_epoch):
+        return ""
+    losses = [float(e["val_loss"]) for e in per_epoch]
+    best = per_epoch[losses.index(min(losses))]  # the first lowest, as early stopping keeps it
+    last = per_epoch[-1]
+    iou = (unet.get("validation_metrics") or {}).get("iou")
+    said = f"IoU {iou:.3f} " if isinstance(iou, float) else ""
+    ran = f"{len(per_epoch)} run" + (f" ({unet['epochs']} scheduled, stopped early)"
+                                     if isinstance(unet.get("epochs"), int) and unet["epochs"] > len(per_epoch) else "")
+    text = (f"The metrics below are of the weights kept: {said}at epoch {_e(best.get('epoch'))} "
+            f"(best checkpoint: lowest validation loss) of {ran}")
+    if last is not best and isinstance(last.get("iou"), float):
+        text += f"; the last epoch ({_e(last.get('epoch'))}) ended at IoU {last['iou']:.3f}, where the chart ends"
+    return f"<p>{text}.</p>"
+
+
 def _section_clusters(out: Path, record: RunRecord) -> str:
     parts = []
     info = record.get("clusters") or {}
@@ -184,6 +237,7 @@ def _section_training(out: Path, record: RunRecord) -> str:
         parts.append(f"<p>Validation on {_e(unet.get('validation_windows'))} window(s) of the "
                      f"{_e(val.get('side'))} strip (split at pixel {_e(val.get('split_px'))}), "
                      f"{_e(unet.get('train_windows'))} training window(s):</p>")
+        parts.append(_kept_epoch(unet))
         parts.append(_table(["metric", "value"], rows, {1}))
     summary_models = []
     for f in sorted(models.glob("*.keras")) if models.is_dir() else []:
@@ -243,6 +297,7 @@ def write_report(out_dir: str | Path, *, product_figures: dict[str, list[str]] |
         _section_stages(summary),
         _section_inputs(out, summary),
         _section_products(out, record, product_figures or {}),
+        _section_files(out, record),
         _section_clusters(out, record),
         _section_training(out, record),
         "<h2>Configuration</h2><pre>" + _e(_config_text(record.get("config") or {})) + "</pre>",

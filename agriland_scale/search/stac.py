@@ -3,6 +3,11 @@
 A ``local`` API is a real STAC API server (``rustac serve``, from PyPI) started on a free
 port of 127.0.0.1 over a folder holding ``collection.json`` and item JSON files; it is
 stopped when the ``with`` block ends, also on error.
+
+Requests to a STAC API are retried with exponential backoff on connection errors and on
+HTTP 429 / 5xx answers (:data:`RETRY_STATUS`, honouring ``Retry-After``), as real APIs
+throttle; with ``search.sign: planetary-computer`` the client signs asset hrefs as it reads
+each page (pystac-client's ``modifier``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +31,22 @@ import pystac
 import requests
 from pystac_client import Client
 from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
+from urllib3.util.retry import Retry
 
 from agriland_scale.config.files import resolve_path
 from agriland_scale.config.region import Region, read_region_file
 from agriland_scale.config.schema import SearchConfig
-from agriland_scale.errors import CorruptInput, NoItemsFound, STACServerError, UnknownCollection
+from agriland_scale.errors import (
+    CorruptInput,
+    MissingDependency,
+    NoItemsFound,
+    STACServerError,
+    UnknownCollection,
+)
 from agriland_scale.search.items import acquired, item_epsg
 
-__all__ = ["api_url", "item_epsg", "local_stac_api", "open_api", "region_of",
+__all__ = ["RETRY_STATUS", "api_url", "item_epsg", "local_stac_api", "open_api", "region_of", "retry_policy",
            "search_items", "sign_planetary_computer"]
 
 log = logging.getLogger(__name__)
@@ -142,10 +155,72 @@ def api_url(cfg: SearchConfig) -> Iterator[str]:
         yield cfg.api
 
 
-def open_api(url: str) -> Client:
-    """Open a STAC API, turning connection failures into an actionable error."""
+# HTTP answers a STAC API request is retried on: throttled (429) and the server's errors (5xx)
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+def retry_policy(retries: int = 5, backoff_s: float = 0.5) -> Retry:
+    """Return the retries of STAC API requests: connection errors and :data:`RETRY_STATUS` answers.
+
+    Parameters
+    ----------
+    retries : int
+        Retries of one request at most, after its first try.
+    backoff_s : float
+        urllib3's backoff factor, s: a retry after the first waits ``backoff_s * 2 ** (n - 1)``
+        (0.5, 1, 2, 4... s), or what the answer's ``Retry-After`` asks.
+
+    Returns
+    -------
+    urllib3.util.retry.Retry
+        For ``StacApiIO(max_retries=...)``; GET and POST (item search) alike. After the last
+        retry the last answer is returned, so that the error names its status.
+    """
+    return Retry(total=retries, backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
+                 allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+
+
+def _pc_signer() -> Callable[[Any], None]:
     try:
-        return Client.open(url, timeout=30)
+        import planetary_computer
+    except ImportError:
+        raise MissingDependency("search.sign is 'planetary-computer' but the package is not "
+                                "installed: pip install 'agriland-scale[pc]'") from None
+    return planetary_computer.sign_inplace  # type: ignore[no-any-return]
+
+
+def open_api(url: str, *, sign: str = "none", retries: int = 5, backoff_s: float = 0.5,
+             timeout: float = 30) -> Client:
+    """Open a STAC API, turning connection failures into an actionable error.
+
+    Parameters
+    ----------
+    url : str
+        The API's root URL.
+    sign : {"none", "planetary-computer"}
+        ``planetary-computer``: sign asset hrefs as results arrive (the ``planetary-computer``
+        package's ``sign_inplace`` as the client's modifier).
+    retries, backoff_s : int, float
+        See :func:`retry_policy`.
+    timeout : float
+        Seconds to wait for a connection or an answer, per try.
+
+    Returns
+    -------
+    pystac_client.Client
+        The client.
+
+    Raises
+    ------
+    STACServerError
+        The API does not answer, or not with a STAC catalogue, after the retries.
+    MissingDependency
+        ``sign`` needs a package that is not installed.
+    """
+    modifier = _pc_signer() if sign == "planetary-computer" else None
+    stac_io = StacApiIO(max_retries=retry_policy(retries, backoff_s), timeout=timeout)
+    try:
+        return Client.open(url, stac_io=stac_io, modifier=modifier)
     except (requests.RequestException, APIError, pystac.STACError, OSError) as e:
         raise STACServerError(f"the STAC API at {url} does not answer ({e}); check search.api "
                               "and your network") from None
@@ -183,10 +258,10 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     with zero items and HTTP 200). With ``sign: planetary-computer`` asset hrefs are signed.
     Items are sorted by datetime and id. An item the server returns without any datetime
     (no ``datetime``, no ``start_datetime``) or that pystac cannot parse raises
-    :class:`CorruptInput` naming it.
+    :class:`CorruptInput` naming it. Requests are retried as :func:`open_api` says.
     """
     region = region_of(cfg)
-    client = open_api(api_url)
+    client = open_api(api_url, sign=cfg.sign)
     offered = {c.id for c in client.get_collections()}
     unknown = [c for c in cfg.collections if c not in offered]
     if unknown:
@@ -202,8 +277,9 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
         kwargs["query"] = {"eo:cloud_cover": {"lte": cfg.max_cloud_cover}}
     try:
         items = [_parse_item(d, client, api_url) for d in client.search(**kwargs).items_as_dicts()]
-    except APIError as e:
-        raise STACServerError(f"search on {api_url} failed: {e}") from None
+    except (APIError, requests.RequestException) as e:
+        raise STACServerError(f"search on {api_url} failed ({type(e).__name__}: {e}, after retries); "
+                              "try again later, or check search.api") from None
     if cfg.max_cloud_cover is not None and not server_filter:
         items = [i for i in items
                  if i.properties.get("eo:cloud_cover", 0.0) <= cfg.max_cloud_cover]
@@ -214,8 +290,6 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
             f"{cfg.datetime!r} with cloud cover <= {cfg.max_cloud_cover}: widen search.bbox, "
             "search.datetime or search.max_cloud_cover")
     items.sort(key=lambda i: (str(i.datetime or acquired(i)), i.id))
-    if cfg.sign == "planetary-computer":
-        items = sign_planetary_computer(items)
     log.info("search found %d item(s)", len(items))
     return items
 
@@ -243,13 +317,15 @@ def _parse_item(d: dict[str, Any], client: Client, api_url: str) -> pystac.Item:
 
 
 def sign_planetary_computer(items: list[pystac.Item]) -> list[pystac.Item]:
-    """Sign Planetary Computer asset hrefs (short-lived SAS tokens) with its own package."""
-    try:
-        import planetary_computer
-    except ImportError:
-        raise STACServerError("search.sign is 'planetary-computer' but the package is not "
-                              "installed: pip install 'agriland-scale[pc]'") from None
-    return [planetary_computer.sign(i) for i in items]
+    """Sign Planetary Computer asset hrefs (short-lived SAS tokens) with its own package.
+
+    :func:`search_items` signs as it reads (the client's modifier); this signs items again,
+    e.g. items read back from a run's record whose tokens have expired.
+    """
+    sign = _pc_signer()
+    for i in items:
+        sign(i)
+    return items
 
 
 _TILE_IN_ID = re.compile(r"(?:^|_)T?(\d{2}[C-HJ-NP-X][A-HJ-NP-Z]{2})(?:_|$)")
