@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
@@ -25,14 +25,25 @@ from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
 from agriland_scale.files import cache_dir, use_storage_options
 
-if TYPE_CHECKING:
-    from agriland_scale.pipeline.launch import ClusterLaunch
-
-__all__ = ["MAIN_WORKER", "FastExit", "StderrToFile", "StorageOptions", "dask_client", "given_models", "gpu_resources",
+__all__ = ["MAIN_WORKER", "EarlyCluster", "FastExit", "StderrToFile", "StorageOptions", "dask_client", "given_models", "gpu_resources",
            "inference_precision", "local_cluster", "main_process_worker", "scheduler_address", "serve_cluster",
            "worker_env"]
 
 log = logging.getLogger(__name__)
+
+
+class EarlyCluster(Protocol):
+    """A LocalCluster started ahead of a run, which :func:`dask_client` takes over.
+
+    :class:`~agriland_scale.pipeline.launch.ClusterLaunch` is one (launch builds on this
+    module, never the other way round).
+    """
+
+    stderr_path: str
+
+    def take(self) -> tuple[LocalCluster, Client]:
+        """Hand the cluster and its client over; the caller closes them from then on."""
+        ...
 
 
 # distributed samples every worker thread's stack each 10 ms by default: about a tenth of the
@@ -243,7 +254,7 @@ def scheduler_address(cfg: RuntimeConfig, scheduler: str | None = None) -> str |
 @contextlib.contextmanager
 def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
                 worker_log: str | None = None, closing: list[threading.Thread] | None = None,
-                launch: ClusterLaunch | None = None) -> Iterator[Client]:
+                launch: EarlyCluster | None = None) -> Iterator[Client]:
     """Connect to ``scheduler`` (or ``cfg.scheduler``, or Dask's ``scheduler-address``), else start a LocalCluster.
 
     The LocalCluster is closed when the block ends; an external cluster is left running.
