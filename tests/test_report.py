@@ -243,7 +243,7 @@ def test_stac_catalog_reads_back(published):
 
     from agriland_scale.store import reader
 
-    kwargs = {k: v for k, v in zarr_asset.extra_fields["xarray:open_kwargs"].items() if k != "engine"}
+    kwargs = {k: v for k, v in zarr_asset.extra_fields["agriland:icechunk"]["open_kwargs"].items() if k != "engine"}
     seg = xr.open_zarr(reader(zarr_asset.get_absolute_href()), **kwargs)
     assert "probability" in seg and seg.rio.crs.to_epsg() == 32618
     assert Path(items[f"{cfg.name}-zarr"].assets["zarr"].get_absolute_href()) == out / "agriland.icechunk"

@@ -147,7 +147,7 @@ def small_run(tmp_path_factory, items, cube_store):
 
     from agriland_scale.pipeline.resume import Products
     from agriland_scale.publish.cog import write_cog
-    from agriland_scale.store import open_cube
+    from agriland_scale.store import export_zarr, open_cube
 
     out = tmp_path_factory.mktemp("stac-run")
     Products(out).write(open_cube(cube_store), "cube")
@@ -171,6 +171,7 @@ def small_run(tmp_path_factory, items, cube_store):
                  "bounds": [float(v) for v in cube.rio.bounds()]},
     }))
     assert np.isfinite(prob.values).any()
+    export_zarr(out, out / "plain.zarr")  # a plain Zarr export: assets with xarray:open_kwargs
     return out, write_stac(out)
 
 

@@ -18,6 +18,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pystac
+from pystac.extensions.mlm import (
+    AcceleratorType,
+    AssetGeneralMLMExtension,
+    Hyperparameters,
+    InputStructure,
+    MLMExtension,
+    ModelInput,
+    ModelOutput,
+    ResultStructure,
+    TaskType,
+    ValueScaling,
+    ValueScalingType,
+)
+from pystac.extensions.raster import DataType
+
 from agriland_scale.files import write_json
 
 __all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "write_mlm_item"]
@@ -56,63 +72,83 @@ def _eo_bands(bands: list[str]) -> list[dict[str, str]]:
     return out
 
 
+def _model_output(output: dict[str, Any]) -> ModelOutput:
+    """MLM output object of ``output`` (name, tasks, result; classes and the rest as given)."""
+    from pystac.extensions.classification import Classification
+
+    result = output["result"]
+    out = ModelOutput.create(
+        name=str(output["name"]), tasks=[TaskType(t) for t in output["tasks"]],
+        result=ResultStructure.create(shape=[int(v) for v in result["shape"]], dim_order=list(result["dim_order"]),
+                                      data_type=DataType(result["data_type"])),
+        description=output.get("description"),
+        classes=[Classification.create(value=int(c["value"]), description=c.get("description"), name=c.get("name"))
+                 for c in output.get("classification:classes") or []] or None)
+    for key, value in output.items():  # anything MLM allows beyond these (post_processing_function ...)
+        if key not in ("name", "tasks", "result", "description", "classification:classes"):
+            out.properties[key] = value
+    return out
+
+
 def write_mlm_item(model_path: str | Path, meta: dict[str, Any], *, bbox_lonlat: list[float],
                    n_params: int, output: dict[str, Any]) -> Path:
     """Write ``<model_path>.stac.json``; ``bbox_lonlat`` is the training cube's extent (EPSG:4326).
 
     ``meta`` is the model's sidecar (bands, normalisation, patch size, task, training
     settings); ``output`` is the MLM output description (name, tasks, result shape ...).
+    The Item is built with pystac's MLM extension (:mod:`pystac.extensions.mlm`).
     """
     import keras
 
     model_path = Path(model_path)
-    x0, y0, x1, y1 = bbox_lonlat
+    x0, y0, x1, y1 = (float(v) for v in bbox_lonlat)
     size, bands = int(meta["patch_size"]), list(meta["bands"])
     rmax = float(meta["normalisation"]["reflectance_max"])
     task = "semantic-segmentation" if meta.get("task") == "segmentation" else "similarity-search"
     output = dict(output, tasks=_mlm_tasks(list(output.get("tasks") or [task])))
     what = "semantic segmentation" if task == "semantic-segmentation" else "patch embeddings"
-    props = {
+    pretrained = meta.get("initial_weights") not in (None, "none")
+    item = pystac.Item(
+        id=model_path.stem,
+        geometry={"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+        bbox=[x0, y0, x1, y1], datetime=None,
         # valid for Sentinel-2 MSI data: from the launch of Sentinel-2A to the model's making
-        "datetime": None, "start_datetime": "2015-06-23T00:00:00Z",
-        "end_datetime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "description": (f"agriland-scale {meta.get('model')} ({what}) trained on "
-                        f"'{meta.get('training_region', '')}'"),
-        "mlm:name": f"agriland-{meta.get('model')}",
-        "mlm:architecture": "U-Net" if task == "semantic-segmentation" else "Convolutional autoencoder (ResNet-50 encoder)",
-        "mlm:tasks": [task],
-        "mlm:framework": "keras", "mlm:framework_version": keras.__version__,
-        "mlm:total_parameters": int(n_params),
-        "mlm:pretrained": meta.get("initial_weights") not in (None, "none"),
-        "mlm:pretrained_source": None if meta.get("initial_weights") in (None, "none") else meta.get("initial_weights"),
-        "mlm:batch_size_suggestion": int(meta.get("batch_size") or 8),
-        "mlm:accelerator": "amd64", "mlm:accelerator_constrained": False,
-        "mlm:input": [{
-            "name": "Sentinel-2 reflectance patch",
-            "bands": bands,
-            "input": {"shape": [-1, size, size, len(bands)], "dim_order": ["batch", "height", "width", "bands"],
-                      "data_type": "float32"},
-            "value_scaling": [{"type": "clip", "minimum": 0.0, "maximum": rmax},
-                              {"type": "min-max", "minimum": 0.0, "maximum": rmax}],
-            "resize_type": None,
-        }],
-        "mlm:output": [output],
-        "mlm:hyperparameters": {k: meta[k] for k in ("epochs", "steps_per_epoch", "batch_size", "learning_rate",
-                                                     "seed", "augment_factor", "encoder", "head")
-                                if k in meta},
-        "agriland:metadata": model_path.name + ".json",
-    }
-    item = {
-        "type": "Feature", "stac_version": "1.1.0", "stac_extensions": [MLM_SCHEMA, EO_SCHEMA],
-        "id": model_path.stem,
-        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-        "bbox": [x0, y0, x1, y1], "properties": props, "links": [],
-        "assets": {"model": {"href": f"./{model_path.name}", "type": "application/octet-stream; application=keras",
-                             "title": "Keras 3 model (.keras)", "roles": ["mlm:model", "mlm:weights"],
-                             "mlm:artifact_type": "keras.Model.save",
-                             # the bands mlm:input names (MLM requires them described)
-                             "eo:bands": _eo_bands(bands)}},
-    }
+        start_datetime=pystac.utils.str_to_datetime("2015-06-23T00:00:00Z"),
+        end_datetime=pystac.utils.str_to_datetime(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        properties={"description": (f"agriland-scale {meta.get('model')} ({what}) trained on "
+                                    f"'{meta.get('training_region', '')}'")})
+    model_input = ModelInput.create(
+        name="Sentinel-2 reflectance patch", bands=bands,
+        input=InputStructure.create(shape=[-1, size, size, len(bands)],
+                                    dim_order=["batch", "height", "width", "bands"], data_type=DataType.FLOAT32),
+        value_scaling=None)
+    # two steps (clip, then min-max): MLM 1.4 allows a list; pystac's create takes one
+    model_input.properties["value_scaling"] = [
+        ValueScaling.create(ValueScalingType.CLIP, minimum=0.0, maximum=rmax).to_dict(),
+        ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=rmax).to_dict()]
+    model_input.properties["resize_type"] = None
+    MLMExtension.ext(item, add_if_missing=True).apply(
+        name=f"agriland-{meta.get('model')}",
+        architecture="U-Net" if task == "semantic-segmentation" else "Convolutional autoencoder (ResNet-50 encoder)",
+        tasks=[TaskType(task)], input=[model_input], output=[_model_output(output)],
+        framework="keras", framework_version=keras.__version__, total_parameters=int(n_params),
+        pretrained=pretrained, pretrained_source=meta.get("initial_weights") if pretrained else None,
+        batch_size_suggestion=int(meta.get("batch_size") or 8),
+        accelerator=AcceleratorType.AMD64, accelerator_constrained=False,
+        hyperparameters=Hyperparameters.create(**{k: meta[k] for k in (
+            "epochs", "steps_per_epoch", "batch_size", "learning_rate", "seed", "augment_factor", "encoder", "head")
+            if k in meta}))
+    item.properties["agriland:metadata"] = model_path.name + ".json"
+    asset = pystac.Asset(href=f"./{model_path.name}", media_type="application/octet-stream; application=keras",
+                         title="Keras 3 model (.keras)", roles=["mlm:model", "mlm:weights"],
+                         # the bands mlm:input names (MLM requires them described)
+                         extra_fields={"eo:bands": _eo_bands(bands)})
+    item.add_asset("model", asset)
+    AssetGeneralMLMExtension.ext(asset, add_if_missing=True).apply(artifact_type="keras.Model.save")
+    if EO_SCHEMA not in item.stac_extensions:
+        item.stac_extensions.append(EO_SCHEMA)
     out = model_path.with_name(model_path.name + ".stac.json")
-    write_json(item, out)
+    d = item.to_dict(include_self_link=False, transform_hrefs=False)
+    d["links"] = []
+    write_json(d, out)
     return out

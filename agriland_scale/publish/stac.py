@@ -16,8 +16,17 @@
 Every Item carries the projection extension (``proj:code``, ``proj:shape``,
 ``proj:transform``, ``proj:bbox`` in the product's own CRS) and, for rasters, the raster
 extension (data type, nodata, scale/offset when not 1/0, unit); geometry and bbox are in
-EPSG:4326. ``derived_from`` links point to the STAC items the run read. All hrefs are
+EPSG:4326. ``derived_from`` links point to the STAC items the run read; ``related`` links
+of the collection to the models' MLM Items (``OUT/models/*.stac.json``). All hrefs are
 relative, so the folder can be moved or published as it is.
+
+Zarr assets: ``zarr`` is the group in the run's Icechunk repository (media type
+``application/vnd.zarr+icechunk``), which plain Zarr readers cannot open; its ``description``
+and ``agriland:icechunk`` say how to open it with ``icechunk`` (:func:`icechunk_asset`). Each
+plain Zarr export in the run folder (``agriland export RUN --zarr RUN/NAME.zarr``; written
+before this catalogue, e.g. ``agriland report RUN`` rewrites it) adds an asset ``NAME.zarr``
+(``application/vnd+zarr``) whose ``xarray:open_kwargs`` open it with
+``xarray.open_dataset(href, **open_kwargs)`` (:func:`zarr_asset`).
 
 The products contain modified Copernicus Sentinel data: ``license`` is ``other`` (STAC 1.1's
 value for a licence without an SPDX id) with a ``license`` link to the Sentinel data legal
@@ -49,7 +58,8 @@ from agriland_scale.files import write_json
 from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
 from agriland_scale.store import ICECHUNK_MEDIA_TYPE, is_repo, product_groups, reader, store_location
 
-__all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "write_stac"]
+__all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "icechunk_asset", "write_stac",
+           "zarr_asset"]
 
 log = logging.getLogger(__name__)
 
@@ -151,21 +161,73 @@ def _raster_band(src: rasterio.DatasetReader, unit: str | None) -> RasterBand:
     return band
 
 
-def _zarr_asset(store: str, group: str | None, title: str) -> pystac.Asset:
-    """Make the asset of a group (or the whole) of the run's store, an Icechunk repository.
-
-    ``xarray:open_kwargs`` are what ``xarray.open_zarr`` needs on the repository's store
-    (``agriland_scale.store.reader(href)`` or ``icechunk``'s ``readonly_session("main").store``);
-    ``agriland_scale.open_run(href)`` opens every group.
-    """
-    kwargs: dict[str, Any] = {"engine": "zarr", "decode_coords": "all", "consolidated": False}
+def _open_kwargs(group: str | None, *, consolidated: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"engine": "zarr", "consolidated": consolidated, "decode_coords": "all"}
     if group:
         kwargs["group"] = group
-    return pystac.Asset(href=store, media_type=ICECHUNK_MEDIA_TYPE, title=title, roles=["data"],
-                        description="Zarr v3 groups in an Icechunk repository (branch main): open with "
-                                    "agriland_scale.open_run(href), or xarray.open_zarr on "
-                                    "icechunk.Repository.open(storage).readonly_session('main').store",
-                        extra_fields={"xarray:open_kwargs": kwargs})
+    return kwargs
+
+
+def icechunk_asset(store: str, group: str | None, title: str) -> pystac.Asset:
+    """Make the asset of a group (or the whole) of the run's store, an Icechunk repository.
+
+    An Icechunk repository is not a plain Zarr store: ``xarray.open_dataset(href)`` cannot
+    open it, so the asset carries no ``xarray:open_kwargs`` (the xarray-assets extension's
+    kwargs are for ``open_dataset(href, ...)``). It says how to open it instead: in its
+    ``description`` (the code) and in ``agriland:icechunk`` (machine-readable: the storage
+    function of ``icechunk``, the branch, and the ``open_kwargs`` of ``xarray.open_dataset`` on
+    the session's store). :func:`zarr_asset` describes a plain Zarr export, which
+    ``xarray.open_dataset(href, **xarray:open_kwargs)`` opens.
+    """
+    kwargs = _open_kwargs(group, consolidated=False)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return pystac.Asset(
+        href=store, media_type=ICECHUNK_MEDIA_TYPE, title=title, roles=["data"],
+        description=("Zarr v3 groups in an Icechunk repository (branch main), not a plain Zarr store: "
+                     "xarray.open_dataset(href) cannot open it. Open it with icechunk: store = "
+                     "icechunk.Repository.open(icechunk.local_filesystem_storage(href))"
+                     f".readonly_session('main').store; xarray.open_dataset(store, {args}); "
+                     "or agriland_scale.store.reader(href) for the store, agriland_scale.open_run(href) "
+                     "for every group. 'agriland export RUN --zarr DEST' writes a plain Zarr copy."),
+        extra_fields={"agriland:icechunk": {"storage": "local_filesystem_storage", "branch": "main",
+                                            "open_kwargs": kwargs}})
+
+
+def zarr_asset(path: str | Path, group: str | None, title: str) -> pystac.Asset:
+    """Make the asset of a group (or the root) of a plain Zarr store (``agriland export``).
+
+    The export's metadata is consolidated, so ``xarray.open_dataset(href, **open_kwargs)``
+    with the asset's ``xarray:open_kwargs`` (xarray-assets extension: engine ``zarr``,
+    ``consolidated``, ``group``, ``decode_coords``) opens the group with its CRS.
+    """
+    return pystac.Asset(href=str(Path(path).resolve()), media_type=ZARR_MEDIA_TYPE, title=title,
+                        roles=["data"],
+                        description="plain Zarr copy of the run's products (agriland export): open with "
+                                    "xarray.open_dataset(href, **xarray:open_kwargs)",
+                        extra_fields={"xarray:open_kwargs": _open_kwargs(group, consolidated=True)})
+
+
+def _exports(out: Path) -> dict[Path, list[str]]:
+    """Plain Zarr exports in the run folder (``OUT/*.zarr``, from ``agriland export``) -> their groups."""
+    found = {}
+    for path in sorted(out.glob("*.zarr")):
+        if path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
+            try:
+                found[path] = product_groups(str(path))
+            except Exception as e:  # not ours to describe: say so and go on
+                log.warning("%s is not a readable Zarr store (%s); left out of the STAC catalog", path, e)
+    return found
+
+
+def _add_zarr_assets(item: pystac.Item, store: str, group: str | None, title: str,
+                     exports: dict[Path, list[str]], needs: str) -> None:
+    """Add the Icechunk asset (``zarr``) and one asset per export holding ``needs`` (its ``name``)."""
+    item.add_asset("zarr", icechunk_asset(store, group, title))
+    for path, groups in exports.items():
+        if needs in groups:
+            item.add_asset(path.name, zarr_asset(path, needs, f"{title} (plain Zarr copy {path.name})"))
+            if XARRAY_ASSETS not in item.stac_extensions:
+                item.stac_extensions.append(XARRAY_ASSETS)
 
 
 def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
@@ -177,7 +239,7 @@ def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str]
 
 
 def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[str, str, str | None],
-              store: str, groups: list[str]) -> pystac.Item:
+              store: str, groups: list[str], exports: dict[Path, list[str]]) -> pystac.Item:
     group, title, unit = COG_PRODUCTS[product]
     group = group if product.startswith("mosaic") else prefix + group
     try:
@@ -195,14 +257,16 @@ def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[
     item.add_asset("cog", asset)
     RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
     if group in groups:
-        item.add_asset("zarr", _zarr_asset(store, group, f"{title}: Zarr group '{group}'"))
-        item.stac_extensions.append(XARRAY_ASSETS)
+        _add_zarr_assets(item, store, group, f"{title}: Zarr group '{group}'", exports, group)
     return item
 
 
 def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | None],
-               store: str, all_groups: list[str]) -> pystac.Item:
-    """Make an Item for the store (single zone) or for one zone's subtree of it (``group`` = zone)."""
+               store: str, all_groups: list[str], exports: dict[Path, list[str]]) -> pystac.Item:
+    """Make an Item for the store (single zone) or for one zone's subtree of it (``group`` = zone).
+
+    An export's asset opens the zone's ``cube`` group (one xarray Dataset a group).
+    """
     from pyproj import CRS
 
     crs = CRS.from_user_input(zone["crs"])
@@ -215,9 +279,8 @@ def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | 
     _apply_projection(item, _epsg_code(crs), [shape.get("y", 0), shape.get("x", 0)],
                       zone["transform"], zone["bounds"])
     item.properties["agriland:groups"] = [prefix + g for g in groups]
-    item.add_asset("zarr", _zarr_asset(store, prefix.rstrip("/") or None,
-                                       f"Zarr store, groups: {', '.join(prefix + g for g in groups)}"))
-    item.stac_extensions.append(XARRAY_ASSETS)
+    _add_zarr_assets(item, store, prefix.rstrip("/") or None,
+                     f"Zarr store, groups: {', '.join(prefix + g for g in groups)}", exports, prefix + "cube")
     return item
 
 
@@ -258,13 +321,13 @@ def _source_links(items: list[dict[str, Any]], stac_dir: Path) -> list[pystac.Li
 
 
 def _relative_source_links(coll: pystac.Collection) -> None:
-    """Make ``derived_from`` links to local files relative to the object that holds them.
+    """Make ``derived_from`` and ``related`` links to local files relative to the object that holds them.
 
     pystac makes only hierarchical links relative when saving; call after ``normalize_hrefs``.
     """
     for obj in [coll, *coll.get_items()]:
         for link in obj.links:
-            if link.rel == "derived_from" and isinstance(link.target, str) and link.target.startswith("/"):
+            if link.rel in ("derived_from", "related") and isinstance(link.target, str) and link.target.startswith("/"):
                 base = obj.get_self_href()
                 assert base is not None, "call after normalize_hrefs"
                 link.target = pystac.utils.make_relative_href(link.target, base)
@@ -299,6 +362,7 @@ def write_stac(out_dir: str | Path) -> Path:
         created = pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(created))
     store = store_location(out)
     all_groups = product_groups(reader(store)) if is_repo(store) else []
+    exports = _exports(out)
     stac_dir = out / "stac"
     if stac_dir.exists():
         shutil.rmtree(stac_dir)
@@ -312,11 +376,11 @@ def write_stac(out_dir: str | Path) -> Path:
         if found is None:
             log.warning("%s is not a known product; left out of the STAC catalog", path)
             continue
-        products.append(_cog_item(path, f"{run}-{path.stem}", *found, dates, store, all_groups))
+        products.append(_cog_item(path, f"{run}-{path.stem}", *found, dates, store, all_groups, exports))
     for name, zone in zones.items():
         if (zone.get("prefix") or "") + "cube" in all_groups:
             zid = f"{run}-{name}-zarr" if zone.get("prefix") else f"{run}-zarr"
-            products.append(_zarr_item(zone, zid, dates, store, all_groups))
+            products.append(_zarr_item(zone, zid, dates, store, all_groups, exports))
     if not products:
         shutil.rmtree(stac_dir)
         raise CorruptInput(f"{out} holds no product to describe (no cog/*.tif, no cube in "
@@ -346,6 +410,9 @@ def write_stac(out_dir: str | Path) -> Path:
                               title=SENTINEL_LICENSE_TITLE))
     for link in sources:
         coll.add_link(link.clone())
+    for model in sorted((out / "models").glob("*.stac.json")):  # the MLM items beside the models
+        coll.add_link(pystac.Link(rel="related", target=str(model.resolve()), media_type=pystac.MediaType.GEOJSON,
+                                  title=f"model (STAC MLM Item): {model.name.removesuffix('.stac.json')}"))
     for item in products:
         coll.add_item(item)
     coll.normalize_hrefs(str(stac_dir))
