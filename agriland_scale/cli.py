@@ -12,12 +12,11 @@ import threading
 import traceback
 from pathlib import Path
 
-from agriland_scale import __version__
+from agriland_scale.cli_parser import build_parser
 from agriland_scale.config.load import load_config
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import AgrilandError, ConfigError, Terminated
-from agriland_scale.layout import STAGES
-from agriland_scale.terminal import Display
+from agriland_scale.terminal import Display, ShownByDisplay
 
 DEMO = Path(__file__).parent / "data" / "demo.yaml"
 
@@ -36,53 +35,6 @@ def _overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"--set {key}: the value {value[:100]!r} is not valid YAML "
                               f"({str(e).splitlines()[0][:100]})") from None
     return out
-
-
-def _folder_arg(text: str) -> Path:
-    """Parse a local folder argument: a path or ``file://`` URL; any other URL is refused."""
-    from agriland_scale.errors import OutputError
-    from agriland_scale.layout import local_folder
-
-    try:
-        return local_folder(text)
-    except OutputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _run_arg(text: str) -> Path | str:
-    """Parse where a run lives: a folder (path or ``file://``), or an object-storage URL (kept as is)."""
-    from agriland_scale.errors import OutputError
-    from agriland_scale.files import check_object_url, is_object_url
-
-    if not is_object_url(text):
-        return _folder_arg(text)
-    try:
-        return check_object_url(text.rstrip("/"))
-    except OutputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _scheduler_arg(text: str) -> str:
-    """Parse ``--scheduler``: a Dask scheduler's address, refused before anything is written."""
-    from agriland_scale.config.checks import check_scheduler_address
-
-    try:
-        return check_scheduler_address(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _cluster_ids(text: str) -> list[int]:
-    """``3,7`` -> ``[3, 7]`` for ``export-labels --clusters`` (argparse reports the error)."""
-    try:
-        ids = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text[:60]!r} is not a list of cluster ids: give numbers separated by commas, e.g. "
-            "--clusters 3,7 (the ids are in RUN/clusters/stats.csv and the report)") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"{text[:60]!r}: give one or more cluster ids >= 0, e.g. 3,7")
-    return ids
 
 
 def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
@@ -182,9 +134,8 @@ def _export(args: argparse.Namespace) -> int:
 
     groups = export_zarr(args.run, args.zarr, version=args.version, zarr_format=args.zarr_format)
     print(args.zarr)
-    print(f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
-          f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')",
-          file=sys.stderr)
+    _message(args, f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
+             f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')")
     return 0
 
 
@@ -223,9 +174,9 @@ def _export_labels(args: argparse.Namespace) -> int:
     with run_folder(args.run, "agriland export-labels") as folder:
         project = export_via(folder, out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
-    print(f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with the "
-          f"region attribute 'class' = arable / other, save the project, then run:\n"
-          f"  agriland import-labels {project} {args.run}", file=sys.stderr)
+    _message(args, f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with "
+             f"the region attribute 'class' = arable / other, save the project, then run:\n"
+             f"  agriland import-labels {project} {args.run}")
     return 0
 
 
@@ -243,9 +194,43 @@ def _import_labels(args: argparse.Namespace) -> int:
         write_cog(mask, out, nodata=255)
     n1, n0 = int((mask.values == 1).sum()), int((mask.values == 0).sum())
     print(out)
-    print(f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
-          f"({cube.rio.crs}); train on it with segment.labels: {out}", file=sys.stderr)
+    _message(args, f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
+             f"({cube.rio.crs}); train on it with segment.labels: {out}")
     return 0
+
+
+def _message(args: argparse.Namespace, text: str) -> None:
+    """Print a message (not a result) on stderr, unless ``-q``."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def _log_to_stderr(args: argparse.Namespace) -> bool:
+    """Log on stderr: warnings; errors only with ``-q``, the run log with ``-v``, debug with ``--debug``.
+
+    The run log's own lines (``agriland_scale.run``) never reach stderr through logging: a
+    run's :class:`~agriland_scale.terminal.Display` prints each of them already, so ``-v``
+    shows every line once. With ``-q`` the stderr handler takes errors only and Python's
+    warnings go through logging (to the run's log file, not to stderr) until :func:`main`
+    returns: the function returns True then.
+    """
+    # a log file on a disk that filled up or turned read-only must not print a traceback of
+    # its own ("--- Logging error ---"): the run's error says what happened
+    logging.raiseExceptions = bool(args.debug)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    shown = logging.ERROR if args.quiet and not args.debug else level
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
+        h.setLevel(shown)
+        terminal = type(h) is logging.StreamHandler  # basicConfig's, on stderr (not a file's, not pytest's)
+        if terminal and not any(isinstance(f, ShownByDisplay) for f in h.filters):
+            h.addFilter(ShownByDisplay())
+    if args.verbose:
+        logging.getLogger("agriland_scale").setLevel(logging.INFO)
+    if shown == logging.ERROR:
+        logging.captureWarnings(True)
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,96 +246,24 @@ def main(argv: list[str] | None = None) -> int:
     int
         The process exit status (0 on success).
     """
-    parser = argparse.ArgumentParser(
-        prog="agriland", description="agriland-scale: find agricultural land in Sentinel-2 imagery at "
-        "region scale (STAC -> Zarr cube -> CAE + DEC clusters -> U-Net mosaics, on Dask).")
-    parser.add_argument("-V", "--version", action="version", version=f"agriland-scale {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress or messages, errors only")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also show the run log's lines on stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def run_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True, type=_run_arg,
-                       help="where the run lives: a folder, or s3://BUCKET/PREFIX (gs://, az:// too)")
-        p.add_argument("--scheduler", type=_scheduler_arg, help="address of an existing Dask scheduler (tcp://host:8786)")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace another run in --out (deletes only the files that run wrote)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set embed.train.epochs=1")
-        p.add_argument("--force", action="append", metavar="STAGE", choices=STAGES,
-                       help=f"redo STAGE and what depends on it ({', '.join(STAGES)}); repeatable")
-
-    p_demo = sub.add_parser("demo", help="run the whole pipeline on the embedded demo region (offline)")
-    run_opts(p_demo)
-    p_run = sub.add_parser("run", help="run a pipeline file (continues an unfinished run in --out)")
-    p_run.add_argument("pipeline", type=Path)
-    run_opts(p_run)
-    p_run.add_argument("--until", choices=STAGES, metavar="STAGE",
-                       help="stop after STAGE, e.g. clusters (then label them: export-labels)")
-    p_cae = sub.add_parser("train-cae", help="train the convolutional autoencoder on a region's patches")
-    p_cae.add_argument("pipeline", type=Path)
-    run_opts(p_cae)
-    p_unet = sub.add_parser("train-unet", help="train the U-Net on a region's labels (VIA, GeoJSON, raster)")
-    p_unet.add_argument("pipeline", type=Path)
-    run_opts(p_unet)
-    p_search = sub.add_parser("search", help="list what a run would load, without loading pixels")
-    p_search.add_argument("pipeline", type=Path)
-    p_search.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p_val = sub.add_parser("validate", help="check a pipeline file and name the wrong key")
-    p_val.add_argument("pipeline", type=Path)
-    p_ins = sub.add_parser("inspect", help="summarise a run folder: region, items, products, stages")
-    p_ins.add_argument("run", type=_run_arg)
-    p_ins.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p_ins.add_argument("--history", action="store_true",
-                       help="list the versions of the products (each change of the store), newest first")
-    p_zarr = sub.add_parser("export", help="copy a run's products to a plain Zarr store (for tools "
-                                           "that cannot read Icechunk, e.g. GDAL)")
-    p_zarr.add_argument("run", type=_run_arg)
-    p_zarr.add_argument("--zarr", required=True, type=_folder_arg, help="the new Zarr store (must not exist)")
-    p_zarr.add_argument("--version", help="a version of `agriland inspect RUN --history` (default: latest)")
-    p_zarr.add_argument("--zarr-format", type=int, choices=(2, 3), default=3,
-                        help="Zarr format of the copy (2 for GDAL older than 3.11)")
-    p_rep = sub.add_parser("report", help="(re)write a run's report.html and STAC catalogue")
-    p_rep.add_argument("run", type=_run_arg)
-    p_exp = sub.add_parser("export-labels",
-                           help="write the patches of chosen clusters as a VGG Image Annotator project")
-    p_exp.add_argument("run", type=_run_arg, help="a finished run (folder or object-storage URL)")
-    p_exp.add_argument("--clusters", required=True, type=_cluster_ids,
-                       help="cluster ids named arable, e.g. 3,7")
-    p_exp.add_argument("--out", type=Path, help="folder for the VIA project (default RUN/labels/via)")
-    p_exp.add_argument("--overwrite", action="store_true", help="replace a project with drawn regions")
-    p_cl = sub.add_parser("cluster", help="keep a Dask cluster of warm workers for runs (--scheduler ADDRESS)")
-    p_cl.add_argument("pipeline", type=Path, nargs="?", help="take runtime.* from it, and load its given models")
-    p_cl.add_argument("--port", type=int, default=8786, help="scheduler port on 127.0.0.1 (0: any free port)")
-    p_imp = sub.add_parser("import-labels", help="turn a saved VIA project into a label mask on the cube grid")
-    p_imp.add_argument("via_json", type=Path)
-    p_imp.add_argument("run", type=_run_arg)
-    p_imp.add_argument("--out", type=Path, help="mask GeoTIFF (default RUN/labels/via_mask.tif)")
-
-    for p in sub.choices.values():  # the global flags also after the command: agriland run P.yaml -q
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show tracebacks and debug logs")
-        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="no progress or messages, errors only")
-        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                       help="also show the run log's lines on stderr")
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # shell completion (eval "$(register-python-argcomplete agriland)")
+        try:
+            import argcomplete
+        except ImportError:  # optional: completion needs `pip install argcomplete`
+            pass
+        else:
+            argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet (errors only) and -v/--verbose (the run log too) exclude each other: give one")
     if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet: a failing
         # task reaches the user as one paragraph below, not as a worker's "Compute Failed" traceback
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
         import dask
 
         dask.config.set({"logging.distributed": os.environ["DASK_LOGGING__DISTRIBUTED"]})
-    # a log file on a disk that filled up or turned read-only must not print a traceback of
-    # its own ("--- Logging error ---"): the run's error says what happened
-    logging.raiseExceptions = bool(args.debug)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for h in logging.getLogger().handlers:  # the run's INFO lines go to its log file, not here
-        h.setLevel(level)
-    if args.verbose:
-        logging.getLogger("agriland_scale").setLevel(logging.INFO)
+    warnings_logged = _log_to_stderr(args)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # like Ctrl-C, exit 143
     try:
@@ -362,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     finally:
+        if warnings_logged:
+            logging.captureWarnings(False)
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
@@ -393,7 +308,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             cfg = load_config(args.pipeline)
             check_input_files(cfg)
-            print(f"{args.pipeline}: valid ('{cfg.name}')")
+            if not args.quiet:  # -q: the exit status says it
+                print(f"{args.pipeline}: valid ('{cfg.name}')")
             return 0
     except AgrilandError as e:
         if args.debug:

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-__all__ = ["Display"]
+__all__ = ["Display", "ShownByDisplay"]
+
+RUN_LOG = "agriland_scale.run"
+"""The run's own log (``pipeline.runner``): each of its lines also goes to :meth:`Display.line`."""
+
+
+class ShownByDisplay(logging.Filter):
+    """Leave the run log's lines out of a terminal's log handler: the run's Display prints them.
+
+    A run passes every line of its log (logger ``agriland_scale.run``) to ``report=``, which
+    the CLI points at :meth:`Display.line`; with ``-v`` the stderr log handler printed the same
+    line a second time. Other loggers' records pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Return False for a record of the run log (``agriland_scale.run`` and below)."""
+        return record.name != RUN_LOG and not record.name.startswith(RUN_LOG + ".")
 
 
 def _clock(seconds: float) -> str:
