@@ -48,9 +48,24 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["AgrilandError", "AgrilandWarning", "BandMismatch", "ConfigError", "CorruptInput", "EmptyRegion",
-           "NoItemsFound", "OutputError", "OutputExists", "RunConfig", "RunLocked", "__version__", "errors",
-           "load_config", "open_run", "run"]
+__all__ = [
+    "AgrilandError",
+    "AgrilandWarning",
+    "BandMismatch",
+    "ConfigError",
+    "CorruptInput",
+    "EmptyRegion",
+    "NoItemsFound",
+    "OutputError",
+    "OutputExists",
+    "RunConfig",
+    "RunLocked",
+    "__version__",
+    "errors",
+    "load_config",
+    "open_run",
+    "run",
+]
 
 # imported on first use: `import agriland_scale` (and `agriland --help`) stays fast
 _LAZY = {"run": "agriland_scale.pipeline.runner", "open_run": "agriland_scale.store"}

@@ -32,8 +32,9 @@ def _overrides(pairs: list[str]) -> dict:
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: the value {value[:100]!r} is not valid YAML "
-                              f"({str(e).splitlines()[0][:100]})") from None
+            raise ConfigError(
+                f"--set {key}: the value {value[:100]!r} is not valid YAML ({str(e).splitlines()[0][:100]})"
+            ) from None
     return out
 
 
@@ -46,32 +47,51 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
 
     cfg = load_config(pipeline, **_overrides(args.set))
     # the run's own LocalCluster starts now, while this process imports the pipeline
-    launch = launch_for_run(cfg, args.out, until, scheduler=args.scheduler, force=bool(args.force),
-                            overwrite=args.overwrite)
+    launch = launch_for_run(
+        cfg, args.out, until, scheduler=args.scheduler, force=bool(args.force), overwrite=args.overwrite
+    )
     show = Display(args.quiet)
     show.line(f"agriland: running '{cfg.name}' from {pipeline} into {args.out}")
     try:
         from agriland_scale.pipeline.runner import run
 
-        rec = run(cfg, args.out, scheduler=args.scheduler, overwrite=args.overwrite, force=args.force or (),
-                  until=until, report=show.line, progress=show, command=f"agriland {args.command}",
-                  launch=launch)
+        rec = run(
+            cfg,
+            args.out,
+            scheduler=args.scheduler,
+            overwrite=args.overwrite,
+            force=args.force or (),
+            until=until,
+            report=show.line,
+            progress=show,
+            command=f"agriland {args.command}",
+            launch=launch,
+        )
     finally:
         show.close()
         if launch is not None:
             launch.close()
-    result: dict = {"out": str(args.out), "name": cfg.name, "stages": rec.get("stages"),
-                    "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
-                    "patches": rec.get("patches"), "dashboard": rec.get("dashboard")}
+    result: dict = {
+        "out": str(args.out),
+        "name": cfg.name,
+        "stages": rec.get("stages"),
+        "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
+        "patches": rec.get("patches"),
+        "dashboard": rec.get("dashboard"),
+    }
     if until == "cae":
         enc = result["encoder"] = rec["cae"]["encoder_path"]
-        show.line(f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
-                  f"embed.model: {enc}")
+        show.line(
+            f"CAE encoder: {enc} (sidecar {enc}.json); embed other regions with it by setting "
+            f"embed.model: {enc}"
+        )
     elif until == "unet":
         path = result["unet"] = rec["unet"]["model_path"]
         result["validation_metrics"] = rec["unet"].get("validation_metrics")
-        show.line(f"U-Net: {path} (sidecar {path}.json), validation {rec['unet'].get('validation_metrics')}; "
-                  f"map other regions with it by setting segment.model: {path}")
+        show.line(
+            f"U-Net: {path} (sidecar {path}.json), validation {rec['unet'].get('validation_metrics')}; "
+            f"map other regions with it by setting segment.model: {path}"
+        )
     products = rec.get("products") or {}
     if products:
         result["products"] = {k: products.get(k) for k in ("zarr", "cogs", "report", "stac")}
@@ -100,9 +120,11 @@ def _search(args: argparse.Namespace) -> int:
         if "error" in z:
             print(f"{zone}: {z['items']} item(s); {z['error']}")
             continue
-        print(f"{zone}: {z['items']} item(s), {z['dates']} date(s), grid {z['shape'][0]} x {z['shape'][1]} px "
-              f"at {cfg.cube.resolution:g} m = {z['pixels']:,} px; reads ~{z['source_bytes'] / 2**20:,.0f} MiB "
-              f"({len(info['bands'])} bands), composite {z['composite_bytes'] / 2**20:,.0f} MiB")
+        print(
+            f"{zone}: {z['items']} item(s), {z['dates']} date(s), grid {z['shape'][0]} x {z['shape'][1]} px "
+            f"at {cfg.cube.resolution:g} m = {z['pixels']:,} px; reads ~{z['source_bytes'] / 2**20:,.0f} MiB "
+            f"({len(info['bands'])} bands), composite {z['composite_bytes'] / 2**20:,.0f} MiB"
+        )
     return 0
 
 
@@ -117,8 +139,10 @@ def _inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(versions, indent=1, default=str))
             return 0
-        print(f"{len(versions)} version(s) of the products of {args.run}, newest first; open one with "
-              "agriland_scale.open_run(RUN, version=...)")
+        print(
+            f"{len(versions)} version(s) of the products of {args.run}, newest first; open one with "
+            "agriland_scale.open_run(RUN, version=...)"
+        )
         for v in versions:
             tags = f" [{', '.join(v['tags'])}]" if v["tags"] else ""
             print(f"{v['version']}  {v['time']}  {v['message']}{tags}")
@@ -134,8 +158,11 @@ def _export(args: argparse.Namespace) -> int:
 
     groups = export_zarr(args.run, args.zarr, version=args.version, zarr_format=args.zarr_format)
     print(args.zarr)
-    _message(args, f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
-             f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')")
+    _message(
+        args,
+        f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
+        f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')",
+    )
     return 0
 
 
@@ -160,8 +187,10 @@ def _local_out(args: argparse.Namespace, default: str) -> Path:
     if args.out is not None:
         return args.out
     if isinstance(args.run, str):
-        raise OutputError(f"{args.run} is on object storage: give --out, a local path for the {default} "
-                          "(it is drawn or used on this machine)")
+        raise OutputError(
+            f"{args.run} is on object storage: give --out, a local path for the {default} "
+            "(it is drawn or used on this machine)"
+        )
     return args.run / default
 
 
@@ -174,9 +203,12 @@ def _export_labels(args: argparse.Namespace) -> int:
     with run_folder(args.run, "agriland export-labels") as folder:
         project = export_via(folder, out, clusters, overwrite=args.overwrite)
     print(project)  # the result on stdout, the how-to on stderr
-    _message(args, f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with "
-             f"the region attribute 'class' = arable / other, save the project, then run:\n"
-             f"  agriland import-labels {project} {args.run}")
+    _message(
+        args,
+        f"VIA project: {project}\nopen it in VGG Image Annotator 2 (via.html), draw polygons with "
+        f"the region attribute 'class' = arable / other, save the project, then run:\n"
+        f"  agriland import-labels {project} {args.run}",
+    )
     return 0
 
 
@@ -194,8 +226,11 @@ def _import_labels(args: argparse.Namespace) -> int:
         write_cog(mask, out, nodata=255)
     n1, n0 = int((mask.values == 1).sum()), int((mask.values == 0).sum())
     print(out)
-    _message(args, f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
-             f"({cube.rio.crs}); train on it with segment.labels: {out}")
+    _message(
+        args,
+        f"label mask {out}: {n1:,} agricultural and {n0:,} other pixels on the cube grid "
+        f"({cube.rio.crs}); train on it with segment.labels: {out}",
+    )
     return 0
 
 
@@ -256,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     if args.quiet and args.verbose:
-        parser.error("-q/--quiet (errors only) and -v/--verbose (the run log too) exclude each other: give one")
+        parser.error(
+            "-q/--quiet (errors only) and -v/--verbose (the run log too) exclude each other: give one"
+        )
     if not args.debug:  # dask's own loggers (here and in worker processes) stay quiet: a failing
         # task reaches the user as one paragraph below, not as a worker's "Compute Failed" traceback
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
@@ -296,11 +333,20 @@ def _dispatch(args: argparse.Namespace) -> int:
             from agriland_scale.pipeline.runtime import given_models, serve_cluster
 
             cfg = load_config(args.pipeline) if args.pipeline else None
-            serve_cluster(cfg.runtime if cfg else RuntimeConfig(), args.port, models=given_models(cfg) if cfg else None,
-                          report=lambda line: print(line, flush=True))
+            serve_cluster(
+                cfg.runtime if cfg else RuntimeConfig(),
+                args.port,
+                models=given_models(cfg) if cfg else None,
+                report=lambda line: print(line, flush=True),
+            )
             return 0
-        handlers = {"inspect": _inspect, "export": _export, "report": _report, "export-labels": _export_labels,
-                    "import-labels": _import_labels}
+        handlers = {
+            "inspect": _inspect,
+            "export": _export,
+            "report": _report,
+            "export-labels": _export_labels,
+            "import-labels": _import_labels,
+        }
         if args.command in handlers:
             return handlers[args.command](args)
         if args.command == "validate":
@@ -320,8 +366,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
-        print(f"agriland: {'terminated (SIGTERM)' if term else 'interrupted'}: finished work is kept; "
-              "rerunning the same command continues where it stopped", file=sys.stderr)
+        print(
+            f"agriland: {'terminated (SIGTERM)' if term else 'interrupted'}: finished work is kept; "
+            "rerunning the same command continues where it stopped",
+            file=sys.stderr,
+        )
         return 143 if term else 130
     except Exception as e:  # noqa: BLE001 - an unexpected failure: one paragraph, not a traceback
         if args.debug:
@@ -342,9 +391,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if out is not None and (Path(out) / "logs").is_dir():
             log_hint = f"; the run's log is in {Path(out) / 'logs'}"
         msg = str(e) if len(str(e)) <= 400 else str(e)[:400] + " ..."
-        print(f"agriland: unexpected error: {type(e).__name__}: {msg}{where}. Nothing finished is lost: "
-              f"rerunning the same command continues where it stopped. Rerun with --debug for the "
-              f"traceback{log_hint}, and report it if it persists.", file=sys.stderr)
+        print(
+            f"agriland: unexpected error: {type(e).__name__}: {msg}{where}. Nothing finished is lost: "
+            f"rerunning the same command continues where it stopped. Rerun with --debug for the "
+            f"traceback{log_hint}, and report it if it persists.",
+            file=sys.stderr,
+        )
         return 1
     return 1
 

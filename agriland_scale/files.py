@@ -21,9 +21,32 @@ from urllib.parse import urlparse
 
 from agriland_scale.errors import OutputError
 
-__all__ = ["OBJECT_SCHEMES", "TMP_SUFFIX", "atomic_path", "cache_dir", "delete_object", "delete_prefix", "download", "is_object_url",
-           "check_object_url", "join_url", "short_error", "storage_fault", "run_storage_options", "use_storage_options", "list_objects", "local_copy", "object_store", "object_version", "probe_location",
-           "s3_settings", "upload_file", "write_json", "write_json_anyhow", "write_text"]
+__all__ = [
+    "OBJECT_SCHEMES",
+    "TMP_SUFFIX",
+    "atomic_path",
+    "cache_dir",
+    "delete_object",
+    "delete_prefix",
+    "download",
+    "is_object_url",
+    "check_object_url",
+    "join_url",
+    "short_error",
+    "storage_fault",
+    "run_storage_options",
+    "use_storage_options",
+    "list_objects",
+    "local_copy",
+    "object_store",
+    "object_version",
+    "probe_location",
+    "s3_settings",
+    "upload_file",
+    "write_json",
+    "write_json_anyhow",
+    "write_text",
+]
 
 TMP_SUFFIX = ".tmp"
 
@@ -92,8 +115,10 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _FULL_TEXT = re.compile(r"No space left on device|os error 28\b|Disk quota exceeded|os error 122\b")
 _READ_ONLY_TEXT = re.compile(r"Read-only file system|os error 30\b|Permission denied|os error 13\b")
-_GONE_TEXT = re.compile(r"error sending request|[Cc]onnection refused|tcp connect error|dispatch failure|"
-                        r"connection (?:closed|reset)|[Bb]roken pipe|timed out|os error 111\b")
+_GONE_TEXT = re.compile(
+    r"error sending request|[Cc]onnection refused|tcp connect error|dispatch failure|"
+    r"connection (?:closed|reset)|[Bb]roken pipe|timed out|os error 111\b"
+)
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -124,18 +149,26 @@ def storage_fault(err: BaseException, out: str | Path | None = None) -> OutputEr
         where = f"{named or cache} (this machine's agriland cache, $AGRILAND_CACHE)"
     again = "then rerun the same command: it continues where it stopped, and nothing finished is lost"
     if codes & set(_FULL) or _FULL_TEXT.search(text):
-        return OutputError(f"the disk holding {where} is full (no space left on device): free space there, "
-                           f"or move the run to a disk with room (or point AGRILAND_CACHE elsewhere), {again}")
+        return OutputError(
+            f"the disk holding {where} is full (no space left on device): free space there, "
+            f"or move the run to a disk with room (or point AGRILAND_CACHE elsewhere), {again}"
+        )
     if codes & set(_READ_ONLY) or _READ_ONLY_TEXT.search(text):
-        return OutputError(f"{where} can no longer be written (its file system or folder turned read-only, or "
-                           f"its permissions changed during the run): make it writable again (or copy the run to "
-                           f"a writable folder and give that as --out), {again}")
+        return OutputError(
+            f"{where} can no longer be written (its file system or folder turned read-only, or "
+            f"its permissions changed during the run): make it writable again (or copy the run to "
+            f"a writable folder and give that as --out), {again}"
+        )
     if out is not None and is_object_url(out) and _GONE_TEXT.search(text):
-        endpoint = s3_settings(run_storage_options(out))["endpoint_url"] if str(out).startswith("s3://") else None
+        endpoint = (
+            s3_settings(run_storage_options(out))["endpoint_url"] if str(out).startswith("s3://") else None
+        )
         at = f" at {endpoint}" if endpoint else ""
-        return OutputError(f"the object store{at} holding {out} stopped answering during the run "
-                           f"({short_error(next(e for e in chain if _GONE_TEXT.search(str(e))))}): check that it runs "
-                           f"and that this machine reaches it, {again}")
+        return OutputError(
+            f"the object store{at} holding {out} stopped answering during the run "
+            f"({short_error(next(e for e in chain if _GONE_TEXT.search(str(e))))}): check that it runs "
+            f"and that this machine reaches it, {again}"
+        )
     return None
 
 
@@ -176,12 +209,20 @@ def check_object_url(location: str) -> str:
     segments = key.rstrip("/").split("/") if key.rstrip("/") else []
     bad = [s for s in segments if s in (".", "..", "")]
     if not bucket or bucket in (".", "..") or bad or any(ord(c) < 32 or c == "\x7f" for c in text):
-        why = ("names no bucket" if not bucket or bucket in (".", "..")
-               else "has a control character" if not bad else
-               f"has the key segment {bad[0]!r}" if bad[0] else "has an empty key segment ('//')")
-        raise OutputError(f"{text[:200]} is not a valid location: it {why}. Object stores take such keys "
-                          f"literally, so the run would not be where the URL seems to point; write it as "
-                          f"{m.group(1)}://BUCKET/PREFIX with plain names, e.g. {m.group(1)}://my-bucket/runs/virginia")
+        why = (
+            "names no bucket"
+            if not bucket or bucket in (".", "..")
+            else "has a control character"
+            if not bad
+            else f"has the key segment {bad[0]!r}"
+            if bad[0]
+            else "has an empty key segment ('//')"
+        )
+        raise OutputError(
+            f"{text[:200]} is not a valid location: it {why}. Object stores take such keys "
+            f"literally, so the run would not be where the URL seems to point; write it as "
+            f"{m.group(1)}://BUCKET/PREFIX with plain names, e.g. {m.group(1)}://my-bucket/runs/virginia"
+        )
     return text
 
 
@@ -209,7 +250,9 @@ def use_storage_options(location: str | Path, storage_options: dict[str, Any] | 
         _RUN_OPTIONS.pop(kind, None)
 
 
-def run_storage_options(location: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def run_storage_options(
+    location: str | Path, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Return ``storage_options`` if given, else the run's for ``location``'s kind (:func:`use_storage_options`)."""
     if storage_options:
         return storage_options
@@ -234,7 +277,9 @@ def s3_settings(storage_options: dict[str, Any] | None = None) -> dict[str, Any]
         "endpoint_url": endpoint,
         "region": o.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         "access_key_id": o.get("access_key_id") or o.get("key") or env.get("AWS_ACCESS_KEY_ID"),
-        "secret_access_key": o.get("secret_access_key") or o.get("secret") or env.get("AWS_SECRET_ACCESS_KEY"),
+        "secret_access_key": o.get("secret_access_key")
+        or o.get("secret")
+        or env.get("AWS_SECRET_ACCESS_KEY"),
         "session_token": o.get("session_token") or env.get("AWS_SESSION_TOKEN"),
         "allow_http": bool(o.get("allow_http", bool(endpoint and str(endpoint).startswith("http://")))),
         "force_path_style": bool(o.get("force_path_style", bool(endpoint))),
@@ -261,15 +306,19 @@ def object_store(location: str | Path, storage_options: dict[str, Any] | None = 
         return obs.LocalStore(str(folder))
     kind = OBJECT_SCHEMES.get(m.group(1).lower())
     if kind is None:
-        raise OutputError(f"{text}: '{m.group(1)}://' is not a supported location; use a local folder, "
-                          "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
+        raise OutputError(
+            f"{text}: '{m.group(1)}://' is not a supported location; use a local folder, "
+            "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX"
+        )
     check_object_url(text)
     storage_options = run_storage_options(text, storage_options)
     client = {"timeout": "60s", "connect_timeout": "5s"}
     if kind == "s3":
         s = s3_settings(storage_options)
-        config: dict[str, Any] = {"region": s["region"],
-                                  "virtual_hosted_style_request": not s["force_path_style"]}
+        config: dict[str, Any] = {
+            "region": s["region"],
+            "virtual_hosted_style_request": not s["force_path_style"],
+        }
         if s["endpoint_url"]:
             config["endpoint"] = s["endpoint_url"]
         if s["access_key_id"] and s["secret_access_key"]:
@@ -293,11 +342,15 @@ def short_error(err: BaseException) -> str:
     code = re.search(r"<Code>([^<]+)</Code>", text)
     status = re.search(r"status code: (\d{3}[^:<]*)", text)
     if code or status:
-        return " ".join(x for x in ((status.group(1).strip() if status else ""), (code.group(1) if code else "")) if x)
+        return " ".join(
+            x for x in ((status.group(1).strip() if status else ""), (code.group(1) if code else "")) if x
+        )
     return text.splitlines()[0][:200]
 
 
-def probe_location(location: str, storage_options: dict[str, Any] | None = None, *, write: bool = True) -> None:
+def probe_location(
+    location: str, storage_options: dict[str, Any] | None = None, *, write: bool = True
+) -> None:
     """Check that an object-storage location answers, and takes writes, before any compute.
 
     Lists the prefix, then (``write=True``) puts a small object and deletes it.
@@ -321,21 +374,38 @@ def probe_location(location: str, storage_options: dict[str, Any] | None = None,
     def fail(err: Exception, doing: str) -> OutputError:
         why = short_error(err)
         text = str(err)
-        if "error sending request" in text or "Connection refused" in text or "dns error" in text \
-                or "timed out" in text.lower():
-            fix = ("the endpoint cannot be reached: check that the server runs and that AWS_ENDPOINT_URL "
-                   "(or output.storage_options.endpoint_url) names it")
+        if (
+            "error sending request" in text
+            or "Connection refused" in text
+            or "dns error" in text
+            or "timed out" in text.lower()
+        ):
+            fix = (
+                "the endpoint cannot be reached: check that the server runs and that AWS_ENDPOINT_URL "
+                "(or output.storage_options.endpoint_url) names it"
+            )
         elif "NoSuchBucket" in text or ("500" in why and "PUT" in text) or "404" in why:
-            fix = (f"does the bucket '{bucket}' exist? Create it first (e.g. `aws s3 mb s3://{bucket}`) or "
-                   "correct the URL")
-        elif "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "InvalidToken" in text \
-                or "ExpiredToken" in text:
-            fix = ("the credentials were refused: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or "
-                   "output.storage_options)")
+            fix = (
+                f"does the bucket '{bucket}' exist? Create it first (e.g. `aws s3 mb s3://{bucket}`) or "
+                "correct the URL"
+            )
+        elif (
+            "InvalidAccessKeyId" in text
+            or "SignatureDoesNotMatch" in text
+            or "InvalidToken" in text
+            or "ExpiredToken" in text
+        ):
+            fix = (
+                "the credentials were refused: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or "
+                "output.storage_options)"
+            )
         elif "AccessDenied" in text or "403" in why:
-            fix = (f"these credentials may not {doing} there: use credentials with write permission on "
-                   "the bucket, or another --out" if doing == "write" else
-                   "these credentials may not list the bucket: use credentials with read permission")
+            fix = (
+                f"these credentials may not {doing} there: use credentials with write permission on "
+                "the bucket, or another --out"
+                if doing == "write"
+                else "these credentials may not list the bucket: use credentials with read permission"
+            )
         else:
             fix = "check the URL, the endpoint and the credentials"
         return OutputError(f"cannot {doing} {where}: {why}; {fix}")
@@ -372,7 +442,8 @@ def cache_dir() -> Path:
     storage. Deleting it loses nothing.
     """
     root = os.environ.get("AGRILAND_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "agriland")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "agriland"
+    )
     return Path(root)
 
 
@@ -408,7 +479,7 @@ def delete_prefix(url: str, storage_options: dict[str, Any] | None = None) -> in
     store = object_store(url, storage_options)
     paths = [str(m["path"]) for batch in obstore.list(store) for m in batch]
     for i in range(0, len(paths), 1000):
-        obstore.delete(store, paths[i:i + 1000])
+        obstore.delete(store, paths[i : i + 1000])
     return len(paths)
 
 
@@ -455,8 +526,9 @@ def object_version(url: str, storage_options: dict[str, Any] | None = None) -> s
     return str(meta.get("e_tag") or f"{meta['size']}-{meta['last_modified']}")
 
 
-def local_copy(location: str | Path, storage_options: dict[str, Any] | None = None, *,
-               with_sidecar: bool = False) -> Path:
+def local_copy(
+    location: str | Path, storage_options: dict[str, Any] | None = None, *, with_sidecar: bool = False
+) -> Path:
     """Return a local path for ``location``: itself for a path, a cached copy for an object URL.
 
     An object is downloaded once per machine and version (:func:`cache_dir`/``objects``);

@@ -27,9 +27,31 @@ from typing import Any, TypedDict, cast
 
 from agriland_scale.errors import ConfigError, CorruptInput, OutputError
 
-__all__ = ["COG_DIR", "COG_NAMES", "DEPENDS", "GROUPS", "ITEMS", "LOCK_NAME", "LOGS_DIR", "MODEL_STAGES", "MODELS_DIR",
-           "PARTIAL_DIR", "RECORD", "STAGES", "STAGE_SETTINGS", "STORE", "RunRecord", "dependents", "load_items",
-           "load_run_record", "local_folder", "read_record", "stages_needed", "zone_name", "zones_of"]
+__all__ = [
+    "COG_DIR",
+    "COG_NAMES",
+    "DEPENDS",
+    "GROUPS",
+    "ITEMS",
+    "LOCK_NAME",
+    "LOGS_DIR",
+    "MODEL_STAGES",
+    "MODELS_DIR",
+    "PARTIAL_DIR",
+    "RECORD",
+    "STAGES",
+    "STAGE_SETTINGS",
+    "STORE",
+    "RunRecord",
+    "dependents",
+    "load_items",
+    "load_run_record",
+    "local_folder",
+    "read_record",
+    "stages_needed",
+    "zone_name",
+    "zones_of",
+]
 
 # the pipeline's stages, in the order a run executes them
 STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
@@ -37,13 +59,24 @@ STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", 
 MODEL_STAGES = frozenset({"cae", "embeddings", "unet", "segmentation"})
 # what each stage reads
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "search": (), "cube": ("search",), "patches": ("cube",), "cae": ("patches",),
-    "embeddings": ("cae",), "clusters": ("embeddings",), "unet": ("cube",), "segmentation": ("unet",),
+    "search": (),
+    "cube": ("search",),
+    "patches": ("cube",),
+    "cae": ("patches",),
+    "embeddings": ("cae",),
+    "clusters": ("embeddings",),
+    "unet": ("cube",),
+    "segmentation": ("unet",),
     "publish": ("clusters", "segmentation"),
 }
 # the product group a stage writes (per zone)
-GROUPS = {"cube": "cube", "patches": "patches", "embeddings": "embeddings", "clusters": "clusters",
-          "segmentation": "segmentation"}
+GROUPS = {
+    "cube": "cube",
+    "patches": "patches",
+    "embeddings": "embeddings",
+    "clusters": "clusters",
+    "segmentation": "segmentation",
+}
 
 STORE = "agriland.icechunk"
 RECORD = "run.json"
@@ -57,9 +90,16 @@ LOCK_NAME = ".agriland.lock"
 COG_NAMES = ("cluster_map", "probability", "mask")
 
 
-_OBJECT_STORES = {"s3": "Amazon S3 or an S3-compatible server", "gs": "Google Cloud Storage",
-                  "gcs": "Google Cloud Storage", "az": "Azure Blob Storage", "abfs": "Azure Blob Storage",
-                  "abfss": "Azure Blob Storage", "http": "an HTTP server", "https": "an HTTP server"}
+_OBJECT_STORES = {
+    "s3": "Amazon S3 or an S3-compatible server",
+    "gs": "Google Cloud Storage",
+    "gcs": "Google Cloud Storage",
+    "az": "Azure Blob Storage",
+    "abfs": "Azure Blob Storage",
+    "abfss": "Azure Blob Storage",
+    "http": "an HTTP server",
+    "https": "an HTTP server",
+}
 
 
 def local_folder(location: str | Path) -> Path:
@@ -91,10 +131,12 @@ def local_folder(location: str | Path) -> Path:
             raise OutputError(
                 f"{text} is on {_OBJECT_STORES[scheme.lower()]}, and this takes a local folder: give a folder "
                 "here (a run on object storage is read with `agriland inspect URL`, `agriland export URL "
-                "--zarr DEST` or agriland_scale.open_run(URL))")
+                "--zarr DEST` or agriland_scale.open_run(URL))"
+            )
         raise OutputError(
             f"{text}: '{scheme}://' is not a supported location; use a local folder (or file://), "
-            "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
+            "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX"
+        )
     return Path(text).expanduser().resolve()
 
 
@@ -111,7 +153,9 @@ class RunRecord(TypedDict, total=False):
     pending_removal: list[str]
     inputs: dict[str, Any]
     cube: dict[str, Any]
-    cube_computed_by: str  # "the cluster", or the worker in the agriland process while the workers loaded models
+    cube_computed_by: (
+        str  # "the cluster", or the worker in the agriland process while the workers loaded models
+    )
     zones: dict[str, dict[str, Any]]
     products: dict[str, Any]
     versions: dict[str, str]
@@ -123,7 +167,9 @@ class RunRecord(TypedDict, total=False):
     dashboard: str
     scheduler: str
     gpu: bool
-    precision: dict[str, str]  # model stage -> Keras dtype policy of its predictions (float32, mixed_bfloat16)
+    precision: dict[
+        str, str
+    ]  # model stage -> Keras dtype policy of its predictions (float32, mixed_bfloat16)
     patches: dict[str, Any]
     cae: dict[str, Any]
     clusters: dict[str, Any]
@@ -196,7 +242,8 @@ def read_record(out: Path) -> RunRecord | None:
         raise OutputError(
             f"{path} is damaged ({why[:200]}). It is the record of what the run in {out} wrote, so "
             "agriland cannot resume it or tell its files from others: restore run.json (from a "
-            "backup), or move that folder away and run again into a new --out folder")
+            "backup), or move that folder away and run again into a new --out folder"
+        )
     return cast(RunRecord, rec)
 
 
@@ -215,8 +262,10 @@ def load_run_record(out_dir: str | Path) -> RunRecord:
         raise CorruptInput(f"{out} is not a folder: pass the --out folder of an agriland run")
     record = read_record(out)  # a damaged run.json: the same advice as `agriland run` gives
     if record is None:
-        raise CorruptInput(f"{out} holds no run.json, so it is not the output folder of an agriland "
-                           "run: pass the folder given as --out to 'agriland run' / 'agriland demo'")
+        raise CorruptInput(
+            f"{out} holds no run.json, so it is not the output folder of an agriland "
+            "run: pass the folder given as --out to 'agriland run' / 'agriland demo'"
+        )
     return record
 
 
@@ -247,8 +296,9 @@ def load_items(out_dir: str | Path) -> list[dict[str, Any]]:
         raise CorruptInput(f"{path} is not valid JSON ({e}): re-run the search stage") from e
     features = doc.get("features") if isinstance(doc, dict) else None
     if not isinstance(features, list):
-        raise CorruptInput(f"{path} is not a FeatureCollection of STAC items (no 'features' list): "
-                           "re-run the search stage")
+        raise CorruptInput(
+            f"{path} is not a FeatureCollection of STAC items (no 'features' list): re-run the search stage"
+        )
     return features
 
 
@@ -278,24 +328,64 @@ def zones_of(record: RunRecord) -> dict[str, dict[str, Any]]:
 
 
 # config keys (or sections) whose values a stage's outputs depend on
-CAE_KEYS = ("embed.model", "embed.bands", "embed.weights", "embed.head", "embed.embedding_dim",
-            "embed.dense_units", "embed.reflectance_max", "embed.train", "patches.size", "seed")
+CAE_KEYS = (
+    "embed.model",
+    "embed.bands",
+    "embed.weights",
+    "embed.head",
+    "embed.embedding_dim",
+    "embed.dense_units",
+    "embed.reflectance_max",
+    "embed.train",
+    "patches.size",
+    "seed",
+)
 
 
-UNET_KEYS = ("segment.model", "segment.encoder", "segment.weights", "segment.bands", "segment.reflectance_max",
-             "segment.labels", "segment.positive_classes", "segment.window", "segment.train", "seed")
+UNET_KEYS = (
+    "segment.model",
+    "segment.encoder",
+    "segment.weights",
+    "segment.bands",
+    "segment.reflectance_max",
+    "segment.labels",
+    "segment.positive_classes",
+    "segment.window",
+    "segment.train",
+    "seed",
+)
 
 
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "search": ("search",), "cube": ("cube",), "patches": ("patches",), "cae": CAE_KEYS,
-    "embeddings": ("embed",), "clusters": ("cluster", "seed"), "unet": UNET_KEYS,
-    "segmentation": ("segment",), "publish": (),
+    "search": ("search",),
+    "cube": ("cube",),
+    "patches": ("patches",),
+    "cae": CAE_KEYS,
+    "embeddings": ("embed",),
+    "clusters": ("cluster", "seed"),
+    "unet": UNET_KEYS,
+    "segmentation": ("segment",),
+    "publish": (),
 }
 
 
-_PACKAGES = ["agriland-scale", "numpy", "xarray", "rioxarray", "dask", "distributed", "zarr",
-             "pystac-client", "odc-stac", "tensorflow-cpu", "tensorflow", "keras", "scikit-learn",
-             "rasterio", "rustac"]
+_PACKAGES = [
+    "agriland-scale",
+    "numpy",
+    "xarray",
+    "rioxarray",
+    "dask",
+    "distributed",
+    "zarr",
+    "pystac-client",
+    "odc-stac",
+    "tensorflow-cpu",
+    "tensorflow",
+    "keras",
+    "scikit-learn",
+    "rasterio",
+    "rustac",
+]
 
 
 def package_versions() -> dict[str, str]:

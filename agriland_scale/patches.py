@@ -36,9 +36,11 @@ def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[np.ndar
     stride at the bottom/right is not covered by any patch.
     """
     if size > min(height, width):
-        raise RegionError(f"the region's cube is {height} x {width} px, smaller than one patch of "
-                          f"{size} x {size} px (patches.size): enlarge search.bbox / search.region "
-                          "(a patch covers size x cube.resolution metres a side) or lower patches.size")
+        raise RegionError(
+            f"the region's cube is {height} x {width} px, smaller than one patch of "
+            f"{size} x {size} px (patches.size): enlarge search.bbox / search.region "
+            "(a patch covers size x cube.resolution metres a side) or lower patches.size"
+        )
     rows = np.arange(0, height - size + 1, stride)
     cols = np.arange(0, width - size + 1, stride)
     return rows, cols
@@ -76,24 +78,34 @@ def patch_index(cube: xr.Dataset, size: int, stride: int, client: Any = None) ->
             "valid_fraction": ("patch", frac),
         },
         coords={"patch": np.arange(len(y0), dtype="int64")},
-        attrs={"patch_size": size, "stride": stride, "crs": str(cube.rio.crs),
-               "n_rows": len(rows), "n_cols": len(cols)},
+        attrs={
+            "patch_size": size,
+            "stride": stride,
+            "crs": str(cube.rio.crs),
+            "n_rows": len(rows),
+            "n_cols": len(cols),
+        },
     )
     unit = cube["x"].attrs.get("units", "m")  # CF: a long_name on every variable, units where any
     for name, long_name, units in (
-            ("patch", "patch number", None), ("row", "row of the patch in the patch grid", None),
-            ("col", "column of the patch in the patch grid", None),
-            ("y0", "first pixel row of the patch in the cube", None),
-            ("x0", "first pixel column of the patch in the cube", None),
-            ("minx", "smallest x of the patch (cube CRS)", unit), ("miny", "smallest y of the patch (cube CRS)", unit),
-            ("maxx", "largest x of the patch (cube CRS)", unit), ("maxy", "largest y of the patch (cube CRS)", unit),
-            ("valid_fraction", "fraction of the patch's pixels with a clear observation", "1")):
+        ("patch", "patch number", None),
+        ("row", "row of the patch in the patch grid", None),
+        ("col", "column of the patch in the patch grid", None),
+        ("y0", "first pixel row of the patch in the cube", None),
+        ("x0", "first pixel column of the patch in the cube", None),
+        ("minx", "smallest x of the patch (cube CRS)", unit),
+        ("miny", "smallest y of the patch (cube CRS)", unit),
+        ("maxx", "largest x of the patch (cube CRS)", unit),
+        ("maxy", "largest y of the patch (cube CRS)", unit),
+        ("valid_fraction", "fraction of the patch's pixels with a clear observation", "1"),
+    ):
         idx[name].attrs.update({"long_name": long_name} | ({"units": units} if units else {}))
     return idx
 
 
-def _valid_fraction(valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int,
-                    client: Any = None) -> np.ndarray:
+def _valid_fraction(
+    valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int, client: Any = None
+) -> np.ndarray:
     """Compute the valid fraction per patch from a stride-aligned block sum (one dask compute).
 
     The block sums (one number per ``gcd`` block, a few MB for a whole state) are added per
@@ -171,11 +183,16 @@ def read_windows(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size
     if len(y0) == 0:
         return out
     span = (y0.max() - y0.min() + size) * (x0.max() - x0.min() + size)
-    groups = [np.arange(len(y0))] if span <= 2 * len(y0) * size**2 else \
-        [np.flatnonzero(y0 == r) for r in np.unique(y0)]
+    groups = (
+        [np.arange(len(y0))]
+        if span <= 2 * len(y0) * size**2
+        else [np.flatnonzero(y0 == r) for r in np.unique(y0)]
+    )
     corners = [(int(y0[g].min()), int(x0[g].min())) for g in groups]
-    parts = [reflectance.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size))
-             for g, (ys, xs) in zip(groups, corners)]
+    parts = [
+        reflectance.isel(y=slice(ys, int(y0[g].max()) + size), x=slice(xs, int(x0[g].max()) + size))
+        for g, (ys, xs) in zip(groups, corners)
+    ]
     if reflectance.chunks is not None:
         import dask
 
@@ -185,12 +202,18 @@ def read_windows(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size
     for g, (ys, xs), block in zip(groups, corners, spans):
         for i in g:
             a, b = int(y0[i]) - ys, int(x0[i]) - xs
-            out[i] = block[:, a:a + size, b:b + size]
+            out[i] = block[:, a : a + size, b : b + size]
     return out
 
 
-def read_patches(reflectance: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int,
-                 bands: list[str], reflectance_max: float) -> np.ndarray:
+def read_patches(
+    reflectance: xr.DataArray,
+    y0: np.ndarray,
+    x0: np.ndarray,
+    size: int,
+    bands: list[str],
+    reflectance_max: float,
+) -> np.ndarray:
     """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
 
     Parameters

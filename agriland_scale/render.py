@@ -14,8 +14,16 @@ import xarray as xr
 
 from agriland_scale.errors import BandMismatch, EmptyRegion
 
-__all__ = ["RGB", "check_bands", "display_bands", "figure_png", "percentile_limits", "stretch_limits", "to_rgb",
-           "to_rgb8"]
+__all__ = [
+    "RGB",
+    "check_bands",
+    "display_bands",
+    "figure_png",
+    "percentile_limits",
+    "stretch_limits",
+    "to_rgb",
+    "to_rgb8",
+]
 
 RGB = ("red", "green", "blue")
 
@@ -26,8 +34,13 @@ def display_bands(cube: xr.Dataset) -> tuple[str, ...]:
     return RGB if set(RGB) <= set(have) else have[:3]
 
 
-def stretch_limits(cube: xr.Dataset, bands: tuple[str, ...] = RGB, *, percentiles: tuple[float, float] = (2, 98),
-                   max_pixels: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+def stretch_limits(
+    cube: xr.Dataset,
+    bands: tuple[str, ...] = RGB,
+    *,
+    percentiles: tuple[float, float] = (2, 98),
+    max_pixels: int = 1_000_000,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-band ``percentiles`` ``(low (n_bands,), high (n_bands,))`` of ``bands`` over the region.
 
     Reflectance, unitless. Computed on a regular subsample of at most ``max_pixels`` pixels
@@ -42,8 +55,9 @@ def stretch_limits(cube: xr.Dataset, bands: tuple[str, ...] = RGB, *, percentile
     return percentile_limits(np.asarray(sub.values, dtype="float32"), bands, percentiles=percentiles)
 
 
-def percentile_limits(sample: np.ndarray, bands: tuple[str, ...] | list[str], *,
-                      percentiles: tuple[float, float] = (2, 98)) -> tuple[np.ndarray, np.ndarray]:
+def percentile_limits(
+    sample: np.ndarray, bands: tuple[str, ...] | list[str], *, percentiles: tuple[float, float] = (2, 98)
+) -> tuple[np.ndarray, np.ndarray]:
     """Return per-band ``percentiles`` of a reflectance ``sample (n_bands, ...)``, as :func:`stretch_limits` does.
 
     NaN is no data; ``bands`` name the sample's bands (for the error).
@@ -75,8 +89,10 @@ def check_bands(cube: xr.Dataset, bands: tuple[str, ...] | list[str]) -> None:
     have = [str(b) for b in cube["band"].values]
     missing = [b for b in bands if b not in have]
     if missing:
-        raise BandMismatch(f"the cube has no band(s) {missing} (it has {have}): the report needs "
-                           f"{list(bands)}; add them to cube.bands")
+        raise BandMismatch(
+            f"the cube has no band(s) {missing} (it has {have}): the report needs "
+            f"{list(bands)}; add them to cube.bands"
+        )
 
 
 def to_rgb(block: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
@@ -98,6 +114,7 @@ def figure_png(fig: Any, dpi: float, *, compress_level: int = 6) -> bytes:
     fig.set_dpi(dpi)
     fig.canvas.draw()
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).save(buf, format="png",
-                                                                        compress_level=compress_level)
+    Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).save(
+        buf, format="png", compress_level=compress_level
+    )
     return buf.getvalue()

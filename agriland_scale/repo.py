@@ -30,8 +30,17 @@ from agriland_scale.files import (
 )
 from agriland_scale.layout import RECORD, STORE, local_folder
 
-__all__ = ["ICECHUNK_MEDIA_TYPE", "check_store", "history", "is_repo", "main_version", "open_repo", "reader",
-           "repo_storage", "store_location"]
+__all__ = [
+    "ICECHUNK_MEDIA_TYPE",
+    "check_store",
+    "history",
+    "is_repo",
+    "main_version",
+    "open_repo",
+    "reader",
+    "repo_storage",
+    "store_location",
+]
 
 # the engine warns that its local-disk backend is not safe for concurrent commits: one
 # process commits to a run at a time (the run lock), so the warning says nothing to our users
@@ -102,33 +111,47 @@ def repo_storage(location: str | Path, storage_options: dict[str, Any] | None = 
     parsed = urlparse(text)
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
     if kind is None:
-        raise OutputError(f"{text}: '{scheme}://' is not a supported location; use a local folder, "
-                          "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX")
+        raise OutputError(
+            f"{text}: '{scheme}://' is not a supported location; use a local folder, "
+            "s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or az://CONTAINER/PREFIX"
+        )
     if not bucket:
         raise OutputError(f"{text}: the URL names no bucket; write it as {scheme}://BUCKET/PREFIX")
     check_object_url(text)
     if kind == "s3":
         st = s3_settings(opts)
-        kw: dict[str, Any] = {"bucket": bucket, "prefix": prefix or None, "region": st["region"],
-                              "endpoint_url": st["endpoint_url"], "allow_http": st["allow_http"],
-                              "force_path_style": st["force_path_style"]}
+        kw: dict[str, Any] = {
+            "bucket": bucket,
+            "prefix": prefix or None,
+            "region": st["region"],
+            "endpoint_url": st["endpoint_url"],
+            "allow_http": st["allow_http"],
+            "force_path_style": st["force_path_style"],
+        }
         if st["access_key_id"] and st["secret_access_key"]:
-            kw |= {"access_key_id": st["access_key_id"], "secret_access_key": st["secret_access_key"],
-                   "session_token": st["session_token"]}
+            kw |= {
+                "access_key_id": st["access_key_id"],
+                "secret_access_key": st["secret_access_key"],
+                "session_token": st["session_token"],
+            }
         elif st["anonymous"]:
             kw["anonymous"] = True
         else:
             kw["from_env"] = True
         return icechunk.s3_storage(**kw)
     if kind == "gcs":
-        return icechunk.gcs_storage(bucket=bucket, prefix=prefix or None,
-                                    **({"from_env": True} if not opts else opts))
+        return icechunk.gcs_storage(
+            bucket=bucket, prefix=prefix or None, **({"from_env": True} if not opts else opts)
+        )
     account = opts.pop("account", None) or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
     if not account:
-        raise OutputError(f"{text}: Azure needs a storage account: set AZURE_STORAGE_ACCOUNT_NAME or "
-                          "output.storage_options.account")
-    return icechunk.azure_storage(account=account, container=bucket, prefix=prefix,
-                                  **({"from_env": True} if not opts else opts))
+        raise OutputError(
+            f"{text}: Azure needs a storage account: set AZURE_STORAGE_ACCOUNT_NAME or "
+            "output.storage_options.account"
+        )
+    return icechunk.azure_storage(
+        account=account, container=bucket, prefix=prefix, **({"from_env": True} if not opts else opts)
+    )
 
 
 def _cause(err: BaseException) -> str:
@@ -148,8 +171,14 @@ def _run_of(location: str) -> str:
     return text[: -len(STORE) - 1] if text.endswith("/" + STORE) else text
 
 
-def _versions_left(location: str, storage_options: dict[str, Any] | None,
-                   repo: icechunk.Repository | None, *, most: int = 3, tries: int = 100) -> list[tuple[str, str]]:
+def _versions_left(
+    location: str,
+    storage_options: dict[str, Any] | None,
+    repo: icechunk.Repository | None,
+    *,
+    most: int = 3,
+    tries: int = 100,
+) -> list[tuple[str, str]]:
     """Versions of a damaged store that still read, newest first: ``[(snapshot id, description)]``.
 
     With ``repo`` (the engine opens the store, but a snapshot does not read): the newest
@@ -164,8 +193,11 @@ def _versions_left(location: str, storage_options: dict[str, Any] | None,
 
     try:
         store = object_store(location, storage_options)
-        written = {str(m["path"]).rpartition("/")[2]: m["last_modified"]
-                   for batch in obstore.list(store, prefix="snapshots") for m in batch}
+        written = {
+            str(m["path"]).rpartition("/")[2]: m["last_modified"]
+            for batch in obstore.list(store, prefix="snapshots")
+            for m in batch
+        }
         tags: dict[str, list[str]] = {}
         for batch in obstore.list(store, prefix="refs"):  # a prefix of whole path segments
             for m in batch:
@@ -197,32 +229,43 @@ def _versions_left(location: str, storage_options: dict[str, Any] | None,
     return left
 
 
-def _damaged(location: str, problem: str, storage_options: dict[str, Any] | None = None,
-             repo: icechunk.Repository | None = None) -> CorruptInput:
+def _damaged(
+    location: str,
+    problem: str,
+    storage_options: dict[str, Any] | None = None,
+    repo: icechunk.Repository | None = None,
+) -> CorruptInput:
     """Return the error naming a damaged store: what cannot be read, what opens, how to recover."""
     run = _run_of(location)
     left = _versions_left(location, storage_options, repo)
     when = "" if repo is not None else " once 'main' names one of them"
     listed = "; ".join(f"{sid} ({what})" for sid, what in left) if left else "none found"
-    text = (f"the product store {location} is damaged ({problem}); versions that still open{when}: "
-            f"{listed}; ")
+    text = f"the product store {location} is damaged ({problem}); versions that still open{when}: {listed}; "
     if left:
         ref = f"{location}/refs/branch.main/ref.json"
         body = '{"snapshot":"%s"}' % left[0][0]
-        how = (f"mkdir -p {location}/refs/branch.main && printf '{body}' > {ref}" if not is_object_url(location)
-               else f"put an object {ref} holding {body}")
-        text += (f"to recover: point its branch 'main' at one of them ({how}), then `agriland inspect {run} "
-                 f"--history` lists what that version holds, and rerunning the same command continues from it, "
-                 f"redoing the products it lacks; or run into a new --out. Until then every rerun into {run} "
-                 "fails the same way")
+        how = (
+            f"mkdir -p {location}/refs/branch.main && printf '{body}' > {ref}"
+            if not is_object_url(location)
+            else f"put an object {ref} holding {body}"
+        )
+        text += (
+            f"to recover: point its branch 'main' at one of them ({how}), then `agriland inspect {run} "
+            f"--history` lists what that version holds, and rerunning the same command continues from it, "
+            f"redoing the products it lacks; or run into a new --out. Until then every rerun into {run} "
+            "fails the same way"
+        )
     else:
-        text += (f"no intact ref names a version to go back to: run into a new --out (every rerun into {run} "
-                 "fails the same way)")
+        text += (
+            f"no intact ref names a version to go back to: run into a new --out (every rerun into {run} "
+            "fails the same way)"
+        )
     return CorruptInput(text)
 
 
-def main_version(repo: icechunk.Repository, location: str | Path,
-                 storage_options: dict[str, Any] | None = None) -> str:
+def main_version(
+    repo: icechunk.Repository, location: str | Path, storage_options: dict[str, Any] | None = None
+) -> str:
     """Return the snapshot id of ``main``'s tip, having checked that it reads.
 
     The engine opens a session without reading its snapshot; this reads it, so that a
@@ -237,12 +280,18 @@ def main_version(repo: icechunk.Repository, location: str | Path,
     try:
         tip = repo.lookup_branch("main")
     except icechunk.IcechunkError as e:
-        raise _damaged(str(location), f"its branch 'main' ref cannot be read: {_cause(e)}", storage_options) from None
+        raise _damaged(
+            str(location), f"its branch 'main' ref cannot be read: {_cause(e)}", storage_options
+        ) from None
     try:
         repo.lookup_snapshot(tip)
     except icechunk.IcechunkError as e:
-        raise _damaged(str(location), f"its branch 'main' names version {tip}, which cannot be read: {_cause(e)}",
-                       storage_options, repo) from None
+        raise _damaged(
+            str(location),
+            f"its branch 'main' names version {tip}, which cannot be read: {_cause(e)}",
+            storage_options,
+            repo,
+        ) from None
     return str(tip)
 
 
@@ -250,8 +299,10 @@ def _engine_error(location: str, err: BaseException, storage_options: dict[str, 
     """Translate the engine's failure to open the store at ``location``."""
     if "ref json" in str(err):  # a ref that does not parse: the store is damaged, not out of reach
         return _damaged(location, f"its branch 'main' ref cannot be read: {_cause(err)}", storage_options)
-    return CorruptInput(f"the product store {location} cannot be opened: {_cause(err)}; check that it is "
-                        "there and readable (and, on object storage, the credentials and the endpoint)")
+    return CorruptInput(
+        f"the product store {location} cannot be opened: {_cause(err)}; check that it is "
+        "there and readable (and, on object storage, the credentials and the endpoint)"
+    )
 
 
 def is_repo(location: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
@@ -291,8 +342,9 @@ def check_store(out: str | Path, storage_options: dict[str, Any] | None = None) 
         main_version(open_repo(loc, storage_options=storage_options), loc, storage_options)
 
 
-def open_repo(location: str | Path, *, create: bool = False,
-              storage_options: dict[str, Any] | None = None) -> icechunk.Repository:
+def open_repo(
+    location: str | Path, *, create: bool = False, storage_options: dict[str, Any] | None = None
+) -> icechunk.Repository:
     """Open the Icechunk repository at ``location`` (a store location, see :func:`store_location`).
 
     ``create=True`` creates it when missing (an empty repository with a ``main`` branch).
@@ -312,8 +364,9 @@ def open_repo(location: str | Path, *, create: bool = False,
         except icechunk.IcechunkError as e:
             raise _engine_error(str(location), e, storage_options) from None
     if not create:
-        raise CorruptInput(f"{location} holds no agriland product store: pass the --out folder (or URL) "
-                           "of an agriland run")
+        raise CorruptInput(
+            f"{location} holds no agriland product store: pass the --out folder (or URL) of an agriland run"
+        )
     return icechunk.Repository.create(storage)
 
 
@@ -327,14 +380,17 @@ def _has_snapshots(location: str, storage_options: dict[str, Any] | None) -> boo
     from agriland_scale.files import object_store
 
     try:
-        return any(len(batch) for batch in obstore.list(object_store(location, storage_options), prefix="snapshots",
-                                                        chunk_size=1))
+        return any(
+            len(batch)
+            for batch in obstore.list(
+                object_store(location, storage_options), prefix="snapshots", chunk_size=1
+            )
+        )
     except Exception:  # noqa: BLE001 - out of reach: the engine's own error follows
         return False
 
 
-def reader(out: str | Path, version: str | None = None,
-           storage_options: dict[str, Any] | None = None) -> Any:
+def reader(out: str | Path, version: str | None = None, storage_options: dict[str, Any] | None = None) -> Any:
     """Return a read-only Zarr store of a run's products (Icechunk), at ``version`` or the latest.
 
     Parameters
@@ -364,18 +420,22 @@ def reader(out: str | Path, version: str | None = None,
             sid = version
             store = repo.readonly_session(snapshot_id=version).store
     except Exception:  # noqa: BLE001 - the engine's error does not name the run
-        raise CorruptInput(f"{out} has no version '{version}': `agriland inspect {out} --history` lists "
-                           "the versions (snapshot ids and tags)") from None
+        raise CorruptInput(
+            f"{out} has no version '{version}': `agriland inspect {out} --history` lists "
+            "the versions (snapshot ids and tags)"
+        ) from None
     try:
         repo.lookup_snapshot(sid)
     except icechunk.IcechunkError as e:
-        raise _damaged(loc, f"its version '{version}' ({sid}) cannot be read: {_cause(e)}", storage_options,
-                       repo) from None
+        raise _damaged(
+            loc, f"its version '{version}' ({sid}) cannot be read: {_cause(e)}", storage_options, repo
+        ) from None
     return store
 
 
-def history(out: str | Path, storage_options: dict[str, Any] | None = None, *,
-            every_commit: bool = False) -> list[dict[str, Any]]:
+def history(
+    out: str | Path, storage_options: dict[str, Any] | None = None, *, every_commit: bool = False
+) -> list[dict[str, Any]]:
     """List the versions of a run's products, newest first.
 
     A version is a snapshot readers could see: one where a product was completed or removed
@@ -405,9 +465,17 @@ def history(out: str | Path, storage_options: dict[str, Any] | None = None, *,
             commits.append(c)
     except icechunk.IcechunkError as e:  # an older version is damaged
         last = commits[-1].parent_id if commits else tip
-        raise _damaged(loc, f"version {last} of its branch 'main' cannot be read: {_cause(e)}", storage_options,
-                       repo) from None
-    return [{"version": c.id, "time": c.written_at.isoformat(timespec="seconds"), "message": c.message,
-             "metadata": dict(c.metadata), "tags": sorted(tags.get(c.id, []))}
-            for c in commits
-            if every_commit or c.metadata.get("complete") or c.metadata.get("__root") or c.id in tags]
+        raise _damaged(
+            loc, f"version {last} of its branch 'main' cannot be read: {_cause(e)}", storage_options, repo
+        ) from None
+    return [
+        {
+            "version": c.id,
+            "time": c.written_at.isoformat(timespec="seconds"),
+            "message": c.message,
+            "metadata": dict(c.metadata),
+            "tags": sorted(tags.get(c.id, [])),
+        }
+        for c in commits
+        if every_commit or c.metadata.get("complete") or c.metadata.get("__root") or c.id in tags
+    ]

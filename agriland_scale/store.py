@@ -43,14 +43,37 @@ from agriland_scale.repo import (  # the repository's API, also here for the rea
     store_location,
 )
 
-__all__ = ["CF_CONVENTIONS", "CLUSTER_IDS", "ICECHUNK_MEDIA_TYPE", "StoreLike", "export_zarr", "fast_compressors",
-           "gdal_crs", "has_group", "history", "is_repo", "main_version", "open_cube", "open_product", "open_repo",
-           "open_run", "product_groups", "reader", "repo_storage", "run_relative", "store_location",
-           "try_open_product", "with_checksums", "write_georef", "write_group"]
+__all__ = [
+    "CF_CONVENTIONS",
+    "CLUSTER_IDS",
+    "ICECHUNK_MEDIA_TYPE",
+    "StoreLike",
+    "export_zarr",
+    "fast_compressors",
+    "gdal_crs",
+    "has_group",
+    "history",
+    "is_repo",
+    "main_version",
+    "open_cube",
+    "open_product",
+    "open_repo",
+    "open_run",
+    "product_groups",
+    "reader",
+    "repo_storage",
+    "run_relative",
+    "store_location",
+    "try_open_product",
+    "with_checksums",
+    "write_georef",
+    "write_group",
+]
 
 # a product store as the functions below take it: an opened Zarr store (an Icechunk
 # session's store, pickled to workers), a run folder or its store, or a plain Zarr path
 StoreLike = Any
+
 
 def fast_compressors() -> tuple[Any, ...]:
     """Return the Zarr compressors of the cube's arrays: Blosc LZ4 with bit shuffle.
@@ -89,8 +112,9 @@ def with_checksums(ds: xr.Dataset) -> xr.Dataset:
             codecs = (ZstdCodec(),)
         else:
             codecs = tuple(given) if isinstance(given, (list, tuple)) else (given,)
-        if not any(isinstance(c, Crc32cCodec) or (isinstance(c, dict) and c.get("name") == "crc32c")
-                   for c in codecs):
+        if not any(
+            isinstance(c, Crc32cCodec) or (isinstance(c, dict) and c.get("name") == "crc32c") for c in codecs
+        ):
             codecs += (Crc32cCodec(),)
         var.encoding = {**var.encoding, "compressors": codecs}
     return out
@@ -115,14 +139,18 @@ def _damaged_chunk(keys: list[str], err: BaseException) -> CorruptInput:
     group, _, name = head.rpartition("/")
     chunk = f"chunk ({', '.join(index.split('/'))})" if index and len(keys) == 1 else "a chunk"
     stage = _WRITTEN_BY.get(group.rpartition("/")[2])
-    redo = (f"rerun its stage: `agriland run PIPELINE --out RUN --force {stage}`" if stage else
-            "rerun the stage that writes it (`agriland run PIPELINE --out RUN --force STAGE`)")
+    redo = (
+        f"rerun its stage: `agriland run PIPELINE --out RUN --force {stage}`"
+        if stage
+        else "rerun the stage that writes it (`agriland run PIPELINE --out RUN --force STAGE`)"
+    )
     return CorruptInput(
         f"product '{group or '/'}', variable '{name}': {chunk} (object {key} of the product store) is "
         f"damaged: its bytes do not match the checksum stored with them ({str(err).split('. ')[0]}), so "
         "its values are not returned. To recover, read an earlier version that holds the product "
         "(`agriland inspect RUN --history` lists them; `agriland export RUN --version V --zarr DEST` or "
-        f"agriland_scale.open_run(RUN, version=V) reads one), or {redo}")
+        f"agriland_scale.open_run(RUN, version=V) reads one), or {redo}"
+    )
 
 
 class ChecksumNamingPipeline(BatchedCodecPipeline):
@@ -183,6 +211,7 @@ def has_group(store: StoreLike, group: str) -> bool:
         return False
     return True
 
+
 log = logging.getLogger(__name__)
 
 
@@ -192,16 +221,26 @@ def _xy_attrs(crs) -> tuple[dict, dict]:
 
     c = CRS.from_user_input(crs)
     if c.is_geographic:
-        return ({"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east",
-                 "axis": "X"},
-                {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north",
-                 "axis": "Y"})
+        return (
+            {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"},
+            {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"},
+        )
     unit = c.axis_info[0].unit_name if c.axis_info else "metre"
     unit = {"metre": "m", "meter": "m", "foot": "ft", "US survey foot": "US_survey_foot"}.get(unit, unit)
-    return ({"standard_name": "projection_x_coordinate", "long_name": "x coordinate of projection",
-             "units": unit, "axis": "X"},
-            {"standard_name": "projection_y_coordinate", "long_name": "y coordinate of projection",
-             "units": unit, "axis": "Y"})
+    return (
+        {
+            "standard_name": "projection_x_coordinate",
+            "long_name": "x coordinate of projection",
+            "units": unit,
+            "axis": "X",
+        },
+        {
+            "standard_name": "projection_y_coordinate",
+            "long_name": "y coordinate of projection",
+            "units": unit,
+            "axis": "Y",
+        },
+    )
 
 
 # the CF version the products follow: every product group's global ``Conventions``
@@ -244,7 +283,7 @@ def run_relative(path: str | Path, *runs: str | Path) -> str:
     for run in runs:
         root = str(run).rstrip("/")
         if root and text.startswith(root + "/"):
-            return text[len(root) + 1:]
+            return text[len(root) + 1 :]
     if _is_remote(text):
         return text
     local = local_folder(text)
@@ -296,8 +335,11 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
     xarray.Dataset
         A georeferenced copy of ``ds``.
     """
-    inherited = [name for name, c in ds.coords.items() if c.ndim == 0
-                 and (c.attrs.get("bounds") or c.encoding.get("bounds")) not in (None, *ds.variables)]
+    inherited = [
+        name
+        for name, c in ds.coords.items()
+        if c.ndim == 0 and (c.attrs.get("bounds") or c.encoding.get("bounds")) not in (None, *ds.variables)
+    ]
     ds = ds.drop_vars(inherited)
     ds = ds.rio.write_crs(crs)
     ds = ds.rio.write_transform(ds.rio.transform(recalc=True))
@@ -317,7 +359,8 @@ def write_georef(ds: xr.Dataset, crs: int | str) -> xr.Dataset:
             var.encoding["grid_mapping"] = gm
             var.attrs.pop("coordinates", None)
             var.encoding["coordinates"] = " ".join(
-                sorted(c for c in non_dim if set(ds[c].dims) <= set(var.dims)))
+                sorted(c for c in non_dim if set(ds[c].dims) <= set(var.dims))
+            )
         else:
             var.encoding.pop("grid_mapping", None)
         fill = _declared_fill(var)
@@ -338,14 +381,25 @@ def open_cube(store: StoreLike, group: str = "cube", *, dask: bool = True) -> xr
     to the scheduler).
     """
     try:
-        ds = xr.open_dataset(_as_store(store), engine="zarr", group=group, decode_coords="all",
-                             consolidated=False, chunks={} if dask else None, cache=False)
+        ds = xr.open_dataset(
+            _as_store(store),
+            engine="zarr",
+            group=group,
+            decode_coords="all",
+            consolidated=False,
+            chunks={} if dask else None,
+            cache=False,
+        )
     except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as e:
-        raise CorruptInput(f"cannot open group '{group}' of {store}: {e}; rerun the cube stage "
-                           "(agriland run ... --force cube)") from None
+        raise CorruptInput(
+            f"cannot open group '{group}' of {store}: {e}; rerun the cube stage "
+            "(agriland run ... --force cube)"
+        ) from None
     if ds.rio.crs is None:
-        raise CorruptInput(f"group '{group}' of {store} has no CRS: the store was not written by "
-                           "agriland-scale or is damaged")
+        raise CorruptInput(
+            f"group '{group}' of {store} has no CRS: the store was not written by "
+            "agriland-scale or is damaged"
+        )
     # the store lists its arrays in no fixed order: reflectance first, so that the dataset's
     # dimensions read (band, y, x) on every run
     order = [v for v in ("reflectance",) if v in ds.data_vars]
@@ -364,8 +418,13 @@ def _packed_as_float32(ds: xr.Dataset) -> xr.Dataset:
     for name in list(ds.data_vars):
         var = ds[name]
         packed = np.dtype(var.encoding.get("dtype", var.dtype))
-        if var.dtype == "float64" and "scale_factor" in var.encoding and packed.kind in "iu" \
-                and packed.itemsize <= 2 and var.chunks is not None:
+        if (
+            var.dtype == "float64"
+            and "scale_factor" in var.encoding
+            and packed.kind in "iu"
+            and packed.itemsize <= 2
+            and var.chunks is not None
+        ):
             encoding = dict(var.encoding)
             ds[name] = var.astype("float32")
             ds[name].encoding = encoding
@@ -407,8 +466,13 @@ def open_product(store: StoreLike, group: str) -> xr.Dataset:
     xarray.Dataset
         Dask-backed, chunked as stored.
     """
-    ds = xr.open_zarr(_as_store(store), group=group, decode_coords="all", consolidated=False,
-                      mask_and_scale={v: False for v in CLUSTER_IDS})  # type: ignore[arg-type]
+    ds = xr.open_zarr(
+        _as_store(store),
+        group=group,
+        decode_coords="all",
+        consolidated=False,
+        mask_and_scale={v: False for v in CLUSTER_IDS},
+    )  # type: ignore[arg-type]
     return _packed_as_float32(ds)
 
 
@@ -433,8 +497,9 @@ def try_open_product(store: StoreLike, group: str) -> xr.Dataset | None:
         return None
 
 
-def open_run(out_dir: str | Path, version: str | None = None,
-             storage_options: dict[str, Any] | None = None) -> xr.DataTree:
+def open_run(
+    out_dir: str | Path, version: str | None = None, storage_options: dict[str, Any] | None = None
+) -> xr.DataTree:
     """Open every product of a run as one :class:`xarray.DataTree`, lazily, each with its CRS.
 
     Parameters
@@ -462,8 +527,10 @@ def open_run(out_dir: str | Path, version: str | None = None,
     """
     loc = store_location(out_dir)
     if not is_repo(loc, storage_options):
-        raise CorruptInput(f"{out_dir} holds no agriland product store ({STORE}): pass the --out folder "
-                           "or URL of an agriland run")
+        raise CorruptInput(
+            f"{out_dir} holds no agriland product store ({STORE}): pass the --out folder "
+            "or URL of an agriland run"
+        )
     store = reader(loc, version, storage_options)
     return xr.DataTree.from_dict({"/" + g: open_product(store, g) for g in product_groups(store)})
 
@@ -471,12 +538,21 @@ def open_run(out_dir: str | Path, version: str | None = None,
 def product_groups(store: StoreLike) -> list[str]:
     """List the product groups of a store (groups holding arrays), sorted (``utm18n/cube``, ...)."""
     root = zarr.open_group(_as_store(store), mode="r")
-    return sorted(name for name, node in root.members(max_depth=None)
-                  if isinstance(node, zarr.Group) and any(True for _ in node.arrays()))
+    return sorted(
+        name
+        for name, node in root.members(max_depth=None)
+        if isinstance(node, zarr.Group) and any(True for _ in node.arrays())
+    )
 
 
-def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = None,
-                zarr_format: int = 3, storage_options: dict[str, Any] | None = None) -> list[str]:
+def export_zarr(
+    out_dir: str | Path,
+    dest: str | Path,
+    *,
+    version: str | None = None,
+    zarr_format: int = 3,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
     """Copy a run's products to a plain Zarr store ``dest`` (for tools that cannot read Icechunk).
 
     Values are copied as stored (packed integers keep their CF ``scale_factor``, fill values
@@ -504,8 +580,10 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
     """
     dest_path = Path(local_folder(dest))
     if dest_path.exists():
-        raise OutputError(f"{dest} exists: agriland export writes a new Zarr store and never replaces "
-                          "one; choose a path that does not exist")
+        raise OutputError(
+            f"{dest} exists: agriland export writes a new Zarr store and never replaces "
+            "one; choose a path that does not exist"
+        )
     store = reader(store_location(out_dir), version, storage_options)
     groups = product_groups(store)
     tmp = dest_path.with_name(dest_path.name + ".tmp")
@@ -513,13 +591,17 @@ def export_zarr(out_dir: str | Path, dest: str | Path, *, version: str | None = 
 
     shutil.rmtree(tmp, ignore_errors=True)
     for g in groups:
-        ds = xr.open_zarr(store, group=g, consolidated=False, mask_and_scale=False, decode_times=False,
-                          decode_coords="all")
+        ds = xr.open_zarr(
+            store, group=g, consolidated=False, mask_and_scale=False, decode_times=False, decode_coords="all"
+        )
         src = zarr.open_group(store, path=g, mode="r")
         ds.attrs.setdefault("Conventions", CF_CONVENTIONS)
         for name, v in ds.variables.items():
-            keep = {k: v.encoding[k] for k in ("chunks", "dtype", "grid_mapping", "coordinates", "bounds")
-                    if k in v.encoding}
+            keep = {
+                k: v.encoding[k]
+                for k in ("chunks", "dtype", "grid_mapping", "coordinates", "bounds")
+                if k in v.encoding
+            }
             gm = keep.get("grid_mapping")
             if gm in ds.variables and "crs_wkt" in ds[gm].attrs:  # GDAL's CRS, beside CF's
                 v.attrs["_CRS"] = gdal_crs(ds[gm].attrs["crs_wkt"])

@@ -87,9 +87,14 @@ class Display:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         if self._progress is None:
-            self._progress = Progress(TextColumn("  {task.description:<22}"), BarColumn(bar_width=30),
-                                      MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                      console=self.console)
+            self._progress = Progress(
+                TextColumn("  {task.description:<22}"),
+                BarColumn(bar_width=30),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+            )
             self._progress.start()
         task = self._tasks.get(label)
         if task is None:

@@ -36,13 +36,14 @@ def write_embeddings(path: Path, n: int, *, dim: int = DIM, k_true: int = 20, se
     import zarr
 
     centers = np.random.default_rng(seed).normal(0.0, 3.0, (k_true, dim)).astype("float32")
-    arr = zarr.create_array(str(path / "emb.zarr"), shape=(n, dim), chunks=(CHUNK, dim), dtype="float32",
-                            overwrite=True)
+    arr = zarr.create_array(
+        str(path / "emb.zarr"), shape=(n, dim), chunks=(CHUNK, dim), dtype="float32", overwrite=True
+    )
     for i, start in enumerate(range(0, n, CHUNK)):
         rng = np.random.default_rng([seed, i])
         m = min(CHUNK, n - start)
         lab = rng.integers(k_true, size=m)
-        arr[start:start + m] = centers[lab] + rng.normal(0.0, 1.0, (m, dim)).astype("float32")
+        arr[start : start + m] = centers[lab] + rng.normal(0.0, 1.0, (m, dim)).astype("float32")
     np.save(path / "valid.npy", np.random.default_rng([seed, 2**31]).random(n) >= 0.05)
 
 
@@ -60,14 +61,26 @@ def child(path: Path, k: int, sample_size: int, seed: int) -> None:
     base = _rss_mib()
     emb = zarr.open_array(str(path / "emb.zarr"), mode="r")
     valid = np.load(path / "valid.npy")
-    cfg = ClusterConfig(k=k, n_init=3, dec={"max_iter": 2000, "update_interval": 100, "tol": 0.001,
-                                            "batch_size": 256})
+    cfg = ClusterConfig(
+        k=k, n_init=3, dec={"max_iter": 2000, "update_interval": 100, "tol": 0.001, "batch_size": 256}
+    )
     t = time.perf_counter()
-    info = fit_clusters_streaming(emb, valid, cfg, seed, out=path / "clusters.zarr", sample_size=sample_size,
-                                  chunk=CHUNK)
+    info = fit_clusters_streaming(
+        emb, valid, cfg, seed, out=path / "clusters.zarr", sample_size=sample_size, chunk=CHUNK
+    )
     secs = time.perf_counter() - t
-    print(json.dumps({"n": int(emb.shape[0]), "peak_mib": _rss_mib(), "import_mib": base, "seconds": secs,
-                      "dec_iterations": info["dec_iterations"], "sizes": info["sizes"]}))
+    print(
+        json.dumps(
+            {
+                "n": int(emb.shape[0]),
+                "peak_mib": _rss_mib(),
+                "import_mib": base,
+                "seconds": secs,
+                "dec_iterations": info["dec_iterations"],
+                "sizes": info["sizes"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -82,8 +95,12 @@ def main() -> None:
     if args.child:
         child(args.child, args.k, args.sample_size, args.seed)
         return
-    env = os.environ | {"OMP_NUM_THREADS": "2", "TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1",
-                        "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = os.environ | {
+        "OMP_NUM_THREADS": "2",
+        "TF_NUM_INTRAOP_THREADS": "2",
+        "TF_NUM_INTEROP_THREADS": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         rows = []
         for n in (args.n, 4 * args.n):
@@ -92,26 +109,49 @@ def main() -> None:
             t = time.perf_counter()
             write_embeddings(d, n, seed=args.seed)
             t_write = time.perf_counter() - t
-            res = subprocess.run([sys.executable, __file__, "--child", str(d), "--k", str(args.k),
-                                  "--sample-size", str(args.sample_size), "--seed", str(args.seed)],
-                                 env=env, capture_output=True, text=True, check=False)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(d),
+                    "--k",
+                    str(args.k),
+                    "--sample-size",
+                    str(args.sample_size),
+                    "--seed",
+                    str(args.seed),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if res.returncode != 0:
                 sys.exit(f"child for N={n} failed:\n{res.stderr[-3000:]}")
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["write_seconds"] = t_write
             rows.append(row)
-    print(f"clustering stage: dim {DIM}, k {args.k}, DEC sample {args.sample_size}, chunk {CHUNK} rows; "
-          "one fresh process a size")
-    print(f"{'N':>9} {'embeddings MiB':>15} {'peak RSS MiB':>13} {'above imports MiB':>18} {'cluster s':>10} "
-          f"{'DEC iters':>10}")
+    print(
+        f"clustering stage: dim {DIM}, k {args.k}, DEC sample {args.sample_size}, chunk {CHUNK} rows; "
+        "one fresh process a size"
+    )
+    print(
+        f"{'N':>9} {'embeddings MiB':>15} {'peak RSS MiB':>13} {'above imports MiB':>18} {'cluster s':>10} "
+        f"{'DEC iters':>10}"
+    )
     for r in rows:
-        print(f"{r['n']:>9} {r['n'] * DIM * 4 / 2**20:>15.1f} {r['peak_mib']:>13.1f} "
-              f"{r['peak_mib'] - r['import_mib']:>18.1f} {r['seconds']:>10.1f} {r['dec_iterations']:>10}")
+        print(
+            f"{r['n']:>9} {r['n'] * DIM * 4 / 2**20:>15.1f} {r['peak_mib']:>13.1f} "
+            f"{r['peak_mib'] - r['import_mib']:>18.1f} {r['seconds']:>10.1f} {r['dec_iterations']:>10}"
+        )
     a, b = rows
     ratio = b["peak_mib"] / a["peak_mib"]
     above = (b["peak_mib"] - b["import_mib"]) / max(a["peak_mib"] - a["import_mib"], 1e-9)
-    print(f"peak RSS ratio 4N/N: {ratio:.3f} (goal <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'}); "
-          f"above-imports ratio: {above:.3f}; time ratio: {b['seconds'] / a['seconds']:.2f}")
+    print(
+        f"peak RSS ratio 4N/N: {ratio:.3f} (goal <= 1.2: {'met' if ratio <= 1.2 else 'NOT met'}); "
+        f"above-imports ratio: {above:.3f}; time ratio: {b['seconds'] / a['seconds']:.2f}"
+    )
 
 
 if __name__ == "__main__":

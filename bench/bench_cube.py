@@ -104,9 +104,15 @@ def make_catalog(dates: int, tmp: Path, base_url: str | None = None) -> tuple[Pa
     else:
         src, what = REPO / "agriland_scale" / "data" / "virginia", "embedded 1024 x 1024 window"
     item = json.loads((src / "item.json").read_text())
-    coll = {"type": "Collection", "stac_version": "1.0.0", "id": "bench", "description": "bench",
-            "license": "various", "links": [],
-            "extent": {"spatial": {"bbox": [item["bbox"]]}, "temporal": {"interval": [[None, None]]}}}
+    coll = {
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": "bench",
+        "description": "bench",
+        "license": "various",
+        "links": [],
+        "extent": {"spatial": {"bbox": [item["bbox"]]}, "temporal": {"interval": [[None, None]]}},
+    }
     (tmp / "collection.json").write_text(json.dumps(coll))
     for d in range(dates):
         it = json.loads(json.dumps(item))
@@ -146,7 +152,9 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
     warnings.simplefilter("ignore")
     s = SearchConfig(api="local", catalog=catalog, collections=["bench"], bbox=tuple(bbox))
     with local_stac_api(catalog) as url:
-        items = normalize_items(search_items(s, url), BANDS)  # once, as the cube stage does (normalized=True below)
+        items = normalize_items(
+            search_items(s, url), BANDS
+        )  # once, as the cube stage does (normalized=True below)
     cfg = CubeConfig(bands=BANDS, resolution=10, chunk=512)
     gb = cube_geobox(items, bbox, 10)
     rc = read_chunk(cfg, len(items), len(BANDS))  # the chunks load_cube reads in (stored: cfg.chunk)
@@ -157,9 +165,15 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
         elif mode == "ours_in_memory":
             load_cube(items, cfg, bbox, normalized=True).compute()
         else:  # what load_cube asks odc-stac for: same grid, resampling and (read) chunks
-            ds = odc.stac.load(items, bands=BANDS, geobox=gb, groupby="solar_day",
-                               chunks={"time": time_chunk, "x": rc, "y": rc},
-                               resampling="bilinear", fail_on_error=True)
+            ds = odc.stac.load(
+                items,
+                bands=BANDS,
+                geobox=gb,
+                groupby="solar_day",
+                chunks={"time": time_chunk, "x": rc, "y": rc},
+                resampling="bilinear",
+                fail_on_error=True,
+            )
             ds.compute()
 
     def cpu() -> float:
@@ -167,8 +181,10 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
         return r.ru_utime + r.ru_stime
 
     wall, cpus = [], []
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, \
-            Client(lc):
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc,
+        Client(lc),
+    ):
         if mode == "pairs":  # ours and plain alternated build by build: per-pair plain/ours
             once(0, "ours")
             once(0, "plain")
@@ -180,8 +196,13 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
                     once(i, m)
                     took[m] = time.perf_counter() - t0
                 pairs.append((took["ours"], took["plain"]))
-            return {"mode": mode, "pairs": pairs, "ratio": statistics.median(p / o for o, p in pairs),
-                    "pixels": int(gb.shape[0] * gb.shape[1]), "dates": len(items)}
+            return {
+                "mode": mode,
+                "pairs": pairs,
+                "ratio": statistics.median(p / o for o, p in pairs),
+                "pixels": int(gb.shape[0] * gb.shape[1]),
+                "dates": len(items),
+            }
         once(0)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         for i in range(1, repeat + 1):
@@ -189,15 +210,24 @@ def build(catalog: str, bbox: list[float], mode: str, out: str, repeat: int, tim
             once(i)
             wall.append(time.perf_counter() - t0)
             cpus.append(cpu() - c0)
-    return {"mode": mode, "seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpus),
-            "all_seconds": wall, "pixels": int(gb.shape[0] * gb.shape[1]), "dates": len(items),
-            "peak_rss_mib": rss, "read_chunk": rc, "stored_chunk": cfg.chunk}
+    return {
+        "mode": mode,
+        "seconds": statistics.median(wall),
+        "cpu_seconds": statistics.median(cpus),
+        "all_seconds": wall,
+        "pixels": int(gb.shape[0] * gb.shape[1]),
+        "dates": len(items),
+        "peak_rss_mib": rss,
+        "read_chunk": rc,
+        "stored_chunk": cfg.chunk,
+    }
 
 
 def child(args: list[str]) -> dict:
     """Run :func:`build` in a fresh Python process (clean peak RSS)."""
-    res = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                         check=True)
+    res = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -208,12 +238,24 @@ def main() -> None:
     ap.add_argument("--dates", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3, help="timed builds per measuring process")
     ap.add_argument("--rounds", type=int, default=3, help="measuring processes per mode, alternating")
-    ap.add_argument("--plain-time-chunk", type=int, default=-1,
-                    help="time chunk of the plain load: the one load_cube asks odc-stac for (-1: all dates)")
-    ap.add_argument("--assets", choices=("file", "http"), default="file",
-                    help="read the COGs as local files or over HTTP from a server on 127.0.0.1")
-    ap.add_argument("--pairs", type=int, default=20,
-                    help="builds of ours and plain alternated in one process (4x region; 0: none)")
+    ap.add_argument(
+        "--plain-time-chunk",
+        type=int,
+        default=-1,
+        help="time chunk of the plain load: the one load_cube asks odc-stac for (-1: all dates)",
+    )
+    ap.add_argument(
+        "--assets",
+        choices=("file", "http"),
+        default="file",
+        help="read the COGs as local files or over HTTP from a server on 127.0.0.1",
+    )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=20,
+        help="builds of ours and plain alternated in one process (4x region; 0: none)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", nargs=6, metavar=("CATALOG", "BBOX", "MODE", "OUT", "REPEAT", "TIME_CHUNK"))
     a = ap.parse_args()
@@ -226,8 +268,12 @@ def main() -> None:
     if a.assets == "http":
         src = SHARED if (SHARED / "item.json").exists() else REPO / "agriland_scale" / "data" / "virginia"
         srv = serve_files(src)
-        os.environ.update(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif",
-                          GDAL_HTTP_MULTIRANGE="YES", GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES")
+        os.environ.update(
+            GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
+            CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif",
+            GDAL_HTTP_MULTIRANGE="YES",
+            GDAL_HTTP_MERGE_CONSECUTIVE_RANGES="YES",
+        )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = f"http://127.0.0.1:{srv.server_address[1]}" if srv else None
@@ -239,20 +285,34 @@ def main() -> None:
             for r in range(a.rounds):
                 for mode in modes:
                     out = str(tmp / f"{label}-{mode}-{r}")
-                    got[mode].append(child([str(cat), json.dumps(bb), mode, out, str(a.repeat),
-                                            str(a.plain_time_chunk)]))
+                    got[mode].append(
+                        child([str(cat), json.dumps(bb), mode, out, str(a.repeat), str(a.plain_time_chunk)])
+                    )
             for mode, res in got.items():
                 wall = [t for x in res for t in x["all_seconds"]]
                 runs[f"{label}/{mode}"] = {
-                    "mode": mode, "seconds": statistics.median(wall),
+                    "mode": mode,
+                    "seconds": statistics.median(wall),
                     "cpu_seconds": statistics.median([x["cpu_seconds"] for x in res]),
-                    "all_seconds": wall, "pixels": res[0]["pixels"], "dates": res[0]["dates"],
+                    "all_seconds": wall,
+                    "pixels": res[0]["pixels"],
+                    "dates": res[0]["dates"],
                     "peak_rss_mib": max(x["peak_rss_mib"] for x in res),
-                    "read_chunk": res[0].get("read_chunk"), "stored_chunk": res[0].get("stored_chunk")}
+                    "read_chunk": res[0].get("read_chunk"),
+                    "stored_chunk": res[0].get("stored_chunk"),
+                }
         paired = None
         if a.pairs:
-            paired = child([str(cat), json.dumps(large), "pairs", str(tmp / "pairs"), str(a.pairs),
-                            str(a.plain_time_chunk)])
+            paired = child(
+                [
+                    str(cat),
+                    json.dumps(large),
+                    "pairs",
+                    str(tmp / "pairs"),
+                    str(a.pairs),
+                    str(a.plain_time_chunk),
+                ]
+            )
     big_o, big_p = runs["region_4x/ours"], runs["region_4x/plain"]
     thr_o = big_o["pixels"] * big_o["dates"] / big_o["seconds"]
     thr_p = big_p["pixels"] * big_p["dates"] / big_p["seconds"]
@@ -263,36 +323,54 @@ def main() -> None:
     if srv:
         srv.shutdown()
     result = {
-        "source": what, "assets": a.assets, "dates": a.dates, "bands": BANDS, "repeat": a.repeat, "rounds": a.rounds,
+        "source": what,
+        "assets": a.assets,
+        "dates": a.dates,
+        "bands": BANDS,
+        "repeat": a.repeat,
+        "rounds": a.rounds,
         "dask": "LocalCluster 1 worker x 2 threads",
         "plain_chunks": {"time": a.plain_time_chunk, "x": big_p["read_chunk"], "y": big_p["read_chunk"]},
         "stored_chunk": big_o["stored_chunk"],
         "runs": runs,
         "throughput_px_per_s": {"ours": thr_o, "plain_odc_stac": thr_p},
-        "throughput_ratio": thr_o / thr_p, "throughput_ratio_in_memory": thr_m / thr_p,
+        "throughput_ratio": thr_o / thr_p,
+        "throughput_ratio_in_memory": thr_m / thr_p,
         "cpu_time_ratio": cpu_ratio,
-        "peak_rss_mib": {"region": runs["region/ours"]["peak_rss_mib"],
-                         "region_4x": runs["region_4x/ours"]["peak_rss_mib"]},
+        "peak_rss_mib": {
+            "region": runs["region/ours"]["peak_rss_mib"],
+            "region_4x": runs["region_4x/ours"]["peak_rss_mib"],
+        },
         "peak_rss_ratio_4x": rss,
         "paired": paired,
     }
-    print(f"source: {what} ({'over HTTP from 127.0.0.1' if srv else 'local files'}), "
-          f"{a.dates} dates x {len(BANDS)} bands, LocalCluster 1 worker x 2 threads, "
-          f"median of {a.rounds} x {a.repeat} warm builds")
+    print(
+        f"source: {what} ({'over HTTP from 127.0.0.1' if srv else 'local files'}), "
+        f"{a.dates} dates x {len(BANDS)} bands, LocalCluster 1 worker x 2 threads, "
+        f"median of {a.rounds} x {a.repeat} warm builds"
+    )
     for k, v in runs.items():
-        print(f"  {k:<26} {v['pixels']:>10,} px  {v['seconds']:6.2f} s  (cpu {v['cpu_seconds']:6.2f} s)  "
-              f"peak RSS {v['peak_rss_mib']:7.0f} MiB")
-    print(f"throughput (4x region, source pixels x dates / s): ours {thr_o:,.0f}, plain odc-stac "
-          f"{thr_p:,.0f} -> ratio {thr_o / thr_p:.2f} (goal >= 0.9)")
+        print(
+            f"  {k:<26} {v['pixels']:>10,} px  {v['seconds']:6.2f} s  (cpu {v['cpu_seconds']:6.2f} s)  "
+            f"peak RSS {v['peak_rss_mib']:7.0f} MiB"
+        )
+    print(
+        f"throughput (4x region, source pixels x dates / s): ours {thr_o:,.0f}, plain odc-stac "
+        f"{thr_p:,.0f} -> ratio {thr_o / thr_p:.2f} (goal >= 0.9)"
+    )
     print(f"  without writing the Zarr store (masking + compositing only): ratio {thr_m / thr_p:.2f}")
     if paired:
         o = statistics.median(x[0] for x in paired["pairs"])
         p = statistics.median(x[1] for x in paired["pairs"])
-        print(f"  alternated build by build in one process ({len(paired['pairs'])} pairs, 4x region): ours "
-              f"{o:.2f} s, plain {p:.2f} s; median of the per-pair ratios {paired['ratio']:.2f} (goal >= 0.9)")
+        print(
+            f"  alternated build by build in one process ({len(paired['pairs'])} pairs, 4x region): ours "
+            f"{o:.2f} s, plain {p:.2f} s; median of the per-pair ratios {paired['ratio']:.2f} (goal >= 0.9)"
+        )
     print(f"  CPU time, plain / ours (with the Zarr write): {cpu_ratio:.2f}")
-    print(f"peak RSS ours: region {result['peak_rss_mib']['region']:.0f} MiB, 4x region "
-          f"{result['peak_rss_mib']['region_4x']:.0f} MiB -> ratio {rss:.2f} (goal <= 1.2)")
+    print(
+        f"peak RSS ours: region {result['peak_rss_mib']['region']:.0f} MiB, 4x region "
+        f"{result['peak_rss_mib']['region_4x']:.0f} MiB -> ratio {rss:.2f} (goal <= 1.2)"
+    )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))

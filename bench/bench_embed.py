@@ -59,36 +59,57 @@ def main() -> None:
 
     # baseline: plain predict on patches in memory (same threads as one worker)
     import os
+
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
     cube = open_cube(store)
-    x = read_patches(cube["reflectance"], index.y0.values, index.x0.values, cfg.patches.size,
-                     e.bands, e.reflectance_max)
+    x = read_patches(
+        cube["reflectance"], index.y0.values, index.x0.values, cfg.patches.size, e.bands, e.reflectance_max
+    )
     model, _ = _worker.get_model(encoder)
     model.predict(x[: e.batch_size], batch_size=e.batch_size, verbose=0)  # warm-up
 
     rt = RuntimeConfig(n_workers=1, threads_per_worker=threads, memory_limit="8GiB", dashboard_address=":0")
     plain_times, stage_times = [], []
     with dask_client(rt):
-        warm = embed_patches(encoder, store, index.isel(patch=slice(0, e.batch_size)), e.bands,
-                             e.reflectance_max, batch_size=e.batch_size, min_valid_fraction=0.0)
+        warm = embed_patches(
+            encoder,
+            store,
+            index.isel(patch=slice(0, e.batch_size)),
+            e.bands,
+            e.reflectance_max,
+            batch_size=e.batch_size,
+            min_valid_fraction=0.0,
+        )
         warm["embedding"].compute()  # model loaded on the worker, as in a run
         for _ in range(args.rounds):  # alternate, keep the best of each: this machine is noisy
             t = time.perf_counter()
             ref = model.predict(x, batch_size=e.batch_size, verbose=0)
             plain_times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            emb = embed_patches(encoder, store, index, e.bands, e.reflectance_max, batch_size=e.batch_size,
-                                min_valid_fraction=0.0, tasks_batches=args.task_batches)["embedding"].compute()
+            emb = embed_patches(
+                encoder,
+                store,
+                index,
+                e.bands,
+                e.reflectance_max,
+                batch_size=e.batch_size,
+                min_valid_fraction=0.0,
+                tasks_batches=args.task_batches,
+            )["embedding"].compute()
             stage_times.append(time.perf_counter() - t)
     t_plain, t_stage = min(plain_times), min(stage_times)
     err = float(np.abs(emb.values - ref).max())
-    print(f"patches: {n} of {cfg.patches.size} px, bands {e.bands}, head {e.head}, "
-          f"{threads} threads, {args.task_batches} batches a task, dask {dask.__version__}")
+    print(
+        f"patches: {n} of {cfg.patches.size} px, bands {e.bands}, head {e.head}, "
+        f"{threads} threads, {args.task_batches} batches a task, dask {dask.__version__}"
+    )
     print(f"plain model.predict (in memory): {n / t_plain:.2f} patches/s ({t_plain:.1f} s)")
     print(f"distributed embedding stage:     {n / t_stage:.2f} patches/s ({t_stage:.1f} s)")
-    print(f"ratio stage / plain: {t_plain / t_stage:.3f}  (goal >= 0.9); max |diff| {err:.2e}; "
-          f"best of {args.rounds} alternating rounds (plain {', '.join(f'{v:.1f}' for v in plain_times)} s; "
-          f"stage {', '.join(f'{v:.1f}' for v in stage_times)} s)")
+    print(
+        f"ratio stage / plain: {t_plain / t_stage:.3f}  (goal >= 0.9); max |diff| {err:.2e}; "
+        f"best of {args.rounds} alternating rounds (plain {', '.join(f'{v:.1f}' for v in plain_times)} s; "
+        f"stage {', '.join(f'{v:.1f}' for v in stage_times)} s)"
+    )
 
 
 if __name__ == "__main__":

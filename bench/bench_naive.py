@@ -103,12 +103,22 @@ def naive(models: Path, out: Path, k: int, seed: int) -> dict:
         x = read(r, c)
         t_read += time.perf_counter() - tr
         x = np.clip(x / rmax_u, 0, 1)[None]
-        prob[r:r + size, c:c + size] = unet.predict(x, verbose=0)[0, ..., 0]
+        prob[r : r + size, c : c + size] = unet.predict(x, verbose=0)[0, ..., 0]
     t["segmentation"] = time.perf_counter() - t0
     t["reads"] = t_read
     t0 = time.perf_counter()
-    profile = dict(driver="GTiff", height=h, width=w, count=1, dtype="float32", crs=srcs[0].crs,
-                   transform=srcs[0].transform, nodata=float("nan"), compress="deflate", tiled=True)
+    profile = dict(
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=1,
+        dtype="float32",
+        crs=srcs[0].crs,
+        transform=srcs[0].transform,
+        nodata=float("nan"),
+        compress="deflate",
+        tiled=True,
+    )
     with rasterio.open(out / "probability.tif", "w", **profile) as dst:
         dst.write(prob, 1)
     t["write"] = time.perf_counter() - t0
@@ -132,14 +142,17 @@ def batched_predict(models: Path) -> dict:
     srcs = [rasterio.open(SHARED / FILES[b]) for b in BANDS]
     img = np.stack([s.read(1).astype("float32") for s in srcs], -1) / 10000.0
     h, w = img.shape[:2]
-    x = np.stack([img[r:r + 256, c:c + 256] for r in range(0, h - 255, 256) for c in range(0, w - 255, 256)])
+    x = np.stack(
+        [img[r : r + 256, c : c + 256] for r in range(0, h - 255, 256) for c in range(0, w - 255, 256)]
+    )
     from agriland_scale.models.worker import cpu_has_bfloat16, with_precision
 
     out = {"patches": len(x)}
     for name, batch in (("encoder", 16), ("unet", 8)):
         model = keras.saving.load_model(models / f"{name}.keras", compile=False)
-        variants = [("", model)] + ([("_bf16", with_precision(model, "mixed_bfloat16"))]
-                                    if cpu_has_bfloat16() else [])
+        variants = [("", model)] + (
+            [("_bf16", with_precision(model, "mixed_bfloat16"))] if cpu_has_bfloat16() else []
+        )
         for sfx, m in variants:
             m.predict(x[:batch], batch_size=batch, verbose=0)
             t0 = time.perf_counter()
@@ -154,8 +167,9 @@ def _predicted(rec: dict) -> int:
     from agriland_scale.models.segment import _predicted_pixels, choose_inference_window
 
     s, (h, w) = rec["config"]["segment"], (rec["cube"]["shape"]["y"], rec["cube"]["shape"]["x"])
-    size = choose_inference_window(s["inference_window"], s["window"], s["overlap"], h, w,
-                                   read_sidecar(s["model"]).get("encoder"))
+    size = choose_inference_window(
+        s["inference_window"], s["window"], s["overlap"], h, w, read_sidecar(s["model"]).get("encoder")
+    )
     return _predicted_pixels(size, s["overlap"], h, w)
 
 
@@ -172,8 +186,12 @@ def _start_cluster(agri: str, pipe: Path) -> tuple[subprocess.Popen, str, float]
     """Start ``agriland cluster PIPE`` on a free port; return it, its address and the seconds
     until its workers were ready (TensorFlow imported, the pipeline's models loaded)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([agri, "cluster", str(pipe), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [agri, "cluster", str(pipe), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None
     atexit.register(lambda: proc.poll() is None and (proc.send_signal(signal.SIGTERM), proc.wait(120)))
     first, ready = proc.stdout.readline(), proc.stdout.readline()
@@ -209,12 +227,18 @@ def main() -> None:
     cat = catalog(tmp)
     models = args.models or train_models(tmp, cat)
     bbox = region_bbox(None)
-    given = {"embed.model": str(models / "encoder.keras"), "segment.model": str(models / "unet.keras"),
-             "patches.stride": 256}
-    pipes = {"agriland (overlap 64)": pipeline(tmp, cat, bbox, "naive-a64", **given),
-             "agriland (overlap 0)": pipeline(tmp, cat, bbox, "naive-a0", **given, **{"segment.overlap": 0}),
-             "agriland (overlap 64, float32)": pipeline(tmp, cat, bbox, "naive-a64-f32", **given,
-                                                        **{"runtime.inference_precision": "float32"})}
+    given = {
+        "embed.model": str(models / "encoder.keras"),
+        "segment.model": str(models / "unet.keras"),
+        "patches.stride": 256,
+    }
+    pipes = {
+        "agriland (overlap 64)": pipeline(tmp, cat, bbox, "naive-a64", **given),
+        "agriland (overlap 0)": pipeline(tmp, cat, bbox, "naive-a0", **given, **{"segment.overlap": 0}),
+        "agriland (overlap 64, float32)": pipeline(
+            tmp, cat, bbox, "naive-a64-f32", **given, **{"runtime.inference_precision": "float32"}
+        ),
+    }
     agri = str(Path(sys.executable).parent / "agriland")
     # the same run as "agriland (overlap 64)", given the address of an `agriland cluster`
     # started once before the rounds (its start-up is reported apart, as a fixed cost)
@@ -233,8 +257,17 @@ def main() -> None:
         inner.append(json.loads(stdout.strip().splitlines()[-1]))
         for name, pipe in pipes.items():
             run_out = tmp / f"{pipe.stem}{'-cluster' if name == ON_CLUSTER else ''}-{r}"
-            wall, _ = _wall([agri, "run", str(pipe), "--out", str(run_out), "--quiet",
-                             *(["--scheduler", address] if name == ON_CLUSTER else [])])
+            wall, _ = _wall(
+                [
+                    agri,
+                    "run",
+                    str(pipe),
+                    "--out",
+                    str(run_out),
+                    "--quiet",
+                    *(["--scheduler", address] if name == ON_CLUSTER else []),
+                ]
+            )
             walls[name].append(wall)
             rec = json.loads((run_out / "run.json").read_text())
             breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
@@ -246,9 +279,16 @@ def main() -> None:
     _, stdout = _wall([sys.executable, __file__, "--batched", "--models", str(models)])
     batched = json.loads(stdout.strip().splitlines()[-1])
     med = {k: statistics.median(v) for k, v in walls.items()}
-    result = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "wall_s": walls, "median_wall_s": med,
-              "ratio_naive_over_agriland": {k: round(med["naive script"] / med[k], 2) for k in pipes},
-              "naive_inner_s": inner, "agriland_stage_s": breakdown, "batched_predict_s": batched}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "wall_s": walls,
+        "median_wall_s": med,
+        "ratio_naive_over_agriland": {k: round(med["naive script"] / med[k], 2) for k in pipes},
+        "naive_inner_s": inner,
+        "agriland_stage_s": breakdown,
+        "batched_predict_s": batched,
+    }
     result["precision"] = precision
     result["agriland_cluster_start_s"] = round(cluster_start_s, 1)
     # the embeddings stage against a batched predict in the same precision
@@ -262,9 +302,14 @@ def main() -> None:
     def measured(model: str, k: str, stage: str) -> float:
         return batched[f"{model}{sfx[precision[k].get(stage, 'float32')]}_s"]
 
-    compute = {"naive script": batched["encoder_s"] + batched["unet_s"],
-               **{k: measured("encoder", k, "embeddings") + measured("unet", k, "segmentation")
-                  * predicted[k] / (batched["patches"] * 256 * 256) for k in pipes}}
+    compute = {
+        "naive script": batched["encoder_s"] + batched["unet_s"],
+        **{
+            k: measured("encoder", k, "embeddings")
+            + measured("unet", k, "segmentation") * predicted[k] / (batched["patches"] * 256 * 256)
+            for k in pipes
+        },
+    }
     result["model_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
     result["not_model_compute_s"] = {k: round(med[k] - compute[k], 1) for k in compute}
     result["unet_predicted_px"] = predicted
@@ -273,20 +318,26 @@ def main() -> None:
         print(f"  {k:<24} {v:7.1f}")
     for k, v in result["ratio_naive_over_agriland"].items():
         print(f"ratio naive / {k}: {v:.2f}  (goal >= 1.5 at the default overlap)")
-    print(f"starting `agriland cluster` (once, before the rounds; workers with TensorFlow and both "
-          f"models loaded): {cluster_start_s:.1f} s")
+    print(
+        f"starting `agriland cluster` (once, before the rounds; workers with TensorFlow and both "
+        f"models loaded): {cluster_start_s:.1f} s"
+    )
     print("\nnaive script, in-process (s):", {k: round(v, 2) for k, v in inner[-1].items()})
-    print(f"batched predict of the {batched['patches']} patches: encoder {batched['encoder_s']} s, U-Net "
-          f"{batched['unet_s']} s (bfloat16: {batched.get('encoder_bf16_s')} s, {batched.get('unet_bf16_s')} s); "
-          f"embeddings stage (float32) / batched predict (float32): "
-          f"{result['embeddings_stage_vs_batched_predict']} (goal >= 0.7)")
+    print(
+        f"batched predict of the {batched['patches']} patches: encoder {batched['encoder_s']} s, U-Net "
+        f"{batched['unet_s']} s (bfloat16: {batched.get('encoder_bf16_s')} s, {batched.get('unet_bf16_s')} s); "
+        f"embeddings stage (float32) / batched predict (float32): "
+        f"{result['embeddings_stage_vs_batched_predict']} (goal >= 0.7)"
+    )
     print("prediction precision of the agriland runs:", precision)
     for k, rows in breakdown.items():
         print(f"{k}, stages (s, last round):", rows[-1])
     print("\nmodel compute (a warm batched predict of the same patches and U-Net pixels) and the rest:")
     for k in compute:
-        print(f"  {k:<24} model compute {compute[k]:5.1f} s, everything else {med[k] - compute[k]:5.1f} s "
-              f"(budget for agriland: <= 10 s)")
+        print(
+            f"  {k:<24} model compute {compute[k]:5.1f} s, everything else {med[k] - compute[k]:5.1f} s "
+            f"(budget for agriland: <= 10 s)"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

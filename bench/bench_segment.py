@@ -64,9 +64,13 @@ def build_cubes(tmp: Path) -> tuple[str, str]:
     ys = t.f + t.e * (np.arange(2 * h) + 0.5)
     xs = t.c + t.a * (np.arange(2 * w) + 0.5)
     big = xr.Dataset(
-        {"reflectance": (("band", "y", "x"), mirror(cube["reflectance"].values)),
-         "clear_count": (("y", "x"), mirror(cube["clear_count"].values))},
-        coords={"band": [str(b) for b in cube.band.values], "y": ys, "x": xs}, attrs=cube.attrs)
+        {
+            "reflectance": (("band", "y", "x"), mirror(cube["reflectance"].values)),
+            "clear_count": (("y", "x"), mirror(cube["clear_count"].values)),
+        },
+        coords={"band": [str(b) for b in cube.band.values], "y": ys, "x": xs},
+        attrs=cube.attrs,
+    )
     big = write_georef(big, cube.rio.crs).chunk({"band": -1, "y": cfg.cube.chunk, "x": cfg.cube.chunk})
     write_group(big, large, "cube")
     return small, large
@@ -80,10 +84,21 @@ def save_model(path: Path, bands: list[str], window: int, reflectance_max: float
 
     keras.utils.set_random_seed(0)
     build_unet("plain", window, len(bands), weights="none").save(path)
-    write_sidecar(path, {"model": "unet_plain", "task": "segmentation", "encoder": "plain",
-                         "bands": bands, "patch_size": window, "initial_weights": "none (random, seed 0)",
-                         "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
-                                           "reflectance_max": reflectance_max}})
+    write_sidecar(
+        path,
+        {
+            "model": "unet_plain",
+            "task": "segmentation",
+            "encoder": "plain",
+            "bands": bands,
+            "patch_size": window,
+            "initial_weights": "none (random, seed 0)",
+            "normalisation": {
+                "type": "reflectance / reflectance_max, clipped to [0, 1]",
+                "reflectance_max": reflectance_max,
+            },
+        },
+    )
 
 
 def stacked_windows(store: str, bands: list[str], window: int, overlap: int, rmax: float):
@@ -99,8 +114,8 @@ def stacked_windows(store: str, bands: list[str], window: int, overlap: int, rma
     stride, off = window - overlap, overlap // 2
     rs, cs = window_starts(h, window, stride, off), window_starts(w, window, stride, off)
     pad = np.zeros((len(bands), h + 2 * window, w + 2 * window), "float32")
-    pad[:, window:window + h, window:window + w] = refl
-    x = np.stack([pad[:, r + window:r + 2 * window, c + window:c + 2 * window] for r in rs for c in cs])
+    pad[:, window : window + h, window : window + w] = refl
+    x = np.stack([pad[:, r + window : r + 2 * window, c + window : c + 2 * window] for r in rs for c in cs])
     return np.clip(np.moveaxis(x, 1, -1) / rmax, 0, 1).astype("float32"), h * w
 
 
@@ -134,8 +149,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stage(model_path: str, store: str, out: str, bands: list[str], window: int, overlap: int,
-          rmax: float, batch_size: int, repeat: int) -> dict:
+def stage(
+    model_path: str,
+    store: str,
+    out: str,
+    bands: list[str],
+    window: int,
+    overlap: int,
+    rmax: float,
+    batch_size: int,
+    repeat: int,
+) -> dict:
     """Best wall time of segment_region + Zarr write on a fresh LocalCluster; worker peak RSS."""
     from agriland_scale.config.schema import RuntimeConfig
     from agriland_scale.models.segment import segment_region
@@ -148,14 +172,28 @@ def stage(model_path: str, store: str, out: str, bands: list[str], window: int, 
     with dask_client(rt) as client:
         rss0 = next(iter(client.run(_peak_rss_mib).values()))
         for _ in range(repeat + 1):  # the first run loads the model on the worker and traces it
-            seg = segment_region(model_path, store, cube, bands, window=window, overlap=overlap,
-                                 reflectance_max=rmax, threshold=0.5, batch_size=batch_size)
+            seg = segment_region(
+                model_path,
+                store,
+                cube,
+                bands,
+                window=window,
+                overlap=overlap,
+                reflectance_max=rmax,
+                threshold=0.5,
+                batch_size=batch_size,
+            )
             t = time.perf_counter()
             write_group(seg, out, "segmentation")
             times.append(time.perf_counter() - t)
         rss = next(iter(client.run(_peak_rss_mib).values()))
-    return {"seconds": min(times[1:]), "warm_up_seconds": times[0], "worker_peak_rss_mib": rss,
-            "worker_rss_before_mib": rss0, "pixels": cube.sizes["y"] * cube.sizes["x"]}
+    return {
+        "seconds": min(times[1:]),
+        "warm_up_seconds": times[0],
+        "worker_peak_rss_mib": rss,
+        "worker_rss_before_mib": rss0,
+        "pixels": cube.sizes["y"] * cube.sizes["x"],
+    }
 
 
 def main() -> None:
@@ -180,40 +218,70 @@ def main() -> None:
         for label, store in (("region", small), ("region_4x", large)):
             x, px = stacked_windows(store, bands, window, overlap, rmax)
             t_plain = plain_predict(model_path, x, batch, a.repeat)
-            st = stage(model_path, store, str(tmp / f"{label}-seg.zarr"), bands, window, overlap, rmax,
-                       batch, a.repeat)
-            runs[label] = {"pixels": px, "windows": len(x), "plain_seconds": t_plain,
-                           "plain_px_per_s": px / t_plain, "stage_px_per_s": px / st["seconds"],
-                           "ratio": t_plain / st["seconds"], **st}
+            st = stage(
+                model_path,
+                store,
+                str(tmp / f"{label}-seg.zarr"),
+                bands,
+                window,
+                overlap,
+                rmax,
+                batch,
+                a.repeat,
+            )
+            runs[label] = {
+                "pixels": px,
+                "windows": len(x),
+                "plain_seconds": t_plain,
+                "plain_px_per_s": px / t_plain,
+                "stage_px_per_s": px / st["seconds"],
+                "ratio": t_plain / st["seconds"],
+                **st,
+            }
             del x
         shape = {k: int(np.sqrt(v["pixels"])) for k, v in runs.items()}
     r1, r4 = runs["region"], runs["region_4x"]
     rss_ratio = r4["worker_peak_rss_mib"] / r1["worker_peak_rss_mib"]
     result = {
         "source": "demo cube, embedded real Sentinel-2 L1C window (1024 x 1024 px, 10 m); 4x region = "
-                  "the same cube mirrored 2 x 2 (2048 x 2048 px)",
+        "the same cube mirrored 2 x 2 (2048 x 2048 px)",
         "model": "plain U-Net 32-64-128-256-512, 256 px, 3 bands (red, green, blue), random weights (seed 0)",
-        "window": window, "overlap": overlap, "batch_size": batch,
+        "window": window,
+        "overlap": overlap,
+        "batch_size": batch,
         "cluster": f"LocalCluster 1 worker process x {THREADS} threads; baseline {THREADS} TF threads",
-        "dask": dask.__version__, "runs": runs,
-        "throughput_px_per_s": {"segment_region": r1["stage_px_per_s"], "plain_predict": r1["plain_px_per_s"]},
-        "throughput_ratio": r1["ratio"], "throughput_ratio_4x": r4["ratio"],
+        "dask": dask.__version__,
+        "runs": runs,
+        "throughput_px_per_s": {
+            "segment_region": r1["stage_px_per_s"],
+            "plain_predict": r1["plain_px_per_s"],
+        },
+        "throughput_ratio": r1["ratio"],
+        "throughput_ratio_4x": r4["ratio"],
         "worker_peak_rss_mib": {"region": r1["worker_peak_rss_mib"], "region_4x": r4["worker_peak_rss_mib"]},
         "peak_rss_ratio_4x": rss_ratio,
     }
     print(f"source: {result['source']}")
-    print(f"model: {result['model']}; window {window}, overlap {overlap}, batch {batch}; "
-          f"{result['cluster']}; dask {dask.__version__}")
+    print(
+        f"model: {result['model']}; window {window}, overlap {overlap}, batch {batch}; "
+        f"{result['cluster']}; dask {dask.__version__}"
+    )
     for k, v in runs.items():
-        print(f"  {k:<10} {shape[k]} px square, {v['windows']:>3} windows: plain predict "
-              f"{v['plain_px_per_s']:>9,.0f} px/s ({v['plain_seconds']:.2f} s), segment_region -> Zarr "
-              f"{v['stage_px_per_s']:>9,.0f} px/s ({v['seconds']:.2f} s) -> ratio {v['ratio']:.2f}; "
-              f"worker peak RSS {v['worker_peak_rss_mib']:.0f} MiB")
-    print(f"throughput (region): segment_region {r1['stage_px_per_s']:,.0f} px/s, plain model.predict "
-          f"{r1['plain_px_per_s']:,.0f} px/s -> ratio {r1['ratio']:.2f} (goal >= 0.9); 4x region: "
-          f"ratio {r4['ratio']:.2f}")
-    print(f"peak RSS of the worker: region {r1['worker_peak_rss_mib']:.0f} MiB, 4x region "
-          f"{r4['worker_peak_rss_mib']:.0f} MiB -> ratio {rss_ratio:.2f}")
+        print(
+            f"  {k:<10} {shape[k]} px square, {v['windows']:>3} windows: plain predict "
+            f"{v['plain_px_per_s']:>9,.0f} px/s ({v['plain_seconds']:.2f} s), segment_region -> Zarr "
+            f"{v['stage_px_per_s']:>9,.0f} px/s ({v['seconds']:.2f} s) -> ratio {v['ratio']:.2f}; "
+            f"worker peak RSS {v['worker_peak_rss_mib']:.0f} MiB"
+        )
+    print(
+        f"throughput (region): segment_region {r1['stage_px_per_s']:,.0f} px/s, plain model.predict "
+        f"{r1['plain_px_per_s']:,.0f} px/s -> ratio {r1['ratio']:.2f} (goal >= 0.9); 4x region: "
+        f"ratio {r4['ratio']:.2f}"
+    )
+    print(
+        f"peak RSS of the worker: region {r1['worker_peak_rss_mib']:.0f} MiB, 4x region "
+        f"{r4['worker_peak_rss_mib']:.0f} MiB -> ratio {rss_ratio:.2f}"
+    )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1))

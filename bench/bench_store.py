@@ -45,11 +45,31 @@ sys.path.insert(0, str(REPO / "scripts"))
 # the demo's short schedules (as the tests' end-to-end runs)
 FAST = {
     "embed.batch_size": 4,
-    "embed.train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001, "augment": True},
-    "cluster.dec": {"max_iter": 300, "update_interval": 50, "tol": 0.001, "batch_size": 16,
-                    "learning_rate": 0.01, "momentum": 0.9, "alpha": 1.0},
-    "segment.train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001, "augment_factor": 1,
-                      "patience": 3, "validation": "west", "validation_fraction": 0.3},
+    "embed.train": {
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "learning_rate": 0.001,
+        "augment": True,
+    },
+    "cluster.dec": {
+        "max_iter": 300,
+        "update_interval": 50,
+        "tol": 0.001,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "alpha": 1.0,
+    },
+    "segment.train": {
+        "epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 0.001,
+        "augment_factor": 1,
+        "patience": 3,
+        "validation": "west",
+        "validation_fraction": 0.3,
+    },
     "runtime.dashboard_address": ":0",
 }
 
@@ -66,8 +86,13 @@ def _one_run(cfg, out: str) -> dict:
     rec = run(cfg, out)
     wall = time.perf_counter() - t0
     written = sum(list_objects(out).values()) if is_object_url(out) else _du(Path(out))
-    return {"wall_s": wall, "bytes": written, "commits": rec["store"]["commits"],
-            "commit_s": rec["store"]["commit_seconds"], "stages_s": rec["timings_s"]}
+    return {
+        "wall_s": wall,
+        "bytes": written,
+        "commits": rec["store"]["commits"],
+        "commit_s": rec["store"]["commit_seconds"],
+        "stages_s": rec["timings_s"],
+    }
 
 
 def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
@@ -93,9 +118,15 @@ def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
     cube = xr.open_zarr(src, consolidated=False, decode_coords="all")
     n = rows // block
     times = {}
-    with dask_client(RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB",
-                                   dashboard_address=":0")) as client:
-        for name, every in (("once", 1e9), ("every_block", 0.0), ("once_again", 1e9), ("every_block_again", 0.0)):
+    with dask_client(
+        RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB", dashboard_address=":0")
+    ) as client:
+        for name, every in (
+            ("once", 1e9),
+            ("every_block", 0.0),
+            ("once_again", 1e9),
+            ("every_block_again", 0.0),
+        ):
             products = Products(f"{location}/commits-{name}", commit_every_s=every)
             ds = cube.chunk({"y": block, "x": -1, "band": -1})
             t0 = time.perf_counter()
@@ -107,9 +138,15 @@ def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
     every = statistics.median([times["every_block"][0], times["every_block_again"][0]])
     commits = times["every_block"][1] + times["every_block_again"][1]
     commit_s = times["every_block"][2] + times["every_block_again"][2]
-    return {"blocks": n, "once_s": once, "every_block_s": every, "wall_difference_per_block_row_s": (every - once) / n,
-            "commits_every_block": times["every_block"][1], "per_commit_s": commit_s / commits,
-            "commit_seconds_every_block": times["every_block"][2]}
+    return {
+        "blocks": n,
+        "once_s": once,
+        "every_block_s": every,
+        "wall_difference_per_block_row_s": (every - once) / n,
+        "commits_every_block": times["every_block"][1],
+        "per_commit_s": commit_s / commits,
+        "commit_seconds_every_block": times["every_block"][2],
+    }
 
 
 def _checksum_cost(work: Path, rounds: int) -> dict:
@@ -137,8 +174,10 @@ def _checksum_cost(work: Path, rounds: int) -> dict:
     for v in cube.variables.values():  # as the cube stage gives it: the cube's chunks, Blosc LZ4
         v.encoding = {k: v.encoding[k] for k in ("chunks", "compressors", "fill_value") if k in v.encoding}
     vectors = np.random.default_rng(0).standard_normal((16384, 100), dtype="float32")
-    emb = xr.Dataset({"embedding": (("patch", "feature"), da.from_array(vectors, chunks=(1024, 100)))},
-                     coords={"patch": np.arange(len(vectors))})
+    emb = xr.Dataset(
+        {"embedding": (("patch", "feature"), da.from_array(vectors, chunks=(1024, 100)))},
+        coords={"patch": np.arange(len(vectors))},
+    )
 
     @contextlib.contextmanager
     def checksums(on: bool):
@@ -151,16 +190,19 @@ def _checksum_cost(work: Path, rounds: int) -> dict:
             resume.with_checksums = keep
 
     runs: dict[str, list[dict]] = {"with": [], "without": []}
-    with dask_client(RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB",
-                                   dashboard_address=":0")) as client:
+    with dask_client(
+        RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB", dashboard_address=":0")
+    ) as client:
         for r in range(rounds):
             for kind in ("with", "without") if r % 2 == 0 else ("without", "with"):
                 out = work / f"checksum-{kind}-{r}"
                 products = resume.Products(out)
                 row: dict = {}
                 with checksums(kind == "with"):
-                    for group, ds in (("cube", cube.chunk({"y": cube.chunks["y"][0], "x": -1, "band": -1})),
-                                      ("embeddings", emb)):
+                    for group, ds in (
+                        ("cube", cube.chunk({"y": cube.chunks["y"][0], "x": -1, "band": -1})),
+                        ("embeddings", emb),
+                    ):
                         t0 = time.perf_counter()
                         products.write_blocks(ds, group, "y" if group == "cube" else "patch", client)
                         row[f"{group}_write_s"] = time.perf_counter() - t0
@@ -169,8 +211,11 @@ def _checksum_cost(work: Path, rounds: int) -> dict:
                             np.asarray(v.values)
                         row[f"{group}_read_s"] = time.perf_counter() - t0
                 store = out / "agriland.icechunk"
-                row |= {"bytes": _du(store), "chunk_bytes": _du(store / "chunks"),
-                        "chunk_objects": sum(1 for p in (store / "chunks").rglob("*") if p.is_file())}
+                row |= {
+                    "bytes": _du(store),
+                    "chunk_bytes": _du(store / "chunks"),
+                    "chunk_objects": sum(1 for p in (store / "chunks").rglob("*") if p.is_file()),
+                }
                 runs[kind].append(row)
     med = {kind: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for kind, rows in runs.items()}
     return {"rounds": rounds, "cube_shape": dict(cube.sizes), "runs": runs, "median": med}
@@ -185,28 +230,41 @@ def _metadata_after_forces(cfg, out: Path) -> dict:
     store = out / "agriland.icechunk"
     parts = {d.name: _du(d) for d in store.iterdir() if d.is_dir()}
     meta = sum(v for k, v in parts.items() if k != "chunks")
-    return {"bytes_by_folder": parts, "metadata_bytes": meta, "chunk_bytes": parts.get("chunks", 0),
-            "metadata_fraction": meta / max(1, meta + parts.get("chunks", 0)),
-            "versions": len(history(out)), "commits": len(history(out, every_commit=True))}
+    return {
+        "bytes_by_folder": parts,
+        "metadata_bytes": meta,
+        "chunk_bytes": parts.get("chunks", 0),
+        "metadata_fraction": meta / max(1, meta + parts.get("chunks", 0)),
+        "versions": len(history(out)),
+        "commits": len(history(out, every_commit=True)),
+    }
 
 
 def _print_checksum_cost(c: dict) -> None:
     w, wo = c["median"]["with"], c["median"]["without"]
     shape = " x ".join(f"{k} {v}" for k, v in c["cube_shape"].items())
-    print(f"chunk checksums (CRC32C), medians of {c['rounds']} rounds; cube ({shape}) + embeddings (16384 x 100):")
-    print(f"  store size : {w['bytes'] / 2**20:.3f} MiB with, {wo['bytes'] / 2**20:.3f} MiB without "
-          f"(+{w['bytes'] - wo['bytes']:,} bytes, +{(w['bytes'] / wo['bytes'] - 1) * 100:.3f} %); chunk objects "
-          f"{w['chunk_objects']:.0f}: {w['chunk_bytes']:,.0f} against {wo['chunk_bytes']:,.0f} bytes")
+    print(
+        f"chunk checksums (CRC32C), medians of {c['rounds']} rounds; cube ({shape}) + embeddings (16384 x 100):"
+    )
+    print(
+        f"  store size : {w['bytes'] / 2**20:.3f} MiB with, {wo['bytes'] / 2**20:.3f} MiB without "
+        f"(+{w['bytes'] - wo['bytes']:,} bytes, +{(w['bytes'] / wo['bytes'] - 1) * 100:.3f} %); chunk objects "
+        f"{w['chunk_objects']:.0f}: {w['chunk_bytes']:,.0f} against {wo['chunk_bytes']:,.0f} bytes"
+    )
     for g in ("cube", "embeddings"):
-        print(f"  {g:10} : write {w[g + '_write_s']:.2f} s with, {wo[g + '_write_s']:.2f} s without; "
-              f"read back {w[g + '_read_s']:.3f} s with, {wo[g + '_read_s']:.3f} s without")
+        print(
+            f"  {g:10} : write {w[g + '_write_s']:.2f} s with, {wo[g + '_write_s']:.2f} s without; "
+            f"read back {w[g + '_read_s']:.3f} s with, {wo[g + '_read_s']:.3f} s without"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--checksum-only", action="store_true", help="measure only the cost of the chunk checksums")
+    ap.add_argument(
+        "--checksum-only", action="store_true", help="measure only the cost of the chunk checksums"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-store-"))
     rounds = max(args.rounds, 3)
@@ -215,8 +273,13 @@ def main() -> None:
     if args.checksum_only:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-                                             "checksum_cost": checksum}, indent=1, default=str))
+            args.json.write_text(
+                json.dumps(
+                    {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "checksum_cost": checksum},
+                    indent=1,
+                    default=str,
+                )
+            )
         return
 
     from local_s3 import LocalS3
@@ -224,8 +287,12 @@ def main() -> None:
     from agriland_scale import load_config
 
     base = load_config(REPO / "agriland_scale" / "data" / "demo.yaml").with_overrides(**FAST)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "cpus": os.cpu_count(),
-                     "checksum_cost": checksum}
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "checksum_cost": checksum,
+    }
     with LocalS3(work / "s3") as s3:
         os.environ.update(s3.env)  # this process and the LocalCluster's workers
         t0 = time.perf_counter()
@@ -234,35 +301,52 @@ def main() -> None:
         run(base, work / "train")  # trains the CAE and the U-Net once
         results["training_run_s"] = time.perf_counter() - t0
         models = work / "train" / "models"
-        cfg = base.with_overrides(**{"embed.model": str(models / "encoder.keras"),
-                                     "segment.model": str(models / "unet.keras")})
+        cfg = base.with_overrides(
+            **{"embed.model": str(models / "encoder.keras"), "segment.model": str(models / "unet.keras")}
+        )
         runs: dict[str, list[dict]] = {"local": [], "s3": []}
         for r in range(args.rounds):
             runs["local"].append(_one_run(cfg, str(work / f"local-{r}")))
             runs["s3"].append(_one_run(cfg, s3.url(f"bench-{r}")))
-            print(f"round {r + 1}: local {runs['local'][-1]['wall_s']:.1f} s, S3 {runs['s3'][-1]['wall_s']:.1f} s",
-                  flush=True)
+            print(
+                f"round {r + 1}: local {runs['local'][-1]['wall_s']:.1f} s, S3 {runs['s3'][-1]['wall_s']:.1f} s",
+                flush=True,
+            )
         med = {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()}
-        results["demo"] = {"runs": runs, "median_wall_s": med, "ratio_s3_over_local": med["s3"] / med["local"]}
-        results["commit_overhead"] = {"local": _commit_overhead(str(work / "commits")),
-                                      "s3": _commit_overhead(s3.url("commits"))}
+        results["demo"] = {
+            "runs": runs,
+            "median_wall_s": med,
+            "ratio_s3_over_local": med["s3"] / med["local"],
+        }
+        results["commit_overhead"] = {
+            "local": _commit_overhead(str(work / "commits")),
+            "s3": _commit_overhead(s3.url("commits")),
+        }
         results["metadata_after_two_forces"] = _metadata_after_forces(cfg, work / "local-0")
 
     d, c, m = results["demo"], results["commit_overhead"], results["metadata_after_two_forces"]
-    print(f"\ndemo pipeline (given models), median of {args.rounds}: local {d['median_wall_s']['local']:.1f} s, "
-          f"S3 {d['median_wall_s']['s3']:.1f} s -> ratio S3/local {d['ratio_s3_over_local']:.2f} (goal <= 1.15)")
+    print(
+        f"\ndemo pipeline (given models), median of {args.rounds}: local {d['median_wall_s']['local']:.1f} s, "
+        f"S3 {d['median_wall_s']['s3']:.1f} s -> ratio S3/local {d['ratio_s3_over_local']:.2f} (goal <= 1.15)"
+    )
     for k in ("local", "s3"):
         x = d["runs"][k][0]
-        print(f"  {k:5}: {x['bytes'] / 2**20:.1f} MiB written, {x['commits']} commits in {x['commit_s']:.2f} s")
+        print(
+            f"  {k:5}: {x['bytes'] / 2**20:.1f} MiB written, {x['commits']} commits in {x['commit_s']:.2f} s"
+        )
     for k in ("local", "s3"):
-        print(f"commit overhead {k:5}: {c[k]['per_commit_s'] * 1000:.1f} ms a commit, i.e. per block row when "
-              f"committing every row ({c[k]['commits_every_block']} commits took "
-              f"{c[k]['commit_seconds_every_block']:.2f} s); wall time of {c[k]['blocks']} rows: "
-              f"{c[k]['once_s']:.2f} s committing once, {c[k]['every_block_s']:.2f} s a commit a row")
+        print(
+            f"commit overhead {k:5}: {c[k]['per_commit_s'] * 1000:.1f} ms a commit, i.e. per block row when "
+            f"committing every row ({c[k]['commits_every_block']} commits took "
+            f"{c[k]['commit_seconds_every_block']:.2f} s); wall time of {c[k]['blocks']} rows: "
+            f"{c[k]['once_s']:.2f} s committing once, {c[k]['every_block_s']:.2f} s a commit a row"
+        )
     _print_checksum_cost(checksum)
-    print(f"engine metadata after --force segmentation twice: {m['metadata_bytes'] / 2**10:.0f} KiB "
-          f"({m['metadata_fraction']:.1%} of the store; chunks {m['chunk_bytes'] / 2**20:.1f} MiB), "
-          f"{m['versions']} versions, {m['commits']} commits")
+    print(
+        f"engine metadata after --force segmentation twice: {m['metadata_bytes'] / 2**10:.0f} KiB "
+        f"({m['metadata_fraction']:.1%} of the store; chunks {m['chunk_bytes'] / 2**20:.1f} MiB), "
+        f"{m['versions']} versions, {m['commits']} commits"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -60,9 +60,12 @@ def main() -> None:
     ap.add_argument("--augment-factor", type=int, help="steps per epoch = windows x this / batch")
     ap.add_argument("--batch-size", type=int, help="training batch size (default: the config's)")
     ap.add_argument("--learning-rate", type=float)
-    ap.add_argument("--patience", type=int,
-                    help="early-stopping patience (default: the epoch count, so every encoder runs "
-                         "the same number of epochs; the best epoch's weights are still restored)")
+    ap.add_argument(
+        "--patience",
+        type=int,
+        help="early-stopping patience (default: the epoch count, so every encoder runs "
+        "the same number of epochs; the best epoch's weights are still restored)",
+    )
     ap.add_argument("--seed", type=int, help="default: the config's seed")
     ap.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads")
     ap.add_argument("--work", type=Path, help="folder for the cube and models (default: a temp dir)")
@@ -82,9 +85,13 @@ def main() -> None:
 
     cfg = load_config(args.config)
     over = {"segment.weights": "none"}  # offline: random initialisation for all three
-    for key, val in (("epochs", args.epochs), ("augment_factor", args.augment_factor),
-                     ("batch_size", args.batch_size), ("learning_rate", args.learning_rate),
-                     ("patience", args.patience)):
+    for key, val in (
+        ("epochs", args.epochs),
+        ("augment_factor", args.augment_factor),
+        ("batch_size", args.batch_size),
+        ("learning_rate", args.learning_rate),
+        ("patience", args.patience),
+    ):
         if val is not None:
             over[f"segment.train.{key}"] = val
     cfg = cfg.with_overrides(**over)
@@ -112,18 +119,22 @@ def main() -> None:
     tr, va, split = unet_windows(label, s.window, s.window // 2, s)
 
     def labelled(offsets):
-        px = [label[r:r + s.window, c:c + s.window] for r, c in offsets]
-        return {"positive": int(sum((p == 1).sum() for p in px)),
-                "negative": int(sum((p == 0).sum() for p in px))}
+        px = [label[r : r + s.window, c : c + s.window] for r, c in offsets]
+        return {
+            "positive": int(sum((p == 1).sum() for p in px)),
+            "negative": int(sum((p == 0).sum() for p in px)),
+        }
 
     steps = max(1, (len(tr) * max(s.train.augment_factor, 1)) // s.train.batch_size)
-    print(f"cube {dict(cube.sizes)}, bands {s.bands}, labels {Path(label_path).name}: "
-          f"{int((label == 1).sum())} positive / {int((label == 0).sum())} negative px; "
-          f"{len(tr)} training / {len(va)} validation windows of {s.window} px "
-          f"(validation: {s.train.validation} {s.train.validation_fraction:.0%}, split at {split} px); "
-          f"{s.train.epochs} epochs x {steps} steps of {s.train.batch_size}, "
-          f"augment x{s.train.augment_factor}, patience {s.train.patience}, seed {seed}, weights none, {args.threads} threads",
-          flush=True)
+    print(
+        f"cube {dict(cube.sizes)}, bands {s.bands}, labels {Path(label_path).name}: "
+        f"{int((label == 1).sum())} positive / {int((label == 0).sum())} negative px; "
+        f"{len(tr)} training / {len(va)} validation windows of {s.window} px "
+        f"(validation: {s.train.validation} {s.train.validation_fraction:.0%}, split at {split} px); "
+        f"{s.train.epochs} epochs x {steps} steps of {s.train.batch_size}, "
+        f"augment x{s.train.augment_factor}, patience {s.train.patience}, seed {seed}, weights none, {args.threads} threads",
+        flush=True,
+    )
 
     import keras
     import tensorflow as tf
@@ -137,8 +148,10 @@ def main() -> None:
             meta = train_unet(store, label, se, out_path, seed=seed, label_source=label_path)
         except Exception as e:  # noqa: BLE001 - record the failure, go on with the others
             tb = traceback.format_exc()
-            print(f"{enc}: FAILED after {time.perf_counter() - t:.0f} s: {type(e).__name__}: {e}\n{tb}",
-                  flush=True)
+            print(
+                f"{enc}: FAILED after {time.perf_counter() - t:.0f} s: {type(e).__name__}: {e}\n{tb}",
+                flush=True,
+            )
             runs[enc] = {"encoder": enc, "error": f"{type(e).__name__}: {e}", "traceback": tb}
             continue
         wall = time.perf_counter() - t
@@ -146,48 +159,77 @@ def main() -> None:
         per_epoch = meta["per_epoch"]
         best = min(per_epoch, key=lambda m: m["val_loss"]) if per_epoch else None
         runs[enc] = {
-            "encoder": enc, "parameters": int(params), "epochs_run": len(per_epoch),
-            "train_seconds": wall, "seconds_in_train_unet": meta["seconds"],
+            "encoder": enc,
+            "parameters": int(params),
+            "epochs_run": len(per_epoch),
+            "train_seconds": wall,
+            "seconds_in_train_unet": meta["seconds"],
             "best_epoch": best["epoch"] if best else None,
-            "best": {k: best[k] for k in ("iou", "f1", "pixel_accuracy", "val_loss", "loss")} if best else None,
+            "best": {k: best[k] for k in ("iou", "f1", "pixel_accuracy", "val_loss", "loss")}
+            if best
+            else None,
             "max_iou_any_epoch": max((m["iou"] for m in per_epoch), default=None),
             "final_model_metrics": meta["validation_metrics"],
-            "per_epoch": per_epoch, "steps_per_epoch": meta["steps_per_epoch"],
+            "per_epoch": per_epoch,
+            "steps_per_epoch": meta["steps_per_epoch"],
         }
         b = runs[enc]["best"]
-        print(f"{enc}: {len(per_epoch)} epochs in {wall:.0f} s, best epoch {runs[enc]['best_epoch']}"
-              + (f" IoU {b['iou']:.3f} F1 {b['f1']:.3f} acc {b['pixel_accuracy']:.3f}" if b else ""),
-              flush=True)
+        print(
+            f"{enc}: {len(per_epoch)} epochs in {wall:.0f} s, best epoch {runs[enc]['best_epoch']}"
+            + (f" IoU {b['iou']:.3f} F1 {b['f1']:.3f} acc {b['pixel_accuracy']:.3f}" if b else ""),
+            flush=True,
+        )
 
-    head = (f"{'encoder':<12} {'parameters':>11} {'epochs':>6} {'train s':>8} {'best ep':>7} "
-            f"{'val IoU':>7} {'F1':>6} {'px acc':>6}")
+    head = (
+        f"{'encoder':<12} {'parameters':>11} {'epochs':>6} {'train s':>8} {'best ep':>7} "
+        f"{'val IoU':>7} {'F1':>6} {'px acc':>6}"
+    )
     lines = [head, "-" * len(head)]
     for enc, r in runs.items():
         if "error" in r:
             lines.append(f"{enc:<12} FAILED: {r['error'].splitlines()[0][:90]}")
             continue
         b = r["best"] or {"iou": float("nan"), "f1": float("nan"), "pixel_accuracy": float("nan")}
-        lines.append(f"{enc:<12} {r['parameters']:>11,} {r['epochs_run']:>6} {r['train_seconds']:>8.0f} "
-                     f"{r['best_epoch'] or '-':>7} {b['iou']:>7.3f} {b['f1']:>6.3f} {b['pixel_accuracy']:>6.3f}")
+        lines.append(
+            f"{enc:<12} {r['parameters']:>11,} {r['epochs_run']:>6} {r['train_seconds']:>8.0f} "
+            f"{r['best_epoch'] or '-':>7} {b['iou']:>7.3f} {b['f1']:>6.3f} {b['pixel_accuracy']:>6.3f}"
+        )
     table = "\n".join(lines)
-    print(f"\nU-Net encoders, weights none (random init, NOT ImageNet-pretrained), "
-          f"validation = {s.train.validation} {s.train.validation_fraction:.0%} strip, best epoch = lowest val loss")
+    print(
+        f"\nU-Net encoders, weights none (random init, NOT ImageNet-pretrained), "
+        f"validation = {s.train.validation} {s.train.validation_fraction:.0%} strip, best epoch = lowest val loss"
+    )
     print(table, flush=True)
 
     result = {
-        "config": str(args.config), "store": store, "labels": label_path,
+        "config": str(args.config),
+        "store": store,
+        "labels": label_path,
         "weights": "none (random initialisation; ImageNet weights not used: no network)",
-        "seed": seed, "threads": args.threads,
+        "seed": seed,
+        "threads": args.threads,
         "segment": s.model_dump(exclude={"encoder", "labels"}),
-        "windows": {"window": s.window, "train": len(tr), "validation": len(va),
-                    "validation_side": s.train.validation, "split_px": split,
-                    "train_labelled_px": labelled(tr), "validation_labelled_px": labelled(va),
-                    "steps_per_epoch": steps},
+        "windows": {
+            "window": s.window,
+            "train": len(tr),
+            "validation": len(va),
+            "validation_side": s.train.validation,
+            "split_px": split,
+            "train_labelled_px": labelled(tr),
+            "validation_labelled_px": labelled(va),
+            "steps_per_epoch": steps,
+        },
         "cube_build_seconds": cube_seconds,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__,
-                    "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
-        "table": table, "total_seconds": time.perf_counter() - t_start, "runs": runs,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        },
+        "table": table,
+        "total_seconds": time.perf_counter() - t_start,
+        "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))

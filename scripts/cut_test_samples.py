@@ -44,14 +44,25 @@ from pyproj import Transformer
 from rasterio.windows import Window
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data"
-COG = {"driver": "COG", "compress": "ZSTD", "level": 19, "predictor": 2, "blocksize": 128,
-       "overviews": "NONE"}
+COG = {
+    "driver": "COG",
+    "compress": "ZSTD",
+    "level": 19,
+    "predictor": 2,
+    "blocksize": 128,
+    "overviews": "NONE",
+}
 
 
 def _write(path: Path, data: np.ndarray, profile: dict, transform, description: str) -> None:
     prof = {k: v for k, v in profile.items() if k not in ("blockxsize", "blockysize", "tiled", "interleave")}
-    prof |= COG | {"width": data.shape[1], "height": data.shape[0], "count": 1, "transform": transform,
-                   "dtype": data.dtype.name}
+    prof |= COG | {
+        "width": data.shape[1],
+        "height": data.shape[0],
+        "count": 1,
+        "transform": transform,
+        "dtype": data.dtype.name,
+    }
     with rasterio.open(path, "w", **prof) as dst:
         dst.write(data, 1)
         dst.set_band_description(1, description)
@@ -107,23 +118,37 @@ def cut_austria(src: Path) -> None:
             _write(out / f"{band}.tif", data, ds.profile | {"nodata": 0}, transform, band)
             common, wl = names[band]
             assets[band] = {
-                "href": f"./{band}.tif", "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                "roles": ["data"], "gsd": 10,
+                "href": f"./{band}.tif",
+                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                "roles": ["data"],
+                "gsd": 10,
                 "eo:bands": [{"name": band, "common_name": common, "center_wavelength": wl}],
                 "raster:bands": [{"data_type": "uint16", "nodata": 0}],
             }
     bbox, geom = _footprint(32633, bounds)
     item = {
-        "type": "Feature", "stac_version": "1.0.0",
-        "stac_extensions": ["https://stac-extensions.github.io/eo/v1.1.0/schema.json",
-                            "https://stac-extensions.github.io/raster/v1.1.0/schema.json"],
-        "id": "S2_L2A_33U_austria_window_a", "collection": "agriland-test-samples",
-        "bbox": bbox, "geometry": geom,
-        "properties": {"datetime": None, "start_datetime": "2015-06-23T00:00:00Z",
-                       "end_datetime": "2024-12-31T23:59:59Z", "platform": "sentinel-2",
-                       "constellation": "sentinel-2", "instruments": ["msi"],
-                       "processing:level": "L2A", "eo:cloud_cover": 0.0},
-        "links": [], "assets": assets,
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+        ],
+        "id": "S2_L2A_33U_austria_window_a",
+        "collection": "agriland-test-samples",
+        "bbox": bbox,
+        "geometry": geom,
+        "properties": {
+            "datetime": None,
+            "start_datetime": "2015-06-23T00:00:00Z",
+            "end_datetime": "2024-12-31T23:59:59Z",
+            "platform": "sentinel-2",
+            "constellation": "sentinel-2",
+            "instruments": ["msi"],
+            "processing:level": "L2A",
+            "eo:cloud_cover": 0.0,
+        },
+        "links": [],
+        "assets": assets,
     }
     (out / "item.json").write_text(json.dumps(item, indent=1))
 
@@ -134,33 +159,57 @@ def write_three_zone_catalog() -> None:
     out = OUT / "three-zones"
     out.mkdir(parents=True, exist_ok=True)
     repo = OUT.parents[1]
-    sources = {"18n": repo / "agriland_scale" / "data" / "virginia", "29n": OUT / "l2a-29rkh",
-               "33n": OUT / "austria-33n"}
+    sources = {
+        "18n": repo / "agriland_scale" / "data" / "virginia",
+        "29n": OUT / "l2a-29rkh",
+        "33n": OUT / "austria-33n",
+    }
     for zone, folder in sources.items():
         item = json.loads((folder / "item.json").read_text())
         item["collection"] = "agriland-test-samples"
-        rel = Path("..") / folder.relative_to(OUT) if folder.is_relative_to(OUT) else \
-            Path("../../..") / folder.relative_to(repo)
+        rel = (
+            Path("..") / folder.relative_to(OUT)
+            if folder.is_relative_to(OUT)
+            else Path("../../..") / folder.relative_to(repo)
+        )
         for asset in item["assets"].values():
             asset["href"] = str(rel / asset["href"].removeprefix("./"))
         (out / f"item_{zone}.json").write_text(json.dumps(item, indent=1))
     coll = {
-        "type": "Collection", "stac_version": "1.0.0", "id": "agriland-test-samples",
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": "agriland-test-samples",
         "description": "Three small real Sentinel-2 windows in UTM zones 18N (L1C, Virginia), 29N "
-                       "(L2A with SCL, Western Sahara, 100 m) and 33N (L2A, Austria, no proj:* "
-                       "fields, Planetary-Computer-style keys). Contains modified Copernicus "
-                       "Sentinel data; see scripts/cut_test_samples.py for sources and licences.",
-        "license": "various", "links": [],
-        "extent": {"spatial": {"bbox": [[-75.71, 25.0, 13.2, 48.4]]},
-                   "temporal": {"interval": [["2015-06-23T00:00:00Z", "2024-12-31T23:59:59Z"]]}},
+        "(L2A with SCL, Western Sahara, 100 m) and 33N (L2A, Austria, no proj:* "
+        "fields, Planetary-Computer-style keys). Contains modified Copernicus "
+        "Sentinel data; see scripts/cut_test_samples.py for sources and licences.",
+        "license": "various",
+        "links": [],
+        "extent": {
+            "spatial": {"bbox": [[-75.71, 25.0, 13.2, 48.4]]},
+            "temporal": {"interval": [["2015-06-23T00:00:00Z", "2024-12-31T23:59:59Z"]]},
+        },
     }
     (out / "collection.json").write_text(json.dumps(coll, indent=1))
-    boxes = {"virginia": (-75.66, 37.64, -75.63, 37.67), "western-sahara": (-11.06, 25.15, -10.99, 25.22),
-             "austria": (13.125, 48.283, 13.153, 48.301)}
-    feats = [{"type": "Feature", "properties": {"name": k},
-              "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}
-             for k, (x0, y0, x1, y1) in boxes.items()]
-    (out / "region.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}, indent=1))
+    boxes = {
+        "virginia": (-75.66, 37.64, -75.63, 37.67),
+        "western-sahara": (-11.06, 25.15, -10.99, 25.22),
+        "austria": (13.125, 48.283, 13.153, 48.301),
+    }
+    feats = [
+        {
+            "type": "Feature",
+            "properties": {"name": k},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]],
+            },
+        }
+        for k, (x0, y0, x1, y1) in boxes.items()
+    ]
+    (out / "region.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": feats}, indent=1)
+    )
 
 
 def cut_virginia_l1c(src: Path) -> None:
@@ -173,8 +222,15 @@ def cut_virginia_l1c(src: Path) -> None:
     demo_item = json.loads((demo / "item.json").read_text())
     with rasterio.open(demo / "B04.tif") as ds:
         bounds = ds.bounds  # the demo window, EPSG:32618
-    cut = {"coastal": "B01", "rededge1": "B05", "nir08": "B8A", "nir09": "B09", "cirrus": "B10",
-           "swir16": "B11", "swir22": "B12"}
+    cut = {
+        "coastal": "B01",
+        "rededge1": "B05",
+        "nir08": "B8A",
+        "nir09": "B09",
+        "cirrus": "B10",
+        "swir16": "B11",
+        "swir22": "B12",
+    }
     shared = {"blue": "B02", "green": "B03", "red": "B04", "nir": "B08"}
     assets = {}
     for key, band in cut.items():
@@ -187,15 +243,33 @@ def cut_virginia_l1c(src: Path) -> None:
             data = ds.read(1, window=win)
             transform = ds.window_transform(win)
             _write(out / f"{band}.tif", data, ds.profile, transform, f"{band} ({key})")
-        assets[key] = dict(src_item["assets"][key], href=f"./{band}.tif", **{
-            "proj:shape": list(data.shape), "proj:transform": list(transform)[:6]})
+        assets[key] = dict(
+            src_item["assets"][key],
+            href=f"./{band}.tif",
+            **{"proj:shape": list(data.shape), "proj:transform": list(transform)[:6]},
+        )
     for key, band in shared.items():
-        assets[key] = dict(demo_item["assets"][key],
-                           href=f"../../../agriland_scale/data/virginia/{band}.tif")
-    order = ["coastal", "blue", "green", "red", "rededge1", "nir", "nir08", "nir09", "cirrus", "swir16",
-             "swir22"]
-    item = dict(demo_item, id="S2_L1C_18S_virginia_window_l1c", collection="agriland-test-samples",
-                links=[], assets={k: assets[k] for k in order})
+        assets[key] = dict(demo_item["assets"][key], href=f"../../../agriland_scale/data/virginia/{band}.tif")
+    order = [
+        "coastal",
+        "blue",
+        "green",
+        "red",
+        "rededge1",
+        "nir",
+        "nir08",
+        "nir09",
+        "cirrus",
+        "swir16",
+        "swir22",
+    ]
+    item = dict(
+        demo_item,
+        id="S2_L1C_18S_virginia_window_l1c",
+        collection="agriland-test-samples",
+        links=[],
+        assets={k: assets[k] for k in order},
+    )
     (out / "item.json").write_text(json.dumps(item, indent=1))
 
 
@@ -217,5 +291,3 @@ def main(shared: str, names: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data", sys.argv[2:])
-
-

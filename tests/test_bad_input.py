@@ -31,8 +31,11 @@ _NOT_PRODUCTS = re.compile(r"^(run\.json|logs/.*|\.agriland\.lock)$")
 def _products(out: Path) -> dict[str, str]:
     if not out.is_dir():
         return {}
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and not _NOT_PRODUCTS.match(str(p.relative_to(out)))}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not _NOT_PRODUCTS.match(str(p.relative_to(out)))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +76,13 @@ def _edit(**changes) -> dict:
 
 
 _DROP = object()
-_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
-    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]) + "\n"
+_BOMB = (
+    "\n".join(
+        ["a: &a [x, x, x, x, x, x, x, x, x]"]
+        + [f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    )
+    + "\n"
+)
 
 
 def _catalog(tmp: Path, edit_item=None, edit_tif=None) -> Path:
@@ -108,7 +116,7 @@ def _shift(item):
 def _corrupt_tile(cat: Path):
     data = bytearray((cat / "B04.tif").read_bytes())
     mid = len(data) // 3
-    data[mid:mid + 20000] = b"\xff" * 20000
+    data[mid : mid + 20000] = b"\xff" * 20000
     (cat / "B04.tif").write_bytes(bytes(data))
 
 
@@ -124,141 +132,408 @@ def _hold_lock(out: str, ready, release) -> None:
 # folder, {TMP} the test's folder. target: "prior" (the earlier run) or "fresh" (new folder).
 CASES = [
     # -- the pipeline file ------------------------------------------------------------------
-    ("pipeline-missing", ["validate", "{TMP}/nope.yaml"], None, "fresh", r"pipeline file .*nope\.yaml does not exist"),
-    ("pipeline-binary", ["run", "{P}", "--out", "{OUT}"], lambda t: {"P": _write_pipeline(t, bytes(range(256)) * 8)},
-     "prior", r"pipeline\.yaml .*not a text"),
+    (
+        "pipeline-missing",
+        ["validate", "{TMP}/nope.yaml"],
+        None,
+        "fresh",
+        r"pipeline file .*nope\.yaml does not exist",
+    ),
+    (
+        "pipeline-binary",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, bytes(range(256)) * 8)},
+        "prior",
+        r"pipeline\.yaml .*not a text",
+    ),
     ("pipeline-folder", ["validate", "{TMP}"], None, "fresh", r"is a folder|is a directory|not a file"),
-    ("pipeline-yaml-syntax", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, "search: [unclosed\n")},
-     "fresh", r"pipeline\.yaml is not valid YAML"),
-    ("pipeline-yaml-bomb", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, _BOMB)}, "fresh",
-     r"pipeline\.yaml.*alias"),
-    ("pipeline-too-large", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, "# x\n" * 400_000)}, "fresh",
-     r"pipeline\.yaml.*MiB"),
-    ("pipeline-not-mapping", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, "- a\n- b\n")}, "fresh",
-     r"pipeline\.yaml holds a list, not a mapping"),
-    ("unknown-key", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"cube.bandz": ["red"]}))}, "prior", r"unknown key 'cube\.bandz'"),
-    ("missing-search", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, _edit(search=_DROP))}, "fresh",
-     r"search: .*missing"),
-    ("missing-collections", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.collections": _DROP}))}, "fresh", r"search\.collections"),
-    ("wrong-type", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, _edit(**{"cube.resolution": "ten"}))},
-     "fresh", r"cube\.resolution"),
-    ("bbox-swapped", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [-75.58, 37.62, -75.70, 37.71]}))}, "prior",
-     r"search\.bbox.*min >= max.*Did you mean"),
-    ("bbox-metres", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [438290, 4164100, 448530, 4174340]}))}, "fresh",
-     r"search\.bbox.*-180\.\.180"),
-    ("bbox-antimeridian", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [179, 10, -179, 11]}))}, "fresh",
-     r"antimeridian.*\[179(\.0)?, 10(\.0)?, 180(\.0)?, 11(\.0)?\]"),
-    ("bbox-three-numbers", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [1, 2, 3]}))}, "fresh", r"search\.bbox: bbox must have 4 numbers"),
-    ("bbox-and-region", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.region": "r.geojson"}))}, "fresh",
-     r"exactly one of search\.bbox .* and search\.region"),
-    ("region-missing", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": "nowhere.geojson"}))},
-     "fresh", r"nowhere\.geojson"),
-    ("region-junk", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": str(_junk(t))}))},
-     "fresh", r"junk\.geojson"),
-    ("region-points", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": str(_points(t))}))},
-     "fresh", r"points\.geojson holds no polygons"),
-    ("bands-not-in-cube", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"embed.bands": ["red", "swir16"]}))}, "fresh",
-     r"embed\.bands \['swir16'\] are not in cube\.bands"),
-    ("chunk-vs-stride", ["validate", "{P}"], lambda t: {"P": _write_pipeline(t, _edit(**{"cube.chunk": 320}))},
-     "fresh", r"cube\.chunk \(320\) must be a multiple of patches\.stride"),
-    ("overlap-too-large", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"segment.overlap": 200}))}, "fresh", r"segment\.overlap"),
-    ("catalog-missing", ["validate", "{P}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": "no-such-catalog"}))}, "fresh",
-     r"search\.catalog.*no-such-catalog"),
-    ("labels-missing", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"segment.labels": "missing-labels.geojson"}))}, "prior",
-     r"segment\.labels.*missing-labels\.geojson"),
+    (
+        "pipeline-yaml-syntax",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, "search: [unclosed\n")},
+        "fresh",
+        r"pipeline\.yaml is not valid YAML",
+    ),
+    (
+        "pipeline-yaml-bomb",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _BOMB)},
+        "fresh",
+        r"pipeline\.yaml.*alias",
+    ),
+    (
+        "pipeline-too-large",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, "# x\n" * 400_000)},
+        "fresh",
+        r"pipeline\.yaml.*MiB",
+    ),
+    (
+        "pipeline-not-mapping",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, "- a\n- b\n")},
+        "fresh",
+        r"pipeline\.yaml holds a list, not a mapping",
+    ),
+    (
+        "unknown-key",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"cube.bandz": ["red"]}))},
+        "prior",
+        r"unknown key 'cube\.bandz'",
+    ),
+    (
+        "missing-search",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(search=_DROP))},
+        "fresh",
+        r"search: .*missing",
+    ),
+    (
+        "missing-collections",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.collections": _DROP}))},
+        "fresh",
+        r"search\.collections",
+    ),
+    (
+        "wrong-type",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"cube.resolution": "ten"}))},
+        "fresh",
+        r"cube\.resolution",
+    ),
+    (
+        "bbox-swapped",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [-75.58, 37.62, -75.70, 37.71]}))},
+        "prior",
+        r"search\.bbox.*min >= max.*Did you mean",
+    ),
+    (
+        "bbox-metres",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [438290, 4164100, 448530, 4174340]}))},
+        "fresh",
+        r"search\.bbox.*-180\.\.180",
+    ),
+    (
+        "bbox-antimeridian",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [179, 10, -179, 11]}))},
+        "fresh",
+        r"antimeridian.*\[179(\.0)?, 10(\.0)?, 180(\.0)?, 11(\.0)?\]",
+    ),
+    (
+        "bbox-three-numbers",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": [1, 2, 3]}))},
+        "fresh",
+        r"search\.bbox: bbox must have 4 numbers",
+    ),
+    (
+        "bbox-and-region",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.region": "r.geojson"}))},
+        "fresh",
+        r"exactly one of search\.bbox .* and search\.region",
+    ),
+    (
+        "region-missing",
+        ["validate", "{P}"],
+        lambda t: {
+            "P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": "nowhere.geojson"}))
+        },
+        "fresh",
+        r"nowhere\.geojson",
+    ),
+    (
+        "region-junk",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": str(_junk(t))}))},
+        "fresh",
+        r"junk\.geojson",
+    ),
+    (
+        "region-points",
+        ["validate", "{P}"],
+        lambda t: {
+            "P": _write_pipeline(t, _edit(**{"search.bbox": _DROP, "search.region": str(_points(t))}))
+        },
+        "fresh",
+        r"points\.geojson holds no polygons",
+    ),
+    (
+        "bands-not-in-cube",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"embed.bands": ["red", "swir16"]}))},
+        "fresh",
+        r"embed\.bands \['swir16'\] are not in cube\.bands",
+    ),
+    (
+        "chunk-vs-stride",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"cube.chunk": 320}))},
+        "fresh",
+        r"cube\.chunk \(320\) must be a multiple of patches\.stride",
+    ),
+    (
+        "overlap-too-large",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"segment.overlap": 200}))},
+        "fresh",
+        r"segment\.overlap",
+    ),
+    (
+        "catalog-missing",
+        ["validate", "{P}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": "no-such-catalog"}))},
+        "fresh",
+        r"search\.catalog.*no-such-catalog",
+    ),
+    (
+        "labels-missing",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"segment.labels": "missing-labels.geojson"}))},
+        "prior",
+        r"segment\.labels.*missing-labels\.geojson",
+    ),
     # -- command-line arguments -------------------------------------------------------------
-    ("set-without-equals", ["run", "{P}", "--out", "{OUT}", "--set", "seed"], None, "prior",
-     r"--set 'seed' is not KEY=VALUE"),
-    ("set-unknown-key", ["run", "{P}", "--out", "{OUT}", "--set", "embed.trian.epochs=1"], None, "prior",
-     r"embed\.trian"),
-    ("set-invalid-value", ["run", "{P}", "--out", "{OUT}", "--set", "embed.train.epochs=-1"], None, "prior",
-     r"embed\.train\.epochs"),
-    ("force-unknown-stage", ["run", "{P}", "--out", "{OUT}", "--force", "clusterz"], None, "prior",
-     r"--force: invalid choice: 'clusterz'"),
-    ("export-clusters-not-numbers", ["export-labels", "{OUT}", "--clusters", "a,b"], None, "prior",
-     r"--clusters: 'a,b' is not a list of cluster ids"),
-    ("export-labels-not-a-run", ["export-labels", "{TMP}", "--clusters", "1"], None, "prior",
-     r"holds no run\.json"),
+    (
+        "set-without-equals",
+        ["run", "{P}", "--out", "{OUT}", "--set", "seed"],
+        None,
+        "prior",
+        r"--set 'seed' is not KEY=VALUE",
+    ),
+    (
+        "set-unknown-key",
+        ["run", "{P}", "--out", "{OUT}", "--set", "embed.trian.epochs=1"],
+        None,
+        "prior",
+        r"embed\.trian",
+    ),
+    (
+        "set-invalid-value",
+        ["run", "{P}", "--out", "{OUT}", "--set", "embed.train.epochs=-1"],
+        None,
+        "prior",
+        r"embed\.train\.epochs",
+    ),
+    (
+        "force-unknown-stage",
+        ["run", "{P}", "--out", "{OUT}", "--force", "clusterz"],
+        None,
+        "prior",
+        r"--force: invalid choice: 'clusterz'",
+    ),
+    (
+        "export-clusters-not-numbers",
+        ["export-labels", "{OUT}", "--clusters", "a,b"],
+        None,
+        "prior",
+        r"--clusters: 'a,b' is not a list of cluster ids",
+    ),
+    (
+        "export-labels-not-a-run",
+        ["export-labels", "{TMP}", "--clusters", "1"],
+        None,
+        "prior",
+        r"holds no run\.json",
+    ),
     ("inspect-not-a-folder", ["inspect", "{TMP}/nothing"], None, "prior", r"nothing is not a folder"),
     ("report-not-a-run", ["report", "{TMP}"], None, "prior", r"holds no run\.json"),
-    ("import-labels-missing-file", ["import-labels", "{TMP}/drawn.json", "{OUT}"], None, "prior",
-     r"drawn\.json"),
-    ("scheduler-dashboard-url", ["run", "{P}", "--out", "{OUT}", "--scheduler", "http://127.0.0.1:8787"], None,
-     "fresh", r"--scheduler: 'http://127\.0\.0\.1:8787' is a web address .*tcp://127\.0\.0\.1:8786"),
-    ("scheduler-not-an-address", ["run", "{P}", "--out", "{OUT}", "--scheduler", "not a url"], None, "fresh",
-     r"--scheduler: 'not a url' is not a scheduler address.*tcp://HOST:8786"),
-    ("scheduler-in-pipeline", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"runtime.scheduler": "https://dask.example.org/status"}))},
-     "fresh", r"runtime\.scheduler.*web address.*tcp://dask\.example\.org:8786"),
+    (
+        "import-labels-missing-file",
+        ["import-labels", "{TMP}/drawn.json", "{OUT}"],
+        None,
+        "prior",
+        r"drawn\.json",
+    ),
+    (
+        "scheduler-dashboard-url",
+        ["run", "{P}", "--out", "{OUT}", "--scheduler", "http://127.0.0.1:8787"],
+        None,
+        "fresh",
+        r"--scheduler: 'http://127\.0\.0\.1:8787' is a web address .*tcp://127\.0\.0\.1:8786",
+    ),
+    (
+        "scheduler-not-an-address",
+        ["run", "{P}", "--out", "{OUT}", "--scheduler", "not a url"],
+        None,
+        "fresh",
+        r"--scheduler: 'not a url' is not a scheduler address.*tcp://HOST:8786",
+    ),
+    (
+        "scheduler-in-pipeline",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {
+            "P": _write_pipeline(t, _edit(**{"runtime.scheduler": "https://dask.example.org/status"}))
+        },
+        "fresh",
+        r"runtime\.scheduler.*web address.*tcp://dask\.example\.org:8786",
+    ),
     # -- the output folder ------------------------------------------------------------------
-    ("out-s3-dot-dot", ["run", "{P}", "--out", "s3://bucket/../x"], None, "fresh",
-     r"s3://bucket/\.\./x is not a valid location: it has the key segment '\.\.'"),
-    ("out-s3-empty-segment", ["inspect", "s3://bucket/runs//x"], None, "fresh",
-     r"s3://bucket/runs//x is not a valid location: it has an empty key segment"),
-    ("out-is-a-file", ["run", "{P}", "--out", "{TMP}/results.txt"],
-     lambda t: (t / "results.txt").write_text("mine") and {}, "prior", r"results\.txt is a file, not a folder"),
-    ("out-read-only", ["run", "{P}", "--out", "/proc/sys/agriland-run"], None, "prior",
-     r"cannot write into /proc/sys"),
-    ("out-foreign-files", ["run", "{P}", "--out", "{TMP}/mine"],
-     lambda t: _foreign(t) and {}, "prior", r"mine already holds files that no agriland run wrote \(models\)"),
-    ("out-foreign-overwrite", ["run", "{P}", "--out", "{TMP}/mine", "--overwrite"],
-     lambda t: _foreign(t) and {}, "prior", r"no agriland run wrote.*never deletes files it did not write"),
-    ("out-damaged-run-json", ["run", "{P}", "--out", "{TMP}/damaged"],
-     lambda t: _damaged(t) and {}, "prior", r"damaged/run\.json is damaged"),
-    ("inspect-damaged-run-json", ["inspect", "{TMP}/damaged"],
-     lambda t: _damaged(t) and {}, "prior", r"damaged/run\.json is damaged"),
-    ("out-another-run", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(name="another"))}, "prior", r"holds another run"),
-    ("out-config-changed", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"cube.composite": "mean"}))}, "prior",
-     r"differs .* in cube\.composite.*--force cube"),
-    ("out-locked", ["run", "{P}", "--out", "{OUT}"], "lock", "prior",
-     r"in use by 'agriland run \(another terminal\)'"),
+    (
+        "out-s3-dot-dot",
+        ["run", "{P}", "--out", "s3://bucket/../x"],
+        None,
+        "fresh",
+        r"s3://bucket/\.\./x is not a valid location: it has the key segment '\.\.'",
+    ),
+    (
+        "out-s3-empty-segment",
+        ["inspect", "s3://bucket/runs//x"],
+        None,
+        "fresh",
+        r"s3://bucket/runs//x is not a valid location: it has an empty key segment",
+    ),
+    (
+        "out-is-a-file",
+        ["run", "{P}", "--out", "{TMP}/results.txt"],
+        lambda t: (t / "results.txt").write_text("mine") and {},
+        "prior",
+        r"results\.txt is a file, not a folder",
+    ),
+    (
+        "out-read-only",
+        ["run", "{P}", "--out", "/proc/sys/agriland-run"],
+        None,
+        "prior",
+        r"cannot write into /proc/sys",
+    ),
+    (
+        "out-foreign-files",
+        ["run", "{P}", "--out", "{TMP}/mine"],
+        lambda t: _foreign(t) and {},
+        "prior",
+        r"mine already holds files that no agriland run wrote \(models\)",
+    ),
+    (
+        "out-foreign-overwrite",
+        ["run", "{P}", "--out", "{TMP}/mine", "--overwrite"],
+        lambda t: _foreign(t) and {},
+        "prior",
+        r"no agriland run wrote.*never deletes files it did not write",
+    ),
+    (
+        "out-damaged-run-json",
+        ["run", "{P}", "--out", "{TMP}/damaged"],
+        lambda t: _damaged(t) and {},
+        "prior",
+        r"damaged/run\.json is damaged",
+    ),
+    (
+        "inspect-damaged-run-json",
+        ["inspect", "{TMP}/damaged"],
+        lambda t: _damaged(t) and {},
+        "prior",
+        r"damaged/run\.json is damaged",
+    ),
+    (
+        "out-another-run",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(name="another"))},
+        "prior",
+        r"holds another run",
+    ),
+    (
+        "out-config-changed",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"cube.composite": "mean"}))},
+        "prior",
+        r"differs .* in cube\.composite.*--force cube",
+    ),
+    (
+        "out-locked",
+        ["run", "{P}", "--out", "{OUT}"],
+        "lock",
+        "prior",
+        r"in use by 'agriland run \(another terminal\)'",
+    ),
     # -- models, labels and clusters, checked before anything changes ------------------------
-    ("embed-model-missing", ["run", "{P}", "--out", "{OUT}", "--set", "embed.model={TMP}/enc.keras"], None,
-     "prior", r"embed\.model.*enc\.keras"),
-    ("segment-model-junk", ["run", "{P}", "--out", "{OUT}", "--set", "segment.model={TMP}/junk.keras"],
-     lambda t: _junk_model(t) and {}, "prior", r"segment\.model = .*junk\.keras is not a Keras model file"),
-    ("embed-model-no-sidecar", ["run", "{P}", "--out", "{OUT}", "--set", "embed.model={TMP}/bare.keras"],
-     lambda t: _bare_model(t) and {}, "prior", r"bare\.keras has no metadata sidecar"),
-    ("cluster-k-too-large", ["run", "{P}", "--out", "{OUT}", "--set", "cluster.k=60"], None, "prior",
-     r"cluster\.k is 60 but the run's region has only 49 valid"),
+    (
+        "embed-model-missing",
+        ["run", "{P}", "--out", "{OUT}", "--set", "embed.model={TMP}/enc.keras"],
+        None,
+        "prior",
+        r"embed\.model.*enc\.keras",
+    ),
+    (
+        "segment-model-junk",
+        ["run", "{P}", "--out", "{OUT}", "--set", "segment.model={TMP}/junk.keras"],
+        lambda t: _junk_model(t) and {},
+        "prior",
+        r"segment\.model = .*junk\.keras is not a Keras model file",
+    ),
+    (
+        "embed-model-no-sidecar",
+        ["run", "{P}", "--out", "{OUT}", "--set", "embed.model={TMP}/bare.keras"],
+        lambda t: _bare_model(t) and {},
+        "prior",
+        r"bare\.keras has no metadata sidecar",
+    ),
+    (
+        "cluster-k-too-large",
+        ["run", "{P}", "--out", "{OUT}", "--set", "cluster.k=60"],
+        None,
+        "prior",
+        r"cluster\.k is 60 but the run's region has only 49 valid",
+    ),
     # -- items and assets (a copy of the embedded catalogue) ----------------------------------
-    ("empty-search", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.datetime": "2030-01-01/2030-02-01"}))}, "fresh",
-     r"no items in .*2030-01-01/2030-02-01"),
-    ("unknown-collection", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.collections": ["sentinel-2-l9z"]}))}, "fresh",
-     r"sentinel-2-l9z"),
-    ("missing-band", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"cube.bands": ["red", "green", "blue", "nir", "swir16"]}))},
-     "fresh", r"has no asset for band\(s\) \['swir16'\]"),
-    ("item-without-datetime", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, _no_datetime))}))}, "fresh",
-     r"S2.*datetime"),
-    ("asset-shifted", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, _shift))}))}, "fresh",
-     r"asset '(red|green|blue|nir)'.*transform"),
-    ("resolution-centimetres", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"cube.resolution": 0.01}))}, "fresh",
-     r"cube\.resolution 0\.01 m makes a grid of [\d,]+ x [\d,]+ px .*more than cube\.max_pixels"),
-    ("asset-corrupt-tile", ["run", "{P}", "--out", "{OUT}"],
-     lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, edit_tif=_corrupt_tile))}))},
-     "fresh", r"asset 'red'.*B04\.tif"),
+    (
+        "empty-search",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.datetime": "2030-01-01/2030-02-01"}))},
+        "fresh",
+        r"no items in .*2030-01-01/2030-02-01",
+    ),
+    (
+        "unknown-collection",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.collections": ["sentinel-2-l9z"]}))},
+        "fresh",
+        r"sentinel-2-l9z",
+    ),
+    (
+        "missing-band",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {
+            "P": _write_pipeline(t, _edit(**{"cube.bands": ["red", "green", "blue", "nir", "swir16"]}))
+        },
+        "fresh",
+        r"has no asset for band\(s\) \['swir16'\]",
+    ),
+    (
+        "item-without-datetime",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, _no_datetime))}))},
+        "fresh",
+        r"S2.*datetime",
+    ),
+    (
+        "asset-shifted",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, _shift))}))},
+        "fresh",
+        r"asset '(red|green|blue|nir)'.*transform",
+    ),
+    (
+        "resolution-centimetres",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {"P": _write_pipeline(t, _edit(**{"cube.resolution": 0.01}))},
+        "fresh",
+        r"cube\.resolution 0\.01 m makes a grid of [\d,]+ x [\d,]+ px .*more than cube\.max_pixels",
+    ),
+    (
+        "asset-corrupt-tile",
+        ["run", "{P}", "--out", "{OUT}"],
+        lambda t: {
+            "P": _write_pipeline(t, _edit(**{"search.catalog": str(_catalog(t, edit_tif=_corrupt_tile))}))
+        },
+        "fresh",
+        r"asset 'red'.*B04\.tif",
+    ),
 ]
 
 
@@ -268,8 +543,20 @@ def _junk(t: Path) -> Path:
 
 
 def _points(t: Path) -> Path:
-    (t / "points.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [-75.6, 37.65]}}]}))
+    (t / "points.geojson").write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {},
+                        "geometry": {"type": "Point", "coordinates": [-75.6, 37.65]},
+                    }
+                ],
+            }
+        )
+    )
     return t / "points.geojson"
 
 
@@ -318,8 +605,11 @@ def test_bad_input(case, prior_run, external_cluster, tmp_path, capsys):
     out = prior_run if target == "prior" else tmp_path / "fresh-out"
     places["OUT"] = str(out)
     args = [a.format(**places) for a in argv]
-    if args[0] in ("run", "train-cae", "train-unet", "demo") and "--scheduler" not in args \
-            and not name.startswith("scheduler-"):
+    if (
+        args[0] in ("run", "train-cae", "train-unet", "demo")
+        and "--scheduler" not in args
+        and not name.startswith("scheduler-")
+    ):
         args += ["--scheduler", external_cluster]
     watched = [out] + [Path(places["TMP"]) / d for d in ("damaged", "mine")]
     before = {str(w): _products(w) for w in watched}

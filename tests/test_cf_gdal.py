@@ -20,8 +20,11 @@ import xarray as xr
 import zarr
 
 BANDS = ["red", "green", "blue"]
-SPATIAL = {"cube": ["reflectance", "clear_count"], "segmentation": ["probability", "mask"],
-           "clusters": ["cluster_map"]}
+SPATIAL = {
+    "cube": ["reflectance", "clear_count"],
+    "segmentation": ["probability", "mask"],
+    "clusters": ["cluster_map"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +56,31 @@ def store(cube, tmp_path_factory):
     keras.utils.set_random_seed(1)
     model = str(tmp / "unet.keras")
     build_unet("plain", 64, 3, weights="none", filters=(4, 8, 16)).save(model)
-    write_sidecar(model, {"task": "segmentation", "bands": BANDS, "patch_size": 64,
-                          "normalisation": {"reflectance_max": 0.3}})
-    seg = segment_region(model, products.reader(), part, BANDS, window=64, overlap=16, reflectance_max=0.3,
-                         threshold=0.5, batch_size=32, block=128)
+    write_sidecar(
+        model,
+        {"task": "segmentation", "bands": BANDS, "patch_size": 64, "normalisation": {"reflectance_max": 0.3}},
+    )
+    seg = segment_region(
+        model,
+        products.reader(),
+        part,
+        BANDS,
+        window=64,
+        overlap=16,
+        reflectance_max=0.3,
+        threshold=0.5,
+        batch_size=32,
+        block=128,
+    )
     with dask.config.set(scheduler="synchronous"):
         products.write(seg, "segmentation")
 
     # patches of 32 px, stride 32: an 8 x 12 grid, a few patches not clustered (-1)
     rows, cols = np.divmod(np.arange(96), 12)
-    index = xr.Dataset({"row": ("patch", rows), "col": ("patch", cols)},
-                       attrs={"n_rows": 8, "n_cols": 12, "patch_size": 32, "stride": 32})
+    index = xr.Dataset(
+        {"row": ("patch", rows), "col": ("patch", cols)},
+        attrs={"n_rows": 8, "n_cols": 12, "patch_size": 32, "stride": 32},
+    )
     labels = (np.arange(96) % 7).astype("int16")
     labels[[0, 1, 13]] = -1
     cl = xr.Dataset({"labels": ("patch", labels)}, coords={"patch": np.arange(96)})
@@ -72,7 +89,13 @@ def store(cube, tmp_path_factory):
     cl["cluster_map"] = cluster_map(labels, index, part)
     products.write(write_georef(cl, part.rio.crs), "clusters")
     export_zarr(tmp / "run", path)
-    return {"path": path, "run": tmp / "run", "crs": part.rio.crs, "transform": part.rio.transform(), "labels": labels}
+    return {
+        "path": path,
+        "run": tmp / "run",
+        "crs": part.rio.crs,
+        "transform": part.rio.transform(),
+        "labels": labels,
+    }
 
 
 def _attrs(path: str, group: str, var: str) -> dict:
@@ -123,8 +146,12 @@ def test_zarr_fill_value_is_the_cf_fill_value(store):
     count declares no nodata (0 observations is a count) and its Zarr fill is not 0."""
     path = store["path"]
     root = zarr.open_group(path, mode="r")
-    expect = {("segmentation", "probability"): 255, ("segmentation", "mask"): 255,
-              ("clusters", "cluster_map"): -1, ("clusters", "labels"): -1}
+    expect = {
+        ("segmentation", "probability"): 255,
+        ("segmentation", "mask"): 255,
+        ("clusters", "cluster_map"): -1,
+        ("clusters", "labels"): -1,
+    }
     for group in SPATIAL:
         raw = xr.open_zarr(path, group=group, mask_and_scale=False, consolidated=False)
         for name in raw.data_vars:
@@ -179,10 +206,21 @@ def test_cogs_carry_description_units_predictor_and_colour_tables(store, tmp_pat
 
     path = store["path"]
     seg, cl = open_product(path, "segmentation"), open_product(path, "clusters")
-    write_cog(seg["probability"], tmp_path / "probability.tif", nodata=255, scale=1 / 254,
-              description="agricultural land probability", units="1")
-    write_cog(seg["mask"].fillna(255).astype("uint8"), tmp_path / "mask.tif", nodata=255,
-              description="agricultural land mask", colormap=MASK_COLORMAP)
+    write_cog(
+        seg["probability"],
+        tmp_path / "probability.tif",
+        nodata=255,
+        scale=1 / 254,
+        description="agricultural land probability",
+        units="1",
+    )
+    write_cog(
+        seg["mask"].fillna(255).astype("uint8"),
+        tmp_path / "mask.tif",
+        nodata=255,
+        description="agricultural land mask",
+        colormap=MASK_COLORMAP,
+    )
     write_cluster_cog(cl["cluster_map"], tmp_path / "cluster_map.tif", k=7)
     # the same COG from the CF-decoded map (float, NaN where not clustered)
     cf = xr.open_zarr(path, group="clusters", decode_coords="all", consolidated=False)
@@ -262,13 +300,16 @@ def test_gdal_zarr_v3_open_of_the_store(store):
     if (major, minor) < (3, 11):
         with pytest.raises(rasterio.errors.RasterioIOError, match="Unsupported codec: bytes"):
             rasterio.open(url)
-        pytest.skip(f"GDAL {rasterio.__gdal_version__} reads no final-spec Zarr v3 (needs GDAL >= 3.11): "
-                    "GIS users read the COGs, or a Zarr v2 copy (agriland export --zarr-format 2)")
+        pytest.skip(
+            f"GDAL {rasterio.__gdal_version__} reads no final-spec Zarr v3 (needs GDAL >= 3.11): "
+            "GIS users read the COGs, or a Zarr v2 copy (agriland export --zarr-format 2)"
+        )
     with rasterio.open(url) as src:  # pragma: no cover - GDAL >= 3.11 only
         assert src.crs == store["crs"] and src.transform == store["transform"] and src.nodata == 255
 
 
 # --- CF beyond georeferencing: Conventions, long names, standard names, time, packing, paths ---
+
 
 def _walk_attrs(path: str):
     """(node path, attributes) of the root, every group and every array of a Zarr store."""
@@ -297,8 +338,9 @@ def test_every_variable_has_a_long_name_and_every_group_says_conventions(store):
                 continue
             assert a.get("long_name"), (group, name)
     index = patch_index(open_cube(store["run"]), 64, 64)
-    assert all(index[v].attrs.get("long_name") for v in index.variables), \
-        [v for v in index.variables if not index[v].attrs.get("long_name")]
+    assert all(index[v].attrs.get("long_name") for v in index.variables), [
+        v for v in index.variables if not index[v].attrs.get("long_name")
+    ]
 
 
 def test_cube_reflectance_has_a_standard_name_and_a_time_coordinate_with_bounds(store):
@@ -310,13 +352,24 @@ def test_cube_reflectance_has_a_standard_name_and_a_time_coordinate_with_bounds(
 
     path = store["path"]
     a = _attrs(path, "cube", "reflectance")
-    assert (a["standard_name"], a["units"], a["cell_methods"]) == ("toa_bidirectional_reflectance", "1", "time: median")
+    assert (a["standard_name"], a["units"], a["cell_methods"]) == (
+        "toa_bidirectional_reflectance",
+        "1",
+        "time: median",
+    )
     assert "time" in a["coordinates"].split()
     t = _attrs(path, "cube", "time")
-    assert (t["standard_name"], t["bounds"], t["units"]) == ("time", "time_bounds", "seconds since 1970-01-01")
+    assert (t["standard_name"], t["bounds"], t["units"]) == (
+        "time",
+        "time_bounds",
+        "seconds since 1970-01-01",
+    )
     assert "coordinates" not in zarr.open_group(path, path="cube", mode="r").attrs  # no non-CF global list
     for cube in (xr.open_zarr(path, group="cube", decode_coords="all"), open_cube(store["run"])):
-        assert cube["reflectance"].dims == ("band", "y", "x") and set(cube.data_vars) == {"reflectance", "clear_count"}
+        assert cube["reflectance"].dims == ("band", "y", "x") and set(cube.data_vars) == {
+            "reflectance",
+            "clear_count",
+        }
         assert cube["time"].ndim == 0 and cube["time_bounds"].dims == ("nv",)
         first, last = cube["time_bounds"].values
         assert (first, last) == (np.datetime64("2015-06-23"), np.datetime64("2016-06-10"))
@@ -368,7 +421,9 @@ def test_packed_probability_is_cf_packed_data(store):
     prob = xr.open_zarr(path, group="segmentation")["probability"].values
     assert np.array_equal(np.isnan(prob), raw == 255) and np.nanmax(prob) <= 1 and np.nanmin(prob) >= 0
     m = _attrs(path, "segmentation", "mask")
-    assert m["flag_values"] == [0, 1] and m["flag_meanings"] == "other agricultural" and m["_FillValue"] == 255
+    assert (
+        m["flag_values"] == [0, 1] and m["flag_meanings"] == "other agricultural" and m["_FillValue"] == 255
+    )
 
 
 def test_no_path_of_the_machine_in_any_attribute(store):

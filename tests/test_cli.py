@@ -21,12 +21,22 @@ from agriland_scale import __version__
 from .conftest import DEMO_YAML
 
 AGRILAND = str(Path(sys.executable).parent / "agriland")
-TF_NOISE = ("I0000", "E0000", "W0000", "oneDNN", "cpu_feature_guard", "NodeDef mentions", "absl::InitializeLog",
-            "remapper failed")
+TF_NOISE = (
+    "I0000",
+    "E0000",
+    "W0000",
+    "oneDNN",
+    "cpu_feature_guard",
+    "NodeDef mentions",
+    "absl::InitializeLog",
+    "remapper failed",
+)
 
 
 def _agriland(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([AGRILAND, *args], capture_output=True, text=True, timeout=kw.pop("timeout", 300), **kw)
+    return subprocess.run(
+        [AGRILAND, *args], capture_output=True, text=True, timeout=kw.pop("timeout", 300), **kw
+    )
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
@@ -51,8 +61,12 @@ def test_search_json_pipes_into_a_json_reader():
 
 def test_closed_pipe_exits_quietly():
     """`agriland search P --json | head -c0`: the reader is gone before the result is written."""
-    proc = subprocess.Popen([AGRILAND, "search", str(DEMO_YAML), "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [AGRILAND, "search", str(DEMO_YAML), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()
     err = proc.stderr.read()
     proc.wait(120)
@@ -61,12 +75,16 @@ def test_closed_pipe_exits_quietly():
 
 
 def test_missing_tensorflow_is_named_with_the_extra_to_install():
-    code = ("import sys; sys.modules['tensorflow'] = None\n"
-            "from agriland_scale.models import worker as _worker\n"
-            "try:\n    _worker.configure_tensorflow()\nexcept Exception as e:\n"
-            "    print(type(e).__name__, e)\n")
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "from agriland_scale.models import worker as _worker\n"
+        "try:\n    _worker.configure_tensorflow()\nexcept Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "MissingDependency" in done.stdout and "agriland-scale[cpu]" in done.stdout, done.stdout + done.stderr
+    assert "MissingDependency" in done.stdout and "agriland-scale[cpu]" in done.stdout, (
+        done.stdout + done.stderr
+    )
 
 
 @pytest.mark.slow
@@ -81,8 +99,17 @@ def test_short_run_keeps_tensorflow_noise_off_the_terminal(demo_run, tmp_path):
 
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    done = _agriland("run", str(pipeline), "--out", str(copy), "--force", "segmentation",
-                     "--set", "runtime.dashboard_address=127.0.0.1:0", timeout=900)
+    done = _agriland(
+        "run",
+        str(pipeline),
+        "--out",
+        str(copy),
+        "--force",
+        "segmentation",
+        "--set",
+        "runtime.dashboard_address=127.0.0.1:0",
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["stages"]["segmentation"] == "done" and result["out"] == str(copy)
@@ -118,12 +145,16 @@ def test_failing_task_on_a_local_cluster_is_one_paragraph(tmp_path):
     shutil.copytree(DEMO_YAML.parent / "virginia", cat)
     data = bytearray((cat / "B04.tif").read_bytes())
     mid = len(data) // 3
-    data[mid:mid + 20000] = b"\xff" * 20000
+    data[mid : mid + 20000] = b"\xff" * 20000
     (cat / "B04.tif").write_bytes(bytes(data))
     doc = yaml.safe_load(DEMO_YAML.read_text())
     doc["search"]["catalog"] = str(cat)
-    doc["runtime"] = {"n_workers": 1, "threads_per_worker": 2, "memory_limit": "4GiB",
-                      "dashboard_address": "127.0.0.1:0"}
+    doc["runtime"] = {
+        "n_workers": 1,
+        "threads_per_worker": 2,
+        "memory_limit": "4GiB",
+        "dashboard_address": "127.0.0.1:0",
+    }
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(doc))
     done = _agriland("run", str(pipeline), "--out", str(tmp_path / "out"), "-q", timeout=600)
@@ -166,8 +197,9 @@ def test_the_console_script_exits_without_teardown_with_the_status_and_everythin
         """)
     for status in (0, 3):
         log = Path(tempfile.mkdtemp()) / "t.log"
-        done = subprocess.run([sys.executable, "-c", code, str(status), str(log)], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(status), str(log)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == status and done.stdout == "buffered result", done
         assert "handler ran" in done.stderr and "teardown ran" not in done.stderr, done.stderr
         assert "logged line" in log.read_text()
@@ -189,9 +221,22 @@ def test_a_run_refused_before_it_starts_closes_the_cluster_launched_for_it(tmp_p
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([AGRILAND, "run", str(DEMO_YAML), "--out", str(mine), "-q",
-                             "--set", "runtime.dashboard_address=127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            AGRILAND,
+            "run",
+            str(DEMO_YAML),
+            "--out",
+            str(mine),
+            "-q",
+            "--set",
+            "runtime.dashboard_address=127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     launched: set[int] = set()
     while proc.poll() is None:  # the worker processes the run starts, seen while it runs
         with contextlib.suppress(psutil.Error):
@@ -199,20 +244,28 @@ def test_a_run_refused_before_it_starts_closes_the_cluster_launched_for_it(tmp_p
         time.sleep(0.05)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
-    assert err.startswith("agriland: error: ") and "no agriland run wrote" in err and len(err.splitlines()) == 1, err
+    assert (
+        err.startswith("agriland: error: ") and "no agriland run wrote" in err and len(err.splitlines()) == 1
+    ), err
     assert not any(n in err for n in TF_NOISE), err
     assert [p.name for p in mine.rglob("*")] == ["models", "notes.txt"]
     assert launched, "the run started no worker process"
     time.sleep(1)
-    assert not [pid for pid in launched if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert [p.name for p in tmp.iterdir() if p.name.startswith("agriland")] == []  # dask's scratch space stays
+    assert not [
+        pid for pid in launched if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+    ]
+    assert [
+        p.name for p in tmp.iterdir() if p.name.startswith("agriland")
+    ] == []  # dask's scratch space stays
 
 
 def test_the_agriland_process_does_not_import_tensorflow():
     """Models run on the workers: the client (``agriland run``, the runner and every stage
     module) checks given models from their sidecars and never pays TensorFlow's import."""
-    code = ("import sys, agriland_scale.cli, agriland_scale.pipeline.runner, agriland_scale.pipeline.stages; "
-            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    code = (
+        "import sys, agriland_scale.cli, agriland_scale.pipeline.runner, agriland_scale.pipeline.stages; "
+        "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -235,9 +288,13 @@ def test_agriland_cluster_keeps_dask_and_tensorflow_noise_off_the_terminal(tmp_p
         doc["runtime"] = {"dashboard_address": f"127.0.0.1:{port}", "memory_limit": "4GiB"}
         pipeline = tmp_path / "pipeline.yaml"
         pipeline.write_text(yaml.safe_dump(doc))
-        proc = subprocess.Popen([AGRILAND, "cluster", str(pipeline), "--port", "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env=os.environ | {"AGRILAND_CACHE": str(tmp_path / "cache")})
+        proc = subprocess.Popen(
+            [AGRILAND, "cluster", str(pipeline), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"AGRILAND_CACHE": str(tmp_path / "cache")},
+        )
         try:
             first, ready = proc.stdout.readline(), proc.stdout.readline()
             assert "workers ready" in ready, first + ready + proc.stderr.read()

@@ -30,8 +30,20 @@ SUBCOMMANDS = sorted(_subparsers(build_parser()))
 
 
 def test_the_parser_has_every_subcommand():
-    assert set(SUBCOMMANDS) == {"demo", "run", "train-cae", "train-unet", "search", "validate", "inspect",
-                                "export", "report", "export-labels", "import-labels", "cluster"}
+    assert set(SUBCOMMANDS) == {
+        "demo",
+        "run",
+        "train-cae",
+        "train-unet",
+        "search",
+        "validate",
+        "inspect",
+        "export",
+        "report",
+        "export-labels",
+        "import-labels",
+        "cluster",
+    }
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)

@@ -43,8 +43,12 @@ def test_s2cloudless_on_cloud_free_l1c_flags_little():
     """The Virginia scene is cloud-free: at the s2cloudless defaults (measured: 0 % flagged;
     the largest averaged cloud probability is about 0.16 < 0.4) almost every pixel is clear."""
     cfg = CubeConfig(cloud_mask="s2cloudless")
-    assert (cfg.s2cloudless_threshold, cfg.s2cloudless_average_over, cfg.s2cloudless_dilation_size,
-            cfg.s2cloudless_resolution) == (0.4, 4, 2, 160)
+    assert (
+        cfg.s2cloudless_threshold,
+        cfg.s2cloudless_average_over,
+        cfg.s2cloudless_dilation_size,
+        cfg.s2cloudless_resolution,
+    ) == (0.4, 4, 2, 160)
     cube = _compute(load_cube([_item()], cfg, BBOX))
     assert cube.sizes["y"] == cube.sizes["x"] == SIZE
     attrs = cube["clear_count"].attrs
@@ -119,7 +123,9 @@ def test_everything_cloud_leaves_an_empty_region():
 
 def test_s2cloudless_refuses_l2a_without_b10():
     cfg = CubeConfig(cloud_mask="s2cloudless", resolution=100, chunk=128, s2cloudless_resolution=200)
-    with pytest.raises(BandMismatch, match=r"S2A_29RKH_20200219_0_L2A_window has no asset for .*B10 \(cirrus\).*L1C"):
+    with pytest.raises(
+        BandMismatch, match=r"S2A_29RKH_20200219_0_L2A_window has no asset for .*B10 \(cirrus\).*L1C"
+    ):
         load_cube([_item(L2A)], cfg, _item(L2A).bbox)
 
 
@@ -150,8 +156,11 @@ def test_cloud_mask_accepts_old_booleans(tmp_path, old, new):
 def test_bad_cloud_mask_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"cube\.cloud_mask.*'auto', 'scl', 's2cloudless' or 'none'"):
         load_config(_pipeline(tmp_path, "  cloud_mask: fmask\n"))
-    with pytest.raises(ConfigError, match=r"s2cloudless_resolution \(150 m\) must be a whole multiple of "
-                                          r"cube.resolution \(10 m\).*try 160 m"):
+    with pytest.raises(
+        ConfigError,
+        match=r"s2cloudless_resolution \(150 m\) must be a whole multiple of "
+        r"cube.resolution \(10 m\).*try 160 m",
+    ):
         load_config(_pipeline(tmp_path, "  cloud_mask: s2cloudless\n  s2cloudless_resolution: 150\n"))
     with pytest.raises(ValidationError, match=r"divides cube.chunk \(256 px\).*try 320 m"):
         CubeConfig(cloud_mask="s2cloudless", s2cloudless_resolution=300)

@@ -32,11 +32,11 @@ def test_pipeline_clustering_on_raw_digits_is_repeatable_and_close():
     alone stays within a few points of k-means. DEC's gain comes from fine-tuning the encoder
     (next test)."""
     x, y = load_digits(return_X_y=True)
-    emb = xr.DataArray(x.astype("float32") / 16, dims=("patch", "dim"),
-                       coords={"patch": np.arange(len(x))})
+    emb = xr.DataArray(x.astype("float32") / 16, dims=("patch", "dim"), coords={"patch": np.arange(len(x))})
     valid = np.ones(len(x), bool)
-    cfg = ClusterConfig(k=10, n_init=5, dec={"max_iter": 3000, "update_interval": 100, "tol": 0.001,
-                                             "batch_size": 64})
+    cfg = ClusterConfig(
+        k=10, n_init=5, dec={"max_iter": 3000, "update_interval": 100, "tol": 0.001, "batch_size": 64}
+    )
     ds, ds2 = (_cluster(emb, valid, cfg, 3) for _ in range(2))
     np.testing.assert_array_equal(ds["labels"].values, ds2["labels"].values)
     np.testing.assert_allclose(ds["soft"].values.sum(1), 1.0, rtol=1e-5)
@@ -88,12 +88,22 @@ def test_dec_beats_kmeans_on_the_same_digits_embedding():
     encoder = _digits_autoencoder(x, seed=0)
     emb = encoder.predict(x, verbose=0)
     km = KMeans(10, n_init=20, random_state=0).fit(emb)
-    res = fit_dec(x, km.cluster_centers_, max_iter=2000, update_interval=100, tol=0.001, batch_size=256,
-                  seed=0, encoder=encoder)
+    res = fit_dec(
+        x,
+        km.cluster_centers_,
+        max_iter=2000,
+        update_interval=100,
+        tol=0.001,
+        batch_size=256,
+        seed=0,
+        encoder=encoder,
+    )
     dec = soft_assign(res.encoder.predict(x, verbose=0), res.centroids).argmax(1)
     acc_km, acc_dec = _acc(y, km.labels_), _acc(y, dec)
     nmi_km, nmi_dec = normalized_mutual_info_score(y, km.labels_), normalized_mutual_info_score(y, dec)
-    print(f"digits, AE embedding: k-means acc {acc_km:.3f} NMI {nmi_km:.3f}; "
-          f"DEC acc {acc_dec:.3f} NMI {nmi_dec:.3f} ({res.iterations} iterations)")
+    print(
+        f"digits, AE embedding: k-means acc {acc_km:.3f} NMI {nmi_km:.3f}; "
+        f"DEC acc {acc_dec:.3f} NMI {nmi_dec:.3f} ({res.iterations} iterations)"
+    )
     assert acc_km > 0.6
     assert acc_dec >= acc_km and nmi_dec >= nmi_km + 0.03

@@ -31,7 +31,7 @@ def index(cube):
 
 def _window(cube, index, p):
     y0, x0 = int(index.y0[p]), int(index.x0[p])
-    return cube["reflectance"].values[:, y0:y0 + 256, x0:x0 + 256].astype("float64")
+    return cube["reflectance"].values[:, y0 : y0 + 256, x0 : x0 + 256].astype("float64")
 
 
 def _ndvi_pixels(w, bands):
@@ -43,8 +43,8 @@ def _ndvi_pixels(w, bands):
 def test_cluster_stats_equal_direct_numpy(cube, index):
     bands = [str(b) for b in cube.band.values]
     labels = np.full(index.sizes["patch"], -1)
-    labels[10] = 0          # one known patch
-    labels[[3, 40]] = 1     # two patches, pooled
+    labels[10] = 0  # one known patch
+    labels[[3, 40]] = 1  # two patches, pooled
     st = cluster_stats(cube, index, labels, 3, batch=2)
     assert st["size"].values.tolist() == [1, 2, 0]
     w10 = _window(cube, index, 10)
@@ -70,8 +70,8 @@ def test_to_rgb8_stretch_and_nodata():
     rgb = to_rgb8(block, np.array([0.0, 0.0, 0.5]), np.array([1.0, 0.5, 1.0]))
     assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
     assert rgb[0, :, 0].tolist() == [0, 128, 255, 0]
-    assert rgb[0, :, 1].tolist() == [0, 255, 255, 0]   # clipped above hi
-    assert rgb[0, :, 2].tolist() == [0, 0, 255, 0]     # clipped below lo
+    assert rgb[0, :, 1].tolist() == [0, 255, 255, 0]  # clipped above hi
+    assert rgb[0, :, 2].tolist() == [0, 0, 255, 0]  # clipped below lo
 
 
 def test_gallery_one_row_per_cluster_and_seeded_sampling(cube, index, tmp_path):
@@ -110,8 +110,9 @@ def test_embedding_map_separates_digits_and_is_repeatable(tmp_path):
         write_embedding_map(x[:3], y[:3], tmp_path / "m3.png")
 
 
-DIGITS_CFG = ClusterConfig(k=10, n_init=5, dec={"max_iter": 600, "update_interval": 100, "tol": 0.001,
-                                                "batch_size": 64})
+DIGITS_CFG = ClusterConfig(
+    k=10, n_init=5, dec={"max_iter": 600, "update_interval": 100, "tol": 0.001, "batch_size": 64}
+)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +146,12 @@ def test_streaming_on_a_sample_is_repeatable(digits, tmp_path):
     x, y, valid = digits
     arr = zarr.create_array(str(tmp_path / "emb.zarr"), shape=x.shape, chunks=(256, 64), dtype="float32")
     arr[:] = x
-    runs = [fit_clusters_streaming(arr, valid, DIGITS_CFG, 7, out=tmp_path / f"c{i}.zarr", sample_size=700,
-                                   chunk=256) for i in range(2)]
+    runs = [
+        fit_clusters_streaming(
+            arr, valid, DIGITS_CFG, 7, out=tmp_path / f"c{i}.zarr", sample_size=700, chunk=256
+        )
+        for i in range(2)
+    ]
     a, b = (xr.open_zarr(tmp_path / f"c{i}.zarr", consolidated=False).load() for i in range(2))
     xr.testing.assert_identical(a, b)
     assert runs[0]["sizes"] == runs[1]["sizes"] and runs[0]["n_sample"] == 700
@@ -166,7 +171,9 @@ def test_streaming_needs_k_valid_rows(digits):
     valid = np.zeros(len(x), bool)
     valid[:5] = True
     with pytest.raises(EmptyRegion, match="only 5 valid"):
-        fit_clusters_streaming(x, valid, DIGITS_CFG, 0, out=zarr.open_group(zarr.storage.MemoryStore(), mode="w"))
+        fit_clusters_streaming(
+            x, valid, DIGITS_CFG, 0, out=zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+        )
 
 
 @pytest.mark.slow

@@ -73,8 +73,9 @@ def test_median_is_nanmedian_of_the_clear_reflectance(T):
     rng = np.random.default_rng(10 + T)
     dn = rng.integers(1, 20000, (3, T, 64, 64), dtype="uint16")
     clear = rng.random((T, 64, 64)) >= 0.3
-    refl = np.where(clear, dn * SCALE[:, None, None, None].astype("float64")
-                    + OFFSET[:, None, None, None], np.nan)
+    refl = np.where(
+        clear, dn * SCALE[:, None, None, None].astype("float64") + OFFSET[:, None, None, None], np.nan
+    )
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # all-NaN pixels
         expect = np.nanmedian(refl, axis=1)
     got = composite_block(dn, clear, scale=SCALE, offset=OFFSET, method="median")
@@ -93,7 +94,9 @@ def test_cube_block_masks_nodata_clouds_and_region():
     region = np.ones((32, 32), dtype=bool)
     region[-4:] = False
     kw = {"n_bands": 3, "nodata": [0, 0, 0], "scl_classes": None, "cloud": True, "region": True}
-    refl = _cube_block(*dn, cloud, region, **kw, part="reflectance", scale=SCALE, offset=OFFSET, method="median")
+    refl = _cube_block(
+        *dn, cloud, region, **kw, part="reflectance", scale=SCALE, offset=OFFSET, method="median"
+    )
     count = _cube_block(*dn, cloud, region, **kw, part="clear_count")
     clear = (dn != 0).all(0) & ~cloud & region
     assert refl.shape == (3, 32, 32) and count.shape == (32, 32) and count.dtype == np.uint16
@@ -104,8 +107,11 @@ def test_cube_block_masks_nodata_clouds_and_region():
 
 def xarray_packed(refl: np.ndarray, step: np.float32) -> np.ndarray:
     """What ``to_zarr`` stores for float reflectance encoded as int16 steps of ``step``."""
-    var = xr.Variable(("band", "y", "x"), refl,
-                      encoding={"dtype": "int16", "scale_factor": step, "_FillValue": np.int16(PACK_FILL)})
+    var = xr.Variable(
+        ("band", "y", "x"),
+        refl,
+        encoding={"dtype": "int16", "scale_factor": step, "_FillValue": np.int16(PACK_FILL)},
+    )
     return encode_cf_variable(var).values
 
 
@@ -136,8 +142,16 @@ def test_packed_block_is_the_float_block_as_xarray_packs_it(method, T, offset, c
     cloud_mask = rng.random((T, 37, 53)) < cloud
     scale, off = np.full(3, 1e-4, dtype="float32"), np.array(offset, dtype="float32")
     step = np.float32(0.5) * scale[0]
-    kw = {"n_bands": 3, "nodata": [0.0, 0, None], "scl_classes": None, "cloud": True, "region": False,
-          "scale": scale, "offset": off, "method": method}
+    kw = {
+        "n_bands": 3,
+        "nodata": [0.0, 0, None],
+        "scl_classes": None,
+        "cloud": True,
+        "region": False,
+        "scale": scale,
+        "offset": off,
+        "method": method,
+    }
     refl = _cube_block(*dn, cloud_mask, **kw, part="reflectance", limit=float(step * PACK_LIMIT))
     packed = _cube_block(*dn, cloud_mask, **kw, part="packed", step=float(step))
     assert packed.dtype == np.int16 and packed.shape == (3, 37, 53)
@@ -156,7 +170,7 @@ def test_nodata_of_any_type_masks_the_same_pixels(nodata):
     dn = rng.integers(0, 3, (2, 3, 16, 16), dtype="uint16")  # many zeros
     kw = {"n_bands": 2, "scl_classes": None, "cloud": False, "region": False}
     count = _cube_block(*dn, **kw, nodata=[nodata, nodata], part="clear_count")
-    expect = ((dn != 0).all(0).sum(0) if float(nodata) == 0 else np.full((16, 16), 3))
+    expect = (dn != 0).all(0).sum(0) if float(nodata) == 0 else np.full((16, 16), 3)
     np.testing.assert_array_equal(count, expect)
 
 
@@ -164,15 +178,30 @@ def _blocks_for_reuse() -> list[tuple[list[np.ndarray], np.ndarray, dict]]:
     """Blocks of several shapes, date counts, clouds and methods (inputs and kwargs)."""
     rng = np.random.default_rng(31)
     out = []
-    for i, (T, shape, cloud, method) in enumerate([
-            (4, (40, 50), 0.0, "median"), (4, (40, 50), 0.3, "median"), (6, (33, 50), 0.3, "median"),
-            (3, (40, 50), 0.0, "median"), (4, (40, 50), 0.3, "first"), (5, (40, 50), 0.2, "last"),
-            (4, (40, 50), 0.0, "median"), (2, (40, 50), 0.5, "median")]):
+    for i, (T, shape, cloud, method) in enumerate(
+        [
+            (4, (40, 50), 0.0, "median"),
+            (4, (40, 50), 0.3, "median"),
+            (6, (33, 50), 0.3, "median"),
+            (3, (40, 50), 0.0, "median"),
+            (4, (40, 50), 0.3, "first"),
+            (5, (40, 50), 0.2, "last"),
+            (4, (40, 50), 0.0, "median"),
+            (2, (40, 50), 0.5, "median"),
+        ]
+    ):
         dn = list(rng.integers(0 if i % 2 else 1, 30000, (3, T) + shape, dtype="uint16"))
         mask = rng.random((T,) + shape) < cloud
-        kw = {"n_bands": 3, "nodata": [0, 0, 0], "scl_classes": None, "cloud": True, "region": False,
-              "scale": np.full(3, 1e-4, dtype="float32"), "offset": np.array([-0.1, 0, 0], dtype="float32"),
-              "method": method}
+        kw = {
+            "n_bands": 3,
+            "nodata": [0, 0, 0],
+            "scl_classes": None,
+            "cloud": True,
+            "region": False,
+            "scale": np.full(3, 1e-4, dtype="float32"),
+            "offset": np.array([-0.1, 0, 0], dtype="float32"),
+            "method": method,
+        }
         out.append((dn, mask, kw))
     return out
 
@@ -180,8 +209,16 @@ def _blocks_for_reuse() -> list[tuple[list[np.ndarray], np.ndarray, dict]]:
 def _run_block(dn, mask, kw, part):
     if part == "packed":
         return _cube_block(*dn, mask, **kw, part="packed", step=5e-5)
-    return _cube_block(*dn, mask, **{k: v for k, v in kw.items() if k not in ("scale", "offset", "method")},
-                       part="clear_count") if part == "clear_count" else _cube_block(*dn, mask, **kw, part=part)
+    return (
+        _cube_block(
+            *dn,
+            mask,
+            **{k: v for k, v in kw.items() if k not in ("scale", "offset", "method")},
+            part="clear_count",
+        )
+        if part == "clear_count"
+        else _cube_block(*dn, mask, **kw, part=part)
+    )
 
 
 def test_blocks_computed_one_after_another_equal_each_computed_alone():
@@ -223,12 +260,15 @@ def test_a_thread_keeps_at_most_buffer_bytes_of_scratch():
     """A name's scratch memory comes back for the same or a smaller array (an edge block);
     a larger one is fresh memory, kept from then on; one that would take the thread past
     BUFFER_BYTES is fresh and not kept."""
+
     def run():
         a = _buffer("t_small", (10, 10), "uint16")
         same = np.shares_memory(_buffer("t_small", (10, 10), "uint16"), a)
         edge = np.shares_memory(_buffer("t_small", (7, 9), "int16"), a)
         larger = _buffer("t_small", (10, 11), "uint16")
-        grown = not np.shares_memory(larger, a) and np.shares_memory(_buffer("t_small", (10, 10), "uint16"), larger)
+        grown = not np.shares_memory(larger, a) and np.shares_memory(
+            _buffer("t_small", (10, 10), "uint16"), larger
+        )
         big = _buffer("t_big", (BUFFER_BYTES + 1,), "uint8")
         kept_big = np.shares_memory(_buffer("t_big", (BUFFER_BYTES + 1,), "uint8"), big)
         shape_ok = _buffer("t_small", (3, 4, 5), "float32").shape == (3, 4, 5)
@@ -250,8 +290,14 @@ def test_chunk_valid_fraction_is_the_padded_block_mean(shape, dask):
     cube = xr.Dataset({"clear_count": (("y", "x"), count)})
     if dask:
         cube = cube.chunk({"y": 16, "x": 16})
-    expect = np.nan_to_num((xr.DataArray(count, dims=("y", "x")) > 0).astype("float32")
-                           .coarsen(y=16, x=16, boundary="pad").mean().values, nan=0.0)
+    expect = np.nan_to_num(
+        (xr.DataArray(count, dims=("y", "x")) > 0)
+        .astype("float32")
+        .coarsen(y=16, x=16, boundary="pad")
+        .mean()
+        .values,
+        nan=0.0,
+    )
     for strip in (1, 64 * 2**20):
         got = chunk_valid_fraction(cube, 16, strip_bytes=strip)
         assert got.shape == (-(-shape[0] // 16), -(-shape[1] // 16))

@@ -81,8 +81,9 @@ def test_reflectance_is_stored_as_half_digital_numbers(cube_store, items, demo_c
     assert decoded.dtype == "float32" and open_product(cube_store, "cube")["reflectance"].dtype == "float32"
     with dask.config.set(scheduler="synchronous"):
         ref = load_cube(items, demo_cfg.cube, demo_cfg.search.bbox)["reflectance"].values
-        as_float = load_cube(items, demo_cfg.cube.model_copy(update={"storage": "float32"}),
-                             demo_cfg.search.bbox)
+        as_float = load_cube(
+            items, demo_cfg.cube.model_copy(update={"storage": "float32"}), demo_cfg.search.bbox
+        )
     q = raw.values
     assert np.array_equal(q == -32768, np.isnan(ref))
     ok = q != -32768

@@ -86,8 +86,10 @@ def test_cogs_models_and_run_record(demo_run):
     # recorded with the products it made
     from agriland_scale.models.worker import cpu_has_bfloat16
 
-    assert saved["precision"] == {"embeddings": "float32",
-                                  "segmentation": "mixed_bfloat16" if cpu_has_bfloat16() else "float32"}
+    assert saved["precision"] == {
+        "embeddings": "float32",
+        "segmentation": "mixed_bfloat16" if cpu_has_bfloat16() else "float32",
+    }
     for group, var in (("segmentation", "probability"), ("embeddings", "embedding")):
         assert xr.open_zarr(reader(out), group=group)[var].attrs["precision"] == saved["precision"][group]
     run_logs = sorted((out / "logs").glob("run-*.log"))
@@ -119,8 +121,9 @@ def test_output_folder_of_another_run_is_refused(demo_run, demo_cfg):
     other = demo_cfg.with_overrides(name="another-run")
     with pytest.raises(OutputExists, match="holds another run"):
         run(other, out)
-    cli = subprocess.run([Path(sys.executable).parent / "agriland", "demo", "--out", str(out)],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [Path(sys.executable).parent / "agriland", "demo", "--out", str(out)], capture_output=True, text=True
+    )
     # the same run name with other settings (the full demo schedule): finished stages are not
     # silently redone or mixed; the error names the first changed key and the flag to use
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
@@ -136,15 +139,24 @@ def test_same_seed_same_outputs_across_worker_counts(demo_run, tmp_path):
     one worker, whatever the cluster): what differs between the runs is how the cube,
     embedding, clustering and segmentation blocks are spread over workers and threads."""
     cfg, out, record = demo_run
-    one = cfg.with_overrides(**{"runtime.n_workers": 1, "runtime.threads_per_worker": 2,
-                                "runtime.dashboard_address": ":0",
-                                "embed.model": str(out / "models" / "encoder.keras"),
-                                "segment.model": str(out / "models" / "unet.keras")})
+    one = cfg.with_overrides(
+        **{
+            "runtime.n_workers": 1,
+            "runtime.threads_per_worker": 2,
+            "runtime.dashboard_address": ":0",
+            "embed.model": str(out / "models" / "encoder.keras"),
+            "segment.model": str(out / "models" / "unet.keras"),
+        }
+    )
     again = run(one, tmp_path / "again")
     workers = {again["scheduler"], record["scheduler"]}
     assert len(workers) == 2  # really two different clusters
-    for group, var in [("embeddings", "embedding"), ("clusters", "labels"), ("clusters", "soft"),
-                       ("segmentation", "probability")]:
+    for group, var in [
+        ("embeddings", "embedding"),
+        ("clusters", "labels"),
+        ("clusters", "soft"),
+        ("segmentation", "probability"),
+    ]:
         a = xr.open_zarr(reader(out), group=group)[var].values
         b = xr.open_zarr(reader(tmp_path / "again"), group=group)[var].values
         np.testing.assert_array_equal(a, b, err_msg=f"{group}/{var}")
@@ -161,5 +173,7 @@ def test_open_run_gives_every_product_with_its_crs(demo_run):
     for group in ("cube", "clusters", "segmentation"):
         assert tree[group].to_dataset().rio.crs.to_epsg() == 32618, group
     assert tree["clusters"]["cluster_map"].dtype == "int16"  # ids kept, -1 where not clustered
-    np.testing.assert_array_equal(tree["segmentation"]["probability"].values,
-                                  ag.open_run(out / "agriland.icechunk")["segmentation"]["probability"].values)
+    np.testing.assert_array_equal(
+        tree["segmentation"]["probability"].values,
+        ag.open_run(out / "agriland.icechunk")["segmentation"]["probability"].values,
+    )

@@ -37,12 +37,22 @@ def _segmentation(epsg: int) -> xr.Dataset:
     prob[:4, :6] = np.nan
     mask = np.where(np.isnan(prob), 255, prob >= 0.5).astype("uint8")
     ds = xr.Dataset({"probability": (("y", "x"), prob), "mask": (("y", "x"), mask)}, coords={"y": y, "x": x})
-    ds["probability"].attrs.update(long_name="agricultural land probability", units="1",
-                                   valid_range=np.array([0, 254], dtype="uint8"))
-    ds["mask"].attrs.update(long_name="agricultural land mask", flag_values=np.array([0, 1], dtype="uint8"),
-                            flag_meanings="other agricultural")
-    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), add_offset=np.float32(0),
-                                      _FillValue=np.uint8(255), fill_value=np.uint8(255), chunks=(16, 24))
+    ds["probability"].attrs.update(
+        long_name="agricultural land probability", units="1", valid_range=np.array([0, 254], dtype="uint8")
+    )
+    ds["mask"].attrs.update(
+        long_name="agricultural land mask",
+        flag_values=np.array([0, 1], dtype="uint8"),
+        flag_meanings="other agricultural",
+    )
+    ds["probability"].encoding.update(
+        dtype="uint8",
+        scale_factor=np.float32(1 / 254),
+        add_offset=np.float32(0),
+        _FillValue=np.uint8(255),
+        fill_value=np.uint8(255),
+        chunks=(16, 24),
+    )
     ds["mask"].encoding.update(_FillValue=np.uint8(255), fill_value=np.uint8(255), chunks=(16, 24))
     return write_georef(ds, epsg)
 
@@ -53,10 +63,14 @@ def _cube(epsg: int) -> xr.Dataset:
 
     seg = _segmentation(epsg)
     refl = np.stack([seg["probability"].values * 0.3, seg["probability"].values * 0.2])
-    ds = xr.Dataset({"reflectance": (("band", "y", "x"), refl)},
-                    coords={"band": np.array(["red", "nir"], dtype=object), "y": seg.y.values, "x": seg.x.values})
+    ds = xr.Dataset(
+        {"reflectance": (("band", "y", "x"), refl)},
+        coords={"band": np.array(["red", "nir"], dtype=object), "y": seg.y.values, "x": seg.x.values},
+    )
     ds["reflectance"].attrs.update(long_name="composite reflectance", units="1")
-    ds["reflectance"].encoding.update(dtype="int16", scale_factor=np.float32(5e-5), _FillValue=np.int16(-32768))
+    ds["reflectance"].encoding.update(
+        dtype="int16", scale_factor=np.float32(5e-5), _FillValue=np.int16(-32768)
+    )
     return write_georef(ds, epsg)
 
 
@@ -74,8 +88,9 @@ def exports(tmp_path_factory):
     products = Products(tmp / "run")
     for zone, epsg in ZONES.items():
         products.write(_segmentation(epsg), f"{zone}/segmentation")
-    patches = xr.Dataset({"valid_fraction": ("patch", np.linspace(0, 1, 6, dtype="float32"))},
-                         coords={"patch": np.arange(6)})
+    patches = xr.Dataset(
+        {"valid_fraction": ("patch", np.linspace(0, 1, 6, dtype="float32"))}, coords={"patch": np.arange(6)}
+    )
     patches["valid_fraction"].attrs.update(long_name="fraction of clear pixels", units="1")
     products.write(patches, "utm18n/patches")
     products.write(_cube(32618), "utm18n/cube")
@@ -171,7 +186,9 @@ def test_export_metadata_is_consolidated_and_opens_without_warning(exports, fmt)
             ds = xr.open_zarr(path, group=g)
             assert ds.attrs["Conventions"] == "CF-1.10", g
         tree = xr.open_datatree(path, engine="zarr")
-        assert tree["utm18n/segmentation"]["probability"].attrs["long_name"] == "agricultural land probability"
+        assert (
+            tree["utm18n/segmentation"]["probability"].attrs["long_name"] == "agricultural land probability"
+        )
     if fmt == 2:
         for where in ["", *groups]:
             meta = json.loads((path / where / ".zmetadata").read_text())
@@ -182,8 +199,9 @@ def test_export_metadata_is_consolidated_and_opens_without_warning(exports, fmt)
         root = json.loads((path / "zarr.json").read_text())
         assert root["consolidated_metadata"] is not None
     consolidated = zarr.open_consolidated(str(path), zarr_format=fmt)
-    assert sorted(name for name, node in consolidated.members(max_depth=None)
-                  if isinstance(node, zarr.Array)) == _arrays(path)
+    assert sorted(
+        name for name, node in consolidated.members(max_depth=None) if isinstance(node, zarr.Array)
+    ) == _arrays(path)
 
 
 @pytest.mark.parametrize("fmt", [2, 3])

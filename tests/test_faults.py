@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 @contextlib.contextmanager
 def _tmpfs(path: Path, size_mb: int):
     path.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -54,6 +55,7 @@ def _when_running(out: Path, stage: str, then, stop: threading.Event) -> threadi
             if stop.wait(0.05):
                 return
         then()
+
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
@@ -93,8 +95,19 @@ def _run_with_fault(demo_run, external_cluster, tmp_path, capsys, fault, *, stor
         stop = threading.Event()
         watcher = _when_running(copy, "embeddings", lambda: fault(disk), stop)
         try:
-            code = cli.main(["run", str(pipeline), "--out", str(copy), "--force", "embeddings", "-q",
-                             "--scheduler", external_cluster])
+            code = cli.main(
+                [
+                    "run",
+                    str(pipeline),
+                    "--out",
+                    str(copy),
+                    "--force",
+                    "embeddings",
+                    "-q",
+                    "--scheduler",
+                    external_cluster,
+                ]
+            )
         finally:
             stop.set()
             watcher.join(60)
@@ -126,6 +139,7 @@ def test_a_disk_that_fills_up_mid_run(demo_run, external_cluster, tmp_path, caps
 
 def test_a_folder_turned_read_only_mid_run(demo_run, external_cluster, tmp_path, capsys):
     """The product store's file system turns read-only while embeddings are written."""
+
     def read_only(disk: Path) -> None:
         for _ in range(100):  # busy while a worker writes a chunk there: again
             if subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0:
@@ -133,19 +147,26 @@ def test_a_folder_turned_read_only_mid_run(demo_run, external_cluster, tmp_path,
             time.sleep(0.02)
         raise AssertionError(f"could not remount {disk} read-only")
 
-    code, err, rec, cube = _run_with_fault(demo_run, external_cluster, tmp_path, capsys, read_only,
-                                           store_disk=True)
+    code, err, rec, cube = _run_with_fault(
+        demo_run, external_cluster, tmp_path, capsys, read_only, store_disk=True
+    )
     _check_paragraph(code, err, r"can no longer be written .*make it writable again")
     np.testing.assert_array_equal(cube, open_run(demo_run[1])["cube"]["reflectance"].values)
     failed = [s for s, v in rec["stages"].items() if v == "failed"]  # recorded, with the paragraph
-    assert failed and "can no longer be written" in rec["error"] and rec["stages"]["cube"] == "done", rec["stages"]
+    assert failed and "can no longer be written" in rec["error"] and rec["stages"]["cube"] == "done", rec[
+        "stages"
+    ]
 
 
 def _s3_pipeline(cfg, out: Path, tmp: Path, server, name: str) -> tuple[Path, dict]:
     """The demo with the session run's models, into S3 with the server's credentials in the file."""
     doc = yaml.safe_load(_pipeline(cfg, out, tmp).read_text())
-    opts = {"endpoint_url": server.endpoint, "access_key_id": server.env["AWS_ACCESS_KEY_ID"],
-            "secret_access_key": server.env["AWS_SECRET_ACCESS_KEY"], "region": "us-east-1"}
+    opts = {
+        "endpoint_url": server.endpoint,
+        "access_key_id": server.env["AWS_ACCESS_KEY_ID"],
+        "secret_access_key": server.env["AWS_SECRET_ACCESS_KEY"],
+        "region": "us-east-1",
+    }
     doc["output"] = {"storage_options": opts}
     doc["runtime"] = {"commit_every_s": 0}
     (tmp / name).write_text(yaml.safe_dump(doc))
@@ -167,8 +188,12 @@ def test_an_object_store_lost_mid_run_then_back(demo_run, external_cluster, tmp_
     try:
         url = server.url("lost")
         pipeline, opts = _s3_pipeline(cfg, out, tmp_path, server, "first.yaml")
-        first = subprocess.Popen([agriland, "run", str(pipeline), "--out", url, "--scheduler", external_cluster,
-                                  "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            [agriland, "run", str(pipeline), "--out", url, "--scheduler", external_cluster, "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
         def stage(name: str) -> str | None:
             with contextlib.suppress(Exception):
@@ -191,8 +216,12 @@ def test_an_object_store_lost_mid_run_then_back(demo_run, external_cluster, tmp_
         assert "Debug source" not in err and max(len(line) for line in err.splitlines()) < 600, err
         server.start()  # on other ports: the pipeline names the new endpoint
         pipeline, opts = _s3_pipeline(cfg, out, tmp_path, server, "again.yaml")
-        again = subprocess.run([agriland, "run", str(pipeline), "--out", url, "--scheduler", external_cluster, "-q"],
-                               capture_output=True, text=True, timeout=600)
+        again = subprocess.run(
+            [agriland, "run", str(pipeline), "--out", url, "--scheduler", external_cluster, "-q"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert again.returncode == 0, again.stderr
         tree, local = open_run(url, storage_options=opts), open_run(out)
         for group, var in [("embeddings", "embedding"), ("segmentation", "probability")]:

@@ -31,8 +31,12 @@ L2A = DATA / "l2a-29rkh"
 
 @pytest.fixture(scope="module")
 def three_search() -> SearchConfig:
-    return SearchConfig(api="local", catalog=str(THREE), collections=["agriland-test-samples"],
-                        region=str(THREE / "region.geojson"))
+    return SearchConfig(
+        api="local",
+        catalog=str(THREE),
+        collections=["agriland-test-samples"],
+        region=str(THREE / "region.geojson"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,10 @@ def _compute(obj):
 def test_polygon_region_searched_with_intersects(three_items):
     """Three polygons far apart: the server's `intersects` finds one item under each."""
     assert sorted(i.id for i in three_items) == [
-        "S2A_29RKH_20200219_0_L2A_window", "S2_L1C_18S_virginia_demo_window", "S2_L2A_33U_austria_window_a"]
+        "S2A_29RKH_20200219_0_L2A_window",
+        "S2_L1C_18S_virginia_demo_window",
+        "S2_L2A_33U_austria_window_a",
+    ]
 
 
 def test_three_zones_each_in_its_native_crs(three_items, three_search):
@@ -133,7 +140,9 @@ def test_item_without_proj_fields_is_read_from_its_files():
 
 
 def test_band_aliases_and_missing_band(l2a_item):
-    assert canonical_band("B04") == "red" and canonical_band("SCL") == "scl" and canonical_band("nir") == "nir"
+    assert (
+        canonical_band("B04") == "red" and canonical_band("SCL") == "scl" and canonical_band("nir") == "nir"
+    )
     with pytest.raises(BandMismatch, match=r"S2A_29RKH_20200219_0_L2A_window.*rededge1"):
         normalize_items([l2a_item], ["red", "rededge1"])
 
@@ -218,8 +227,19 @@ def test_truncated_asset_fails_or_is_skipped(tmp_path, l2a_item):
 
 
 def test_region_file_errors(tmp_path):
-    anti = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": {
-        "type": "Polygon", "coordinates": [[[179, 0], [-179, 0], [-179, 1], [179, 1], [179, 0]]]}}]}
+    anti = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[179, 0], [-179, 0], [-179, 1], [179, 1], [179, 0]]],
+                },
+            }
+        ],
+    }
     (tmp_path / "anti.geojson").write_text(json.dumps(anti))
     with pytest.raises(RegionError, match="antimeridian"):
         read_region_file(tmp_path / "anti.geojson")

@@ -42,9 +42,23 @@ def test_bad_label_files(cube, tmp_path):
     p.write_text("{not json")
     with pytest.raises(CorruptInput, match="not valid JSON"):
         rasterize_labels(p, cube, ["arable"])
-    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"class": "arable"},
-         "geometry": {"type": "Polygon", "coordinates": [[[10, 45], [10.1, 45], [10.1, 45.1], [10, 45]]]}}]}))
+    p.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "properties": {"class": "arable"},
+                        "geometry": {
+                            "type": "Polygon",
+                            "coordinates": [[[10, 45], [10.1, 45], [10.1, 45.1], [10, 45]]],
+                        },
+                    }
+                ],
+            }
+        )
+    )
     with pytest.raises(EmptyRegion, match="check the file's CRS"):
         rasterize_labels(p, cube, ["arable"])
 

@@ -122,8 +122,12 @@ def test_first_conv_adapted_for_more_bands(name, size):
     same = [(a, b) for a, b in zip(src.weights, dst.weights) if len(a.shape) != 4 or a.shape[2] != 3]
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in same[1:])
     u = np.full((2, size, size, 1), [[[[0.2]]], [[[0.7]]]], dtype="float32")
-    np.testing.assert_allclose(dst.predict(np.repeat(u, 5, -1), verbose=0),
-                               src.predict(np.repeat(u, 3, -1), verbose=0), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        dst.predict(np.repeat(u, 5, -1), verbose=0),
+        src.predict(np.repeat(u, 3, -1), verbose=0),
+        rtol=1e-3,
+        atol=1e-4,
+    )
 
 
 def test_imagenet_kernel_follows_the_band_order():
@@ -206,8 +210,11 @@ def test_bfloat16_support_is_read_from_the_cpu_flags(tmp_path):
     from agriland_scale.models.worker import cpu_has_bfloat16
 
     info = tmp_path / "cpuinfo"
-    for flags, has in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True),
-                       ("fpu amx_bf16 amx_tile", True)):
+    for flags, has in (
+        ("fpu sse avx2 avx512f", False),
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu amx_bf16 amx_tile", True),
+    ):
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
         assert cpu_has_bfloat16(str(info)) is has
     assert cpu_has_bfloat16(str(tmp_path / "missing")) is False

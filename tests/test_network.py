@@ -42,8 +42,13 @@ def flaky_proxy(upstream: str, fail: dict[str, list[int]]):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            r = requests.request(self.command, upstream + self.path, data=body or None, timeout=10,
-                                 headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+            r = requests.request(
+                self.command,
+                upstream + self.path,
+                data=body or None,
+                timeout=10,
+                headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+            )
             out = r.content.replace(upstream.encode(), self.server.url.encode())  # type: ignore[attr-defined]
             seen.append((self.command, path, r.status_code))
             self.send_response(r.status_code)
@@ -106,8 +111,7 @@ def test_planetary_computer_signs_as_the_client_reads(demo_cfg, demo_api, monkey
                 for asset in feature["assets"].values():
                     asset["href"] += "?sig=test"
 
-    monkeypatch.setitem(sys.modules, "planetary_computer",
-                        types.SimpleNamespace(sign_inplace=sign_inplace))
+    monkeypatch.setitem(sys.modules, "planetary_computer", types.SimpleNamespace(sign_inplace=sign_inplace))
     cfg = demo_cfg.search.model_copy(update={"sign": "planetary-computer"})
     items = search_items(cfg, demo_api)
     assert sorted(signed) == sorted(i.id for i in items)
@@ -133,6 +137,7 @@ def test_cube_reads_with_gdal_cloud_settings():
 
 
 # --- Dask's own configuration of the scheduler address (item 13) -------------------------------
+
 
 def test_scheduler_address_precedence(monkeypatch):
     from agriland_scale.pipeline.runtime import scheduler_address

@@ -43,13 +43,16 @@ def _part(cube, value_offset: float = 0.0, rows: int = 512) -> xr.Dataset:
 
 def _slow(ds: xr.Dataset, seconds: float) -> xr.Dataset:
     """The same blocks, each taking ``seconds`` to compute (time for a reader or a kill)."""
+
     def wait(block):
         time.sleep(seconds)
         return block
+
     return ds.assign(red=ds["red"].copy(data=ds["red"].data.map_blocks(wait, dtype="float32")))
 
 
 # --- bad locations: refused before anything is computed or written ---------------------------------
+
 
 @pytest.mark.parametrize("case", ["unreachable", "no bucket", "wrong secret", "read-only", "scheme"])
 def test_bad_location_is_refused_with_what_to_do(s3_server, case, monkeypatch):
@@ -89,6 +92,7 @@ def test_bad_location_is_refused_with_what_to_do(s3_server, case, monkeypatch):
 
 # --- a product on S3: blocks, versions, CRS ----------------------------------------------------------
 
+
 def test_product_on_s3_resumes_after_a_failed_block_and_keeps_versions(s3_env, cube, tmp_path):
     url = s3_env.url("engine-run")
     expected = _part(cube).compute()
@@ -126,6 +130,7 @@ def test_product_on_s3_resumes_after_a_failed_block_and_keeps_versions(s3_env, c
 
 # --- readers during a write -----------------------------------------------------------------------------
 
+
 def test_reader_sees_old_or_new_version_never_a_mix(s3_env, cube):
     """Version 1 (values v) then version 2 (v + 1) written block by block, slowly, a commit a
     block; a reader polls the store all the while."""
@@ -146,7 +151,11 @@ def test_reader_sees_old_or_new_version_never_a_mix(s3_env, cube):
                 seen.append("none")
                 continue
             # on this thread's own scheduler: the writer's client closes while the reader polls
-            a = xr.open_zarr(store, group="cube", consolidated=False)["red"].compute(scheduler="threads").values
+            a = (
+                xr.open_zarr(store, group="cube", consolidated=False)["red"]
+                .compute(scheduler="threads")
+                .values
+            )
             if np.array_equal(a, base):
                 seen.append("v1")
             elif np.array_equal(a, base + 1):
@@ -201,8 +210,14 @@ def test_killed_writer_resumes_with_only_the_missing_blocks(s3_env, cube, cube_s
     url = s3_env.url("killed-run")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), url, cube_store, "1.5"], env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url, cube_store, "1.5"],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     committed: set[int] = set()
     while not committed:
@@ -217,8 +232,13 @@ def test_killed_writer_resumes_with_only_the_missing_blocks(s3_env, cube, cube_s
     proc.wait(30)
     committed = Products(url).pending_blocks("cube")
     assert 1 <= len(committed) < 4 and not has_group(reader(url), "cube")
-    again = subprocess.run([sys.executable, str(script), url, cube_store, "0"], env=os.environ.copy(),
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, str(script), url, cube_store, "0"],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     stats = json.loads(again.stdout.strip().splitlines()[-1].replace("'", '"'))
     print(f"killed after {len(committed)} of 4 committed blocks; the rerun reused {stats['reused']}")
@@ -228,6 +248,7 @@ def test_killed_writer_resumes_with_only_the_missing_blocks(s3_env, cube, cube_s
 
 
 # --- one writer: the lease lock on the object store ----------------------------------------------------
+
 
 def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_path):
     import obstore
@@ -246,10 +267,23 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_pat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     store = object_store(url)
-    here = {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "pid_ns": os.readlink("/proc/self/ns/pid")}
-    obstore.put(store, ".agriland.lock", json.dumps({"host": os.uname().nodename, "pid": dead.pid, **here,
-                                                     "command": "agriland run", "heartbeat": time.time()}).encode())
+    here = {
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "pid_ns": os.readlink("/proc/self/ns/pid"),
+    }
+    obstore.put(
+        store,
+        ".agriland.lock",
+        json.dumps(
+            {
+                "host": os.uname().nodename,
+                "pid": dead.pid,
+                **here,
+                "command": "agriland run",
+                "heartbeat": time.time(),
+            }
+        ).encode(),
+    )
     notes: list[str] = []
     lock = RemoteLock(url, "agriland run", notice=notes.append).acquire()
     try:
@@ -259,26 +293,45 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(s3_env, tmp_pat
     finally:
         lock.release()
     # a live holder on another host whose heartbeat is fresh is never taken over
-    obstore.put(store, ".agriland.lock", json.dumps({"host": "elsewhere", "pid": 1, "command": "agriland run",
-                                                     "heartbeat": time.time()}).encode())
+    obstore.put(
+        store,
+        ".agriland.lock",
+        json.dumps(
+            {"host": "elsewhere", "pid": 1, "command": "agriland run", "heartbeat": time.time()}
+        ).encode(),
+    )
     with pytest.raises(RunLocked, match="elsewhere"):
         RemoteLock(url, "agriland run").acquire()
     # ... but one that stopped refreshing is (its holder was killed or lost its network)
-    obstore.put(store, ".agriland.lock", json.dumps({"host": "elsewhere", "pid": 1, "command": "agriland run",
-                                                     "heartbeat": time.time() - 3600}).encode())
+    obstore.put(
+        store,
+        ".agriland.lock",
+        json.dumps(
+            {"host": "elsewhere", "pid": 1, "command": "agriland run", "heartbeat": time.time() - 3600}
+        ).encode(),
+    )
     RemoteLock(url, "agriland run").acquire().release()
 
 
-@pytest.mark.parametrize("out, expect", [
-    ("s3://no-such-bucket-here/run", "bucket 'no-such-bucket-here' exist"),
-    ("ftp://example.org/run", "'ftp://' is not a supported location"),
-])
+@pytest.mark.parametrize(
+    "out, expect",
+    [
+        ("s3://no-such-bucket-here/run", "bucket 'no-such-bucket-here' exist"),
+        ("ftp://example.org/run", "'ftp://' is not a supported location"),
+    ],
+)
 def test_cli_refuses_a_bad_out_url_before_any_work(s3_env, tmp_path, out, expect):
     """`agriland demo --out URL`: exit 2, one paragraph naming the URL and what to do, and
     nothing written (no working copy, no object)."""
     env = os.environ | s3_env.env | {"AGRILAND_CACHE": str(tmp_path / "cache")}
-    cli = subprocess.run([os.path.join(os.path.dirname(sys.executable), "agriland"), "demo", "--out", out],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    cli = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "agriland"), "demo", "--out", out],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
     assert out.split("/run")[0] in cli.stderr and expect in cli.stderr, cli.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, nothing in the working dir
@@ -294,8 +347,9 @@ def test_inspect_of_a_run_on_s3_leaves_its_working_copy_alone(s3_env, tmp_path, 
     url = s3_env.url("inspected")
     Products(url)  # the product store
     record = tmp_path / "run.json"
-    record.write_text(json.dumps({"config": {"name": "inspected"}, "stages": {"search": "running"},
-                                  "location": url}))
+    record.write_text(
+        json.dumps({"config": {"name": "inspected"}, "stages": {"search": "running"}, "location": url})
+    )
     upload_file(record, f"{url}/run.json")
     monkeypatch.setenv("AGRILAND_CACHE", str(tmp_path / "cache"))
     copy = working_copy(url)

@@ -52,7 +52,9 @@ def test_second_writer_is_refused_and_names_the_holder(held_lock, demo_cfg):
     (out / "models").mkdir()
     (out / "models" / "x.keras").write_bytes(b"first run's file")
     before = _tree(out)
-    with pytest.raises(RunLocked, match=rf"in use by 'agriland run \(test holder\)' \(pid {proc.pid} on host"):
+    with pytest.raises(
+        RunLocked, match=rf"in use by 'agriland run \(test holder\)' \(pid {proc.pid} on host"
+    ):
         run(demo_cfg, out)
     with pytest.raises(RunLocked):
         run(demo_cfg, out, overwrite=True, force=["cube"])
@@ -73,8 +75,10 @@ def test_lock_is_released_and_removed(tmp_path):
 def test_stale_lock_of_a_dead_process_is_reported_then_taken_over(tmp_path):
     out = tmp_path / "out"
     # a real process takes the lock and is killed before it can release it
-    code = ("import os, sys; from agriland_scale.pipeline.outdir import RunLock; "
-            "RunLock(sys.argv[1], 'agriland run').acquire(); os._exit(9)")
+    code = (
+        "import os, sys; from agriland_scale.pipeline.outdir import RunLock; "
+        "RunLock(sys.argv[1], 'agriland run').acquire(); os._exit(9)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(out)], timeout=60)
     assert done.returncode == 9 and (out / LOCK_NAME).exists()
     dead_pid = json.loads((out / LOCK_NAME).read_text())["pid"]
@@ -88,8 +92,16 @@ def test_stale_lock_of_a_dead_process_is_reported_then_taken_over(tmp_path):
 def test_lock_of_another_host_is_never_taken(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"host": "node-17.cluster", "pid": 4242, "command": "agriland run",
-                                             "started": "2026-12-01T10:00:00+0000"}))
+    (out / LOCK_NAME).write_text(
+        json.dumps(
+            {
+                "host": "node-17.cluster",
+                "pid": 4242,
+                "command": "agriland run",
+                "started": "2026-12-01T10:00:00+0000",
+            }
+        )
+    )
     with pytest.raises(RunLocked, match=r"another host.*delete .*\.agriland\.lock"):
         RunLock(out, "agriland run").acquire()
     assert json.loads((out / LOCK_NAME).read_text())["host"] == "node-17.cluster"
@@ -114,7 +126,9 @@ def test_remove_files_deletes_only_what_is_listed(tmp_path):
     (tmp_path / "cog" / "my_notes.txt").write_text("theirs")
     (tmp_path / "stac" / "items").mkdir(parents=True)
     (tmp_path / "stac" / "items" / "a.json").write_text("{}")
-    gone = remove_files(tmp_path, ["cog/probability.tif", "stac/items/a.json", "../outside.txt", "/etc/hostname"])
+    gone = remove_files(
+        tmp_path, ["cog/probability.tif", "stac/items/a.json", "../outside.txt", "/etc/hostname"]
+    )
     assert gone == ["cog/probability.tif", "stac/items/a.json"]
     assert (tmp_path / "cog" / "my_notes.txt").read_text() == "theirs"
     assert not (tmp_path / "stac").exists()  # emptied folders go, a folder with a user's file stays
@@ -221,8 +235,14 @@ def test_unsupported_url_is_refused_not_written_as_a_local_folder(url, tmp_path,
     from agriland_scale import open_run
 
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    cli = subprocess.run([sys.executable, "-m", "agriland_scale.cli", "run", "pipelines/demo.yaml", "--out", url],
-                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "agriland_scale.cli", "run", "pipelines/demo.yaml", "--out", url],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert cli.returncode == 2, cli.stderr
     assert url in cli.stderr and "is not a supported location" in cli.stderr and "Traceback" not in cli.stderr
     assert list(tmp_path.iterdir()) == []  # no 'https:' folder
@@ -243,4 +263,6 @@ def test_settings_added_by_a_later_version_do_not_invalidate_finished_stages():
 
     old = {"cube": {"bands": ["red"], "resolution": 10}}
     assert changed_keys(old, {"cube": {"bands": ["red"], "resolution": 10, "storage": "int16"}}) == []
-    assert changed_keys(old, {"cube": {"bands": ["red"], "resolution": 20, "storage": "int16"}}) == ["cube.resolution"]
+    assert changed_keys(old, {"cube": {"bands": ["red"], "resolution": 20, "storage": "int16"}}) == [
+        "cube.resolution"
+    ]

@@ -38,10 +38,20 @@ def test_patches_are_views_of_the_cube(cube):
     idx = patch_index(cube, 256, 128)
     i = 10
     y0, x0 = int(idx.y0[i]), int(idx.x0[i])
-    batch = read_patches(cube["reflectance"], idx.y0.values[i:i + 1], idx.x0.values[i:i + 1], 256,
-                         ["red", "green", "blue"], 0.3)
-    ref = cube["reflectance"].sel(band=["red", "green", "blue"]).isel(
-        y=slice(y0, y0 + 256), x=slice(x0, x0 + 256)).values
+    batch = read_patches(
+        cube["reflectance"],
+        idx.y0.values[i : i + 1],
+        idx.x0.values[i : i + 1],
+        256,
+        ["red", "green", "blue"],
+        0.3,
+    )
+    ref = (
+        cube["reflectance"]
+        .sel(band=["red", "green", "blue"])
+        .isel(y=slice(y0, y0 + 256), x=slice(x0, x0 + 256))
+        .values
+    )
     np.testing.assert_allclose(batch[0], np.clip(np.moveaxis(ref, 0, -1) / 0.3, 0, 1), rtol=1e-6)
 
 
@@ -51,7 +61,7 @@ def test_patch_round_trip_is_identical(cube):
     idx = patch_index(cube, 256, 256)
     canvas = xr.full_like(red, np.nan)
     for y0, x0 in zip(idx.y0.values, idx.x0.values):
-        canvas[y0:y0 + 256, x0:x0 + 256] = red[y0:y0 + 256, x0:x0 + 256].values
+        canvas[y0 : y0 + 256, x0 : x0 + 256] = red[y0 : y0 + 256, x0 : x0 + 256].values
     xr.testing.assert_identical(canvas, red)
 
 
@@ -69,7 +79,7 @@ def test_window_starts_cover_every_pixel():
         s = window_starts(length, 256, 192, 32)
         covered = np.zeros(length, bool)
         for a in s:
-            covered[max(a, 0):min(a + 256, length)] = True
+            covered[max(a, 0) : min(a + 256, length)] = True
         assert covered.all()
         assert np.all(np.diff(s) == 192)
 
@@ -86,12 +96,16 @@ def test_read_patches_in_spans_equals_patch_by_patch(cube):
 
     refl = cube["reflectance"]
     rng = np.random.default_rng(0)
-    for y0, x0 in [(np.array([0, 0, 128, 128]), np.array([0, 128, 0, 128])),      # one compact span
-                   (rng.integers(0, 768, 6), rng.integers(0, 768, 6)),           # scattered: by rows
-                   (np.array([512, 512, 512]), np.array([0, 384, 768]))]:         # one row, far apart
+    for y0, x0 in [
+        (np.array([0, 0, 128, 128]), np.array([0, 128, 0, 128])),  # one compact span
+        (rng.integers(0, 768, 6), rng.integers(0, 768, 6)),  # scattered: by rows
+        (np.array([512, 512, 512]), np.array([0, 384, 768])),
+    ]:  # one row, far apart
         got = read_patches(refl, y0, x0, 256, ["red", "green", "blue"], 0.3)
         for i, (a, b) in enumerate(zip(y0, x0)):
-            want = refl.sel(band=["red", "green", "blue"]).isel(y=slice(a, a + 256), x=slice(b, b + 256)).values
+            want = (
+                refl.sel(band=["red", "green", "blue"]).isel(y=slice(a, a + 256), x=slice(b, b + 256)).values
+            )
             want = np.clip(np.nan_to_num(np.moveaxis(want, 0, -1)) / 0.3, 0, 1)
             np.testing.assert_array_equal(got[i], want)
 
@@ -111,5 +125,7 @@ def test_valid_fractions_from_the_integral_image_equal_a_sum_per_patch():
         y0, x0 = (a.ravel() for a in np.meshgrid(rows, cols, indexing="ij"))
         arr = xr.DataArray(da.from_array(valid, chunks=256), dims=("y", "x"))
         got = _valid_fraction(arr, y0, x0, size)
-        want = np.array([valid[a:a + size, b:b + size].sum() / size**2 for a, b in zip(y0, x0)], dtype="float32")
+        want = np.array(
+            [valid[a : a + size, b : b + size].sum() / size**2 for a, b in zip(y0, x0)], dtype="float32"
+        )
         np.testing.assert_array_equal(got, want)

@@ -51,8 +51,9 @@ def _messages(monkeypatch, forward=None) -> list[dict]:
     sent: list[dict] = []
 
     def report(tag, label, done, total, info="", milestone=False):
-        sent.append({"tag": tag, "label": label, "done": done, "total": total, "info": info,
-                     "milestone": milestone})
+        sent.append(
+            {"tag": tag, "label": label, "done": done, "total": total, "info": info, "milestone": milestone}
+        )
         if forward is not None:
             forward(sent[-1])
 
@@ -109,7 +110,9 @@ def test_quiet_shows_no_progress(clock):
     stream = io.StringIO()
     display = Display(True, file=stream)
     progress, relay = _runner_progress(display)
-    relay({"label": "U-Net training", "done": 0, "total": 0, "info": "building the model…", "milestone": True})
+    relay(
+        {"label": "U-Net training", "done": 0, "total": 0, "info": "building the model…", "milestone": True}
+    )
     progress("cube", 5, 5)
     display.close()
     assert stream.getvalue() == ""
@@ -125,7 +128,9 @@ def test_a_bar_starts_with_the_first_phase_and_shows_it(clock):
     task = display._progress.tasks[0]
     assert task.total is None and task.fields["info"] == train._TENSORFLOW
     started = task.start_time
-    relay({"label": "U-Net training", "done": 3, "total": 40, "info": "epoch 1/2, loss 0.4", "milestone": False})
+    relay(
+        {"label": "U-Net training", "done": 3, "total": 40, "info": "epoch 1/2, loss 0.4", "milestone": False}
+    )
     task = display._progress.tasks[0]
     assert task.start_time == started and task.total == 40 and task.completed == 3
     display.close()
@@ -146,8 +151,15 @@ def test_training_says_its_first_phase_before_tensorflow(monkeypatch, which):
     with pytest.raises(Stop):
         if which == "cae":
             cfg = type("Cfg", (), {"train": type("T", (), {"epochs": 2, "steps_per_epoch": 5})()})()
-            train._train_cae("store", np.zeros(3, int), np.zeros(3, int), cfg, 256, "x.keras",  # type: ignore[arg-type]
-                             progress_tag="t")
+            train._train_cae(
+                "store",
+                np.zeros(3, int),
+                np.zeros(3, int),
+                cfg,
+                256,
+                "x.keras",  # type: ignore[arg-type]
+                progress_tag="t",
+            )
         else:
             train._train_unet("store", np.zeros((2, 2), "uint8"), None, "x.keras", progress_tag="t")  # type: ignore[arg-type]
     assert len(sent) == 1
@@ -164,8 +176,10 @@ def test_performance_report_opens_offline(tmp_path):
     from agriland_scale.pipeline.runner import _performance_report
 
     path = tmp_path / "perf.html"
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         with _performance_report(path):
             assert client.submit(sum, [1, 2, 3]).result() == 6
     page = path.read_text()

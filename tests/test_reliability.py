@@ -52,14 +52,24 @@ def _stage(out: Path, name: str) -> str | None:
 def test_overwrite_deletes_only_what_the_run_wrote(demo_run, external_cluster, tmp_path):
     cfg, out, record = demo_run
     copy = _copy(out, tmp_path / "copy")
-    mine = {"models/my_model.h5": b"p", "cog/notes.txt": b"field notes", "notes.md": b"# my notes",
-            "labels/drawn.json": b"{}"}
+    mine = {
+        "models/my_model.h5": b"p",
+        "cog/notes.txt": b"field notes",
+        "notes.md": b"# my notes",
+        "labels/drawn.json": b"{}",
+    }
     for rel, data in mine.items():
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         (copy / rel).write_bytes(data)
     listed = [f for fs in record["files"].values() for f in fs]
-    assert {"models/encoder.keras", "models/unet.keras", "cog/probability.tif", "items.json",
-            "stac/collection.json", "report.html"} <= set(listed)
+    assert {
+        "models/encoder.keras",
+        "models/unet.keras",
+        "cog/probability.tif",
+        "items.json",
+        "stac/collection.json",
+        "report.html",
+    } <= set(listed)
     other = cfg.with_overrides(name="another-run")
     rec = run(other, copy, scheduler=external_cluster, overwrite=True, until="search")
     for rel, data in mine.items():
@@ -88,8 +98,13 @@ def test_failed_force_leaves_no_stale_product(demo_run, external_cluster, tmp_pa
         xr.open_zarr(reader(copy), group="clusters", consolidated=False)
     assert has_group(reader(copy), "segmentation")  # not forced: kept
     assert has_group(reader(copy, before), "clusters")  # the earlier version keeps them
-    for rel in ("cog/cluster_map.tif", "cog/probability.tif", "clusters/gallery.png", "quicklook.png",
-                "stac/collection.json"):
+    for rel in (
+        "cog/cluster_map.tif",
+        "cog/probability.tif",
+        "clusters/gallery.png",
+        "quicklook.png",
+        "stac/collection.json",
+    ):
         assert not (copy / rel).exists(), rel
     summary = summarise_run(copy)
     assert [s["stage"] for s in summary["stale"]] == ["clusters", "publish"]
@@ -106,10 +121,21 @@ def test_second_run_refused_while_first_runs_then_sigterm(demo_run, external_clu
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     # one patch a batch: 13 embedding blocks, time enough to try a second run and to stop it
-    cmd = [AGRILAND, "run", str(pipeline), "--out", str(copy), "--scheduler", external_cluster, "--quiet",
-           "--set", "embed.batch_size=1"]
-    first = subprocess.Popen(cmd + ["--force", "embeddings"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    cmd = [
+        AGRILAND,
+        "run",
+        str(pipeline),
+        "--out",
+        str(copy),
+        "--scheduler",
+        external_cluster,
+        "--quiet",
+        "--set",
+        "embed.batch_size=1",
+    ]
+    first = subprocess.Popen(
+        cmd + ["--force", "embeddings"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 180
     while _stage(copy, "embeddings") != "running":
         assert first.poll() is None, first.communicate()
@@ -138,17 +164,32 @@ def test_models_are_checked_for_their_task(demo_run, tmp_path):
     e, s = cfg.embed, cfg.segment
     check_model(str(models / "encoder.keras"), "embedding", e.bands, e.reflectance_max, cfg.patches.size)
     check_model(str(models / "unet.keras"), "segmentation", s.bands, s.reflectance_max, s.window)
-    with pytest.raises(ModelMismatch, match=r"segment.model = .*encoder.keras is a CAE encoder.*needs a U-Net"):
-        check_model(str(models / "encoder.keras"), "segmentation", s.bands, s.reflectance_max, s.window,
-                    key="segment.model")
+    with pytest.raises(
+        ModelMismatch, match=r"segment.model = .*encoder.keras is a CAE encoder.*needs a U-Net"
+    ):
+        check_model(
+            str(models / "encoder.keras"),
+            "segmentation",
+            s.bands,
+            s.reflectance_max,
+            s.window,
+            key="segment.model",
+        )
     with pytest.raises(ModelMismatch, match="is a U-Net"):
-        check_model(str(models / "unet.keras"), "embedding", e.bands, e.reflectance_max, cfg.patches.size,
-                    key="embed.model")
+        check_model(
+            str(models / "unet.keras"),
+            "embedding",
+            e.bands,
+            e.reflectance_max,
+            cfg.patches.size,
+            key="embed.model",
+        )
     with pytest.raises(ModelMismatch, match="whole autoencoder.*encoder.keras beside it"):
         check_model(str(models / "cae.keras"), "embedding", e.bands, e.reflectance_max, cfg.patches.size)
     with pytest.raises(BandMismatch, match="trained on bands"):
-        check_model(str(models / "unet.keras"), "segmentation", ["red", "green", "nir"], s.reflectance_max,
-                    s.window)
+        check_model(
+            str(models / "unet.keras"), "segmentation", ["red", "green", "nir"], s.reflectance_max, s.window
+        )
     with pytest.raises(ModelMismatch, match="set segment.window to 256"):
         check_model(str(models / "unet.keras"), "segmentation", s.bands, s.reflectance_max, 128)
     junk = tmp_path / "junk.keras"
@@ -173,15 +214,25 @@ def test_a_model_with_a_borrowed_sidecar_is_refused(demo_run, tmp_path):
     e, s = cfg.embed, cfg.segment
     shutil.copy(models / "encoder.keras", tmp_path / "fake_unet.keras")
     shutil.copy(models / "unet.keras.json", tmp_path / "fake_unet.keras.json")
-    with pytest.raises(ModelMismatch, match=r"segment\.model = .*fake_unet\.keras is not the model its sidecar "
-                                            r"describes \(its output is a Dense layer 'embedding'"):
-        check_model(str(tmp_path / "fake_unet.keras"), "segmentation", s.bands, s.reflectance_max, s.window,
-                    key="segment.model")
+    with pytest.raises(
+        ModelMismatch,
+        match=r"segment\.model = .*fake_unet\.keras is not the model its sidecar "
+        r"describes \(its output is a Dense layer 'embedding'",
+    ):
+        check_model(
+            str(tmp_path / "fake_unet.keras"),
+            "segmentation",
+            s.bands,
+            s.reflectance_max,
+            s.window,
+            key="segment.model",
+        )
     shutil.copy(models / "unet.keras", tmp_path / "fake_encoder.keras")
     shutil.copy(models / "encoder.keras.json", tmp_path / "fake_encoder.keras.json")
     with pytest.raises(ModelMismatch, match=r"not the model its sidecar describes \(its output is a Conv2D"):
-        check_model(str(tmp_path / "fake_encoder.keras"), "embedding", e.bands, e.reflectance_max,
-                    cfg.patches.size)
+        check_model(
+            str(tmp_path / "fake_encoder.keras"), "embedding", e.bands, e.reflectance_max, cfg.patches.size
+        )
 
 
 def test_segmentation_refuses_a_model_whose_outputs_are_not_probabilities():
@@ -193,15 +244,21 @@ def test_segmentation_refuses_a_model_whose_outputs_are_not_probabilities():
     from agriland_scale.models.segment import predict_block
 
     inp = keras.Input((64, 64, 3))
-    linear = keras.Model(inp, keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="ones")(inp))
+    linear = keras.Model(
+        inp, keras.layers.Conv2D(1, 1, kernel_initializer="ones", bias_initializer="ones")(inp)
+    )
     refl = np.full((3, 128, 128), 0.5, dtype="float32")
     clear = np.ones((128, 128), dtype="uint8")
-    with pytest.raises(ModelMismatch, match=r"outputs of shape \(\d+, 64, 64, 1\) in \[[\d.]+, 2\.5\].*not a U-Net"):
-        predict_block(linear, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0,
-                      batch_size=4)
+    with pytest.raises(
+        ModelMismatch, match=r"outputs of shape \(\d+, 64, 64, 1\) in \[[\d.]+, 2\.5\].*not a U-Net"
+    ):
+        predict_block(
+            linear, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0, batch_size=4
+        )
     sigmoid = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
-    prob = predict_block(sigmoid, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0,
-                         batch_size=4)
+    prob = predict_block(
+        sigmoid, refl, clear, 0, 0, 64, 64, window=64, overlap=16, reflectance_max=1.0, batch_size=4
+    )
     assert prob.shape == (64, 64) and np.all((prob >= 0) & (prob <= 1))
 
 
@@ -212,10 +269,15 @@ def test_unet_stage_refuses_labels_without_a_positive_pixel(demo_run, external_c
     before = (copy / "models" / "unet.keras").read_bytes()
     bad = cfg.with_overrides(**{"segment.positive_classes": ["vineyard"]})
     t0 = time.perf_counter()
-    with pytest.raises(LabelError, match=r"hold 0 agricultural and [\d,]+ other pixels.*segment.positive_classes"):
+    with pytest.raises(
+        LabelError, match=r"hold 0 agricultural and [\d,]+ other pixels.*segment.positive_classes"
+    ):
         run(bad, copy, scheduler=external_cluster, force=["unet"], until="unet")
     assert time.perf_counter() - t0 < 60  # no training started
-    assert not (copy / "models" / "unet.keras").exists() or (copy / "models" / "unet.keras").read_bytes() == before
+    assert (
+        not (copy / "models" / "unet.keras").exists()
+        or (copy / "models" / "unet.keras").read_bytes() == before
+    )
 
 
 def test_k_larger_than_the_valid_patches_is_refused_before_training(demo_run, external_cluster, tmp_path):

@@ -30,8 +30,10 @@ from agriland_scale.pipeline import remote
 from agriland_scale.pipeline.remote import RemoteLock, checked_out, working_copy
 
 LOCK = ".agriland.lock"
-HERE = {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-        "pid_ns": os.readlink("/proc/self/ns/pid")}
+HERE = {
+    "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+    "pid_ns": os.readlink("/proc/self/ns/pid"),
+}
 BIG = 5_000_000  # bytes of a foreign object that must never reach the cache
 
 
@@ -85,8 +87,16 @@ def _dead_pid() -> int:
 
 def _lock_body(**holder) -> bytes:
     """A lock as another process would have written it: this host's name, a fresh heartbeat."""
-    return json.dumps({"host": socket.gethostname(), "command": "agriland run", "started": "2026-12-01T10:00:00",
-                       "heartbeat": time.time(), "token": uuid.uuid4().hex} | holder).encode()
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "command": "agriland run",
+            "started": "2026-12-01T10:00:00",
+            "heartbeat": time.time(),
+            "token": uuid.uuid4().hex,
+        }
+        | holder
+    ).encode()
 
 
 def _biggest_file(folder: Path) -> int:
@@ -95,18 +105,25 @@ def _biggest_file(folder: Path) -> int:
 
 # --- who holds the lock: a token, and "ended" only on this very machine -----------------------------
 
-@pytest.mark.parametrize("where", [
-    {"boot_id": HERE["boot_id"], "pid_ns": "pid:[1]"},  # a container sharing the host name
-    {"boot_id": str(uuid.uuid4()), "pid_ns": HERE["pid_ns"]},  # another machine named alike
-    {},  # a lock that does not say (an older agriland-scale)
-], ids=["other-pid-namespace", "other-boot", "unknown"])
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"boot_id": HERE["boot_id"], "pid_ns": "pid:[1]"},  # a container sharing the host name
+        {"boot_id": str(uuid.uuid4()), "pid_ns": HERE["pid_ns"]},  # another machine named alike
+        {},  # a lock that does not say (an older agriland-scale)
+    ],
+    ids=["other-pid-namespace", "other-boot", "unknown"],
+)
 def test_a_fresh_lock_of_a_pid_not_running_here_is_not_taken_over(s3_env, cache, where):
     """Same host name, a pid that no process of this namespace has, a fresh heartbeat: the holder
     may well be alive elsewhere, so a second run is refused."""
     url = _url(s3_env, "lock-elsewhere")
     pid = _dead_pid()
     _put(url, LOCK, _lock_body(pid=pid, **where))
-    with pytest.raises(RunLocked, match=rf"is in use by 'agriland run' \(pid {pid} on host {socket.gethostname()}"):
+    with pytest.raises(
+        RunLocked, match=rf"is in use by 'agriland run' \(pid {pid} on host {socket.gethostname()}"
+    ):
         RemoteLock(url, "agriland run").acquire()
     assert _get_json(url, LOCK)["pid"] == pid  # untouched
 
@@ -147,7 +164,10 @@ def test_an_expired_lease_is_taken_over_saying_how_long_it_was_not_refreshed(s3_
 
 # --- a holder that lost its lease -------------------------------------------------------------------
 
-def test_a_holder_whose_lease_was_taken_over_leaves_the_new_lock_alone(s3_env, cache, short_lease, monkeypatch):
+
+def test_a_holder_whose_lease_was_taken_over_leaves_the_new_lock_alone(
+    s3_env, cache, short_lease, monkeypatch
+):
     """A's heartbeat does not come in time (a paused process), B takes the expired lock over:
     A's release does not delete B's lock (same host and pid here: only the token tells them
     apart), and A's check raises LeaseLost naming B."""
@@ -161,8 +181,11 @@ def test_a_holder_whose_lease_was_taken_over_leaves_the_new_lock_alone(s3_env, c
     try:
         a.release()
         assert _get_json(url, LOCK)["command"] == "agriland run (B)"  # still there
-        with pytest.raises(LeaseLost, match=r"another run, 'agriland run \(B\)' .*, took over s3://.* after "
-                                            r"this one's lease was not refreshed for \d+ s.*this run stopped"):
+        with pytest.raises(
+            LeaseLost,
+            match=r"another run, 'agriland run \(B\)' .*, took over s3://.* after "
+            r"this one's lease was not refreshed for \d+ s.*this run stopped",
+        ):
             a.check()
     finally:
         b.release()
@@ -208,12 +231,24 @@ def test_a_paused_writer_stops_when_another_run_took_over(s3_env, cache, short_l
     (SIGCONT): A stops at once with LeaseLost (exit 2) naming B and how long its lease was not
     refreshed, and leaves B's lock, and B's working copy, alone."""
     url = _url(s3_env, "lock-paused")
-    env = os.environ | s3_env.env | {"AGRILAND_CACHE": str(cache), "AGRILAND_LOCK_HEARTBEAT_S": "0.25",
-                                     "AGRILAND_LOCK_STALE_S": str(remote.STALE_S)}
+    env = (
+        os.environ
+        | s3_env.env
+        | {
+            "AGRILAND_CACHE": str(cache),
+            "AGRILAND_LOCK_HEARTBEAT_S": "0.25",
+            "AGRILAND_LOCK_STALE_S": str(remote.STALE_S),
+        }
+    )
     script = tmp_path / "writer.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), url], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = _first_line(proc, 60)
         assert line.startswith("held "), line + proc.stdout.read()
@@ -228,20 +263,27 @@ def test_a_paused_writer_stops_when_another_run_took_over(s3_env, cache, short_l
         with contextlib.ExitStack() as stack:
             while True:
                 try:
-                    local_b, mirror = stack.enter_context(checked_out(url, "agriland run (B)", notice=notes.append))
+                    local_b, mirror = stack.enter_context(
+                        checked_out(url, "agriland run (B)", notice=notes.append)
+                    )
                     break
                 except RunLocked:
                     refused += 1
                     assert time.monotonic() < deadline, "the paused writer's lock was never taken over"
                     time.sleep(0.2)
             assert refused >= 1  # not while its lease held
-            assert len(notes) == 1 and "did not refresh its lock for" in notes[0] and "killed?" not in notes[0]
+            assert (
+                len(notes) == 1 and "did not refresh its lock for" in notes[0] and "killed?" not in notes[0]
+            )
             (local_b / "report.html").write_text("B's")
             os.kill(proc.pid, signal.SIGCONT)
             out, _ = proc.communicate(timeout=20)
             assert proc.returncode == 2, out
-            assert "another run, 'agriland run (B)'" in out and f"took over {url} after this one's lease was " \
-                   "not refreshed for" in out and "this run stopped" in out, out
+            assert (
+                "another run, 'agriland run (B)'" in out
+                and f"took over {url} after this one's lease was not refreshed for" in out
+                and "this run stopped" in out
+            ), out
             assert "ConflictError" not in out and "Traceback" not in out, out
             held = _get_json(url, LOCK)
             assert held["token"] == mirror.lock.token and held["command"] == "agriland run (B)"
@@ -256,6 +298,7 @@ def test_a_paused_writer_stops_when_another_run_took_over(s3_env, cache, short_l
 
 
 # --- working copies ---------------------------------------------------------------------------------
+
 
 def test_every_holder_has_its_own_working_copy_removed_after_the_run(s3_env, cache):
     url = _url(s3_env, "copies")
@@ -277,6 +320,7 @@ def test_every_holder_has_its_own_working_copy_removed_after_the_run(s3_env, cac
 
 # --- only the run's own objects are downloaded ------------------------------------------------------
 
+
 def test_foreign_objects_are_refused_before_any_download_naming_the_url(s3_env, cache):
     url = _url(s3_env, "foreign")
     _put(url, "big.bin", b"\0" * BIG)
@@ -285,8 +329,9 @@ def test_foreign_objects_are_refused_before_any_download_naming_the_url(s3_env, 
         with checked_out(url, "agriland run"):
             pytest.fail("a location holding foreign objects was checked out")
     msg = str(refused.value)
-    assert msg.startswith(f"{url} already holds files that no agriland run wrote (big.bin (5.0 MB), "
-                          "notes/readme.txt"), msg
+    assert msg.startswith(
+        f"{url} already holds files that no agriland run wrote (big.bin (5.0 MB), notes/readme.txt"
+    ), msg
     assert "choose an empty or new --out" in msg and str(cache) not in msg
     assert _biggest_file(cache) == 0  # nothing was downloaded
     assert _keys(url) == {"big.bin", "notes/readme.txt"}  # nothing deleted, the lock released
@@ -297,8 +342,11 @@ def test_agriland_run_refuses_foreign_objects_naming_the_url_not_the_cache(s3_en
 
     url = _url(s3_env, "foreign-run")
     _put(url, "big.bin", b"\0" * BIG)
-    with pytest.raises(OutputExists, match=r"s3://agriland/foreign-run-\w+ already holds files that no "
-                                           r"agriland run wrote \(big\.bin \(5\.0 MB\)\)"):
+    with pytest.raises(
+        OutputExists,
+        match=r"s3://agriland/foreign-run-\w+ already holds files that no "
+        r"agriland run wrote \(big\.bin \(5\.0 MB\)\)",
+    ):
         run(demo_cfg, url, report=lambda line: None)
     assert _biggest_file(cache) == 0
 

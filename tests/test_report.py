@@ -22,7 +22,17 @@ from agriland_scale.publish.report import write_report
 from agriland_scale.publish.stac import write_stac
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_NAMES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+STAGE_NAMES = (
+    "search",
+    "cube",
+    "patches",
+    "cae",
+    "embeddings",
+    "clusters",
+    "unet",
+    "segmentation",
+    "publish",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,6 +48,7 @@ def _images(page: str) -> list[str]:
 
 
 # --- fast: folders that are not (complete) runs -----------------------------------------------
+
 
 def test_not_a_run_folder_is_refused(tmp_path):
     for call in (summarise_run, write_report, write_stac):
@@ -57,10 +68,16 @@ def test_invalid_run_json_is_refused(tmp_path):
 
 
 def test_run_that_failed_at_search(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps({
-        "config": {"name": "broken", "search": {"bbox": [1, 2, 3, 4]}},
-        "stages": {"search": "failed"}, "timings_s": {"search": 0.5, "total": 0.7},
-        "error": "search: no STAC API answers at http://127.0.0.1:9"}))
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "config": {"name": "broken", "search": {"bbox": [1, 2, 3, 4]}},
+                "stages": {"search": "failed"},
+                "timings_s": {"search": 0.5, "total": 0.7},
+                "error": "search: no STAC API answers at http://127.0.0.1:9",
+            }
+        )
+    )
     s = summarise_run(tmp_path)
     assert [r["status"] for r in s["stages"]] == ["failed"] + ["not run"] * (len(STAGE_NAMES) - 1)
     assert s["region"]["shape"] is None and s["items"] == [] and s["models"] == []
@@ -74,6 +91,7 @@ def test_run_that_failed_at_search(tmp_path):
 
 
 # --- slow: the real demo run -----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_report_is_self_contained(published):
@@ -141,8 +159,12 @@ def test_the_quicklook_is_the_reports_first_three_maps_side_by_side(published, t
 
     _, out, _, _, _ = published
     maps = product_maps(out, "")
-    assert [alt for _, alt, _ in maps] == ["RGB composite", "cluster map over composite",
-                                           "probability over composite", "agricultural land mask"]
+    assert [alt for _, alt, _ in maps] == [
+        "RGB composite",
+        "cluster map over composite",
+        "probability over composite",
+        "agricultural land mask",
+    ]
     tiles = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png, _, _ in maps[:3]]
     assert {t.shape for t in tiles} == {(400, 448, 3)}
     sheet = Image.open(out / "quicklook.png")
@@ -159,8 +181,11 @@ def test_the_quicklook_is_the_reports_first_three_maps_side_by_side(published, t
 def test_report_of_a_run_that_failed_at_segmentation(published, tmp_path):
     _, out, _, _, _ = published
     run = tmp_path / "run"
-    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.keras", "unet*", "stac", "cog", "report.html",
-                                                            "quicklook.png"))
+    shutil.copytree(
+        out,
+        run,
+        ignore=shutil.ignore_patterns("*.keras", "unet*", "stac", "cog", "report.html", "quicklook.png"),
+    )
     from agriland_scale.pipeline.resume import Products
 
     Products(run).discard("segmentation")  # as a --force segmentation that then failed leaves it
@@ -226,8 +251,11 @@ def test_stac_catalog_reads_back(published):
     assert prob.properties["proj:shape"] == [record["cube"]["shape"]["y"], record["cube"]["shape"]["x"]]
     assert prob.properties["proj:transform"] == record["cube"]["transform"]
     assert prob.properties["proj:bbox"] == record["cube"]["bounds"]
-    expect = {"cluster_map": ("uint8", 255, None), "probability": ("uint8", 255, 1 / 254),
-              "mask": ("uint8", 255, None)}
+    expect = {
+        "cluster_map": ("uint8", 255, None),
+        "probability": ("uint8", 255, 1 / 254),
+        "mask": ("uint8", 255, None),
+    }
     for product, (dtype, nodata, scale) in expect.items():
         asset = items[f"{cfg.name}-{product}"].assets["cog"]
         assert asset.media_type == pystac.MediaType.COG
@@ -243,7 +271,9 @@ def test_stac_catalog_reads_back(published):
 
     from agriland_scale.store import reader
 
-    kwargs = {k: v for k, v in zarr_asset.extra_fields["agriland:icechunk"]["open_kwargs"].items() if k != "engine"}
+    kwargs = {
+        k: v for k, v in zarr_asset.extra_fields["agriland:icechunk"]["open_kwargs"].items() if k != "engine"
+    }
     seg = xr.open_zarr(reader(zarr_asset.get_absolute_href()), **kwargs)
     assert "probability" in seg and seg.rio.crs.to_epsg() == 32618
     assert Path(items[f"{cfg.name}-zarr"].assets["zarr"].get_absolute_href()) == out / "agriland.icechunk"
@@ -262,7 +292,11 @@ def test_summarise_run(published):
     from agriland_scale.store import reader
 
     cube = xr.open_zarr(reader(out), group="cube", consolidated=False)
-    assert s["region"]["shape"] == {d: cube.sizes[d] for d in ("band", "y", "x")} == {"band": 4, "y": 1024, "x": 1024}
+    assert (
+        s["region"]["shape"]
+        == {d: cube.sizes[d] for d in ("band", "y", "x")}
+        == {"band": 4, "y": 1024, "x": 1024}
+    )
     assert s["region"]["crs"] == "EPSG:32618" and s["region"]["resolution_m"] == cfg.cube.resolution
     assert s["region"]["bbox"] == list(cfg.search.bbox)
     assert [(r["stage"], r["status"]) for r in s["stages"]] == [(n, "done") for n in STAGE_NAMES]
@@ -294,8 +328,9 @@ def test_notebook_runs_on_the_demo_output(published, monkeypatch):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "stored with outputs"
     monkeypatch.setenv("AGRILAND_RUN", str(out))
     t0 = time.perf_counter()
-    nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     print(f"notebook executed on the demo output in {time.perf_counter() - t0:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
@@ -334,17 +369,31 @@ def test_report_renders_in_headless_chromium(published, tmp_path):
     if not chromium:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
     _, out, _, report, _ = published
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     png = tmp_path / "report.png"
     page = (out / "report.html").resolve().as_uri()
-    subprocess.run([chromium, *flags, f"--screenshot={png}", "--window-size=1280,2400", page],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={png}", "--window-size=1280,2400", page],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     img = np.asarray(Image.open(png).convert("L"), dtype="float32")
     assert img.shape == (2400, 1280) and img.std() > 20  # drawn: text, images, tables
-    dom = subprocess.run([chromium, *flags, "--dump-dom", page], check=True, capture_output=True,
-                         text=True, timeout=120).stdout
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
     srcs = _images(dom)
     assert len(srcs) >= 4 and all(src.startswith("data:image/") for src in srcs)
     assert "dashboard" in dom.lower() and "stage" in dom.lower()
@@ -361,21 +410,51 @@ def test_report_links_the_files_and_says_which_epoch_its_iou_is_of(tmp_path):
     (tmp_path / "stac" / "collection.json").write_text("{}")
     (tmp_path / "agriland.icechunk").mkdir()
     (tmp_path / "models").mkdir()
-    per_epoch = [{"epoch": e, "loss": 0.5, "val_loss": v, "iou": i}
-                 for e, v, i in ((1, 0.6, 0.5), (2, 0.3, 0.805), (3, 0.3, 0.7), (4, 0.4, 0.62))]
-    write_sidecar(str(tmp_path / "models" / "unet.keras"), {
-        "model": "unet", "epochs": 10, "steps_per_epoch": 4, "batch_size": 2, "per_epoch": per_epoch,
-        "validation_metrics": {"iou": 0.805, "f1": 0.89}, "validation_windows": 3, "train_windows": 9,
-        "validation": {"side": "east", "split_px": 100}})
-    (tmp_path / "run.json").write_text(json.dumps({
-        "config": {"name": "files"}, "stages": {s: "done" for s in STAGE_NAMES}, "timings_s": {"total": 1.0},
-        "products": {"zarr": str(tmp_path / "agriland.icechunk"), "stac": str(tmp_path / "stac/collection.json"),
-                     "cogs": [str(tmp_path / "cog" / "probability.tif")]}}))
+    per_epoch = [
+        {"epoch": e, "loss": 0.5, "val_loss": v, "iou": i}
+        for e, v, i in ((1, 0.6, 0.5), (2, 0.3, 0.805), (3, 0.3, 0.7), (4, 0.4, 0.62))
+    ]
+    write_sidecar(
+        str(tmp_path / "models" / "unet.keras"),
+        {
+            "model": "unet",
+            "epochs": 10,
+            "steps_per_epoch": 4,
+            "batch_size": 2,
+            "per_epoch": per_epoch,
+            "validation_metrics": {"iou": 0.805, "f1": 0.89},
+            "validation_windows": 3,
+            "train_windows": 9,
+            "validation": {"side": "east", "split_px": 100},
+        },
+    )
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "config": {"name": "files"},
+                "stages": {s: "done" for s in STAGE_NAMES},
+                "timings_s": {"total": 1.0},
+                "products": {
+                    "zarr": str(tmp_path / "agriland.icechunk"),
+                    "stac": str(tmp_path / "stac/collection.json"),
+                    "cogs": [str(tmp_path / "cog" / "probability.tif")],
+                },
+            }
+        )
+    )
     page = write_report(tmp_path).read_text()
     links = re.findall(r'<a href="([^"]*)"', page)
-    assert {"cog/cluster_map.tif", "cog/probability.tif", "stac/collection.json", "agriland.icechunk/"} <= set(links)
+    assert {
+        "cog/cluster_map.tif",
+        "cog/probability.tif",
+        "stac/collection.json",
+        "agriland.icechunk/",
+    } <= set(links)
     assert not [x for x in links if x.startswith("/")]  # relative to the run folder: the folder can move
     text = re.sub(r"<[^>]+>", "", page)
     # epoch 2 has the lowest validation loss (epoch 3 ties, later): its weights are kept
-    assert "IoU 0.805 at epoch 2 (best checkpoint: lowest validation loss) of 4 run (10 scheduled, stopped early)" in text
+    assert (
+        "IoU 0.805 at epoch 2 (best checkpoint: lowest validation loss) of 4 run (10 scheduled, stopped early)"
+        in text
+    )
     assert "the last epoch (4) ended at IoU 0.620" in text

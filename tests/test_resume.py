@@ -106,11 +106,22 @@ def test_kill_agriland_process_mid_embeddings(demo_run, external_cluster, tmp_pa
     copy = _copy_run(out, tmp_path / "copy")
     pipeline = tmp_path / "pipeline.yaml"
     # a commit a block: the kill then lands between commits of one product
-    pipeline.write_text(yaml.safe_dump(cfg.with_overrides(**{"runtime.commit_every_s": 0}).model_dump(mode="json")))
-    cmd = [str(Path(sys.executable).parent / "agriland"), "run", str(pipeline), "--out", str(copy),
-           "--scheduler", external_cluster, "--quiet"]
-    proc = subprocess.Popen(cmd + ["--force", "embeddings"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    pipeline.write_text(
+        yaml.safe_dump(cfg.with_overrides(**{"runtime.commit_every_s": 0}).model_dump(mode="json"))
+    )
+    cmd = [
+        str(Path(sys.executable).parent / "agriland"),
+        "run",
+        str(pipeline),
+        "--out",
+        str(copy),
+        "--scheduler",
+        external_cluster,
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd + ["--force", "embeddings"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 180
     while _committed_blocks(copy, "embeddings") < 1:
         assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()}"
@@ -144,7 +155,9 @@ def test_kill_worker_mid_embeddings(demo_run, external_cluster, tmp_path):
 
     def target():
         try:
-            result["record"] = run(cfg, copy, scheduler=external_cluster, force=["embeddings"], until="embeddings")
+            result["record"] = run(
+                cfg, copy, scheduler=external_cluster, force=["embeddings"], until="embeddings"
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 

@@ -76,13 +76,16 @@ def test_inference_precision_is_one_for_the_run():
     cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
     with dask_client(cfg) as client:
         native = cpu_has_bfloat16()
-        assert inference_precision(client, "auto", False) == {"embeddings": f32,
-                                                              "segmentation": bf if native else f32}
+        assert inference_precision(client, "auto", False) == {
+            "embeddings": f32,
+            "segmentation": bf if native else f32,
+        }
         assert inference_precision(client, "auto", True) == {"embeddings": f32, "segmentation": f32}
         assert inference_precision(client, "float32", False) == {"embeddings": f32, "segmentation": f32}
         assert inference_precision(client, "bfloat16", True) == {"embeddings": bf, "segmentation": bf}
-    run = RunConfig.model_validate({"name": "t", "search": {"api": "local", "catalog": ".",
-                                                            "collections": ["c"], "bbox": [0, 0, 1, 1]}})
+    run = RunConfig.model_validate(
+        {"name": "t", "search": {"api": "local", "catalog": ".", "collections": ["c"], "bbox": [0, 0, 1, 1]}}
+    )
     record = {"precision": {"embeddings": f32, "segmentation": bf}}
     assert stage_settings(run, record, "segmentation")["precision"] == bf
     for stage in ("embeddings", "clusters"):
@@ -100,7 +103,9 @@ def test_a_taken_port_is_a_clear_error_for_agriland_cluster():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(SchedulerError, match=f"127.0.0.1:{port}.*--scheduler tcp://127.0.0.1:{port}.*--port"):
+        with pytest.raises(
+            SchedulerError, match=f"127.0.0.1:{port}.*--scheduler tcp://127.0.0.1:{port}.*--port"
+        ):
             serve_cluster(RuntimeConfig(dashboard_address=":0"), port)
 
 
@@ -120,27 +125,48 @@ def test_agriland_cluster_keeps_warm_workers_for_runs_until_stopped(tmp_path, de
 
     cfg, demo_out, _ = demo_run
     pipe = tmp_path / "given.yaml"
-    pipe.write_text(yaml.safe_dump(cfg.with_overrides(**{
-        "embed.model": str(demo_out / "models" / "encoder.keras"), "segment.model": str(demo_out / "models" / "unet.keras"),
-        "runtime.dashboard_address": ":0"}).model_dump(mode="json")))
+    pipe.write_text(
+        yaml.safe_dump(
+            cfg.with_overrides(
+                **{
+                    "embed.model": str(demo_out / "models" / "encoder.keras"),
+                    "segment.model": str(demo_out / "models" / "unet.keras"),
+                    "runtime.dashboard_address": ":0",
+                }
+            ).model_dump(mode="json")
+        )
+    )
     agriland = str(Path(sys.executable).parent / "agriland")
     # started as `agriland cluster ... &` from a script: SIGINT comes ignored, yet stops it
-    proc = subprocess.Popen([agriland, "cluster", str(pipe), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [agriland, "cluster", str(pipe), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         first, ready = proc.stdout.readline(), proc.stdout.readline()
         address = first.split(" at ")[1].split(",")[0]
         assert address.startswith("tcp://127.0.0.1:") and "loaded encoder.keras, unet.keras" in ready
         with Client(address) as c:
-            state = c.run(lambda: (os.getpid(), "tensorflow" in sys.modules, "matplotlib.pyplot" in sys.modules,
-                                   sorted(Path(k[0]).name for k in
-                                          sys.modules["agriland_scale.models.worker"]._models)))
-        (pid, tf, mpl, loaded), = state.values()
+            state = c.run(
+                lambda: (
+                    os.getpid(),
+                    "tensorflow" in sys.modules,
+                    "matplotlib.pyplot" in sys.modules,
+                    sorted(Path(k[0]).name for k in sys.modules["agriland_scale.models.worker"]._models),
+                )
+            )
+        ((pid, tf, mpl, loaded),) = state.values()
         assert tf and mpl and loaded == ["encoder.keras", "unet.keras"]
         out = tmp_path / "run"
-        res = subprocess.run([agriland, "run", str(pipe), "--out", str(out), "--quiet", "--scheduler", address],
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run(
+            [agriland, "run", str(pipe), "--out", str(out), "--quiet", "--scheduler", address],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert res.returncode == 0, res.stderr
         rec = json.loads((out / "run.json").read_text())
         assert rec["timings_s"].get("warm_up_wait", 0) < 1.0 and rec["scheduler"] == address
@@ -178,7 +204,9 @@ def test_a_worker_in_this_process_takes_the_tasks_sent_to_it_and_leaves_at_the_e
             assert client.submit(os.getpid, workers=[address], pure=False).result() == os.getpid()
             assert client.submit(os.getpid, workers=[process], pure=False).result() != os.getpid()
             here = client.run(lambda dask_worker: sorted(dask_worker.plugins), workers=[address])[address]
-            assert {"agriland-fast-exit", "agriland-stderr-to-file"} <= set(here)  # registered, set up as no-ops
+            assert {"agriland-fast-exit", "agriland-stderr-to-file"} <= set(
+                here
+            )  # registered, set up as no-ops
         assert set(client.scheduler_info(n_workers=-1)["workers"]) == {process}
         assert client.submit(os.getpid, pure=False).result() != os.getpid()
     after = os.fstat(2)
@@ -192,13 +220,32 @@ def test_warm_ups_never_go_to_a_worker_in_this_process(tmp_path):
     from agriland_scale.pipeline.context import RunContext
     from agriland_scale.pipeline.runtime import main_process_worker
 
-    cfg = RunConfig.model_validate({"name": "t", "search": {"api": "local", "catalog": ".",
-                                                            "collections": ["c"], "bbox": [0, 0, 1, 1]},
-                                    "runtime": {"n_workers": 1, "threads_per_worker": 2,
-                                                "memory_limit": "2GiB", "dashboard_address": ":0"}})
+    cfg = RunConfig.model_validate(
+        {
+            "name": "t",
+            "search": {"api": "local", "catalog": ".", "collections": ["c"], "bbox": [0, 0, 1, 1]},
+            "runtime": {
+                "n_workers": 1,
+                "threads_per_worker": 2,
+                "memory_limit": "2GiB",
+                "dashboard_address": ":0",
+            },
+        }
+    )
     with dask_client(cfg.runtime) as client:
-        ctx = RunContext(cfg=cfg, out=tmp_path, record={}, products=None, client=client, res=None, tag="t",
-                         say=print, progress=print, wanted=(), own_cluster=True)
+        ctx = RunContext(
+            cfg=cfg,
+            out=tmp_path,
+            record={},
+            products=None,
+            client=client,
+            res=None,
+            tag="t",
+            say=print,
+            progress=print,
+            wanted=(),
+            own_cluster=True,
+        )
         (process,) = client.scheduler_info(n_workers=-1)["workers"]
         with main_process_worker(client, cfg.runtime) as here:
             ctx.warm_up([("missing-model.keras", 64, 3, True)], "segmentation")
@@ -224,14 +271,32 @@ def test_the_cube_is_computed_in_this_process_only_while_the_run_s_workers_warm_
     from agriland_scale.config.schema import RunConfig
     from agriland_scale.pipeline.context import RunContext
 
-    base = {"name": "t", "search": {"api": "local", "catalog": ".", "collections": ["c"], "bbox": [0, 0, 1, 1]}}
+    base = {
+        "name": "t",
+        "search": {"api": "local", "catalog": ".", "collections": ["c"], "bbox": [0, 0, 1, 1]},
+    }
     rt = {"threads_per_worker": 2, "memory_limit": "2GiB", "dashboard_address": ":0"}
-    for n_workers, own, warming, here in ((1, True, True, True), (1, True, False, False),
-                                          (2, True, True, False), (1, False, True, False)):
+    for n_workers, own, warming, here in (
+        (1, True, True, True),
+        (1, True, False, False),
+        (2, True, True, False),
+        (1, False, True, False),
+    ):
         cfg = RunConfig.model_validate(base | {"runtime": rt | {"n_workers": n_workers}})
         with dask_client(cfg.runtime) as client:
-            ctx = RunContext(cfg=cfg, out=tmp_path, record={}, products=None, client=client, res=None, tag="t",
-                             say=print, progress=print, wanted=(), own_cluster=own)
+            ctx = RunContext(
+                cfg=cfg,
+                out=tmp_path,
+                record={},
+                products=None,
+                client=client,
+                res=None,
+                tag="t",
+                say=print,
+                progress=print,
+                wanted=(),
+                own_cluster=own,
+            )
             hold = Event(f"hold-{n_workers}-{own}-{warming}", client=client)
             if warming:  # a warm-up that holds its worker's thread until the check is done
                 ctx.warming.append((client.submit(_wait_for, hold.name, pure=False), (), "w"))
@@ -311,8 +376,9 @@ def test_the_launch_skips_tensorflow_for_a_run_whose_model_stages_are_done(tmp_p
     (tmp_path / "run.json").write_text(json.dumps({"stages": dict.fromkeys(STAGES, "done")}))
     assert not guess() and not guess(until="cae")
     assert guess(force=True) and guess(overwrite=True) and guess("s3://bucket/run")
-    (tmp_path / "run.json").write_text(json.dumps({"stages": {**dict.fromkeys(STAGES, "done"),
-                                                              "segmentation": "interrupted"}}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"stages": {**dict.fromkeys(STAGES, "done"), "segmentation": "interrupted"}})
+    )
     assert guess() and not guess(until="embeddings")
     (tmp_path / "run.json").write_text("{damaged")
     assert guess()

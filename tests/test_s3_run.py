@@ -58,23 +58,44 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
     given = s3_env.url("given-models")
     for name in ("encoder.keras", "encoder.keras.json", "unet.keras", "unet.keras.json"):
         upload_file(local_out / "models" / name, join_url(given, name))
-    s3cfg = cfg.with_overrides(**{"embed.model": join_url(given, "encoder.keras"),
-                                  "segment.model": join_url(given, "unet.keras")})
+    s3cfg = cfg.with_overrides(
+        **{"embed.model": join_url(given, "encoder.keras"), "segment.model": join_url(given, "unet.keras")}
+    )
     # the credentials are in the pipeline file only: neither the agriland process nor the
     # workers have an AWS_* variable (anything that ignored output.storage_options would ask
     # AWS or the cloud metadata address, and fail); --set once dropped them
-    doc = s3cfg.model_dump(mode="json") | {"output": {"storage_options": {
-        "endpoint_url": s3_env.env["AWS_ENDPOINT_URL"], "access_key_id": s3_env.env["AWS_ACCESS_KEY_ID"],
-        "secret_access_key": s3_env.env["AWS_SECRET_ACCESS_KEY"], "region": s3_env.env["AWS_REGION"]}}}
+    doc = s3cfg.model_dump(mode="json") | {
+        "output": {
+            "storage_options": {
+                "endpoint_url": s3_env.env["AWS_ENDPOINT_URL"],
+                "access_key_id": s3_env.env["AWS_ACCESS_KEY_ID"],
+                "secret_access_key": s3_env.env["AWS_SECRET_ACCESS_KEY"],
+                "region": s3_env.env["AWS_REGION"],
+            }
+        }
+    }
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump(doc))
     client_dir, client_cache = tmp_path / "client", tmp_path / "client-cache"
     client_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"AGRILAND_CACHE": str(client_cache)}
-    cmd = [str(Path(sys.executable).parent / "agriland"), "run", str(pipeline), "--out", url,
-           "--scheduler", addr, "--quiet", "--set", "runtime.commit_every_s=0"]
-    first = subprocess.Popen(cmd, cwd=client_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AGRILAND_CACHE": str(client_cache)
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "agriland"),
+        "run",
+        str(pipeline),
+        "--out",
+        url,
+        "--scheduler",
+        addr,
+        "--quiet",
+        "--set",
+        "runtime.commit_every_s=0",
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=client_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     # 1. a second run on the same --out is refused at once, naming the first; the first goes on
     _wait(lambda: _remote_stage(url, "search", tmp_path) is not None, first, "the first run's record")
     second = subprocess.run(cmd, cwd=client_dir, env=env, capture_output=True, text=True, timeout=120)
@@ -96,8 +117,9 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
     _wait(lambda: _remote_stage(url, "segmentation", tmp_path) == "running", first, "segmentation")
     first.send_signal(signal.SIGKILL)
     first.wait(30)
-    assert not any("segmentation" in v["metadata"].get("group", "") for v in history(url)), \
+    assert not any("segmentation" in v["metadata"].get("group", "") for v in history(url)), (
         "a product of the killed stage is visible"
+    )
     # 4. the rerun takes the dead run's lock over, keeps what was finished and completes
     again = subprocess.run(cmd, cwd=client_dir, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -109,33 +131,61 @@ def test_demo_on_s3_with_faults_equals_the_local_run(demo_run, s3_cluster, s3_en
     seg = tree["segmentation"].to_dataset()
     assert seg.rio.crs.to_epsg() == 32618
     assert seg.rio.transform() == local["segmentation"].to_dataset().rio.transform()
-    for group, var in [("embeddings", "embedding"), ("clusters", "labels"), ("clusters", "soft"),
-                       ("segmentation", "probability"), ("segmentation", "mask")]:
-        np.testing.assert_array_equal(tree[group][var].values, local[group][var].values, err_msg=f"{group}/{var}")
+    for group, var in [
+        ("embeddings", "embedding"),
+        ("clusters", "labels"),
+        ("clusters", "soft"),
+        ("segmentation", "probability"),
+        ("segmentation", "mask"),
+    ]:
+        np.testing.assert_array_equal(
+            tree[group][var].values, local[group][var].values, err_msg=f"{group}/{var}"
+        )
     # the other files are on S3 too, one object each
     objects = list_objects(url)
-    for rel in ("run.json", "items.json", "report.html", "cog/probability.tif", "cog/mask.tif",
-                "quicklook.png", "clusters/gallery.png", "stac/collection.json"):
+    for rel in (
+        "run.json",
+        "items.json",
+        "report.html",
+        "cog/probability.tif",
+        "cog/mask.tif",
+        "quicklook.png",
+        "clusters/gallery.png",
+        "stac/collection.json",
+    ):
         assert objects.get(rel, 0) > 0, rel
     assert xr.open_zarr(reader(url), group="cube", consolidated=False).rio.crs.to_epsg() == 32618
     # 6. the other commands take the URL: inspect (read only), report (locks, writes, puts back)
     assert "secret_access_key" not in json.dumps(rec)  # never in run.json
     agriland = cmd[0]
     env = env | s3_env.env  # commands without a pipeline file take the environment's credentials
-    ins = subprocess.run([agriland, "inspect", url, "--json"], cwd=client_dir, env=env, capture_output=True,
-                         text=True, timeout=120)
+    ins = subprocess.run(
+        [agriland, "inspect", url, "--json"],
+        cwd=client_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ins.returncode == 0, ins.stderr
     summary = json.loads(ins.stdout)
     assert summary["out_dir"] == url and {s["status"] for s in summary["stages"]} == {"done"}
     sizes = {r["path"]: r["bytes"] for r in summary["products"]}
     assert sizes["agriland.icechunk"] > sizes["cog/probability.tif"] > 0
     before = list_objects(url)["report.html"]
-    rep = subprocess.run([agriland, "report", url], cwd=client_dir, env=env, capture_output=True, text=True,
-                         timeout=300)
+    rep = subprocess.run(
+        [agriland, "report", url], cwd=client_dir, env=env, capture_output=True, text=True, timeout=300
+    )
     assert rep.returncode == 0 and f"{url}/report.html" in rep.stdout, rep.stderr
     assert list_objects(url)["report.html"] > 0 and before > 0
-    hist = subprocess.run([agriland, "inspect", url, "--history"], cwd=client_dir, env=env, capture_output=True,
-                          text=True, timeout=120)
+    hist = subprocess.run(
+        [agriland, "inspect", url, "--history"],
+        cwd=client_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert hist.returncode == 0 and "segmentation: complete" in hist.stdout and "run-" in hist.stdout
     # 7. nothing written where the client or the workers run, except their caches
     assert list(client_dir.iterdir()) == []

@@ -59,10 +59,10 @@ def trained(cube):
     h, w = label.shape
     st = window_starts(h, WINDOW, WINDOW // 2, 0)
     st = st[(st >= 0) & (st + WINDOW <= min(h, w))]
-    offs = [(r, c) for r in st for c in st if (label[r:r + WINDOW, c:c + WINDOW] != 255).mean() > 0.05]
+    offs = [(r, c) for r in st for c in st if (label[r : r + WINDOW, c : c + WINDOW] != 255).mean() > 0.05]
     ys, xs = np.array([o[0] for o in offs]), np.array([o[1] for o in offs])
     x = read_patches(cube["reflectance"], ys, xs, WINDOW, BANDS, RMAX)
-    y = np.stack([label[r:r + WINDOW, c:c + WINDOW] for r, c in offs])[..., None].astype("float32")
+    y = np.stack([label[r : r + WINDOW, c : c + WINDOW] for r, c in offs])[..., None].astype("float32")
     keras.utils.set_random_seed(1)
     model = build_unet("plain", WINDOW, len(BANDS), filters=FILTERS)
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss=masked_bce)
@@ -78,8 +78,9 @@ def trained(cube):
 def blended(trained):
     model, refl, clear = trained
     h, w = clear.shape
-    return predict_block(model, refl, clear, 0, 0, h, w, window=WINDOW, overlap=OVERLAP,
-                         reflectance_max=RMAX, batch_size=8)
+    return predict_block(
+        model, refl, clear, 0, 0, h, w, window=WINDOW, overlap=OVERLAP, reflectance_max=RMAX, batch_size=8
+    )
 
 
 def _normalised(refl: np.ndarray) -> np.ndarray:
@@ -113,9 +114,11 @@ def seam_figures(p: np.ndarray, starts: np.ndarray, window: int) -> dict[str, fl
 
 
 def _report(name: str, f: dict[str, float]) -> None:
-    print(f"\n{name}: mean |dp| border {f['border_mean']:.4f} interior {f['interior_mean']:.4f} "
-          f"ratio {f['ratio']:.2f}; p99 {f['border_p99']:.4f} / {f['interior_p99']:.4f}; "
-          f"border-line rank {f['line_rank']:.2f}")
+    print(
+        f"\n{name}: mean |dp| border {f['border_mean']:.4f} interior {f['interior_mean']:.4f} "
+        f"ratio {f['ratio']:.2f}; p99 {f['border_p99']:.4f} / {f['interior_p99']:.4f}; "
+        f"border-line rank {f['line_rank']:.2f}"
+    )
 
 
 def test_blended_map_has_no_seams(blended):
@@ -132,11 +135,12 @@ def test_seam_statistic_detects_hard_tiling(trained):
     x = _normalised(refl)
     h, w = clear.shape
     tiles = [(r, c) for r in range(0, h, WINDOW) for c in range(0, w, WINDOW)]
-    pred = model.predict(np.stack([x[r:r + WINDOW, c:c + WINDOW] for r, c in tiles]), batch_size=8,
-                         verbose=0)[..., 0]
+    pred = model.predict(
+        np.stack([x[r : r + WINDOW, c : c + WINDOW] for r, c in tiles]), batch_size=8, verbose=0
+    )[..., 0]
     hard = np.zeros((h, w), "float32")
     for (r, c), p in zip(tiles, pred):
-        hard[r:r + WINDOW, c:c + WINDOW] = p
+        hard[r : r + WINDOW, c : c + WINDOW] = p
     f = seam_figures(hard, np.arange(0, w, WINDOW), WINDOW)
     _report("hard tiling, no blending", f)
     assert f["ratio"] >= 2.0 and f["line_rank"] >= 0.95
@@ -153,9 +157,11 @@ def test_tiled_agrees_with_whole_image(trained, blended):
     e = 16
     inner = d[e:-e, e:-e]
     agree = float(((blended >= 0.5) == (whole >= 0.5)).mean())
-    print(f"\nwhole image vs blended tiles: mean |dp| {d.mean():.4f}, p99 {np.percentile(d, 99):.4f}, "
-          f"max {d.max():.4f}; without the {e} px image-edge frame: mean {inner.mean():.4f}, "
-          f"p99 {np.percentile(inner, 99):.4f}, max {inner.max():.4f}; mask agreement {agree:.2%}")
+    print(
+        f"\nwhole image vs blended tiles: mean |dp| {d.mean():.4f}, p99 {np.percentile(d, 99):.4f}, "
+        f"max {d.max():.4f}; without the {e} px image-edge frame: mean {inner.mean():.4f}, "
+        f"p99 {np.percentile(inner, 99):.4f}, max {inner.max():.4f}; mask agreement {agree:.2%}"
+    )
     assert inner.mean() <= 0.01 and np.percentile(inner, 99) <= 0.15
     assert d.mean() <= 0.02 and agree >= 0.99
 
@@ -171,8 +177,9 @@ def blended_large(trained):
     size = choose_inference_window("auto", WINDOW, OVERLAP, h, w, "plain")
     assert size > WINDOW
     big = at_input_size(model, size)
-    return size, predict_block(big, refl, clear, 0, 0, h, w, window=size, overlap=OVERLAP,
-                               reflectance_max=RMAX, batch_size=1)
+    return size, predict_block(
+        big, refl, clear, 0, 0, h, w, window=size, overlap=OVERLAP, reflectance_max=RMAX, batch_size=1
+    )
 
 
 def test_larger_inference_window_has_no_seams_and_agrees_with_the_training_window(blended, blended_large):
@@ -185,8 +192,10 @@ def test_larger_inference_window_has_no_seams_and_agrees_with_the_training_windo
     assert f["ratio"] <= 1.2 and f["line_rank"] <= 0.8
     d = np.abs(large - blended)
     agree = float(((large >= 0.5) == (blended >= 0.5)).mean())
-    print(f"\n{size} px vs {WINDOW} px windows: mean |dp| {d.mean():.4f}, p99 {np.percentile(d, 99):.4f}, "
-          f"max {d.max():.4f}; mask agreement {agree:.2%}")
+    print(
+        f"\n{size} px vs {WINDOW} px windows: mean |dp| {d.mean():.4f}, p99 {np.percentile(d, 99):.4f}, "
+        f"max {d.max():.4f}; mask agreement {agree:.2%}"
+    )
     assert d.mean() <= 0.02 and agree >= 0.99
 
 
@@ -219,7 +228,7 @@ def test_window_grid_covers_every_pixel_without_a_redundant_window():
             starts = _grid(length, window, overlap)
             covered = np.zeros(length, dtype=int)
             for s0 in starts:
-                covered[max(s0, 0):min(s0 + window, length)] += 1
+                covered[max(s0, 0) : min(s0 + window, length)] += 1
             assert (covered > 0).all(), (length, window, overlap)
             assert (np.diff(starts) == window - overlap).all() and starts[0] == -(overlap // 2)
             # without the last window the grid would not reach the last pixel
@@ -248,10 +257,23 @@ def test_bfloat16_map_agrees_with_float32_within_the_tolerance(trained, blended)
 
     model, refl, clear = trained
     h, w = clear.shape
-    bf = predict_block(with_precision(model, "mixed_bfloat16"), refl, clear, 0, 0, h, w, window=WINDOW,
-                       overlap=OVERLAP, reflectance_max=RMAX, batch_size=8)
+    bf = predict_block(
+        with_precision(model, "mixed_bfloat16"),
+        refl,
+        clear,
+        0,
+        0,
+        h,
+        w,
+        window=WINDOW,
+        overlap=OVERLAP,
+        reflectance_max=RMAX,
+        batch_size=8,
+    )
     d = np.abs(bf - blended)
     agree = float(((bf >= 0.5) == (blended >= 0.5)).mean())
-    print(f"\nbfloat16 vs float32: mean |dp| {d.mean():.5f}, p99 {np.percentile(d, 99):.5f}, "
-          f"max {d.max():.4f}; mask agreement {agree:.4%}")
+    print(
+        f"\nbfloat16 vs float32: mean |dp| {d.mean():.5f}, p99 {np.percentile(d, 99):.5f}, "
+        f"max {d.max():.4f}; mask agreement {agree:.4%}"
+    )
     assert 0 < d.mean() <= 0.005 and np.percentile(d, 99) <= 0.05 and agree >= 0.995

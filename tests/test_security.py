@@ -50,7 +50,9 @@ def test_no_shell_strings_in_the_package():
                 if name in ("system", "popen", "eval", "exec"):
                     bad.append(f"{f.name}:{node.lineno} {name}()")
                 for kw in node.keywords:
-                    if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                    if kw.arg == "shell" and not (
+                        isinstance(kw.value, ast.Constant) and kw.value.value is False
+                    ):
                         bad.append(f"{f.name}:{node.lineno} shell=")
     assert not bad, bad
 
@@ -62,8 +64,11 @@ def _listening(proc) -> set[tuple[str, int]]:
     found = set()
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            found |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="tcp")
-                      if c.status == psutil.CONN_LISTEN}
+            found |= {
+                (c.laddr.ip, c.laddr.port)
+                for c in p.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            }
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
@@ -95,9 +100,14 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
         "    rec = run(cfg, sys.argv[2], until='cube', launch=launch)\n"
         "finally:\n"
         "    launch.close()\n"
-        "assert rec['cube_computed_by'].startswith('agriland-main-process'), rec['cube_computed_by']\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(DEMO_YAML), str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "assert rec['cube_computed_by'].startswith('agriland-main-process'), rec['cube_computed_by']\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(DEMO_YAML), str(tmp_path / "out")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen: set[tuple[str, int]] = set()
     watched = psutil.Process(proc.pid)
     deadline = time.monotonic() + 300

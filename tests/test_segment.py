@@ -31,7 +31,7 @@ def test_tiled_equals_whole_image(small_unet, region):
     for gy in range(0, 200, 48):
         for gx in range(0, 160, 48):
             h, w = min(48, 200 - gy), min(48, 160 - gx)
-            tiled[gy:gy + h, gx:gx + w] = predict_block(small_unet, refl, clear, gy, gx, h, w, **kw)
+            tiled[gy : gy + h, gx : gx + w] = predict_block(small_unet, refl, clear, gy, gx, h, w, **kw)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
     assert np.isfinite(whole).all() and 0 <= whole.min() and whole.max() <= 1
 
@@ -40,8 +40,9 @@ def test_nodata_stays_nodata(small_unet, region):
     refl, clear = region
     clear = clear.copy()
     clear[10:20, 30:40] = 0
-    p = predict_block(small_unet, refl, clear, 0, 0, 200, 160, window=64, overlap=16,
-                      reflectance_max=0.3, batch_size=32)
+    p = predict_block(
+        small_unet, refl, clear, 0, 0, 200, 160, window=64, overlap=16, reflectance_max=0.3, batch_size=32
+    )
     assert np.isnan(p[10:20, 30:40]).all() and np.isfinite(p[30:, :]).all()
 
 
@@ -57,11 +58,16 @@ def test_cog_overviews_crs_nodata(small_unet, cube, tmp_path):
     clear = cube["clear_count"].values.copy()
     clear[:100, :300] = 0  # a nodata corner
     h, w = clear.shape
-    p = predict_block(small_unet, refl, clear, 0, 0, h, w, window=64, overlap=16, reflectance_max=0.3,
-                      batch_size=32)
+    p = predict_block(
+        small_unet, refl, clear, 0, 0, h, w, window=64, overlap=16, reflectance_max=0.3, batch_size=32
+    )
     prob = xr.DataArray(p, dims=("y", "x"), coords={"y": cube.y, "x": cube.x})
-    ds = xr.Dataset({"probability": prob,
-                     "mask": xr.where(prob.isnull(), 255, prob >= float(np.nanmedian(p))).astype("uint8")})
+    ds = xr.Dataset(
+        {
+            "probability": prob,
+            "mask": xr.where(prob.isnull(), 255, prob >= float(np.nanmedian(p))).astype("uint8"),
+        }
+    )
     ds = write_georef(ds, cube.rio.crs)
     write_cog(ds["probability"], tmp_path / "probability.tif", nodata=np.nan)
     write_cog(ds["mask"], tmp_path / "mask.tif", nodata=255)
@@ -111,8 +117,10 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     bands = ["red", "green", "blue"]
     model_path = str(tmp_path / "unet.keras")
     small_unet.save(model_path)
-    write_sidecar(model_path, {"task": "segmentation", "bands": bands, "normalisation": {"reflectance_max": 0.3},
-                               "patch_size": 64})
+    write_sidecar(
+        model_path,
+        {"task": "segmentation", "bands": bands, "normalisation": {"reflectance_max": 0.3}, "patch_size": 64},
+    )
     local = cube.compute().copy(deep=True)  # the session fixture stays as it is
     local["clear_count"].values[200:400, 100:700] = 0  # nodata across block borders
     local["clear_count"].values[768:, 768:] = 0  # a whole block without data
@@ -120,8 +128,9 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
     write_group(local.chunk({"y": 256, "x": 256}), store, "cube")
     kw = dict(window=64, overlap=16, reflectance_max=0.3, batch_size=32)
     h, w = local.sizes["y"], local.sizes["x"]
-    ref = predict_block(small_unet, local["reflectance"].sel(band=bands).values, local["clear_count"].values,
-                        0, 0, h, w, **kw)
+    ref = predict_block(
+        small_unet, local["reflectance"].sel(band=bands).values, local["clear_count"].values, 0, 0, h, w, **kw
+    )
     seg = segment_region(model_path, store, local, bands, threshold=0.5, block=384, **kw)
     assert seg["probability"].data.chunks == ((384, 384, 256), (384, 384, 256))
     from dask.utils import key_split  # the tasks say their stage on the dashboard
@@ -150,6 +159,7 @@ def test_unet_training_refuses_labels_off_the_cube_grid(cube_store, demo_cfg, tm
     from agriland_scale.models.train import train_unet
 
     with pytest.raises(CorruptInput, match=r"not on the cube grid \(1024, 1024\).*--force unet"):
-        train_unet(cube_store, np.zeros((1000, 1024), dtype="uint8"), demo_cfg.segment,
-                   str(tmp_path / "unet.keras"))
+        train_unet(
+            cube_store, np.zeros((1000, 1024), dtype="uint8"), demo_cfg.segment, str(tmp_path / "unet.keras")
+        )
     assert not (tmp_path / "unet.keras").exists()

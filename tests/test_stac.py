@@ -57,20 +57,28 @@ def test_projection_v2_and_tiles():
     from agriland_scale.search.items import item_epsg
     from agriland_scale.search.stac import item_tile
 
-    item = pystac.Item("x", None, None, "2020-01-01T00:00:00Z",
-                       {"proj:code": "EPSG:32629", "grid:code": "MGRS-29RKH"})
+    item = pystac.Item(
+        "x", None, None, "2020-01-01T00:00:00Z", {"proj:code": "EPSG:32629", "grid:code": "MGRS-29RKH"}
+    )
     assert item_epsg(item) == 32629 and item_tile(item) == "29RKH"
 
 
-@pytest.mark.parametrize("props, item_id, tile", [
-    ({"s2:mgrs_tile": "29RKH"}, "S2A_MSIL2A_20230101T110441_R094_T29RKH_20230101T140000", "29RKH"),  # PC
-    ({"grid:code": "MGRS-18SVG"}, "S2B_18SVG_20230101_0_L2A", "18SVG"),  # Earth Search v1
-    ({"mgrs:utm_zone": 33, "mgrs:latitude_band": "U", "mgrs:grid_square": "WP"}, "x", "33UWP"),  # v1 mgrs
-    ({"sentinel:utm_zone": 9, "sentinel:latitude_band": "U", "sentinel:grid_square": "WP"}, "y", "09UWP"),  # v0
-    ({}, "S2B_18SVG_20230101_0_L2A", "18SVG"),  # only the id says
-    ({}, "S2A_MSIL1C_20150627T155106_N0204_R054_T18SVG_20150627T155107", "18SVG"),
-    ({}, "my-own-item", None),
-])
+@pytest.mark.parametrize(
+    "props, item_id, tile",
+    [
+        ({"s2:mgrs_tile": "29RKH"}, "S2A_MSIL2A_20230101T110441_R094_T29RKH_20230101T140000", "29RKH"),  # PC
+        ({"grid:code": "MGRS-18SVG"}, "S2B_18SVG_20230101_0_L2A", "18SVG"),  # Earth Search v1
+        ({"mgrs:utm_zone": 33, "mgrs:latitude_band": "U", "mgrs:grid_square": "WP"}, "x", "33UWP"),  # v1 mgrs
+        (
+            {"sentinel:utm_zone": 9, "sentinel:latitude_band": "U", "sentinel:grid_square": "WP"},
+            "y",
+            "09UWP",
+        ),  # v0
+        ({}, "S2B_18SVG_20230101_0_L2A", "18SVG"),  # only the id says
+        ({}, "S2A_MSIL1C_20150627T155106_N0204_R054_T18SVG_20150627T155107", "18SVG"),
+        ({}, "my-own-item", None),
+    ],
+)
 def test_tile_of_every_api_flavour(props, item_id, tile):
     import pystac
 

@@ -36,18 +36,33 @@ def _run(out: Path) -> Path:
     x = 438290.0 + 5 + 10 * np.arange(48)
     prob = np.linspace(0, 1, 32 * 48, dtype="float32").reshape(32, 48)
     seg = write_georef(xr.Dataset({"probability": (("y", "x"), prob)}, coords={"y": y, "x": x}), EPSG)
-    cube = write_georef(xr.Dataset({"reflectance": (("band", "y", "x"), np.stack([prob * 0.3, prob * 0.2]))},
-                                   coords={"band": np.array(["red", "nir"], dtype=object), "y": y, "x": x}), EPSG)
+    cube = write_georef(
+        xr.Dataset(
+            {"reflectance": (("band", "y", "x"), np.stack([prob * 0.3, prob * 0.2]))},
+            coords={"band": np.array(["red", "nir"], dtype=object), "y": y, "x": x},
+        ),
+        EPSG,
+    )
     products = Products(out)
     products.write(cube, "cube")
     products.write(seg, "segmentation")
     write_cog(seg["probability"], out / "cog" / "probability.tif", nodata=255, scale=1 / 254)
     transform = [10.0, 0.0, 438290.0, 0.0, -10.0, 4174340.0]
-    (out / "run.json").write_text(json.dumps({
-        "config": {"name": "assets", "search": {"datetime": "2024-06-01/2024-07-01"}},
-        "started": "2025-05-01T10:00:00+0000", "stages": {"cube": "done", "segmentation": "done"},
-        "cube": {"shape": {"band": 2, "y": 32, "x": 48}, "crs": f"EPSG:{EPSG}", "transform": transform,
-                 "bounds": [438290.0, 4174020.0, 438770.0, 4174340.0]}}))
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "config": {"name": "assets", "search": {"datetime": "2024-06-01/2024-07-01"}},
+                "started": "2025-05-01T10:00:00+0000",
+                "stages": {"cube": "done", "segmentation": "done"},
+                "cube": {
+                    "shape": {"band": 2, "y": 32, "x": 48},
+                    "crs": f"EPSG:{EPSG}",
+                    "transform": transform,
+                    "bounds": [438290.0, 4174020.0, 438770.0, 4174340.0],
+                },
+            }
+        )
+    )
     (out / "models").mkdir()
     (out / "models" / "unet.keras.stac.json").write_text(json.dumps({"type": "Feature", "id": "unet"}))
     return out
@@ -84,12 +99,17 @@ def test_icechunk_asset_claims_no_plain_open_and_its_recipe_works(catalogue):
             ds = xr.open_dataset(store, **recipe["open_kwargs"])
             assert "probability" in ds and ds.rio.crs.to_epsg() == EPSG
     with pytest.raises(Exception):  # what the asset used to claim
-        xr.open_dataset(items["assets-probability"].assets["zarr"].get_absolute_href(), engine="zarr",
-                        group="segmentation", consolidated=False)
+        xr.open_dataset(
+            items["assets-probability"].assets["zarr"].get_absolute_href(),
+            engine="zarr",
+            group="segmentation",
+            consolidated=False,
+        )
 
 
-@pytest.mark.parametrize(("item_id", "var"), [("assets-probability", "probability"),
-                                              ("assets-zarr", "reflectance")])
+@pytest.mark.parametrize(
+    ("item_id", "var"), [("assets-probability", "probability"), ("assets-zarr", "reflectance")]
+)
 def test_plain_zarr_asset_opens_with_its_open_kwargs(catalogue, item_id, var):
     out, _, items = catalogue
     item = items[item_id]

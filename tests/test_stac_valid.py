@@ -36,8 +36,10 @@ def _without_output_classes(doc: dict[str, Any]) -> dict[str, Any]:
 # the document without the fields that reach it). A document that reaches one is validated
 # in full without those fields, and the test ends as xfail naming the URL.
 UNAVAILABLE: dict[str, tuple[str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
-    CLASSIFICATION_V110: ("mlm:output[].classification:classes (MLM 1.4.0 refers to it)",
-                          _without_output_classes),
+    CLASSIFICATION_V110: (
+        "mlm:output[].classification:classes (MLM 1.4.0 refers to it)",
+        _without_output_classes,
+    ),
 }
 
 
@@ -54,9 +56,11 @@ class SchemaGap(LookupError):
 
 
 def _retrieve(uri: str):
-    raise MissingSchema(f"no local copy of the schema {uri}: add the official file as "
-                        f"tests/data/stac-schemas/{uri.split('://', 1)[-1].split('#')[0]} "
-                        "(see the README there)")
+    raise MissingSchema(
+        f"no local copy of the schema {uri}: add the official file as "
+        f"tests/data/stac-schemas/{uri.split('://', 1)[-1].split('#')[0]} "
+        "(see the README there)"
+    )
 
 
 @cache
@@ -69,7 +73,8 @@ def _registry():
     for path in sorted(SCHEMA_DIR.rglob("*.json")):
         schemas["https://" + path.relative_to(SCHEMA_DIR).as_posix()] = json.loads(path.read_text())
     return Registry(retrieve=_retrieve).with_resources(
-        (url, Resource.from_contents(s, default_specification=DRAFT7)) for url, s in schemas.items())
+        (url, Resource.from_contents(s, default_specification=DRAFT7)) for url, s in schemas.items()
+    )
 
 
 def schema_urls(doc: dict[str, Any]) -> list[str]:
@@ -105,8 +110,12 @@ def stac_errors(doc: dict[str, Any]) -> list[str]:
             if base in UNAVAILABLE:
                 raise SchemaGap(base) from e
             cause = e.__cause__ if isinstance(e.__cause__, MissingSchema) else None
-            raise MissingSchema(str(cause) if cause else f"{url} refers to {ref}, which cannot be "
-                                f"resolved offline ({e}): add its schema to tests/data/stac-schemas") from e
+            raise MissingSchema(
+                str(cause)
+                if cause
+                else f"{url} refers to {ref}, which cannot be "
+                f"resolved offline ({e}): add its schema to tests/data/stac-schemas"
+            ) from e
         for err in found:  # below a oneOf/anyOf, the deepest error names the field
             leaf = _deepest(err)
             errors.append(f"{url}: {leaf.json_path}: {leaf.message[:300]}")
@@ -123,8 +132,9 @@ def validate_files(paths: list[Path]) -> list[str]:
             errors = stac_errors(doc)
         except SchemaGap as gap:
             what, strip = UNAVAILABLE[gap.url]
-            gaps.append(f"{path.name}: {what} not validated: {gap.url} is missing from "
-                        "tests/data/stac-schemas")
+            gaps.append(
+                f"{path.name}: {what} not validated: {gap.url} is missing from tests/data/stac-schemas"
+            )
             errors = stac_errors(strip(doc))  # all the rest must be valid
         if errors:
             failures[str(path)] = errors
@@ -139,6 +149,7 @@ def _end(gaps: list[str]) -> None:
 
 # --- a small real run folder: the demo's search, its cube, three COGs made from it --------------
 
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, items, cube_store):
     """A run folder as the publish stage sees it when it writes the catalogue (publish is
@@ -151,25 +162,34 @@ def small_run(tmp_path_factory, items, cube_store):
 
     out = tmp_path_factory.mktemp("stac-run")
     Products(out).write(open_cube(cube_store), "cube")
-    (out / "items.json").write_text(json.dumps(
-        {"type": "FeatureCollection", "features": [i.to_dict() for i in items]}))
+    (out / "items.json").write_text(
+        json.dumps({"type": "FeatureCollection", "features": [i.to_dict() for i in items]})
+    )
     cube = open_cube(out)
     nir = cube["reflectance"].sel(band="nir").load()
     prob = (nir / float(nir.max())).clip(0, 1).astype("float32")
     write_cog(prob, out / "cog" / "probability.tif", nodata=255, scale=1 / 254)
     write_cog((prob > 0.5).astype("uint8"), out / "cog" / "mask.tif", nodata=255)
-    write_cog((prob.coarsen(y=32, x=32).mean() * 5).astype("int16"), out / "cog" / "cluster_map.tif",
-              nodata=-1)
+    write_cog(
+        (prob.coarsen(y=32, x=32).mean() * 5).astype("int16"), out / "cog" / "cluster_map.tif", nodata=-1
+    )
     stages = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation")
-    (out / "run.json").write_text(json.dumps({
-        "config": {"name": "stac-check", "search": {"datetime": "2015-06-01/2016-07-01"}},
-        "started": "2025-05-01T10:00:00+0000",
-        "stages": {**{s: "done" for s in stages}, "publish": "running"},
-        "versions": {"agriland_scale": "test"},
-        "cube": {"shape": {d: int(cube.sizes[d]) for d in ("band", "y", "x")}, "crs": str(cube.rio.crs),
-                 "transform": [float(v) for v in list(cube.rio.transform())[:6]],
-                 "bounds": [float(v) for v in cube.rio.bounds()]},
-    }))
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "config": {"name": "stac-check", "search": {"datetime": "2015-06-01/2016-07-01"}},
+                "started": "2025-05-01T10:00:00+0000",
+                "stages": {**{s: "done" for s in stages}, "publish": "running"},
+                "versions": {"agriland_scale": "test"},
+                "cube": {
+                    "shape": {d: int(cube.sizes[d]) for d in ("band", "y", "x")},
+                    "crs": str(cube.rio.crs),
+                    "transform": [float(v) for v in list(cube.rio.transform())[:6]],
+                    "bounds": [float(v) for v in cube.rio.bounds()],
+                },
+            }
+        )
+    )
     assert np.isfinite(prob.values).any()
     export_zarr(out, out / "plain.zarr")  # a plain Zarr export: assets with xarray:open_kwargs
     return out, write_stac(out)
@@ -191,9 +211,11 @@ def test_catalogue_of_a_run_is_valid(small_run):
     # the local API the run read is gone: no link to it, so no collection field either
     assert "collection" not in src and not any("127.0.0.1" in lk["href"] for lk in src["links"])
     used = {u for f in files for u in json.loads(f.read_text()).get("stac_extensions", [])}
-    assert {"https://stac-extensions.github.io/projection/v2.0.0/schema.json",
-            "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
-            "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"} <= used
+    assert {
+        "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+        "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+        "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json",
+    } <= used
 
 
 def test_source_copy_keeps_a_lasting_collection_link(small_run, tmp_path):
@@ -205,7 +227,8 @@ def test_source_copy_keeps_a_lasting_collection_link(small_run, tmp_path):
     for f in fc["features"]:
         f["collection"] = "demo"
         f["links"] = [lk for lk in f["links"] if lk["rel"] != "collection"] + [
-            {"rel": "collection", "href": api, "type": "application/json"}]
+            {"rel": "collection", "href": api, "type": "application/json"}
+        ]
     (run / "items.json").write_text(json.dumps(fc))
     write_stac(run)
     (source,) = (run / "stac" / "sources").glob("*.json")
@@ -240,30 +263,54 @@ def test_mlm_items_are_valid(tmp_path):
     """The MLM items of both models, with the outputs the training writes (train.py)."""
     from agriland_scale.models.mlm import write_mlm_item
 
-    meta = {"bands": ["red", "green", "blue"], "normalisation": {"reflectance_max": 0.3},
-            "patch_size": 64, "initial_weights": "imagenet", "training_region": "virginia",
-            "epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "learning_rate": 0.001, "seed": 0}
+    meta = {
+        "bands": ["red", "green", "blue"],
+        "normalisation": {"reflectance_max": 0.3},
+        "patch_size": 64,
+        "initial_weights": "imagenet",
+        "training_region": "virginia",
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "learning_rate": 0.001,
+        "seed": 0,
+    }
     bbox = [-75.70, 37.62, -75.58, 37.71]
     encoder = write_mlm_item(
-        tmp_path / "encoder.keras", meta | {"model": "cae_encoder", "task": "embedding", "head": "dense"},
-        bbox_lonlat=bbox, n_params=12345,
-        output={"name": "embedding", "tasks": ["embedding"],
-                "result": {"shape": [-1, 32], "dim_order": ["batch", "embedding"], "data_type": "float32"}})
+        tmp_path / "encoder.keras",
+        meta | {"model": "cae_encoder", "task": "embedding", "head": "dense"},
+        bbox_lonlat=bbox,
+        n_params=12345,
+        output={
+            "name": "embedding",
+            "tasks": ["embedding"],
+            "result": {"shape": [-1, 32], "dim_order": ["batch", "embedding"], "data_type": "float32"},
+        },
+    )
     unet = write_mlm_item(
-        tmp_path / "unet.keras", meta | {"model": "unet", "task": "segmentation", "encoder": "resnet50"},
-        bbox_lonlat=bbox, n_params=12345,
-        output={"name": "agricultural land probability", "tasks": ["semantic-segmentation"],
-                "result": {"shape": [-1, 64, 64, 1], "dim_order": ["batch", "height", "width", "channel"],
-                           "data_type": "float32"},
-                "classification:classes": [{"value": 0, "name": "other"},
-                                           {"value": 1, "name": "agricultural"}],
-                "post_processing_function": None})
+        tmp_path / "unet.keras",
+        meta | {"model": "unet", "task": "segmentation", "encoder": "resnet50"},
+        bbox_lonlat=bbox,
+        n_params=12345,
+        output={
+            "name": "agricultural land probability",
+            "tasks": ["semantic-segmentation"],
+            "result": {
+                "shape": [-1, 64, 64, 1],
+                "dim_order": ["batch", "height", "width", "channel"],
+                "data_type": "float32",
+            },
+            "classification:classes": [{"value": 0, "name": "other"}, {"value": 1, "name": "agricultural"}],
+            "post_processing_function": None,
+        },
+    )
     assert json.loads(encoder.read_text())["properties"]["mlm:tasks"] == ["similarity-search"]
     assert json.loads(unet.read_text())["properties"]["mlm:tasks"] == ["semantic-segmentation"]
     _end(validate_files([encoder, unet]))
 
 
 # --- slow: the real demo run ---------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_demo_run_stac_is_valid(demo_run):

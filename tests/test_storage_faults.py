@@ -22,18 +22,31 @@ def _raised(inner: BaseException) -> BaseException:
         return outer
 
 
-@pytest.mark.parametrize(("err", "expect"), [
-    (OSError(errno.ENOSPC, "No space left on device", "/data/run/agriland.icechunk/chunks/x"),
-     r"the disk holding /data/run/agriland\.icechunk/chunks/x is full"),
-    (_raised(ValueError("error writing chunk: I/O error: No space left on device (os error 28)")),
-     r"the disk holding /data/run is full"),
-    (OSError(errno.EROFS, "Read-only file system", "/data/run/run.json"),
-     r"/data/run/run\.json can no longer be written"),
-    (_raised(Exception("icechunk error: storage error: Read-only file system (os error 30)")),
-     r"/data/run can no longer be written"),
-    (OSError(errno.ENOSPC, "No space left on device", str(cache_dir() / "runs" / "k")),
-     r"agriland cache, \$AGRILAND_CACHE\) is full"),
-])
+@pytest.mark.parametrize(
+    ("err", "expect"),
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/data/run/agriland.icechunk/chunks/x"),
+            r"the disk holding /data/run/agriland\.icechunk/chunks/x is full",
+        ),
+        (
+            _raised(ValueError("error writing chunk: I/O error: No space left on device (os error 28)")),
+            r"the disk holding /data/run is full",
+        ),
+        (
+            OSError(errno.EROFS, "Read-only file system", "/data/run/run.json"),
+            r"/data/run/run\.json can no longer be written",
+        ),
+        (
+            _raised(Exception("icechunk error: storage error: Read-only file system (os error 30)")),
+            r"/data/run can no longer be written",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", str(cache_dir() / "runs" / "k")),
+            r"agriland cache, \$AGRILAND_CACHE\) is full",
+        ),
+    ],
+)
 def test_disk_faults_name_the_place_and_what_to_do(err, expect):
     import re
 
@@ -44,16 +57,20 @@ def test_disk_faults_name_the_place_and_what_to_do(err, expect):
 
 def test_a_lost_object_store_names_its_endpoint(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    text = ("Generic S3 error: Error performing PUT http://127.0.0.1:9/b/x in 7.0s, after 10 retries - HTTP error: "
-            "error sending request\n\nDebug source:\nGeneric {\n    store: \"S3\",\n" + "    ...\n" * 140 + "}")
+    text = (
+        "Generic S3 error: Error performing PUT http://127.0.0.1:9/b/x in 7.0s, after 10 retries - HTTP error: "
+        'error sending request\n\nDebug source:\nGeneric {\n    store: "S3",\n' + "    ...\n" * 140 + "}"
+    )
     use_storage_options("s3://b/x", {"endpoint_url": "http://127.0.0.1:9"})
     try:
         fault = storage_fault(_raised(OSError(text)), "s3://b/x")
     finally:
         use_storage_options("s3://b/x", None)
     assert fault is not None
-    assert str(fault).startswith("the object store at http://127.0.0.1:9 holding s3://b/x stopped answering "
-                                 "during the run (the connection failed)")
+    assert str(fault).startswith(
+        "the object store at http://127.0.0.1:9 holding s3://b/x stopped answering "
+        "during the run (the connection failed)"
+    )
     assert "Debug source" not in str(fault)
     # the same words on a local run are not a lost object store
     assert storage_fault(_raised(OSError("error sending request")), "/data/run") is None

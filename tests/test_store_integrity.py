@@ -59,9 +59,13 @@ def _clusters(n: int = 64, k: int = 6) -> xr.Dataset:
     """Centroids and soft assignments (float32), cluster ids (int16, -1 where none)."""
     rng = np.random.default_rng(7)
     q = rng.random((n, k), dtype="float32")
-    ds = xr.Dataset({"soft_assignment": (("patch", "cluster"), q / q.sum(1, keepdims=True)),
-                     "centroid": (("cluster", "feature"), rng.normal(size=(k, 100)).astype("float32")),
-                     "labels": ("patch", q.argmax(1).astype("int16"))})
+    ds = xr.Dataset(
+        {
+            "soft_assignment": (("patch", "cluster"), q / q.sum(1, keepdims=True)),
+            "centroid": (("cluster", "feature"), rng.normal(size=(k, 100)).astype("float32")),
+            "labels": ("patch", q.argmax(1).astype("int16")),
+        }
+    )
     ds["labels"].encoding["_FillValue"] = np.int16(-1)
     return ds
 
@@ -71,10 +75,17 @@ def _cube(rows: int = 128, cols: int = 96) -> xr.Dataset:
     rng = np.random.default_rng(3)
     refl = rng.integers(0, 5000, size=(2, rows, cols)).astype("int16")
     count = rng.integers(0, 30, size=(rows, cols)).astype("uint16")
-    ds = xr.Dataset({"reflectance": (("band", "y", "x"), da.from_array(refl, chunks=(2, 32, cols))),
-                     "clear_count": (("y", "x"), da.from_array(count, chunks=(32, cols)))},
-                    coords={"band": ["red", "nir"], "y": 4_200_000 - 10.0 * np.arange(rows) - 5,
-                            "x": 300_000 + 10.0 * np.arange(cols) + 5})
+    ds = xr.Dataset(
+        {
+            "reflectance": (("band", "y", "x"), da.from_array(refl, chunks=(2, 32, cols))),
+            "clear_count": (("y", "x"), da.from_array(count, chunks=(32, cols))),
+        },
+        coords={
+            "band": ["red", "nir"],
+            "y": 4_200_000 - 10.0 * np.arange(rows) - 5,
+            "x": 300_000 + 10.0 * np.arange(cols) + 5,
+        },
+    )
     ds = write_georef(ds, 32618)
     ds["reflectance"].attrs.update(scale_factor=np.float32(0.5e-4), _FillValue=np.int16(-32768))
     for var in ds.data_vars.values():
@@ -88,12 +99,13 @@ def _flip_every_chunk(out: Path) -> int:
     for p in chunks:
         b = bytearray(p.read_bytes())
         mid = len(b) // 2
-        b[mid:mid + 8] = bytes(x ^ 0xFF for x in b[mid:mid + 8])
+        b[mid : mid + 8] = bytes(x ^ 0xFF for x in b[mid : mid + 8])
         p.write_bytes(bytes(b))
     return len(chunks)
 
 
 # --- 5: a damaged chunk is an error that names it ---------------------------------------------
+
 
 def test_every_array_is_stored_with_a_checksum_and_the_same_values(tmp_path):
     products = Products(tmp_path / "run")
@@ -112,7 +124,9 @@ def test_every_array_is_stored_with_a_checksum_and_the_same_values(tmp_path):
         products.write_blocks(_cube(), "cube", "y", client)
     stored = zarr.open_group(products.reader(), path="cube", mode="r")
     codecs = stored["reflectance"].metadata.codecs
-    assert isinstance(codecs[-2], BloscCodec) and isinstance(codecs[-1], Crc32cCodec)  # the cube's compressor kept
+    assert isinstance(codecs[-2], BloscCodec) and isinstance(
+        codecs[-1], Crc32cCodec
+    )  # the cube's compressor kept
     np.testing.assert_array_equal(stored["reflectance"][...], _cube()["reflectance"].values)
 
 
@@ -124,7 +138,11 @@ def test_flipped_bytes_in_every_chunk_raise_corrupt_input_naming_the_product(tmp
     products.write(_embeddings(), "embeddings")
     products.write(_clusters(), "clusters")
     assert _flip_every_chunk(out) >= 4
-    for group, name in (("embeddings", "embedding"), ("clusters", "soft_assignment"), ("clusters", "centroid")):
+    for group, name in (
+        ("embeddings", "embedding"),
+        ("clusters", "soft_assignment"),
+        ("clusters", "centroid"),
+    ):
         with pytest.raises(CorruptInput) as err:
             open_product(products.reader(), group)[name].values  # noqa: B018 - the read is the test
         msg = str(err.value)
@@ -147,14 +165,18 @@ def test_a_damaged_cube_chunk_is_named_on_the_worker_that_reads_it(tmp_path):
         products.write_blocks(_cube(), "cube", "y", client)
         assert _flip_every_chunk(out) >= 8
         cube = open_cube(products.reader())
-        with pytest.raises(CorruptInput, match=r"product 'cube', variable '(reflectance|clear_count)': "
-                                               r"chunk \(.*--force cube"):
+        with pytest.raises(
+            CorruptInput,
+            match=r"product 'cube', variable '(reflectance|clear_count)': "
+            r"chunk \(.*--force cube",
+        ):
             client.compute(cube["reflectance"].sum()).result()  # read on a worker process
     with pytest.raises(CorruptInput, match=r"product 'cube', variable '(reflectance|clear_count)': chunk"):
         open_cube(products.reader(), dask=False)["clear_count"].values  # noqa: B018
 
 
 # --- 13: a damaged ref or snapshot names the store, what still opens, and the way back ------
+
 
 def _finished_run(out: Path) -> tuple[str, str]:
     """A store with two versions, the second tagged as a finished run's; returns (first, second)."""
@@ -163,8 +185,9 @@ def _finished_run(out: Path) -> tuple[str, str]:
     first = products.repo.lookup_branch("main")
     products.write(_clusters(), "clusters")
     products.tag_run(1)
-    (out / "run.json").write_text(json.dumps({"config": {"name": "damaged"},
-                                              "stages": {"search": "done", "cube": "done"}}))
+    (out / "run.json").write_text(
+        json.dumps({"config": {"name": "damaged"}, "stages": {"search": "done", "cube": "done"}})
+    )
     return first, products.repo.lookup_branch("main")
 
 
@@ -172,7 +195,7 @@ def _point_main_at(message: str, out: Path) -> str:
     """Do what the message says to recover: write the first version it names to main's ref."""
     ref = out / STORE / "refs" / "branch.main" / "ref.json"
     prefix = f"mkdir -p {ref.parent} && printf '"
-    body = message[message.index(prefix) + len(prefix):message.index(f"' > {ref}")]
+    body = message[message.index(prefix) + len(prefix) : message.index(f"' > {ref}")]
     ref.parent.mkdir(exist_ok=True)
     ref.write_text(body)
     return json.loads(body)["snapshot"]
@@ -197,7 +220,10 @@ def test_a_damaged_main_ref_names_the_store_the_versions_left_and_the_way_back(d
         assert f"the product store {out / STORE} is damaged {problem}" in msg, msg
         assert f"versions that still open once 'main' names one of them: {tagged} (tag run-" in msg
         assert f"every rerun into {out} fails the same way" in msg and "run into a new --out" in msg
-    for argv in (["inspect", str(out), "--history"], ["export", str(out), "--zarr", str(tmp_path / "c.zarr")]):
+    for argv in (
+        ["inspect", str(out), "--history"],
+        ["export", str(out), "--zarr", str(tmp_path / "c.zarr")],
+    ):
         assert main(argv) == 2
         err_text = capsys.readouterr().err
         assert err_text.startswith(f"agriland: error: the product store {out / STORE} is damaged"), err_text
@@ -207,7 +233,9 @@ def test_a_damaged_main_ref_names_the_store_the_versions_left_and_the_way_back(d
     assert "DAMAGED: the product store" in format_summary(summary)
     assert _point_main_at(msg, out) == tagged
     assert [v["version"] for v in history(out)][0] == tagged
-    np.testing.assert_array_equal(open_run(out)["clusters"]["centroid"].values, _clusters()["centroid"].values)
+    np.testing.assert_array_equal(
+        open_run(out)["clusters"]["centroid"].values, _clusters()["centroid"].values
+    )
     Products(out)  # a rerun opens it again
     assert summarise_run(out)["store_damage"] is None
 
@@ -224,7 +252,9 @@ def test_a_damaged_snapshot_names_the_versions_that_still_open(tmp_path, capsys)
         assert f"is damaged (its branch 'main' names version {tagged}, which cannot be read: " in msg, msg
         assert f"versions that still open: {first} (" in msg and "'write embeddings'" in msg
         assert tagged not in msg.split("versions that still open")[1]  # never the damaged one
-    tag = next(p.name.removeprefix("tag.") for p in (out / STORE / "refs").iterdir() if p.name.startswith("tag."))
+    tag = next(
+        p.name.removeprefix("tag.") for p in (out / STORE / "refs").iterdir() if p.name.startswith("tag.")
+    )
     with pytest.raises(CorruptInput, match=rf"its version '{tag}' \({tagged}\) cannot be read"):
         reader(out, tag)
     assert main(["inspect", str(out), "--history"]) == 2

@@ -19,11 +19,22 @@ AUSTRIA = [13.1220, 48.2805, 13.1572, 48.3040]  # the 33N sample (farmland), lon
 
 
 def _austria(unet: Path, **more):
-    return load_config(PIPELINE).with_overrides(**{
-        "name": "austria-transfer", "search.region": None, "search.bbox": AUSTRIA,
-        "cube.resolution": 10.0, "cube.chunk": 256, "cube.mosaic_crs": None, "cube.mosaic_resolution": None,
-        "segment.model": str(unet), "segment.labels": None, "segment.window": 256, "segment.overlap": 64,
-        **more})
+    return load_config(PIPELINE).with_overrides(
+        **{
+            "name": "austria-transfer",
+            "search.region": None,
+            "search.bbox": AUSTRIA,
+            "cube.resolution": 10.0,
+            "cube.chunk": 256,
+            "cube.mosaic_crs": None,
+            "cube.mosaic_resolution": None,
+            "segment.model": str(unet),
+            "segment.labels": None,
+            "segment.window": 256,
+            "segment.overlap": 64,
+            **more,
+        }
+    )
 
 
 def test_unet_from_virginia_maps_austria(demo_run, external_cluster, tmp_path):
@@ -45,10 +56,14 @@ def test_model_with_other_bands_is_refused(demo_run, external_cluster, tmp_path)
     _, out, _ = demo_run
     unet = out / "models" / "unet.keras"
     cfg = _austria(unet, **{"segment.bands": ["red", "green", "nir"]})
-    with pytest.raises(BandMismatch, match=r"trained on bands \['red', 'green', 'blue'\].*\['red', 'green', 'nir'\]"):
+    with pytest.raises(
+        BandMismatch, match=r"trained on bands \['red', 'green', 'blue'\].*\['red', 'green', 'nir'\]"
+    ):
         run(cfg, tmp_path / "bad", scheduler=external_cluster, until="segmentation")
     # refused before any stage ran (nothing searched, loaded or written)
-    assert not (tmp_path / "bad" / "run.json").exists() and not (tmp_path / "bad" / "agriland.icechunk").exists()
+    assert (
+        not (tmp_path / "bad" / "run.json").exists() and not (tmp_path / "bad" / "agriland.icechunk").exists()
+    )
 
 
 def test_models_carry_mlm_items(demo_run):

@@ -31,11 +31,17 @@ def store(cube_store, cube, tmp_path_factory):
     index = patch_index(cube, 256, 128)
     write_group(index, path, "patches")
     refl = cube["reflectance"]
-    ndvi = ((refl.sel(band="nir") - refl.sel(band="red")) / (refl.sel(band="nir") + refl.sel(band="red"))).values
-    means = np.array([np.nanmean(ndvi[a:a + 256, b:b + 256]) for a, b in zip(index.y0.values, index.x0.values)])
+    ndvi = (
+        (refl.sel(band="nir") - refl.sel(band="red")) / (refl.sel(band="nir") + refl.sel(band="red"))
+    ).values
+    means = np.array(
+        [np.nanmean(ndvi[a : a + 256, b : b + 256]) for a, b in zip(index.y0.values, index.x0.values)]
+    )
     labels = np.digitize(means, np.quantile(means, [1 / 3, 2 / 3])).astype("int16")
     labels[0] = -1
-    cl = xr.Dataset({"labels": ("patch", labels)}, coords={"patch": index.patch.values, "cluster": np.arange(K)})
+    cl = xr.Dataset(
+        {"labels": ("patch", labels)}, coords={"patch": index.patch.values, "cluster": np.arange(K)}
+    )
     write_group(cl, path, "clusters")
     return path, index.load(), labels
 
@@ -57,8 +63,10 @@ def _annotate(folder, regions_by_file, *, plain=False, name="annotated.json"):
 
 def _polygon(xs, ys, cls="arable"):
     attrs = {} if cls is None else {"class": cls}
-    return {"shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
-            "region_attributes": attrs}
+    return {
+        "shape_attributes": {"name": "polygon", "all_points_x": xs, "all_points_y": ys},
+        "region_attributes": attrs,
+    }
 
 
 def test_export_writes_pngs_a_via_project_and_the_sidecar(store, cube, tmp_path):
@@ -81,8 +89,11 @@ def test_export_writes_pngs_a_via_project_and_the_sidecar(store, cube, tmp_path)
     rec = side["patches"][fn]
     img = np.asarray(Image.open(tmp_path / fn))
     assert img.shape == (256, 256, 3) and img.dtype == np.uint8
-    window = cube["reflectance"].sel(band=["red", "green", "blue"]).values[
-        :, rec["y0"]:rec["y0"] + 256, rec["x0"]:rec["x0"] + 256]
+    window = (
+        cube["reflectance"]
+        .sel(band=["red", "green", "blue"])
+        .values[:, rec["y0"] : rec["y0"] + 256, rec["x0"] : rec["x0"] + 256]
+    )
     np.testing.assert_array_equal(img, to_rgb8(window, lo, hi))
     proj = json.loads(proj_path.read_text())
     assert {"_via_settings", "_via_img_metadata", "_via_attributes"} <= set(proj)
@@ -121,20 +132,28 @@ def test_round_trip_polygon_lands_on_the_right_cube_pixels(store, cube, tmp_path
     export_via(path, tmp_path, [1, 2])
     side = json.loads((tmp_path / "patches.json").read_text())["patches"]
     recs = sorted(side.items(), key=lambda kv: (kv[1]["y0"], kv[1]["x0"]))
-    (fa, a), (fb, b) = recs[0], next(r for r in recs if abs(r[1]["y0"] - recs[0][1]["y0"]) >= 256
-                                       or abs(r[1]["x0"] - recs[0][1]["x0"]) >= 256)
+    (fa, a), (fb, b) = (
+        recs[0],
+        next(
+            r
+            for r in recs
+            if abs(r[1]["y0"] - recs[0][1]["y0"]) >= 256 or abs(r[1]["x0"] - recs[0][1]["x0"]) >= 256
+        ),
+    )
     # a triangle in patch A (image pixels, as drawn in VIA), an 'other' rectangle in patch B
     xs, ys = [30, 200, 60], [40, 90, 220]
-    rect = {"shape_attributes": {"name": "rect", "x": 0, "y": 0, "width": 50, "height": 50},
-            "region_attributes": {"class": "other"}}
+    rect = {
+        "shape_attributes": {"name": "rect", "x": 0, "y": 0, "width": 50, "height": 50},
+        "region_attributes": {"class": "other"},
+    }
     mask = import_via(_annotate(tmp_path, {fa: [_polygon(xs, ys)], fb: [rect]}), cube)
 
     expected = np.full((1024, 1024), IGNORE, dtype="uint8")
-    expected[b["y0"]:b["y0"] + 256, b["x0"]:b["x0"] + 256] = 0
-    expected[a["y0"]:a["y0"] + 256, a["x0"]:a["x0"] + 256] = 0
+    expected[b["y0"] : b["y0"] + 256, b["x0"] : b["x0"] + 256] = 0
+    expected[a["y0"] : a["y0"] + 256, a["x0"] : a["x0"] + 256] = 0
     cy, cx = np.mgrid[0:256, 0:256] + 0.5  # pixel centres, image coordinates
     inside = MplPath(np.c_[xs, ys]).contains_points(np.c_[cx.ravel(), cy.ravel()]).reshape(256, 256)
-    expected[a["y0"]:a["y0"] + 256, a["x0"]:a["x0"] + 256][inside] = 1
+    expected[a["y0"] : a["y0"] + 256, a["x0"] : a["x0"] + 256][inside] = 1
     differ = mask.values != expected
     assert differ.sum() <= 4, np.argwhere(differ)  # only pixel centres on the polygon's edge may differ
     assert inside.sum() > 5000 and (mask.values == 1).sum() == pytest.approx(inside.sum(), abs=4)
@@ -158,8 +177,10 @@ def test_plain_export_circles_no_class_and_ignored_shapes(store, cube, tmp_path)
     side = json.loads((tmp_path / "patches.json").read_text())["patches"]
     fn, rec = sorted(side.items())[0]
     circle = {"shape_attributes": {"name": "circle", "cx": 128, "cy": 100, "r": 40}, "region_attributes": {}}
-    line = {"shape_attributes": {"name": "polyline", "all_points_x": [0, 50], "all_points_y": [0, 50]},
-            "region_attributes": {"class": "arable"}}
+    line = {
+        "shape_attributes": {"name": "polyline", "all_points_x": [0, 50], "all_points_y": [0, 50]},
+        "region_attributes": {"class": "arable"},
+    }
     path_json = _annotate(tmp_path, {fn: [circle, line]}, plain=True)
     data = json.loads(path_json.read_text())  # VIA 1 style: regions as a dict
     for entry in data.values():
@@ -168,12 +189,12 @@ def test_plain_export_circles_no_class_and_ignored_shapes(store, cube, tmp_path)
     assert "_via_img_metadata" not in data
     with pytest.warns(IgnoredRegion, match="polyline"):
         mask = import_via(path_json, cube).values
-    win = mask[rec["y0"]:rec["y0"] + 256, rec["x0"]:rec["x0"] + 256]
+    win = mask[rec["y0"] : rec["y0"] + 256, rec["x0"] : rec["x0"] + 256]
     cy, cx = np.mgrid[0:256, 0:256] + 0.5
     d = np.hypot(cx - 128, cy - 100)
     assert (win[d < 39] == 1).all() and (win[d > 41] == 0).all()  # no class -> arable
     outside = np.ones_like(mask, bool)
-    outside[rec["y0"]:rec["y0"] + 256, rec["x0"]:rec["x0"] + 256] = False
+    outside[rec["y0"] : rec["y0"] + 256, rec["x0"] : rec["x0"] + 256] = False
     assert (mask[outside] == IGNORE).all()
 
 
@@ -188,8 +209,12 @@ def test_import_errors_are_clear(store, cube, tmp_path):
     with pytest.raises(CorruptInput, match="no patches.json next to"):
         import_via(other / "a.json", cube)
     unknown = json.loads(good.read_text())
-    unknown["_via_img_metadata"]["x.png1"] = {"filename": "holiday.png", "size": 1, "file_attributes": {},
-                                              "regions": [_polygon([1, 5, 5], [1, 1, 5])]}
+    unknown["_via_img_metadata"]["x.png1"] = {
+        "filename": "holiday.png",
+        "size": 1,
+        "file_attributes": {},
+        "regions": [_polygon([1, 5, 5], [1, 1, 5])],
+    }
     (tmp_path / "u.json").write_text(json.dumps(unknown))
     with pytest.raises(CorruptInput, match="'holiday.png'.*not in"):
         import_via(tmp_path / "u.json", cube)
@@ -227,9 +252,11 @@ def test_via_round_trip_on_the_demo_run(demo_run, tmp_path):
     fn, rec = sorted(side.items())[0]
     mask = import_via(_annotate(tmp_path, {fn: [_polygon([16, 240, 240, 16], [16, 16, 112, 112])]}), cube)
     y0, x0 = rec["y0"], rec["x0"]
-    assert (mask.values[y0 + 16:y0 + 112, x0 + 16:x0 + 240] == 1).all()
+    assert (mask.values[y0 + 16 : y0 + 112, x0 + 16 : x0 + 240] == 1).all()
     assert (mask.values == 1).sum() == 96 * 224
-    assert (mask.values[y0:y0 + 256, x0:x0 + 256] != IGNORE).all() and (mask.values == 0).sum() == 256**2 - 96 * 224
+    assert (mask.values[y0 : y0 + 256, x0 : x0 + 256] != IGNORE).all() and (
+        mask.values == 0
+    ).sum() == 256**2 - 96 * 224
     write_cog(mask, tmp_path / "label.tif", nodata=IGNORE)
     with rasterio.open(tmp_path / "label.tif") as src:
         assert src.crs.to_epsg() == 32618 and src.transform == cube.rio.transform()
@@ -250,8 +277,12 @@ def test_via_names_cannot_reach_outside_the_export(store, cube, tmp_path):
     export_via(path, out, [1], overwrite=True)  # removes the earlier export's PNGs it listed
     assert victim.read_bytes() == b"keep"
     proj = _project(out)
-    proj["_via_img_metadata"]["evil"] = {"filename": "../../../../etc/passwd", "size": 1, "file_attributes": {},
-                                         "regions": [_polygon([1, 5, 5], [1, 1, 5])]}
+    proj["_via_img_metadata"]["evil"] = {
+        "filename": "../../../../etc/passwd",
+        "size": 1,
+        "file_attributes": {},
+        "regions": [_polygon([1, 5, 5], [1, 1, 5])],
+    }
     (out / "evil.json").write_text(json.dumps(proj))
     with pytest.raises(CorruptInput, match=r"'\.\./\.\./\.\./\.\./etc/passwd'.*not in"):
         import_via(out / "evil.json", cube)

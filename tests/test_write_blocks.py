@@ -30,13 +30,21 @@ def test_a_task_two_blocks_need_runs_once_and_encoding_is_kept(tmp_path):
     marks.mkdir()
     span = dask.delayed(_window, pure=True)(str(marks))
     # two 4-row blocks, each cut from the one shared window (as segment_region's blend tasks)
-    halves = [da.from_delayed(dask.delayed(lambda s, lo=lo: s[lo:lo + 4], pure=True)(span),
-                              shape=(4, 6), dtype="float32") for lo in (0, 4)]
+    halves = [
+        da.from_delayed(
+            dask.delayed(lambda s, lo=lo: s[lo : lo + 4], pure=True)(span), shape=(4, 6), dtype="float32"
+        )
+        for lo in (0, 4)
+    ]
     prob = da.concatenate(halves)
-    ds = xr.Dataset({"probability": (("y", "x"), prob), "doubled": (("y", "x"), prob * 2)},
-                    coords={"y": np.arange(8.0), "x": np.arange(6.0)})
+    ds = xr.Dataset(
+        {"probability": (("y", "x"), prob), "doubled": (("y", "x"), prob * 2)},
+        coords={"y": np.arange(8.0), "x": np.arange(6.0)},
+    )
     ds["probability"].attrs["units"] = "1"
-    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254), _FillValue=np.uint8(255))
+    ds["probability"].encoding.update(
+        dtype="uint8", scale_factor=np.float32(1 / 254), _FillValue=np.uint8(255)
+    )
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
     products = Products(tmp_path / "run")
     from dask.utils import key_split
@@ -65,9 +73,13 @@ def test_a_packed_variable_is_written_as_it_is(tmp_path):
     refuse), so the raw int16 must come back unchanged and decode to the steps."""
     raw = np.arange(-20, 28, dtype="int16").reshape(8, 6)
     raw[0, 0] = -32768  # nodata
-    ds = xr.Dataset({"reflectance": (("y", "x"), da.from_array(raw, chunks=(4, 6))),
-                     "count": (("y", "x"), da.ones((8, 6), dtype="uint16", chunks=(4, 6)))},
-                    coords={"y": np.arange(8.0), "x": np.arange(6.0)})
+    ds = xr.Dataset(
+        {
+            "reflectance": (("y", "x"), da.from_array(raw, chunks=(4, 6))),
+            "count": (("y", "x"), da.ones((8, 6), dtype="uint16", chunks=(4, 6))),
+        },
+        coords={"y": np.arange(8.0), "x": np.arange(6.0)},
+    )
     ds["reflectance"].attrs.update(scale_factor=np.float32(0.5e-4), _FillValue=np.int16(-32768))
     ds["reflectance"].encoding["fill_value"] = np.int16(-32768)  # as write_georef sets it
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
@@ -98,8 +110,12 @@ def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
 
     from agriland_scale.pipeline.runtime import main_process_worker
 
-    blocks = [da.from_delayed(dask.delayed(_pids, pure=False)(4), shape=(4, 3), dtype="int64") for _ in range(3)]
-    ds = xr.Dataset({"pid": (("y", "x"), da.concatenate(blocks))}, coords={"y": np.arange(12.0), "x": np.arange(3.0)})
+    blocks = [
+        da.from_delayed(dask.delayed(_pids, pure=False)(4), shape=(4, 3), dtype="int64") for _ in range(3)
+    ]
+    ds = xr.Dataset(
+        {"pid": (("y", "x"), da.concatenate(blocks))}, coords={"y": np.arange(12.0), "x": np.arange(3.0)}
+    )
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="2GiB", dashboard_address=":0")
     products = Products(tmp_path / "run")
     ballast = np.ones(3 * 2**30 // 8)  # this process above the run's 2 GiB limit: no worker pause

@@ -82,29 +82,41 @@ def _soft(z: np.ndarray, centroids: np.ndarray, alpha: float) -> np.ndarray:
 
     k, d = centroids.shape
     step = max(1, _SOFT_BYTES // (8 * k * d))
-    return np.concatenate([soft_assign(z[i:i + step], centroids, alpha) for i in range(0, len(z), step)]
-                          or [np.empty((0, k), dtype="float32")])
+    return np.concatenate(
+        [soft_assign(z[i : i + step], centroids, alpha) for i in range(0, len(z), step)]
+        or [np.empty((0, k), dtype="float32")]
+    )
 
 
 def _output(out: zarr.Group | str | Path, n: int, k: int, dim: int, chunk: int) -> dict[str, zarr.Array]:
     group = out if isinstance(out, zarr.Group) else zarr.open_group(str(out), mode="a", zarr_format=3)
-    spec = {"labels": ((n,), (chunk,), "int16", -1, ["patch"]),
-            "kmeans_labels": ((n,), (chunk,), "int16", -1, ["patch"]),
-            "soft": ((n, k), (chunk, k), "float32", np.nan, ["patch", "cluster"]),
-            "centroids": ((k, dim), (k, dim), "float32", np.nan, ["cluster", "dim"])}
+    spec = {
+        "labels": ((n,), (chunk,), "int16", -1, ["patch"]),
+        "kmeans_labels": ((n,), (chunk,), "int16", -1, ["patch"]),
+        "soft": ((n, k), (chunk, k), "float32", np.nan, ["patch", "cluster"]),
+        "centroids": ((k, dim), (k, dim), "float32", np.nan, ["cluster", "dim"]),
+    }
     arrays = {}
     for name, (shape, chunks, dtype, fill, dims) in spec.items():
         kw: dict[str, Any] = {"dimension_names": dims} if group.metadata.zarr_format == 3 else {}
-        arrays[name] = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                                          overwrite=True, **kw)
+        arrays[name] = group.create_array(
+            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True, **kw
+        )
         if group.metadata.zarr_format == 2:
             arrays[name].attrs["_ARRAY_DIMENSIONS"] = dims
     return arrays
 
 
-def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cfg: ClusterConfig, seed: int, *,
-                           out: zarr.Group | str | Path, sample_size: int = 10_000,
-                           chunk: int = 65_536) -> dict[str, Any]:
+def fit_clusters_streaming(
+    emb: zarr.Array | xr.DataArray,
+    valid: np.ndarray,
+    cfg: ClusterConfig,
+    seed: int,
+    *,
+    out: zarr.Group | str | Path,
+    sample_size: int = 10_000,
+    chunk: int = 65_536,
+) -> dict[str, Any]:
     """Run k-means then DEC over stored embeddings, one chunk of rows in memory at a time.
 
     Parameters
@@ -130,31 +142,51 @@ def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cf
     n, dim = int(emb.shape[0]), int(emb.shape[1])
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != (n,):
-        raise CorruptInput(f"valid mask has shape {valid.shape} for {n} embeddings: they come from "
-                           "different runs; rerun the patches stage")
+        raise CorruptInput(
+            f"valid mask has shape {valid.shape} for {n} embeddings: they come from "
+            "different runs; rerun the patches stage"
+        )
     n_valid = int(valid.sum())
     if n_valid < cfg.k:
-        raise EmptyRegion(f"only {n_valid} valid patches for cluster.k = {cfg.k} clusters: lower "
-                          "cluster.k, or use a larger region / smaller patches.stride")
+        raise EmptyRegion(
+            f"only {n_valid} valid patches for cluster.k = {cfg.k} clusters: lower "
+            "cluster.k, or use a larger region / smaller patches.stride"
+        )
     t0 = time.perf_counter()
     rows = sample_rows(valid, sample_size, seed)
     z = _gather(emb, rows, chunk)
     from sklearn.cluster import MiniBatchKMeans  # here: the run's own process never imports sklearn
 
-    km = MiniBatchKMeans(n_clusters=cfg.k, n_init=cfg.n_init, batch_size=cfg.kmeans_batch_size, random_state=seed)
+    km = MiniBatchKMeans(
+        n_clusters=cfg.k, n_init=cfg.n_init, batch_size=cfg.kmeans_batch_size, random_state=seed
+    )
     km.fit(z.astype("float64"))
     if len(rows) < n_valid:  # refine on every row, starting from the sample's centres
-        km = MiniBatchKMeans(n_clusters=cfg.k, init=km.cluster_centers_, n_init=1,
-                             batch_size=cfg.kmeans_batch_size, random_state=seed)
+        km = MiniBatchKMeans(
+            n_clusters=cfg.k,
+            init=km.cluster_centers_,
+            n_init=1,
+            batch_size=cfg.kmeans_batch_size,
+            random_state=seed,
+        )
         for start, stop in _chunks(n, chunk):
             block = read_rows(emb, start, stop)[valid[start:stop]]
             if len(block) >= cfg.k:
                 km.partial_fit(block.astype("float64"))
     t_km = time.perf_counter() - t0
     d = cfg.dec
-    res = fit_dec(z, km.cluster_centers_, alpha=d.alpha, max_iter=d.max_iter, update_interval=d.update_interval,
-                  tol=d.tol, batch_size=d.batch_size, learning_rate=d.learning_rate, momentum=d.momentum,
-                  seed=seed)
+    res = fit_dec(
+        z,
+        km.cluster_centers_,
+        alpha=d.alpha,
+        max_iter=d.max_iter,
+        update_interval=d.update_interval,
+        tol=d.tol,
+        batch_size=d.batch_size,
+        learning_rate=d.learning_rate,
+        momentum=d.momentum,
+        seed=seed,
+    )
     del z
     t_dec = time.perf_counter() - t0 - t_km
     arrays = _output(out, n, cfg.k, dim, chunk)
@@ -178,15 +210,25 @@ def fit_clusters_streaming(emb: zarr.Array | xr.DataArray, valid: np.ndarray, cf
         changed += int((labels[ok] != km_labels[ok]).sum())
     t_soft = time.perf_counter() - t0 - t_km - t_dec
     log.info("clustered %d patches (DEC sample %d) in %.1f s", n_valid, len(rows), t_km + t_dec + t_soft)
-    return {"kmeans_seconds": t_km, "dec_seconds": t_dec, "assign_seconds": t_soft,
-            "dec_iterations": res.iterations, "dec_last_delta": res.last_delta, "dec_converged": res.converged,
-            "n_clustered": n_valid, "n_sample": int(len(rows)), "sizes": sizes.tolist(),
-            "changed_vs_kmeans": changed / n_valid}
+    return {
+        "kmeans_seconds": t_km,
+        "dec_seconds": t_dec,
+        "assign_seconds": t_soft,
+        "dec_iterations": res.iterations,
+        "dec_last_delta": res.last_delta,
+        "dec_converged": res.converged,
+        "n_clustered": n_valid,
+        "n_sample": int(len(rows)),
+        "sizes": sizes.tolist(),
+        "changed_vs_kmeans": changed / n_valid,
+    }
 
 
 # the meaning of -1, the CF _FillValue of cluster ids (labels, kmeans_labels, cluster_map)
-NOT_CLUSTERED = ("-1 (_FillValue): patch not clustered (too little valid data); xarray reads it as "
-                 "NaN, agriland_scale.store.open_product keeps the int16 ids and -1")
+NOT_CLUSTERED = (
+    "-1 (_FillValue): patch not clustered (too little valid data); xarray reads it as "
+    "NaN, agriland_scale.store.open_product keeps the int16 ids and -1"
+)
 
 
 def cluster_map(labels: np.ndarray, index: xr.Dataset, cube: xr.Dataset) -> xr.DataArray:

@@ -24,8 +24,14 @@ from agriland_scale.files import atomic_path
 from agriland_scale.patches import read_windows
 from agriland_scale.render import RGB, check_bands, figure_png, stretch_limits, to_rgb8
 
-__all__ = ["cluster_stats", "sample_patches", "stats_table", "write_cluster_products", "write_embedding_map",
-           "write_gallery"]
+__all__ = [
+    "cluster_stats",
+    "sample_patches",
+    "stats_table",
+    "write_cluster_products",
+    "write_embedding_map",
+    "write_gallery",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +50,24 @@ IN_MEMORY_BYTES = 256 * 2**20
 def _check_labels(index: xr.Dataset, labels: np.ndarray, k: int) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.shape != (index.sizes["patch"],):
-        raise CorruptInput(f"{labels.shape[0] if labels.ndim else 0} cluster labels for "
-                           f"{index.sizes['patch']} patches: the clusters and patches groups come "
-                           "from different runs; rerun the clusters stage")
+        raise CorruptInput(
+            f"{labels.shape[0] if labels.ndim else 0} cluster labels for "
+            f"{index.sizes['patch']} patches: the clusters and patches groups come "
+            "from different runs; rerun the clusters stage"
+        )
     if labels.size and labels.max() >= k:
-        raise ConfigError(f"cluster labels go up to {int(labels.max())} but k = {k}: pass the "
-                          "run's cluster.k")
+        raise ConfigError(
+            f"cluster labels go up to {int(labels.max())} but k = {k}: pass the run's cluster.k"
+        )
     return labels.astype("int64")
 
 
 # ---------------------------------------------------------------------------- statistics
 
 
-def cluster_stats(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: int, *,
-                  batch: int = 16) -> xr.Dataset:
+def cluster_stats(
+    cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: int, *, batch: int = 16
+) -> xr.Dataset:
     """Per-cluster statistics ``(cluster)`` computed from the cube's pixels.
 
     Parameters
@@ -86,7 +96,7 @@ def cluster_stats(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: in
     sel = np.flatnonzero(labels >= 0)
     y0, x0 = index["y0"].values, index["x0"].values
     for start in range(0, len(sel), batch):
-        ids = sel[start:start + batch]
+        ids = sel[start : start + batch]
         win = read_windows(cube["reflectance"], y0[ids], x0[ids], size).astype("float64")
         for w, c in zip(win, labels[ids]):
             ok = np.isfinite(w).all(0)
@@ -101,12 +111,18 @@ def cluster_stats(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: in
         ndvi = np.where(ndvi_n > 0, ndvi_sum / np.maximum(ndvi_n, 1), np.nan)
         refl = np.where(pix_n[:, None] > 0, band_sum / np.maximum(pix_n, 1)[:, None], np.nan)
     ds = xr.Dataset(
-        {"size": ("cluster", n_patches), "valid_pixels": ("cluster", pix_n),
-         "ndvi_mean": ("cluster", ndvi), "reflectance_mean": (("cluster", "band"), refl)},
+        {
+            "size": ("cluster", n_patches),
+            "valid_pixels": ("cluster", pix_n),
+            "ndvi_mean": ("cluster", ndvi),
+            "reflectance_mean": (("cluster", "band"), refl),
+        },
         coords={"cluster": np.arange(k), "band": np.array(bands, dtype=object)},
     )
     ds["size"].attrs.update(units="patches", long_name="patches in the cluster")
-    ds["valid_pixels"].attrs.update(units="pixels", long_name="valid pixels summed over the cluster's patches")
+    ds["valid_pixels"].attrs.update(
+        units="pixels", long_name="valid pixels summed over the cluster's patches"
+    )
     ds["ndvi_mean"].attrs.update(units="1", long_name="mean NDVI (nir - red) / (nir + red)")
     ds["reflectance_mean"].attrs.update(units="1", long_name="mean reflectance")
     ds.attrs.update(patch_size=size)
@@ -117,8 +133,14 @@ def stats_table(stats: xr.Dataset) -> Any:
     """``stats`` as a pandas DataFrame: one row a cluster, ``<band>_mean`` columns."""
     import pandas as pd
 
-    df = pd.DataFrame({"cluster": stats["cluster"].values, "size": stats["size"].values,
-                       "valid_pixels": stats["valid_pixels"].values, "ndvi_mean": stats["ndvi_mean"].values})
+    df = pd.DataFrame(
+        {
+            "cluster": stats["cluster"].values,
+            "size": stats["size"].values,
+            "valid_pixels": stats["valid_pixels"].values,
+            "ndvi_mean": stats["ndvi_mean"].values,
+        }
+    )
     for j, b in enumerate(stats["band"].values):
         df[f"{b}_mean"] = stats["reflectance_mean"].values[:, j]
     return df
@@ -155,9 +177,18 @@ def sample_patches(labels: np.ndarray, cluster: int, n: int, seed: int) -> np.nd
     return np.sort(rng.choice(members, size=n, replace=False))
 
 
-def write_gallery(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: int, path: str | Path, *,
-                  per_cluster: int = 8, seed: int = 0, stats: xr.Dataset | None = None,
-                  limits: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def write_gallery(
+    cube: xr.Dataset,
+    index: xr.Dataset,
+    labels: np.ndarray,
+    k: int,
+    path: str | Path,
+    *,
+    per_cluster: int = 8,
+    seed: int = 0,
+    stats: xr.Dataset | None = None,
+    limits: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """PNG grid of sample patches: one row a cluster (``k`` rows), ``per_cluster`` columns.
 
     Each row is titled with the cluster id, its size in patches and its mean NDVI; patches
@@ -191,26 +222,42 @@ def write_gallery(cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: in
         ids = sample_patches(labels, c, per_cluster, seed)
         shown[c] = ids.tolist()
         ndvi = float(stats["ndvi_mean"].values[c])
-        sub.suptitle(f"cluster {c}: {int(stats['size'].values[c])} patches, mean NDVI "
-                     f"{'n/a' if np.isnan(ndvi) else f'{ndvi:.2f}'}", fontsize=9)
+        sub.suptitle(
+            f"cluster {c}: {int(stats['size'].values[c])} patches, mean NDVI "
+            f"{'n/a' if np.isnan(ndvi) else f'{ndvi:.2f}'}",
+            fontsize=9,
+        )
         ax = sub.add_axes((0.01, 0.02, 0.98, 0.8))
         ax.set_axis_off()
         strip = np.full((side, per_cluster * (side + gap) - gap, 3), 255, dtype="uint8")
         win = read_windows(rgb, y0[ids], x0[ids], size)  # one row of patches in memory
         for j in range(len(ids)):
             x = j * (side + gap)
-            strip[:, x:x + side] = to_rgb8(win[j][:, ::step, ::step], lo, hi)
+            strip[:, x : x + side] = to_rgb8(win[j][:, ::step, ::step], lo, hi)
             ax.text(x + 2, 2, str(int(index["patch"].values[ids[j]])), fontsize=6, color="w", va="top")
         ax.imshow(strip, interpolation="nearest", aspect="equal")
     path = Path(path)
     _save(fig, path)
     plt.close(fig)
     w, h = round(per_cluster * COL_INCHES * DPI), round(k * ROW_INCHES * DPI)
-    return {"path": str(path), "rows": k, "cols": per_cluster, "width_px": w, "height_px": h, "patches": shown}
+    return {
+        "path": str(path),
+        "rows": k,
+        "cols": per_cluster,
+        "width_px": w,
+        "height_px": h,
+        "patches": shown,
+    }
 
 
-def write_embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: str | Path, *, seed: int = 0,
-                        max_points: int | None = 10_000) -> np.ndarray:
+def write_embedding_map(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    max_points: int | None = 10_000,
+) -> np.ndarray:
     """2-D t-SNE map of ``embeddings (n, dim)`` coloured by cluster, written as a PNG.
 
     Rows whose label is negative (not clustered) are left out; when more than
@@ -227,7 +274,9 @@ def write_embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: str | 
     z = np.asarray(embeddings)
     labels = np.asarray(labels)
     if z.ndim != 2 or labels.shape != (z.shape[0],):
-        raise ValueError(f"embeddings must be (n, dim) with one label a row; got {z.shape} and {labels.shape}")
+        raise ValueError(
+            f"embeddings must be (n, dim) with one label a row; got {z.shape} and {labels.shape}"
+        )
     rows = np.flatnonzero(labels >= 0)
     if max_points is not None and len(rows) > max_points:
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_points, replace=False))
@@ -259,8 +308,16 @@ def write_embedding_map(embeddings: np.ndarray, labels: np.ndarray, path: str | 
 # ---------------------------------------------------------------------------- run products
 
 
-def write_cluster_products(store: str | Path, out_dir: str | Path, k: int, seed: int, *,
-                           per_cluster: int = 8, max_points: int = 10_000, zone: str = "") -> xr.Dataset:
+def write_cluster_products(
+    store: str | Path,
+    out_dir: str | Path,
+    k: int,
+    seed: int,
+    *,
+    per_cluster: int = 8,
+    max_points: int = 10_000,
+    zone: str = "",
+) -> xr.Dataset:
     """Write ``OUT/clusters/{gallery.png, embedding_map.png, stats.csv}`` for a run's store.
 
     Reads the ``cube``, ``patches``, ``embeddings`` and ``clusters`` groups of ``store``
@@ -281,13 +338,18 @@ def write_cluster_products(store: str | Path, out_dir: str | Path, k: int, seed:
     stats = cluster_stats(cube, index, labels, k)
     with atomic_path(out / "stats.csv") as tmp:
         stats_table(stats).to_csv(tmp, index=False, float_format="%.6g")
-    write_gallery(cube, index, labels, k, out / "gallery.png", per_cluster=per_cluster, seed=seed, stats=stats)
+    write_gallery(
+        cube, index, labels, k, out / "gallery.png", per_cluster=per_cluster, seed=seed, stats=stats
+    )
     rows = np.flatnonzero(labels >= 0)
     if len(rows) > max_points:  # read only the embeddings that are mapped
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_points, replace=False))
     if len(rows) < 4:  # a tiny zone: too few points for a 2-d map
-        warnings.warn(f"only {len(rows)} clustered patches in {store} {zone}: no embedding map",
-                      AgrilandWarning, stacklevel=2)
+        warnings.warn(
+            f"only {len(rows)} clustered patches in {store} {zone}: no embedding map",
+            AgrilandWarning,
+            stacklevel=2,
+        )
         (out / "embedding_map.png").unlink(missing_ok=True)
     else:
         emb = open_product(store, pre + "embeddings")["embedding"].isel(patch=rows).values

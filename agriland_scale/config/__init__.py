@@ -21,6 +21,21 @@ from agriland_scale.config.schema import (
     check_bbox,
 )
 
-__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "OutputConfig", "PatchConfig", "RunConfig",
-           "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox", "check_input_files",
-           "load_config", "resolve_path"]
+__all__ = [
+    "CAETrainConfig",
+    "ClusterConfig",
+    "CubeConfig",
+    "DECConfig",
+    "EmbedConfig",
+    "OutputConfig",
+    "PatchConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SearchConfig",
+    "SegmentConfig",
+    "UNetTrainConfig",
+    "check_bbox",
+    "check_input_files",
+    "load_config",
+    "resolve_path",
+]

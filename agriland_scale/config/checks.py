@@ -15,8 +15,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["MAX_PIPELINE_VALUES", "REFERENCE", "Cyclic", "check_scheduler_address", "children_of_node",
-           "children_of_value", "cut", "did_you_mean", "expanded_size", "format_errors", "short"]
+__all__ = [
+    "MAX_PIPELINE_VALUES",
+    "REFERENCE",
+    "Cyclic",
+    "check_scheduler_address",
+    "children_of_node",
+    "children_of_value",
+    "cut",
+    "did_you_mean",
+    "expanded_size",
+    "format_errors",
+    "short",
+]
 
 
 # values (scalars, lists, mappings) a pipeline file or an override may expand to, aliases
@@ -57,7 +68,9 @@ def short(value: Any, limit: int = SHOW) -> str:
 
 
 # a Dask scheduler's address: [PROTOCOL://]HOST:PORT (HOST a name, an IPv4 address or [IPv6])
-_SCHEDULER = re.compile(r"^(?:(tcp|tls|ucx|ws|wss|inproc)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
+_SCHEDULER = re.compile(
+    r"^(?:(tcp|tls|ucx|ws|wss|inproc)://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$"
+)
 
 
 def check_scheduler_address(text: str) -> str:
@@ -77,10 +90,15 @@ def check_scheduler_address(text: str) -> str:
         return value
     web = re.match(r"^https?://([^/:\s]+)", value, re.I)
     host = web.group(1) if web else "HOST"
-    why = ("is a web address (the dashboard's, at port 8787?), not the scheduler's" if web
-           else "is not a scheduler address")
-    raise ValueError(f"{short(value)} {why}: give the Dask scheduler's address as tcp://{host}:8786 "
-                     f"(what `dask scheduler` or `agriland cluster` prints as 'Scheduler at')")
+    why = (
+        "is a web address (the dashboard's, at port 8787?), not the scheduler's"
+        if web
+        else "is not a scheduler address"
+    )
+    raise ValueError(
+        f"{short(value)} {why}: give the Dask scheduler's address as tcp://{host}:8786 "
+        f"(what `dask scheduler` or `agriland cluster` prints as 'Scheduler at')"
+    )
 
 
 def children_of_node(node: yaml.Node) -> Iterable[yaml.Node]:
@@ -167,8 +185,9 @@ def section_keys(root: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def format_errors(err: ValidationError, root: type[BaseModel], source: str = "", *,
-                  header: str | None = None) -> str:
+def format_errors(
+    err: ValidationError, root: type[BaseModel], source: str = "", *, header: str | None = None
+) -> str:
     """Format a pydantic validation error as one line per error, each naming the key.
 
     At most ``MAX_ERRORS`` lines; values echoed are cut to about ``SHOW`` characters.
@@ -203,8 +222,9 @@ def format_errors(err: ValidationError, root: type[BaseModel], source: str = "",
             msg = cut(e["msg"].removeprefix("Value error, "), 400)
             found = e.get("input")
             # a section's own check (its message names the values) gets the section as input
-            lines.append(f"  - {path}: {msg}"
-                         + ("" if isinstance(found, dict) else f" (found {short(found)})"))
+            lines.append(
+                f"  - {path}: {msg}" + ("" if isinstance(found, dict) else f" (found {short(found)})")
+            )
     if len(errors) > MAX_ERRORS:
         lines.append(f"  ... and {len(errors) - MAX_ERRORS} more errors: fix the ones above first")
     return "\n".join(lines)

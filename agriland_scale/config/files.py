@@ -43,8 +43,9 @@ def _local_file(key: str, value: str, what: str, fix: str) -> Path:
         with open(p, "rb"):
             pass
     except OSError as e:
-        raise CorruptInput(f"{key}: cannot read {what} {p} ({e.strerror or type(e).__name__}): "
-                           "check its permissions") from None
+        raise CorruptInput(
+            f"{key}: cannot read {what} {p} ({e.strerror or type(e).__name__}): check its permissions"
+        ) from None
     return p
 
 
@@ -85,8 +86,9 @@ def check_input_files(cfg: RunConfig, stages: set[str] | None = None) -> None:
             if coll.stat().st_size <= 16 * 2**20 and not isinstance(json.loads(coll.read_bytes()), dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError too
-            raise CorruptInput(f"search.catalog: {coll} is not a STAC collection JSON ({cut(str(e))}): "
-                               "fix or replace it") from None
+            raise CorruptInput(
+                f"search.catalog: {coll} is not a STAC collection JSON ({cut(str(e))}): fix or replace it"
+            ) from None
         if next(cat.glob("item*.json"), None) is None:
             raise ConfigError(f"search.catalog: folder {cat} holds no item*.json files: {what}")
     if s.region and reads("search", "cube"):
@@ -100,20 +102,35 @@ def check_input_files(cfg: RunConfig, stages: set[str] | None = None) -> None:
             continue
         trained_by = "agriland train-cae" if name == "embed" else "agriland train-unet"
         if section.model and not is_url(section.model):
-            fix = (f"give the .keras file written by '{trained_by}' (a run's models/"
-                   f"{'encoder' if name == 'embed' else 'unet'}.keras), or remove {name}.model to train one")
+            fix = (
+                f"give the .keras file written by '{trained_by}' (a run's models/"
+                f"{'encoder' if name == 'embed' else 'unet'}.keras), or remove {name}.model to train one"
+            )
             p = _local_file(f"{name}.model", section.model, "model file", fix)
             side = Path(str(p) + ".json")
             if not side.is_file():
-                raise CorruptInput(f"{name}.model: model {p} has no metadata sidecar {side}: it was not "
-                                   f"saved by agriland-scale; retrain it with '{trained_by}' or write "
-                                   "the sidecar")
-        elif (section.weights not in ("imagenet", "none") and not is_url(section.weights)
-              and reads("cae" if name == "embed" else "unet")):
+                raise CorruptInput(
+                    f"{name}.model: model {p} has no metadata sidecar {side}: it was not "
+                    f"saved by agriland-scale; retrain it with '{trained_by}' or write "
+                    "the sidecar"
+                )
+        elif (
+            section.weights not in ("imagenet", "none")
+            and not is_url(section.weights)
+            and reads("cae" if name == "embed" else "unet")
+        ):
             # initial weights of a model trained by the run (not read when a model is given)
-            _local_file(f"{name}.weights", section.weights, "weights file",
-                        "give a .keras or .weights.h5 file, 'imagenet' or 'none'")
+            _local_file(
+                f"{name}.weights",
+                section.weights,
+                "weights file",
+                "give a .keras or .weights.h5 file, 'imagenet' or 'none'",
+            )
     if cfg.segment.labels and not is_url(cfg.segment.labels) and reads("unet", "segmentation"):
-        _local_file("segment.labels", cfg.segment.labels, "labels file",
-                    "give a GeoJSON of polygons with a 'class' property, a .tif label mask or a VIA "
-                    "project JSON, or remove segment.labels when segment.model is set")
+        _local_file(
+            "segment.labels",
+            cfg.segment.labels,
+            "labels file",
+            "give a GeoJSON of polygons with a 'class' property, a .tif label mask or a VIA "
+            "project JSON, or remove segment.labels when segment.model is set",
+        )

@@ -41,30 +41,39 @@ MAX_FLOW_DEPTH = 64
 def _read_pipeline_text(path: Path) -> str:
     """Read the text of a pipeline file, refusing folders, huge files and binary files."""
     if path.is_dir():
-        raise ConfigError(f"pipeline file {path} is a folder: give the path of a pipeline YAML file "
-                          "(e.g. pipelines/demo.yaml)")
+        raise ConfigError(
+            f"pipeline file {path} is a folder: give the path of a pipeline YAML file "
+            "(e.g. pipelines/demo.yaml)"
+        )
     try:
         with open(path, "rb") as f:  # bounded read: also safe on a device or a huge file
             data = f.read(MAX_PIPELINE_BYTES + 1)
             size = max(len(data), path.stat().st_size) if path.is_file() else len(data)
     except FileNotFoundError:
-        raise ConfigError(f"pipeline file {path} does not exist: check the path "
-                          "(agriland_scale/data/demo.yaml is an example pipeline file)") from None
+        raise ConfigError(
+            f"pipeline file {path} does not exist: check the path "
+            "(agriland_scale/data/demo.yaml is an example pipeline file)"
+        ) from None
     except OSError as e:
-        raise ConfigError(f"cannot read pipeline file {path} ({e.strerror or type(e).__name__}): "
-                          "check its permissions") from None
+        raise ConfigError(
+            f"cannot read pipeline file {path} ({e.strerror or type(e).__name__}): check its permissions"
+        ) from None
     if size > MAX_PIPELINE_BYTES:
         mb = "more than 1" if size == MAX_PIPELINE_BYTES + 1 else f"{size / 2**20:.1f}"
-        raise ConfigError(f"pipeline file {path} is {mb} MiB: a pipeline file is a few KiB of YAML "
-                          f"and at most {MAX_PIPELINE_BYTES // 2**20} MiB is read; check that this is "
-                          "the right file")
+        raise ConfigError(
+            f"pipeline file {path} is {mb} MiB: a pipeline file is a few KiB of YAML "
+            f"and at most {MAX_PIPELINE_BYTES // 2**20} MiB is read; check that this is "
+            "the right file"
+        )
     try:
         text = data.decode("utf-8-sig")
         if "\x00" in text:
             raise ValueError("NUL byte")
     except ValueError:  # UnicodeDecodeError too
-        raise ConfigError(f"pipeline file {path} is not a text YAML file (it holds bytes that are not "
-                          "UTF-8 text): give the pipeline's .yaml file, saved as UTF-8 text") from None
+        raise ConfigError(
+            f"pipeline file {path} is not a text YAML file (it holds bytes that are not "
+            "UTF-8 text): give the pipeline's .yaml file, saved as UTF-8 text"
+        ) from None
     return text
 
 
@@ -80,8 +89,10 @@ def _flow_depth(text: str) -> int:
 def _parse_yaml(text: str, path: Path) -> Any:
     """Safe-load YAML, refusing aliases that expand to more than ``MAX_PIPELINE_VALUES``."""
     if _flow_depth(text) > MAX_FLOW_DEPTH:
-        raise ConfigError(f"pipeline file {path} nests [lists] or {{mappings}} more than {MAX_FLOW_DEPTH} "
-                          f"deep: a pipeline file has sections of keys ({REFERENCE})")
+        raise ConfigError(
+            f"pipeline file {path} nests [lists] or {{mappings}} more than {MAX_FLOW_DEPTH} "
+            f"deep: a pipeline file has sections of keys ({REFERENCE})"
+        )
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()  # composed: aliases are shared nodes, still cheap
@@ -90,24 +101,31 @@ def _parse_yaml(text: str, path: Path) -> Any:
         try:
             size, distinct = expanded_size(node, children_of_node, MAX_PIPELINE_VALUES)
         except Cyclic:
-            raise ConfigError(f"pipeline file {path} uses a YAML alias inside its own anchor (a structure "
-                              "that contains itself): remove that alias") from None
+            raise ConfigError(
+                f"pipeline file {path} uses a YAML alias inside its own anchor (a structure "
+                "that contains itself): remove that alias"
+            ) from None
         if size > MAX_PIPELINE_VALUES:
-            what = ("uses YAML aliases that expand to" if distinct <= MAX_PIPELINE_VALUES else "holds")
-            raise ConfigError(f"pipeline file {path} {what} more than {MAX_PIPELINE_VALUES:,} values: a "
-                              "pipeline needs a few dozen; write the values out, or share only small "
-                              "parts with anchors (&name) and aliases (*name)")
+            what = "uses YAML aliases that expand to" if distinct <= MAX_PIPELINE_VALUES else "holds"
+            raise ConfigError(
+                f"pipeline file {path} {what} more than {MAX_PIPELINE_VALUES:,} values: a "
+                "pipeline needs a few dozen; write the values out, or share only small "
+                "parts with anchors (&name) and aliases (*name)"
+            )
         return loader.construct_document(node)
     except ConfigError:
         raise
     except yaml.YAMLError as e:
         raise ConfigError(f"pipeline file {path} is not valid YAML: {cut(str(e), 600)}") from None
     except RecursionError:
-        raise ConfigError(f"pipeline file {path} nests lists or mappings too deeply: a pipeline "
-                          f"file has sections of keys ({REFERENCE})") from None
+        raise ConfigError(
+            f"pipeline file {path} nests lists or mappings too deeply: a pipeline "
+            f"file has sections of keys ({REFERENCE})"
+        ) from None
     except (ValueError, TypeError, OverflowError) as e:  # a scalar the constructor cannot build
-        raise ConfigError(f"pipeline file {path} holds a value YAML cannot read ({cut(str(e))}): "
-                          "fix or quote it") from None
+        raise ConfigError(
+            f"pipeline file {path} holds a value YAML cannot read ({cut(str(e))}): fix or quote it"
+        ) from None
     finally:
         loader.dispose()
 
@@ -123,8 +141,10 @@ def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     raw = _parse_yaml(_read_pipeline_text(path), path)
     if not isinstance(raw, dict):
         found = "is empty" if raw is None else f"holds a {type(raw).__name__}, not a mapping"
-        raise ConfigError(f"pipeline file {path} {found}: it must hold a mapping of sections "
-                          f"(search, cube, ...) ({REFERENCE}; agriland_scale/data/demo.yaml is an example)")
+        raise ConfigError(
+            f"pipeline file {path} {found}: it must hold a mapping of sections "
+            f"(search, cube, ...) ({REFERENCE}; agriland_scale/data/demo.yaml is an example)"
+        )
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -142,10 +162,19 @@ def _resolved_paths(cfg: RunConfig, base: Path) -> dict[str, str]:
             r = str(resolve_path(value, base))
             if r != value:
                 out[key] = r
-    for key, value in (("segment.labels", cfg.segment.labels), ("embed.weights", cfg.embed.weights),
-                       ("segment.weights", cfg.segment.weights), ("embed.model", cfg.embed.model),
-                       ("segment.model", cfg.segment.model)):
-        if value and value not in ("imagenet", "none") and not value.startswith("builtin:") and not is_url(value):
+    for key, value in (
+        ("segment.labels", cfg.segment.labels),
+        ("embed.weights", cfg.embed.weights),
+        ("segment.weights", cfg.segment.weights),
+        ("embed.model", cfg.embed.model),
+        ("segment.model", cfg.segment.model),
+    ):
+        if (
+            value
+            and value not in ("imagenet", "none")
+            and not value.startswith("builtin:")
+            and not is_url(value)
+        ):
             r = str(resolve_path(value, base))
             if r != value:
                 out[key] = r

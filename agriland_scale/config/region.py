@@ -51,8 +51,9 @@ class Region:
         the whole world) has no meaning in the zone's projection. The result may be empty.
         """
         x0, y0, x1, y1 = bounds
-        return Region(self.geometry.intersection(box(x0 - margin, y0 - margin, x1 + margin, y1 + margin)),
-                      self.is_box)
+        return Region(
+            self.geometry.intersection(box(x0 - margin, y0 - margin, x1 + margin, y1 + margin)), self.is_box
+        )
 
     def to_crs(self, crs) -> BaseGeometry:
         """Return the region's geometry in ``crs`` (anything pyproj accepts), densified to ~500 m."""
@@ -96,13 +97,17 @@ def read_region_file(path: str | Path) -> Region:
     geom = geom.to_crs(4326)
     polys = geom[geom.geom_type.isin(["Polygon", "MultiPolygon"])]
     if polys.empty:
-        raise RegionError(f"region file {p} holds no polygons (found {sorted(set(geom.geom_type))}): "
-                          f"the region is an area; {give}")
+        raise RegionError(
+            f"region file {p} holds no polygons (found {sorted(set(geom.geom_type))}): "
+            f"the region is an area; {give}"
+        )
     union = shapely.make_valid(shapely.union_all(polys.values))
     minx, _, maxx, _ = union.bounds
     if maxx - minx > 180:
-        raise RegionError(f"region file {p} spans {maxx - minx:.0f} degrees of longitude: a region "
-                          "crossing the antimeridian is not supported; split it in two runs")
+        raise RegionError(
+            f"region file {p} spans {maxx - minx:.0f} degrees of longitude: a region "
+            "crossing the antimeridian is not supported; split it in two runs"
+        )
     return Region(union, False)
 
 
@@ -134,10 +139,12 @@ def check_bbox(bbox: tuple[float, float, float, float] | list[float]) -> None:
         raise RegionError(
             f"bbox {b} is outside -180..180 / -90..90: it must be lon/lat degrees "
             "(EPSG:4326) in the order (min lon, min lat, max lon, max lat); projected "
-            "coordinates (metres) are not accepted here")
+            "coordinates (metres) are not accepted here"
+        )
     if x0 == x1 or y0 == y1:
-        raise RegionError(f"bbox {b} has min >= max: it has no width or no height; give a box "
-                          f"{order} with min < max")
+        raise RegionError(
+            f"bbox {b} has min >= max: it has no width or no height; give a box {order} with min < max"
+        )
     if x0 > x1 or y0 > y1:
         ylo, yhi = min(y0, y1), max(y0, y1)
         if x0 - x1 > 180:  # swapping would give a box around most of the globe
@@ -147,7 +154,9 @@ def check_bbox(bbox: tuple[float, float, float, float] | list[float]) -> None:
                 f"bbox {b} has min lon > max lon ({_num(x0)} > {_num(x1)}): it seems to cross the "
                 "antimeridian (180 degrees), which is not supported. "
                 + (f"Split it in two runs, with bbox {runs}" if len(parts) > 1 else f"Use bbox {runs}")
-                + f"; the order is {order}")
+                + f"; the order is {order}"
+            )
         raise RegionError(
             f"bbox {b} has min >= max: the order is (min lon, min lat, max lon, max lat). "
-            f"Did you mean {_box((min(x0, x1), ylo, max(x0, x1), yhi))}?")
+            f"Did you mean {_box((min(x0, x1), ylo, max(x0, x1), yhi))}?"
+        )

@@ -35,7 +35,21 @@ from agriland_scale.config.checks import (
 from agriland_scale.config.region import check_bbox
 from agriland_scale.errors import ConfigError
 
-__all__ = ["CAETrainConfig", "ClusterConfig", "CubeConfig", "DECConfig", "EmbedConfig", "OutputConfig", "PatchConfig", "RunConfig", "RuntimeConfig", "SearchConfig", "SegmentConfig", "UNetTrainConfig", "check_bbox"]
+__all__ = [
+    "CAETrainConfig",
+    "ClusterConfig",
+    "CubeConfig",
+    "DECConfig",
+    "EmbedConfig",
+    "OutputConfig",
+    "PatchConfig",
+    "RunConfig",
+    "RuntimeConfig",
+    "SearchConfig",
+    "SegmentConfig",
+    "UNetTrainConfig",
+    "check_bbox",
+]
 
 
 class _Model(BaseModel):
@@ -68,13 +82,17 @@ class SearchConfig(_Model):
     @classmethod
     def _four_numbers(cls, v: Any) -> Any:
         if isinstance(v, (list, tuple)) and len(v) != 4:
-            raise ValueError(f"bbox must have 4 numbers (min lon, min lat, max lon, max lat), got "
-                             f"{len(v)}: {short(list(v))}")
+            raise ValueError(
+                f"bbox must have 4 numbers (min lon, min lat, max lon, max lat), got "
+                f"{len(v)}: {short(list(v))}"
+            )
         return v
 
     @field_validator("bbox")
     @classmethod
-    def _check_bbox(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+    def _check_bbox(
+        cls, v: tuple[float, float, float, float] | None
+    ) -> tuple[float, float, float, float] | None:
         if v is not None:
             check_bbox(v)
         return v
@@ -82,11 +100,15 @@ class SearchConfig(_Model):
     @model_validator(mode="after")
     def _local_needs_catalog(self) -> SearchConfig:
         if (self.bbox is None) == (self.region is None):
-            raise ValueError("give exactly one of search.bbox (lon/lat) and search.region "
-                             "(a GeoJSON/GeoParquet file of polygons)")
+            raise ValueError(
+                "give exactly one of search.bbox (lon/lat) and search.region "
+                "(a GeoJSON/GeoParquet file of polygons)"
+            )
         if self.api == "local" and not self.catalog:
-            raise ValueError("search.api is 'local' but search.catalog is not set: give the folder "
-                             "with collection.json and item json files, or an API URL in search.api")
+            raise ValueError(
+                "search.api is 'local' but search.catalog is not set: give the folder "
+                "with collection.json and item json files, or an API URL in search.api"
+            )
         return self
 
 
@@ -171,8 +193,10 @@ class CubeConfig(_Model):
     def _read_chunk(self) -> CubeConfig:
         rc = self.read_chunk
         if rc != "auto" and (rc < self.chunk or rc % self.chunk):
-            raise ValueError(f"cube.read_chunk ({rc}) must be 'auto' or a multiple of cube.chunk ({self.chunk}), "
-                             f"e.g. {self.chunk} or {4 * self.chunk}")
+            raise ValueError(
+                f"cube.read_chunk ({rc}) must be 'auto' or a multiple of cube.chunk ({self.chunk}), "
+                f"e.g. {self.chunk} or {4 * self.chunk}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -188,7 +212,8 @@ class CubeConfig(_Model):
                 f"cube.s2cloudless_resolution ({self.s2cloudless_resolution:g} m) must be a whole "
                 f"multiple of cube.resolution ({self.resolution:g} m) that divides cube.chunk "
                 f"({self.chunk} px), so that each chunk maps to whole processing pixels: try "
-                f"{near[0]:g} m" + (f" (or {', '.join(f'{r:g}' for r in near[1:])} m)" if near[1:] else ""))
+                f"{near[0]:g} m" + (f" (or {', '.join(f'{r:g}' for r in near[1:])} m)" if near[1:] else "")
+            )
         return self
 
 
@@ -320,12 +345,16 @@ class SegmentConfig(_Model):
     @model_validator(mode="after")
     def _overlap(self) -> SegmentConfig:
         if self.overlap >= self.window // 2:
-            raise ValueError(f"segment.overlap ({self.overlap}) must be less than half the window "
-                             f"({self.window}); try {self.window // 4}")
+            raise ValueError(
+                f"segment.overlap ({self.overlap}) must be less than half the window "
+                f"({self.window}); try {self.window // 4}"
+            )
         iw = self.inference_window
         if isinstance(iw, int) and (iw < self.window or iw % 32):
-            raise ValueError(f"segment.inference_window ({iw}) must be a multiple of 32 and at least "
-                             f"segment.window ({self.window}): try {max(self.window, 32 * round(iw / 32))}")
+            raise ValueError(
+                f"segment.inference_window ({iw}) must be a multiple of 32 and at least "
+                f"segment.window ({self.window}): try {max(self.window, 32 * round(iw / 32))}"
+            )
         return self
 
 
@@ -394,11 +423,15 @@ class RunConfig(_Model):
         for section in ("embed", "segment"):
             missing = [b for b in getattr(self, section).bands if b not in self.cube.bands]
             if missing:
-                raise ValueError(f"{section}.bands {short(missing)} are not in cube.bands "
-                                 f"{short(self.cube.bands)}: add them to cube.bands")
+                raise ValueError(
+                    f"{section}.bands {short(missing)} are not in cube.bands "
+                    f"{short(self.cube.bands)}: add them to cube.bands"
+                )
         if self.cube.chunk % self.patches.stride:
-            raise ValueError(f"cube.chunk ({self.cube.chunk}) must be a multiple of "
-                             f"patches.stride ({self.patches.stride}) so chunks align to patches")
+            raise ValueError(
+                f"cube.chunk ({self.cube.chunk}) must be a multiple of "
+                f"patches.stride ({self.patches.stride}) so chunks align to patches"
+            )
         return self
 
     def with_overrides(self, **changes: Any) -> RunConfig:
@@ -427,12 +460,14 @@ def apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None 
             if not isinstance(node, dict):
                 raise ConfigError(
                     f"override '{key}': '{cut(where)}' is a value ({short(node)}), not a section with "
-                    f"keys: set it whole, e.g. '{cut(where)}=VALUE' ({REFERENCE})")
+                    f"keys: set it whole, e.g. '{cut(where)}=VALUE' ({REFERENCE})"
+                )
             if part not in node and not (where in _FREE_FORM and i == len(parts) - 1):
                 level = f"in section '{cut(where)}'" if where else "at the top level"
                 raise ConfigError(
                     f"override '{key}': no such key '{cut(part, 40)}' {level}"
-                    f"{did_you_mean(part, node)}; valid keys there: {', '.join(sorted(node))}")
+                    f"{did_you_mean(part, node)}; valid keys there: {', '.join(sorted(node))}"
+                )
             if i < len(parts) - 1:
                 node = node[part]
         try:
@@ -440,8 +475,10 @@ def apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None 
         except Cyclic:
             raise ConfigError(f"override '{key}': its value contains itself: give a plain value") from None
         if size > MAX_PIPELINE_VALUES:
-            raise ConfigError(f"override '{key}': its value expands to more than {MAX_PIPELINE_VALUES:,} "
-                              f"values: give a plain value ({REFERENCE})")
+            raise ConfigError(
+                f"override '{key}': its value expands to more than {MAX_PIPELINE_VALUES:,} "
+                f"values: give a plain value ({REFERENCE})"
+            )
         node[parts[-1]] = value
     try:
         return RunConfig.model_validate(data)
@@ -449,5 +486,3 @@ def apply_overrides(cfg: RunConfig, changes: dict[str, Any], source: str | None 
         keys = ", ".join(cut(str(k)) for k in changes)
         head = f"invalid override {keys}" + (f" of {source}" if source else "") + ":"
         raise ConfigError(format_errors(e, RunConfig, header=head)) from None
-
-

@@ -37,8 +37,17 @@ try:  # the parser odc.stac.load uses by default (private: without it, failed re
 except ImportError:  # pragma: no cover
     _StacMDParser = None
 
-__all__ = ["GDAL_CLOUD_OPTIONS", "GRID_TOLERANCE_PX", "READ_SKIPPED", "SKIPPED_READS_TOPIC", "SkippedReads", "check_assets",
-           "configure_rio", "describe_skipped", "read_items"]
+__all__ = [
+    "GDAL_CLOUD_OPTIONS",
+    "GRID_TOLERANCE_PX",
+    "READ_SKIPPED",
+    "SKIPPED_READS_TOPIC",
+    "SkippedReads",
+    "check_assets",
+    "configure_rio",
+    "describe_skipped",
+    "read_items",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +56,11 @@ log = logging.getLogger(__name__)
 # (no directory listing on open; 10 retries of 429/5xx answers and dropped connections, from
 # 0.5 s apart) and ranges of one read merged into one request
 GDAL_CLOUD_OPTIONS: dict[str, Any] = {
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "10", "GDAL_HTTP_RETRY_DELAY": "0.5",
-    "GDAL_HTTP_MULTIRANGE": "YES", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "10",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_MULTIRANGE": "YES",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
 }
 
 
@@ -66,8 +78,9 @@ def configure_rio() -> None:
 GRID_TOLERANCE_PX = 1e-3
 
 
-def check_assets(items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asset: str = "fail", *,
-                 full: bool = False) -> tuple[list[pystac.Item], list[dict]]:
+def check_assets(
+    items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asset: str = "fail", *, full: bool = False
+) -> tuple[list[pystac.Item], list[dict]]:
     """Open every asset of ``bands``, check its grid and decode two of its blocks.
 
     The grid is compared with the item's ``proj:*`` fields; the two blocks are
@@ -131,7 +144,8 @@ def check_assets(items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asse
         b = bad[0]
         raise CorruptInput(
             f"item {b['item']}: {_asset_problem(b)}; {len(bad)} bad asset(s) in all. "
-            f"{_BAD_ASSET_FIX[b['problem']]}")
+            f"{_BAD_ASSET_FIX[b['problem']]}"
+        )
     dropped = {b["item"] for b in bad}
     for b in bad:
         warnings.warn(f"skipping item {b['item']}: {_asset_problem(b)}", AgrilandWarning, stacklevel=2)
@@ -140,9 +154,9 @@ def check_assets(items: Sequence[pystac.Item], bands: Sequence[str], on_bad_asse
 
 _BAD_ASSET_FIX = {
     "unreadable": "Download the file again or fix the asset's href, or set cube.on_bad_asset: skip to "
-                  "leave such items out",
+    "leave such items out",
     "georeferencing": "Fix the item's proj:* fields (proj:epsg / proj:code, proj:shape, proj:transform) "
-                      "to match the file, or set cube.on_bad_asset: skip to leave such items out",
+    "to match the file, or set cube.on_bad_asset: skip to leave such items out",
 }
 
 
@@ -159,8 +173,10 @@ def describe_skipped(s: dict[str, Any]) -> str:
     nodata while the cube was computed).
     """
     if s.get("problem") == READ_SKIPPED:
-        return (f"skipped unreadable parts of item {s['item']}, asset '{s['asset']}' ({s['href']}): {s['error']} "
-                f"— {s['chunks']} chunk(s) left as nodata (cube.on_bad_asset: skip)")
+        return (
+            f"skipped unreadable parts of item {s['item']}, asset '{s['asset']}' ({s['href']}): {s['error']} "
+            f"— {s['chunks']} chunk(s) left as nodata (cube.on_bad_asset: skip)"
+        )
     return f"skipped item {s['item']}: {_asset_problem(s)} (cube.on_bad_asset: skip)"
 
 
@@ -184,7 +200,7 @@ def _probe_asset(item: pystac.Item, band: str, *, full: bool = False) -> dict | 
             mismatch = _grid_mismatch(item, band, ds)
             if mismatch:
                 return record | {"problem": "georeferencing", "error": mismatch}
-            for window in (ds.block_windows(1) if full else _end_blocks(ds)):
+            for window in ds.block_windows(1) if full else _end_blocks(ds):
                 if isinstance(window, tuple):
                     window = window[1]
                 ds.read(1, window=window)
@@ -215,8 +231,10 @@ def _end_blocks(ds) -> list:
         if spans:
             first = min(spans)[2:]
             last = max(spans, key=lambda s: s[1])[2:]
-    return [Window(c * bw, r * bh, min(bw, ds.width - c * bw), min(bh, ds.height - r * bh))
-            for r, c in dict.fromkeys([first, last])]
+    return [
+        Window(c * bw, r * bh, min(bw, ds.width - c * bw), min(bh, ds.height - r * bh))
+        for r, c in dict.fromkeys([first, last])
+    ]
 
 
 def _grid_mismatch(item: pystac.Item, band: str, ds) -> str | None:
@@ -227,8 +245,10 @@ def _grid_mismatch(item: pystac.Item, band: str, ds) -> str | None:
     """
     from affine import Affine
 
-    fields = {**{k: v for k, v in item.properties.items() if k.startswith("proj:")},
-              **item.assets[band].extra_fields}
+    fields = {
+        **{k: v for k, v in item.properties.items() if k.startswith("proj:")},
+        **item.assets[band].extra_fields,
+    }
     problems = []
     want = asset_epsg(item, band)
     got = ds.crs.to_epsg() if ds.crs is not None else None
@@ -238,8 +258,10 @@ def _grid_mismatch(item: pystac.Item, band: str, ds) -> str | None:
         problems.append(f"the item says EPSG:{want} (proj:epsg / proj:code), the file's CRS is {found}")
     shape = fields.get("proj:shape")
     if shape is not None and [int(v) for v in list(shape)[-2:]] != [ds.height, ds.width]:
-        problems.append(f"the item says proj:shape {list(shape)}, the file is {[ds.height, ds.width]} "
-                        "pixels (height, width)")
+        problems.append(
+            f"the item says proj:shape {list(shape)}, the file is {[ds.height, ds.width]} "
+            "pixels (height, width)"
+        )
     tr = fields.get("proj:transform")
     if tr is not None and len(tr) >= 6:
         declared, actual = Affine(*[float(v) for v in tr[:6]]), ds.transform
@@ -248,9 +270,11 @@ def _grid_mismatch(item: pystac.Item, band: str, ds) -> str | None:
         off = max(float(np.hypot(*np.subtract(declared @ c, actual @ c))) for c in corners)
         if not off <= GRID_TOLERANCE_PX * pixel:
             unit = "m" if ds.crs is not None and ds.crs.is_projected else "CRS units"
-            problems.append(f"the item says proj:transform {[float(v) for v in tr[:6]]}, the file's is "
-                            f"{list(actual)[:6]}: corners {off:.6g} {unit} ({off / pixel:.4g} pixels) "
-                            "apart")
+            problems.append(
+                f"the item says proj:transform {[float(v) for v in tr[:6]]}, the file's is "
+                f"{list(actual)[:6]}: corners {off:.6g} {unit} ({off / pixel:.4g} pixels) "
+                "apart"
+            )
     return "; ".join(problems) or None
 
 
@@ -303,15 +327,21 @@ class _NamedReader:
         # raised outside the except block: rasterio's error chain (GDAL's CPLE errors) does not
         # unpickle, and a Dask worker would then send a bare Exception instead of CorruptInput
         names = self._src.driver_data if isinstance(self._src.driver_data, dict) else {}
-        what = (f"item {names.get('item', '?')}: asset '{names.get('asset', '?')}' ({self._src.uri}) "
-                f"cannot be read ({reason})")
+        what = (
+            f"item {names.get('item', '?')}: asset '{names.get('asset', '?')}' ({self._src.uri}) "
+            f"cannot be read ({reason})"
+        )
         if not self._skip:
             raise CorruptInput(
                 f"{what} while loading the cube: the file is corrupt or cut short where the check before "
                 "the cube did not read. Download the file again or fix the asset's href, or set "
-                "cube.on_bad_asset: skip to leave its unreadable parts out")
-        warnings.warn(f"{what}: cube.on_bad_asset is 'skip', so these pixels of the item are left out "
-                      "(nodata)", AgrilandWarning, stacklevel=2)
+                "cube.on_bad_asset: skip to leave its unreadable parts out"
+            )
+        warnings.warn(
+            f"{what}: cube.on_bad_asset is 'skip', so these pixels of the item are left out (nodata)",
+            AgrilandWarning,
+            stacklevel=2,
+        )
         self._report(names, reason, float(dst_geobox.affine.f), lost)
         if parts is not None:  # the parts that could be read
             return parts
@@ -332,9 +362,18 @@ class _NamedReader:
             worker = get_worker()
         except (ImportError, ValueError):
             return  # computed without a Dask cluster: the warning alone says it
-        worker.log_event(SKIPPED_READS_TOPIC, {
-            "tag": self._tag, "item": str(names.get("item", "?")), "asset": str(names.get("asset", "?")),
-            "href": str(self._src.uri), "error": reason[:500], "top": top, "chunks": int(lost)})
+        worker.log_event(
+            SKIPPED_READS_TOPIC,
+            {
+                "tag": self._tag,
+                "item": str(names.get("item", "?")),
+                "asset": str(names.get("asset", "?")),
+                "href": str(self._src.uri),
+                "error": reason[:500],
+                "top": top,
+                "chunks": int(lost),
+            },
+        )
 
     def _read_parts(self, cfg, dst_geobox, selection):
         """Read ``dst_geobox`` in parts of ``part`` px; the parts that fail keep the fill value.
@@ -351,14 +390,16 @@ class _NamedReader:
         for r0 in range(0, h, step):
             for c0 in range(0, w, step):
                 try:
-                    roi, pix = self._inner.read(cfg, dst_geobox[r0:r0 + step, c0:c0 + step], selection=selection)
+                    roi, pix = self._inner.read(
+                        cfg, dst_geobox[r0 : r0 + step, c0 : c0 + step], selection=selection
+                    )
                 except _READ_ERRORS:
                     failed += 1
                     continue
                 if out is None:
                     fill = resolve_dst_fill_value(pix.dtype, cfg, resolve_src_nodata(cfg.fill_value, cfg))
                     out = np.full((h, w) + pix.shape[2:], fill, dtype=pix.dtype)
-                out[r0:r0 + step, c0:c0 + step][roi] = pix
+                out[r0 : r0 + step, c0 : c0 + step][roi] = pix
         return (None if out is None else ((slice(0, h), slice(0, w)), out)), failed
 
 
@@ -435,11 +476,17 @@ class SkippedReads:
         if not isinstance(msg, dict) or msg.get("tag") != self.tag:
             return  # another run's (a cluster shared by several runs)
         with self._lock:
-            _, tops = self._found.setdefault((msg["item"], msg["asset"], msg["href"]), (str(msg["error"]), {}))
+            _, tops = self._found.setdefault(
+                (msg["item"], msg["asset"], msg["href"]), (str(msg["error"]), {})
+            )
             tops[float(msg["top"])] = tops.get(float(msg["top"]), 0) + int(msg["chunks"])
 
-    def records(self, cubes: Mapping[str, xr.Dataset], reused: Mapping[str, set[int]],
-                earlier: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    def records(
+        self,
+        cubes: Mapping[str, xr.Dataset],
+        reused: Mapping[str, set[int]],
+        earlier: Sequence[dict[str, Any]] = (),
+    ) -> list[dict[str, Any]]:
         """Return one record per zone, item and asset with parts left out, for ``inputs.skipped_assets``.
 
         Each record holds ``item``, ``asset``, ``href``, ``problem`` (:data:`READ_SKIPPED`),
@@ -467,16 +514,29 @@ class SkippedReads:
         out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
         def entry(zone: str, item: str, asset: str, href: str, error: str) -> dict[str, int]:
-            rec = out.setdefault((zone, item, asset, href), {
-                "item": item, "asset": asset, "href": href, "problem": READ_SKIPPED, "error": error,
-                "zone": zone, "chunks": 0, "blocks": {}})
+            rec = out.setdefault(
+                (zone, item, asset, href),
+                {
+                    "item": item,
+                    "asset": asset,
+                    "href": href,
+                    "problem": READ_SKIPPED,
+                    "error": error,
+                    "zone": zone,
+                    "chunks": 0,
+                    "blocks": {},
+                },
+            )
             return rec["blocks"]
 
         for e in earlier:
             if e.get("problem") != READ_SKIPPED:
                 continue
-            keep = {str(b): int(n) for b, n in (e.get("blocks") or {}).items()
-                    if int(b) in reused.get(str(e.get("zone")), set())}
+            keep = {
+                str(b): int(n)
+                for b, n in (e.get("blocks") or {}).items()
+                if int(b) in reused.get(str(e.get("zone")), set())
+            }
             if keep:
                 entry(e["zone"], e["item"], e["asset"], e["href"], e["error"]).update(keep)
         zone_of = {str(i): name for name, cube in cubes.items() for i in cube.attrs.get("items", [])}

@@ -40,9 +40,11 @@ def _s2cloudless_detector(threshold: float, average_over: int, dilation_size: in
             except ImportError as e:
                 raise ConfigError(
                     f"cube.cloud_mask is 's2cloudless' but the s2cloudless package cannot be imported "
-                    f"({e}): install it with  pip install 'agriland-scale[s2cloudless]'") from None
-            det = S2PixelCloudDetector(threshold=threshold, all_bands=False, average_over=average_over,
-                                       dilation_size=dilation_size)
+                    f"({e}): install it with  pip install 'agriland-scale[s2cloudless]'"
+                ) from None
+            det = S2PixelCloudDetector(
+                threshold=threshold, all_bands=False, average_over=average_over, dilation_size=dilation_size
+            )
             _ = det.classifier  # load the model now, under the lock
             _DETECTORS[key] = det
         return _DETECTORS[key]
@@ -63,11 +65,12 @@ def _detect_clouds(block: np.ndarray, **params) -> np.ndarray:
 def _repeat_block(block: np.ndarray, k: int, block_info=None) -> np.ndarray:
     """Repeat each pixel of a ``(time, y, x)`` block ``k x k`` times, cropped to the output chunk."""
     shape = block_info[None]["chunk-shape"]
-    return block.repeat(k, axis=1).repeat(k, axis=2)[:, :shape[1], :shape[2]]
+    return block.repeat(k, axis=1).repeat(k, axis=2)[:, : shape[1], : shape[2]]
 
 
-def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *,
-                            chunk: int | None = None) -> xr.DataArray:
+def s2cloudless_reflectance(
+    items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *, chunk: int | None = None
+) -> xr.DataArray:
     """Read the TOA reflectance of the s2cloudless bands lazily, on a coarse grid.
 
     The grid is ``geobox`` (the cube's, in its UTM CRS) zoomed out to
@@ -99,19 +102,31 @@ def s2cloudless_reflectance(items: Sequence[pystac.Item], cfg: CubeConfig, geobo
     coarse = geobox.zoom_out(k)
     c = (chunk or cfg.chunk) // k
     bands = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
-    ds = read_items(items, cfg, bands=bands, geobox=coarse, groupby="solar_day", part=max(cfg.chunk // k, 1),
-                    chunks={"time": -1, "x": c, "y": c}, resampling="average")
+    ds = read_items(
+        items,
+        cfg,
+        bands=bands,
+        geobox=coarse,
+        groupby="solar_day",
+        part=max(cfg.chunk // k, 1),
+        chunks={"time": -1, "x": c, "y": c},
+        resampling="average",
+    )
     refl = []
     for b in bands:
         scale, offset = scale_offset(items[0], b)
         refl.append(ds[b].data.astype("float32") * np.float32(scale) + np.float32(offset))
     data = dsa.stack(refl, axis=-1).rechunk({3: -1})
-    return xr.DataArray(data, dims=("time", "y", "x", "band"),
-                        coords={"time": ds.time, "y": ds.y, "x": ds.x, "band": list(S2CLOUDLESS_BANDS)})
+    return xr.DataArray(
+        data,
+        dims=("time", "y", "x", "band"),
+        coords={"time": ds.time, "y": ds.y, "x": ds.x, "band": list(S2CLOUDLESS_BANDS)},
+    )
 
 
-def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *,
-                     chunk: int | None = None) -> xr.DataArray:
+def s2cloudless_mask(
+    items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoBox, *, chunk: int | None = None
+) -> xr.DataArray:
     """Lazy s2cloudless cloud mask ``(time, y, x)`` bool (True = cloud) on ``geobox``.
 
     The model runs on :func:`s2cloudless_reflectance` chunk by chunk with a halo of
@@ -140,25 +155,40 @@ def s2cloudless_mask(items: Sequence[pystac.Item], cfg: CubeConfig, geobox: GeoB
     ConfigError
         When s2cloudless is not installed.
     """
-    params: dict[str, Any] = {"threshold": cfg.s2cloudless_threshold,
-                              "average_over": cfg.s2cloudless_average_over,
-                              "dilation_size": cfg.s2cloudless_dilation_size}
+    params: dict[str, Any] = {
+        "threshold": cfg.s2cloudless_threshold,
+        "average_over": cfg.s2cloudless_average_over,
+        "dilation_size": cfg.s2cloudless_dilation_size,
+    }
     _s2cloudless_detector(**params)  # fails now, not in a task, when s2cloudless is missing
     chunk = chunk or cfg.chunk
     refl = s2cloudless_reflectance(items, cfg, geobox, chunk=chunk)
     halo = cfg.s2cloudless_average_over + cfg.s2cloudless_dilation_size
-    coarse = refl.data.map_overlap(_detect_clouds, depth={0: 0, 1: halo, 2: halo, 3: 0}, boundary="none",
-                                   drop_axis=3, dtype=bool, **params)
+    coarse = refl.data.map_overlap(
+        _detect_clouds,
+        depth={0: 0, 1: halo, 2: halo, 3: 0},
+        boundary="none",
+        drop_axis=3,
+        dtype=bool,
+        **params,
+    )
     assert refl.chunks is not None  # dask-backed (read_items with chunks)
     coarse = coarse.rechunk(refl.chunks[:3])  # map_overlap merges edge chunks smaller than the halo
     k = round(cfg.s2cloudless_resolution / cfg.resolution)
     h, w = geobox.shape
-    chunks = (coarse.chunks[0], dsa.core.normalize_chunks(chunk, (h,))[0],
-              dsa.core.normalize_chunks(chunk, (w,))[0])
+    chunks = (
+        coarse.chunks[0],
+        dsa.core.normalize_chunks(chunk, (h,))[0],
+        dsa.core.normalize_chunks(chunk, (w,))[0],
+    )
     fine = coarse.map_blocks(_repeat_block, k, chunks=chunks, dtype=bool)
     coords = geobox.coordinates
-    return xr.DataArray(fine, dims=("time", "y", "x"), name="cloud",
-                        coords={"time": refl.time, "y": coords["y"].values, "x": coords["x"].values})
+    return xr.DataArray(
+        fine,
+        dims=("time", "y", "x"),
+        name="cloud",
+        coords={"time": refl.time, "y": coords["y"].values, "x": coords["x"].values},
+    )
 
 
 def dilate(mask: xr.DataArray, radius_px: float) -> xr.DataArray:
@@ -172,7 +202,7 @@ def dilate(mask: xr.DataArray, radius_px: float) -> xr.DataArray:
     r = int(np.ceil(radius_px))
     if r < 1:
         return mask
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     disk = (yy**2 + xx**2) <= radius_px**2
 
     def grow(block: np.ndarray) -> np.ndarray:

@@ -76,8 +76,9 @@ def _sort_small(x: np.ndarray | Sequence[np.ndarray], *, inplace: bool = False) 
     return planes
 
 
-def _middle_pair(x: np.ndarray | Sequence[np.ndarray], scratch: list[np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _middle_pair(
+    x: np.ndarray | Sequence[np.ndarray], scratch: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return the two middle values ``((T - 1) // 2, T // 2)`` along axis 0 of ``T`` planes.
 
     Each is a ``(y, x)`` plane (the same one twice for odd ``T``), found with the fewest
@@ -141,8 +142,15 @@ def _picker(idx: np.ndarray, T: int, name: str = "pick"):
     return pick
 
 
-def composite_block(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, *, scale: np.ndarray,
-                    offset: np.ndarray, method: str, out: np.ndarray | None = None) -> np.ndarray:
+def composite_block(
+    dn: np.ndarray | Sequence[np.ndarray],
+    clear: np.ndarray,
+    *,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    method: str,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Composite one block of observations into reflectance.
 
     ``dn (band, time, y, x)`` digital numbers and ``clear (time, y, x)`` give reflectance
@@ -214,8 +222,10 @@ def _band_values(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np
         with np.errstate(invalid="ignore", divide="ignore"):
             if method == "median":
                 if all_clear:  # T = 3, 4: the middle pair in this thread's planes, band after band
-                    yield _middle_pair(dn[b], [_buffer(f"pair{i}", dn[b].shape[1:], dt) for i in range(4)]
-                                       if T in (3, 4) else None)
+                    yield _middle_pair(
+                        dn[b],
+                        [_buffer(f"pair{i}", dn[b].shape[1:], dt) for i in range(4)] if T in (3, 4) else None,
+                    )
                     continue
                 # clear values sort first: the others are set to the dtype's max (np.where
                 # costs a branch per pixel; for unsigned integers an OR with all ones does it)
@@ -244,8 +254,16 @@ def _band_values(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np
                 yield v, v
 
 
-def _composite(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
-               scale: np.ndarray, offset: np.ndarray, method: str) -> None:
+def _composite(
+    dn: np.ndarray | Sequence[np.ndarray],
+    clear: np.ndarray,
+    n: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    method: str,
+) -> None:
     """Run :func:`composite_block` into ``out``, given ``n = _clear_count(clear)``.
 
     Every step keeps the float32 arithmetic of the plain expressions (in place where it
@@ -284,8 +302,17 @@ def pack_reflectance(refl: np.ndarray, step: float, out: np.ndarray | None = Non
     return out
 
 
-def _composite_packed(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, n: np.ndarray, out: np.ndarray, *,
-                      scale: np.ndarray, offset: np.ndarray, method: str, step: float) -> None:
+def _composite_packed(
+    dn: np.ndarray | Sequence[np.ndarray],
+    clear: np.ndarray,
+    n: np.ndarray,
+    out: np.ndarray,
+    *,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    method: str,
+    step: float,
+) -> None:
     """Run the composite into ``out`` ``(band, y, x)`` int16 as packed steps of ``step``.
 
     The stored value is ``round(reflectance / step)``, clipped to +-:data:`PACK_LIMIT`, and
@@ -297,9 +324,12 @@ def _composite_packed(dn: np.ndarray | Sequence[np.ndarray], clear: np.ndarray, 
     float32 composite and :func:`pack_reflectance`.
     """
     k = offset / np.float32(step)
-    exact = (method != "mean" and all(np.issubdtype(d.dtype, np.integer) for d in dn)
-             and bool(np.allclose(scale * np.float32(0.5), step, rtol=1e-6))
-             and bool(np.all(np.abs(k - np.round(k)) < 1e-3)))
+    exact = (
+        method != "mean"
+        and all(np.issubdtype(d.dtype, np.integer) for d in dn)
+        and bool(np.allclose(scale * np.float32(0.5), step, rtol=1e-6))
+        and bool(np.all(np.abs(k - np.round(k)) < 1e-3))
+    )
     if not exact:
         refl = np.empty(out.shape, dtype="float32")
         _composite(dn, clear, n, refl, scale=scale, offset=offset, method=method)
@@ -360,9 +390,18 @@ def _joined(blocks: np.ndarray | list) -> np.ndarray:
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=0)
 
 
-def _cube_block(*arrays: np.ndarray | list[np.ndarray], n_bands: int, nodata: Sequence[float | None],
-                scl_classes: np.ndarray | None, cloud: bool, region: bool, part: str,
-                limit: float | None = None, step: float | None = None, **composite) -> np.ndarray:
+def _cube_block(
+    *arrays: np.ndarray | list[np.ndarray],
+    n_bands: int,
+    nodata: Sequence[float | None],
+    scl_classes: np.ndarray | None,
+    cloud: bool,
+    region: bool,
+    part: str,
+    limit: float | None = None,
+    step: float | None = None,
+    **composite,
+) -> np.ndarray:
     """Compute one spatial chunk of the cube.
 
     The inputs are ``n_bands`` arrays ``(time, y, x)`` of digital numbers (or lists of

@@ -45,7 +45,22 @@ from agriland_scale.search.items import acquired, group_by_zone, item_epsg, norm
 from agriland_scale.search.stac import item_tile
 from agriland_scale.store import fast_compressors, write_georef
 
-__all__ = ["REFLECTANCE_STANDARD_NAMES", "S2CLOUDLESS_BANDS", "composite_time", "cube_geobox", "dilate", "describe_search", "load_bands", "load_cube", "load_zone_cubes", "processing_level", "read_chunk", "region_mask", "s2cloudless_mask", "write_georef"]
+__all__ = [
+    "REFLECTANCE_STANDARD_NAMES",
+    "S2CLOUDLESS_BANDS",
+    "composite_time",
+    "cube_geobox",
+    "dilate",
+    "describe_search",
+    "load_bands",
+    "load_cube",
+    "load_zone_cubes",
+    "processing_level",
+    "read_chunk",
+    "region_mask",
+    "s2cloudless_mask",
+    "write_georef",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +83,8 @@ def check_grid_size(geobox: GeoBox, resolution: float, max_pixels: float, bands:
         f"{px * bands * dates * 2 / 1e12:,.3g} TB to read for {bands} band(s) x {dates} date(s)) in {geobox.crs}, "
         f"more than cube.max_pixels ({max_pixels:.2g}). Sentinel-2's bands are 10, 20 and 60 m: set "
         "cube.resolution to 10 or coarser, or shrink search.bbox / search.region; raise cube.max_pixels only "
-        "for a region that big on purpose")
+        "for a region that big on purpose"
+    )
 
 
 def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], resolution: float) -> GeoBox:
@@ -85,7 +101,8 @@ def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], 
     if len(crs_set) != 1:
         raise NoItemsFound(
             f"items are in several CRSs {sorted(crs_set)}: a cube is built per UTM zone "
-            "(load_zone_cubes does this)")
+            "(load_zone_cubes does this)"
+        )
     crs = parsed[0].crs()
     assert crs is not None  # normalised items carry proj:* (see normalize_items)
     footprints = [gb.extent for p in parsed for gb in p.geoboxes()[:1]]
@@ -100,7 +117,8 @@ def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], 
         raise NoItemsFound(
             f"the region {[round(float(v), 4) for v in region.bbox]} does not overlap the footprint of the "
             f"found items in {crs} ({footprint.to_crs('EPSG:4326').boundingbox}): move "
-            "search.bbox / search.region over the data")
+            "search.bbox / search.region over the data"
+        )
     x0, y0, x1, y1 = inter.boundingbox
     fx0, fy0, fx1, fy1 = footprint.boundingbox
     # snap outward to the items' pixel grid (anchored at the footprint's top-left corner, so a
@@ -114,8 +132,14 @@ def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], 
     return GeoBox.from_bbox((x0, y0, x1, y1), crs=crs, resolution=r, tight=True)
 
 
-def load_zone_cubes(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
-                    normalized: bool = False, encoded: bool = False) -> dict[int, xr.Dataset]:
+def load_zone_cubes(
+    items: Sequence[pystac.Item],
+    cfg: CubeConfig,
+    region: Region | Sequence[float],
+    *,
+    normalized: bool = False,
+    encoded: bool = False,
+) -> dict[int, xr.Dataset]:
     """One lazy cube per UTM zone (EPSG code -> cube), each in its native CRS.
 
     Nothing is resampled across zones. Zones whose items do not overlap the region are left
@@ -151,7 +175,8 @@ def load_bands(items: Sequence[pystac.Item], cfg: CubeConfig) -> list[str]:
                 f"cube.cloud_mask is 'scl' but item {lacking[0].id} has no '{cfg.scl_band}' asset (its "
                 f"assets: {sorted(lacking[0].assets)}); {len(lacking)} of {len(items)} item(s) lack it. "
                 "SCL comes with L2A products: set cube.cloud_mask to 'auto' (SCL where every item has "
-                "it), 's2cloudless' (L1C items) or 'none'")
+                "it), 's2cloudless' (L1C items) or 'none'"
+            )
         extra = [scl] if not lacking else []
     elif mode == "s2cloudless":
         extra = [canonical_band(b) for b in S2CLOUDLESS_BANDS]
@@ -164,7 +189,8 @@ def load_bands(items: Sequence[pystac.Item], cfg: CubeConfig) -> list[str]:
                     f"cube.cloud_mask is 's2cloudless' but item {item.id} has no asset for {names} "
                     f"(its assets: {sorted(item.assets)}). s2cloudless needs the L1C top-of-atmosphere "
                     f"bands {', '.join(S2CLOUDLESS_BANDS)}; B10 (cirrus) is absent from L2A products: "
-                    "search an L1C collection, or set cube.cloud_mask: auto to mask L2A items with SCL")
+                    "search an L1C collection, or set cube.cloud_mask: auto to mask L2A items with SCL"
+                )
     return list(cfg.bands) + [b for b in extra if b not in cfg.bands]
 
 
@@ -208,8 +234,14 @@ def read_chunk(cfg: CubeConfig, n_dates: int, n_bands: int) -> int:
     return k * cfg.chunk
 
 
-def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Sequence[float], *,
-              normalized: bool = False, encoded: bool = False) -> xr.Dataset:
+def load_cube(
+    items: Sequence[pystac.Item],
+    cfg: CubeConfig,
+    region: Region | Sequence[float],
+    *,
+    normalized: bool = False,
+    encoded: bool = False,
+) -> xr.Dataset:
     """Lazily load, cloud-mask and composite the items of ONE UTM zone (see module doc).
 
     Nothing is read until the result is computed or written, in read chunks
@@ -246,7 +278,12 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     rc = read_chunk(cfg, dates, len(fine))
     # one task per band and spatial chunk reads every date: no concatenation, no rechunking
     ds = read_items(
-        items, cfg, bands=fine, geobox=geobox, groupby="solar_day", part=cfg.chunk,
+        items,
+        cfg,
+        bands=fine,
+        geobox=geobox,
+        groupby="solar_day",
+        part=cfg.chunk,
         chunks={"time": -1, "x": rc, "y": rc},
         resampling={"*": "bilinear", **{b: "nearest" for b in fine if b in CLASS_BANDS}},
     )
@@ -266,8 +303,7 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     if use_s2c:
         s2c = s2cloudless_mask(items, cfg, geobox, chunk=rc)
         if not np.array_equal(s2c.time.values, ds.time.values):  # same items, same grouping
-            raise CorruptInput(f"s2cloudless dates {s2c.time.values} differ from the cube's "
-                               f"{ds.time.values}")
+            raise CorruptInput(f"s2cloudless dates {s2c.time.values} differ from the cube's {ds.time.values}")
         cloud = s2c.data if cloud is None else cloud | s2c.data
     if cloud is not None:
         args.append((cloud, "tyx"))
@@ -280,25 +316,47 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     inputs = [x for a in args for x in a]
     # concatenate=False: each input's single time chunk comes as a list of one block, not as
     # dask's copy of it (concatenate3 copies even one block: 5 % of a cube's CPU)
-    common = {"concatenate": False, "n_bands": n_bands, "nodata": nodata, "scl_classes": scl_classes,
-              "cloud": cloud is not None, "region": not region.is_box}
+    common = {
+        "concatenate": False,
+        "n_bands": n_bands,
+        "nodata": nodata,
+        "scl_classes": scl_classes,
+        "cloud": cloud is not None,
+        "region": not region.is_box,
+    }
     # packed storage: int16 half digital numbers (CF scale_factor), when every band scales alike
     packed = cfg.storage == "int16" and bool(np.all(factors[:, 0] == factors[0, 0]))
     step = np.float32(0.5) * factors[0, 0]  # half a DN, in reflectance
     encoded = encoded and packed
     # the tasks' names say the stage on the dashboard's task stream and progress bars
-    refl = dsa.blockwise(_cube_block, "byx", *inputs, new_axes={"b": n_bands}, token="cube-composite",
-                         meta=np.empty((0, 0, 0), dtype="int16" if encoded else "float32"), **common,
-                         part="packed" if encoded else "reflectance",
-                         scale=factors[:, 0], offset=factors[:, 1], method=cfg.composite,
-                         limit=float(step * PACK_LIMIT) if packed and not encoded else None,
-                         step=float(step) if encoded else None)
-    n_clear = dsa.blockwise(_cube_block, "yx", *inputs, meta=np.empty((0, 0), dtype="uint16"), **common,
-                            token="cube-clear-count",
-                            part="clear_count")
+    refl = dsa.blockwise(
+        _cube_block,
+        "byx",
+        *inputs,
+        new_axes={"b": n_bands},
+        token="cube-composite",
+        meta=np.empty((0, 0, 0), dtype="int16" if encoded else "float32"),
+        **common,
+        part="packed" if encoded else "reflectance",
+        scale=factors[:, 0],
+        offset=factors[:, 1],
+        method=cfg.composite,
+        limit=float(step * PACK_LIMIT) if packed and not encoded else None,
+        step=float(step) if encoded else None,
+    )
+    n_clear = dsa.blockwise(
+        _cube_block,
+        "yx",
+        *inputs,
+        meta=np.empty((0, 0), dtype="uint16"),
+        **common,
+        token="cube-clear-count",
+        part="clear_count",
+    )
     coords = {"y": ds.y, "x": ds.x, **{k: v for k, v in ds.coords.items() if k == "spatial_ref"}}
-    comp = xr.DataArray(refl, dims=("band", "y", "x"),
-                        coords={"band": np.array(cfg.bands, dtype=object), **coords})
+    comp = xr.DataArray(
+        refl, dims=("band", "y", "x"), coords={"band": np.array(cfg.bands, dtype=object), **coords}
+    )
     # the count keeps the attributes the first masked band had, but not its nodata: 0 clear
     # observations is a valid count (no _FillValue; Zarr fill_value 65535, see write_georef)
     first = next((b for b, nd in zip(cfg.bands, nodata) if nd is not None), cfg.bands[0])
@@ -309,12 +367,13 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
     out["clear_count"].encoding["chunks"] = (cfg.chunk, cfg.chunk)
     for var in out.data_vars.values():  # written once, read by every later stage: fast codec
         var.encoding["compressors"] = fast_compressors()
-    out["reflectance"].attrs.update(units="1", long_name="composite reflectance",
-                                    composite=cfg.composite)
+    out["reflectance"].attrs.update(units="1", long_name="composite reflectance", composite=cfg.composite)
     out["band"].attrs.update(long_name="Sentinel-2 band")
     level = processing_level(items)  # CF: TOA (L1C) or surface (L2A) reflectance
     if level in REFLECTANCE_STANDARD_NAMES:
-        out["reflectance"].attrs.update(standard_name=REFLECTANCE_STANDARD_NAMES[level], processing_level=level)
+        out["reflectance"].attrs.update(
+            standard_name=REFLECTANCE_STANDARD_NAMES[level], processing_level=level
+        )
     if cfg.composite in ("median", "mean"):  # CF cell methods: over the time of the composite
         out["reflectance"].attrs["cell_methods"] = f"time: {cfg.composite}"
     if encoded:  # already packed: written as it is, decoded by readers
@@ -322,24 +381,33 @@ def load_cube(items: Sequence[pystac.Item], cfg: CubeConfig, region: Region | Se
         out["reflectance"].encoding.update(dtype="int16")
     elif packed:  # decoded by xarray, GDAL and CF readers: value = stored * scale_factor
         out["reflectance"].encoding.update(dtype="int16", scale_factor=step, _FillValue=np.int16(PACK_FILL))
-    out["clear_count"].attrs.update(units="count", long_name="clear observations per pixel",
-                                    cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none",
-                                    comment="0 = no clear observation (a valid count, not nodata)")
+    out["clear_count"].attrs.update(
+        units="count",
+        long_name="clear observations per pixel",
+        cloud_mask="scl" if use_scl else "s2cloudless" if use_s2c else "none",
+        comment="0 = no clear observation (a valid count, not nodata)",
+    )
     out["clear_count"].encoding.update(_FillValue=None, fill_value=np.iinfo("uint16").max)
     if use_s2c:
         out["clear_count"].attrs.update(
-            s2cloudless_threshold=cfg.s2cloudless_threshold, s2cloudless_average_over=cfg.s2cloudless_average_over,
+            s2cloudless_threshold=cfg.s2cloudless_threshold,
+            s2cloudless_average_over=cfg.s2cloudless_average_over,
             s2cloudless_dilation_size=cfg.s2cloudless_dilation_size,
-            s2cloudless_resolution_m=cfg.s2cloudless_resolution)
-    out.attrs.update(items=[i.id for i in items], resolution_m=cfg.resolution,
-                     dates=[str(t)[:10] for t in ds.time.values])
+            s2cloudless_resolution_m=cfg.s2cloudless_resolution,
+        )
+    out.attrs.update(
+        items=[i.id for i in items], resolution_m=cfg.resolution, dates=[str(t)[:10] for t in ds.time.values]
+    )
     out = out.assign_coords(composite_time(items))
     assert geobox.crs is not None  # cube_geobox always sets the zone's CRS
     return write_georef(out, geobox.crs.epsg or str(geobox.crs))
 
 
 # the CF standard name of the reflectance of each Sentinel-2 processing level
-REFLECTANCE_STANDARD_NAMES = {"L1C": "toa_bidirectional_reflectance", "L2A": "surface_bidirectional_reflectance"}
+REFLECTANCE_STANDARD_NAMES = {
+    "L1C": "toa_bidirectional_reflectance",
+    "L2A": "surface_bidirectional_reflectance",
+}
 
 
 def processing_level(items: Sequence[pystac.Item]) -> str | None:
@@ -352,8 +420,13 @@ def processing_level(items: Sequence[pystac.Item]) -> str | None:
     for item in items:
         p = item.properties
         text = str(p.get("processing:level") or p.get("s2:product_type") or item.collection_id or "").upper()
-        levels.add("L2A" if "L2A" in text or text.endswith("2A") else
-                   "L1C" if "L1C" in text or text.endswith("1C") else None)
+        levels.add(
+            "L2A"
+            if "L2A" in text or text.endswith("2A")
+            else "L1C"
+            if "L1C" in text or text.endswith("1C")
+            else None
+        )
     return levels.pop() if len(levels) == 1 else None
 
 
@@ -381,16 +454,24 @@ def composite_time(items: Sequence[pystac.Item]) -> dict[str, xr.Variable]:
     enc = {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
     # "bounds" in the encoding, as xarray decodes it: written as the attribute, and time_bounds
     # then not listed in a (non-CF) global "coordinates" attribute
-    time = xr.Variable((), first + (last - first) // 2,
-                       {"standard_name": "time", "long_name": "time of the composite (middle of its acquisitions)"},
-                       enc | {"bounds": "time_bounds"})
-    bounds = xr.Variable(("nv",), np.array([first, last]),
-                         {"long_name": "first and last acquisition of the composite"}, dict(enc))
+    time = xr.Variable(
+        (),
+        first + (last - first) // 2,
+        {"standard_name": "time", "long_name": "time of the composite (middle of its acquisitions)"},
+        enc | {"bounds": "time_bounds"},
+    )
+    bounds = xr.Variable(
+        ("nv",),
+        np.array([first, last]),
+        {"long_name": "first and last acquisition of the composite"},
+        dict(enc),
+    )
     return {"time": time, "time_bounds": bounds}
 
 
-def describe_search(items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...],
-                    resolution: float) -> dict[str, Any]:
+def describe_search(
+    items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...], resolution: float
+) -> dict[str, Any]:
     """Describe what a run would load, without reading any pixel.
 
     Per item: id, datetime, cloud cover, tile, EPSG. Per UTM zone: items, grid shape of the
@@ -415,9 +496,16 @@ def describe_search(items: list[pystac.Item], bands: list[str], region: Region |
         grid cannot be made holds ``items`` and ``error`` only.
     """
     items = normalize_items(items, bands)  # canonical keys; proj:* from headers if missing
-    rows = [{"id": i.id, "datetime": acquired(i),
-             "cloud_cover": i.properties.get("eo:cloud_cover"), "tile": item_tile(i),
-             "epsg": item_epsg(i)} for i in items]
+    rows = [
+        {
+            "id": i.id,
+            "datetime": acquired(i),
+            "cloud_cover": i.properties.get("eo:cloud_cover"),
+            "tile": item_tile(i),
+            "epsg": item_epsg(i),
+        }
+        for i in items
+    ]
     zones: dict[str, Any] = {}
     by_epsg: dict[Any, list[pystac.Item]] = {}
     for i, r in zip(items, rows):
@@ -432,8 +520,11 @@ def describe_search(items: list[pystac.Item], bands: list[str], region: Region |
         n_dates = len({(acquired(i) or "")[:10] for i in group})
         px = h * w
         zones[f"EPSG:{epsg}"] = {
-            "items": len(group), "dates": n_dates, "shape": [h, w],
-            "pixels": px, "source_bytes": px * len(bands) * n_dates * 2,
+            "items": len(group),
+            "dates": n_dates,
+            "shape": [h, w],
+            "pixels": px,
+            "source_bytes": px * len(bands) * n_dates * 2,
             "composite_bytes": px * len(bands) * 4,
         }
     return {"items": rows, "zones": zones, "bands": list(bands)}

@@ -24,12 +24,16 @@ def region_mask(region: Region, geobox: GeoBox, chunk: int) -> xr.DataArray:
     def block(block_info=None) -> np.ndarray:
         (r0, r1), (c0, c1) = block_info[None]["array-location"]
         bt = t @ Affine.translation(c0, r0)
-        return rasterio.features.geometry_mask([geom], out_shape=(r1 - r0, c1 - c0), transform=bt,
-                                               invert=True, all_touched=False)
+        return rasterio.features.geometry_mask(
+            [geom], out_shape=(r1 - r0, c1 - c0), transform=bt, invert=True, all_touched=False
+        )
 
     h, w = geobox.shape
-    data = dsa.map_blocks(block, chunks=(dsa.core.normalize_chunks(chunk, (h,))[0],
-                                         dsa.core.normalize_chunks(chunk, (w,))[0]), dtype=bool)
+    data = dsa.map_blocks(
+        block,
+        chunks=(dsa.core.normalize_chunks(chunk, (h,))[0], dsa.core.normalize_chunks(chunk, (w,))[0]),
+        dtype=bool,
+    )
     coords = geobox.coordinates
     return xr.DataArray(data, dims=("y", "x"), coords={"y": coords["y"].values, "x": coords["x"].values})
 
@@ -64,5 +68,7 @@ def check_not_empty(cube: xr.Dataset) -> None:
     """Raise :class:`EmptyRegion` if no pixel has a clear observation (computes a count)."""
     n = int(cube["clear_count"].astype(bool).sum().compute())
     if n == 0:
-        raise EmptyRegion("every pixel of the region is nodata or masked (clouds, shadows): "
-                          "choose another search.datetime or raise search.max_cloud_cover")
+        raise EmptyRegion(
+            "every pixel of the region is nodata or masked (clouds, shadows): "
+            "choose another search.datetime or raise search.max_cloud_cover"
+        )

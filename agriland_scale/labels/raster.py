@@ -24,7 +24,6 @@ from agriland_scale.labels.via import import_via
 __all__ = ["load_labels", "rasterize_labels", "read_polygons", "read_raster_labels"]
 
 
-
 def read_polygons(path: str | Path) -> tuple[list[tuple[object, str]], CRS]:
     """Read a GeoJSON FeatureCollection: ``[(geometry, class), ...]`` and its CRS.
 
@@ -58,9 +57,13 @@ def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) ->
     """
     polys, crs = read_polygons(path)
     to_cube = Transformer.from_crs(crs, like.rio.crs, always_xy=True).transform
+
     def burn(keep_positive: bool, value: int) -> list:
-        return [(mapping(shapely.transform(g, to_cube, interleaved=False)), value)
-                for g, c in polys if (c in positive) == keep_positive]
+        return [
+            (mapping(shapely.transform(g, to_cube, interleaved=False)), value)
+            for g, c in polys
+            if (c in positive) == keep_positive
+        ]
 
     shapes_neg, shapes_pos = burn(False, 0), burn(True, 1)
     shp = (like.sizes["y"], like.sizes["x"])
@@ -68,12 +71,17 @@ def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) ->
     for shapes in (shapes_neg, shapes_pos):
         if shapes:
             rasterio.features.rasterize(shapes, out=mask, transform=like.rio.transform())
-    return _label_array(mask, like, path, "no label polygon of {path} falls inside the cube "
-                        "(bounds {bounds} in {crs}): check the file's CRS")
+    return _label_array(
+        mask,
+        like,
+        path,
+        "no label polygon of {path} falls inside the cube (bounds {bounds} in {crs}): check the file's CRS",
+    )
 
 
-def _label_array(mask: np.ndarray, like: xr.DataArray | xr.Dataset, path: str | Path, empty: str
-                 ) -> xr.DataArray:
+def _label_array(
+    mask: np.ndarray, like: xr.DataArray | xr.Dataset, path: str | Path, empty: str
+) -> xr.DataArray:
     """Wrap the uint8 label mask ``(y, x)`` as a DataArray on ``like``'s grid and CRS.
 
     Raises :class:`EmptyRegion` (message ``empty``) when no pixel is labelled.
@@ -81,8 +89,9 @@ def _label_array(mask: np.ndarray, like: xr.DataArray | xr.Dataset, path: str | 
     if (mask != IGNORE).sum() == 0:
         raise EmptyRegion(empty.format(path=path, bounds=like.rio.bounds(), crs=like.rio.crs))
     da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
-    da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
-                    source=str(path))
+    da.attrs.update(
+        flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled", source=str(path)
+    )
     return da.rio.write_crs(like.rio.crs)
 
 
@@ -124,8 +133,9 @@ def read_raster_labels(path: str | Path, like: xr.DataArray | xr.Dataset) -> xr.
     src = src.astype("uint8").rio.write_nodata(IGNORE)
     out = src.rio.reproject_match(like, resampling=Resampling.nearest, nodata=IGNORE)
     mask = np.where(np.isin(out.values, [0, 1]), out.values, IGNORE).astype("uint8")
-    return _label_array(mask, like, path, "label raster {path} has no 0/1 pixel inside the cube "
-                        "(bounds {bounds} in {crs})")
+    return _label_array(
+        mask, like, path, "label raster {path} has no 0/1 pixel inside the cube (bounds {bounds} in {crs})"
+    )
 
 
 def load_labels(path: str | Path, cube: xr.Dataset, positive: list[str]) -> xr.DataArray:

@@ -70,25 +70,45 @@ def parse_patch_filename(name: str) -> tuple[int, int, int]:
 
 def _via_project(entries: list[tuple[str, int]], name: str, image_dir: Path) -> dict[str, Any]:
     """Build a VIA 2 project (what *Project → Save* writes) listing ``(filename, bytes)`` images."""
-    meta = {f"{fn}{size}": {"filename": fn, "size": size, "regions": [], "file_attributes": {}}
-            for fn, size in entries}
+    meta = {
+        f"{fn}{size}": {"filename": fn, "size": size, "regions": [], "file_attributes": {}}
+        for fn, size in entries
+    }
     return {
         "_via_settings": {
-            "ui": {"annotation_editor_height": 25, "annotation_editor_fontsize": 0.8,
-                   "leftsidebar_width": 18,
-                   "image_grid": {"img_height": 80, "rshape_fill": "none", "rshape_fill_opacity": 0.3,
-                                  "rshape_stroke": "yellow", "rshape_stroke_width": 2,
-                                  "show_region_shape": True, "show_image_policy": "all"},
-                   "image": {"region_label": "class", "region_color": "class",
-                             "region_label_font": "10px Sans", "on_image_annotation_editor_placement": "NEAR_REGION"}},
+            "ui": {
+                "annotation_editor_height": 25,
+                "annotation_editor_fontsize": 0.8,
+                "leftsidebar_width": 18,
+                "image_grid": {
+                    "img_height": 80,
+                    "rshape_fill": "none",
+                    "rshape_fill_opacity": 0.3,
+                    "rshape_stroke": "yellow",
+                    "rshape_stroke_width": 2,
+                    "show_region_shape": True,
+                    "show_image_policy": "all",
+                },
+                "image": {
+                    "region_label": "class",
+                    "region_color": "class",
+                    "region_label_font": "10px Sans",
+                    "on_image_annotation_editor_placement": "NEAR_REGION",
+                },
+            },
             "core": {"buffer_size": 18, "filepath": {}, "default_filepath": f"{image_dir.resolve()}/"},
             "project": {"name": name},
         },
         "_via_img_metadata": meta,
         "_via_attributes": {
-            "region": {"class": {"type": "radio", "description": "arable = agricultural land",
-                                 "options": {"arable": "agricultural land", "other": "anything else"},
-                                 "default_options": {"arable": True}}},
+            "region": {
+                "class": {
+                    "type": "radio",
+                    "description": "arable = agricultural land",
+                    "options": {"arable": "agricultural land", "other": "anything else"},
+                    "default_options": {"arable": True},
+                }
+            },
             "file": {},
         },
         "_via_data_format_version": VIA_VERSION,
@@ -104,8 +124,9 @@ def _has_regions(project: Path) -> bool:
     return any(e.get("regions") for e in meta.values() if isinstance(e, dict))
 
 
-def export_via(store: str | Path, out_dir: str | Path, clusters: list[int], *, overwrite: bool = False,
-               batch: int = 16) -> Path:
+def export_via(
+    store: str | Path, out_dir: str | Path, clusters: list[int], *, overwrite: bool = False, batch: int = 16
+) -> Path:
     """Write the patches of ``clusters`` as PNGs plus a VIA 2 project to annotate them.
 
     Parameters
@@ -142,8 +163,10 @@ def export_via(store: str | Path, out_dir: str | Path, clusters: list[int], *, o
     out.mkdir(parents=True, exist_ok=True)
     project = out / PROJECT
     if project.exists() and not overwrite and _has_regions(project):
-        raise OutputExists(f"{project} already holds drawn regions: import it first, export to "
-                           "another folder, or pass overwrite=True")
+        raise OutputExists(
+            f"{project} already holds drawn regions: import it first, export to "
+            "another folder, or pass overwrite=True"
+        )
     sel = np.flatnonzero(np.isin(labels, clusters))
     size = int(index.attrs["patch_size"])
     lo, hi = stretch_limits(cube)
@@ -154,22 +177,33 @@ def export_via(store: str | Path, out_dir: str | Path, clusters: list[int], *, o
     records: dict[str, dict[str, int]] = {}
     entries: list[tuple[str, int]] = []
     for start in range(0, len(sel), batch):
-        ids = sel[start:start + batch]
+        ids = sel[start : start + batch]
         win = read_windows(rgb, y0[ids], x0[ids], size)
         for i, w in zip(ids, win):
             fn = patch_filename(pid[i], y0[i], x0[i])
             Image.fromarray(to_rgb8(w, lo, hi), mode="RGB").save(out / fn, format="PNG")
             entries.append((fn, (out / fn).stat().st_size))
-            records[fn] = {"patch": int(pid[i]), "y0": int(y0[i]), "x0": int(x0[i]), "size": size,
-                           "cluster": int(labels[i])}
+            records[fn] = {
+                "patch": int(pid[i]),
+                "y0": int(y0[i]),
+                "x0": int(x0[i]),
+                "size": size,
+                "cluster": int(labels[i]),
+            }
     _remove_stale(out, set(records))
     t = cube.rio.transform()
     sidecar = {
-        "format": "agriland-scale VIA export 1", "store": str(Path(store).resolve()) if isinstance(store, (str, Path)) else "",
-        "crs": cube.rio.crs.to_string(), "crs_wkt": cube.rio.crs.to_wkt(),
-        "transform": [t.a, t.b, t.c, t.d, t.e, t.f], "height": int(cube.sizes["y"]), "width": int(cube.sizes["x"]),
-        "bands": list(RGB), "stretch": {"percentiles": [2, 98], "low": lo.tolist(), "high": hi.tolist()},
-        "clusters": clusters, "patches": records,
+        "format": "agriland-scale VIA export 1",
+        "store": str(Path(store).resolve()) if isinstance(store, (str, Path)) else "",
+        "crs": cube.rio.crs.to_string(),
+        "crs_wkt": cube.rio.crs.to_wkt(),
+        "transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "height": int(cube.sizes["y"]),
+        "width": int(cube.sizes["x"]),
+        "bands": list(RGB),
+        "stretch": {"percentiles": [2, 98], "low": lo.tolist(), "high": hi.tolist()},
+        "clusters": clusters,
+        "patches": records,
     }
     write_json(sidecar, out / SIDECAR)
     name = "agriland_clusters_" + "-".join(map(str, clusters))
@@ -200,9 +234,11 @@ def _img_metadata(data: Any, path: Path) -> dict[str, Any]:
     if isinstance(data, dict) and "_via_img_metadata" in data:
         data = data["_via_img_metadata"]
     if not isinstance(data, dict) or not all(isinstance(e, dict) and "filename" in e for e in data.values()):
-        raise CorruptInput(f"{path} is not a VIA 2 project or annotation file (expected "
-                           "'_via_img_metadata' or entries with 'filename' and 'regions'): save it "
-                           "from VIA with Project → Save or Annotation → Export (as json)")
+        raise CorruptInput(
+            f"{path} is not a VIA 2 project or annotation file (expected "
+            "'_via_img_metadata' or entries with 'filename' and 'regions'): save it "
+            "from VIA with Project → Save or Annotation → Export (as json)"
+        )
     return data
 
 
@@ -227,8 +263,13 @@ def _region_ring(shape: dict[str, Any]) -> list[tuple[float, float]] | None:
         r = float(shape["r"])
         return _ellipse_ring(float(shape["cx"]), float(shape["cy"]), r, r)
     if name == "ellipse":
-        return _ellipse_ring(float(shape["cx"]), float(shape["cy"]), float(shape["rx"]), float(shape["ry"]),
-                             float(shape.get("theta", 0.0)))
+        return _ellipse_ring(
+            float(shape["cx"]),
+            float(shape["cy"]),
+            float(shape["rx"]),
+            float(shape["ry"]),
+            float(shape.get("theta", 0.0)),
+        )
     return None
 
 
@@ -248,7 +289,9 @@ def _region_class(attrs: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
-def read_via_regions(via_json_path: str | Path) -> dict[str, list[tuple[list[tuple[float, float]], str | None]]]:
+def read_via_regions(
+    via_json_path: str | Path,
+) -> dict[str, list[tuple[list[tuple[float, float]], str | None]]]:
     """Regions of every annotated image: ``{filename: [(ring in image pixels, class or None), ...]}``.
 
     Reads a VIA 2 project (``_via_img_metadata``) or the plain annotation export (the same
@@ -273,11 +316,17 @@ def read_via_regions(via_json_path: str | Path) -> dict[str, list[tuple[list[tup
             try:
                 ring = _region_ring(shape)
             except (KeyError, TypeError, ValueError) as e:
-                raise CorruptInput(f"region of {entry['filename']} in {path} has a malformed "
-                                   f"'{shape.get('name')}' shape ({e!r})") from None
+                raise CorruptInput(
+                    f"region of {entry['filename']} in {path} has a malformed "
+                    f"'{shape.get('name')}' shape ({e!r})"
+                ) from None
             if ring is None:
-                warnings.warn(f"{entry['filename']}: skipped a '{shape.get('name')}' region (only polygon, "
-                              "rect, circle and ellipse regions outline land)", IgnoredRegion, stacklevel=2)
+                warnings.warn(
+                    f"{entry['filename']}: skipped a '{shape.get('name')}' region (only polygon, "
+                    "rect, circle and ellipse regions outline land)",
+                    IgnoredRegion,
+                    stacklevel=2,
+                )
                 continue
             kept.append((ring, _region_class(r.get("region_attributes"))))
         if kept:
@@ -290,8 +339,10 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(side.read_text())
     except FileNotFoundError:
-        raise CorruptInput(f"no {SIDECAR} next to {path}: it is written by export_via and places the "
-                           f"patches in the cube; keep the annotations file in the export folder") from None
+        raise CorruptInput(
+            f"no {SIDECAR} next to {path}: it is written by export_via and places the "
+            f"patches in the cube; keep the annotations file in the export folder"
+        ) from None
     except json.JSONDecodeError as e:
         raise CorruptInput(f"{side} is not valid JSON ({e}): export the patches again") from None
     if not isinstance(data, dict) or not isinstance(data.get("patches"), dict) or "transform" not in data:
@@ -306,13 +357,16 @@ def _check_grid(side: dict[str, Any], cube: xr.Dataset, side_path: Path) -> None
     same_crs = CRS.from_user_input(side.get("crs_wkt") or side["crs"]) == CRS.from_user_input(cube.rio.crs)
     same_t = np.allclose(side["transform"], [t.a, t.b, t.c, t.d, t.e, t.f], rtol=0, atol=1e-6)
     if not (same_crs and same_t):
-        raise CorruptInput(f"the patches of {side_path} were exported from a cube in {side['crs']} with "
-                           f"transform {side['transform']}, but this cube is in {cube.rio.crs} with "
-                           f"{list(t)[:6]}: import with the cube of the run you exported from")
+        raise CorruptInput(
+            f"the patches of {side_path} were exported from a cube in {side['crs']} with "
+            f"transform {side['transform']}, but this cube is in {cube.rio.crs} with "
+            f"{list(t)[:6]}: import with the cube of the run you exported from"
+        )
 
 
-def import_via(via_json_path: str | Path, cube: xr.Dataset, *, positive: tuple[str, ...] = ("arable",)
-               ) -> xr.DataArray:
+def import_via(
+    via_json_path: str | Path, cube: xr.Dataset, *, positive: tuple[str, ...] = ("arable",)
+) -> xr.DataArray:
     """Rasterise VIA annotations into a uint8 label mask ``(y, x)`` on the cube grid.
 
     Parameters
@@ -341,23 +395,34 @@ def import_via(via_json_path: str | Path, cube: xr.Dataset, *, positive: tuple[s
     for fn, shapes in sorted(regions.items()):
         rec = side["patches"].get(fn)
         if rec is None:
-            raise CorruptInput(f"image '{fn}' of {path} is not in {path.parent / SIDECAR}: annotate only "
-                               "the exported patches, or export them again")
+            raise CorruptInput(
+                f"image '{fn}' of {path} is not in {path.parent / SIDECAR}: annotate only "
+                "the exported patches, or export them again"
+            )
         y0, x0, size = int(rec["y0"]), int(rec["x0"]), int(rec["size"])
         if y0 < 0 or x0 < 0 or y0 + size > h or x0 + size > w:
             raise CorruptInput(f"patch '{fn}' ({y0}, {x0}, size {size}) lies outside the cube ({h} x {w} px)")
         local = np.zeros((size, size), dtype="uint8")  # the whole patch was looked at: 0
-        pos = [(_valid_polygon(ring), 1) for ring, c in shapes
-               if c is None or c in positive]  # other regions keep 0; positive wins overlaps
+        pos = [
+            (_valid_polygon(ring), 1) for ring, c in shapes if c is None or c in positive
+        ]  # other regions keep 0; positive wins overlaps
         pos = [(g, v) for g, v in pos if not g.is_empty]
         if pos:
             rasterio.features.rasterize(pos, out=local, transform=Affine.identity())
-        win = mask[y0:y0 + size, x0:x0 + size]
-        mask[y0:y0 + size, x0:x0 + size] = np.where(win == IGNORE, local, np.maximum(win, local))
+        win = mask[y0 : y0 + size, x0 : x0 + size]
+        mask[y0 : y0 + size, x0 : x0 + size] = np.where(win == IGNORE, local, np.maximum(win, local))
     if not regions:
-        raise EmptyRegion(f"{path} holds no polygon, rect, circle or ellipse region: draw regions in VIA "
-                          "and save the project before importing")
-    da = xr.DataArray(mask, dims=("y", "x"), coords={"y": cube["y"].values, "x": cube["x"].values}, name="label")
-    da.attrs.update(flag_values=[0, 1, IGNORE], flag_meanings="other agricultural unlabelled",
-                    source=str(path), annotated_patches=len(regions))
+        raise EmptyRegion(
+            f"{path} holds no polygon, rect, circle or ellipse region: draw regions in VIA "
+            "and save the project before importing"
+        )
+    da = xr.DataArray(
+        mask, dims=("y", "x"), coords={"y": cube["y"].values, "x": cube["x"].values}, name="label"
+    )
+    da.attrs.update(
+        flag_values=[0, 1, IGNORE],
+        flag_meanings="other agricultural unlabelled",
+        source=str(path),
+        annotated_patches=len(regions),
+    )
     return write_georef(da.to_dataset(), cube.rio.crs)["label"]

@@ -24,8 +24,9 @@ _APPS = {
 }
 
 
-def build_backbone(name: str, size: int, n_bands: int, weights: str,
-                   bands: Sequence[str] | None = None) -> keras.Model:
+def build_backbone(
+    name: str, size: int, n_bands: int, weights: str, bands: Sequence[str] | None = None
+) -> keras.Model:
     """Build a headless backbone for ``(size, size, n_bands)`` inputs.
 
     ``weights="imagenet"`` loads Keras' ImageNet weights (from ``~/.keras/models`` or the
@@ -67,7 +68,8 @@ def build_backbone(name: str, size: int, n_bands: int, weights: str,
             raise CorruptInput(
                 f"cannot get ImageNet weights for {name} ({type(e).__name__}: {e}). Offline, put "
                 f"the Keras weights file in ~/.keras/models/, or set weights to a local file or "
-                "'none'") from None
+                "'none'"
+            ) from None
         order = _KERNEL_ORDER[name]
         if bands is None:
             bands = list(_RGB[:n_bands]) + [f"band{i}" for i in range(3, n_bands)]
@@ -87,8 +89,7 @@ def build_backbone(name: str, size: int, n_bands: int, weights: str,
     return model
 
 
-def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str],
-                     order: Sequence[str] = _RGB) -> np.ndarray:
+def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str], order: Sequence[str] = _RGB) -> np.ndarray:
     """Adapt a colour convolution kernel ``(kh, kw, 3, filters)`` to the input ``bands``.
 
     The kernel's input channels are in ``order`` (e.g. red, green, blue); the result is
@@ -128,8 +129,9 @@ def adapt_first_conv(kernel: np.ndarray, bands: Sequence[str],
     return (np.stack(slices, axis=2) * (3.0 / n_bands)).astype(kernel.dtype)
 
 
-def transfer_weights(src: keras.Model, dst: keras.Model, bands: Sequence[str],
-                     order: Sequence[str] = _RGB) -> None:
+def transfer_weights(
+    src: keras.Model, dst: keras.Model, bands: Sequence[str], order: Sequence[str] = _RGB
+) -> None:
     """Copy ``src``'s weights into ``dst``, of the same architecture but other input bands.
 
     Layer by layer; a kernel whose input-channel axis differs (the first convolution) goes
@@ -138,15 +140,22 @@ def transfer_weights(src: keras.Model, dst: keras.Model, bands: Sequence[str],
     src_layers = [layer for layer in src.layers if layer.weights]
     dst_layers = [layer for layer in dst.layers if layer.weights]
     if len(src_layers) != len(dst_layers):
-        raise BandMismatch(f"cannot transfer weights from {src.name} ({len(src_layers)} layers with "
-                           f"weights) to {dst.name} ({len(dst_layers)})")
+        raise BandMismatch(
+            f"cannot transfer weights from {src.name} ({len(src_layers)} layers with "
+            f"weights) to {dst.name} ({len(dst_layers)})"
+        )
     n_bands = dst.input_shape[-1]
     first = True  # the first convolution is adapted even when the band count stays 3
     for a, b in zip(src_layers, dst_layers):
         new = []
         for wa, wb in zip(a.get_weights(), b.get_weights()):
-            if first and wa.ndim == 4 and wa.shape[2] == 3 and wb.shape[2] == n_bands \
-                    and wa.shape[3] == wb.shape[3]:
+            if (
+                first
+                and wa.ndim == 4
+                and wa.shape[2] == 3
+                and wb.shape[2] == n_bands
+                and wa.shape[3] == wb.shape[3]
+            ):
                 new.append(adapt_first_conv(wa, bands, order))
                 first = False
             elif wa.shape == wb.shape:
@@ -177,7 +186,7 @@ def load_weights_file(model: keras.Model, path: str) -> None:
         else:
             model.load_weights(p)
     except (ValueError, OSError) as e:
-        raise CorruptInput(f"cannot load weights from {p} into {model.name}: {e}. The file may be "
-                           "damaged or made for another architecture/bands") from None
-
-
+        raise CorruptInput(
+            f"cannot load weights from {p} into {model.name}: {e}. The file may be "
+            "damaged or made for another architecture/bands"
+        ) from None

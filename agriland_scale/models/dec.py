@@ -55,8 +55,9 @@ class ClusteringLayer(keras.layers.Layer):
 
     def build(self, input_shape):
         """Create the ``(k, d)`` centroid weights, ``d`` the last axis of ``input_shape``."""
-        self.clusters = self.add_weight(shape=(self.n_clusters, input_shape[-1]),
-                                        initializer="glorot_uniform", name="clusters")
+        self.clusters = self.add_weight(
+            shape=(self.n_clusters, input_shape[-1]), initializer="glorot_uniform", name="clusters"
+        )
 
     def call(self, z):
         """Map embeddings ``z (n, d)`` to Student's t soft assignments ``q (n, k)`` (rows sum to 1)."""
@@ -80,10 +81,20 @@ class DECResult:
     encoder: keras.Model | None = None  # the fine-tuned encoder, when one was given
 
 
-def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, max_iter: int = 10_000,
-            update_interval: int = 100, tol: float = 0.001, batch_size: int = 16,
-            learning_rate: float = 0.01, momentum: float = 0.9, seed: int = 0,
-            encoder: keras.Model | None = None) -> DECResult:
+def fit_dec(
+    z: np.ndarray,
+    init_centroids: np.ndarray,
+    *,
+    alpha: float = 1.0,
+    max_iter: int = 10_000,
+    update_interval: int = 100,
+    tol: float = 0.001,
+    batch_size: int = 16,
+    learning_rate: float = 0.01,
+    momentum: float = 0.9,
+    seed: int = 0,
+    encoder: keras.Model | None = None,
+) -> DECResult:
     """Refine ``init_centroids (k, d)`` by minimising KL(P || Q) with SGD (momentum).
 
     Without ``encoder``, ``z (n, d)`` are fixed embeddings and only the centroids train.
@@ -129,7 +140,7 @@ def fit_dec(z: np.ndarray, init_centroids: np.ndarray, *, alpha: float = 1.0, ma
             if it > 0 and delta < tol:
                 converged = True
                 break
-        idx = order[pos:pos + batch_size]
+        idx = order[pos : pos + batch_size]
         if len(idx) < batch_size:
             order = rng.permutation(len(z))
             pos = 0

@@ -23,12 +23,15 @@ __all__ = ["check_model", "embed_patches"]
 
 
 # what the sidecar's "task" / "model" say for each kind of model a stage takes
-_TASKS = {"embedding": "a CAE encoder (models/encoder.keras of a run or of `agriland train-cae`)",
-          "segmentation": "a U-Net (models/unet.keras of a run or of `agriland train-unet`)"}
+_TASKS = {
+    "embedding": "a CAE encoder (models/encoder.keras of a run or of `agriland train-cae`)",
+    "segmentation": "a U-Net (models/unet.keras of a run or of `agriland train-unet`)",
+}
 
 
-def check_model(model_path: str, task: str, bands: list[str], reflectance_max: float, size: int, *,
-                key: str | None = None) -> dict:
+def check_model(
+    model_path: str, task: str, bands: list[str], reflectance_max: float, size: int, *, key: str | None = None
+) -> dict:
     """Refuse a model file that does not fit ``task`` or the run's bands and patch size.
 
     A model is refused when it is not the kind of model ``task`` needs, or when it reads other
@@ -56,26 +59,42 @@ def check_model(model_path: str, task: str, bands: list[str], reflectance_max: f
     found = meta.get("task")
     is_encoder = meta.get("model") == "cae_encoder"
     if found != task or (task == "embedding" and not is_encoder):
-        what = ("a U-Net (a segmentation model)" if found == "segmentation" else
-                "a CAE encoder (an embedding model)" if found == "embedding" and is_encoder else
-                "the whole autoencoder, not its encoder" if found == "embedding" else
-                f"a model of task {found!r}")
-        hint = (f"; use {model_path.rsplit('/', 1)[0]}/encoder.keras beside it"
-                if task == "embedding" and found == "embedding" else "")
-        raise ModelMismatch(f"{where} is {what} (its sidecar says task {found!r}, model "
-                            f"{meta.get('model')!r}), but this stage needs {_TASKS[task]}{hint}")
+        what = (
+            "a U-Net (a segmentation model)"
+            if found == "segmentation"
+            else "a CAE encoder (an embedding model)"
+            if found == "embedding" and is_encoder
+            else "the whole autoencoder, not its encoder"
+            if found == "embedding"
+            else f"a model of task {found!r}"
+        )
+        hint = (
+            f"; use {model_path.rsplit('/', 1)[0]}/encoder.keras beside it"
+            if task == "embedding" and found == "embedding"
+            else ""
+        )
+        raise ModelMismatch(
+            f"{where} is {what} (its sidecar says task {found!r}, model "
+            f"{meta.get('model')!r}), but this stage needs {_TASKS[task]}{hint}"
+        )
     if list(meta.get("bands") or []) != list(bands):
-        raise BandMismatch(f"{where} was trained on bands {meta.get('bands')} but the run "
-                           f"gives {list(bands)}: use the same bands, in the same order, or retrain")
+        raise BandMismatch(
+            f"{where} was trained on bands {meta.get('bands')} but the run "
+            f"gives {list(bands)}: use the same bands, in the same order, or retrain"
+        )
     rmax = (meta.get("normalisation") or {}).get("reflectance_max")
     if rmax is None or abs(rmax - reflectance_max) > 1e-9:
-        raise BandMismatch(f"{where} expects reflectance_max {rmax}, the run uses "
-                           f"{reflectance_max}: set it to {rmax} or retrain")
+        raise BandMismatch(
+            f"{where} expects reflectance_max {rmax}, the run uses "
+            f"{reflectance_max}: set it to {rmax} or retrain"
+        )
     _check_signature(model_path, where, task, meta, len(bands))
     if meta.get("patch_size") != size:
         what = "patches.size" if task == "embedding" else "segment.window"
-        raise ModelMismatch(f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
-                            f"{size}: set {what} to {meta.get('patch_size')}")
+        raise ModelMismatch(
+            f"{where} takes {meta.get('patch_size')} px inputs, the run gives "
+            f"{size}: set {what} to {meta.get('patch_size')}"
+        )
     return meta
 
 
@@ -92,25 +111,51 @@ def _check_signature(model_path: str, where: str, task: str, meta: dict, n_bands
     problems = []
     if isinstance(shape, list) and len(shape) == 4 and shape[-1] not in (None, n_bands):
         problems.append(f"it takes {shape[-1]} band(s), the run gives {n_bands}")
-    if task == "segmentation" and out and (out.get("class") != "Conv2D" or out.get("channels") != 1
-                                           or out.get("activation") != "sigmoid"):
-        problems.append(f"its output is a {out.get('class')} layer '{out.get('name')}' of "
-                        f"{out.get('channels')} channel(s), activation {out.get('activation')!r}, not one "
-                        "sigmoid probability a pixel (a Conv2D of 1 filter)")
-    if task == "embedding" and out and (out.get("class") != "Dense" or (
-            meta.get("embedding_dim") and out.get("channels") != meta.get("embedding_dim"))):
-        problems.append(f"its output is a {out.get('class')} layer '{out.get('name')}' of "
-                        f"{out.get('channels')} channel(s), not one vector of {meta.get('embedding_dim')} "
-                        "values a patch (a Dense layer)")
+    if (
+        task == "segmentation"
+        and out
+        and (out.get("class") != "Conv2D" or out.get("channels") != 1 or out.get("activation") != "sigmoid")
+    ):
+        problems.append(
+            f"its output is a {out.get('class')} layer '{out.get('name')}' of "
+            f"{out.get('channels')} channel(s), activation {out.get('activation')!r}, not one "
+            "sigmoid probability a pixel (a Conv2D of 1 filter)"
+        )
+    if (
+        task == "embedding"
+        and out
+        and (
+            out.get("class") != "Dense"
+            or (meta.get("embedding_dim") and out.get("channels") != meta.get("embedding_dim"))
+        )
+    ):
+        problems.append(
+            f"its output is a {out.get('class')} layer '{out.get('name')}' of "
+            f"{out.get('channels')} channel(s), not one vector of {meta.get('embedding_dim')} "
+            "values a patch (a Dense layer)"
+        )
     if problems:
-        raise ModelMismatch(f"{where} is not the model its sidecar describes ({'; '.join(problems)}): the "
-                            f".keras file and its sidecar {model_path}.json come from different models. Give the "
-                            f".keras file saved with that sidecar, or retrain; this stage needs {_TASKS[task]}")
+        raise ModelMismatch(
+            f"{where} is not the model its sidecar describes ({'; '.join(problems)}): the "
+            f".keras file and its sidecar {model_path}.json come from different models. Give the "
+            f".keras file saved with that sidecar, or retrain; this stage needs {_TASKS[task]}"
+        )
 
 
-def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarray, valid: np.ndarray,
-                 size: int, bands: list[str], reflectance_max: float, dim: int, batch_size: int,
-                 group: str = "cube", precision: str = "float32") -> np.ndarray:
+def _embed_batch(
+    model_path: str,
+    cube_store: str,
+    y0: np.ndarray,
+    x0: np.ndarray,
+    valid: np.ndarray,
+    size: int,
+    bands: list[str],
+    reflectance_max: float,
+    dim: int,
+    batch_size: int,
+    group: str = "cube",
+    precision: str = "float32",
+) -> np.ndarray:
     out = np.full((len(y0), dim), np.nan, dtype="float32")
     if not valid.any():
         return out
@@ -123,15 +168,26 @@ def _embed_batch(model_path: str, cube_store: str, y0: np.ndarray, x0: np.ndarra
         x = read_patches(cube["reflectance"], y0[valid], x0[valid], size, bands, reflectance_max)
         # batch by batch: what predict(x, batch_size=batch_size) computes, without building a
         # tf.data pipeline for every task
-        out[valid] = np.concatenate([_worker.predict(model, x[s:s + batch_size])
-                                     for s in range(0, len(x), batch_size)])
+        out[valid] = np.concatenate(
+            [_worker.predict(model, x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+        )
     return out
 
 
-def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: list[str],
-                  reflectance_max: float, *, batch_size: int, min_valid_fraction: float,
-                  resources: dict | None = None, tasks_batches: int = 4, group: str = "cube",
-                  precision: str = "float32") -> xr.Dataset:
+def embed_patches(
+    model_path: str,
+    cube_store: str,
+    index: xr.Dataset,
+    bands: list[str],
+    reflectance_max: float,
+    *,
+    batch_size: int,
+    min_valid_fraction: float,
+    resources: dict | None = None,
+    tasks_batches: int = 4,
+    group: str = "cube",
+    precision: str = "float32",
+) -> xr.Dataset:
     """Lazy embeddings ``(patch, dim)`` float32 of every patch of ``index``; compute on a Dask client.
 
     Patches are read by the workers from the cube ``group`` of the Zarr store ``cube_store``.
@@ -150,17 +206,34 @@ def embed_patches(model_path: str, cube_store: str, index: xr.Dataset, bands: li
     fn = dask.delayed(_embed_batch, pure=True)
     with dask.annotate(resources=resources or {}):
         for sl in iter_batches(len(y0), batch_size * tasks_batches):
-            args = (model_path, cube_store, y0[sl], x0[sl], valid[sl], size, bands, reflectance_max, dim,
-                    batch_size, group, precision)
+            args = (
+                model_path,
+                cube_store,
+                y0[sl],
+                x0[sl],
+                valid[sl],
+                size,
+                bands,
+                reflectance_max,
+                dim,
+                batch_size,
+                group,
+                precision,
+            )
             # named for the dashboard: "embed-batch" in the task stream and progress bars
             d = fn(*args, dask_key_name=f"embed-batch-{tokenize(*args)}")
             parts.append(da.from_delayed(d, shape=(sl.stop - sl.start, dim), dtype="float32"))
     arr = da.concatenate(parts)
-    ds = xr.Dataset({"embedding": (("patch", "dim"), arr)},
-                    coords={"patch": index["patch"].values, "dim": np.arange(dim)})
-    ds["embedding"].attrs.update(long_name="CAE patch embedding",
-                                 model=str(model_path).rstrip("/").rsplit("/", 1)[-1], units="1",
-                                 note="NaN for patches below min_valid_fraction", precision=precision)
+    ds = xr.Dataset(
+        {"embedding": (("patch", "dim"), arr)}, coords={"patch": index["patch"].values, "dim": np.arange(dim)}
+    )
+    ds["embedding"].attrs.update(
+        long_name="CAE patch embedding",
+        model=str(model_path).rstrip("/").rsplit("/", 1)[-1],
+        units="1",
+        note="NaN for patches below min_valid_fraction",
+        precision=precision,
+    )
     ds["patch"].attrs.update(long_name="patch number (as in the patches group)")
     ds["dim"].attrs.update(long_name="embedding dimension")
     return ds

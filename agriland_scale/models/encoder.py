@@ -23,9 +23,17 @@ from agriland_scale.models.backbone import build_backbone, load_weights_file
 __all__ = ["build_cae", "encoder_from_cae"]
 
 
-def build_cae(size: int = 256, n_bands: int = 3, *, head: str = "flatten", weights: str = "imagenet",
-              embedding_dim: int = 100, dense_units: int = 4096, seed: int = 0,
-              bands: Sequence[str] | None = None) -> keras.Model:
+def build_cae(
+    size: int = 256,
+    n_bands: int = 3,
+    *,
+    head: str = "flatten",
+    weights: str = "imagenet",
+    embedding_dim: int = 100,
+    dense_units: int = 4096,
+    seed: int = 0,
+    bands: Sequence[str] | None = None,
+) -> keras.Model:
     """Build the CAE: one model with outputs ``[reconstruction, embedding]``.
 
     ``weights``: ``imagenet`` (backbone), a ``.keras``/``.weights.h5`` file (whole CAE) or
@@ -34,14 +42,16 @@ def build_cae(size: int = 256, n_bands: int = 3, *, head: str = "flatten", weigh
     red, green, blue (see :func:`~.backbone.adapt_first_conv`).
     """
     inp = keras.Input((size, size, n_bands), name="patch")
-    backbone = build_backbone("resnet50", size, n_bands, "imagenet" if weights == "imagenet" else "none",
-                              bands)
+    backbone = build_backbone(
+        "resnet50", size, n_bands, "imagenet" if weights == "imagenet" else "none", bands
+    )
     fmap = backbone(inp)
     init = keras.initializers.GlorotUniform(seed=seed)
     h = layers.Flatten()(fmap) if head == "flatten" else layers.GlobalAveragePooling2D()(fmap)
     h = layers.Dense(dense_units, activation="relu", kernel_initializer=init, name="dense_head")(h)
-    emb = layers.Dense(embedding_dim, kernel_initializer=keras.initializers.GlorotUniform(seed + 1),
-                       name="embedding")(h)
+    emb = layers.Dense(
+        embedding_dim, kernel_initializer=keras.initializers.GlorotUniform(seed + 1), name="embedding"
+    )(h)
     x = fmap
     for f in (512, 256, 128, 64, 64):
         x = layers.Conv2DTranspose(f, 3, strides=2, padding="same")(x)

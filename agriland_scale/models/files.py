@@ -42,15 +42,21 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
             p = local_copy(str(model_path) + ".json")
         meta = json.loads(p.read_text())
     except FileNotFoundError:
-        raise CorruptInput(f"model {model_path} has no metadata sidecar {p}: it was not saved by "
-                           "agriland-scale; retrain it or write the sidecar") from None
+        raise CorruptInput(
+            f"model {model_path} has no metadata sidecar {p}: it was not saved by "
+            "agriland-scale; retrain it or write the sidecar"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptInput(f"the metadata sidecar {p} of model {model_path} is damaged "
-                           f"({type(e).__name__}: {str(e)[:120]}): copy it again with the model, "
-                           "or retrain") from None
+        raise CorruptInput(
+            f"the metadata sidecar {p} of model {model_path} is damaged "
+            f"({type(e).__name__}: {str(e)[:120]}): copy it again with the model, "
+            "or retrain"
+        ) from None
     if not isinstance(meta, dict):
-        raise CorruptInput(f"the metadata sidecar {p} of model {model_path} is not a JSON object: "
-                           "copy it again with the model, or retrain")
+        raise CorruptInput(
+            f"the metadata sidecar {p} of model {model_path} is not a JSON object: "
+            "copy it again with the model, or retrain"
+        )
     return meta
 
 
@@ -71,19 +77,23 @@ def check_keras_file(model_path: str | Path, where: str | None = None) -> None:
     except FileNotFoundError:
         p = Path("/nonexistent/" + Path(str(model_path)).name)
     if not p.is_file():
-        raise CorruptInput(f"{where}: no such file" + (" (it is a folder)" if p.is_dir() else "")
-                           + ": give the path of a .keras file saved by agriland-scale")
+        raise CorruptInput(
+            f"{where}: no such file"
+            + (" (it is a folder)" if p.is_dir() else "")
+            + ": give the path of a .keras file saved by agriland-scale"
+        )
     try:
         with zipfile.ZipFile(p) as z:
             names = set(z.namelist())
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CorruptInput(f"{where} is not a Keras model file ({type(e).__name__}: {str(e)[:120]}): "
-                           "the file is damaged or of another kind; copy it again or retrain") from None
+        raise CorruptInput(
+            f"{where} is not a Keras model file ({type(e).__name__}: {str(e)[:120]}): "
+            "the file is damaged or of another kind; copy it again or retrain"
+        ) from None
     if bad is not None or "config.json" not in names:
         what = f"its member {bad} is damaged" if bad else "it holds no config.json"
-        raise CorruptInput(f"{where} is not a complete Keras model file ({what}): copy it again "
-                           "or retrain")
+        raise CorruptInput(f"{where} is not a complete Keras model file ({what}): copy it again or retrain")
 
 
 def model_signature(model_path: str | Path) -> dict[str, Any]:
@@ -123,7 +133,10 @@ def model_signature(model_path: str | Path) -> dict[str, Any]:
     if out is not None:
         c = out.get("config") or {}
         act = c.get("activation")
-        found["output"] = {"class": out.get("class_name"), "name": out.get("name"),
-                           "channels": c.get("filters", c.get("units")),
-                           "activation": act if isinstance(act, str) else None}
+        found["output"] = {
+            "class": out.get("class_name"),
+            "name": out.get("name"),
+            "channels": c.get("filters", c.get("units")),
+            "activation": act if isinstance(act, str) else None,
+        }
     return found

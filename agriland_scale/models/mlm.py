@@ -41,12 +41,40 @@ __all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "write_mlm_item"]
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
 EO_SCHEMA = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
 # the common band names of the EO extension (v1.1.0)
-_EO_COMMON_NAMES = {"coastal", "blue", "green", "red", "rededge", "yellow", "pan", "nir", "nir08", "nir09",
-                    "cirrus", "swir16", "swir22", "lwir", "lwir11", "lwir12"}
+_EO_COMMON_NAMES = {
+    "coastal",
+    "blue",
+    "green",
+    "red",
+    "rededge",
+    "yellow",
+    "pan",
+    "nir",
+    "nir08",
+    "nir09",
+    "cirrus",
+    "swir16",
+    "swir22",
+    "lwir",
+    "lwir11",
+    "lwir12",
+}
 # the tasks of MLM 1.4.0 (its schema allows no other)
-MLM_TASKS = ("regression", "classification", "scene-classification", "detection", "object-detection",
-             "segmentation", "semantic-segmentation", "instance-segmentation", "panoptic-segmentation",
-             "similarity-search", "generative", "image-captioning", "super-resolution")
+MLM_TASKS = (
+    "regression",
+    "classification",
+    "scene-classification",
+    "detection",
+    "object-detection",
+    "segmentation",
+    "semantic-segmentation",
+    "instance-segmentation",
+    "panoptic-segmentation",
+    "similarity-search",
+    "generative",
+    "image-captioning",
+    "super-resolution",
+)
 # agriland's names for what its models do -> the MLM task
 _TASK_NAMES = {"embedding": "similarity-search", "segmentation": "semantic-segmentation"}
 
@@ -67,8 +95,13 @@ def _eo_bands(bands: list[str]) -> list[dict[str, str]]:
     out = []
     for b in bands:
         common = "rededge" if b.startswith("rededge") else b
-        out.append({"name": b, **({"common_name": common} if common in _EO_COMMON_NAMES else {}),
-                    "description": f"Sentinel-2 MSI band '{b}'"})
+        out.append(
+            {
+                "name": b,
+                **({"common_name": common} if common in _EO_COMMON_NAMES else {}),
+                "description": f"Sentinel-2 MSI band '{b}'",
+            }
+        )
     return out
 
 
@@ -78,20 +111,34 @@ def _model_output(output: dict[str, Any]) -> ModelOutput:
 
     result = output["result"]
     out = ModelOutput.create(
-        name=str(output["name"]), tasks=[TaskType(t) for t in output["tasks"]],
-        result=ResultStructure.create(shape=[int(v) for v in result["shape"]], dim_order=list(result["dim_order"]),
-                                      data_type=DataType(result["data_type"])),
+        name=str(output["name"]),
+        tasks=[TaskType(t) for t in output["tasks"]],
+        result=ResultStructure.create(
+            shape=[int(v) for v in result["shape"]],
+            dim_order=list(result["dim_order"]),
+            data_type=DataType(result["data_type"]),
+        ),
         description=output.get("description"),
-        classes=[Classification.create(value=int(c["value"]), description=c.get("description"), name=c.get("name"))
-                 for c in output.get("classification:classes") or []] or None)
+        classes=[
+            Classification.create(value=int(c["value"]), description=c.get("description"), name=c.get("name"))
+            for c in output.get("classification:classes") or []
+        ]
+        or None,
+    )
     for key, value in output.items():  # anything MLM allows beyond these (post_processing_function ...)
         if key not in ("name", "tasks", "result", "description", "classification:classes"):
             out.properties[key] = value
     return out
 
 
-def write_mlm_item(model_path: str | Path, meta: dict[str, Any], *, bbox_lonlat: list[float],
-                   n_params: int, output: dict[str, Any]) -> Path:
+def write_mlm_item(
+    model_path: str | Path,
+    meta: dict[str, Any],
+    *,
+    bbox_lonlat: list[float],
+    n_params: int,
+    output: dict[str, Any],
+) -> Path:
     """Write ``<model_path>.stac.json``; ``bbox_lonlat`` is the training cube's extent (EPSG:4326).
 
     ``meta`` is the model's sidecar (bands, normalisation, patch size, task, training
@@ -111,38 +158,75 @@ def write_mlm_item(model_path: str | Path, meta: dict[str, Any], *, bbox_lonlat:
     item = pystac.Item(
         id=model_path.stem,
         geometry={"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
-        bbox=[x0, y0, x1, y1], datetime=None,
+        bbox=[x0, y0, x1, y1],
+        datetime=None,
         # valid for Sentinel-2 MSI data: from the launch of Sentinel-2A to the model's making
         start_datetime=pystac.utils.str_to_datetime("2015-06-23T00:00:00Z"),
         end_datetime=pystac.utils.str_to_datetime(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
-        properties={"description": (f"agriland-scale {meta.get('model')} ({what}) trained on "
-                                    f"'{meta.get('training_region', '')}'")})
+        properties={
+            "description": (
+                f"agriland-scale {meta.get('model')} ({what}) trained on '{meta.get('training_region', '')}'"
+            )
+        },
+    )
     model_input = ModelInput.create(
-        name="Sentinel-2 reflectance patch", bands=bands,
-        input=InputStructure.create(shape=[-1, size, size, len(bands)],
-                                    dim_order=["batch", "height", "width", "bands"], data_type=DataType.FLOAT32),
-        value_scaling=None)
+        name="Sentinel-2 reflectance patch",
+        bands=bands,
+        input=InputStructure.create(
+            shape=[-1, size, size, len(bands)],
+            dim_order=["batch", "height", "width", "bands"],
+            data_type=DataType.FLOAT32,
+        ),
+        value_scaling=None,
+    )
     # two steps (clip, then min-max): MLM 1.4 allows a list; pystac's create takes one
     model_input.properties["value_scaling"] = [
         ValueScaling.create(ValueScalingType.CLIP, minimum=0.0, maximum=rmax).to_dict(),
-        ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=rmax).to_dict()]
+        ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=rmax).to_dict(),
+    ]
     model_input.properties["resize_type"] = None
     MLMExtension.ext(item, add_if_missing=True).apply(
         name=f"agriland-{meta.get('model')}",
-        architecture="U-Net" if task == "semantic-segmentation" else "Convolutional autoencoder (ResNet-50 encoder)",
-        tasks=[TaskType(task)], input=[model_input], output=[_model_output(output)],
-        framework="keras", framework_version=keras.__version__, total_parameters=int(n_params),
-        pretrained=pretrained, pretrained_source=meta.get("initial_weights") if pretrained else None,
+        architecture="U-Net"
+        if task == "semantic-segmentation"
+        else "Convolutional autoencoder (ResNet-50 encoder)",
+        tasks=[TaskType(task)],
+        input=[model_input],
+        output=[_model_output(output)],
+        framework="keras",
+        framework_version=keras.__version__,
+        total_parameters=int(n_params),
+        pretrained=pretrained,
+        pretrained_source=meta.get("initial_weights") if pretrained else None,
         batch_size_suggestion=int(meta.get("batch_size") or 8),
-        accelerator=AcceleratorType.AMD64, accelerator_constrained=False,
-        hyperparameters=Hyperparameters.create(**{k: meta[k] for k in (
-            "epochs", "steps_per_epoch", "batch_size", "learning_rate", "seed", "augment_factor", "encoder", "head")
-            if k in meta}))
+        accelerator=AcceleratorType.AMD64,
+        accelerator_constrained=False,
+        hyperparameters=Hyperparameters.create(
+            **{
+                k: meta[k]
+                for k in (
+                    "epochs",
+                    "steps_per_epoch",
+                    "batch_size",
+                    "learning_rate",
+                    "seed",
+                    "augment_factor",
+                    "encoder",
+                    "head",
+                )
+                if k in meta
+            }
+        ),
+    )
     item.properties["agriland:metadata"] = model_path.name + ".json"
-    asset = pystac.Asset(href=f"./{model_path.name}", media_type="application/octet-stream; application=keras",
-                         title="Keras 3 model (.keras)", roles=["mlm:model", "mlm:weights"],
-                         # the bands mlm:input names (MLM requires them described)
-                         extra_fields={"eo:bands": _eo_bands(bands)})
+    asset = pystac.Asset(
+        href=f"./{model_path.name}",
+        media_type="application/octet-stream; application=keras",
+        title="Keras 3 model (.keras)",
+        roles=["mlm:model", "mlm:weights"],
+        # the bands mlm:input names (MLM requires them described)
+        extra_fields={"eo:bands": _eo_bands(bands)},
+    )
     item.add_asset("model", asset)
     AssetGeneralMLMExtension.ext(asset, add_if_missing=True).apply(artifact_type="keras.Model.save")
     if EO_SCHEMA not in item.stac_extensions:

@@ -60,8 +60,9 @@ def _predicted_pixels(size: int, overlap: int, height: int, width: int) -> int:
     return len(_grid(height, size, overlap)) * len(_grid(width, size, overlap)) * size * size
 
 
-def choose_inference_window(setting: int | str | None, window: int, overlap: int, height: int, width: int,
-                            encoder: str | None) -> int:
+def choose_inference_window(
+    setting: int | str | None, window: int, overlap: int, height: int, width: int, encoder: str | None
+) -> int:
     """Choose the window side (px) the U-Net predicts on for a region of ``height x width`` px.
 
     Parameters
@@ -95,9 +96,11 @@ def choose_inference_window(setting: int | str | None, window: int, overlap: int
         return window
     if isinstance(setting, int):
         if setting != window and not resizable:
-            raise ModelMismatch(f"segment.inference_window {setting} needs a plain or ResNet-50 U-Net; this "
-                                f"one's encoder is {encoder!r}, whose valid convolutions tie it to its "
-                                f"{window} px training window: set segment.inference_window to null or auto")
+            raise ModelMismatch(
+                f"segment.inference_window {setting} needs a plain or ResNet-50 U-Net; this "
+                f"one's encoder is {encoder!r}, whose valid convolutions tie it to its "
+                f"{window} px training window: set segment.inference_window to null or auto"
+            )
         return setting
     if not resizable:
         return window
@@ -112,8 +115,18 @@ def _weight(window: int) -> np.ndarray:
     return blend_weight(window, floor=0.0)
 
 
-def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, window: int,
-                  reflectance_max: float, batch_size: int, lock=None) -> np.ndarray | None:
+def _weighted_sum(
+    model,
+    reflectance,
+    clear,
+    rs: np.ndarray,
+    cs: np.ndarray,
+    *,
+    window: int,
+    reflectance_max: float,
+    batch_size: int,
+    lock=None,
+) -> np.ndarray | None:
     """Sum of ``weight * prediction`` (float64) of windows ``rs x cs`` over their span.
 
     The span starts at global pixel ``(rs.min(), cs.min())`` and is ``rs.max() - rs.min() +
@@ -125,27 +138,31 @@ def _weighted_sum(model, reflectance, clear, rs: np.ndarray, cs: np.ndarray, *, 
     x_lo, x_hi = int(cs.min()), int(cs.max()) + window
     ry0, ry1, rx0, rx1 = max(y_lo, 0), min(y_hi, H), max(x_lo, 0), min(x_hi, W)
     ok = np.zeros((y_hi - y_lo, x_hi - x_lo), dtype=bool)
-    ok[ry0 - y_lo:ry1 - y_lo, rx0 - x_lo:rx1 - x_lo] = np.asarray(clear[ry0:ry1, rx0:rx1]) > 0
-    offsets = [(int(r) - y_lo, int(c) - x_lo) for r in rs for c in cs
-               if ok[r - y_lo:r - y_lo + window, c - x_lo:c - x_lo + window].any()]
+    ok[ry0 - y_lo : ry1 - y_lo, rx0 - x_lo : rx1 - x_lo] = np.asarray(clear[ry0:ry1, rx0:rx1]) > 0
+    offsets = [
+        (int(r) - y_lo, int(c) - x_lo)
+        for r in rs
+        for c in cs
+        if ok[r - y_lo : r - y_lo + window, c - x_lo : c - x_lo + window].any()
+    ]
     if not offsets:
         return None
     # read the span once, padding with 0 (no data) outside the image
     span = np.zeros((reflectance.shape[0], y_hi - y_lo, x_hi - x_lo), dtype="float32")
-    span[:, ry0 - y_lo:ry1 - y_lo, rx0 - x_lo:rx1 - x_lo] = np.asarray(reflectance[:, ry0:ry1, rx0:rx1])
+    span[:, ry0 - y_lo : ry1 - y_lo, rx0 - x_lo : rx1 - x_lo] = np.asarray(reflectance[:, ry0:ry1, rx0:rx1])
     span = np.ascontiguousarray(np.moveaxis(normalise(span, reflectance_max), 0, -1))
     weight = _weight(window)
     acc = np.zeros((y_hi - y_lo, x_hi - x_lo), dtype="float64")
     for s in range(0, len(offsets), batch_size):
-        chunk = offsets[s:s + batch_size]
-        batch = np.stack([span[r:r + window, c:c + window] for r, c in chunk])
+        chunk = offsets[s : s + batch_size]
+        batch = np.stack([span[r : r + window, c : c + window] for r, c in chunk])
         # the same computation as predict(batch, batch_size=len(batch)) without building a
         # tf.data pipeline per call, traced once for any batch size
         with lock or contextlib.nullcontext():
             pred = np.asarray(_worker.predict(model, batch))
         _check_probabilities(pred, batch.shape)
         for (r, c), p in zip(chunk, pred[..., 0]):
-            acc[r:r + window, c:c + window] += p * weight
+            acc[r : r + window, c : c + window] += p * weight
     return acc
 
 
@@ -157,10 +174,12 @@ def _check_probabilities(pred: np.ndarray, shape: tuple[int, ...]) -> None:
     """
     if pred.shape != (*shape[:3], 1) or not (np.all(pred >= 0) and np.all(pred <= 1)):
         lo, hi = (float(np.nanmin(pred)), float(np.nanmax(pred))) if pred.size else (np.nan, np.nan)
-        raise ModelMismatch(f"the segmentation model gave outputs of shape {tuple(pred.shape)} in [{lo:.3g}, "
-                            f"{hi:.3g}] for windows of shape {tuple(shape)}: a U-Net gives one probability in "
-                            "[0, 1] a pixel (n, h, w, 1). segment.model is not a U-Net of agriland-scale: give "
-                            "one (models/unet.keras of a run), or retrain")
+        raise ModelMismatch(
+            f"the segmentation model gave outputs of shape {tuple(pred.shape)} in [{lo:.3g}, "
+            f"{hi:.3g}] for windows of shape {tuple(shape)}: a U-Net gives one probability in "
+            "[0, 1] a pixel (n, h, w, 1). segment.model is not a U-Net of agriland-scale: give "
+            "one (models/unet.keras of a run), or retrain"
+        )
 
 
 def _weight_sum(rs: np.ndarray, cs: np.ndarray, window: int, gy: int, gx: int, h: int, w: int) -> np.ndarray:
@@ -172,7 +191,7 @@ def _weight_sum(rs: np.ndarray, cs: np.ndarray, window: int, gy: int, gx: int, h
         for c in cs:
             x0, x1 = max(int(c), gx), min(int(c) + window, gx + w)
             if y0 < y1 and x0 < x1:
-                wsum[y0 - gy:y1 - gy, x0 - gx:x1 - gx] += weight[y0 - r:y1 - r, x0 - c:x1 - c]
+                wsum[y0 - gy : y1 - gy, x0 - gx : x1 - gx] += weight[y0 - r : y1 - r, x0 - c : x1 - c]
     return wsum
 
 
@@ -180,9 +199,21 @@ def _touching(starts: np.ndarray, lo: int, hi: int, window: int) -> np.ndarray:
     return starts[(starts < hi) & (starts + window > lo)]
 
 
-def predict_block(model, reflectance: np.ndarray, clear: np.ndarray, gy: int, gx: int, h: int, w: int,
-                  *, window: int, overlap: int, reflectance_max: float, batch_size: int,
-                  lock=None) -> np.ndarray:
+def predict_block(
+    model,
+    reflectance: np.ndarray,
+    clear: np.ndarray,
+    gy: int,
+    gx: int,
+    h: int,
+    w: int,
+    *,
+    window: int,
+    overlap: int,
+    reflectance_max: float,
+    batch_size: int,
+    lock=None,
+) -> np.ndarray:
     """Blended probability ``(h, w)`` float32 for the block at global offset (gy, gx).
 
     ``reflectance`` (band, H, W) and ``clear`` (H, W) are array-likes over the whole cube
@@ -190,17 +221,27 @@ def predict_block(model, reflectance: np.ndarray, clear: np.ndarray, gy: int, gx
     block (the whole image when the block is the image).
     """
     H, W = clear.shape
-    ok = np.asarray(clear[gy:gy + h, gx:gx + w]) > 0
+    ok = np.asarray(clear[gy : gy + h, gx : gx + w]) > 0
     if not ok.any():  # an all-nodata / all-cloud block: nothing to predict
         return np.full((h, w), np.nan, dtype="float32")
     rs = _touching(_grid(H, window, overlap), gy, gy + h, window)
     cs = _touching(_grid(W, window, overlap), gx, gx + w, window)
-    acc = _weighted_sum(model, reflectance, clear, rs, cs, window=window,
-                        reflectance_max=reflectance_max, batch_size=batch_size, lock=lock)
+    acc = _weighted_sum(
+        model,
+        reflectance,
+        clear,
+        rs,
+        cs,
+        window=window,
+        reflectance_max=reflectance_max,
+        batch_size=batch_size,
+        lock=lock,
+    )
     assert acc is not None  # the windows covering a clear pixel are never skipped
     y_lo, x_lo = int(rs.min()), int(cs.min())
-    prob = acc[gy - y_lo:gy - y_lo + h, gx - x_lo:gx - x_lo + w] / np.maximum(
-        _weight_sum(rs, cs, window, gy, gx, h, w), 1e-12)
+    prob = acc[gy - y_lo : gy - y_lo + h, gx - x_lo : gx - x_lo + w] / np.maximum(
+        _weight_sum(rs, cs, window, gy, gx, h, w), 1e-12
+    )
     return np.where(ok, prob, np.nan).astype("float32")
 
 
@@ -210,25 +251,54 @@ def _open(cube_store: str, group: str, bands: list[str]):
     return cube["reflectance"].sel(band=bands), cube["clear_count"]
 
 
-def _predict_task(model_path: str, cube_store: str, rs: np.ndarray, cs: np.ndarray, bands: list[str],
-                  window: int, reflectance_max: float, batch_size: int, group: str = "cube",
-                  input_size: int | None = None, precision: str = "float32") -> np.ndarray | None:
+def _predict_task(
+    model_path: str,
+    cube_store: str,
+    rs: np.ndarray,
+    cs: np.ndarray,
+    bands: list[str],
+    window: int,
+    reflectance_max: float,
+    batch_size: int,
+    group: str = "cube",
+    input_size: int | None = None,
+    precision: str = "float32",
+) -> np.ndarray | None:
     """Return the weighted sum of the predictions of windows ``rs x cs`` over their span.
 
     See :func:`_weighted_sum`; runs on a worker, with its cached model.
     """
     model, lock = _worker.get_model(model_path, precision, input_size)
     refl, clear = _open(cube_store, group, bands)
-    return _weighted_sum(model, refl, clear, rs, cs, window=window, reflectance_max=reflectance_max,
-                         batch_size=batch_size, lock=lock)
+    return _weighted_sum(
+        model,
+        refl,
+        clear,
+        rs,
+        cs,
+        window=window,
+        reflectance_max=reflectance_max,
+        batch_size=batch_size,
+        lock=lock,
+    )
 
 
-def _blend_task(cube_store: str, group: str, gy: int, gx: int, h: int, w: int, rs: np.ndarray,
-                cs: np.ndarray, window: int, origins: list[tuple[int, int]], *sums: np.ndarray | None
-                ) -> np.ndarray:
+def _blend_task(
+    cube_store: str,
+    group: str,
+    gy: int,
+    gx: int,
+    h: int,
+    w: int,
+    rs: np.ndarray,
+    cs: np.ndarray,
+    window: int,
+    origins: list[tuple[int, int]],
+    *sums: np.ndarray | None,
+) -> np.ndarray:
     """Blend the block at (gy, gx): the spans' weighted sums that reach it, over the summed weight."""
     clear = open_cube(cube_store, group, dask=False)["clear_count"]
-    ok = np.asarray(clear[gy:gy + h, gx:gx + w]) > 0
+    ok = np.asarray(clear[gy : gy + h, gx : gx + w]) > 0
     if not ok.any():
         return np.full((h, w), np.nan, dtype="float32")
     acc = np.zeros((h, w), dtype="float64")
@@ -238,7 +308,7 @@ def _blend_task(cube_store: str, group: str, gy: int, gx: int, h: int, w: int, r
         y0, y1 = max(y_lo, gy), min(y_lo + s.shape[0], gy + h)
         x0, x1 = max(x_lo, gx), min(x_lo + s.shape[1], gx + w)
         if y0 < y1 and x0 < x1:
-            acc[y0 - gy:y1 - gy, x0 - gx:x1 - gx] += s[y0 - y_lo:y1 - y_lo, x0 - x_lo:x1 - x_lo]
+            acc[y0 - gy : y1 - gy, x0 - gx : x1 - gx] += s[y0 - y_lo : y1 - y_lo, x0 - x_lo : x1 - x_lo]
     prob = acc / np.maximum(_weight_sum(rs, cs, window, gy, gx, h, w), 1e-12)
     return np.where(ok, prob, np.nan).astype("float32")
 
@@ -250,11 +320,23 @@ def _groups(starts: np.ndarray, length: int, window: int, block: int) -> list[np
     return [starts[centre // block == b] for b in range(n)]
 
 
-def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: list[str], *,
-                   window: int, overlap: int, reflectance_max: float, threshold: float,
-                   batch_size: int, block: int = 1024, resources: dict | None = None,
-                   group: str = "cube", inference_window: int | str | None = None,
-                   precision: str = "float32") -> xr.Dataset:
+def segment_region(
+    model_path: str,
+    cube_store: str,
+    cube: xr.Dataset,
+    bands: list[str],
+    *,
+    window: int,
+    overlap: int,
+    reflectance_max: float,
+    threshold: float,
+    batch_size: int,
+    block: int = 1024,
+    resources: dict | None = None,
+    group: str = "cube",
+    inference_window: int | str | None = None,
+    precision: str = "float32",
+) -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
     Output chunks of ``block`` x ``block`` px; every window is predicted once (see the module
@@ -283,43 +365,91 @@ def segment_region(model_path: str, cube_store: str, cube: xr.Dataset, bands: li
         for bi, rs in enumerate(row_groups):
             for bj, cs in enumerate(col_groups):
                 if len(rs) and len(cs):
-                    args = (model_path, cube_store, rs, cs, bands, window, reflectance_max, batch_size, group,
-                            input_size, precision)
-                    sums[bi, bj] = ((int(rs.min()), int(cs.min())),
-                                    (int(rs.max()) + window, int(cs.max()) + window),
-                                    predict(*args, dask_key_name=f"segment-windows-{tokenize(*args)}"))
+                    args = (
+                        model_path,
+                        cube_store,
+                        rs,
+                        cs,
+                        bands,
+                        window,
+                        reflectance_max,
+                        batch_size,
+                        group,
+                        input_size,
+                        precision,
+                    )
+                    sums[bi, bj] = (
+                        (int(rs.min()), int(cs.min())),
+                        (int(rs.max()) + window, int(cs.max()) + window),
+                        predict(*args, dask_key_name=f"segment-windows-{tokenize(*args)}"),
+                    )
     reach = -(-window // block)  # a span reaches at most this many blocks past its own
     rows = []
     for bi, gy in enumerate(range(0, H, block)):
         row = []
         for bj, gx in enumerate(range(0, W, block)):
             h, w = min(block, H - gy), min(block, W - gx)
-            near = [v for i in range(bi - reach, bi + reach + 1) for j in range(bj - reach, bj + reach + 1)
-                    if (v := sums.get((i, j))) is not None
-                    and v[0][0] < gy + h and v[1][0] > gy and v[0][1] < gx + w and v[1][1] > gx]
-            spans = (cube_store, group, gy, gx, h, w, _touching(rs_all, gy, gy + h, window),
-                    _touching(cs_all, gx, gx + w, window), window, [v[0] for v in near])
-            d = blend(*spans, *[v[2] for v in near],
-                      dask_key_name=f"segment-blend-{tokenize(*spans, [v[2].key for v in near])}")
+            near = [
+                v
+                for i in range(bi - reach, bi + reach + 1)
+                for j in range(bj - reach, bj + reach + 1)
+                if (v := sums.get((i, j))) is not None
+                and v[0][0] < gy + h
+                and v[1][0] > gy
+                and v[0][1] < gx + w
+                and v[1][1] > gx
+            ]
+            spans = (
+                cube_store,
+                group,
+                gy,
+                gx,
+                h,
+                w,
+                _touching(rs_all, gy, gy + h, window),
+                _touching(cs_all, gx, gx + w, window),
+                window,
+                [v[0] for v in near],
+            )
+            d = blend(
+                *spans,
+                *[v[2] for v in near],
+                dask_key_name=f"segment-blend-{tokenize(*spans, [v[2].key for v in near])}",
+            )
             row.append(da.from_delayed(d, shape=(h, w), dtype="float32"))
         rows.append(row)
     prob = da.block(rows)
     mask = da.where(da.isnan(prob), 255, (prob >= threshold).astype("uint8")).astype("uint8")
-    ds = xr.Dataset({"probability": (("y", "x"), prob), "mask": (("y", "x"), mask)},
-                    coords={"y": cube.y, "x": cube.x})
+    ds = xr.Dataset(
+        {"probability": (("y", "x"), prob), "mask": (("y", "x"), mask)}, coords={"y": cube.y, "x": cube.x}
+    )
     # the model by its file name, never a path of this machine (the pipeline names it relative
     # to the run: store.run_relative)
-    ds["probability"].attrs.update(long_name="agricultural land probability", units="1",
-                                   model=str(model_path).rstrip("/").rsplit("/", 1)[-1], window=window,
-                                   training_window=trained, overlap=overlap, precision=precision,
-                                   valid_range=np.array([0, 254], dtype="uint8"))
-    ds["mask"].attrs.update(long_name="agricultural land mask", threshold=threshold,
-                            flag_values=np.array([0, 1], dtype="uint8"), flag_meanings="other agricultural")
+    ds["probability"].attrs.update(
+        long_name="agricultural land probability",
+        units="1",
+        model=str(model_path).rstrip("/").rsplit("/", 1)[-1],
+        window=window,
+        training_window=trained,
+        overlap=overlap,
+        precision=precision,
+        valid_range=np.array([0, 254], dtype="uint8"),
+    )
+    ds["mask"].attrs.update(
+        long_name="agricultural land mask",
+        threshold=threshold,
+        flag_values=np.array([0, 1], dtype="uint8"),
+        flag_meanings="other agricultural",
+    )
     # nodata agrees everywhere: CF _FillValue == Zarr fill_value == 255, never a valid value
     # (the probability is stored as round(p * 254) in 0..254, its CF valid_range in stored
     # values, the mask as 0/1)
-    ds["probability"].encoding.update(dtype="uint8", scale_factor=np.float32(1 / 254),
-                                      add_offset=np.float32(0), _FillValue=np.uint8(255),
-                                      fill_value=np.uint8(255))
+    ds["probability"].encoding.update(
+        dtype="uint8",
+        scale_factor=np.float32(1 / 254),
+        add_offset=np.float32(0),
+        _FillValue=np.uint8(255),
+        fill_value=np.uint8(255),
+    )
     ds["mask"].encoding.update(_FillValue=np.uint8(255), fill_value=np.uint8(255))
     return write_georef(ds, cube.rio.crs)

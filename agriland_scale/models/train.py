@@ -85,17 +85,29 @@ def _cae_augmenter(seed: int):
     from keras import layers
 
     # seed: rotation 90 deg, shifts 0.3, zoom 0.5-1.5, horizontal + vertical flips
-    return keras.Sequential([
-        layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
-        layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
-        layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
-        layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
-    ])
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
+            layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
+            layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
+            layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
+        ]
+    )
 
 
-def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int,
-               out_path: str, *, seed: int = 0, region: str = "", group: str = "cube",
-               progress_tag: str | None = None) -> dict[str, Any]:
+def _train_cae(
+    cube_store: str,
+    y0: np.ndarray,
+    x0: np.ndarray,
+    cfg: EmbedConfig,
+    size: int,
+    out_path: str,
+    *,
+    seed: int = 0,
+    region: str = "",
+    group: str = "cube",
+    progress_tag: str | None = None,
+) -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
     Loss: MSE between the (augmented) patch and its reconstruction; Adam. Returns the
@@ -114,9 +126,16 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
     _phase(progress_tag, CAE_LABEL, "building the model…", total=total)
-    cae = build_cae(size, len(cfg.bands), head=cfg.head, weights=cfg.weights,
-                    embedding_dim=cfg.embedding_dim, dense_units=cfg.dense_units, seed=seed,
-                    bands=[canonical_band(b) for b in cfg.bands])
+    cae = build_cae(
+        size,
+        len(cfg.bands),
+        head=cfg.head,
+        weights=cfg.weights,
+        embedding_dim=cfg.embedding_dim,
+        dense_units=cfg.dense_units,
+        seed=seed,
+        bands=[canonical_band(b) for b in cfg.bands],
+    )
     recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
     recon_model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss="mse")
     history: dict[str, list[float]] = {}
@@ -129,12 +148,19 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
             ds = ds.map(lambda b: aug(b, training=True))
         ds = ds.map(lambda b: (b, b)).prefetch(2)
         # a checkpoint after every epoch (the autoencoder's weights), for long schedules
-        ckpt = keras.callbacks.ModelCheckpoint(str(Path(out_path).with_suffix(".checkpoint.keras")),
-                                               save_freq="epoch")
+        ckpt = keras.callbacks.ModelCheckpoint(
+            str(Path(out_path).with_suffix(".checkpoint.keras")), save_freq="epoch"
+        )
         relay = _relay_callback(CAE_LABEL, tc.epochs, tc.steps_per_epoch, progress_tag)
         _phase(progress_tag, CAE_LABEL, "tracing the first step…", total=total)
-        h = recon_model.fit(ds, epochs=tc.epochs, steps_per_epoch=tc.steps_per_epoch,
-                            shuffle=False, verbose=0, callbacks=[ckpt, relay])
+        h = recon_model.fit(
+            ds,
+            epochs=tc.epochs,
+            steps_per_epoch=tc.steps_per_epoch,
+            shuffle=False,
+            verbose=0,
+            callbacks=[ckpt, relay],
+        )
         history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
     from agriland_scale.models.encoder import encoder_from_cae
     from agriland_scale.models.files import write_sidecar
@@ -148,28 +174,59 @@ def _train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig
     encoder.save(encoder_path)
 
     meta = {
-        "model": cae.name, "task": "embedding", "bands": list(cfg.bands),
-        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
-                          "reflectance_max": cfg.reflectance_max},
-        "patch_size": size, "head": cfg.head, "embedding_dim": cfg.embedding_dim,
-        "initial_weights": cfg.weights, "training_region": region,
-        "training_patches": int(len(x)), "epochs": tc.epochs, "steps_per_epoch": tc.steps_per_epoch,
-        "batch_size": tc.batch_size, "learning_rate": tc.learning_rate, "seed": seed,
-        "history": history, "seconds": time.perf_counter() - t0,
+        "model": cae.name,
+        "task": "embedding",
+        "bands": list(cfg.bands),
+        "normalisation": {
+            "type": "reflectance / reflectance_max, clipped to [0, 1]",
+            "reflectance_max": cfg.reflectance_max,
+        },
+        "patch_size": size,
+        "head": cfg.head,
+        "embedding_dim": cfg.embedding_dim,
+        "initial_weights": cfg.weights,
+        "training_region": region,
+        "training_patches": int(len(x)),
+        "epochs": tc.epochs,
+        "steps_per_epoch": tc.steps_per_epoch,
+        "batch_size": tc.batch_size,
+        "learning_rate": tc.learning_rate,
+        "seed": seed,
+        "history": history,
+        "seconds": time.perf_counter() - t0,
     }
     write_sidecar(out_path, meta)
     write_sidecar(encoder_path, meta | {"model": "cae_encoder", "cae": out_path})
-    write_mlm_item(encoder_path, meta | {"model": "cae_encoder"}, bbox_lonlat=_lonlat_bounds(cube),
-                   n_params=encoder.count_params(),
-                   output={"name": "embedding", "tasks": ["similarity-search"],
-                           "result": {"shape": [-1, cfg.embedding_dim], "dim_order": ["batch", "embedding"],
-                                      "data_type": "float32"}})
+    write_mlm_item(
+        encoder_path,
+        meta | {"model": "cae_encoder"},
+        bbox_lonlat=_lonlat_bounds(cube),
+        n_params=encoder.count_params(),
+        output={
+            "name": "embedding",
+            "tasks": ["similarity-search"],
+            "result": {
+                "shape": [-1, cfg.embedding_dim],
+                "dim_order": ["batch", "embedding"],
+                "data_type": "float32",
+            },
+        },
+    )
     return meta | {"encoder_path": encoder_path}
 
 
-def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *,
-                seed: int = 0, label_source: str = "", region: str = "", group: str = "cube",
-                progress_tag: str | None = None) -> dict[str, Any]:
+def _train_unet(
+    cube_store: str,
+    label: np.ndarray | str,
+    cfg: SegmentConfig,
+    out_path: str,
+    *,
+    seed: int = 0,
+    label_source: str = "",
+    region: str = "",
+    group: str = "cube",
+    progress_tag: str | None = None,
+) -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label``.
 
     ``label`` is a uint8 array (1 / 0 / 255 = ignored, ``(y, x)`` on the cube grid), or the
@@ -191,12 +248,17 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
     t0 = time.perf_counter()
     cube = open_cube(cube_store, group, dask=False)
     if isinstance(label, str):
-        label = np.asarray(xr.open_dataset(cube_store, engine="zarr", group=label, chunks=None,
-                                           consolidated=False)["label"].values)
+        label = np.asarray(
+            xr.open_dataset(cube_store, engine="zarr", group=label, chunks=None, consolidated=False)[
+                "label"
+            ].values
+        )
     if label.shape != (cube.sizes["y"], cube.sizes["x"]):
-        raise CorruptInput(f"label raster {label.shape} is not on the cube grid "
-                           f"({cube.sizes['y']}, {cube.sizes['x']}) of group '{group}': rerun the "
-                           "unet stage (agriland run ... --force unet)")
+        raise CorruptInput(
+            f"label raster {label.shape} is not on the cube grid "
+            f"({cube.sizes['y']}, {cube.sizes['x']}) of group '{group}': rerun the "
+            "unet stage (agriland run ... --force unet)"
+        )
     win, tc = cfg.window, cfg.train
     tr, va, split = training_windows(label, cfg, f"the labels {label_source or ''}".rstrip())
 
@@ -204,7 +266,7 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
         ys = np.array([o[0] for o in offsets])
         xs = np.array([o[1] for o in offsets])
         img = read_patches(cube["reflectance"], ys, xs, win, cfg.bands, cfg.reflectance_max)
-        lab = np.stack([label[r:r + win, c:c + win] for r, c in offsets])[..., None]
+        lab = np.stack([label[r : r + win, c : c + win] for r, c in offsets])[..., None]
         return img, lab
 
     _phase(progress_tag, UNET_LABEL, f"reading {len(tr)} training and {len(va)} validation windows…")
@@ -212,9 +274,12 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
     xva, yva = load(va)
     _phase(progress_tag, UNET_LABEL, "building the model…")
     n_b = xtr.shape[-1]
-    model = build_unet(cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands])
-    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss),
-                  metrics=[masked_iou])
+    model = build_unet(
+        cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(tc.learning_rate), loss=unet_loss(tc.loss), metrics=[masked_iou]
+    )
     augment = unet_augment_fn(n_b, seed)
 
     steps = max(1, (len(xtr) * max(tc.augment_factor, 1)) // tc.batch_size)
@@ -231,40 +296,72 @@ def _train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, ou
             per_epoch.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}, **m})
 
     ckpt = str(Path(out_path).with_suffix(".best.keras"))
-    callbacks = [Metrics(), _relay_callback(UNET_LABEL, tc.epochs, steps, progress_tag),
-                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
-                                               restore_best_weights=True),
-                 keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True)]
+    callbacks = [
+        Metrics(),
+        _relay_callback(UNET_LABEL, tc.epochs, steps, progress_tag),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True),
+    ]
     if tc.epochs > 0:
         _phase(progress_tag, UNET_LABEL, "tracing the first step…", total=tc.epochs * steps)
-        model.fit(ds, epochs=tc.epochs, steps_per_epoch=steps,
-                  validation_data=(xva, yva.astype("float32")), callbacks=callbacks,
-                  shuffle=False, verbose=0)
+        model.fit(
+            ds,
+            epochs=tc.epochs,
+            steps_per_epoch=steps,
+            validation_data=(xva, yva.astype("float32")),
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
     _phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
     model.save(out_path)
     Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
     final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
     meta = {
-        "model": model.name, "task": "segmentation", "encoder": cfg.encoder,
+        "model": model.name,
+        "task": "segmentation",
+        "encoder": cfg.encoder,
         "bands": list(cfg.bands),
-        "normalisation": {"type": "reflectance / reflectance_max, clipped to [0, 1]",
-                          "reflectance_max": cfg.reflectance_max},
-        "patch_size": win, "initial_weights": cfg.weights, "label_source": label_source,
+        "normalisation": {
+            "type": "reflectance / reflectance_max, clipped to [0, 1]",
+            "reflectance_max": cfg.reflectance_max,
+        },
+        "patch_size": win,
+        "initial_weights": cfg.weights,
+        "label_source": label_source,
         "training_region": region,
-        "train_windows": len(tr), "validation_windows": len(va),
+        "train_windows": len(tr),
+        "validation_windows": len(va),
         "validation": {"side": tc.validation, "split_px": split},
-        "epochs": tc.epochs, "steps_per_epoch": steps, "batch_size": tc.batch_size,
-        "learning_rate": tc.learning_rate, "augment_factor": tc.augment_factor, "seed": seed,
-        "loss": tc.loss, "per_epoch": per_epoch, "validation_metrics": final, "seconds": time.perf_counter() - t0,
+        "epochs": tc.epochs,
+        "steps_per_epoch": steps,
+        "batch_size": tc.batch_size,
+        "learning_rate": tc.learning_rate,
+        "augment_factor": tc.augment_factor,
+        "seed": seed,
+        "loss": tc.loss,
+        "per_epoch": per_epoch,
+        "validation_metrics": final,
+        "seconds": time.perf_counter() - t0,
     }
     write_sidecar(out_path, meta)
-    write_mlm_item(out_path, meta, bbox_lonlat=_lonlat_bounds(cube), n_params=model.count_params(),
-                   output={"name": "agricultural land probability", "tasks": ["semantic-segmentation"],
-                           "result": {"shape": [-1, win, win, 1], "dim_order": ["batch", "height", "width", "channel"],
-                                      "data_type": "float32"},
-                           "classification:classes": [{"value": 0, "name": "other"},
-                                                      {"value": 1, "name": "agricultural"}],
-                           "post_processing_function": None})
+    write_mlm_item(
+        out_path,
+        meta,
+        bbox_lonlat=_lonlat_bounds(cube),
+        n_params=model.count_params(),
+        output={
+            "name": "agricultural land probability",
+            "tasks": ["semantic-segmentation"],
+            "result": {
+                "shape": [-1, win, win, 1],
+                "dim_order": ["batch", "height", "width", "channel"],
+                "data_type": "float32",
+            },
+            "classification:classes": [{"value": 0, "name": "other"}, {"value": 1, "name": "agricultural"}],
+            "post_processing_function": None,
+        },
+    )
     return meta
 
 
@@ -275,9 +372,19 @@ def _lonlat_bounds(cube) -> list[float]:
     return [round(v, 6) for v in transform_bounds(cube.rio.crs, "EPSG:4326", *cube.rio.bounds())]
 
 
-def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig, size: int, out_path: str, *,
-              seed: int = 0, region: str = "", group: str = "cube",
-              progress_tag: str | None = None) -> dict[str, Any]:
+def train_cae(
+    cube_store: str,
+    y0: np.ndarray,
+    x0: np.ndarray,
+    cfg: EmbedConfig,
+    size: int,
+    out_path: str,
+    *,
+    seed: int = 0,
+    region: str = "",
+    group: str = "cube",
+    progress_tag: str | None = None,
+) -> dict[str, Any]:
     """Train the CAE repeatably for ``seed``, also on a Dask worker (see :func:`_train_cae`).
 
     Parameters
@@ -307,14 +414,33 @@ def train_cae(cube_store: str, y0: np.ndarray, x0: np.ndarray, cfg: EmbedConfig,
         The model's metadata: history (loss per epoch), seconds, paths.
     """
     with _worker.seeded(seed), _saved_to(out_path) as local:
-        meta = _train_cae(cube_store, y0, x0, cfg, size, local, seed=seed, region=region, group=group,
-                          progress_tag=progress_tag)
+        meta = _train_cae(
+            cube_store,
+            y0,
+            x0,
+            cfg,
+            size,
+            local,
+            seed=seed,
+            region=region,
+            group=group,
+            progress_tag=progress_tag,
+        )
     return _relocated(meta, local, out_path)
 
 
-def train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out_path: str, *, seed: int = 0,
-               label_source: str = "", region: str = "", group: str = "cube",
-               progress_tag: str | None = None) -> dict[str, Any]:
+def train_unet(
+    cube_store: str,
+    label: np.ndarray | str,
+    cfg: SegmentConfig,
+    out_path: str,
+    *,
+    seed: int = 0,
+    label_source: str = "",
+    region: str = "",
+    group: str = "cube",
+    progress_tag: str | None = None,
+) -> dict[str, Any]:
     """Train the U-Net repeatably for ``seed``, also on a Dask worker (see :func:`_train_unet`).
 
     Parameters
@@ -345,8 +471,17 @@ def train_unet(cube_store: str, label: np.ndarray | str, cfg: SegmentConfig, out
         The model's metadata: validation metrics, per-epoch history, seconds.
     """
     with _worker.seeded(seed), _saved_to(out_path) as local:
-        meta = _train_unet(cube_store, label, cfg, local, seed=seed, label_source=label_source,
-                           region=region, group=group, progress_tag=progress_tag)
+        meta = _train_unet(
+            cube_store,
+            label,
+            cfg,
+            local,
+            seed=seed,
+            label_source=label_source,
+            region=region,
+            group=group,
+            progress_tag=progress_tag,
+        )
     return _relocated(meta, local, out_path)
 
 

@@ -57,9 +57,15 @@ def _pick_skips(backbone: keras.Model, size: int) -> list:
     return skips
 
 
-def build_unet(encoder: str = "plain", size: int | None = 256, n_bands: int = 3, *, weights: str = "none",
-               filters: tuple[int, ...] = (32, 64, 128, 256, 512), bands: Sequence[str] | None = None
-               ) -> keras.Model:
+def build_unet(
+    encoder: str = "plain",
+    size: int | None = 256,
+    n_bands: int = 3,
+    *,
+    weights: str = "none",
+    filters: tuple[int, ...] = (32, 64, 128, 256, 512),
+    bands: Sequence[str] | None = None,
+) -> keras.Model:
     """Build a U-Net giving a probability ``(n, size, size, 1)`` for ``(n, size, size, n_bands)`` inputs.
 
     Parameters
@@ -90,8 +96,10 @@ def build_unet(encoder: str = "plain", size: int | None = 256, n_bands: int = 3,
         For ``size=None`` with another encoder than ``plain``.
     """
     if size is None and encoder != "plain":
-        raise ValueError(f"a U-Net of any input size (size=None) needs the plain encoder, not "
-                         f"{encoder!r} (its skips are picked by feature-map size): give the size in px")
+        raise ValueError(
+            f"a U-Net of any input size (size=None) needs the plain encoder, not "
+            f"{encoder!r} (its skips are picked by feature-map size): give the size in px"
+        )
     inp = keras.Input((size, size, n_bands), name="image")
     if encoder == "plain":
         skips, x = [], inp

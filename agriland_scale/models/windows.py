@@ -17,8 +17,9 @@ from agriland_scale.patches import window_starts
 __all__ = ["training_windows", "unet_augment_fn", "unet_windows"]
 
 
-def unet_windows(label: np.ndarray, window: int, stride: int, cfg: SegmentConfig
-                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+def unet_windows(
+    label: np.ndarray, window: int, stride: int, cfg: SegmentConfig
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
     """Training and validation window offsets from a label mask, split spatially.
 
     The validation part is the ``validation_fraction`` of the region on the
@@ -36,7 +37,7 @@ def unet_windows(label: np.ndarray, window: int, stride: int, cfg: SegmentConfig
     for r in rows:
         for c in cols:
             lo, hi = (c, c + window) if side in ("east", "west") else (r, r + window)
-            lab = label[r:r + window, c:c + window]
+            lab = label[r : r + window, c : c + window]
             if (lab != IGNORE).mean() < 0.02:
                 continue
             first_part = hi <= split
@@ -56,13 +57,15 @@ def _unet_augmenter(seed: int):
 
     # seed x15: rotation 20 deg, shifts 0.2, zoom 0.2, flips, shear; nearest keeps labels exact
     kw = dict(fill_mode="constant", fill_value=0.0, interpolation="nearest")
-    return keras.Sequential([
-        layers.RandomRotation(20 / 360, seed=seed, **kw),
-        layers.RandomTranslation(0.2, 0.2, seed=seed + 1, **kw),
-        layers.RandomZoom(0.2, seed=seed + 2, **kw),
-        layers.RandomShear(0.2, 0.2, seed=seed + 3, **kw),
-        layers.RandomFlip("horizontal_and_vertical", seed=seed + 4),
-    ])
+    return keras.Sequential(
+        [
+            layers.RandomRotation(20 / 360, seed=seed, **kw),
+            layers.RandomTranslation(0.2, 0.2, seed=seed + 1, **kw),
+            layers.RandomZoom(0.2, seed=seed + 2, **kw),
+            layers.RandomShear(0.2, 0.2, seed=seed + 3, **kw),
+            layers.RandomFlip("horizontal_and_vertical", seed=seed + 4),
+        ]
+    )
 
 
 def unet_augment_fn(n_bands: int, seed: int, *, brightness: bool = True):
@@ -109,8 +112,9 @@ def unet_augment_fn(n_bands: int, seed: int, *, brightness: bool = True):
     return augment
 
 
-def training_windows(label: np.ndarray, cfg: SegmentConfig, where: str = "the labels"
-                     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+def training_windows(
+    label: np.ndarray, cfg: SegmentConfig, where: str = "the labels"
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
     """Return the :func:`unet_windows` of ``label`` (half-window stride), refusing useless labels.
 
     Labels that cannot train a U-Net are refused: no training or validation window, or no
@@ -140,13 +144,15 @@ def training_windows(label: np.ndarray, cfg: SegmentConfig, where: str = "the la
     win, tc = cfg.window, cfg.train
     tr, va, split = unet_windows(label, win, win // 2, cfg)
     if not tr or not va:
-        raise LabelError(f"{where} give {len(tr)} training and {len(va)} validation windows of "
-                         f"{win} px (validation: the {tc.validation} {tc.validation_fraction:.0%} of "
-                         "the region): label pixels on both sides, or change "
-                         "segment.train.validation / validation_fraction")
+        raise LabelError(
+            f"{where} give {len(tr)} training and {len(va)} validation windows of "
+            f"{win} px (validation: the {tc.validation} {tc.validation_fraction:.0%} of "
+            "the region): label pixels on both sides, or change "
+            "segment.train.validation / validation_fraction"
+        )
     seen = np.zeros(256, dtype=np.int64)
     for r, c in tr:
-        seen += np.bincount(label[r:r + win, c:c + win].ravel(), minlength=256)[:256]
+        seen += np.bincount(label[r : r + win, c : c + win].ravel(), minlength=256)[:256]
     pos, neg = int(seen[1]), int(seen[0])
     if pos == 0 or neg == 0:
         missing = "agricultural (positive)" if pos == 0 else "other (negative)"
@@ -155,7 +161,8 @@ def training_windows(label: np.ndarray, cfg: SegmentConfig, where: str = "the la
             f"({len(tr)} windows of {win} px outside the {tc.validation} validation part): with no "
             f"{missing} pixel the U-Net cannot learn. Add {missing} polygons (class values in "
             f"segment.positive_classes {list(cfg.positive_classes)} count as agricultural, any other "
-            "class as other)")
+            "class as other)"
+        )
     return tr, va, split
 
 
@@ -163,5 +170,8 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     valid = y != IGNORE
     yt, yp = y[valid] == 1, p[valid] >= 0.5
     tp, fp, fn = float((yt & yp).sum()), float((~yt & yp).sum()), float((yt & ~yp).sum())
-    return {"iou": tp / max(tp + fp + fn, 1), "f1": 2 * tp / max(2 * tp + fp + fn, 1),
-            "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan")}
+    return {
+        "iou": tp / max(tp + fp + fn, 1),
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan"),
+    }

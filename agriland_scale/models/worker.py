@@ -42,7 +42,8 @@ def configure_tensorflow() -> None:
         raise MissingDependency(
             f"TensorFlow is not installed in this Python ({e}): the model stages need it on every "
             "worker. Install agriland-scale with its [cpu] extra (pip install 'agriland-scale[cpu]') "
-            "or, on NVIDIA GPU machines, its [gpu] extra") from None
+            "or, on NVIDIA GPU machines, its [gpu] extra"
+        ) from None
 
     n = os.environ.get("TF_NUM_INTRAOP_THREADS")
     try:
@@ -59,8 +60,9 @@ def configure_tensorflow() -> None:
 PROGRESS_TOPIC = "agriland-progress"
 
 
-def report_progress(tag: str | None, label: str, done: int, total: int, info: str = "",
-                    milestone: bool = False) -> None:
+def report_progress(
+    tag: str | None, label: str, done: int, total: int, info: str = "", milestone: bool = False
+) -> None:
     """Send progress of a long task (training) to the client that started it.
 
     Progress goes as a Dask event on :data:`PROGRESS_TOPIC` (``tag`` tells runs sharing a
@@ -74,12 +76,22 @@ def report_progress(tag: str | None, label: str, done: int, total: int, info: st
         worker = get_worker()
     except (ImportError, ValueError):
         return
-    worker.log_event(PROGRESS_TOPIC, {"tag": tag, "label": label, "done": int(done), "total": int(total),
-                                      "info": info, "milestone": bool(milestone)})
+    worker.log_event(
+        PROGRESS_TOPIC,
+        {
+            "tag": tag,
+            "label": label,
+            "done": int(done),
+            "total": int(total),
+            "info": info,
+            "milestone": bool(milestone),
+        },
+    )
 
 
-def get_model(path: str | Path, precision: str = "float32", input_size: int | None = None
-              ) -> tuple[Any, threading.Lock]:
+def get_model(
+    path: str | Path, precision: str = "float32", input_size: int | None = None
+) -> tuple[Any, threading.Lock]:
     """Return the Keras model stored at ``path``, loaded once per process, and its run lock.
 
     Parameters
@@ -114,9 +126,11 @@ def get_model(path: str | Path, precision: str = "float32", input_size: int | No
             try:
                 model = keras.saving.load_model(p, compile=False)
             except Exception as e:  # noqa: BLE001 - any loader failure means a bad file here
-                raise CorruptInput(f"cannot load the Keras model {p} ({type(e).__name__}: "
-                                   f"{str(e)[:200]}): the file is damaged or was not saved by "
-                                   "agriland-scale; copy it again or retrain") from None
+                raise CorruptInput(
+                    f"cannot load the Keras model {p} ({type(e).__name__}: "
+                    f"{str(e)[:200]}): the file is damaged or was not saved by "
+                    "agriland-scale; copy it again or retrain"
+                ) from None
             if precision != "float32":
                 model = with_precision(model, precision)
             _models[key] = (model, threading.Lock())
@@ -153,8 +167,7 @@ def predict(model: Any, batch: Any, *, trace_only: bool = False) -> Any:
         if fn is None:
             spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
             # float32 out whatever the compute dtype (a bfloat16 output has no numpy dtype)
-            fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32),
-                             input_signature=[spec])
+            fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), input_signature=[spec])
             # past Keras's attribute tracking: a function, not a layer or a weight
             object.__setattr__(model, "_agriland_predict", fn)
     if trace_only:
@@ -180,8 +193,9 @@ def with_precision(model: Any, policy: str) -> Any:
         if isinstance(o, dict):
             if o.get("class_name") == "DTypePolicy" and o.get("config", {}).get("name") == "float32":
                 return o if keep else dict(o, config=dict(o["config"], name=policy))
-            keep_here = keep or (isinstance(o.get("config"), dict) and "class_name" in o
-                                 and o["config"].get("name") in last)
+            keep_here = keep or (
+                isinstance(o.get("config"), dict) and "class_name" in o and o["config"].get("name") in last
+            )
             return {k: swap(v, keep_here) for k, v in o.items()}
         if isinstance(o, list):
             return [swap(v, keep) for v in o]
@@ -233,8 +247,11 @@ def at_input_size(model: Any, size: int) -> Any:
                 s = o["config"]["batch_shape"]
                 return dict(o, config=dict(o["config"], batch_shape=[s[0], size, size, s[-1]]))
             build = o.get("build_config")
-            if isinstance(build, dict) and isinstance(build.get("input_shape"), list) \
-                    and len(build["input_shape"]) == 4:
+            if (
+                isinstance(build, dict)
+                and isinstance(build.get("input_shape"), list)
+                and len(build["input_shape"]) == 4
+            ):
                 s = build["input_shape"]
                 o = dict(o, build_config=dict(build, input_shape=[s[0], size, size, s[-1]]))
             return {k: swap(v) for k, v in o.items()}
@@ -247,9 +264,11 @@ def at_input_size(model: Any, size: int) -> Any:
         copy.set_weights(model.get_weights())
         copy.compute_output_shape((1, size, size, model.input_shape[-1]))  # shapes, no compute
     except Exception as e:  # noqa: BLE001 - any failure means: not at this size
-        raise ModelMismatch(f"model {model.name} does not run on {size} px windows ({type(e).__name__}: "
-                            f"{str(e)[:160]}): set segment.inference_window to null (its training "
-                            "window) for this model") from None
+        raise ModelMismatch(
+            f"model {model.name} does not run on {size} px windows ({type(e).__name__}: "
+            f"{str(e)[:160]}): set segment.inference_window to null (its training "
+            "window) for this model"
+        ) from None
     return copy
 
 

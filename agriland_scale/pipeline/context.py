@@ -123,8 +123,13 @@ class RunContext:
         if self.mirror is not None:
             self.mirror.pull(MODELS_DIR + "/")
 
-    def warm_up(self, models: list[tuple[str, int, int, bool]], stage: str = "embeddings", *,
-                only_tensorflow: bool = False) -> None:
+    def warm_up(
+        self,
+        models: list[tuple[str, int, int, bool]],
+        stage: str = "embeddings",
+        *,
+        only_tensorflow: bool = False,
+    ) -> None:
         """Start :func:`~agriland_scale.models.worker.warm_up` on every worker, without waiting.
 
         ``models``: ``(path, window px, bands, trace)``, for model stage ``stage`` (its

@@ -45,8 +45,12 @@ if TYPE_CHECKING:
 __all__ = ["ClusterLaunch", "launch_for_run", "models_to_run", "warm_up_workers"]
 
 
-def warm_up_workers(client: Client, models: list[tuple[str, int, int, bool]], precision: str = "float32",
-                    name: str = "warm-up") -> list[tuple[Future, str]]:
+def warm_up_workers(
+    client: Client,
+    models: list[tuple[str, int, int, bool]],
+    precision: str = "float32",
+    name: str = "warm-up",
+) -> list[tuple[Future, str]]:
     """Start :func:`~agriland_scale.models.worker.warm_up` of ``models`` on each worker process.
 
     One task a worker, pinned to it, never on a worker in this process (:data:`MAIN_WORKER`:
@@ -56,13 +60,26 @@ def warm_up_workers(client: Client, models: list[tuple[str, int, int, bool]], pr
     from agriland_scale.models.worker import warm_up
 
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    return [(client.submit(warm_up, models, precision, key=f"{name}-{i}-{uuid.uuid4().hex[:8]}", workers=[w],
-                           allow_other_workers=False, pure=False), w)
-            for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER)]
+    return [
+        (
+            client.submit(
+                warm_up,
+                models,
+                precision,
+                key=f"{name}-{i}-{uuid.uuid4().hex[:8]}",
+                workers=[w],
+                allow_other_workers=False,
+                pure=False,
+            ),
+            w,
+        )
+        for i, w in enumerate(w for w, info in workers.items() if info.get("name") != MAIN_WORKER)
+    ]
 
 
-def launch_for_run(cfg: RunConfig, out: Path | str, until: str | None, *, scheduler: str | None, force: bool,
-                   overwrite: bool) -> ClusterLaunch | None:
+def launch_for_run(
+    cfg: RunConfig, out: Path | str, until: str | None, *, scheduler: str | None, force: bool, overwrite: bool
+) -> ClusterLaunch | None:
     """Start the LocalCluster of a run of ``cfg`` into ``out`` now; None for an existing cluster.
 
     Its workers import TensorFlow at once when the run may need it (:func:`models_to_run`).
@@ -71,7 +88,9 @@ def launch_for_run(cfg: RunConfig, out: Path | str, until: str | None, *, schedu
     """
     if scheduler_address(cfg.runtime, scheduler):
         return None
-    return ClusterLaunch(cfg.runtime, import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite))
+    return ClusterLaunch(
+        cfg.runtime, import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite)
+    )
 
 
 def models_to_run(out: Path | str, until: str | None, *, force: bool, overwrite: bool) -> bool:

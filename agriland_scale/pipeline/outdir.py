@@ -42,8 +42,21 @@ from agriland_scale.errors import OutputError, RunLocked
 from agriland_scale.files import TMP_SUFFIX
 from agriland_scale.layout import LOCK_NAME, LOGS_DIR, PARTIAL_DIR, RECORD, STORE
 
-__all__ = ["LOCK_NAME", "OUTPUT_PATTERNS", "OWNED_DIRS", "RunLock", "changed_since", "check_writable", "foreign_entries",
-           "foreign_keys", "is_output", "locked", "remove_files", "run_keys", "snapshot"]
+__all__ = [
+    "LOCK_NAME",
+    "OUTPUT_PATTERNS",
+    "OWNED_DIRS",
+    "RunLock",
+    "changed_since",
+    "check_writable",
+    "foreign_entries",
+    "foreign_keys",
+    "is_output",
+    "locked",
+    "remove_files",
+    "run_keys",
+    "snapshot",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +78,14 @@ def check_writable(out: Path) -> None:
         if p.exists():
             if not p.is_dir():
                 what = f"--out {out}" if p == out else f"{p}, a parent of --out {out},"
-                raise OutputError(f"{what} is a file, not a folder: choose a folder for the run's "
-                                  f"outputs (it is created if missing), e.g. {out.with_suffix('')}-run")
+                raise OutputError(
+                    f"{what} is a file, not a folder: choose a folder for the run's "
+                    f"outputs (it is created if missing), e.g. {out.with_suffix('')}-run"
+                )
             if not os.access(p, os.W_OK | os.X_OK):
-                raise OutputError(f"cannot write into {p} (permission denied): choose an --out folder "
-                                  "you can write to")
+                raise OutputError(
+                    f"cannot write into {p} (permission denied): choose an --out folder you can write to"
+                )
             return
 
 
@@ -123,8 +139,13 @@ def run_keys(keys: Iterable[str], record: Mapping[str, Any] | None) -> list[str]
 
     def ours(key: str) -> bool:
         top = key.split("/", 1)[0]
-        return (key == RECORD or top == LOGS_DIR or top in OWNED_DIRS or key in recorded
-                or (older and is_output(key)))
+        return (
+            key == RECORD
+            or top == LOGS_DIR
+            or top in OWNED_DIRS
+            or key in recorded
+            or (older and is_output(key))
+        )
 
     return sorted(k for k in keys if ours(k))
 
@@ -169,11 +190,21 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
 # there during a stage are recorded as the run's, so that a file a user saves into the run
 # folder while a stage runs (labels being drawn, a notebook) is never taken for ours
 OUTPUT_PATTERNS = (
-    "items.json", "report.html", "quicklook*.png",
-    "models/cae.*", "models/encoder.*", "models/unet.*",
-    "cog/*cluster_map.tif", "cog/*probability.tif", "cog/*mask.tif",
-    "clusters/*.png", "clusters/*.csv", "clusters/*/*.png", "clusters/*/*.csv",
-    "stac/*.json", "stac/*/*.json",
+    "items.json",
+    "report.html",
+    "quicklook*.png",
+    "models/cae.*",
+    "models/encoder.*",
+    "models/unet.*",
+    "cog/*cluster_map.tif",
+    "cog/*probability.tif",
+    "cog/*mask.tif",
+    "clusters/*.png",
+    "clusters/*.csv",
+    "clusters/*/*.png",
+    "clusters/*/*.csv",
+    "stac/*.json",
+    "stac/*/*.json",
     "vector/*fields.parquet",
 )
 
@@ -267,8 +298,10 @@ class RunLock:
     @staticmethod
     def describe(h: dict[str, Any]) -> str:
         """Describe the holder ``h`` of a lock: its command, pid, host and start time."""
-        return (f"'{h.get('command', '?')}' (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
-                f"started {h.get('started', '?')})")
+        return (
+            f"'{h.get('command', '?')}' (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
+            f"started {h.get('started', '?')})"
+        )
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`RunLocked` naming the process that holds it.
@@ -284,15 +317,18 @@ class RunLock:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OutputError(f"cannot create the output folder {self.out} ({e.strerror}): choose "
-                              "another --out") from None
+            raise OutputError(
+                f"cannot create the output folder {self.out} ({e.strerror}): choose another --out"
+            ) from None
         holder: dict[str, Any] | None
         for _ in range(20):
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except PermissionError:
-                raise OutputError(f"cannot write into {self.out} (permission denied): choose an "
-                                  "--out folder you can write to") from None
+                raise OutputError(
+                    f"cannot write into {self.out} (permission denied): choose an "
+                    "--out folder you can write to"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -301,13 +337,15 @@ class RunLock:
                     raise OutputError(
                         f"the file system of {self.out} does not support file locks ({e.strerror}), "
                         "so agriland cannot make sure that one process writes this run: choose an "
-                        "--out folder on a local disk or a file system with locks (NFSv4, ...)") from None
+                        "--out folder on a local disk or a file system with locks (NFSv4, ...)"
+                    ) from None
                 holder = self._holder(fd) or {}
                 os.close(fd)
                 raise RunLocked(
                     f"{self.out} is in use by {self.describe(holder)}: one process writes a run "
                     "at a time. Wait for it to finish (or stop it), or choose another --out "
-                    "folder") from None
+                    "folder"
+                ) from None
             # the file we locked must still be the one at the path (a holder that was
             # releasing may have unlinked it between our open and our flock)
             try:
@@ -328,21 +366,31 @@ class RunLock:
                         f"{self.out} holds a lock of {self.describe(holder)}, from another host, "
                         "so agriland cannot tell whether that run still writes here. If it has "
                         f"ended, delete {self.path} and run again; otherwise wait for it or choose "
-                        "another --out folder")
+                        "another --out folder"
+                    )
                 self.took_over = holder
                 if self.notice:
-                    self.notice(f"note: the previous run in {self.out}, {self.describe(holder)}, "
-                                "ended without releasing its lock (killed?): its lock is taken over")
-            info = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+                    self.notice(
+                        f"note: the previous run in {self.out}, {self.describe(holder)}, "
+                        "ended without releasing its lock (killed?): its lock is taken over"
+                    )
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "command": self.command,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "argv": sys.argv[:8],
+            }
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(info).encode())
             os.fsync(fd)
             self._fd = fd
             return self
-        raise RunLocked(f"could not lock {self.out}: the lock file keeps changing (another process "
-                        "is starting a run there); try again")
+        raise RunLocked(
+            f"could not lock {self.out}: the lock file keeps changing (another process "
+            "is starting a run there); try again"
+        )
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""

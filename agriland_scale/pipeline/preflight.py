@@ -88,20 +88,24 @@ def prepare_output(out: Path, cfg: RunConfig, overwrite: bool, force: Iterable[s
             raise OutputExists(
                 f"{out} already holds files that no agriland run wrote ({shown}). agriland writes a "
                 "new run only into an empty or new folder, and never deletes files it did not "
-                "write: choose an empty or new --out folder")
+                "write: choose an empty or new --out folder"
+            )
         return None
     if overwrite:
         if "files" not in old:
             raise OutputExists(
                 f"the run in {out} was written by an older agriland-scale that did not record its "
                 "files, so --overwrite cannot tell them from yours: delete that folder yourself if "
-                "you no longer need it, or choose another --out folder")
+                "you no longer need it, or choose another --out folder"
+            )
         return old
     old_cfg = old.get("config") or {}
     if old_cfg.get("name") != cfg.name:
-        raise OutputExists(f"{out} holds another run (run.json with a different config "
-                           f"'{str(old_cfg.get('name', '?'))[:80]}'): choose another --out, or pass "
-                           "--overwrite to replace it (only the files that run wrote are deleted)")
+        raise OutputExists(
+            f"{out} holds another run (run.json with a different config "
+            f"'{str(old_cfg.get('name', '?'))[:80]}'): choose another --out, or pass "
+            "--overwrite to replace it (only the files that run wrote are deleted)"
+        )
     new_cfg = json.loads(cfg.model_dump_json())
     changed = [k for k in changed_keys(old_cfg, new_cfg) if not k.startswith("runtime.")]
     forced = dependents(force)
@@ -117,7 +121,8 @@ def prepare_output(out: Path, cfg: RunConfig, overwrite: bool, force: Iterable[s
         raise OutputExists(
             f"the config differs from the run in {out} in {', '.join(keys)}, which its finished "
             f"stage '{stage}' used: pass --force {stage} to redo it and what depends on it, or "
-            "--overwrite to start over (or choose another --out)")
+            "--overwrite to start over (or choose another --out)"
+        )
     return old
 
 
@@ -131,8 +136,9 @@ def remove_run(out: Path, old: dict[str, Any]) -> None:
     log.info("--overwrite: removed the earlier run's store and %d file(s)", len(files))
 
 
-def preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str],
-              scheduler: str | None) -> None:
+def preflight(
+    cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, forced: set[str], scheduler: str | None
+) -> None:
     """Check the inputs the stages to run will read, before anything is changed or started.
 
     Checked: local files named in the config (only those that a stage still to run reads),
@@ -169,27 +175,45 @@ def preflight(cfg: RunConfig, wanted: list[str], old: dict[str, Any] | None, for
 
     check_input_files(cfg, {s for s in STAGES if to_run(s)})
     if to_run("unet") and not cfg.segment.model and not cfg.segment.labels:
-        raise ConfigError("segment.labels is not set: the U-Net needs labels (GeoJSON polygons with "
-                          "a 'class' property, a raster mask or a VIA project), or set segment.model "
-                          "to a U-Net trained before; see the README")
+        raise ConfigError(
+            "segment.labels is not set: the U-Net needs labels (GeoJSON polygons with "
+            "a 'class' property, a raster mask or a VIA project), or set segment.model "
+            "to a U-Net trained before; see the README"
+        )
     address = scheduler or cfg.runtime.scheduler
     if address and any(to_run(s) for s in STAGES):
         probe_scheduler(address)
 
     valid = ((old or {}).get("patches") or {}).get("valid")
     if to_run("clusters") and not to_run("patches") and valid is not None and valid < cfg.cluster.k:
-        raise ConfigError(f"cluster.k is {cfg.cluster.k} but the run's region has only {valid} valid "
-                          f"patch(es): set cluster.k to at most {valid}" if valid >= 2 else
-                          f"the run's region has only {valid} valid patch(es), too few to cluster: "
-                          "enlarge the region")
+        raise ConfigError(
+            f"cluster.k is {cfg.cluster.k} but the run's region has only {valid} valid "
+            f"patch(es): set cluster.k to at most {valid}"
+            if valid >= 2
+            else f"the run's region has only {valid} valid patch(es), too few to cluster: enlarge the region"
+        )
     if cfg.embed.model and (to_run("cae") or to_run("embeddings")):
-        check_model(cfg.embed.model, "embedding", cfg.embed.bands, cfg.embed.reflectance_max,
-                    cfg.patches.size, key="embed.model")
+        check_model(
+            cfg.embed.model,
+            "embedding",
+            cfg.embed.bands,
+            cfg.embed.reflectance_max,
+            cfg.patches.size,
+            key="embed.model",
+        )
     if cfg.segment.model and (to_run("unet") or to_run("segmentation")):
-        meta = check_model(cfg.segment.model, "segmentation", cfg.segment.bands,
-                           cfg.segment.reflectance_max, cfg.segment.window, key="segment.model")
+        meta = check_model(
+            cfg.segment.model,
+            "segmentation",
+            cfg.segment.bands,
+            cfg.segment.reflectance_max,
+            cfg.segment.window,
+            key="segment.model",
+        )
         s = cfg.segment  # a fixed inference window this model cannot take: refused now
-        choose_inference_window(s.inference_window, s.window, s.overlap, s.window, s.window, meta.get("encoder"))
+        choose_inference_window(
+            s.inference_window, s.window, s.overlap, s.window, s.window, meta.get("encoder")
+        )
 
 
 def probe_scheduler(address: str, timeout: float = 10.0) -> None:
@@ -200,8 +224,10 @@ def probe_scheduler(address: str, timeout: float = 10.0) -> None:
     try:
         socket.create_connection((parts.hostname, parts.port), timeout=timeout).close()
     except OSError as e:
-        raise SchedulerError(f"no Dask scheduler answers at {address} ({e.strerror or e}): start one "
-                             "(`dask scheduler`) or fix runtime.scheduler / --scheduler") from None
+        raise SchedulerError(
+            f"no Dask scheduler answers at {address} ({e.strerror or e}): start one "
+            "(`dask scheduler`) or fix runtime.scheduler / --scheduler"
+        ) from None
 
 
 def protected_inputs(cfg: RunConfig) -> list[Path]:
@@ -241,6 +267,8 @@ def refuse_deleting_inputs(out: Path, cfg: RunConfig, rels: Iterable[str], what:
     doomed = {(out / r).resolve() for r in rels}
     hit = [p for p in protected_inputs(cfg) if p in doomed]
     if hit:
-        raise OutputExists(f"{what} would delete {hit[0]}, which the pipeline reads as an input: copy it "
-                           "out of the run folder first and point the config at the copy, or run into "
-                           "another --out folder")
+        raise OutputExists(
+            f"{what} would delete {hit[0]}, which the pipeline reads as an input: copy it "
+            "out of the run folder first and point the config at the copy, or run into "
+            "another --out folder"
+        )

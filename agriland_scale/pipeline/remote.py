@@ -57,8 +57,16 @@ from agriland_scale.files import (
 from agriland_scale.layout import LOCK_NAME, RECORD, STORE, load_run_record
 from agriland_scale.pipeline.outdir import foreign_keys, is_output, run_keys
 
-__all__ = ["HEARTBEAT_S", "STALE_S", "Mirror", "RemoteLock", "checked_out", "fresh_copy", "run_folder",
-           "working_copy"]
+__all__ = [
+    "HEARTBEAT_S",
+    "STALE_S",
+    "Mirror",
+    "RemoteLock",
+    "checked_out",
+    "fresh_copy",
+    "run_folder",
+    "working_copy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +143,8 @@ def _refuse_foreign(location: str, listing: dict[str, int]) -> None:
     raise OutputExists(
         f"{location} already holds files that no agriland run wrote ({shown}{more}). agriland writes a "
         "new run only into an empty or new location, and never deletes (or downloads) files it did "
-        "not write: choose an empty or new --out prefix")
+        "not write: choose an empty or new --out prefix"
+    )
 
 
 class Mirror:
@@ -149,8 +158,13 @@ class Mirror:
     that took over.
     """
 
-    def __init__(self, location: str, local: Path, storage_options: dict[str, Any] | None = None,
-                 lock: RemoteLock | None = None):
+    def __init__(
+        self,
+        location: str,
+        local: Path,
+        storage_options: dict[str, Any] | None = None,
+        lock: RemoteLock | None = None,
+    ):
         self.location, self.local, self.options = location.rstrip("/"), Path(local), storage_options
         self.lock = lock
         self._known: dict[str, tuple[int, int]] = {}
@@ -202,8 +216,11 @@ class Mirror:
         OutputExists
             ``refuse_foreign`` and the location holds files of no run (named, with the URL).
         """
-        listing = {rel: size for rel, size in list_objects(self.location, self.options).items()
-                   if not _skip(rel) and rel.startswith(prefix)}
+        listing = {
+            rel: size
+            for rel, size in list_objects(self.location, self.options).items()
+            if not _skip(rel) and rel.startswith(prefix)
+        }
         if prefix:
             remote = {rel: size for rel, size in listing.items() if is_output(rel)}
         else:
@@ -271,14 +288,28 @@ class RemoteLock:
     :class:`~agriland_scale.errors.LeaseLost`; without it, :meth:`check` raises it.
     """
 
-    def __init__(self, location: str, command: str, storage_options: dict[str, Any] | None = None,
-                 notice=None, *, interrupt: bool = False):
+    def __init__(
+        self,
+        location: str,
+        command: str,
+        storage_options: dict[str, Any] | None = None,
+        notice=None,
+        *,
+        interrupt: bool = False,
+    ):
         self.location = location.rstrip("/")
         self.command, self.notice, self.interrupt = command, notice, interrupt
         self.store = object_store(self.location, storage_options)
         self.token = secrets.token_hex(16)
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), **_this_machine(), "token": self.token,
-                     "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[:8]}
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            **_this_machine(),
+            "token": self.token,
+            "command": command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv[:8],
+        }
         self.ended_holder: dict[str, Any] | None = None  # a holder taken over because its process ended
         self._etag: str | None = None
         self._refreshed = 0.0  # time.time() of the last refresh that succeeded
@@ -292,8 +323,9 @@ class RemoteLock:
         import obstore
 
         now = time.time()
-        self._etag = obstore.put(self.store, LOCK_NAME, json.dumps(self.info | {"heartbeat": now}).encode(),
-                                 mode=mode).get("e_tag")
+        self._etag = obstore.put(
+            self.store, LOCK_NAME, json.dumps(self.info | {"heartbeat": now}).encode(), mode=mode
+        ).get("e_tag")
         self._refreshed = now
 
     def _read(self) -> tuple[dict[str, Any], str | None] | None:
@@ -313,8 +345,10 @@ class RemoteLock:
     @staticmethod
     def describe(h: dict[str, Any]) -> str:
         """Describe the holder ``h`` of a lock: its command, pid, host and start time."""
-        return (f"'{h.get('command', '?')}' (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
-                f"started {h.get('started', '?')})")
+        return (
+            f"'{h.get('command', '?')}' (pid {h.get('pid', '?')} on host {h.get('host', '?')}, "
+            f"started {h.get('started', '?')})"
+        )
 
     def acquire(self) -> RemoteLock:
         """Take the lease, or raise :class:`RunLocked` naming the process that holds it.
@@ -345,7 +379,8 @@ class RemoteLock:
                     f"{self.location} is in use by {self.describe(holder)} (its lock {lock_url} was "
                     f"refreshed {max(age, 0):.0f} s ago; a lock not refreshed for {STALE_S:.0f} s is taken "
                     "over): one process writes a run at a time. Wait for it to finish (or stop it), or "
-                    "choose another --out") from None
+                    "choose another --out"
+                ) from None
             try:  # an expired lease, or a holder that ended: take it over, if still so
                 self._put(_if_match(etag))
             except (PreconditionError, NotFoundError, FileNotFoundError, AlreadyExistsError, FileExistsError):
@@ -353,8 +388,10 @@ class RemoteLock:
             self._took_over(holder, age, ended)
             break
         else:
-            raise RunLocked(f"could not lock {self.location}: its lock keeps changing (another process is "
-                            "starting a run there); try again")
+            raise RunLocked(
+                f"could not lock {self.location}: its lock keeps changing (another process is "
+                "starting a run there); try again"
+            )
         self._held, self._lost = True, None
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="agriland-lock-heartbeat", daemon=True)
@@ -367,12 +404,16 @@ class RemoteLock:
             what = "ended without releasing its lock (its process no longer runs on this machine)"
         else:
             silent = f"for {age:.0f} s" if _heartbeat(holder) > 0 else "(its lock holds no heartbeat)"
-            what = (f"did not refresh its lock {silent} (a lease expires after {STALE_S:.0f} s: that "
-                    "process ended, or was paused or cut off from the object store; should it still run, it "
-                    "stops when it finds its lease taken)")
+            what = (
+                f"did not refresh its lock {silent} (a lease expires after {STALE_S:.0f} s: that "
+                "process ended, or was paused or cut off from the object store; should it still run, it "
+                "stops when it finds its lease taken)"
+            )
         if self.notice:
-            self.notice(f"note: the previous run in {self.location}, {self.describe(holder)}, {what}: its "
-                        "lock is taken over")
+            self.notice(
+                f"note: the previous run in {self.location}, {self.describe(holder)}, {what}: its "
+                "lock is taken over"
+            )
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -399,14 +440,22 @@ class RemoteLock:
                 self._lost = self._loss(silent)
             except Exception as e:  # noqa: BLE001 - the network: the next beat tries again, in time
                 if silent + HEARTBEAT_S < STALE_S:
-                    log.warning("could not refresh the lock of %s (tried again in %.0f s): %s",
-                                self.location, HEARTBEAT_S, short_error(e))
+                    log.warning(
+                        "could not refresh the lock of %s (tried again in %.0f s): %s",
+                        self.location,
+                        HEARTBEAT_S,
+                        short_error(e),
+                    )
                     return True
                 self._lost = self._loss(silent, e)
             else:
                 if silent >= STALE_S:
-                    log.warning("the lease on %s was not refreshed for %.0f s; no other run took it over, so "
-                                "this one goes on", self.location, silent)
+                    log.warning(
+                        "the lease on %s was not refreshed for %.0f s; no other run took it over, so "
+                        "this one goes on",
+                        self.location,
+                        silent,
+                    )
                 return True
         log.info("%s", self._lost)
         return False
@@ -418,21 +467,29 @@ class RemoteLock:
         except Exception:  # noqa: BLE001 - only for the message
             found = None
         holder = found[0] if found is not None else None
-        stopped = ("; this run stopped so that two runs never write there at once; its finished work is "
-                   "kept (what it had put on the object store)")
+        stopped = (
+            "; this run stopped so that two runs never write there at once; its finished work is "
+            "kept (what it had put on the object store)"
+        )
         if holder is not None and holder.get("token") != self.token:
-            return (f"another run, {self.describe(holder)}, took over {self.location} after this one's lease "
-                    f"was not refreshed for {silent:.0f} s (a lease expires after {STALE_S:.0f} s: was this "
-                    f"process paused, or cut off from the object store?){stopped}. Wait for that run to finish "
-                    "(or stop it), then run the same command again to continue")
+            return (
+                f"another run, {self.describe(holder)}, took over {self.location} after this one's lease "
+                f"was not refreshed for {silent:.0f} s (a lease expires after {STALE_S:.0f} s: was this "
+                f"process paused, or cut off from the object store?){stopped}. Wait for that run to finish "
+                "(or stop it), then run the same command again to continue"
+            )
         if holder is None and error is None:
-            return (f"the lock of this run on {self.location} was removed (by another run that took it over, "
-                    f"or by hand) after this one's lease was not refreshed for {silent:.0f} s{stopped}. Run "
-                    "the same command again to continue")
-        return (f"this run could not refresh its lease on {self.location} for {silent:.0f} s "
-                f"({short_error(error) if error else 'no answer'}), and "
-                f"after {STALE_S:.0f} s another run may take it over{stopped}. Run the same command again "
-                "once the object store answers")
+            return (
+                f"the lock of this run on {self.location} was removed (by another run that took it over, "
+                f"or by hand) after this one's lease was not refreshed for {silent:.0f} s{stopped}. Run "
+                "the same command again to continue"
+            )
+        return (
+            f"this run could not refresh its lease on {self.location} for {silent:.0f} s "
+            f"({short_error(error) if error else 'no answer'}), and "
+            f"after {STALE_S:.0f} s another run may take it over{stopped}. Run the same command again "
+            "once the object store answers"
+        )
 
     def _interrupt_main(self) -> None:
         """Interrupt the main thread (as Ctrl-C) if asked to and SIGINT is handled in Python."""
@@ -554,15 +611,25 @@ def _put_back(mirror: Mirror) -> bool:
         log.warning("the files this run had not yet put on %s are kept in %s", mirror.location, mirror.local)
         return False
     except Exception as e:  # noqa: BLE001 - see the docstring
-        log.warning("could not put the run's files on %s: %s; they are kept in %s", mirror.location,
-                    short_error(e), mirror.local)
+        log.warning(
+            "could not put the run's files on %s: %s; they are kept in %s",
+            mirror.location,
+            short_error(e),
+            mirror.local,
+        )
         return False
     return True
 
 
 @contextlib.contextmanager
-def checked_out(location: str, command: str, storage_options: dict[str, Any] | None = None,
-                notice=None, *, new_run: bool = True) -> Iterator[tuple[Path, Mirror]]:
+def checked_out(
+    location: str,
+    command: str,
+    storage_options: dict[str, Any] | None = None,
+    notice=None,
+    *,
+    new_run: bool = True,
+) -> Iterator[tuple[Path, Mirror]]:
     """Lock the run at ``location`` and fetch its own files into a working copy of this holder.
 
     Yields the working copy and its :class:`Mirror`; what changed there is put back when the
@@ -622,8 +689,10 @@ def _run_record(run: str, local: Path) -> None:
         There is none: ``run`` is not an agriland run (the message names the URL).
     """
     if not (local / RECORD).is_file():
-        raise CorruptInput(f"{run} holds no run.json, so it is not the output of an agriland run: pass the "
-                           "URL given as --out to 'agriland run' / 'agriland demo'")
+        raise CorruptInput(
+            f"{run} holds no run.json, so it is not the output of an agriland run: pass the "
+            "URL given as --out to 'agriland run' / 'agriland demo'"
+        )
     load_run_record(local)
 
 

@@ -58,15 +58,31 @@ WIP = "wip"
 
 def _signature(ds: xr.Dataset, dim: str, settings: dict[str, Any] | None) -> str:
     """Hash what a product's blocks depend on: variables, shapes, dtypes, chunks and settings."""
-    sig = {"dim": dim, "vars": {name: {"dims": list(v.dims), "shape": list(v.shape), "dtype": str(v.dtype),
-                                       "chunks": [list(c) for c in v.chunks] if v.chunks else None}
-                                for name, v in sorted(ds.variables.items())},
-           "settings": json.loads(json.dumps(settings, default=str)) if settings is not None else None}
+    sig = {
+        "dim": dim,
+        "vars": {
+            name: {
+                "dims": list(v.dims),
+                "shape": list(v.shape),
+                "dtype": str(v.dtype),
+                "chunks": [list(c) for c in v.chunks] if v.chunks else None,
+            }
+            for name, v in sorted(ds.variables.items())
+        },
+        "settings": json.loads(json.dumps(settings, default=str)) if settings is not None else None,
+    }
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, shell: xr.Dataset,
-                 parts: dict[str, tuple[tuple[str, ...], list, dict, dict]]) -> Any:
+def _write_block(
+    fork: Any,
+    group: str,
+    dim: str,
+    start: int,
+    stop: int,
+    shell: xr.Dataset,
+    parts: dict[str, tuple[tuple[str, ...], list, dict, dict]],
+) -> Any:
     """Write one block into ``fork`` (runs on a worker) and return the fork.
 
     ``shell`` is the block's coordinates; ``parts`` gives each data variable as its dims, its
@@ -76,13 +92,19 @@ def _write_block(fork: Any, group: str, dim: str, start: int, stop: int, shell: 
     (:func:`_is_packed`): its values are written as they are.
     """
     packed = {name for name, (_, _, attrs, _) in parts.items() if _is_packed(attrs)}
-    block = shell.assign({name: xr.Variable(dims, np.block(chunks), attrs, encoding)
-                          for name, (dims, chunks, attrs, encoding) in parts.items() if name not in packed})
+    block = shell.assign(
+        {
+            name: xr.Variable(dims, np.block(chunks), attrs, encoding)
+            for name, (dims, chunks, attrs, encoding) in parts.items()
+            if name not in packed
+        }
+    )
     if block.data_vars:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-            block.to_zarr(fork.store, group=group, region={dim: slice(start, stop)}, mode="r+",
-                          consolidated=False)
+            block.to_zarr(
+                fork.store, group=group, region={dim: slice(start, stop)}, mode="r+", consolidated=False
+            )
     for name in sorted(packed):
         dims, chunks, _, _ = parts[name]
         arr = zarr.open_array(fork.store, path=f"{group}/{name}", mode="r+")
@@ -101,7 +123,9 @@ def _is_packed(attrs: dict[str, Any]) -> bool:
     return "scale_factor" in attrs or "add_offset" in attrs
 
 
-def _block_parts(ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int]) -> list[tuple[xr.Dataset, dict]]:
+def _block_parts(
+    ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int]
+) -> list[tuple[xr.Dataset, dict]]:
     """Split ``ds`` into the arguments of :func:`_write_block` for each of ``blocks``.
 
     The graph is optimised once for every block together and each block's tasks refer to its
@@ -116,10 +140,21 @@ def _block_parts(ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int])
     lazy = {name: v.variable for name, v in ds.data_vars.items() if v.chunks is not None}
     chunks = {name: v.data.to_delayed(optimize_graph=False) for name, v in lazy.items()}
     coords = ds.drop_vars(list(lazy))
-    return [(coords.isel({dim: slice(int(edges[i]), int(edges[i + 1]))}),
-             {name: (v.dims, np.take(chunks[name], [i], axis=v.dims.index(dim)).tolist(), v.attrs, v.encoding)
-              for name, v in lazy.items()})
-            for i in blocks]
+    return [
+        (
+            coords.isel({dim: slice(int(edges[i]), int(edges[i + 1]))}),
+            {
+                name: (
+                    v.dims,
+                    np.take(chunks[name], [i], axis=v.dims.index(dim)).tolist(),
+                    v.attrs,
+                    v.encoding,
+                )
+                for name, v in lazy.items()
+            },
+        )
+        for i in blocks
+    ]
 
 
 class Products:
@@ -142,8 +177,9 @@ class Products:
         anything is read or written, so that no stage is taken as missing or failed.
     """
 
-    def __init__(self, out: str | Path, storage_options: dict[str, Any] | None = None, *,
-                 commit_every_s: float = 5.0):
+    def __init__(
+        self, out: str | Path, storage_options: dict[str, Any] | None = None, *, commit_every_s: float = 5.0
+    ):
         self.location = store_location(out)
         self.repo = open_repo(self.location, create=True, storage_options=storage_options)
         main_version(self.repo, self.location, storage_options)
@@ -242,7 +278,8 @@ class Products:
                 f"{self.location}: another process changed the products while this one wrote '{group}' "
                 f"(version {now}, expected {self._base}); its version is kept and '{group}' is not "
                 "published. One process writes a run at a time: check what else writes there, then run "
-                f"again ({type(e).__name__})") from None
+                f"again ({type(e).__name__})"
+            ) from None
         self._base = tip
         log.info("%s: %s (version %s)", group, message, tip)
 
@@ -279,9 +316,18 @@ class Products:
         self._commit(session, f"write {group}", group=group, kind="write", complete=True)
         self._publish(group, "written")
 
-    def write_blocks(self, ds: xr.Dataset, group: str, dim: str, client: Any, *, label: str | None = None,
-                     progress: Progress | None = None, settings: dict[str, Any] | None = None,
-                     workers: list[str] | None = None) -> dict[str, int]:
+    def write_blocks(
+        self,
+        ds: xr.Dataset,
+        group: str,
+        dim: str,
+        client: Any,
+        *,
+        label: str | None = None,
+        progress: Progress | None = None,
+        settings: dict[str, Any] | None = None,
+        workers: list[str] | None = None,
+    ) -> dict[str, int]:
         """Write the dask-backed ``ds`` block by block along ``dim`` with ``client``, resumably.
 
         One block is one Dask chunk of ``dim`` (every variable must have the same chunks along
@@ -313,10 +359,17 @@ class Products:
             session = self._fresh_session()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-                ds.to_zarr(session.store, group=group, mode="w", compute=False, zarr_format=3,
-                           consolidated=False)
-            self._commit(session, f"start {group}: {n} blocks along {dim}", group=group, signature=sig,
-                         kind="start", blocks=[])
+                ds.to_zarr(
+                    session.store, group=group, mode="w", compute=False, zarr_format=3, consolidated=False
+                )
+            self._commit(
+                session,
+                f"start {group}: {n} blocks along {dim}",
+                group=group,
+                signature=sig,
+                kind="start",
+                blocks=[],
+            )
             done: set[int] = set()
             complete = False
         else:
@@ -329,35 +382,79 @@ class Products:
         todo = [] if complete else [i for i in range(n) if i not in done]
         session = self.repo.writable_session(WIP)
         if todo:
-            self._write_todo(ds, group, dim, edges, todo, session, sig, client, label, progress, reused, n,
-                             as_completed, workers)
+            self._write_todo(
+                ds,
+                group,
+                dim,
+                edges,
+                todo,
+                session,
+                sig,
+                client,
+                label,
+                progress,
+                reused,
+                n,
+                as_completed,
+                workers,
+            )
         self._publish(group, f"complete ({n} blocks, {reused} from an earlier attempt)")
         return {"blocks": n, "reused": reused, "commits": self.commits - commits0}
 
-    def _commit_or_skip(self, session: icechunk.Session, group: str, sig: str, blocks: list[int], *,
-                        complete: bool) -> icechunk.Session:
+    def _commit_or_skip(
+        self, session: icechunk.Session, group: str, sig: str, blocks: list[int], *, complete: bool
+    ) -> icechunk.Session:
         """Commit the merged ``blocks`` (if any change) and return a new session on ``wip``."""
         if session.has_uncommitted_changes:
             what = "complete" if complete else f"{len(blocks)} block(s)"
-            self._commit(session, f"{group}: {what}", group=group, signature=sig, kind="blocks",
-                         blocks=sorted(blocks), complete=complete)
+            self._commit(
+                session,
+                f"{group}: {what}",
+                group=group,
+                signature=sig,
+                kind="blocks",
+                blocks=sorted(blocks),
+                complete=complete,
+            )
             return self.repo.writable_session(WIP)
         return session
 
-    def _write_todo(self, ds: xr.Dataset, group: str, dim: str, edges: np.ndarray, todo: list[int],
-                    session: icechunk.Session, sig: str, client: Any, label: str,
-                    progress: Progress | None, written: int, n: int, as_completed: Any,
-                    workers: list[str] | None = None) -> None:
+    def _write_todo(
+        self,
+        ds: xr.Dataset,
+        group: str,
+        dim: str,
+        edges: np.ndarray,
+        todo: list[int],
+        session: icechunk.Session,
+        sig: str,
+        client: Any,
+        label: str,
+        progress: Progress | None,
+        written: int,
+        n: int,
+        as_completed: Any,
+        workers: list[str] | None = None,
+    ) -> None:
         import dask
 
         along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
         fork = session.fork()
         # named for the dashboard: "cube-block", "segmentation-block"... in the task stream
         stage = group.rstrip("/").rsplit("/", 1)[-1]
-        tasks = [dask.delayed(_write_block, pure=False)(fork, group, dim, int(edges[i]), int(edges[i + 1]),
-                                                        shell, parts,
-                                                        dask_key_name=f"{stage}-block-{i}-{uuid.uuid4().hex[:12]}")
-                 for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))]
+        tasks = [
+            dask.delayed(_write_block, pure=False)(
+                fork,
+                group,
+                dim,
+                int(edges[i]),
+                int(edges[i + 1]),
+                shell,
+                parts,
+                dask_key_name=f"{stage}-block-{i}-{uuid.uuid4().hex[:12]}",
+            )
+            for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))
+        ]
         futures = client.compute(tasks, workers=workers)
         which = {f.key: i for f, i in zip(futures, todo)}
         merged: list[int] = []
@@ -373,7 +470,8 @@ class Products:
                     raise BlockFailed(
                         f"{label}: block {i} ({dim} {edges[i]}:{edges[i + 1]}) failed: "
                         f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
-                        "fix the cause and run again to continue") from err
+                        "fix the cause and run again to continue"
+                    ) from err
                 session.merge(fut.result())  # finished: the fork comes back at once
                 merged.append(i)
                 written += 1

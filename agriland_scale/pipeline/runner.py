@@ -92,10 +92,19 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwrite: bool = False,
-        report: Report | None = None, progress: Progress | None = None, until: str | None = None,
-        force: Iterable[str] = (), command: str = "agriland run", launch: ClusterLaunch | None = None
-        ) -> dict[str, Any]:
+def run(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    report: Report | None = None,
+    progress: Progress | None = None,
+    until: str | None = None,
+    force: Iterable[str] = (),
+    command: str = "agriland run",
+    launch: ClusterLaunch | None = None,
+) -> dict[str, Any]:
     """Run the stages of ``cfg`` into the folder ``out``; returns the run record (run.json).
 
     ``scheduler`` (or ``cfg.runtime.scheduler``, or Dask's ``scheduler-address`` such as
@@ -130,23 +139,29 @@ def run(cfg: RunConfig, out: str | Path, *, scheduler: str | None = None, overwr
             old = prepare_output(out, cfg, overwrite, force)
             preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
             if overwrite and old is not None:
-                refuse_deleting_inputs(out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs],
-                                       "--overwrite")
+                refuse_deleting_inputs(
+                    out, cfg, [f for fs in (old.get("files") or {}).values() for f in fs], "--overwrite"
+                )
                 remove_run(out, old)
                 if mirror is not None:  # the products on the object store go too
                     delete_prefix(join_url(location, STORE), cfg.output.storage_options)
                 old = None
             elif force and old is not None:
-                refuse_deleting_inputs(out, cfg, [f for s in dependents(force) | {"report"}
-                                                  for f in (old.get("files") or {}).get(s, [])],
-                                       f"--force {' '.join(force)}")
-            return _run_locked(cfg, out, old, wanted, force, scheduler, say, progress, until,
-                               location, mirror, launch)
+                refuse_deleting_inputs(
+                    out,
+                    cfg,
+                    [f for s in dependents(force) | {"report"} for f in (old.get("files") or {}).get(s, [])],
+                    f"--force {' '.join(force)}",
+                )
+            return _run_locked(
+                cfg, out, old, wanted, force, scheduler, say, progress, until, location, mirror, launch
+            )
 
 
 @contextlib.contextmanager
-def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
-              ) -> Iterator[tuple[Path, str, Mirror | None]]:
+def _location(
+    cfg: RunConfig, out: str | Path, command: str, say: Report
+) -> Iterator[tuple[Path, str, Mirror | None]]:
     """Give the run's folder, its location and, for object storage, its mirror, under the run's lock.
 
     A local ``out`` is the run's folder. An object-storage ``out`` is checked (reachable,
@@ -177,13 +192,28 @@ def _location(cfg: RunConfig, out: str | Path, command: str, say: Report
         use_storage_options(location, None)
 
 
-def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: list[str], force: list[str],
-                scheduler: str | None, say: Report, progress: Progress | None, until: str | None,
-                location: str, mirror: Mirror | None, launch: ClusterLaunch | None) -> dict[str, Any]:
+def _run_locked(
+    cfg: RunConfig,
+    out: Path,
+    old: dict[str, Any] | None,
+    wanted: list[str],
+    force: list[str],
+    scheduler: str | None,
+    say: Report,
+    progress: Progress | None,
+    until: str | None,
+    location: str,
+    mirror: Mirror | None,
+    launch: ClusterLaunch | None,
+) -> dict[str, Any]:
     (out / MODELS_DIR).mkdir(exist_ok=True)
     record: dict[str, Any] = {
-        "config": json.loads(cfg.model_dump_json()), "versions": package_versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings_s": {}, "stages": {}, "files": {},
+        "config": json.loads(cfg.model_dump_json()),
+        "versions": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "timings_s": {},
+        "stages": {},
+        "files": {},
     }
     if old:
         kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages", "files")}
@@ -227,13 +257,17 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
     figures: dict[str, list[str]] = {}  # the report's product maps, drawn by the publish stage
     finished = False
     try:
-        _Runner(cfg, out, record, products, say, progress, location, mirror).run(wanted, scheduler, closing,
-                                                                                 figures, launch)
+        _Runner(cfg, out, record, products, say, progress, location, mirror).run(
+            wanted, scheduler, closing, figures, launch
+        )
         finished = True
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
-        record["store"] = {"location": products.location, "commits": products.commits,
-                           "commit_seconds": round(products.commit_seconds, 3)}
+        record["store"] = {
+            "location": products.location,
+            "commits": products.commits,
+            "commit_seconds": round(products.commit_seconds, 3),
+        }
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for stage, status in record["stages"].items():  # stopped where no handler could say so
             if status == "running":
@@ -248,10 +282,12 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
                 write_report(out, product_figures=figures)
             except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own error
                 # after a failed run (its error follows) in the run's log only
-                (log.warning if finished else log.info)("could not write %s: %s", out / "report.html",
-                                                         short_error(e))
-            record["files"]["report"] = sorted(set(record["files"].get("report", []))
-                                               | set(outdir.changed_since(out, before)))
+                (log.warning if finished else log.info)(
+                    "could not write %s: %s", out / "report.html", short_error(e)
+                )
+            record["files"]["report"] = sorted(
+                set(record["files"].get("report", [])) | set(outdir.changed_since(out, before))
+            )
             if finished:
                 write_json(record, out / RECORD)
             else:
@@ -261,7 +297,9 @@ def _run_locked(cfg: RunConfig, out: Path, old: dict[str, Any] | None, wanted: l
         if finished:
             say(f"done in {record['timings_s']['total']:.0f} s: {out}")
         else:  # the error itself follows on the terminal (the CLI), and in this log
-            _RUN_LOG.info("stopped after %.0f s: %s", record["timings_s"]["total"], record.get("error", "interrupted"))
+            _RUN_LOG.info(
+                "stopped after %.0f s: %s", record["timings_s"]["total"], record.get("error", "interrupted")
+            )
         _close_log(handler)
     return record
 
@@ -305,6 +343,7 @@ def _say(report: Report | None) -> Report:
         _RUN_LOG.info(msg)
         if report is not None:
             report(msg)
+
     return say
 
 
@@ -337,8 +376,17 @@ def _close_log(h: logging.FileHandler) -> None:
 class _Runner:
     """Runs the stages of one run: status, timing, files and resume in ``record`` (run.json)."""
 
-    def __init__(self, cfg: RunConfig, out: Path, record: dict[str, Any], products: Products,
-                 say: Report, progress: Progress | None, location: str = "", mirror: Mirror | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out: Path,
+        record: dict[str, Any],
+        products: Products,
+        say: Report,
+        progress: Progress | None,
+        location: str = "",
+        mirror: Mirror | None = None,
+    ):
         self.cfg, self.out, self.record, self.products, self.say = cfg, out, record, products, say
         self.location, self.mirror = location or str(out), mirror
 
@@ -359,6 +407,7 @@ class _Runner:
             step = max(1, total // 10)
             if done == total or done % step == 0:
                 _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
+
         self.progress = prog
 
     def _finished(self, stage: str) -> bool:
@@ -368,15 +417,27 @@ class _Runner:
         if stage == "search":
             return (self.out / ITEMS).exists()
         if stage in GROUPS:
-            return bool(zones) and all(self.products.exists(z["prefix"] + GROUPS[stage]) for z in zones.values())
+            return bool(zones) and all(
+                self.products.exists(z["prefix"] + GROUPS[stage]) for z in zones.values()
+            )
         if stage == "cae":
-            return model_version((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")) is not None
+            return (
+                model_version((self.record.get("cae") or {}).get("encoder_path", "/nonexistent")) is not None
+            )
         if stage == "unet":
-            return model_version((self.record.get("unet") or {}).get("model_path", "/nonexistent")) is not None
+            return (
+                model_version((self.record.get("unet") or {}).get("model_path", "/nonexistent")) is not None
+            )
         return (self.out / RECORD).exists() and (self.out / "report.html").exists()
 
-    def run(self, wanted: list[str], scheduler: str | None, closing: list[threading.Thread] | None = None,
-            figures: dict[str, list[str]] | None = None, launch: ClusterLaunch | None = None) -> None:
+    def run(
+        self,
+        wanted: list[str],
+        scheduler: str | None,
+        closing: list[threading.Thread] | None = None,
+        figures: dict[str, list[str]] | None = None,
+        launch: ClusterLaunch | None = None,
+    ) -> None:
         """Start or join the Dask cluster, then run the unfinished stages of ``wanted``.
 
         ``closing``: see :func:`~.runtime.dask_client` (the caller joins the thread).
@@ -388,8 +449,9 @@ class _Runner:
         worker_log = self.out / LOGS_DIR / f"workers-{stamp}.log"
         if scheduler or self.cfg.runtime.scheduler:
             launch = None  # an existing cluster: the launched one is closed by its owner
-        with dask_client(self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing,
-                         launch=launch) as client:
+        with dask_client(
+            self.cfg.runtime, scheduler, worker_log=str(worker_log), closing=closing, launch=launch
+        ) as client:
             if self.mirror is not None and self.cfg.output.storage_options:
                 client.register_plugin(StorageOptions(self.location, self.cfg.output.storage_options))
             rec["dashboard"] = client.dashboard_link
@@ -398,17 +460,30 @@ class _Runner:
             res = gpu_resources(client)
             rec["precision"] = inference_precision(client, self.cfg.runtime.inference_precision, bool(res))
             # training tasks relay their progress (epoch, step, loss) as events of this run
-            ctx = RunContext(cfg=self.cfg, out=self.out, record=rec, products=self.products, client=client,
-                             res=res, tag=f"{self.out}:{os.getpid()}:{time.time()}", say=self.say,
-                             progress=self.progress, wanted=tuple(wanted), location=self.location,
-                             mirror=self.mirror, report_figures=figures if figures is not None else {},
-                             own_cluster=not (scheduler or self.cfg.runtime.scheduler),
-                             worker_log=str(worker_log))
+            ctx = RunContext(
+                cfg=self.cfg,
+                out=self.out,
+                record=rec,
+                products=self.products,
+                client=client,
+                res=res,
+                tag=f"{self.out}:{os.getpid()}:{time.time()}",
+                say=self.say,
+                progress=self.progress,
+                wanted=tuple(wanted),
+                location=self.location,
+                mirror=self.mirror,
+                report_figures=figures if figures is not None else {},
+                own_cluster=not (scheduler or self.cfg.runtime.scheduler),
+                worker_log=str(worker_log),
+            )
 
             def on_event(event: tuple) -> None:
                 msg = event[1] if isinstance(event, tuple) and len(event) == 2 else event
                 if isinstance(msg, dict) and msg.get("tag") == ctx.tag:
-                    self.progress(msg["label"], msg["done"], msg["total"], msg["info"] or " ", msg["milestone"])
+                    self.progress(
+                        msg["label"], msg["done"], msg["total"], msg["info"] or " ", msg["milestone"]
+                    )
 
             client.subscribe_topic(PROGRESS_TOPIC, on_event)
             rec["gpu"] = bool(res)
@@ -418,9 +493,12 @@ class _Runner:
             # (the import may have started with the launched cluster)
             ctx.warming.extend((future, (), w) for future, w in (launch.imports if launch else []))
             e = self.cfg.embed
-            ctx.warm_up([(e.model, self.cfg.patches.size, len(e.bands), True)]
-                        if "embeddings" in todo and e.model and not (e.mixed_precision and res) else [],
-                        only_tensorflow=not ctx.warming and bool(MODEL_STAGES & set(todo)))
+            ctx.warm_up(
+                [(e.model, self.cfg.patches.size, len(e.bands), True)]
+                if "embeddings" in todo and e.model and not (e.mixed_precision and res)
+                else [],
+                only_tensorflow=not ctx.warming and bool(MODEL_STAGES & set(todo)),
+            )
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log
             perf = self.out / LOGS_DIR / f"dask-performance-{stamp}.html"
@@ -448,8 +526,10 @@ class _Runner:
             if stage not in todo:
                 self.say(f"[{stage}] finished earlier: kept")
                 continue
-            model = {"embeddings": (rec.get("cae") or {}).get("encoder_path"),
-                     "segmentation": (rec.get("unet") or {}).get("model_path")}.get(stage)
+            model = {
+                "embeddings": (rec.get("cae") or {}).get("encoder_path"),
+                "segmentation": (rec.get("unet") or {}).get("model_path"),
+            }.get(stage)
             if model:  # the workers' TensorFlow import and model load, apart from the stage's work
                 waited = ctx.wait_for_warm_up(model)
                 if waited >= 0.05:
@@ -485,8 +565,9 @@ class _Runner:
             finally:
                 rec["timings_s"][stage] = time.perf_counter() - t0
                 # what the stage wrote is the run's to replace or delete later, nothing else
-                rec["files"][stage] = sorted(set(rec["files"].get(stage, []))
-                                             | set(outdir.changed_since(self.out, before)))
+                rec["files"][stage] = sorted(
+                    set(rec["files"].get(stage, [])) | set(outdir.changed_since(self.out, before))
+                )
                 if self.mirror is not None:  # the stage's files on the object store, one object each
                     try:
                         write_json(rec, self.out / RECORD)

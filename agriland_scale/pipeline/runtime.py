@@ -25,9 +25,22 @@ from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
 from agriland_scale.files import cache_dir, use_storage_options
 
-__all__ = ["MAIN_WORKER", "EarlyCluster", "FastExit", "StderrToFile", "StorageOptions", "dask_client", "given_models", "gpu_resources",
-           "inference_precision", "local_cluster", "main_process_worker", "scheduler_address", "serve_cluster",
-           "worker_env"]
+__all__ = [
+    "MAIN_WORKER",
+    "EarlyCluster",
+    "FastExit",
+    "StderrToFile",
+    "StorageOptions",
+    "dask_client",
+    "given_models",
+    "gpu_resources",
+    "inference_precision",
+    "local_cluster",
+    "main_process_worker",
+    "scheduler_address",
+    "serve_cluster",
+    "worker_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +73,15 @@ def worker_env(threads: int) -> dict[str, str]:
     import dask
 
     t = str(threads)
-    env = {"OMP_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t, "MKL_NUM_THREADS": t,
-           "TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": "1",
-           "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        "OMP_NUM_THREADS": t,
+        "OPENBLAS_NUM_THREADS": t,
+        "MKL_NUM_THREADS": t,
+        "TF_NUM_INTRAOP_THREADS": t,
+        "TF_NUM_INTEROP_THREADS": "1",
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     if dask.config.get("distributed.worker.profile.interval") == "10ms":  # distributed's default
         env["DASK_DISTRIBUTED__WORKER__PROFILE__INTERVAL"] = PROFILE_INTERVAL
     return env
@@ -110,8 +129,11 @@ class StderrToFile(_OtherProcesses):
         to ``EARLIER.PID`` so far is moved into the file first, and ``EARLIER.PID`` removed.
         """
         pid = os.getpid()
-        fd = os.open(f"{self.path}.{pid}" if self.per_process else self.path,
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(
+            f"{self.path}.{pid}" if self.per_process else self.path,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+            0o644,
+        )
         try:
             if self.earlier is None:
                 os.dup2(fd, 2)
@@ -207,9 +229,15 @@ def local_cluster(cfg: RuntimeConfig, **kwargs) -> LocalCluster:
         # a dashboard port in use moves the dashboard to a free port, which the run's
         # "Dask dashboard:" line names: distributed's three-line warning says nothing more
         warnings.filterwarnings("ignore", message=r"(?s)Port \d+ is already in use", category=UserWarning)
-        return LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
-                            memory_limit=cfg.memory_limit, dashboard_address=cfg.dashboard_address,
-                            processes=True, env=worker_env(cfg.threads_per_worker), **kwargs)
+        return LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=cfg.dashboard_address,
+            processes=True,
+            env=worker_env(cfg.threads_per_worker),
+            **kwargs,
+        )
 
 
 def scheduler_address(cfg: RuntimeConfig, scheduler: str | None = None) -> str | None:
@@ -246,15 +274,21 @@ def scheduler_address(cfg: RuntimeConfig, scheduler: str | None = None) -> str |
     try:
         return check_scheduler_address(str(value))
     except ValueError as e:
-        raise ConfigError(f"DASK_SCHEDULER_ADDRESS (Dask's configuration 'scheduler-address', from the "
-                          f"environment or a Dask config file): {e}; or unset it to start a LocalCluster"
-                          ) from None
+        raise ConfigError(
+            f"DASK_SCHEDULER_ADDRESS (Dask's configuration 'scheduler-address', from the "
+            f"environment or a Dask config file): {e}; or unset it to start a LocalCluster"
+        ) from None
 
 
 @contextlib.contextmanager
-def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
-                worker_log: str | None = None, closing: list[threading.Thread] | None = None,
-                launch: EarlyCluster | None = None) -> Iterator[Client]:
+def dask_client(
+    cfg: RuntimeConfig,
+    scheduler: str | None = None,
+    *,
+    worker_log: str | None = None,
+    closing: list[threading.Thread] | None = None,
+    launch: EarlyCluster | None = None,
+) -> Iterator[Client]:
     """Connect to ``scheduler`` (or ``cfg.scheduler``, or Dask's ``scheduler-address``), else start a LocalCluster.
 
     The LocalCluster is closed when the block ends; an external cluster is left running.
@@ -273,9 +307,11 @@ def dask_client(cfg: RuntimeConfig, scheduler: str | None = None, *,
         try:
             client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as e:
-            raise SchedulerError(f"no Dask scheduler answers at {address} ({e}): start one "
-                                 "(`dask scheduler`) or fix runtime.scheduler / --scheduler / "
-                                 "DASK_SCHEDULER_ADDRESS") from None
+            raise SchedulerError(
+                f"no Dask scheduler answers at {address} ({e}): start one "
+                "(`dask scheduler`) or fix runtime.scheduler / --scheduler / "
+                "DASK_SCHEDULER_ADDRESS"
+            ) from None
         try:
             yield client
         finally:
@@ -377,8 +413,14 @@ def main_process_worker(client: Client, cfg: RuntimeConfig, log_file: str | None
     # no memory limit: its monitor would measure the whole agriland process (scheduler,
     # client, the run's state) and pause the worker for good once that passed the limit
     async def start() -> Worker:
-        return await Worker(client.scheduler.address, nthreads=cfg.threads_per_worker, name=MAIN_WORKER,
-                            memory_limit=0, host=host, dashboard=False)
+        return await Worker(
+            client.scheduler.address,
+            nthreads=cfg.threads_per_worker,
+            name=MAIN_WORKER,
+            memory_limit=0,
+            host=host,
+            dashboard=False,
+        )
 
     # it listens where the scheduler does (loopback for the run's own LocalCluster), never on
     # every interface, and opens no dashboard of its own
@@ -422,12 +464,20 @@ def given_models(cfg: RunConfig) -> dict[str, list[tuple[str, int, int, bool]]]:
     As :func:`~agriland_scale.models.worker.warm_up` takes them: at their training window.
     """
     e, s = cfg.embed, cfg.segment
-    return {**({"embeddings": [(e.model, cfg.patches.size, len(e.bands), True)]} if e.model else {}),
-            **({"segmentation": [(s.model, s.window, len(s.bands), True)]} if s.model else {})}
+    return {
+        **({"embeddings": [(e.model, cfg.patches.size, len(e.bands), True)]} if e.model else {}),
+        **({"segmentation": [(s.model, s.window, len(s.bands), True)]} if s.model else {}),
+    }
 
 
-def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, list] | None = None,
-                  report: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
+def serve_cluster(
+    cfg: RuntimeConfig,
+    port: int = 8786,
+    *,
+    models: dict[str, list] | None = None,
+    report: Callable[[str], None] = print,
+    stop: threading.Event | None = None,
+) -> None:
     """Run a LocalCluster for agriland runs until Ctrl-C, SIGTERM or ``stop`` is set.
 
     Its workers are those a run starts for itself (``cfg``'s workers, threads, memory limit,
@@ -452,13 +502,19 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
                 probe.bind(("127.0.0.1", port))
         cluster = local_cluster(cfg, host="127.0.0.1", scheduler_port=port)
     except (OSError, RuntimeError) as e:
-        raise SchedulerError(f"cannot start a scheduler on 127.0.0.1:{port} ({e}): if an agriland cluster "
-                             f"already runs there, use it (--scheduler tcp://127.0.0.1:{port}); else "
-                             "choose another --port") from None
+        raise SchedulerError(
+            f"cannot start a scheduler on 127.0.0.1:{port} ({e}): if an agriland cluster "
+            f"already runs there, use it (--scheduler tcp://127.0.0.1:{port}); else "
+            "choose another --port"
+        ) from None
     stop = stop or threading.Event()
     main = threading.current_thread() is threading.main_thread()
     # both stop it, even where SIGINT came ignored (a command started with & by a script)
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    previous = (
+        {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if main
+        else {}
+    )
     client = None
     try:
         client = Client(cluster)
@@ -469,25 +525,38 @@ def serve_cluster(cfg: RuntimeConfig, port: int = 8786, *, models: dict[str, lis
         logs.mkdir(parents=True, exist_ok=True)
         worker_log = logs / f"cluster-workers-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         client.register_plugin(StderrToFile(str(worker_log)))
-        report(f"agriland cluster: {cfg.n_workers} worker(s) x {cfg.threads_per_worker} threads at "
-               f"{cluster.scheduler_address}, dashboard {client.dashboard_link}; workers' log {worker_log}")
+        report(
+            f"agriland cluster: {cfg.n_workers} worker(s) x {cfg.threads_per_worker} threads at "
+            f"{cluster.scheduler_address}, dashboard {client.dashboard_link}; workers' log {worker_log}"
+        )
         workers = list(client.scheduler_info(n_workers=-1)["workers"])
-        seconds = client.gather([client.submit(_preload, workers=[w], pure=False, key=f"agriland-preload-{i}")
-                                 for i, w in enumerate(workers)])
+        seconds = client.gather(
+            [
+                client.submit(_preload, workers=[w], pure=False, key=f"agriland-preload-{i}")
+                for i, w in enumerate(workers)
+            ]
+        )
         loaded = ""
         if models:
             from agriland_scale.models.worker import warm_up
 
             precision = inference_precision(client, cfg.inference_precision, gpu=bool(gpu_resources(client)))
-            done = client.gather([client.submit(warm_up, m, precision[stage], workers=[w], pure=False)
-                                  for stage, m in models.items() for w in workers])
+            done = client.gather(
+                [
+                    client.submit(warm_up, m, precision[stage], workers=[w], pure=False)
+                    for stage, m in models.items()
+                    for w in workers
+                ]
+            )
             errors = {d["error"] for d in done if "error" in d}
             if errors:
                 raise ConfigError(f"cannot load a model of the pipeline on the workers: {'; '.join(errors)}")
             loaded = f"; loaded {', '.join(Path(m[0]).name for ms in models.values() for m in ms)}"
-        report(f"workers ready: TensorFlow, Keras, odc-stac, scikit-learn and matplotlib imported in "
-               f"{max(seconds):.1f} s{loaded}. Run with --scheduler {cluster.scheduler_address} "
-               "(or runtime.scheduler); stop with Ctrl-C")
+        report(
+            f"workers ready: TensorFlow, Keras, odc-stac, scikit-learn and matplotlib imported in "
+            f"{max(seconds):.1f} s{loaded}. Run with --scheduler {cluster.scheduler_address} "
+            "(or runtime.scheduler); stop with Ctrl-C"
+        )
         while not stop.wait(0.5):
             pass
     finally:

@@ -68,12 +68,13 @@ class _Rows:
         for a, s0, s1 in zip(self.arrays, self.starts[:-1], self.starts[1:]):
             lo, hi = max(start, s0), min(stop, s1)
             if hi > lo:
-                parts.append(np.asarray(a[lo - s0:hi - s0]))
+                parts.append(np.asarray(a[lo - s0 : hi - s0]))
         return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), dtype="float32")
 
 
-def _fit_clusters_task(store: Any, groups: list[str], valid: np.ndarray, cfg, seed: int,
-                       sample_size: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _fit_clusters_task(
+    store: Any, groups: list[str], valid: np.ndarray, cfg, seed: int, sample_size: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Streaming k-means + DEC over the embeddings of every zone (runs on a worker).
 
     Returns the fit's summary and its arrays (``labels``, ``kmeans_labels`` ``(patch,)``,
@@ -90,23 +91,27 @@ def _fit_clusters_task(store: Any, groups: list[str], valid: np.ndarray, cfg, se
     return info, {name: np.asarray(arr[...]) for name, arr in fit.arrays()}
 
 
-
-
 def _items(ctx: RunContext) -> list[pystac.Item]:
     fc = json.loads((ctx.out / ITEMS).read_text())
     return [pystac.Item.from_dict(f) for f in fc["features"]]
+
 
 def search_stage(ctx: RunContext) -> None:
     cfg = ctx.cfg
     region = region_of(cfg.search)
     with api_url(cfg.search) as url:
         items = search_items(cfg.search, url)
-    write_json({"type": "FeatureCollection", "features": [i.to_dict() for i in items]},
-               ctx.out / ITEMS)
-    ctx.record["inputs"] = {"api": cfg.search.api, "region_bbox": list(region.bbox), "items": [
-        {"id": i.id, "datetime": acquired(i),
-         "cloud_cover": i.properties.get("eo:cloud_cover")} for i in items]}
+    write_json({"type": "FeatureCollection", "features": [i.to_dict() for i in items]}, ctx.out / ITEMS)
+    ctx.record["inputs"] = {
+        "api": cfg.search.api,
+        "region_bbox": list(region.bbox),
+        "items": [
+            {"id": i.id, "datetime": acquired(i), "cloud_cover": i.properties.get("eo:cloud_cover")}
+            for i in items
+        ],
+    }
     ctx.say(f"search: {len(items)} item(s)")
+
 
 def cube_stage(ctx: RunContext) -> None:
     # one entry per UTM zone: {name: prefix of its groups in the store}; a single zone
@@ -132,28 +137,40 @@ def cube_stage(ctx: RunContext) -> None:
             raise NoItemsFound(
                 f"every found item has a bad asset and cube.on_bad_asset is 'skip', so none is left: "
                 f"e.g. item {b['item']}, asset '{b['asset']}' ({b['href']}): {str(b['error'])[:300]}. "
-                "Fix or download the assets again, or widen the search")
+                "Fix or download the assets again, or widen the search"
+            )
     ctx.say(f"cube: planning the cube of {len(items)} item(s) at {cfg.cube.resolution:g} m")
     t0 = time.perf_counter()
     zones, empty, written = {}, [], {}
     reused: dict[str, set[int]] = {}  # per zone, the blocks an earlier attempt wrote
     with SkippedReads(ctx.client) as skipped:
         cubes = load_zone_cubes(items, cfg.cube, region, normalized=True, encoded=True)
-        ctx.say("cube: planned " + ", ".join(f"{zone_name(e)} {c.sizes['y']:,} x {c.sizes['x']:,} px"
-                                              for e, c in cubes.items()) + f" in {time.perf_counter() - t0:.1f} s")
+        ctx.say(
+            "cube: planned "
+            + ", ".join(f"{zone_name(e)} {c.sizes['y']:,} x {c.sizes['x']:,} px" for e, c in cubes.items())
+            + f" in {time.perf_counter() - t0:.1f} s"
+        )
         multi = len(cubes) > 1
         try:
             # while the run's own worker imports TensorFlow, a worker in this process computes the cube
             with ctx.data_workers() as workers:
-                rec["cube_computed_by"] = ("the cluster" if workers is None
-                                           else f"{MAIN_WORKER} (the workers loaded models)")
+                rec["cube_computed_by"] = (
+                    "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
+                )
                 for epsg, cube in cubes.items():
                     name = zone_name(epsg)
                     prefix = f"{name}/" if multi else ""
                     reused[name] = ctx.products.pending_blocks(prefix + "cube")
-                    written[name] = ctx.products.write_blocks(cube, prefix + "cube", "y", ctx.client,
-                                                              settings=ctx.settings("cube"), label=f"cube {name}",
-                                                              progress=ctx.progress, workers=workers)
+                    written[name] = ctx.products.write_blocks(
+                        cube,
+                        prefix + "cube",
+                        "y",
+                        ctx.client,
+                        settings=ctx.settings("cube"),
+                        label=f"cube {name}",
+                        progress=ctx.progress,
+                        workers=workers,
+                    )
                     if not written[name]["reused"]:
                         reused[name] = set()
         finally:  # also when a block fails: the next attempt keeps the records of the blocks it reuses
@@ -173,25 +190,34 @@ def cube_stage(ctx: RunContext) -> None:
         # counts cost less than the cluster's round trips); the rest is metadata
         cube = open_cube(ctx.store, prefix + "cube", dask=False)
         chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
-        info = {"epsg": epsg, "prefix": prefix, "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
-                "crs": str(cube.rio.crs),
-                "transform": list(cube.rio.transform())[:6], "bounds": list(cube.rio.bounds()),
-                "items": list(cube.attrs["items"]), "chunks": int(chunks.size),
-                "empty_chunks": int((chunks == 0).sum()), "blocks_reused": stats["reused"]}
+        info = {
+            "epsg": epsg,
+            "prefix": prefix,
+            "shape": {d: cube.sizes[d] for d in ("band", "y", "x")},
+            "crs": str(cube.rio.crs),
+            "transform": list(cube.rio.transform())[:6],
+            "bounds": list(cube.rio.bounds()),
+            "items": list(cube.attrs["items"]),
+            "chunks": int(chunks.size),
+            "empty_chunks": int((chunks == 0).sum()),
+            "blocks_reused": stats["reused"],
+        }
         if not (chunks > 0).any():
             empty.append(name)
             info["empty"] = True
         zones[name] = info
-        ctx.say(f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
-                f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels")
+        ctx.say(
+            f"cube {name}: {dict(cube.sizes)} in {cube.rio.crs}, "
+            f"{info['empty_chunks']}/{info['chunks']} chunks without clear pixels"
+        )
     rec["zones"] = zones
     if len(empty) == len(zones):
         raise EmptyRegion(
             "every pixel of the region is nodata or masked (clouds, shadows): choose "
-            "another search.datetime or raise search.max_cloud_cover")
+            "another search.datetime or raise search.max_cloud_cover"
+        )
     if empty:
-        warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning,
-                      stacklevel=1)
+        warnings.warn(f"zone(s) {empty} have no clear pixel and are left out", AgrilandWarning, stacklevel=1)
     first = next(iter(ctx.zones().values()))
     rec["cube"] = {k: first[k] for k in ("shape", "crs", "transform", "bounds")}
     s = ctx.cfg.segment
@@ -199,14 +225,21 @@ def cube_stage(ctx: RunContext) -> None:
         # a given U-Net is loaded and traced at the window the segmentation will use, on the
         # workers, while patches, embeddings and clusters run
         encoder = read_sidecar(s.model).get("encoder")
-        sizes = {choose_inference_window(s.inference_window, s.window, s.overlap, z["shape"]["y"],
-                                         z["shape"]["x"], encoder) for z in ctx.zones().values()}
-        ctx.warm_up([(s.model, size, len(s.bands), size == s.window) for size in sorted(sizes)],
-                    "segmentation")
+        sizes = {
+            choose_inference_window(
+                s.inference_window, s.window, s.overlap, z["shape"]["y"], z["shape"]["x"], encoder
+            )
+            for z in ctx.zones().values()
+        }
+        ctx.warm_up(
+            [(s.model, size, len(s.bands), size == s.window) for size in sorted(sizes)], "segmentation"
+        )
+
 
 def _index(ctx: RunContext, zone: dict[str, Any]) -> tuple[xr.Dataset, np.ndarray]:
     index = open_product(ctx.store, zone["prefix"] + "patches").load()
     return index, index["valid_fraction"].values >= ctx.cfg.patches.min_valid_fraction
+
 
 def patches_stage(ctx: RunContext) -> None:
     p = ctx.cfg.patches
@@ -215,8 +248,11 @@ def patches_stage(ctx: RunContext) -> None:
         index = patch_index(cube, p.size, p.stride, client=ctx.client)  # counted by the workers
         ctx.products.write(index, z["prefix"] + "patches")
         valid = index["valid_fraction"].values >= p.min_valid_fraction
-        z["patches"] = {"count": int(index.sizes["patch"]), "valid": int(valid.sum()),
-                        "grid": [index.attrs["n_rows"], index.attrs["n_cols"]]}
+        z["patches"] = {
+            "count": int(index.sizes["patch"]),
+            "valid": int(valid.sum()),
+            "grid": [index.attrs["n_rows"], index.attrs["n_cols"]],
+        }
     zones = ctx.zones()
     ctx.record["patches"] = {k: sum(z["patches"][k] for z in zones.values()) for k in ("count", "valid")}
     if len(ctx.record["zones"]) == 1:
@@ -229,15 +265,21 @@ def patches_stage(ctx: RunContext) -> None:
             f"cluster.k is {k} but the region has only {valid} valid patch(es) (of "
             f"{ctx.record['patches']['count']}; a patch is valid with at least "
             f"{ctx.cfg.patches.min_valid_fraction:.0%} clear pixels): {fix}enlarge the region, "
-            "lower patches.stride or lower patches.min_valid_fraction")
+            "lower patches.stride or lower patches.min_valid_fraction"
+        )
+
 
 def cae_stage(ctx: RunContext) -> None:
     e, cfg = ctx.cfg.embed, ctx.cfg
     if e.model:  # a CAE encoder trained before (agriland train-cae), maybe on another region
-        meta = check_model(e.model, "embedding", e.bands, e.reflectance_max, cfg.patches.size,
-                           key="embed.model")
-        ctx.record["cae"] = {"encoder_path": e.model, "given": True,
-                             "training_region": meta.get("training_region")}
+        meta = check_model(
+            e.model, "embedding", e.bands, e.reflectance_max, cfg.patches.size, key="embed.model"
+        )
+        ctx.record["cae"] = {
+            "encoder_path": e.model,
+            "given": True,
+            "training_region": meta.get("training_region"),
+        }
         ctx.say(f"CAE: using the encoder {e.model} (trained on '{meta.get('training_region')}')")
         return
     # the CAE learns from the zone with the most valid patches; every zone is embedded
@@ -246,32 +288,63 @@ def cae_stage(ctx: RunContext) -> None:
     train_zone = max(zones, key=lambda n: idx[n][1].sum())
     ix, valid = idx[train_zone]
     sel = np.flatnonzero(valid)
-    fut = ctx.client.submit(train_cae, ctx.store, ix["y0"].values[sel], ix["x0"].values[sel], e,
-                            cfg.patches.size, ctx.model_location("cae.keras"), seed=cfg.seed,
-                            region=cfg.name, group=zones[train_zone]["prefix"] + "cube",
-                            progress_tag=ctx.tag, resources=ctx.res, pure=False)
+    fut = ctx.client.submit(
+        train_cae,
+        ctx.store,
+        ix["y0"].values[sel],
+        ix["x0"].values[sel],
+        e,
+        cfg.patches.size,
+        ctx.model_location("cae.keras"),
+        seed=cfg.seed,
+        region=cfg.name,
+        group=zones[train_zone]["prefix"] + "cube",
+        progress_tag=ctx.tag,
+        resources=ctx.res,
+        pure=False,
+    )
     meta = fut.result()
     ctx.fetched_models()
     ctx.record["cae"] = {k: v for k, v in meta.items() if k != "history"} | {
-        "final_loss": (meta["history"].get("loss") or [None])[-1], "zone": train_zone}
-    ctx.say(f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
-            f"steps in {meta['seconds']:.0f} s")
+        "final_loss": (meta["history"].get("loss") or [None])[-1],
+        "zone": train_zone,
+    }
+    ctx.say(
+        f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
+        f"steps in {meta['seconds']:.0f} s"
+    )
+
 
 def embeddings_stage(ctx: RunContext) -> None:
     e, p = ctx.cfg.embed, ctx.cfg.patches
     for name, z in ctx.zones().items():
         index, _ = _index(ctx, z)
-        emb = embed_patches(ctx.record["cae"]["encoder_path"], ctx.store, index, e.bands,
-                            e.reflectance_max, batch_size=e.batch_size,
-                            min_valid_fraction=p.min_valid_fraction, resources=ctx.res,
-                            group=z["prefix"] + "cube",
-                            precision="mixed_float16" if e.mixed_precision and ctx.res
-                            else ctx.precision("embeddings"))
-        emb["embedding"].attrs["model"] = run_relative(ctx.record["cae"]["encoder_path"], ctx.out, ctx.location)
-        stats = ctx.products.write_blocks(emb, z["prefix"] + "embeddings", "patch", ctx.client,
-                                          settings=ctx.settings("embeddings"),
-                                          label=f"embeddings {name}", progress=ctx.progress)
+        emb = embed_patches(
+            ctx.record["cae"]["encoder_path"],
+            ctx.store,
+            index,
+            e.bands,
+            e.reflectance_max,
+            batch_size=e.batch_size,
+            min_valid_fraction=p.min_valid_fraction,
+            resources=ctx.res,
+            group=z["prefix"] + "cube",
+            precision="mixed_float16" if e.mixed_precision and ctx.res else ctx.precision("embeddings"),
+        )
+        emb["embedding"].attrs["model"] = run_relative(
+            ctx.record["cae"]["encoder_path"], ctx.out, ctx.location
+        )
+        stats = ctx.products.write_blocks(
+            emb,
+            z["prefix"] + "embeddings",
+            "patch",
+            ctx.client,
+            settings=ctx.settings("embeddings"),
+            label=f"embeddings {name}",
+            progress=ctx.progress,
+        )
         z["embeddings_blocks"] = stats
+
 
 def clusters_stage(ctx: RunContext) -> None:
     # one clustering over every zone's embeddings, so cluster ids mean the same everywhere;
@@ -279,19 +352,35 @@ def clusters_stage(ctx: RunContext) -> None:
     c, zones = ctx.cfg.cluster, ctx.zones()
     idx = {n: _index(ctx, z) for n, z in zones.items()}
     valid_all = np.concatenate([idx[n][1] for n in zones])
-    fut = ctx.client.submit(_fit_clusters_task, ctx.store, [z["prefix"] + "embeddings" for z in zones.values()],
-                            valid_all, c, ctx.cfg.seed, c.sample_size, pure=False)
+    fut = ctx.client.submit(
+        _fit_clusters_task,
+        ctx.store,
+        [z["prefix"] + "embeddings" for z in zones.values()],
+        valid_all,
+        c,
+        ctx.cfg.seed,
+        c.sample_size,
+        pure=False,
+    )
     info, arrays = fut.result()
-    fit = xr.Dataset({"labels": ("patch", arrays["labels"]), "kmeans_labels": ("patch", arrays["kmeans_labels"]),
-                      "soft": (("patch", "cluster"), arrays["soft"]),
-                      "centroids": (("cluster", "dim"), arrays["centroids"])})
+    fit = xr.Dataset(
+        {
+            "labels": ("patch", arrays["labels"]),
+            "kmeans_labels": ("patch", arrays["kmeans_labels"]),
+            "soft": (("patch", "cluster"), arrays["soft"]),
+            "centroids": (("cluster", "dim"), arrays["centroids"]),
+        }
+    )
     start = 0
     for name, z in zones.items():
         index, _ = idx[name]
         n = index.sizes["patch"]
         cube = open_cube(ctx.store, z["prefix"] + "cube")
-        cl = fit.drop_vars("centroids").isel(patch=slice(start, start + n)).assign_coords(
-            patch=index["patch"].values, cluster=np.arange(c.k))
+        cl = (
+            fit.drop_vars("centroids")
+            .isel(patch=slice(start, start + n))
+            .assign_coords(patch=index["patch"].values, cluster=np.arange(c.k))
+        )
         cl["centroids"] = fit["centroids"].assign_coords(cluster=np.arange(c.k))
         start += n
         for v in ("labels", "kmeans_labels"):  # CF: -1 is the declared fill (not clustered)
@@ -306,8 +395,11 @@ def clusters_stage(ctx: RunContext) -> None:
         cl = write_georef(cl, cube.rio.crs)
         ctx.products.write(cl, z["prefix"] + "clusters")
     ctx.record["clusters"] = info
-    ctx.say(f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
-            f"patches, {info['n_clustered']} patches assigned")
+    ctx.say(
+        f"clusters: k={c.k}, DEC {info['dec_iterations']} iterations on {info['n_sample']} "
+        f"patches, {info['n_clustered']} patches assigned"
+    )
+
 
 def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
     s = ctx.cfg.segment
@@ -316,8 +408,9 @@ def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
     labels, why = {}, []
     for name, z in ctx.zones().items():
         try:
-            labels[name] = load_labels(label_path, open_cube(ctx.store, z["prefix"] + "cube"),
-                                       s.positive_classes)
+            labels[name] = load_labels(
+                label_path, open_cube(ctx.store, z["prefix"] + "cube"), s.positive_classes
+            )
             labels[name].attrs["source"] = run_relative(label_path, ctx.out, ctx.location)  # no machine path
         except EmptyRegion as err:
             why.append(f"{name}: {err}")
@@ -325,14 +418,17 @@ def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
         raise EmptyRegion("; ".join(why))
     return labels
 
+
 def unet_stage(ctx: RunContext) -> None:
     s, cfg = ctx.cfg.segment, ctx.cfg
     if s.model:  # a U-Net trained before (agriland train-unet), maybe on another region
-        meta = check_model(s.model, "segmentation", s.bands, s.reflectance_max, s.window,
-                           key="segment.model")
-        ctx.record["unet"] = {"model_path": s.model, "given": True,
-                              "training_region": meta.get("training_region"),
-                              "validation_metrics": meta.get("validation_metrics")}
+        meta = check_model(s.model, "segmentation", s.bands, s.reflectance_max, s.window, key="segment.model")
+        ctx.record["unet"] = {
+            "model_path": s.model,
+            "given": True,
+            "training_region": meta.get("training_region"),
+            "validation_metrics": meta.get("validation_metrics"),
+        }
         ctx.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
         return
     labels = _labels(ctx)
@@ -340,39 +436,73 @@ def unet_stage(ctx: RunContext) -> None:
     # the U-Net learns in the zone with the most labelled pixels, then maps every zone
     train_zone = max(labels, key=lambda n: int((labels[n].values != IGNORE).sum()))
     # labels that cannot train (no positive or no negative pixel) stop here, not after training
-    training_windows(np.asarray(labels[train_zone].values), s,
-                     f"the labels {resolve_path(s.labels, Path.cwd())} (zone {train_zone})")
+    training_windows(
+        np.asarray(labels[train_zone].values),
+        s,
+        f"the labels {resolve_path(s.labels, Path.cwd())} (zone {train_zone})",
+    )
     path = ctx.model_location("unet.keras")
     # the training task reads the label raster from the store (a full tile's is 120 MB:
     # not something to send through the scheduler)
     prefix = ctx.zones()[train_zone]["prefix"]
     crs = open_cube(ctx.store, prefix + "cube").rio.crs
     lab = write_georef(xr.Dataset({"label": labels[train_zone]}), crs)
-    lab["label"].attrs.update(long_name="U-Net training label", flag_values=[0, 1, IGNORE],
-                              flag_meanings="other agricultural ignored")
+    lab["label"].attrs.update(
+        long_name="U-Net training label",
+        flag_values=[0, 1, IGNORE],
+        flag_meanings="other agricultural ignored",
+    )
     lab["label"].encoding.update(chunks=(2048, 2048), _FillValue=None)
     ctx.products.write(lab, prefix + "labels")
-    fut = ctx.client.submit(train_unet, ctx.store, prefix + "labels", s, path, seed=cfg.seed,
-                            label_source=str(resolve_path(s.labels, Path.cwd())), region=cfg.name,
-                            group=prefix + "cube", progress_tag=ctx.tag, resources=ctx.res, pure=False)
+    fut = ctx.client.submit(
+        train_unet,
+        ctx.store,
+        prefix + "labels",
+        s,
+        path,
+        seed=cfg.seed,
+        label_source=str(resolve_path(s.labels, Path.cwd())),
+        region=cfg.name,
+        group=prefix + "cube",
+        progress_tag=ctx.tag,
+        resources=ctx.res,
+        pure=False,
+    )
     meta = fut.result()
     ctx.fetched_models()
     ctx.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
-        "zone": train_zone, "model_path": path}
-    ctx.say(f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
-            f"validation IoU {meta['validation_metrics']['iou']:.3f}")
+        "zone": train_zone,
+        "model_path": path,
+    }
+    ctx.say(
+        f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
+        f"validation IoU {meta['validation_metrics']['iou']:.3f}"
+    )
+
 
 def segmentation_stage(ctx: RunContext) -> None:
     s = ctx.cfg.segment
     labels = _labels(ctx) if s.labels else {}
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
-        seg = segment_region(ctx.record["unet"]["model_path"], ctx.store, cube, s.bands,
-                             window=s.window, overlap=s.overlap, reflectance_max=s.reflectance_max,
-                             threshold=s.threshold, batch_size=s.batch_size, resources=ctx.res,
-                             group=z["prefix"] + "cube", inference_window=s.inference_window,
-                             precision=ctx.precision("segmentation"))
-        seg["probability"].attrs["model"] = run_relative(ctx.record["unet"]["model_path"], ctx.out, ctx.location)
+        seg = segment_region(
+            ctx.record["unet"]["model_path"],
+            ctx.store,
+            cube,
+            s.bands,
+            window=s.window,
+            overlap=s.overlap,
+            reflectance_max=s.reflectance_max,
+            threshold=s.threshold,
+            batch_size=s.batch_size,
+            resources=ctx.res,
+            group=z["prefix"] + "cube",
+            inference_window=s.inference_window,
+            precision=ctx.precision("segmentation"),
+        )
+        seg["probability"].attrs["model"] = run_relative(
+            ctx.record["unet"]["model_path"], ctx.out, ctx.location
+        )
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)
@@ -381,10 +511,17 @@ def segmentation_stage(ctx: RunContext) -> None:
             seg["training_label"].encoding.update(_FillValue=None)
             seg["training_label"].attrs.update(long_name="U-Net training label")
         seg = write_georef(seg, cube.rio.crs)
-        stats = ctx.products.write_blocks(seg, z["prefix"] + "segmentation", "y", ctx.client,
-                                          settings=ctx.settings("segmentation"),
-                                          label=f"segmentation {name}", progress=ctx.progress)
+        stats = ctx.products.write_blocks(
+            seg,
+            z["prefix"] + "segmentation",
+            "y",
+            ctx.client,
+            settings=ctx.settings("segmentation"),
+            label=f"segmentation {name}",
+            progress=ctx.progress,
+        )
         z["segmentation_blocks"] = stats
+
 
 def _files_task(draw: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, bytes]:
     """Run ``draw(*args, out_dir, **kwargs)`` in a temporary folder of a worker; return its files.
@@ -396,8 +533,11 @@ def _files_task(draw: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
 
     with tempfile.TemporaryDirectory(prefix="agriland-publish-") as d:
         draw(*args, d, **kwargs)
-        return {str(f.relative_to(d)).replace("\\", "/"): f.read_bytes()
-                for f in sorted(Path(d).rglob("*")) if f.is_file()}
+        return {
+            str(f.relative_to(d)).replace("\\", "/"): f.read_bytes()
+            for f in sorted(Path(d).rglob("*"))
+            if f.is_file()
+        }
 
 
 def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str) -> None:
@@ -412,10 +552,21 @@ def _write_cogs(cogs: Path, products: dict[str, tuple[xr.Dataset, xr.Dataset]], 
     for name, (cl, seg) in products.items():
         tag = f"{name}_" if multi else ""
         write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=k)
-        write_cog(seg["probability"], cogs / f"{tag}probability.tif", nodata=255, scale=1 / 254,
-                  description="agricultural land probability", units="1")
-        write_cog(seg["mask"].fillna(255).astype("uint8"), cogs / f"{tag}mask.tif", nodata=255,
-                  description="agricultural land mask", colormap=MASK_COLORMAP)
+        write_cog(
+            seg["probability"],
+            cogs / f"{tag}probability.tif",
+            nodata=255,
+            scale=1 / 254,
+            description="agricultural land probability",
+            units="1",
+        )
+        write_cog(
+            seg["mask"].fillna(255).astype("uint8"),
+            cogs / f"{tag}mask.tif",
+            nodata=255,
+            description="agricultural land mask",
+            colormap=MASK_COLORMAP,
+        )
 
 
 def publish_stage(ctx: RunContext) -> None:
@@ -432,8 +583,18 @@ def publish_stage(ctx: RunContext) -> None:
     zones = ctx.zones()
     multi = len(ctx.record["zones"]) > 1
     cogs = out / COG_DIR
-    pictures = [ctx.client.submit(_files_task, _cluster_products, store, cfg.cluster.k, cfg.seed,
-                                  zone=name if multi else "", pure=False) for name in zones]
+    pictures = [
+        ctx.client.submit(
+            _files_task,
+            _cluster_products,
+            store,
+            cfg.cluster.k,
+            cfg.seed,
+            zone=name if multi else "",
+            pure=False,
+        )
+        for name in zones
+    ]
     groups, seg_by_zone, products = [], {}, {}
     for name, z in zones.items():
         pre = z["prefix"]
@@ -443,35 +604,55 @@ def publish_stage(ctx: RunContext) -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="agriland-cogs") as pool:
         written = pool.submit(_write_cogs, cogs, products, cfg.cluster.k, multi)
         for name, z in zones.items():
-            ctx.report_figures[z["prefix"]] = quicklooks(out, z["prefix"],
-                                                         quicklook=out / f"quicklook{'_' + name if multi else ''}.png")
+            ctx.report_figures[z["prefix"]] = quicklooks(
+                out, z["prefix"], quicklook=out / f"quicklook{'_' + name if multi else ''}.png"
+            )
         written.result()  # a failed COG fails the stage, with its own error
     if cfg.segment.vectorize:
         for name, seg in seg_by_zone.items():
             tag = f"{name}_" if multi else ""
-            n = write_fields(seg["mask"], out / "vector" / f"{tag}fields.parquet",
-                             min_area_m2=cfg.segment.min_field_area_m2)
+            n = write_fields(
+                seg["mask"],
+                out / "vector" / f"{tag}fields.parquet",
+                min_area_m2=cfg.segment.min_field_area_m2,
+            )
             ctx.record.setdefault("vector", {})[name] = {"path": f"vector/{tag}fields.parquet", "polygons": n}
     if cfg.cube.mosaic_crs:
         mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
         ctx.products.write(mosaic, "mosaic")
-        write_cog(mosaic["probability"], cogs / "mosaic_probability.tif", nodata=255, scale=1 / 254,
-                  description="agricultural land probability, zones reprojected", units="1")
+        write_cog(
+            mosaic["probability"],
+            cogs / "mosaic_probability.tif",
+            nodata=255,
+            scale=1 / 254,
+            description="agricultural land probability, zones reprojected",
+            units="1",
+        )
         groups.append("mosaic")
     for files in ctx.client.gather(pictures):  # a failed picture fails the stage, with its own error
         for rel, data in files.items():
             with atomic_path(out / rel) as tmp:
                 tmp.write_bytes(data)
-    ctx.record["products"] = {"zarr": ctx.products.location, "groups": groups,
-                              "cogs": sorted(ctx.where(f"{COG_DIR}/{x.name}") for x in cogs.glob("*.tif")),
-                              "report": ctx.where("report.html"), "stac": ctx.where("stac/collection.json")}
+    ctx.record["products"] = {
+        "zarr": ctx.products.location,
+        "groups": groups,
+        "cogs": sorted(ctx.where(f"{COG_DIR}/{x.name}") for x in cogs.glob("*.tif")),
+        "report": ctx.where("report.html"),
+        "stac": ctx.where("stac/collection.json"),
+    }
     write_json(ctx.record, out / RECORD)
     write_stac(out)
 
 
 # the work of each stage, in pipeline order (agriland_scale.layout.STAGES)
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
-    "search": search_stage, "cube": cube_stage, "patches": patches_stage, "cae": cae_stage,
-    "embeddings": embeddings_stage, "clusters": clusters_stage, "unet": unet_stage,
-    "segmentation": segmentation_stage, "publish": publish_stage,
+    "search": search_stage,
+    "cube": cube_stage,
+    "patches": patches_stage,
+    "cae": cae_stage,
+    "embeddings": embeddings_stage,
+    "clusters": clusters_stage,
+    "unet": unet_stage,
+    "segmentation": segmentation_stage,
+    "publish": publish_stage,
 }

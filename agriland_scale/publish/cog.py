@@ -79,10 +79,20 @@ def _source_nodata(da: xr.DataArray) -> float | int | None:
     return None
 
 
-def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
-              resampling: str | None = None, rows: int = 2048, scale: float | None = None,
-              dtype: str | None = None, description: str | None = None, units: str | None = None,
-              colormap: Mapping[int, tuple[int, ...]] | None = None, predictor: bool | None = None) -> None:
+def write_cog(
+    da: xr.DataArray,
+    path: str | Path,
+    *,
+    nodata: float | int | None,
+    resampling: str | None = None,
+    rows: int = 2048,
+    scale: float | None = None,
+    dtype: str | None = None,
+    description: str | None = None,
+    units: str | None = None,
+    colormap: Mapping[int, tuple[int, ...]] | None = None,
+    predictor: bool | None = None,
+) -> None:
     """Write a 2-D georeferenced array as a Cloud-Optimized GeoTIFF with internal overviews.
 
     GDAL's COG driver tiles at 512 px and adds overview levels (2, 4, ...) until the smallest
@@ -129,8 +139,10 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
     if (scale is not None or dtype is not None) and out_dtype.kind in "iu":
         info = np.iinfo(out_dtype)
         if nodata is None or not float(nodata).is_integer() or not info.min <= nodata <= info.max:
-            raise ValueError(f"a {'scaled ' if scale else ''}{out_dtype} COG needs an integer nodata in "
-                             f"{info.min}..{info.max}, got {nodata!r}")
+            raise ValueError(
+                f"a {'scaled ' if scale else ''}{out_dtype} COG needs an integer nodata in "
+                f"{info.min}..{info.max}, got {nodata!r}"
+            )
     if colormap is not None and out_dtype not in (np.dtype("uint8"), np.dtype("uint16")):
         raise ValueError(f"a colour table needs uint8 or uint16 data, not {out_dtype}: pass dtype=")
     src_nd = _source_nodata(da) if dtype is not None else None
@@ -138,13 +150,26 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = da.shape
     src = path.with_name(path.name + ".src" + TMP_SUFFIX)
-    profile = dict(driver="GTiff", height=h, width=w, count=1, dtype=str(out_dtype), crs=da.rio.crs,
-                   transform=da.rio.transform(), nodata=nodata, tiled=True, blockxsize=512,
-                   blockysize=512, compress="ZSTD", zstd_level=1, BIGTIFF="IF_SAFER")
+    profile = dict(
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=1,
+        dtype=str(out_dtype),
+        crs=da.rio.crs,
+        transform=da.rio.transform(),
+        nodata=nodata,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="ZSTD",
+        zstd_level=1,
+        BIGTIFF="IF_SAFER",
+    )
     try:
         with rasterio.open(src, "w", **profile) as dst:
             for y0 in range(0, h, rows):
-                part = np.asarray(da[y0:y0 + rows].values)
+                part = np.asarray(da[y0 : y0 + rows].values)
                 if scale is not None:
                     assert nodata is not None  # checked above: a scaled COG needs an integer nodata
                     q = np.rint(np.nan_to_num(part, nan=0.0) / scale)
@@ -165,8 +190,15 @@ def write_cog(da: xr.DataArray, path: str | Path, *, nodata: float | int | None,
             predictor = out_dtype.kind == "f" or scale is not None
         opts = {"predictor": "STANDARD" if out_dtype.kind in "iu" else "FLOATING_POINT"} if predictor else {}
         with atomic_path(path) as tmp:
-            rasterio.shutil.copy(src, tmp, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER",
-                                 overview_resampling=resampling.upper(), **opts)
+            rasterio.shutil.copy(
+                src,
+                tmp,
+                driver="COG",
+                compress="DEFLATE",
+                BIGTIFF="IF_SAFER",
+                overview_resampling=resampling.upper(),
+                **opts,
+            )
     finally:
         src.unlink(missing_ok=True)
 
@@ -181,8 +213,9 @@ def _cast(part: np.ndarray, dtype: np.dtype, src_nodata, nodata) -> np.ndarray:
         info = np.iinfo(dtype)
         lo, hi = vals.min(), vals.max()
         if lo < info.min or hi > info.max or (vals == nodata).any() or (vals != np.rint(vals)).any():
-            raise ValueError(f"values {lo}..{hi} do not fit {dtype} beside nodata {nodata}: "
-                             "use a wider dtype")
+            raise ValueError(
+                f"values {lo}..{hi} do not fit {dtype} beside nodata {nodata}: use a wider dtype"
+            )
     return np.where(missing, nodata, part).astype(dtype)
 
 
@@ -203,12 +236,19 @@ def write_cluster_cog(da: xr.DataArray, path: str | Path, *, k: int) -> None:
         The number of clusters.
     """
     dtype, nodata = ("uint8", 255) if k <= 255 else ("uint16", 65535)
-    write_cog(da, path, nodata=nodata, dtype=dtype, description="DEC cluster id",
-              colormap=cluster_colormap(k, nodata))
+    write_cog(
+        da,
+        path,
+        nodata=nodata,
+        dtype=dtype,
+        description="DEC cluster id",
+        colormap=cluster_colormap(k, nodata),
+    )
 
 
-def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None,
-                 max_pixels: int = 400_000_000) -> xr.Dataset:
+def mosaic_zones(
+    segs: dict[str, xr.Dataset], crs: str, resolution: float | None, max_pixels: int = 400_000_000
+) -> xr.Dataset:
     """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` and merge them.
 
     Bilinear resampling (a probability is continuous); where zones overlap, the first zone
@@ -244,23 +284,30 @@ def mosaic_zones(segs: dict[str, xr.Dataset], crs: str, resolution: float | None
 
     if resolution is None:
         if CRS.from_user_input(crs).is_geographic:
-            raise ConfigError(f"cube.mosaic_crs {crs} is geographic: set cube.mosaic_resolution in "
-                              "degrees (e.g. 0.0001)")
+            raise ConfigError(
+                f"cube.mosaic_crs {crs} is geographic: set cube.mosaic_resolution in degrees (e.g. 0.0001)"
+            )
         resolution = float(abs(next(iter(segs.values())).rio.transform().a))
     bounds = [s.rio.transform_bounds(crs) for s in segs.values()]
     w = (max(b[2] for b in bounds) - min(b[0] for b in bounds)) / resolution
     h = (max(b[3] for b in bounds) - min(b[1] for b in bounds)) / resolution
     if w * h > max_pixels:
-        raise ConfigError(f"the mosaic in {crs} at {resolution:g} would be {w:,.0f} x {h:,.0f} px: "
-                          "the zones are far apart. Use the per-zone products, or a coarser "
-                          "cube.mosaic_resolution")
+        raise ConfigError(
+            f"the mosaic in {crs} at {resolution:g} would be {w:,.0f} x {h:,.0f} px: "
+            "the zones are far apart. Use the per-zone products, or a coarser "
+            "cube.mosaic_resolution"
+        )
     parts = []
     for seg in segs.values():
         prob = seg["probability"].load().rio.write_nodata(np.nan, encoded=False)
-        parts.append(prob.rio.reproject(crs, resolution=resolution, resampling=Resampling.bilinear,
-                                        nodata=np.nan))
+        parts.append(
+            prob.rio.reproject(crs, resolution=resolution, resampling=Resampling.bilinear, nodata=np.nan)
+        )
     merged = merge_arrays(parts, nodata=np.nan) if len(parts) > 1 else parts[0]
-    merged.attrs = {"long_name": "agricultural land probability, zones reprojected", "units": "1",
-                    "zones": list(segs)}
+    merged.attrs = {
+        "long_name": "agricultural land probability, zones reprojected",
+        "units": "1",
+        "zones": list(segs),
+    }
     merged.encoding = {}
     return write_georef(merged.to_dataset(name="probability"), crs)

@@ -23,8 +23,18 @@ from agriland_scale.models.files import read_sidecar, sidecar_path
 from agriland_scale.render import display_bands, figure_png, percentile_limits, to_rgb
 from agriland_scale.store import try_open_product
 
-__all__ = ["MAP_INCHES", "MAX_PIXELS", "STATUS_COLOURS", "image", "model_meta", "product_maps", "quicklooks",
-           "timings_chart", "training_chart", "write_quicklook"]
+__all__ = [
+    "MAP_INCHES",
+    "MAX_PIXELS",
+    "STATUS_COLOURS",
+    "image",
+    "model_meta",
+    "product_maps",
+    "quicklooks",
+    "timings_chart",
+    "training_chart",
+    "write_quicklook",
+]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +94,7 @@ def image(b64: str, alt: str, caption: str = "") -> str:
         The ``<figure>`` element.
     """
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-            f"{cap}</figure>")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">{cap}</figure>'
 
 
 def _step(da: xr.DataArray) -> int:
@@ -199,7 +208,9 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
         ax.imshow(img, extent=ext)
         _map_axes(ax, ext, crs, f"composite ({bands})")
 
-    figs.append((_map_figure(composite), "RGB composite", f"Median composite, true colour, 2–98 % stretch; {crs}."))
+    figs.append(
+        (_map_figure(composite), "RGB composite", f"Median composite, true colour, 2–98 % stretch; {crs}.")
+    )
 
     if clusters is not None and "cluster_map" in clusters:
         cm = clusters["cluster_map"]
@@ -209,28 +220,46 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
         def cluster_fig(fig: Any, ax: Any) -> None:
             ax.imshow(img, extent=ext)
             cmap = _plt().get_cmap("tab10" if k <= 10 else "tab20", k)
-            im = ax.imshow(vals, extent=_extent(cm), cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.55,
-                           interpolation="nearest")
+            im = ax.imshow(
+                vals,
+                extent=_extent(cm),
+                cmap=cmap,
+                vmin=-0.5,
+                vmax=k - 0.5,
+                alpha=0.55,
+                interpolation="nearest",
+            )
             cb = fig.colorbar(im, ax=ax, shrink=0.8, label="DEC cluster")
             if k <= 20:
                 cb.set_ticks(range(k))
             _map_axes(ax, ext, crs, f"clusters (k = {k}, one cell a patch)")
 
-        figs.append((_map_figure(cluster_fig), "cluster map over composite",
-                     "DEC cluster of each patch (one cell a patch, centred on it) over the composite."))
+        figs.append(
+            (
+                _map_figure(cluster_fig),
+                "cluster map over composite",
+                "DEC cluster of each patch (one cell a patch, centred on it) over the composite.",
+            )
+        )
 
     if seg is not None and "probability" in seg:
         prob = seg["probability"]
 
         def prob_fig(fig: Any, ax: Any) -> None:
             ax.imshow(img, extent=ext)
-            im = ax.imshow(_thin(prob, _step(prob)), extent=_extent(prob), cmap="magma", vmin=0, vmax=1,
-                           alpha=0.6)
+            im = ax.imshow(
+                _thin(prob, _step(prob)), extent=_extent(prob), cmap="magma", vmin=0, vmax=1, alpha=0.6
+            )
             fig.colorbar(im, ax=ax, shrink=0.8, label="probability")
             _map_axes(ax, ext, crs, "U-Net agricultural-land probability")
 
-        figs.append((_map_figure(prob_fig), "probability over composite",
-                     "U-Net probability of agricultural land, blended windows, over the composite."))
+        figs.append(
+            (
+                _map_figure(prob_fig),
+                "probability over composite",
+                "U-Net probability of agricultural land, blended windows, over the composite.",
+            )
+        )
 
     if seg is not None and "mask" in seg:
         mask = seg["mask"]
@@ -248,15 +277,29 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
 
             colours = {"other": "#e0e0e0", "agricultural": "#558b2f"}
             cmap = ListedColormap(list(colours.values()))
-            ax.imshow(_thin(mask, _step(mask)), extent=_extent(mask), cmap=cmap, vmin=0, vmax=1,
-                      interpolation="nearest")
-            ax.legend(handles=[Patch(color=c, label=lab) for lab, c in reversed(colours.items())],
-                      loc="lower right", fontsize=8)
+            ax.imshow(
+                _thin(mask, _step(mask)),
+                extent=_extent(mask),
+                cmap=cmap,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
+            ax.legend(
+                handles=[Patch(color=c, label=lab) for lab, c in reversed(colours.items())],
+                loc="lower right",
+                fontsize=8,
+            )
             _map_axes(ax, ext, crs, f"mask (p ≥ {thr}): {ha:,.0f} ha, {share:.0f} %")
 
-        figs.append((_map_figure(mask_fig), "agricultural land mask",
-                     f"Mask: {arable:,} pixels of {res_x:g} × {res_y:g} m = {ha:,.1f} ha agricultural "
-                     f"({share:.1f} % of {valid:,} valid pixels)."))
+        figs.append(
+            (
+                _map_figure(mask_fig),
+                "agricultural land mask",
+                f"Mask: {arable:,} pixels of {res_x:g} × {res_y:g} m = {ha:,.1f} ha agricultural "
+                f"({share:.1f} % of {valid:,} valid pixels).",
+            )
+        )
     return figs
 
 
@@ -312,8 +355,9 @@ def training_chart(models: Path) -> str | None:
         return None
     plt = _plt()
     panels = (["cae"] if cae_loss else []) + (["unet_loss", "unet_iou"] if per_epoch else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), constrained_layout=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 3.4), constrained_layout=True, squeeze=False
+    )
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "cae":
             ax.plot(range(1, len(cae_loss) + 1), cae_loss, marker="o", label="train MSE")
@@ -321,16 +365,22 @@ def training_chart(models: Path) -> str | None:
             ax.set_ylabel("MSE")
         else:
             epochs = [e.get("epoch", i + 1) for i, e in enumerate(per_epoch)]
-            keys = (["loss", "val_loss"] if panel == "unet_loss"
-                    else ["masked_iou", "val_masked_iou", "iou"])
-            labels = {"loss": "train loss", "val_loss": "validation loss", "masked_iou": "train IoU",
-                      "val_masked_iou": "validation IoU", "iou": "validation IoU (thresholded)"}
+            keys = ["loss", "val_loss"] if panel == "unet_loss" else ["masked_iou", "val_masked_iou", "iou"]
+            labels = {
+                "loss": "train loss",
+                "val_loss": "validation loss",
+                "masked_iou": "train IoU",
+                "val_masked_iou": "validation IoU",
+                "iou": "validation IoU (thresholded)",
+            }
             for key in keys:
                 ys = [e.get(key) for e in per_epoch]
                 if any(y is not None for y in ys):
                     ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=labels[key])
-            ax.set_title(f"U-Net ({unet.get('model', '?')}) " + ("loss" if panel == "unet_loss" else "IoU"),
-                         fontsize=10)
+            ax.set_title(
+                f"U-Net ({unet.get('model', '?')}) " + ("loss" if panel == "unet_loss" else "IoU"),
+                fontsize=10,
+            )
             if panel == "unet_iou":
                 ax.set_ylim(0, 1)
         ax.set_xlabel("epoch")

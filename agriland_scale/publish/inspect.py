@@ -27,9 +27,15 @@ from agriland_scale.layout import (
 )
 from agriland_scale.search.items import acquired
 
-__all__ = ["COG_NAMES", "STAGES", "format_summary", "load_items", "load_run_record",
-           "summarise_run", "zones_of"]
-
+__all__ = [
+    "COG_NAMES",
+    "STAGES",
+    "format_summary",
+    "load_items",
+    "load_run_record",
+    "summarise_run",
+    "zones_of",
+]
 
 
 def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
@@ -41,8 +47,13 @@ def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
     if (out / "cog").is_dir():
         rels += sorted(f"cog/{p.name}" for p in (out / "cog").glob("*.tif") if f"cog/{p.name}" not in rels)
     quick = sorted(p.name for p in out.glob("quicklook*.png")) or ["quicklook.png"]
-    rels += quick + ["items.json", "clusters/gallery.png", "clusters/embedding_map.png", "report.html",
-                     "stac/collection.json"]
+    rels += quick + [
+        "items.json",
+        "clusters/gallery.png",
+        "clusters/embedding_map.png",
+        "report.html",
+        "stac/collection.json",
+    ]
     rows = []
     location = _location(out, record)
     for rel in rels:
@@ -50,8 +61,7 @@ def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
         size = _size_bytes(p) if p.exists() else None
         if rel == STORE and size is None and is_object_url(location):  # the store is on object storage
             size = sum(list_objects(join_url(location, STORE)).values()) or None
-        rows.append({"name": rel.rsplit("/", 1)[-1], "path": rel, "exists": size is not None,
-                     "bytes": size})
+        rows.append({"name": rel.rsplit("/", 1)[-1], "path": rel, "exists": size is not None, "bytes": size})
     return rows
 
 
@@ -118,10 +128,11 @@ def _stale(record: RunRecord) -> list[dict[str, str]]:
         status = stages.get(s, "not run")
         if status == "done":
             continue
-        why = {"failed": "failed: its products are removed or were never published",
-               "interrupted": "interrupted: finished blocks are kept, the product is not published",
-               "running": "was running (a process holds the folder, or one was killed)",
-               }.get(status, "not run (or forced and not redone): no product")
+        why = {
+            "failed": "failed: its products are removed or were never published",
+            "interrupted": "interrupted: finished blocks are kept, the product is not published",
+            "running": "was running (a process holds the folder, or one was killed)",
+        }.get(status, "not run (or forced and not redone): no product")
         out.append({"stage": s, "status": status, "why": why})
     return out
 
@@ -180,9 +191,14 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
     transform = cube.get("transform")
     items = (record.get("inputs") or {}).get("items")
     if items is None:  # run.json predates the search record: fall back to items.json
-        items = [{"id": f.get("id"), "datetime": acquired(f),
-                  "cloud_cover": (f.get("properties") or {}).get("eo:cloud_cover")}
-                 for f in load_items(out)]
+        items = [
+            {
+                "id": f.get("id"),
+                "datetime": acquired(f),
+                "cloud_cover": (f.get("properties") or {}).get("eo:cloud_cover"),
+            }
+            for f in load_items(out)
+        ]
     products = _product_rows(out, record)
     models = []
     mdir = out / "models"
@@ -194,8 +210,14 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
                 meta = json.loads(side.read_text())
             except json.JSONDecodeError:
                 meta = {}
-        models.append({"file": f"models/{f.name}", "bytes": f.stat().st_size,
-                       "model": meta.get("model"), "sidecar": side.is_file()})
+        models.append(
+            {
+                "file": f"models/{f.name}",
+                "bytes": f.stat().st_size,
+                "model": meta.get("model"),
+                "sidecar": side.is_file(),
+            }
+        )
     return {
         "name": cfg.get("name"),
         "out_dir": _location(out, record),
@@ -209,8 +231,10 @@ def summarise_run(out_dir: str | Path) -> dict[str, Any]:
             "bounds": cube.get("bounds"),
             "resolution_m": abs(transform[0]) if transform else None,
         },
-        "zones": {name: {k: z.get(k) for k in ("prefix", "crs", "shape", "bounds")}
-                  for name, z in zones_of(record).items()},
+        "zones": {
+            name: {k: z.get(k) for k in ("prefix", "crs", "shape", "bounds")}
+            for name, z in zones_of(record).items()
+        },
         "items": items,
         "products": products,
         "stages": _stage_rows(record),
@@ -238,8 +262,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"region: bbox {r.get('bbox')} (lon/lat)")
     if r.get("shape"):
         shape = ", ".join(f"{k} {v}" for k, v in r["shape"].items())
-        lines.append(f"  cube ({shape}) in {r.get('crs')} at {r.get('resolution_m'):g} m, "
-                     f"bounds {r.get('bounds')} m")
+        lines.append(
+            f"  cube ({shape}) in {r.get('crs')} at {r.get('resolution_m'):g} m, bounds {r.get('bounds')} m"
+        )
         if len(summary.get("zones") or {}) > 1:
             for name, z in summary["zones"].items():
                 zshape = ", ".join(f"{k} {v}" for k, v in (z.get("shape") or {}).items())
@@ -249,8 +274,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"items ({len(summary['items'] or [])}):")
     for it in summary["items"] or []:
         cc = it.get("cloud_cover")
-        lines.append(f"  {it.get('id')}  {it.get('datetime')}  cloud "
-                     f"{'-' if cc is None else f'{cc:.1f} %'}")
+        lines.append(f"  {it.get('id')}  {it.get('datetime')}  cloud {'-' if cc is None else f'{cc:.1f} %'}")
     lines.append("stages:")
     for s in summary["stages"]:
         t = "" if s["seconds"] is None else f"{s['seconds']:8.1f} s"
@@ -259,8 +283,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {'total':<13} {'':<8} {summary['total_s']:8.1f} s")
     holder = summary.get("locked_by")
     if holder is not None:
-        lines.append(f"  in use now by '{holder.get('command', '?')}' (pid {holder.get('pid', '?')} on "
-                     f"{holder.get('host', '?')}, since {holder.get('started', '?')})")
+        lines.append(
+            f"  in use now by '{holder.get('command', '?')}' (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}, since {holder.get('started', '?')})"
+        )
     for st in summary.get("stale") or []:
         lines.append(f"  stale: {st['stage']} {st['why']}")
     if summary.get("stale") and not summary.get("store_damage"):  # a rerun would fail the same way

@@ -65,15 +65,22 @@ pre{background:#f7f7f7;border:1px solid #e0e0e0;padding:10px;overflow:auto;font-
 
 # --- HTML pieces ----------------------------------------------------------------------------
 
+
 def _e(v: Any) -> str:
     return html.escape("-" if v is None else str(v))
 
 
-def _table(header: list[str] | None, rows: list[list[Any]], num: set[int] | frozenset[int] = frozenset()) -> str:
+def _table(
+    header: list[str] | None, rows: list[list[Any]], num: set[int] | frozenset[int] = frozenset()
+) -> str:
     """Make an HTML table; cells are HTML already (escape text with :func:`_e`); ``num`` right-aligns."""
     head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
     return f"<table>{head}{body}</table>"
 
 
@@ -96,36 +103,48 @@ def _file_image(path: Path, alt: str, caption: str) -> str | None:
 def _section_run(summary: dict[str, Any], record: RunRecord) -> str:
     r = summary["region"]
     shape = ", ".join(f"{k} {v}" for k, v in (r.get("shape") or {}).items()) or "no cube written"
-    rows = [["output folder", _e(summary["out_dir"])],
-            ["started / finished", f"{_e(summary.get('started'))} / {_e(summary.get('finished'))}"],
-            ["region bbox (lon/lat, EPSG:4326)", _e(r.get("bbox"))],
-            ["cube", f"{_e(shape)} in {_e(r.get('crs'))} at {_e(r.get('resolution_m'))} m"],
-            ["cube bounds (m)", _e(r.get("bounds"))]]
+    rows = [
+        ["output folder", _e(summary["out_dir"])],
+        ["started / finished", f"{_e(summary.get('started'))} / {_e(summary.get('finished'))}"],
+        ["region bbox (lon/lat, EPSG:4326)", _e(r.get("bbox"))],
+        ["cube", f"{_e(shape)} in {_e(r.get('crs'))} at {_e(r.get('resolution_m'))} m"],
+        ["cube bounds (m)", _e(r.get("bounds"))],
+    ]
     if summary.get("patches"):
         p = summary["patches"]
-        rows.append(["patches", f"{_e(p.get('count'))} on a {_e(p.get('grid'))} grid, "
-                     f"{_e(p.get('valid'))} valid"])
+        rows.append(
+            ["patches", f"{_e(p.get('count'))} on a {_e(p.get('grid'))} grid, {_e(p.get('valid'))} valid"]
+        )
     dash = record.get("dashboard")
     live = "<span class='muted'>(live only while the run's cluster runs)</span>"
     rows.append(["Dask dashboard", f'<a href="{_e(dash)}">{_e(dash)}</a> {live}' if dash else "-"])
     perf = record.get("performance_report")
     if perf:  # relative to the run folder, like report.html itself
-        rows.append(["Dask performance report", f'<a href="{_e(perf)}">{_e(perf)}</a> '
-                     "<span class='muted'>(task stream, worker profiles and memory of the last run)</span>"])
+        rows.append(
+            [
+                "Dask performance report",
+                f'<a href="{_e(perf)}">{_e(perf)}</a> '
+                "<span class='muted'>(task stream, worker profiles and memory of the last run)</span>",
+            ]
+        )
     rows.append(["scheduler", _e(record.get("scheduler"))])
     rows.append(["GPU", _e(record.get("gpu"))])
     return "<h2>Run</h2>" + _table(None, rows)
 
 
 def _section_stages(summary: dict[str, Any]) -> str:
-    rows = [[_e(s["stage"]), _status(s["status"]), "" if s["seconds"] is None else f"{s['seconds']:.1f}"]
-            for s in summary["stages"]]
+    rows = [
+        [_e(s["stage"]), _status(s["status"]), "" if s["seconds"] is None else f"{s['seconds']:.1f}"]
+        for s in summary["stages"]
+    ]
     if summary.get("total_s") is not None:
         rows.append(["<b>total</b>", "", f"<b>{summary['total_s']:.1f}</b>"])
     chart = timings_chart(summary["stages"])
     out = "<h2>Stages</h2><div class='cols'><div>" + _table(["stage", "status", "seconds"], rows, {2})
     if chart:
-        out += "</div><div>" + image(chart, "stage timings", "Wall-clock seconds a stage, coloured by status.")
+        out += "</div><div>" + image(
+            chart, "stage timings", "Wall-clock seconds a stage, coloured by status."
+        )
     out += "</div>"
     return out + "</div>"
 
@@ -136,8 +155,15 @@ def _section_inputs(out: Path, summary: dict[str, Any]) -> str:
     for it in summary.get("items") or []:
         props = (feats.get(it.get("id")) or {}).get("properties") or {}
         cc = it.get("cloud_cover")
-        rows.append([_e(it.get("id")), _e(it.get("datetime")), "-" if cc is None else f"{cc:.1f}",
-                     _e(props.get("platform")), _e(props.get("proj:code") or props.get("proj:epsg"))])
+        rows.append(
+            [
+                _e(it.get("id")),
+                _e(it.get("datetime")),
+                "-" if cc is None else f"{cc:.1f}",
+                _e(props.get("platform")),
+                _e(props.get("proj:code") or props.get("proj:epsg")),
+            ]
+        )
     if not rows:
         return "<h2>Inputs</h2><p class='muted'>No items recorded (the search stage did not finish).</p>"
     header = ["item id", "datetime", "cloud cover (%)", "platform", "CRS"]
@@ -165,19 +191,36 @@ def _section_files(out: Path, record: RunRecord) -> str:
     rows = []
     cogs = sorted((out / COG_DIR).glob("*.tif")) if (out / COG_DIR).is_dir() else []
     if cogs:
-        links = "<br>".join(f'<a href="{_e(f"{COG_DIR}/{f.name}")}">{_e(f"{COG_DIR}/{f.name}")}</a> '
-                            f"<span class='muted'>({f.stat().st_size / 2**20:.1f} MiB)</span>" for f in cogs)
-        rows.append(["Cloud-optimised GeoTIFFs", links + "<br><span class='muted'>(open in QGIS, GDAL, rasterio)"
-                     "</span>"])
+        links = "<br>".join(
+            f'<a href="{_e(f"{COG_DIR}/{f.name}")}">{_e(f"{COG_DIR}/{f.name}")}</a> '
+            f"<span class='muted'>({f.stat().st_size / 2**20:.1f} MiB)</span>"
+            for f in cogs
+        )
+        rows.append(
+            [
+                "Cloud-optimised GeoTIFFs",
+                links + "<br><span class='muted'>(open in QGIS, GDAL, rasterio)</span>",
+            ]
+        )
     if (out / "stac" / "collection.json").is_file() or products.get("stac"):
-        rows.append(["STAC collection", '<a href="stac/collection.json">stac/collection.json</a> '
-                     "<span class='muted'>(items for the products and the models)</span>"])
+        rows.append(
+            [
+                "STAC collection",
+                '<a href="stac/collection.json">stac/collection.json</a> '
+                "<span class='muted'>(items for the products and the models)</span>",
+            ]
+        )
     if (out / STORE).is_dir() or products.get("zarr"):
         where = products.get("zarr")
         elsewhere = f" <span class='muted'>at {_e(where)}</span>" if where and "://" in str(where) else ""
-        rows.append(["product store (Icechunk)", f'<a href="{STORE}/">{STORE}</a>{elsewhere} '
-                     "<span class='muted'>(open with <code>agriland_scale.open_run(&quot;RUN&quot;)</code> "
-                     "or <code>agriland export</code> for plain Zarr)</span>"])
+        rows.append(
+            [
+                "product store (Icechunk)",
+                f'<a href="{STORE}/">{STORE}</a>{elsewhere} '
+                "<span class='muted'>(open with <code>agriland_scale.open_run(&quot;RUN&quot;)</code> "
+                "or <code>agriland export</code> for plain Zarr)</span>",
+            ]
+        )
     if not rows:
         return ""
     return "<h2>Files</h2>" + _table(None, rows)
@@ -193,12 +236,19 @@ def _kept_epoch(unet: dict[str, Any]) -> str:
     last = per_epoch[-1]
     iou = (unet.get("validation_metrics") or {}).get("iou")
     said = f"IoU {iou:.3f} " if isinstance(iou, float) else ""
-    ran = f"{len(per_epoch)} run" + (f" ({unet['epochs']} scheduled, stopped early)"
-                                     if isinstance(unet.get("epochs"), int) and unet["epochs"] > len(per_epoch) else "")
-    text = (f"The metrics below are of the weights kept: {said}at epoch {_e(best.get('epoch'))} "
-            f"(best checkpoint: lowest validation loss) of {ran}")
+    ran = f"{len(per_epoch)} run" + (
+        f" ({unet['epochs']} scheduled, stopped early)"
+        if isinstance(unet.get("epochs"), int) and unet["epochs"] > len(per_epoch)
+        else ""
+    )
+    text = (
+        f"The metrics below are of the weights kept: {said}at epoch {_e(best.get('epoch'))} "
+        f"(best checkpoint: lowest validation loss) of {ran}"
+    )
     if last is not best and isinstance(last.get("iou"), float):
-        text += f"; the last epoch ({_e(last.get('epoch'))}) ended at IoU {last['iou']:.3f}, where the chart ends"
+        text += (
+            f"; the last epoch ({_e(last.get('epoch'))}) ended at IoU {last['iou']:.3f}, where the chart ends"
+        )
     return f"<p>{text}.</p>"
 
 
@@ -211,11 +261,15 @@ def _section_clusters(out: Path, record: RunRecord) -> str:
         parts.append(_table(["cluster", "patches"], rows, {0, 1}))
         changed = info.get("changed_vs_kmeans")
         changed = "-" if changed is None else f"{100 * changed:.1f} %"
-        parts.append(f"<p>DEC: {_e(info.get('dec_iterations'))} iterations, converged "
-                     f"{_e(info.get('dec_converged'))}; {changed} of the patches changed cluster "
-                     "from the k-means start.</p>")
-    pictures = (("gallery.png", "cluster gallery", "Sample patches of each cluster."),
-                ("embedding_map.png", "embedding map", "Patch embeddings in 2-D, coloured by cluster."))
+        parts.append(
+            f"<p>DEC: {_e(info.get('dec_iterations'))} iterations, converged "
+            f"{_e(info.get('dec_converged'))}; {changed} of the patches changed cluster "
+            "from the k-means start.</p>"
+        )
+    pictures = (
+        ("gallery.png", "cluster gallery", "Sample patches of each cluster."),
+        ("embedding_map.png", "embedding map", "Patch embeddings in 2-D, coloured by cluster."),
+    )
     for name, alt, cap in pictures:
         fig = _file_image(out / "clusters" / name, alt, cap)
         if fig:
@@ -234,23 +288,39 @@ def _section_training(out: Path, record: RunRecord) -> str:
     if vm:
         val = unet.get("validation") or {}
         rows = [[_e(k), f"{v:.3f}"] for k, v in vm.items()]
-        parts.append(f"<p>Validation on {_e(unet.get('validation_windows'))} window(s) of the "
-                     f"{_e(val.get('side'))} strip (split at pixel {_e(val.get('split_px'))}), "
-                     f"{_e(unet.get('train_windows'))} training window(s):</p>")
+        parts.append(
+            f"<p>Validation on {_e(unet.get('validation_windows'))} window(s) of the "
+            f"{_e(val.get('side'))} strip (split at pixel {_e(val.get('split_px'))}), "
+            f"{_e(unet.get('train_windows'))} training window(s):</p>"
+        )
         parts.append(_kept_epoch(unet))
         parts.append(_table(["metric", "value"], rows, {1}))
     summary_models = []
     for f in sorted(models.glob("*.keras")) if models.is_dir() else []:
         meta = model_meta(f)
-        sched = (f"{meta['epochs']} epoch(s) × {meta.get('steps_per_epoch', '?')} steps × "
-                 f"batch {meta.get('batch_size', '?')}" if "epochs" in meta else "-")
+        sched = (
+            f"{meta['epochs']} epoch(s) × {meta.get('steps_per_epoch', '?')} steps × "
+            f"batch {meta.get('batch_size', '?')}"
+            if "epochs" in meta
+            else "-"
+        )
         secs = meta.get("seconds")
-        summary_models.append([_e(f"models/{f.name}"), f"{f.stat().st_size / 2**20:.1f}",
-                               _e(meta.get("model")), _e(meta.get("initial_weights")), _e(sched),
-                               "-" if secs is None else f"{secs:.0f}"])
+        summary_models.append(
+            [
+                _e(f"models/{f.name}"),
+                f"{f.stat().st_size / 2**20:.1f}",
+                _e(meta.get("model")),
+                _e(meta.get("initial_weights")),
+                _e(sched),
+                "-" if secs is None else f"{secs:.0f}",
+            ]
+        )
     if summary_models:
-        parts.append(_table(["file", "MiB", "model", "initial weights", "schedule", "training s"],
-                            summary_models, {1, 5}))
+        parts.append(
+            _table(
+                ["file", "MiB", "model", "initial weights", "schedule", "training s"], summary_models, {1, 5}
+            )
+        )
     return "<h2>Training and validation</h2>" + "".join(parts) if parts else ""
 
 
@@ -303,12 +373,14 @@ def write_report(out_dir: str | Path, *, product_figures: dict[str, list[str]] |
         "<h2>Configuration</h2><pre>" + _e(_config_text(record.get("config") or {})) + "</pre>",
         _section_versions(record),
     ]
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>agriland-scale run {_e(name)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>agriland-scale run <code>{_e(name)}</code></h1>{banner}"
-            + "".join(sections)
-            + "<p class='muted'>Contains modified Copernicus Sentinel data. Written by "
-            "agriland_scale.publish.report from the output folder.</p></body></html>")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>agriland-scale run {_e(name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>agriland-scale run <code>{_e(name)}</code></h1>{banner}"
+        + "".join(sections)
+        + "<p class='muted'>Contains modified Copernicus Sentinel data. Written by "
+        "agriland_scale.publish.report from the output folder.</p></body></html>"
+    )
     path = out / "report.html"
     write_text(page, path)
     log.info("report: %s (%.1f MiB)", path, path.stat().st_size / 2**20)

@@ -58,8 +58,14 @@ from agriland_scale.files import write_json
 from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
 from agriland_scale.store import ICECHUNK_MEDIA_TYPE, is_repo, product_groups, reader, store_location
 
-__all__ = ["COG_PRODUCTS", "SENTINEL_LICENSE_URL", "ZARR_MEDIA_TYPE", "icechunk_asset", "write_stac",
-           "zarr_asset"]
+__all__ = [
+    "COG_PRODUCTS",
+    "SENTINEL_LICENSE_URL",
+    "ZARR_MEDIA_TYPE",
+    "icechunk_asset",
+    "write_stac",
+    "zarr_asset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +97,15 @@ def _footprint(crs: Any, bounds: tuple[float, float, float, float]) -> tuple[dic
     n = 5
     xs = np.linspace(left, right, n)
     ys = np.linspace(bottom, top, n)
-    ring = ([(x, bottom) for x in xs] + [(right, y) for y in ys[1:]]
-            + [(x, top) for x in xs[::-1][1:]] + [(left, y) for y in ys[::-1][1:]])
+    ring = (
+        [(x, bottom) for x in xs]
+        + [(right, y) for y in ys[1:]]
+        + [(x, top) for x in xs[::-1][1:]]
+        + [(left, y) for y in ys[::-1][1:]]
+    )
     geom = transform_geom(crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
     geom = {"type": "Polygon", "coordinates": [[list(map(float, p)) for p in geom["coordinates"][0]]]}
-    bbox = [float(v) for v in transform_bounds(crs, "EPSG:4326", left, bottom, right, top,
-                                               densify_pts=n)]
+    bbox = [float(v) for v in transform_bounds(crs, "EPSG:4326", left, bottom, right, top, densify_pts=n)]
     return geom, bbox
 
 
@@ -124,37 +133,56 @@ def _time_range(items: list[dict[str, Any]], record: RunRecord) -> tuple[str, st
     interval = ((record.get("config") or {}).get("search") or {}).get("datetime") or ""
     a, _, b = str(interval).partition("/")
     if not (a and b and ".." not in (a, b)):
-        raise CorruptInput("cannot date the products: items.json is missing and the config's "
-                           f"search.datetime is {interval!r}, not a closed interval; re-run the "
-                           "search stage")
-    return (pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(a)),
-            pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(b)))
+        raise CorruptInput(
+            "cannot date the products: items.json is missing and the config's "
+            f"search.datetime is {interval!r}, not a closed interval; re-run the "
+            "search stage"
+        )
+    return (
+        pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(a)),
+        pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(b)),
+    )
 
 
-def _new_item(item_id: str, geom: dict, bbox: list[float], start: str, end: str,
-              created: str | None, title: str) -> pystac.Item:
-    item = pystac.Item(id=item_id, geometry=geom, bbox=bbox, datetime=None,
-                       start_datetime=pystac.utils.str_to_datetime(start),
-                       end_datetime=pystac.utils.str_to_datetime(end),
-                       properties={"title": title})
+def _new_item(
+    item_id: str, geom: dict, bbox: list[float], start: str, end: str, created: str | None, title: str
+) -> pystac.Item:
+    item = pystac.Item(
+        id=item_id,
+        geometry=geom,
+        bbox=bbox,
+        datetime=None,
+        start_datetime=pystac.utils.str_to_datetime(start),
+        end_datetime=pystac.utils.str_to_datetime(end),
+        properties={"title": title},
+    )
     if created:
         item.common_metadata.created = pystac.utils.str_to_datetime(created)
     return item
 
 
-def _apply_projection(item: pystac.Item, code: str | None, shape: list[int],
-                      transform: list[float], bounds: list[float]) -> None:
+def _apply_projection(
+    item: pystac.Item, code: str | None, shape: list[int], transform: list[float], bounds: list[float]
+) -> None:
     proj = ProjectionExtension.ext(item, add_if_missing=True)
-    proj.apply(code=code, shape=[int(v) for v in shape], transform=[float(v) for v in transform],
-               bbox=[float(v) for v in bounds])
+    proj.apply(
+        code=code,
+        shape=[int(v) for v in shape],
+        transform=[float(v) for v in transform],
+        bbox=[float(v) for v in bounds],
+    )
 
 
 def _raster_band(src: rasterio.DatasetReader, unit: str | None) -> RasterBand:
     nodata = src.nodata
     if nodata is not None and np.isnan(nodata):
         nodata = "nan"
-    band = RasterBand.create(nodata=nodata, data_type=DataType(src.dtypes[0]), unit=unit,
-                             spatial_resolution=float(abs(src.transform.a)))
+    band = RasterBand.create(
+        nodata=nodata,
+        data_type=DataType(src.dtypes[0]),
+        unit=unit,
+        spatial_resolution=float(abs(src.transform.a)),
+    )
     scale, offset = src.scales[0], src.offsets[0]
     if (scale, offset) != (1.0, 0.0):  # only where the stored values are scaled
         band.scale, band.offset = float(scale), float(offset)
@@ -182,15 +210,26 @@ def icechunk_asset(store: str, group: str | None, title: str) -> pystac.Asset:
     kwargs = _open_kwargs(group, consolidated=False)
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return pystac.Asset(
-        href=store, media_type=ICECHUNK_MEDIA_TYPE, title=title, roles=["data"],
-        description=("Zarr v3 groups in an Icechunk repository (branch main), not a plain Zarr store: "
-                     "xarray.open_dataset(href) cannot open it. Open it with icechunk: store = "
-                     "icechunk.Repository.open(icechunk.local_filesystem_storage(href))"
-                     f".readonly_session('main').store; xarray.open_dataset(store, {args}); "
-                     "or agriland_scale.store.reader(href) for the store, agriland_scale.open_run(href) "
-                     "for every group. 'agriland export RUN --zarr DEST' writes a plain Zarr copy."),
-        extra_fields={"agriland:icechunk": {"storage": "local_filesystem_storage", "branch": "main",
-                                            "open_kwargs": kwargs}})
+        href=store,
+        media_type=ICECHUNK_MEDIA_TYPE,
+        title=title,
+        roles=["data"],
+        description=(
+            "Zarr v3 groups in an Icechunk repository (branch main), not a plain Zarr store: "
+            "xarray.open_dataset(href) cannot open it. Open it with icechunk: store = "
+            "icechunk.Repository.open(icechunk.local_filesystem_storage(href))"
+            f".readonly_session('main').store; xarray.open_dataset(store, {args}); "
+            "or agriland_scale.store.reader(href) for the store, agriland_scale.open_run(href) "
+            "for every group. 'agriland export RUN --zarr DEST' writes a plain Zarr copy."
+        ),
+        extra_fields={
+            "agriland:icechunk": {
+                "storage": "local_filesystem_storage",
+                "branch": "main",
+                "open_kwargs": kwargs,
+            }
+        },
+    )
 
 
 def zarr_asset(path: str | Path, group: str | None, title: str) -> pystac.Asset:
@@ -200,11 +239,15 @@ def zarr_asset(path: str | Path, group: str | None, title: str) -> pystac.Asset:
     with the asset's ``xarray:open_kwargs`` (xarray-assets extension: engine ``zarr``,
     ``consolidated``, ``group``, ``decode_coords``) opens the group with its CRS.
     """
-    return pystac.Asset(href=str(Path(path).resolve()), media_type=ZARR_MEDIA_TYPE, title=title,
-                        roles=["data"],
-                        description="plain Zarr copy of the run's products (agriland export): open with "
-                                    "xarray.open_dataset(href, **xarray:open_kwargs)",
-                        extra_fields={"xarray:open_kwargs": _open_kwargs(group, consolidated=True)})
+    return pystac.Asset(
+        href=str(Path(path).resolve()),
+        media_type=ZARR_MEDIA_TYPE,
+        title=title,
+        roles=["data"],
+        description="plain Zarr copy of the run's products (agriland export): open with "
+        "xarray.open_dataset(href, **xarray:open_kwargs)",
+        extra_fields={"xarray:open_kwargs": _open_kwargs(group, consolidated=True)},
+    )
 
 
 def _exports(out: Path) -> dict[Path, list[str]]:
@@ -219,8 +262,9 @@ def _exports(out: Path) -> dict[Path, list[str]]:
     return found
 
 
-def _add_zarr_assets(item: pystac.Item, store: str, group: str | None, title: str,
-                     exports: dict[Path, list[str]], needs: str) -> None:
+def _add_zarr_assets(
+    item: pystac.Item, store: str, group: str | None, title: str, exports: dict[Path, list[str]], needs: str
+) -> None:
     """Add the Icechunk asset (``zarr``) and one asset per export holding ``needs`` (its ``name``)."""
     item.add_asset("zarr", icechunk_asset(store, group, title))
     for path, groups in exports.items():
@@ -233,13 +277,21 @@ def _add_zarr_assets(item: pystac.Item, store: str, group: str | None, title: st
 def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
     """``utm18n_mask`` -> (``mask``, ``utm18n/``); ``mask`` -> (``mask``, ``""``); unknown -> None."""
     for name, z in zones.items():
-        if name and stem.startswith(f"{name}_") and stem[len(name) + 1:] in COG_PRODUCTS:
-            return stem[len(name) + 1:], z.get("prefix") or ""
+        if name and stem.startswith(f"{name}_") and stem[len(name) + 1 :] in COG_PRODUCTS:
+            return stem[len(name) + 1 :], z.get("prefix") or ""
     return (stem, "") if stem in COG_PRODUCTS else None
 
 
-def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[str, str, str | None],
-              store: str, groups: list[str], exports: dict[Path, list[str]]) -> pystac.Item:
+def _cog_item(
+    path: Path,
+    item_id: str,
+    product: str,
+    prefix: str,
+    dates: tuple[str, str, str | None],
+    store: str,
+    groups: list[str],
+    exports: dict[Path, list[str]],
+) -> pystac.Item:
     group, title, unit = COG_PRODUCTS[product]
     group = group if product.startswith("mosaic") else prefix + group
     try:
@@ -252,8 +304,9 @@ def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[
     geom, bbox = _footprint(crs, bounds)
     item = _new_item(item_id, geom, bbox, *dates, title)
     _apply_projection(item, _epsg_code(crs), shape, transform, list(bounds))
-    asset = pystac.Asset(href=str(path.resolve()), media_type=pystac.MediaType.COG, title=title,
-                         roles=["data"])
+    asset = pystac.Asset(
+        href=str(path.resolve()), media_type=pystac.MediaType.COG, title=title, roles=["data"]
+    )
     item.add_asset("cog", asset)
     RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
     if group in groups:
@@ -261,8 +314,14 @@ def _cog_item(path: Path, item_id: str, product: str, prefix: str, dates: tuple[
     return item
 
 
-def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | None],
-               store: str, all_groups: list[str], exports: dict[Path, list[str]]) -> pystac.Item:
+def _zarr_item(
+    zone: dict[str, Any],
+    item_id: str,
+    dates: tuple[str, str, str | None],
+    store: str,
+    all_groups: list[str],
+    exports: dict[Path, list[str]],
+) -> pystac.Item:
     """Make an Item for the store (single zone) or for one zone's subtree of it (``group`` = zone).
 
     An export's asset opens the zone's ``cube`` group (one xarray Dataset a group).
@@ -272,15 +331,24 @@ def _zarr_item(zone: dict[str, Any], item_id: str, dates: tuple[str, str, str | 
     crs = CRS.from_user_input(zone["crs"])
     geom, bbox = _footprint(crs, tuple(zone["bounds"]))
     prefix = zone.get("prefix") or ""
-    groups = sorted(g[len(prefix):] for g in all_groups if g.startswith(prefix) and "/" not in g[len(prefix):])
+    groups = sorted(
+        g[len(prefix) :] for g in all_groups if g.startswith(prefix) and "/" not in g[len(prefix) :]
+    )
     where = f"zone group '{prefix.rstrip('/')}' of the Zarr store" if prefix else "the Zarr store"
     item = _new_item(item_id, geom, bbox, *dates, f"every product of the run as groups of {where}")
     shape = zone.get("shape") or {}
-    _apply_projection(item, _epsg_code(crs), [shape.get("y", 0), shape.get("x", 0)],
-                      zone["transform"], zone["bounds"])
+    _apply_projection(
+        item, _epsg_code(crs), [shape.get("y", 0), shape.get("x", 0)], zone["transform"], zone["bounds"]
+    )
     item.properties["agriland:groups"] = [prefix + g for g in groups]
-    _add_zarr_assets(item, store, prefix.rstrip("/") or None,
-                     f"Zarr store, groups: {', '.join(prefix + g for g in groups)}", exports, prefix + "cube")
+    _add_zarr_assets(
+        item,
+        store,
+        prefix.rstrip("/") or None,
+        f"Zarr store, groups: {', '.join(prefix + g for g in groups)}",
+        exports,
+        prefix + "cube",
+    )
     return item
 
 
@@ -308,15 +376,19 @@ def _source_links(items: list[dict[str, Any]], stac_dir: Path) -> list[pystac.Li
             src = stac_dir / "sources" / f"{f['id']}.json"
             src.parent.mkdir(parents=True, exist_ok=True)
             copy = dict(f)
-            copy["links"] = [lk for lk in f.get("links") or [] if lk.get("rel") not in
-                             ("self", "root", "parent", "collection")
-                             or (lk.get("rel") == "collection" and _lasting(lk.get("href")))]
+            copy["links"] = [
+                lk
+                for lk in f.get("links") or []
+                if lk.get("rel") not in ("self", "root", "parent", "collection")
+                or (lk.get("rel") == "collection" and _lasting(lk.get("href")))
+            ]
             if not any(lk.get("rel") == "collection" for lk in copy["links"]):
                 copy.pop("collection", None)
             write_json(copy, src)
             href = str(src.resolve())
-        links.append(pystac.Link(rel="derived_from", target=href, media_type=pystac.MediaType.GEOJSON,
-                                 title=f["id"]))
+        links.append(
+            pystac.Link(rel="derived_from", target=href, media_type=pystac.MediaType.GEOJSON, title=f["id"])
+        )
     return links
 
 
@@ -327,7 +399,11 @@ def _relative_source_links(coll: pystac.Collection) -> None:
     """
     for obj in [coll, *coll.get_items()]:
         for link in obj.links:
-            if link.rel in ("derived_from", "related") and isinstance(link.target, str) and link.target.startswith("/"):
+            if (
+                link.rel in ("derived_from", "related")
+                and isinstance(link.target, str)
+                and link.target.startswith("/")
+            ):
                 base = obj.get_self_href()
                 assert base is not None, "call after normalize_hrefs"
                 link.target = pystac.utils.make_relative_href(link.target, base)
@@ -383,8 +459,10 @@ def write_stac(out_dir: str | Path) -> Path:
             products.append(_zarr_item(zone, zid, dates, store, all_groups, exports))
     if not products:
         shutil.rmtree(stac_dir)
-        raise CorruptInput(f"{out} holds no product to describe (no cog/*.tif, no cube in "
-                           f"agriland.icechunk; stages: {record.get('stages')}): finish the run first")
+        raise CorruptInput(
+            f"{out} holds no product to describe (no cog/*.tif, no cube in "
+            f"agriland.icechunk; stages: {record.get('stages')}): finish the run first"
+        )
     sources = _source_links(items, stac_dir)
     for item in products:
         for link in sources:
@@ -392,27 +470,50 @@ def write_stac(out_dir: str | Path) -> Path:
 
     bboxes = np.array([i.bbox for i in products])
     extent = pystac.Extent(
-        pystac.SpatialExtent([[float(bboxes[:, 0].min()), float(bboxes[:, 1].min()),
-                               float(bboxes[:, 2].max()), float(bboxes[:, 3].max())]]),
-        pystac.TemporalExtent([[pystac.utils.str_to_datetime(start), pystac.utils.str_to_datetime(end)]]))
-    coll = pystac.Collection(
-        id=run, extent=extent, license="other",  # + the license link below
-        title=f"agriland-scale run '{run}'",
-        description=(f"Agricultural land products of the agriland-scale run '{run}' (composite of "
-                     f"{len(items)} Sentinel-2 item(s), {start[:10]} to {end[:10]}): DEC cluster map, "
-                     "U-Net agricultural-land probability and mask, and the Zarr store of every stage. "
-                     "Contains modified Copernicus Sentinel data."),
-        extra_fields={"agriland:stages": {s: state for s, state in (record.get("stages") or {}).items()
-                                          if state in _FINAL_STATES},
-                      "agriland:versions": record.get("versions") or {}},
+        pystac.SpatialExtent(
+            [
+                [
+                    float(bboxes[:, 0].min()),
+                    float(bboxes[:, 1].min()),
+                    float(bboxes[:, 2].max()),
+                    float(bboxes[:, 3].max()),
+                ]
+            ]
+        ),
+        pystac.TemporalExtent([[pystac.utils.str_to_datetime(start), pystac.utils.str_to_datetime(end)]]),
     )
-    coll.add_link(pystac.Link(rel=pystac.RelType.LICENSE, target=SENTINEL_LICENSE_URL,
-                              title=SENTINEL_LICENSE_TITLE))
+    coll = pystac.Collection(
+        id=run,
+        extent=extent,
+        license="other",  # + the license link below
+        title=f"agriland-scale run '{run}'",
+        description=(
+            f"Agricultural land products of the agriland-scale run '{run}' (composite of "
+            f"{len(items)} Sentinel-2 item(s), {start[:10]} to {end[:10]}): DEC cluster map, "
+            "U-Net agricultural-land probability and mask, and the Zarr store of every stage. "
+            "Contains modified Copernicus Sentinel data."
+        ),
+        extra_fields={
+            "agriland:stages": {
+                s: state for s, state in (record.get("stages") or {}).items() if state in _FINAL_STATES
+            },
+            "agriland:versions": record.get("versions") or {},
+        },
+    )
+    coll.add_link(
+        pystac.Link(rel=pystac.RelType.LICENSE, target=SENTINEL_LICENSE_URL, title=SENTINEL_LICENSE_TITLE)
+    )
     for link in sources:
         coll.add_link(link.clone())
     for model in sorted((out / "models").glob("*.stac.json")):  # the MLM items beside the models
-        coll.add_link(pystac.Link(rel="related", target=str(model.resolve()), media_type=pystac.MediaType.GEOJSON,
-                                  title=f"model (STAC MLM Item): {model.name.removesuffix('.stac.json')}"))
+        coll.add_link(
+            pystac.Link(
+                rel="related",
+                target=str(model.resolve()),
+                media_type=pystac.MediaType.GEOJSON,
+                title=f"model (STAC MLM Item): {model.name.removesuffix('.stac.json')}",
+            )
+        )
     for item in products:
         coll.add_item(item)
     coll.normalize_hrefs(str(stac_dir))

@@ -21,8 +21,7 @@ from agriland_scale.files import atomic_path
 __all__ = ["vectorize_mask", "write_fields"]
 
 
-def vectorize_mask(mask: xr.DataArray, *, block: int = 2048, min_area_m2: float = 0.0,
-                   value: int = 1):
+def vectorize_mask(mask: xr.DataArray, *, block: int = 2048, min_area_m2: float = 0.0, value: int = 1):
     """Vectorise the pixels of ``mask (y, x)`` equal to ``value`` into polygons.
 
     Polygons smaller than ``min_area_m2`` are dropped (after merging across blocks). Pixel
@@ -65,13 +64,18 @@ def vectorize_mask(mask: xr.DataArray, *, block: int = 2048, min_area_m2: float 
             if not hit.any():
                 continue
             t = transform @ transform.translation(x0, y0)
-            for geom, _ in rasterio.features.shapes(hit.astype("uint8"), mask=hit, transform=t,
-                                                    connectivity=4):
+            for geom, _ in rasterio.features.shapes(
+                hit.astype("uint8"), mask=hit, transform=t, connectivity=4
+            ):
                 poly = shape(geom)
                 # polygons reaching an inner block border are merged below (image edges need not)
                 rows, cols = _touched_edges(poly.bounds, t, y1 - y0, x1 - x0)
-                touches = ((rows[0] and by > 0) or (rows[1] and by < ny - 1)
-                           or (cols[0] and bx > 0) or (cols[1] and bx < nx - 1))
+                touches = (
+                    (rows[0] and by > 0)
+                    or (rows[1] and by < ny - 1)
+                    or (cols[0] and bx > 0)
+                    or (cols[1] and bx < nx - 1)
+                )
                 (border if touches else inner).append(poly)
     if border:
         merged = shapely.unary_union(border)
@@ -84,8 +88,9 @@ def vectorize_mask(mask: xr.DataArray, *, block: int = 2048, min_area_m2: float 
     return gdf[["area_m2", "area_ha", "geometry"]]
 
 
-def _touched_edges(bounds: tuple[float, float, float, float], t, h: int, w: int
-                   ) -> tuple[tuple[bool, bool], tuple[bool, bool]]:
+def _touched_edges(
+    bounds: tuple[float, float, float, float], t, h: int, w: int
+) -> tuple[tuple[bool, bool], tuple[bool, bool]]:
     """Tell whether a polygon of world ``bounds`` reaches the edges of the ``h x w`` window.
 
     The window has transform ``t`` (north up); the result is ((top row, bottom row), (left

@@ -26,8 +26,15 @@ import pystac
 from agriland_scale.config.bands import CLASS_BANDS, canonical_band
 from agriland_scale.errors import BandMismatch, CorruptInput
 
-__all__ = ["acquired", "asset_epsg", "check_datetime", "group_by_zone", "item_epsg",
-           "normalize_items", "scale_offset"]
+__all__ = [
+    "acquired",
+    "asset_epsg",
+    "check_datetime",
+    "group_by_zone",
+    "item_epsg",
+    "normalize_items",
+    "scale_offset",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ def check_datetime(item: pystac.Item) -> None:
         raise CorruptInput(
             f"item {item.id} has no datetime and no start_datetime: a Sentinel-2 item must say "
             "when it was acquired. Fix the item (set properties.datetime, or start_datetime and "
-            "end_datetime) or drop it from the catalog / the search")
+            "end_datetime) or drop it from the catalog / the search"
+        )
 
 
 def _canonical_assets(item: pystac.Item) -> pystac.Item:
@@ -113,13 +121,15 @@ def _read_grid(item_id: str, band: str, href: str) -> tuple[int, list[int], list
                 raise CorruptInput(
                     f"item {item_id}: asset '{band}' ({href}) has no EPSG CRS in its header and the "
                     "item has no proj:* fields: cannot place it. Add proj:code (or proj:epsg), "
-                    "proj:shape and proj:transform to the item, or drop it")
+                    "proj:shape and proj:transform to the item, or drop it"
+                )
             return ds.crs.to_epsg(), [ds.height, ds.width], list(ds.transform)[:6]
     except rasterio.errors.RasterioIOError as e:
         raise CorruptInput(
             f"item {item_id}: cannot read the header of asset '{band}' ({href}): {e}. The item has "
             "no proj:* fields, so the grid must come from the file: download it again, fix the "
-            "asset's href, or drop the item") from None
+            "asset's href, or drop the item"
+        ) from None
 
 
 def _fill_projection(item: pystac.Item, bands: Sequence[str]) -> pystac.Item:
@@ -128,8 +138,11 @@ def _fill_projection(item: pystac.Item, bands: Sequence[str]) -> pystac.Item:
     The fields are ``proj:epsg``/``proj:shape``/``proj:transform``; a copy of the item is
     returned (the item itself when nothing is missing).
     """
-    missing = [b for b in bands if b in item.assets
-               and not {"proj:shape", "proj:transform"} <= set(item.assets[b].extra_fields)]
+    missing = [
+        b
+        for b in bands
+        if b in item.assets and not {"proj:shape", "proj:transform"} <= set(item.assets[b].extra_fields)
+    ]
     if not missing and item_epsg(item) is not None:
         return item
     from pystac.extensions.projection import ProjectionExtension
@@ -179,7 +192,8 @@ def normalize_items(items: Sequence[pystac.Item], bands: Sequence[str]) -> list[
             raise BandMismatch(
                 f"item {item.id} has no asset for band(s) {missing} (its assets: "
                 f"{sorted(item.assets)}): choose cube.bands among them, or drop the item's "
-                "collection from search.collections")
+                "collection from search.collections"
+            )
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(lambda i: _fill_projection(i, bands), out))
 
@@ -190,8 +204,10 @@ def group_by_zone(items: Sequence[pystac.Item]) -> dict[int, list[pystac.Item]]:
     for item in items:
         epsg = item_epsg(item)
         if epsg is None:
-            raise CorruptInput(f"item {item.id} has no CRS (no proj:epsg / proj:code): normalise "
-                               "items with normalize_items() first")
+            raise CorruptInput(
+                f"item {item.id} has no CRS (no proj:epsg / proj:code): normalise "
+                "items with normalize_items() first"
+            )
         zones.setdefault(epsg, []).append(item)
     return dict(sorted(zones.items()))
 

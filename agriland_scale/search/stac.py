@@ -46,8 +46,17 @@ from agriland_scale.errors import (
 )
 from agriland_scale.search.items import acquired, item_epsg
 
-__all__ = ["RETRY_STATUS", "api_url", "item_epsg", "local_stac_api", "open_api", "region_of", "retry_policy",
-           "search_items", "sign_planetary_computer"]
+__all__ = [
+    "RETRY_STATUS",
+    "api_url",
+    "item_epsg",
+    "local_stac_api",
+    "open_api",
+    "region_of",
+    "retry_policy",
+    "search_items",
+    "sign_planetary_computer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +71,9 @@ def _rustac_executable() -> str:
     exe = Path(sys.executable).with_name("rustac")
     found = str(exe) if exe.exists() else shutil.which("rustac")
     if not found:
-        raise STACServerError("the 'rustac' command is not installed: pip install rustac "
-                              "(it serves the local STAC API)")
+        raise STACServerError(
+            "the 'rustac' command is not installed: pip install rustac (it serves the local STAC API)"
+        )
     return found
 
 
@@ -75,8 +85,10 @@ def _absolute_items(catalog: Path, workdir: Path) -> tuple[Path, Path]:
     """
     coll_path = catalog / "collection.json"
     if not coll_path.exists():
-        raise STACServerError(f"local catalog {catalog} has no collection.json: put the STAC "
-                              "Collection and its item JSON files in that folder")
+        raise STACServerError(
+            f"local catalog {catalog} has no collection.json: put the STAC "
+            "Collection and its item JSON files in that folder"
+        )
     items = []
     for p in sorted(catalog.glob("item*.json")):
         item = json.loads(p.read_text())
@@ -107,8 +119,9 @@ def local_stac_api(catalog: str | Path, *, timeout: float = 20.0) -> Iterator[st
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [_rustac_executable(), "serve", "--addr", f"127.0.0.1:{port}", str(coll), str(items)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=os.environ | {"RUST_LOG": "warn"})
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | {"RUST_LOG": "warn"}
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -176,21 +189,30 @@ def retry_policy(retries: int = 5, backoff_s: float = 0.5) -> Retry:
         For ``StacApiIO(max_retries=...)``; GET and POST (item search) alike. After the last
         retry the last answer is returned, so that the error names its status.
     """
-    return Retry(total=retries, backoff_factor=backoff_s, status_forcelist=RETRY_STATUS,
-                 allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+    return Retry(
+        total=retries,
+        backoff_factor=backoff_s,
+        status_forcelist=RETRY_STATUS,
+        allowed_methods=None,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+    )
 
 
 def _pc_signer() -> Callable[[Any], None]:
     try:
         import planetary_computer
     except ImportError:
-        raise MissingDependency("search.sign is 'planetary-computer' but the package is not "
-                                "installed: pip install 'agriland-scale[pc]'") from None
+        raise MissingDependency(
+            "search.sign is 'planetary-computer' but the package is not "
+            "installed: pip install 'agriland-scale[pc]'"
+        ) from None
     return planetary_computer.sign_inplace  # type: ignore[no-any-return]
 
 
-def open_api(url: str, *, sign: str = "none", retries: int = 5, backoff_s: float = 0.5,
-             timeout: float = 30) -> Client:
+def open_api(
+    url: str, *, sign: str = "none", retries: int = 5, backoff_s: float = 0.5, timeout: float = 30
+) -> Client:
     """Open a STAC API, turning connection failures into an actionable error.
 
     Parameters
@@ -222,8 +244,9 @@ def open_api(url: str, *, sign: str = "none", retries: int = 5, backoff_s: float
     try:
         return Client.open(url, stac_io=stac_io, modifier=modifier)
     except (requests.RequestException, APIError, pystac.STACError, OSError) as e:
-        raise STACServerError(f"the STAC API at {url} does not answer ({e}); check search.api "
-                              "and your network") from None
+        raise STACServerError(
+            f"the STAC API at {url} does not answer ({e}); check search.api and your network"
+        ) from None
 
 
 def _conforms(client: Client, what: str) -> bool:
@@ -265,8 +288,10 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     offered = {c.id for c in client.get_collections()}
     unknown = [c for c in cfg.collections if c not in offered]
     if unknown:
-        raise UnknownCollection(f"collection(s) {unknown} not offered by {api_url}; it offers "
-                                f"{sorted(offered)}: fix search.collections")
+        raise UnknownCollection(
+            f"collection(s) {unknown} not offered by {api_url}; it offers "
+            f"{sorted(offered)}: fix search.collections"
+        )
     kwargs: dict[str, Any] = {"collections": cfg.collections, "datetime": cfg.datetime, "limit": cfg.limit}
     if region.is_box:
         kwargs["bbox"] = list(region.bbox)
@@ -278,17 +303,19 @@ def search_items(cfg: SearchConfig, api_url: str) -> list[pystac.Item]:
     try:
         items = [_parse_item(d, client, api_url) for d in client.search(**kwargs).items_as_dicts()]
     except (APIError, requests.RequestException) as e:
-        raise STACServerError(f"search on {api_url} failed ({type(e).__name__}: {e}, after retries); "
-                              "try again later, or check search.api") from None
+        raise STACServerError(
+            f"search on {api_url} failed ({type(e).__name__}: {e}, after retries); "
+            "try again later, or check search.api"
+        ) from None
     if cfg.max_cloud_cover is not None and not server_filter:
-        items = [i for i in items
-                 if i.properties.get("eo:cloud_cover", 0.0) <= cfg.max_cloud_cover]
+        items = [i for i in items if i.properties.get("eo:cloud_cover", 0.0) <= cfg.max_cloud_cover]
     if not items:
         where = f"bbox {list(cfg.bbox)}" if cfg.bbox else f"region {cfg.region}"
         raise NoItemsFound(
             f"no items in {cfg.collections} over {where} for datetime "
             f"{cfg.datetime!r} with cloud cover <= {cfg.max_cloud_cover}: widen search.bbox, "
-            "search.datetime or search.max_cloud_cover")
+            "search.datetime or search.max_cloud_cover"
+        )
     items.sort(key=lambda i: (str(i.datetime or acquired(i)), i.id))
     log.info("search found %d item(s)", len(items))
     return items
@@ -307,13 +334,15 @@ def _parse_item(d: dict[str, Any], client: Client, api_url: str) -> pystac.Item:
         raise CorruptInput(
             f"item {item_id} (collection {d.get('collection')}, from {api_url}) has no datetime and no "
             "start_datetime: a Sentinel-2 item must say when it was acquired. Fix the item (set "
-            "properties.datetime, or start_datetime and end_datetime) or drop it from the catalog")
+            "properties.datetime, or start_datetime and end_datetime) or drop it from the catalog"
+        )
     try:
         return pystac.Item.from_dict(d, root=client, preserve_dict=False)
     except (pystac.STACError, ValueError, KeyError, TypeError) as e:
         raise CorruptInput(
             f"item {item_id} (collection {d.get('collection')}, from {api_url}) is not a valid STAC item "
-            f"({type(e).__name__}: {e}): fix the item or drop it from the catalog") from None
+            f"({type(e).__name__}: {e}): fix the item or drop it from the catalog"
+        ) from None
 
 
 def sign_planetary_computer(items: list[pystac.Item]) -> list[pystac.Item]:
@@ -347,9 +376,9 @@ def item_tile(item: pystac.Item) -> str | None:
         return str(p["grid:code"]).removeprefix("MGRS-")
     for prefix in ("mgrs", "sentinel"):
         if p.get(f"{prefix}:utm_zone"):
-            return (f"{int(p[f'{prefix}:utm_zone']):02d}{p.get(f'{prefix}:latitude_band', '')}"
-                    f"{p.get(f'{prefix}:grid_square', '')}")
+            return (
+                f"{int(p[f'{prefix}:utm_zone']):02d}{p.get(f'{prefix}:latitude_band', '')}"
+                f"{p.get(f'{prefix}:grid_square', '')}"
+            )
     m = _TILE_IN_ID.search(item.id)
     return m.group(1) if m else None
-
-
