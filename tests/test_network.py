@@ -139,7 +139,7 @@ def test_cube_reads_with_gdal_cloud_settings():
 # --- Dask's own configuration of the scheduler address (item 13) -------------------------------
 
 
-def test_scheduler_address_precedence(monkeypatch):
+def test_scheduler_address_precedence():
     from agriland_scale.pipeline.runtime import scheduler_address
 
     own, dask_cfg = RuntimeConfig(scheduler="tcp://10.0.0.1:8786"), "tcp://10.0.0.2:8786"
@@ -149,24 +149,43 @@ def test_scheduler_address_precedence(monkeypatch):
         assert scheduler_address(RuntimeConfig()) == dask_cfg
     with dask.config.set({"scheduler_address": None}):
         assert scheduler_address(RuntimeConfig()) is None  # own LocalCluster
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "http://example.org:8787")  # the dashboard's
-    monkeypatch.setattr(dask.config, "config", {})
-    dask.config.refresh()
-    with pytest.raises(ConfigError, match=r"DASK_SCHEDULER_ADDRESS.*tcp://example.org:8786"):
-        scheduler_address(RuntimeConfig())
+    # dask.config.set, not the environment and refresh(): refresh() rewrites the process's
+    # global configuration, which the tests after this one would inherit
+    with dask.config.set({"scheduler-address": "http://example.org:8787"}):  # the dashboard's
+        with pytest.raises(ConfigError, match=r"DASK_SCHEDULER_ADDRESS.*tcp://example.org:8786"):
+            scheduler_address(RuntimeConfig())
 
 
-def test_dask_config_scheduler_used_by_a_run(demo_cfg, external_cluster, monkeypatch, tmp_path):
-    """DASK_SCHEDULER_ADDRESS names the cluster: no LocalCluster starts, run.json records it."""
+def test_dask_scheduler_address_from_the_environment(external_cluster):
+    """A new process reads DASK_SCHEDULER_ADDRESS (Dask's own variable) as its scheduler."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from agriland_scale.config.schema import RuntimeConfig\n"
+        "from agriland_scale.pipeline.runtime import scheduler_address\n"
+        "print(scheduler_address(RuntimeConfig()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"DASK_SCHEDULER_ADDRESS": external_cluster},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == external_cluster, done.stderr
+
+
+def test_dask_config_scheduler_used_by_a_run(demo_cfg, external_cluster, tmp_path):
+    """Dask's scheduler-address names the cluster: no LocalCluster starts, run.json records it."""
     from agriland_scale.pipeline.launch import launch_for_run
     from agriland_scale.pipeline.runner import run
 
-    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", external_cluster)
-    monkeypatch.setattr(dask.config, "config", {})  # restored after the test
-    dask.config.refresh()  # read the environment as a new process would
-    assert dask.config.get("scheduler-address") == external_cluster
     out = tmp_path / "run"
-    assert launch_for_run(demo_cfg, out, "search", scheduler=None, force=False, overwrite=False) is None
-    rec = run(demo_cfg, out, until="search")
+    with dask.config.set({"scheduler-address": external_cluster}):
+        assert launch_for_run(demo_cfg, out, "search", scheduler=None, force=False, overwrite=False) is None
+        rec = run(demo_cfg, out, until="search")
     assert rec["scheduler"] == external_cluster
     assert json.loads((out / "run.json").read_text())["scheduler"] == external_cluster
+    assert dask.config.get("scheduler-address", None) is None  # nothing left for the next test
