@@ -173,7 +173,7 @@ RETRY_STATUS = (429, 500, 502, 503, 504)
 
 
 def retry_policy(retries: int = 5, backoff_s: float = 0.5) -> Retry:
-    """Return the retries of STAC API requests: connection errors and :data:`RETRY_STATUS` answers.
+    """Return the retries of STAC API requests: :data:`RETRY_STATUS` answers, and connection errors (twice).
 
     Parameters
     ----------
@@ -191,6 +191,9 @@ def retry_policy(retries: int = 5, backoff_s: float = 0.5) -> Retry:
     """
     return Retry(
         total=retries,
+        # a refused or unreachable address is most often a wrong URL: two retries (1.5 s), not
+        # the 15 s of backoff that busy servers' 429/5xx answers get
+        connect=min(retries, 2),
         backoff_factor=backoff_s,
         status_forcelist=RETRY_STATUS,
         allowed_methods=None,
