@@ -381,7 +381,7 @@ class _NamedReader:
         Returns ``(roi, pixels)`` over the whole box, or None when every part failed, and the
         number of parts that failed.
         """
-        from odc.loader._builder import resolve_dst_fill_value, resolve_src_nodata
+        from odc.loader import resolve_dst_nodata, resolve_src_nodata  # odc-loader's public API
 
         h, w = dst_geobox.shape.yx
         step = int(self._part or 1)
@@ -397,7 +397,8 @@ class _NamedReader:
                     failed += 1
                     continue
                 if out is None:
-                    fill = resolve_dst_fill_value(pix.dtype, cfg, resolve_src_nodata(cfg.fill_value, cfg))
+                    fill = resolve_dst_nodata(pix.dtype, cfg, resolve_src_nodata(cfg.fill_value, cfg))
+                    fill = pix.dtype.type(0) if fill is None else fill  # as odc-loader fills
                     out = np.full((h, w) + pix.shape[2:], fill, dtype=pix.dtype)
                 out[r0 : r0 + step, c0 : c0 + step][roi] = pix
         return (None if out is None else ((slice(0, h), slice(0, w)), out)), failed
