@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from agriland_scale.errors import LeaseLost, OutputExists, RunLocked
-from agriland_scale.pipeline import remote
+from agriland_scale.pipeline import lease
 from agriland_scale.pipeline.remote import RemoteLock, checked_out, working_copy
 
 LOCK = ".agriland.lock"
@@ -47,8 +47,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def short_lease(monkeypatch) -> None:
     """A lease of 2 s refreshed every 0.25 s (instead of 90 s and 20 s)."""
-    monkeypatch.setattr(remote, "HEARTBEAT_S", 0.25)
-    monkeypatch.setattr(remote, "STALE_S", 2.0)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.25)
+    monkeypatch.setattr(lease, "STALE_S", 2.0)
 
 
 def _url(s3_env, what: str) -> str:
@@ -172,11 +172,11 @@ def test_a_holder_whose_lease_was_taken_over_leaves_the_new_lock_alone(
     A's release does not delete B's lock (same host and pid here: only the token tells them
     apart), and A's check raises LeaseLost naming B."""
     url = _url(s3_env, "lock-lost")
-    monkeypatch.setattr(remote, "HEARTBEAT_S", 60.0)  # no beat during this test
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 60.0)  # no beat during this test
     a = RemoteLock(url, "agriland run (A)").acquire()
     with pytest.raises(RunLocked):
         RemoteLock(url, "agriland run (B)").acquire()
-    time.sleep(remote.STALE_S + 0.3)
+    time.sleep(lease.STALE_S + 0.3)
     b = RemoteLock(url, "agriland run (B)").acquire()
     try:
         a.release()
@@ -195,9 +195,9 @@ def test_a_holder_whose_lease_was_taken_over_leaves_the_new_lock_alone(
 def test_an_expired_lease_that_nobody_took_is_refreshed_and_goes_on(s3_env, cache, short_lease, monkeypatch):
     """The conditional refresh proves that no other run took the lock: the run goes on."""
     url = _url(s3_env, "lock-late")
-    monkeypatch.setattr(remote, "HEARTBEAT_S", 60.0)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 60.0)
     lock = RemoteLock(url, "agriland run").acquire()
-    time.sleep(remote.STALE_S + 0.3)
+    time.sleep(lease.STALE_S + 0.3)
     lock.check()  # refreshed now
     assert time.time() - _get_json(url, LOCK)["heartbeat"] < 1.5
     lock.release()
@@ -237,7 +237,7 @@ def test_a_paused_writer_stops_when_another_run_took_over(s3_env, cache, short_l
         | {
             "AGRILAND_CACHE": str(cache),
             "AGRILAND_LOCK_HEARTBEAT_S": "0.25",
-            "AGRILAND_LOCK_STALE_S": str(remote.STALE_S),
+            "AGRILAND_LOCK_STALE_S": str(lease.STALE_S),
         }
     )
     script = tmp_path / "writer.py"
