@@ -376,7 +376,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
             return 1
-        from agriland_scale.files import storage_fault
+        from agriland_scale.faults import storage_fault
 
         fault = storage_fault(e, getattr(args, "out", None) or getattr(args, "run", None))
         if fault is not None:  # a full disk, a folder turned read-only, a lost object store

@@ -8,7 +8,8 @@ import errno
 
 import pytest
 
-from agriland_scale.files import cache_dir, storage_fault, use_storage_options, write_json_anyhow
+from agriland_scale.faults import storage_fault
+from agriland_scale.files import cache_dir, use_storage_options, write_json_anyhow
 
 
 def _raised(inner: BaseException) -> BaseException:

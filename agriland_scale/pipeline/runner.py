@@ -43,13 +43,13 @@ import dask
 
 from agriland_scale.config.schema import RunConfig
 from agriland_scale.errors import AgrilandError
+from agriland_scale.faults import storage_fault
 from agriland_scale.files import (
     delete_prefix,
     is_object_url,
     join_url,
     probe_location,
     short_error,
-    storage_fault,
     use_storage_options,
     write_json,
     write_json_anyhow,
