@@ -272,10 +272,15 @@ def _run_locked(
         for stage, status in record["stages"].items():  # stopped where no handler could say so
             if status == "running":
                 record["stages"][stage] = "interrupted"
-        if finished:
-            write_json(record, out / RECORD)
-        elif not write_json_anyhow(record, out / RECORD):  # the run's own error goes on, not this one
-            log.warning("could not record the end of the run in %s", out / RECORD)
+
+        def save() -> None:
+            """Write the record; after a failure, as well as the folder allows (its error goes on)."""
+            if finished:
+                write_json(record, out / RECORD)
+            elif not write_json_anyhow(record, out / RECORD):
+                log.warning("could not record the end of the run in %s", out / RECORD)
+
+        save()
         if until is None or until == "publish":
             before = outdir.snapshot(out)
             try:  # also for a failed run: the report shows what exists and where it stopped
@@ -288,10 +293,7 @@ def _run_locked(
             record["files"]["report"] = sorted(
                 set(record["files"].get("report", [])) | set(outdir.changed_since(out, before))
             )
-            if finished:
-                write_json(record, out / RECORD)
-            else:
-                write_json_anyhow(record, out / RECORD)
+            save()
         for thread in closing:
             thread.join()
         if finished:
