@@ -128,6 +128,21 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from agriland_scale.pipeline.plan import format_plan, parse_throughput, plan_run
+
+    cfg = load_config(args.pipeline, **_overrides(args.set))
+    plan = plan_run(
+        cfg,
+        workers=args.workers,
+        throughput=parse_throughput(args.throughput),
+        measured=args.measured or (),
+        scheduler=args.scheduler,
+    )
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from agriland_scale.pipeline.remote import run_folder
     from agriland_scale.publish.inspect import format_summary, summarise_run
@@ -342,6 +357,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         handlers = {
             "inspect": _inspect,
+            "plan": _plan,
             "export": _export,
             "report": _report,
             "export-labels": _export_labels,

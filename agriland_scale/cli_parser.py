@@ -75,6 +75,19 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "  agriland search pipelines/demo.yaml\n"
         "  agriland search pipelines/earth-search.yaml --json | jq '.items[].id'",
     ),
+    "plan": (
+        "say what a run will do and cost, before it starts (no pixels read)",
+        "Say what a run of a pipeline file will do, before it starts: the items, MGRS tiles, UTM\n"
+        "zones, the cube's grid and pixels per zone, the patches, the approximate tasks of each\n"
+        "stage, the store's size (uncompressed: an upper bound) and a time per stage for N workers.\n"
+        "It runs the checks `agriland run` runs first and the STAC search, then only arithmetic on\n"
+        "the items' metadata: no pixel is read and no Dask graph built (seconds for 100 tiles).\n"
+        "Times come from a throughput per stage: --throughput, else the timings of earlier runs\n"
+        "(--measured RUN), else built-in values measured on a 2-core CPU (each names its source).",
+        "  agriland plan pipelines/demo.yaml\n"
+        "  agriland plan region.yaml --workers 8 --measured runs/va --json | jq .total_s\n"
+        "  agriland plan region.yaml --throughput segmentation=400000 --set cube.resolution=20",
+    ),
     "validate": (
         "check a pipeline file and name the wrong key",
         "Check a pipeline file: every key and value against the schema, and that the files it\n"
@@ -280,6 +293,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p["search"].add_argument("pipeline", type=Path, help=pipeline)
     p["search"].add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p["plan"].add_argument("pipeline", type=Path, help=pipeline)
+    p["plan"].add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value as `run` would, e.g. --set cube.resolution=20; repeatable",
+    )
+    p["plan"].add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="workers the run will have, each like the one that measured the throughput "
+        "(default: runtime.n_workers)",
+    )
+    p["plan"].add_argument(
+        "--throughput",
+        action="append",
+        metavar="STAGE=PX_PER_S",
+        help="a stage's throughput for one worker, in its units a second (see --json's stages.*.units), "
+        "e.g. segmentation=400000; repeatable",
+    )
+    p["plan"].add_argument(
+        "--measured",
+        action="append",
+        type=Path,
+        metavar="RUN",
+        help="an earlier run's folder on this machine: its run.json's timings give the throughput; repeatable",
+    )
+    p["plan"].add_argument(
+        "--scheduler",
+        type=_scheduler_arg,
+        metavar="ADDRESS",
+        help="the Dask scheduler the run will use: checked that it answers, as `run` does",
+    )
+    p["plan"].add_argument("--json", action="store_true", help="print JSON instead of a table")
     p["validate"].add_argument("pipeline", type=Path, help=pipeline)
     p["inspect"].add_argument("run", type=_run_arg, help=run)
     p["inspect"].add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -33,6 +33,7 @@ def test_the_parser_has_every_subcommand():
     assert set(SUBCOMMANDS) == {
         "demo",
         "run",
+        "plan",
         "train-cae",
         "train-unet",
         "search",

@@ -9,10 +9,12 @@ import uuid
 import dask
 import dask.array as da
 import numpy as np
+import pytest
 import xarray as xr
 import zarr
 
 from agriland_scale.config.schema import RuntimeConfig
+from agriland_scale.errors import BlockFailed
 from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
 
@@ -127,3 +129,70 @@ def test_blocks_are_computed_and_written_on_the_workers_asked_for(tmp_path):
     np.testing.assert_array_equal(stored["here/pid"][:], os.getpid())
     assert os.getpid() not in stored["anywhere/pid"][:]
     del ballast
+
+
+def _marked(x: np.ndarray, marks: str, fail: str, block_info=None) -> np.ndarray:
+    """Leave a file per computed chunk in ``marks``; raise on the chunk at ``fail`` while it exists."""
+    from pathlib import Path
+
+    loc = block_info[0]["chunk-location"]
+    if Path(fail).exists() and tuple(loc) == (2, 3):
+        raise OSError(f"chunk {loc} cannot be read")
+    (Path(marks) / f"{loc[0]}-{loc[1]}-{uuid.uuid4().hex[:6]}").touch()
+    return x * 2
+
+
+def test_square_blocks_in_waves_resume_only_the_missing_blocks(tmp_path):
+    """A raster is written in squares of at most ``block`` px, whatever its width, handed to
+    the scheduler in waves of at most ``max_tasks`` tasks; a failed square is named by its
+    place, the others are kept, and the rerun computes only the missing squares."""
+    marks, fail = tmp_path / "marks", tmp_path / "fail"
+    marks.mkdir()
+    fail.touch()
+    src = np.arange(12 * 20, dtype="float32").reshape(12, 20)
+    data = da.from_array(src, chunks=(2, 2)).map_blocks(_marked, str(marks), str(fail), dtype="float32")
+    ds = xr.Dataset({"v": (("y", "x"), data)}, coords={"y": np.arange(12.0), "x": np.arange(20.0)})
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    products = Products(tmp_path / "run", commit_every_s=0)
+    with dask_client(rt) as client:
+        # chunk (2, 3) = rows 4:6, cols 6:8: in the square of rows 4:8, cols 4:8 (block 1 * 5 + 1)
+        with pytest.raises(BlockFailed, match=r"raster: block 6 \(y 4:8, x 4:8\) failed: OSError"):
+            products.write_blocks(ds, "raster", ("y", "x"), client, block=4, max_tasks=6)
+        kept = products.pending_blocks("raster")
+        assert 6 not in kept and kept, kept
+        assert not products.exists("raster")  # nothing half-written is visible
+        fail.unlink()
+        for f in marks.iterdir():
+            f.unlink()
+        stats = products.write_blocks(ds, "raster", ("y", "x"), client, block=4, max_tasks=6)
+    assert stats["blocks"] == 15 and stats["reused"] == len(kept)  # 3 rows x 5 columns of squares
+    assert stats["waves"] > 1  # never more than max_tasks handed over beyond the running blocks
+    # every chunk of a missing square computed once, none of a kept square
+    computed = {tuple(int(v) for v in f.name.split("-")[:2]) for f in marks.iterdir()}
+    assert len(list(marks.iterdir())) == len(computed) == 4 * (15 - len(kept))
+    out = xr.open_zarr(products.reader(), group="raster", consolidated=False)["v"].values
+    np.testing.assert_array_equal(out, src * 2)
+
+
+def test_a_block_is_planned_from_its_own_tasks_whatever_the_width():
+    """The tasks of one square block are culled from its own chunks' dependencies: the same
+    number for a narrow and a wide raster (no pass over the whole graph per block)."""
+    from agriland_scale.pipeline.blocks import BlockGraph, BlockGrid
+
+    sizes = []
+    for width in (8, 64):
+        a = da.ones((16, width * 16), chunks=(16, 16), dtype="float32")
+        a = a.map_overlap(lambda x: x + 1, depth=1, boundary="none") * 2
+        ds = xr.Dataset({"v": (("y", "x"), a)})
+        graph = BlockGraph(ds, BlockGrid.of(ds, ("y", "x"), 32))
+        assert len(graph.grid) == width // 2
+        sizes.append(len(graph.needs(1)))
+    assert sizes[0] == sizes[1], sizes
+
+
+def test_group_chunks_bounds_every_block():
+    from agriland_scale.pipeline.blocks import group_chunks
+
+    assert group_chunks((1024,) * 5, 2048) == [(0, 2, 0, 2048), (2, 4, 2048, 4096), (4, 5, 4096, 5120)]
+    assert group_chunks((3000, 100), 2048) == [(0, 1, 0, 3000), (1, 2, 3000, 3100)]  # a large chunk alone
+    assert group_chunks((5, 5, 5), None) == [(0, 1, 0, 5), (1, 2, 5, 10), (2, 3, 10, 15)]

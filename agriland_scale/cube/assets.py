@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
@@ -342,17 +342,17 @@ class _NamedReader:
             AgrilandWarning,
             stacklevel=2,
         )
-        self._report(names, reason, float(dst_geobox.affine.f), lost)
+        self._report(names, reason, float(dst_geobox.affine.f), float(dst_geobox.affine.c), lost)
         if parts is not None:  # the parts that could be read
             return parts
         out = dst[0:0, 0:0] if dst is not None else np.ndarray((0, 0), dtype=cfg.dtype)
         return np.s_[0:0, 0:0], out
 
-    def _report(self, names: dict, reason: str, top: float, lost: int) -> None:
+    def _report(self, names: dict, reason: str, top: float, left: float, lost: int) -> None:
         """Send the read left out to the run as a Dask event; nothing outside a Dask worker.
 
-        ``top``: the y coordinate (CRS units) of the read box's top edge, which places it in
-        the cube's blocks; ``lost``: the parts of ``part`` px left as nodata.
+        ``top``, ``left``: the y and x coordinates (CRS units) of the read box's top-left
+        corner, which place it in the cube's blocks; ``lost``: the parts of ``part`` px left as nodata.
         """
         if self._tag is None:
             return
@@ -371,6 +371,7 @@ class _NamedReader:
                 "href": str(self._src.uri),
                 "error": reason[:500],
                 "top": top,
+                "left": left,
                 "chunks": int(lost),
             },
         )
@@ -456,8 +457,8 @@ class SkippedReads:
         self.client = client
         self.tag = uuid.uuid4().hex
         self._lock = threading.Lock()
-        # (item, asset, href) -> [first error, {top y of a read: parts left out}]
-        self._found: dict[tuple[str, str, str], tuple[str, dict[float, int]]] = {}
+        # (item, asset, href) -> [first error, {(top y, left x) of a read: parts left out}]
+        self._found: dict[tuple[str, str, str], tuple[str, dict[tuple[float, float], int]]] = {}
         self._token: Any = None
 
     def __enter__(self) -> SkippedReads:
@@ -480,19 +481,21 @@ class SkippedReads:
             _, tops = self._found.setdefault(
                 (msg["item"], msg["asset"], msg["href"]), (str(msg["error"]), {})
             )
-            tops[float(msg["top"])] = tops.get(float(msg["top"]), 0) + int(msg["chunks"])
+            corner = (float(msg["top"]), float(msg.get("left", "nan")))
+            tops[corner] = tops.get(corner, 0) + int(msg["chunks"])
 
     def records(
         self,
         cubes: Mapping[str, xr.Dataset],
         reused: Mapping[str, set[int]],
         earlier: Sequence[dict[str, Any]] = (),
+        block_of: Callable[[str, int, int], int] | None = None,
     ) -> list[dict[str, Any]]:
         """Return one record per zone, item and asset with parts left out, for ``inputs.skipped_assets``.
 
         Each record holds ``item``, ``asset``, ``href``, ``problem`` (:data:`READ_SKIPPED`),
         ``error`` (the first read's), ``zone``, ``chunks`` (parts of the cube's stored chunk
-        size left as nodata) and ``blocks`` (``{block index along y: chunks}``, the blocks of
+        size left as nodata) and ``blocks`` (``{block number: chunks}``, the blocks of
         :meth:`~agriland_scale.pipeline.resume.Products.write_blocks`): a few numbers an
         asset, whatever the size of the region.
 
@@ -506,6 +509,9 @@ class SkippedReads:
             blocks) are not counted again.
         earlier : sequence of dict
             The records of an earlier attempt (run.json); other problems are ignored.
+        block_of : callable, optional
+            ``block_of(zone, row, col)``: the number of the block that holds the cube's pixel
+            ``(row, col)``; by default the index of the chunk of rows that holds ``row``.
 
         Returns
         -------
@@ -550,9 +556,13 @@ class SkippedReads:
             cube = cubes[zone]
             t = cube.rio.transform()
             ends = np.cumsum(cube.chunks["y"])
-            for top, n in tops.items():
+            for (top, left), n in tops.items():
                 row = int(np.clip(round((top - t.f) / t.e), 0, cube.sizes["y"] - 1))
-                block = int(np.searchsorted(ends, row, side="right"))
+                col = 0 if np.isnan(left) else int(np.clip(round((left - t.c) / t.a), 0, cube.sizes["x"] - 1))
+                if block_of is not None:
+                    block = block_of(zone, row, col)
+                else:
+                    block = int(np.searchsorted(ends, row, side="right"))
                 if block in reused.get(zone, set()):
                     continue
                 blocks = entry(zone, item, asset, href, error)

@@ -28,22 +28,19 @@ disk and on object storage alike, which is what makes the same code serve both.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import icechunk
-import numpy as np
 import xarray as xr
 import zarr
 
 from agriland_scale.errors import BlockFailed, RunLocked
+from agriland_scale.pipeline.blocks import BlockGraph, BlockGrid, signature
 from agriland_scale.store import has_group, main_version, open_repo, store_location, with_checksums
 
 __all__ = ["WIP", "Products"]
@@ -55,106 +52,8 @@ Progress = Callable[[str, int, int], None]
 # the branch products are built on before ``main`` is moved to them
 WIP = "wip"
 
-
-def _signature(ds: xr.Dataset, dim: str, settings: dict[str, Any] | None) -> str:
-    """Hash what a product's blocks depend on: variables, shapes, dtypes, chunks and settings."""
-    sig = {
-        "dim": dim,
-        "vars": {
-            name: {
-                "dims": list(v.dims),
-                "shape": list(v.shape),
-                "dtype": str(v.dtype),
-                "chunks": [list(c) for c in v.chunks] if v.chunks else None,
-            }
-            for name, v in sorted(ds.variables.items())
-        },
-        "settings": json.loads(json.dumps(settings, default=str)) if settings is not None else None,
-    }
-    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _write_block(
-    fork: Any,
-    group: str,
-    dim: str,
-    start: int,
-    stop: int,
-    shell: xr.Dataset,
-    parts: dict[str, tuple[tuple[str, ...], list, dict, dict]],
-) -> Any:
-    """Write one block into ``fork`` (runs on a worker) and return the fork.
-
-    ``shell`` is the block's coordinates; ``parts`` gives each data variable as its dims, its
-    computed Dask chunks (nested lists that :func:`numpy.block` joins), attributes and encoding
-    (see :func:`_block_parts`). xarray encodes the block as it encoded the product's metadata
-    (CF scale factors, fill values, dtypes), except for a variable that is already packed
-    (:func:`_is_packed`): its values are written as they are.
-    """
-    packed = {name for name, (_, _, attrs, _) in parts.items() if _is_packed(attrs)}
-    block = shell.assign(
-        {
-            name: xr.Variable(dims, np.block(chunks), attrs, encoding)
-            for name, (dims, chunks, attrs, encoding) in parts.items()
-            if name not in packed
-        }
-    )
-    if block.data_vars:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-            block.to_zarr(
-                fork.store, group=group, region={dim: slice(start, stop)}, mode="r+", consolidated=False
-            )
-    for name in sorted(packed):
-        dims, chunks, _, _ = parts[name]
-        arr = zarr.open_array(fork.store, path=f"{group}/{name}", mode="r+")
-        arr[tuple(slice(start, stop) if d == dim else slice(None) for d in dims)] = np.block(chunks)
-    return fork
-
-
-def _is_packed(attrs: dict[str, Any]) -> bool:
-    """Tell whether a variable's values are already CF-packed integers.
-
-    Their CF ``scale_factor`` / ``add_offset`` are attributes (as ``decode_cf=False`` shows
-    them, e.g. :func:`~agriland_scale.cube.load.load_cube` with ``encoded=True``), not
-    xarray encoding: xarray writes such a variable whole as it is, but refuses to write a
-    region of it, where it would pack the store's values again.
-    """
-    return "scale_factor" in attrs or "add_offset" in attrs
-
-
-def _block_parts(
-    ds: xr.Dataset, dim: str, edges: np.ndarray, blocks: list[int]
-) -> list[tuple[xr.Dataset, dict]]:
-    """Split ``ds`` into the arguments of :func:`_write_block` for each of ``blocks``.
-
-    The graph is optimised once for every block together and each block's tasks refer to its
-    chunks by their keys, so that a task that several blocks need (a U-Net window reaching
-    two blocks, a cloud mask's dilated neighbourhood) runs once. Handing each block's
-    Dataset to a task instead would give every block its own renamed copy of the whole graph
-    (``dask.delayed`` finalises each collection apart), and run the shared tasks per block.
-    """
-    import dask
-
-    (ds,) = dask.optimize(ds)
-    lazy = {name: v.variable for name, v in ds.data_vars.items() if v.chunks is not None}
-    chunks = {name: v.data.to_delayed(optimize_graph=False) for name, v in lazy.items()}
-    coords = ds.drop_vars(list(lazy))
-    return [
-        (
-            coords.isel({dim: slice(int(edges[i]), int(edges[i + 1]))}),
-            {
-                name: (
-                    v.dims,
-                    np.take(chunks[name], [i], axis=v.dims.index(dim)).tolist(),
-                    v.attrs,
-                    v.encoding,
-                )
-                for name, v in lazy.items()
-            },
-        )
-        for i in blocks
-    ]
+# tasks handed to the scheduler at a time beyond the blocks running (about 10 KB each there)
+WAVE_TASKS = 20_000
 
 
 class Products:
@@ -320,39 +219,48 @@ class Products:
         self,
         ds: xr.Dataset,
         group: str,
-        dim: str,
+        dims: str | tuple[str, ...],
         client: Any,
         *,
+        block: int | None = None,
         label: str | None = None,
         progress: Progress | None = None,
         settings: dict[str, Any] | None = None,
         workers: list[str] | None = None,
-    ) -> dict[str, int]:
-        """Write the dask-backed ``ds`` block by block along ``dim`` with ``client``, resumably.
+        max_tasks: int | None = None,
+    ) -> dict[str, Any]:
+        """Write the dask-backed ``ds`` block by block with ``client``, resumably.
 
-        One block is one Dask chunk of ``dim`` (every variable must have the same chunks along
-        it). Blocks committed by an earlier, interrupted attempt with the same signature
-        (``settings``: the config values the blocks depend on) are not computed again. A
-        failing block raises :class:`BlockFailed` naming the group and the block's index range;
-        the blocks finished before it are committed first. ``workers``: the addresses of the
-        workers that compute and write the blocks (all of their tasks); any worker by default.
-        Every array is stored with a CRC32C checksum (:func:`~agriland_scale.store.with_checksums`).
+        ``dims``: the block dimensions (``("y", "x")`` for a raster, ``"patch"`` for a table);
+        every dask-backed variable along one of them must have the same chunks along all of
+        them. A block groups consecutive chunks up to ``block`` elements along each
+        (:mod:`.blocks`: a square of at most ``block`` x ``block`` px whatever the region's
+        width); ``block=None``: one chunk. Blocks committed by an earlier, interrupted attempt
+        with the same signature (``settings``: the config values the blocks depend on) are not
+        computed again. The scheduler is handed a wave of blocks at a time, at most
+        ``max_tasks`` tasks (:data:`WAVE_TASKS`) beside the blocks already running, each wave
+        planned at the cost of its own tasks. A failing block raises :class:`BlockFailed`
+        naming the group and the block's place; the blocks finished before it are committed
+        first. ``workers``: the addresses of the workers that compute and write the blocks
+        (all of their tasks); any worker by default. Every array is stored with a CRC32C
+        checksum (:func:`~agriland_scale.store.with_checksums`).
 
         Returns
         -------
         dict
-            ``{"blocks": n, "reused": blocks from an earlier attempt, "commits": commits made}``.
+            ``{"blocks": n, "reused": blocks from an earlier attempt, "commits": commits made,
+            "tasks": tasks planned, "waves": graphs handed to the scheduler, "plan_s": client
+            CPU seconds spent planning}``.
         """
-        from distributed import as_completed
-
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
         label = label or group
         ds = with_checksums(ds)
-        chunks = ds.chunks.get(dim)
-        if chunks is None:
-            raise ValueError(f"{group}: nothing in the dataset is chunked along '{dim}'")
-        edges = np.concatenate([[0], np.cumsum(chunks)]).astype(int)
-        n = len(chunks)
-        sig = _signature(ds, dim, settings)
+        try:
+            grid = BlockGrid.of(ds, dims, block)
+        except ValueError as e:
+            raise ValueError(f"{group}: {e}") from None
+        n = len(grid)
+        sig = signature(ds, dims, block, settings)
         found = self._pending(group, sig)
         commits0 = self.commits
         if found is None:
@@ -364,7 +272,7 @@ class Products:
                 )
             self._commit(
                 session,
-                f"start {group}: {n} blocks along {dim}",
+                f"start {group}: {n} blocks along {', '.join(dims)}",
                 group=group,
                 signature=sig,
                 kind="start",
@@ -380,28 +288,19 @@ class Products:
         if progress:
             progress(label, reused, n)
         todo = [] if complete else [i for i in range(n) if i not in done]
-        session = self.repo.writable_session(WIP)
+        stats = {"blocks": n, "reused": reused, "tasks": 0, "waves": 0, "plan_s": 0.0}
         if todo:
-            self._write_todo(
-                ds,
-                group,
-                dim,
-                edges,
-                todo,
-                session,
-                sig,
-                client,
-                label,
-                progress,
-                reused,
-                n,
-                as_completed,
-                workers,
-            )
+            t0 = time.process_time()
+            graph = BlockGraph(ds, grid)
+            stats["plan_s"] += time.process_time() - t0
+            writer = _Writer(self, group, sig, graph, client, label, progress, workers)
+            writer.run(todo, reused, n, max_tasks or WAVE_TASKS, stats)
         self._publish(group, f"complete ({n} blocks, {reused} from an earlier attempt)")
-        return {"blocks": n, "reused": reused, "commits": self.commits - commits0}
+        stats["commits"] = self.commits - commits0
+        stats["plan_s"] = round(stats["plan_s"], 3)
+        return stats
 
-    def _commit_or_skip(
+    def commit_blocks(
         self, session: icechunk.Session, group: str, sig: str, blocks: list[int], *, complete: bool
     ) -> icechunk.Session:
         """Commit the merged ``blocks`` (if any change) and return a new session on ``wip``."""
@@ -419,68 +318,98 @@ class Products:
             return self.repo.writable_session(WIP)
         return session
 
-    def _write_todo(
+
+class _Writer:
+    """Hands a product's blocks to the scheduler in bounded waves and commits them as they land."""
+
+    def __init__(
         self,
-        ds: xr.Dataset,
+        products: Products,
         group: str,
-        dim: str,
-        edges: np.ndarray,
-        todo: list[int],
-        session: icechunk.Session,
         sig: str,
+        graph: BlockGraph,
         client: Any,
         label: str,
         progress: Progress | None,
-        written: int,
-        n: int,
-        as_completed: Any,
-        workers: list[str] | None = None,
-    ) -> None:
-        import dask
-
-        along = ds.drop_vars([v for v in ds.variables if dim not in ds[v].dims])
-        fork = session.fork()
+        workers: list[str] | None,
+    ):
+        self.products, self.group, self.sig, self.graph = products, group, sig, graph
+        self.client, self.label, self.progress, self.workers = client, label, progress, workers
         # named for the dashboard: "cube-block", "segmentation-block"... in the task stream
-        stage = group.rstrip("/").rsplit("/", 1)[-1]
-        tasks = [
-            dask.delayed(_write_block, pure=False)(
-                fork,
-                group,
-                dim,
-                int(edges[i]),
-                int(edges[i + 1]),
-                shell,
-                parts,
-                dask_key_name=f"{stage}-block-{i}-{uuid.uuid4().hex[:12]}",
-            )
-            for i, (shell, parts) in zip(todo, _block_parts(along, dim, edges, todo))
-        ]
-        futures = client.compute(tasks, workers=workers)
-        which = {f.key: i for f, i in zip(futures, todo)}
+        self.stage = group.rstrip("/").rsplit("/", 1)[-1]
+
+    def _submit(self, blocks: list[int], fork: Any, stats: dict[str, Any]) -> tuple[list, int]:
+        t0 = time.process_time()
+        dsk, keys, tasks = self.graph.tasks(blocks, self.stage, fork, self.group)
+        stats["plan_s"] += time.process_time() - t0
+        futures = self.client.get(dsk, keys, sync=False, workers=self.workers)
+        stats["tasks"] += tasks
+        stats["waves"] += 1
+        return futures, tasks
+
+    def run(self, todo: list[int], written: int, n: int, max_tasks: int, stats: dict[str, Any]) -> None:
+        """Write ``todo`` (block numbers), at most ``max_tasks`` tasks submitted beyond those running."""
+        from distributed import as_completed
+
+        products = self.products
+        session = products.repo.writable_session(WIP)
+        fork = session.fork()
+        queue = list(todo)
+        cost = {i: len(self.graph.needs(i)) + 1 for i in queue[:1]}
+        which: dict[str, tuple[int, int]] = {}  # future key -> (block, its tasks)
+        pending = as_completed()
+        in_flight: dict[str, Any] = {}
+        load = 0
+
+        def fill() -> None:
+            nonlocal load
+            wave: list[int] = []
+            size = 0
+            while queue:
+                i = queue[0]
+                c = cost.get(i) or len(self.graph.needs(i)) + 1
+                if (load + size + c > max_tasks) and (wave or in_flight):
+                    break
+                wave.append(queue.pop(0))
+                cost[i] = c
+                size += c
+            if wave:
+                futures, _ = self._submit(wave, fork, stats)
+                for i, f in zip(wave, futures):
+                    which[f.key] = (i, cost.pop(i))
+                    in_flight[f.key] = f
+                    pending.add(f)
+                load += size
+
         merged: list[int] = []
         last = time.monotonic()
+        fill()
         try:
-            for fut in as_completed(futures):
-                i = which[fut.key]
+            for fut in pending:
+                i, c = which.pop(fut.key)
+                in_flight.pop(fut.key, None)
+                load -= c
                 if fut.status == "error":
                     err = fut.exception()
-                    for f in futures:
+                    for f in in_flight.values():
                         f.cancel()
-                    self._commit_or_skip(session, group, sig, merged, complete=False)
+                    products.commit_blocks(session, self.group, self.sig, merged, complete=False)
                     raise BlockFailed(
-                        f"{label}: block {i} ({dim} {edges[i]}:{edges[i + 1]}) failed: "
+                        f"{self.label}: block {i} ({self.graph.grid.describe(i)}) failed: "
                         f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
                         "fix the cause and run again to continue"
                     ) from err
                 session.merge(fut.result())  # finished: the fork comes back at once
+                fut.release()
                 merged.append(i)
                 written += 1
-                if progress:
-                    progress(label, written, n)
-                if written < n and time.monotonic() - last >= self.commit_every_s:
-                    session = self._commit_or_skip(session, group, sig, merged, complete=False)
+                if self.progress:
+                    self.progress(self.label, written, n)
+                if written < n and time.monotonic() - last >= products.commit_every_s:
+                    session = products.commit_blocks(session, self.group, self.sig, merged, complete=False)
                     merged, last = [], time.monotonic()
+                fill()
         except KeyboardInterrupt:  # keep what is merged: the next attempt need not redo it
-            self._commit_or_skip(session, group, sig, merged, complete=False)
+            products.commit_blocks(session, self.group, self.sig, merged, complete=False)
             raise
-        self._commit_or_skip(session, group, sig, merged, complete=True)
+        products.commit_blocks(session, self.group, self.sig, merged, complete=True)
