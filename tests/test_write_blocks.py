@@ -196,3 +196,41 @@ def test_group_chunks_bounds_every_block():
     assert group_chunks((1024,) * 5, 2048) == [(0, 2, 0, 2048), (2, 4, 2048, 4096), (4, 5, 4096, 5120)]
     assert group_chunks((3000, 100), 2048) == [(0, 1, 0, 3000), (1, 2, 3000, 3100)]  # a large chunk alone
     assert group_chunks((5, 5, 5), None) == [(0, 1, 0, 5), (1, 2, 5, 10), (2, 3, 10, 15)]
+
+
+def test_zones_written_together_advance_together_and_resume_by_zone(tmp_path):
+    """Two zones' products written together: the first wave holds blocks of both (not one
+    zone after the other), a failure in one keeps what both wrote, ``pending_blocks`` names
+    each zone's own blocks, the rerun computes only the missing ones, and both products
+    appear in one version."""
+    marks, fail = tmp_path / "marks", tmp_path / "fail"
+    marks.mkdir()
+    fail.touch()
+    src = np.arange(12 * 20, dtype="float32").reshape(12, 20)
+
+    def zone(k: float) -> xr.Dataset:
+        data = da.from_array(src * k, chunks=(2, 2)).map_blocks(
+            _marked, str(marks), str(fail), dtype="float32"
+        )
+        return xr.Dataset({"v": (("y", "x"), data)}, coords={"y": np.arange(12.0), "x": np.arange(20.0)})
+
+    rt = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
+    products = Products(tmp_path / "run", commit_every_s=0)
+    both = [(zone(1), "utm18n/raster", "raster 18N"), (zone(3), "utm19n/raster", "raster 19N")]
+    seen: list[str] = []
+    with dask_client(rt) as client:
+        with pytest.raises(BlockFailed, match=r"raster (18|19)N: block 6 \(y 4:8, x 4:8\) failed"):
+            products.write_together(
+                both, ("y", "x"), client, block=4, max_tasks=12, progress=lambda lab, i, n: seen.append(lab)
+            )
+        kept = {g: products.pending_blocks(g) for g in ("utm18n/raster", "utm19n/raster")}
+        assert all(b <= set(range(15)) and 6 not in b for b in kept.values()), kept
+        assert not products.exists("utm18n/raster") and not products.exists("utm19n/raster")
+        fail.unlink()
+        stats = products.write_together(both, ("y", "x"), client, block=4, max_tasks=12)
+    # the zones advanced together: each reported progress before the other had finished
+    assert seen[:2] == ["raster 18N", "raster 19N"] and set(seen[2:6]) == {"raster 18N", "raster 19N"}, seen
+    for g, k in (("utm18n/raster", 1), ("utm19n/raster", 3)):
+        assert stats[g]["blocks"] == 15 and stats[g]["reused"] == len(kept[g])
+        out = xr.open_zarr(products.reader(), group=g, consolidated=False)["v"].values
+        np.testing.assert_array_equal(out, src * k * 2)

@@ -4,8 +4,8 @@ A product written by :meth:`~agriland_scale.pipeline.resume.Products.write_block
 into **blocks**: along each block dimension (``("y", "x")`` for a raster, ``("patch",)`` for
 a table of patches) consecutive Dask chunks are grouped until the next one would pass
 ``block`` elements (a chunk larger than ``block`` is a block of its own). A raster block is
-therefore a square of at most ``block`` x ``block`` px (2048 x 2048 by default: a few tens of
-MB of cube), whatever the region's width, and blocks are numbered in row-major order.
+therefore a square of at most ``block`` x ``block`` px (``runtime.block_px``, 2048 by default:
+32 MB of a 4-band int16 cube), whatever the region's width, and blocks are numbered in row-major order.
 
 The product's task graph is optimised and materialised **once** (:class:`BlockGraph`, cost
 linear in the graph). The tasks of any set of blocks are then culled from it by walking the
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -29,10 +30,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-__all__ = ["BLOCK_PX", "BlockGrid", "BlockGraph", "signature"]
+from agriland_scale.errors import BlockFailed
 
-# the side of a raster block, px: a few tens of MB of cube (4 bands x 2048^2 x int16 = 32 MB)
-BLOCK_PX = 2048
+__all__ = ["BlockGraph", "BlockGrid", "Part", "Waves", "signature"]
 
 
 def signature(
@@ -263,3 +263,145 @@ def is_packed(attrs: dict[str, Any]) -> bool:
     region of it, where it would pack the store's values again.
     """
     return "scale_factor" in attrs or "add_offset" in attrs
+
+
+@dataclass
+class Part:
+    """One product of a write (one zone's cube, say): its blocks are ``offset + i`` of the write."""
+
+    ds: xr.Dataset
+    group: str
+    label: str
+    grid: BlockGrid
+    offset: int
+    sig: str
+    reused: int = 0
+    written: int = 0
+    graph: BlockGraph | None = None
+
+    @property
+    def stage(self) -> str:
+        """``cube`` for ``utm18n/cube``: how its tasks are named on the dashboard (``cube-block``)."""
+        return self.group.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Waves:
+    """Hands the blocks of one or more products to the scheduler in bounded waves.
+
+    Each wave is planned from its own blocks' tasks (:meth:`BlockGraph.tasks`) and holds at
+    most ``max_tasks`` tasks beyond the blocks running; a new wave follows as blocks finish.
+    The forks that come back are merged into one session on ``wip`` and committed every
+    ``products.commit_every_s`` seconds, naming the blocks (numbered over the whole write).
+    """
+
+    def __init__(
+        self,
+        products: Any,
+        key: str,
+        sig: str,
+        parts: list[Part],
+        client: Any,
+        progress: Any,
+        workers: list[str] | None,
+    ):
+        self.products, self.key, self.sig, self.parts = products, key, sig, parts
+        self.client, self.progress, self.workers = client, progress, workers
+        self.starts = [p.offset for p in parts]
+
+    def part(self, i: int) -> Part:
+        """Return the product that block ``i`` of the write belongs to."""
+        return self.parts[int(np.searchsorted(self.starts, i, side="right")) - 1]
+
+    def _graph(self, p: Part, stats: dict[str, Any]) -> BlockGraph:
+        if p.graph is None:
+            t0 = time.process_time()
+            p.graph = BlockGraph(p.ds, p.grid)
+            stats["plan_s"] += time.process_time() - t0
+        return p.graph
+
+    def _cost(self, i: int, stats: dict[str, Any]) -> int:
+        p = self.part(i)
+        return len(self._graph(p, stats).needs(i - p.offset)) + 1
+
+    def _submit(self, wave: list[int], fork: Any, stats: dict[str, Any]) -> list:
+        t0 = time.process_time()
+        dsk: dict = {}
+        keys: list[str] = []
+        for p in self.parts:
+            mine = [i - p.offset for i in wave if self.part(i) is p]
+            if mine:
+                g, k, _ = self._graph(p, stats).tasks(mine, p.stage, fork, p.group)
+                dsk.update(g)
+                keys += k
+        stats["plan_s"] += time.process_time() - t0
+        stats["tasks"] += len(dsk)
+        stats["waves"] += 1
+        return self.client.get(dsk, keys, sync=False, workers=self.workers)
+
+    def run(self, todo: list[int], written: int, max_tasks: int, stats: dict[str, Any]) -> None:
+        """Write blocks ``todo`` of the write; ``written``: those an earlier attempt committed."""
+        from distributed import as_completed
+
+        products = self.products
+        session = products.repo.writable_session("wip")
+        fork = session.fork()
+        # the products advance together: their blocks interleaved by their place in each
+        queue = sorted(todo, key=lambda i: ((i - self.part(i).offset) / len(self.part(i).grid), i))
+        which: dict[str, tuple[int, int]] = {}  # future key -> (block, its tasks)
+        in_flight: dict[str, Any] = {}
+        pending = as_completed()
+        load = 0
+
+        def fill() -> None:
+            nonlocal load
+            wave: list[int] = []
+            costs: list[int] = []
+            while queue:
+                c = self._cost(queue[0], stats)
+                if load + sum(costs) + c > max_tasks and (wave or in_flight):
+                    break
+                wave.append(queue.pop(0))
+                costs.append(c)
+            if wave:
+                for i, c, f in zip(wave, costs, self._submit(wave, fork, stats)):
+                    which[f.key] = (i, c)
+                    in_flight[f.key] = f
+                    pending.add(f)
+                load += sum(costs)
+
+        merged: list[int] = []
+        last = time.monotonic()
+        n = sum(len(p.grid) for p in self.parts)
+        fill()
+        try:
+            for fut in pending:
+                i, c = which.pop(fut.key)
+                in_flight.pop(fut.key, None)
+                load -= c
+                p = self.part(i)
+                if fut.status == "error":
+                    err = fut.exception()
+                    for f in in_flight.values():
+                        f.cancel()
+                    products.commit_blocks(session, self.key, self.sig, merged, complete=False)
+                    assert p.graph is not None
+                    raise BlockFailed(
+                        f"{p.label}: block {i - p.offset} ({p.graph.grid.describe(i - p.offset)}) failed: "
+                        f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
+                        "fix the cause and run again to continue"
+                    ) from err
+                session.merge(fut.result())  # finished: the fork comes back at once
+                fut.release()
+                merged.append(i)
+                written += 1
+                p.written += 1
+                if self.progress:
+                    self.progress(p.label, p.written, len(p.grid))
+                if written < n and time.monotonic() - last >= products.commit_every_s:
+                    session = products.commit_blocks(session, self.key, self.sig, merged, complete=False)
+                    merged, last = [], time.monotonic()
+                fill()
+        except KeyboardInterrupt:  # keep what is merged: the next attempt need not redo it
+            products.commit_blocks(session, self.key, self.sig, merged, complete=False)
+            raise
+        products.commit_blocks(session, self.key, self.sig, merged, complete=True)

@@ -165,6 +165,11 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
     predict = sum(1 for a in r_groups if len(a)) * sum(1 for b in c_groups if len(b))
     out_blocks = _ceil(h, _SEGMENT_BLOCK) * _ceil(w, _SEGMENT_BLOCK)
     embed_tasks = _ceil(n_patches, e.batch_size * _EMBED_TASK_BATCHES)
+    # the square write blocks of runtime.block_px (pipeline/blocks.py), over the stored chunks
+    block = max(cfg.runtime.block_px // c.chunk, 1) * c.chunk
+    write_blocks = _ceil(h, block) * _ceil(w, block)
+    seg_block = max(cfg.runtime.block_px // _SEGMENT_BLOCK, 1) * _SEGMENT_BLOCK
+    seg_writes = _ceil(h, seg_block) * _ceil(w, seg_block)
     bbox = geobox.boundingbox
     return {
         "epsg": geobox.crs.epsg if geobox.crs is not None else None,
@@ -180,20 +185,21 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
         "bands_read": len(fine),
         "read_chunk": rc,
         "read_chunks": read_chunks,
+        "write_blocks": write_blocks,
         "patches": {"count": n_patches, "grid": [len(rows), len(cols)]},
         "inference_window": window,
         "windows": len(_grid(h, window, s.overlap)) * len(_grid(w, window, s.overlap)),
         # approximate task counts, as the stages build their graphs (write blocks included)
         "tasks": {
             # a read per band and chunk (every date in it), the composite and the clear count
-            # per chunk, an open per band; one write task per block row
-            "cube": read_chunks * (len(fine) + 2) + len(fine) + _ceil(h, rc),
+            # per chunk, an open per band; one write task per square block
+            "cube": read_chunks * (len(fine) + 2) + len(fine) + write_blocks,
             # the clear counts of every stored chunk, summed by stride block
             "patches": 3 * store_chunks + 1,
             # a task embeds batch_size x 4 patches; one write task each
             "embeddings": 2 * embed_tasks,
-            # predicted spans, blended blocks, the mask of each block; a write task per block row
-            "segmentation": predict + 3 * out_blocks + _ceil(h, _SEGMENT_BLOCK),
+            # predicted spans, blended blocks, the mask of each block; a write task per square block
+            "segmentation": predict + 3 * out_blocks + seg_writes,
         },
         # stored bytes, uncompressed
         "bytes": {

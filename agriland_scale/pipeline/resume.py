@@ -28,10 +28,11 @@ disk and on object storage alike, which is what makes the same code serve both.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +40,11 @@ import icechunk
 import xarray as xr
 import zarr
 
-from agriland_scale.errors import BlockFailed, RunLocked
-from agriland_scale.pipeline.blocks import BlockGraph, BlockGrid, signature
+from agriland_scale.errors import RunLocked
+from agriland_scale.pipeline.blocks import BlockGrid, Part, Waves, signature
 from agriland_scale.store import has_group, main_version, open_repo, store_location, with_checksums
 
-__all__ = ["WIP", "Products"]
+__all__ = ["WIP", "WAVE_TASKS", "Products"]
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,25 @@ class Products:
         return None  # wip does not descend from main's tip, or holds no start of this product
 
     def pending_blocks(self, group: str) -> set[int]:
-        """Return the blocks of an unfinished ``group`` that commits on ``wip`` hold (any attempt)."""
-        return {int(b) for m in self._since_main() if m.get("group") == group for b in m.get("blocks") or []}
+        """Return the blocks of an unfinished ``group`` that commits on ``wip`` hold (any attempt).
+
+        For a product written together with others (:meth:`write_together`), its share of
+        their commits' blocks, numbered as its own.
+        """
+        commits = list(self._since_main())
+        out = {int(b) for m in commits if m.get("group") == group for b in m.get("blocks") or []}
+        for start in commits:
+            lo, n = (start.get("parts") or {}).get(group, (0, 0))
+            if start.get("kind") == "start" and n:
+                key = start.get("group")
+                out |= {
+                    int(b) - lo
+                    for m in commits
+                    if m.get("group") == key
+                    for b in m.get("blocks") or []
+                    if lo <= int(b) < lo + n
+                }
+        return out
 
     def _commit(self, session: icechunk.Session, message: str, **metadata: Any) -> str:
         t0 = time.perf_counter()
@@ -252,53 +270,100 @@ class Products:
             "tasks": tasks planned, "waves": graphs handed to the scheduler, "plan_s": client
             CPU seconds spent planning}``.
         """
+        return self.write_together(
+            [(ds, group, label or group)],
+            dims,
+            client,
+            block=block,
+            progress=progress,
+            settings=settings,
+            workers=workers,
+            max_tasks=max_tasks,
+        )[group]
+
+    def write_together(
+        self,
+        products: Sequence[tuple[xr.Dataset, str, str]],
+        dims: str | tuple[str, ...],
+        client: Any,
+        *,
+        block: int | None = None,
+        progress: Progress | None = None,
+        settings: dict[str, Any] | None = None,
+        workers: list[str] | None = None,
+        max_tasks: int | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Write several products together, e.g. a stage's UTM zones: ``[(ds, group, label)]``.
+
+        As :meth:`write_blocks` for each, except that their blocks share the waves handed to the
+        scheduler (interleaved, so that every zone advances while the cluster has room for
+        them all), their commits and their publication: ``main`` moves once, when every one is
+        complete. Returns :meth:`write_blocks`'s statistics per group (``tasks``, ``waves``,
+        ``plan_s`` and ``commits`` are those of the whole write).
+        """
         dims = (dims,) if isinstance(dims, str) else tuple(dims)
-        label = label or group
-        ds = with_checksums(ds)
-        try:
-            grid = BlockGrid.of(ds, dims, block)
-        except ValueError as e:
-            raise ValueError(f"{group}: {e}") from None
-        n = len(grid)
-        sig = signature(ds, dims, block, settings)
-        found = self._pending(group, sig)
+        parts: list[Part] = []
+        offset = 0
+        for ds, group, label in products:
+            ds = with_checksums(ds)
+            try:
+                grid = BlockGrid.of(ds, dims, block)
+            except ValueError as e:
+                raise ValueError(f"{group}: {e}") from None
+            parts.append(Part(ds, group, label, grid, offset, signature(ds, dims, block, settings)))
+            offset += len(grid)
+        n = offset
+        key = "+".join(p.group for p in parts)
+        sig = parts[0].sig if len(parts) == 1 else _combined([p.sig for p in parts])
+        found = self._pending(key, sig)
         commits0 = self.commits
         if found is None:
             session = self._fresh_session()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-                ds.to_zarr(
-                    session.store, group=group, mode="w", compute=False, zarr_format=3, consolidated=False
-                )
+                for p in parts:
+                    p.ds.to_zarr(
+                        session.store,
+                        group=p.group,
+                        mode="w",
+                        compute=False,
+                        zarr_format=3,
+                        consolidated=False,
+                    )
+            extra = {"parts": {q.group: [q.offset, len(q.grid)] for q in parts}} if len(parts) > 1 else {}
             self._commit(
                 session,
-                f"start {group}: {n} blocks along {', '.join(dims)}",
-                group=group,
+                f"start {key}: {n} blocks along {', '.join(dims)}",
+                group=key,
                 signature=sig,
                 kind="start",
                 blocks=[],
+                **extra,
             )
             done: set[int] = set()
             complete = False
         else:
             done, complete = found
-        reused = len(done)
-        if reused:
-            log.info("%s: %d of %d blocks already written by an earlier attempt", group, reused, n)
-        if progress:
-            progress(label, reused, n)
+        for p in parts:
+            p.written = p.reused = sum(1 for i in done if p.offset <= i < p.offset + len(p.grid))
+            if p.reused:
+                log.info(
+                    "%s: %d of %d blocks already written by an earlier attempt",
+                    p.group,
+                    p.reused,
+                    len(p.grid),
+                )
+            if progress:
+                progress(p.label, p.reused, len(p.grid))
         todo = [] if complete else [i for i in range(n) if i not in done]
-        stats = {"blocks": n, "reused": reused, "tasks": 0, "waves": 0, "plan_s": 0.0}
+        stats: dict[str, Any] = {"tasks": 0, "waves": 0, "plan_s": 0.0}
         if todo:
-            t0 = time.process_time()
-            graph = BlockGraph(ds, grid)
-            stats["plan_s"] += time.process_time() - t0
-            writer = _Writer(self, group, sig, graph, client, label, progress, workers)
-            writer.run(todo, reused, n, max_tasks or WAVE_TASKS, stats)
-        self._publish(group, f"complete ({n} blocks, {reused} from an earlier attempt)")
+            waves = Waves(self, key, sig, parts, client, progress, workers)
+            waves.run(todo, len(done), max_tasks or WAVE_TASKS, stats)
+        self._publish(key, f"complete ({n} blocks, {len(done)} from an earlier attempt)")
         stats["commits"] = self.commits - commits0
         stats["plan_s"] = round(stats["plan_s"], 3)
-        return stats
+        return {p.group: {"blocks": len(p.grid), "reused": p.reused, **stats} for p in parts}
 
     def commit_blocks(
         self, session: icechunk.Session, group: str, sig: str, blocks: list[int], *, complete: bool
@@ -319,97 +384,6 @@ class Products:
         return session
 
 
-class _Writer:
-    """Hands a product's blocks to the scheduler in bounded waves and commits them as they land."""
-
-    def __init__(
-        self,
-        products: Products,
-        group: str,
-        sig: str,
-        graph: BlockGraph,
-        client: Any,
-        label: str,
-        progress: Progress | None,
-        workers: list[str] | None,
-    ):
-        self.products, self.group, self.sig, self.graph = products, group, sig, graph
-        self.client, self.label, self.progress, self.workers = client, label, progress, workers
-        # named for the dashboard: "cube-block", "segmentation-block"... in the task stream
-        self.stage = group.rstrip("/").rsplit("/", 1)[-1]
-
-    def _submit(self, blocks: list[int], fork: Any, stats: dict[str, Any]) -> tuple[list, int]:
-        t0 = time.process_time()
-        dsk, keys, tasks = self.graph.tasks(blocks, self.stage, fork, self.group)
-        stats["plan_s"] += time.process_time() - t0
-        futures = self.client.get(dsk, keys, sync=False, workers=self.workers)
-        stats["tasks"] += tasks
-        stats["waves"] += 1
-        return futures, tasks
-
-    def run(self, todo: list[int], written: int, n: int, max_tasks: int, stats: dict[str, Any]) -> None:
-        """Write ``todo`` (block numbers), at most ``max_tasks`` tasks submitted beyond those running."""
-        from distributed import as_completed
-
-        products = self.products
-        session = products.repo.writable_session(WIP)
-        fork = session.fork()
-        queue = list(todo)
-        cost = {i: len(self.graph.needs(i)) + 1 for i in queue[:1]}
-        which: dict[str, tuple[int, int]] = {}  # future key -> (block, its tasks)
-        pending = as_completed()
-        in_flight: dict[str, Any] = {}
-        load = 0
-
-        def fill() -> None:
-            nonlocal load
-            wave: list[int] = []
-            size = 0
-            while queue:
-                i = queue[0]
-                c = cost.get(i) or len(self.graph.needs(i)) + 1
-                if (load + size + c > max_tasks) and (wave or in_flight):
-                    break
-                wave.append(queue.pop(0))
-                cost[i] = c
-                size += c
-            if wave:
-                futures, _ = self._submit(wave, fork, stats)
-                for i, f in zip(wave, futures):
-                    which[f.key] = (i, cost.pop(i))
-                    in_flight[f.key] = f
-                    pending.add(f)
-                load += size
-
-        merged: list[int] = []
-        last = time.monotonic()
-        fill()
-        try:
-            for fut in pending:
-                i, c = which.pop(fut.key)
-                in_flight.pop(fut.key, None)
-                load -= c
-                if fut.status == "error":
-                    err = fut.exception()
-                    for f in in_flight.values():
-                        f.cancel()
-                    products.commit_blocks(session, self.group, self.sig, merged, complete=False)
-                    raise BlockFailed(
-                        f"{self.label}: block {i} ({self.graph.grid.describe(i)}) failed: "
-                        f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
-                        "fix the cause and run again to continue"
-                    ) from err
-                session.merge(fut.result())  # finished: the fork comes back at once
-                fut.release()
-                merged.append(i)
-                written += 1
-                if self.progress:
-                    self.progress(self.label, written, n)
-                if written < n and time.monotonic() - last >= products.commit_every_s:
-                    session = products.commit_blocks(session, self.group, self.sig, merged, complete=False)
-                    merged, last = [], time.monotonic()
-                fill()
-        except KeyboardInterrupt:  # keep what is merged: the next attempt need not redo it
-            products.commit_blocks(session, self.group, self.sig, merged, complete=False)
-            raise
-        products.commit_blocks(session, self.group, self.sig, merged, complete=True)
+def _combined(sigs: list[str]) -> str:
+    """One signature for products written together (their own, in order)."""
+    return hashlib.sha256("+".join(sigs).encode()).hexdigest()[:32]
