@@ -8,6 +8,8 @@ cube's CRS (metres). Patches are read from the cube with ``isel``, never copied 
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +25,7 @@ __all__ = [
     "patch_grid",
     "patch_index",
     "patch_map_transform",
+    "patch_valid_fraction",
     "read_patches",
     "read_windows",
     "window_starts",
@@ -46,15 +49,29 @@ def patch_grid(height: int, width: int, size: int, stride: int) -> tuple[np.ndar
     return rows, cols
 
 
-def patch_index(cube: xr.Dataset, size: int, stride: int, client: Any = None) -> xr.Dataset:
+def patch_index(
+    cube: xr.Dataset,
+    size: int,
+    stride: int,
+    client: Any = None,
+    *,
+    store: Any = None,
+    group: str = "cube",
+    window_bytes: int = 64 * 2**20,
+) -> xr.Dataset:
     """Georeferenced index of the patch grid over ``cube`` (dims ``patch``).
 
     Variables: ``row``/``col`` (grid position), ``y0``/``x0`` (top-left pixel offsets),
     ``minx, miny, maxx, maxy`` (bounds in the cube CRS, metres) and ``valid_fraction``
     (fraction of pixels with a clear observation, computed from ``clear_count``).
-    ``client``: a Dask client whose workers count the clear pixels, chunk by chunk (a region
-    of many tiles: this process then holds only the counts by stride block, not the pixels);
-    without one, the current Dask scheduler does.
+
+    The valid fractions are counted window by window (:func:`patch_valid_fraction`), each
+    window a block of whole patches of at most about ``window_bytes`` of ``clear_count`` with
+    its halo (a patch is never cut by a window's edge). With ``client`` and ``store`` the
+    workers count them, one task (``patches-index-...``) a window, each reading ``group`` of
+    the run's ``store`` itself and returning one number a patch: this process never holds
+    the pixels, nor a count per pixel block. Otherwise they are counted here, window by
+    window, from ``cube`` (a dask-backed one through the current scheduler).
     """
     h, w = cube.sizes["y"], cube.sizes["x"]
     rows, cols = patch_grid(h, w, size, stride)
@@ -63,8 +80,9 @@ def patch_index(cube: xr.Dataset, size: int, stride: int, client: Any = None) ->
     t = cube.rio.transform()
     minx, maxy = t @ (x0, y0)
     maxx, miny = t @ (x0 + size, y0 + size)
-    valid = (cube["clear_count"] > 0).astype("float32")
-    frac = _valid_fraction(valid, y0, x0, size, client)
+    frac = patch_valid_fraction(
+        cube["clear_count"], size, stride, client=client, store=store, group=group, window_bytes=window_bytes
+    ).ravel()
     idx = xr.Dataset(
         {
             "row": ("patch", rr.ravel().astype("int32")),
@@ -103,25 +121,80 @@ def patch_index(cube: xr.Dataset, size: int, stride: int, client: Any = None) ->
     return idx
 
 
-def _valid_fraction(
-    valid: xr.DataArray, y0: np.ndarray, x0: np.ndarray, size: int, client: Any = None
+def patch_valid_fraction(
+    count: xr.DataArray,
+    size: int,
+    stride: int,
+    *,
+    client: Any = None,
+    store: Any = None,
+    group: str = "cube",
+    window_bytes: int = 64 * 2**20,
 ) -> np.ndarray:
-    """Compute the valid fraction per patch from a stride-aligned block sum (one dask compute).
+    """Fraction of each patch's pixels with a clear observation, ``(n_rows, n_cols)`` float32.
 
-    The block sums (one number per ``gcd`` block, a few MB for a whole state) are added per
-    patch through their integral image, without a loop over patches.
+    ``count`` is the cube's ``(y, x)`` ``clear_count``; patches are those of
+    :func:`patch_grid`. The patch grid is split into windows of whole patches (each window's
+    pixels at most about ``window_bytes`` of ``count``, patches of neighbouring windows
+    overlapping when ``stride < size``); a window counts its clear pixels by ``gcd(size,
+    stride)`` cells and adds them per patch through their integral image. The counts are
+    exact integers, so the result does not depend on the windows nor on where they are
+    counted: with ``client`` and ``store`` by the workers (tasks ``patches-index-...`` reading
+    ``group`` of ``store``), otherwise here from ``count``.
     """
-    import dask.array as da
+    h, w = count.sizes["y"], count.sizes["x"]
+    rows, cols = patch_grid(h, w, size, stride)
+    side = max(size, int(np.sqrt(window_bytes / count.dtype.itemsize)))
+    n = max(1, (side - size) // stride + 1)  # patches a window side
+    windows = [
+        (rows[i : i + n], cols[j : j + n]) for i in range(0, len(rows), n) for j in range(0, len(cols), n)
+    ]
+    if client is not None and store is not None:
+        token = uuid.uuid4().hex
+        futures = client.map(
+            _patch_fraction_task,
+            [store] * len(windows),
+            [group] * len(windows),
+            [r for r, _ in windows],
+            [c for _, c in windows],
+            [size] * len(windows),
+            [stride] * len(windows),
+            key=[(f"patches-index-{token}", i) for i in range(len(windows))],
+        )
+        parts = client.gather(futures)  # one number a patch
+    else:
+        parts = [_window_fraction(count, r, c, size, stride) for r, c in windows]
+    out = np.empty((len(rows), len(cols)), dtype="float32")
+    for (r, c), part in zip(windows, parts):
+        i, j = int(r[0]) // stride, int(c[0]) // stride
+        out[i : i + len(r), j : j + len(c)] = part
+    return out
 
-    cs = int(np.gcd.reduce(np.concatenate([y0, x0, [size]]))) or size
-    blocks = da.coarsen(np.sum, valid.data, {0: cs, 1: cs}, trim_excess=True)
-    sums = client.compute(blocks).result() if client is not None else blocks.compute()
+
+def _window_fraction(
+    count: xr.DataArray, rows: np.ndarray, cols: np.ndarray, size: int, stride: int
+) -> np.ndarray:
+    """Count the valid fractions ``(len(rows), len(cols))`` of the patches at ``rows`` x ``cols`` in one window."""
+    from agriland_scale.cube.masks import clear_block_counts
+
+    cs = math.gcd(size, stride)
+    y, x = int(rows[0]), int(cols[0])
+    # the window starts on a patch and spans whole cs cells (offsets step by stride, sides are size)
+    cells = clear_block_counts(count, slice(y, int(rows[-1]) + size), slice(x, int(cols[-1]) + size), cs)
+    ii = np.pad(cells.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     k = size // cs
-    # sums of whole numbers below 2**53: exact in float64, as the per-patch sums were
-    ii = np.pad(np.asarray(sums, dtype="float64").cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    r, c = np.asarray(y0) // cs, np.asarray(x0) // cs
+    r, c = np.meshgrid((rows - y) // cs, (cols - x) // cs, indexing="ij")
     total = ii[r + k, c + k] - ii[r, c + k] - ii[r + k, c] + ii[r, c]
     return (total / size**2).astype("float32")
+
+
+def _patch_fraction_task(
+    store: Any, group: str, rows: np.ndarray, cols: np.ndarray, size: int, stride: int
+) -> np.ndarray:
+    """:func:`_window_fraction` of one window of the stored cube ``group`` (runs on a worker)."""
+    from agriland_scale.store import open_cube
+
+    return _window_fraction(open_cube(store, group, dask=False)["clear_count"], rows, cols, size, stride)
 
 
 def patch_map_transform(cube_transform: Affine, size: int, stride: int) -> Affine:

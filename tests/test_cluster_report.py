@@ -45,7 +45,7 @@ def test_cluster_stats_equal_direct_numpy(cube, index):
     labels = np.full(index.sizes["patch"], -1)
     labels[10] = 0  # one known patch
     labels[[3, 40]] = 1  # two patches, pooled
-    st = cluster_stats(cube, index, labels, 3, batch=2)
+    st = cluster_stats(cube, index, labels, 3, window_bytes=2**20)
     assert st["size"].values.tolist() == [1, 2, 0]
     w10 = _window(cube, index, 10)
     np.testing.assert_allclose(st["ndvi_mean"].sel(cluster=0), _ndvi_pixels(w10, bands).mean(), rtol=1e-10)
@@ -63,6 +63,150 @@ def test_cluster_stats_reject_mismatched_labels(cube, index):
         cluster_stats(cube, index, np.zeros(10, int), 2)
     with pytest.raises(ConfigError, match="k = 2"):
         cluster_stats(cube, index, np.full(index.sizes["patch"], 5), 2)
+
+
+def _old_cluster_stats(cube, index, labels, k, batch=16):
+    """cluster_stats as it was (one loop over the clustered patches, one batch at a time),
+    the reference of the map-reduce: sizes and pixel counts the same, means within rounding."""
+    from agriland_scale.patches import read_windows
+
+    size = int(index.attrs["patch_size"])
+    bands = [str(b) for b in cube["band"].values]
+    i_red, i_nir = bands.index("red"), bands.index("nir")
+    ndvi_sum, ndvi_n = np.zeros(k), np.zeros(k, dtype="int64")
+    band_sum, pix_n = np.zeros((k, len(bands))), np.zeros(k, dtype="int64")
+    sel = np.flatnonzero(labels >= 0)
+    y0, x0 = index["y0"].values, index["x0"].values
+    for start in range(0, len(sel), batch):
+        ids = sel[start : start + batch]
+        win = read_windows(cube["reflectance"], y0[ids], x0[ids], size).astype("float64")
+        for w, c in zip(win, labels[ids]):
+            ok = np.isfinite(w).all(0)
+            band_sum[c] += w[:, ok].sum(1)
+            pix_n[c] += int(ok.sum())
+            red, nir = w[i_red][ok], w[i_nir][ok]
+            den = nir + red
+            good = den != 0
+            ndvi_sum[c] += ((nir[good] - red[good]) / den[good]).sum()
+            ndvi_n[c] += int(good.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (
+            np.bincount(labels[labels >= 0], minlength=k),
+            pix_n,
+            ndvi_sum / ndvi_n,
+            band_sum / pix_n[:, None],
+        )
+
+
+def _random_labels(n, k, seed=5):
+    labels = np.random.default_rng(seed).integers(-1, k - 1, n)  # cluster k - 1 stays empty
+    return labels
+
+
+def test_cluster_stats_map_reduce_equals_the_old_loop(cube, index):
+    """However the patches are split into blocks, the map-reduce gives the sizes
+    and pixel counts of the former single loop exactly, and its means within rounding."""
+    k = 5
+    labels = _random_labels(index.sizes["patch"], k)
+    size, pix, ndvi, refl = _old_cluster_stats(cube, index, labels, k)
+    loaded = cube.load()
+    for window_bytes in (1, 4 * 2**20, 2**30):  # a patch a task, 3 x 3 patches, all
+        st = cluster_stats(loaded, index, labels, k, window_bytes=window_bytes)
+        assert st["size"].values.tolist() == size.tolist()
+        assert st["valid_pixels"].values.tolist() == pix.tolist()
+        np.testing.assert_allclose(st["ndvi_mean"].values, ndvi, rtol=1e-12)
+        np.testing.assert_allclose(st["reflectance_mean"].values, refl, rtol=1e-12)
+        assert np.isnan(st["ndvi_mean"].values[k - 1]) and st["size"].values[k - 1] == 0
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """A local cluster of 2 worker processes (the tasks pickle the store and read it)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
+        with Client(lc) as client:
+            yield client
+
+
+def _prefixes(client):
+    return set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+
+
+def test_cluster_stats_on_the_workers_equal_those_computed_here(cube, cube_store, index, workers):
+    """The workers' map-reduce (clusters-stats-... tasks reading the store) gives the numbers
+    computed in this process for the same split, bit for bit."""
+    k = 4
+    labels = _random_labels(index.sizes["patch"], k, seed=9)
+    here = cluster_stats(cube, index, labels, k, window_bytes=4 * 2**20)
+    there = cluster_stats(cube, index, labels, k, window_bytes=4 * 2**20, client=workers, store=cube_store)
+    xr.testing.assert_identical(here, there)
+    assert "clusters-stats" in _prefixes(workers)
+
+
+@pytest.fixture(scope="module")
+def run_store(cube_store, index, tmp_path_factory):
+    """A run's store in miniature: the cube, patches, clusters and embeddings groups."""
+    import shutil
+
+    import dask
+
+    from agriland_scale.store import write_group
+
+    path = tmp_path_factory.mktemp("run") / "agriland.zarr"
+    shutil.copytree(cube_store, path)
+    n = index.sizes["patch"]
+    labels = _random_labels(n, 3, seed=2).astype("int16")
+    emb = np.random.default_rng(0).random((n, 8)).astype("float32")
+    with dask.config.set(scheduler="synchronous"):
+        write_group(index, str(path), "patches")
+        write_group(xr.Dataset({"labels": ("patch", labels)}), str(path), "clusters")
+        write_group(xr.Dataset({"embedding": (("patch", "dim"), emb)}), str(path), "embeddings")
+    return str(path), labels
+
+
+def test_cluster_products_drawn_on_a_worker_equal_those_drawn_here(run_store, workers, tmp_path):
+    """The report drawn in a task on a worker with a cube too large to load (its statistics
+    and gallery samples then come from tasks it submits, distributed.worker_client) is the
+    report drawn here, byte for byte; the gallery's stretch comes from the shown patches."""
+    from dask.utils import key_split
+    from distributed import get_task_stream
+
+    from agriland_scale.cluster.report import gallery_patches, sample_limits, write_cluster_products
+    from agriland_scale.render import RGB
+    from agriland_scale.store import open_cube
+
+    store, labels = run_store
+    here = write_cluster_products(store, tmp_path / "here", 3, 1)
+    with get_task_stream(workers) as tasks:
+        there = workers.submit(
+            write_cluster_products, store, str(tmp_path / "there"), 3, 1, in_memory_bytes=0, pure=False
+        ).result()
+    assert any(key_split(t["key"]) == "clusters-stats" for t in tasks.data)  # submitted by the task
+    xr.testing.assert_identical(here, there)
+    for name in ("stats.csv", "gallery.png"):
+        a, b = (tmp_path / w / "clusters" / name for w in ("here", "there"))
+        assert a.read_bytes() == b.read_bytes(), name
+    cube = open_cube(store)
+    index = _index_of(store)
+    ids = np.concatenate(list(gallery_patches(labels.astype("int64"), 3, 8, 1).values()))
+    shown = [
+        cube["reflectance"]
+        .sel(band=list(RGB))
+        .isel(y=slice(a, a + 256), x=slice(b, b + 256))
+        .values[:, ::2, ::2]
+        for a, b in zip(index["y0"].values[ids], index["x0"].values[ids])
+    ]
+    lo, hi = sample_limits(shown)
+    pix = np.concatenate([s.reshape(3, -1) for s in shown], axis=1)
+    np.testing.assert_allclose(lo, np.nanpercentile(pix, 2, axis=1))
+    np.testing.assert_allclose(hi, np.nanpercentile(pix, 98, axis=1))
+    lo, hi = sample_limits([np.full((3, 4, 4), np.nan)])  # nothing valid to show
+    assert lo.tolist() == [0, 0, 0] and hi.tolist() == [1, 1, 1]
+
+
+def _index_of(store):
+    return open_product(store, "patches").load()
 
 
 def test_to_rgb8_stretch_and_nodata():

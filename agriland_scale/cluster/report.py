@@ -5,27 +5,33 @@ sample patches (:func:`write_gallery`) and a t-SNE map of the embeddings
 (:func:`write_embedding_map`); :func:`write_cluster_products` writes all three for a run.
 
 Patches are read from the cube through the patch index (``y0``/``x0`` pixel offsets and
-the ``patch_size`` attribute), at most one batch of patches at a time: the report's
-memory does not grow with the region.
+the ``patch_size`` attribute), at most one block of patches at a time: the report's
+memory does not grow with the region. The statistics are a map-reduce over the clustered
+patches (:mod:`.stats`), on the Dask workers for a large cube; the gallery's patches are read
+by the same tasks, and its stretch comes from them (:func:`sample_limits`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from agriland_scale.errors import AgrilandWarning, ConfigError, CorruptInput, EmptyRegion
+from agriland_scale.cluster.stats import check_labels, cluster_stats, stats_and_samples, stats_table
+from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion
 from agriland_scale.files import atomic_path
 from agriland_scale.patches import read_windows
-from agriland_scale.render import RGB, check_bands, figure_png, stretch_limits, to_rgb8
+from agriland_scale.render import RGB, check_bands, figure_png, percentile_limits, to_rgb8
 
 __all__ = [
     "cluster_stats",
+    "gallery_patches",
+    "sample_limits",
     "sample_patches",
     "stats_table",
     "write_cluster_products",
@@ -39,111 +45,9 @@ ROW_INCHES = 1.5  # height of one gallery row
 COL_INCHES = 1.3  # width of one gallery column
 DPI = 100
 # a cube up to this size (decoded float32 reflectance) is read once for the statistics and
-# the gallery instead of a batch of patches at a time (the demo region: 16 MB; a whole
-# Sentinel-2 tile with 4 bands: 1.9 GB, read by batches)
+# the gallery instead of a block of patches at a time (the demo region: 16 MB; a whole
+# Sentinel-2 tile with 4 bands: 1.9 GB, read by blocks on the workers)
 IN_MEMORY_BYTES = 256 * 2**20
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _check_labels(index: xr.Dataset, labels: np.ndarray, k: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.shape != (index.sizes["patch"],):
-        raise CorruptInput(
-            f"{labels.shape[0] if labels.ndim else 0} cluster labels for "
-            f"{index.sizes['patch']} patches: the clusters and patches groups come "
-            "from different runs; rerun the clusters stage"
-        )
-    if labels.size and labels.max() >= k:
-        raise ConfigError(
-            f"cluster labels go up to {int(labels.max())} but k = {k}: pass the run's cluster.k"
-        )
-    return labels.astype("int64")
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def cluster_stats(
-    cube: xr.Dataset, index: xr.Dataset, labels: np.ndarray, k: int, *, batch: int = 16
-) -> xr.Dataset:
-    """Per-cluster statistics ``(cluster)`` computed from the cube's pixels.
-
-    Parameters
-    ----------
-    cube : Dataset with ``reflectance (band, y, x)`` float32 (bands include ``red``, ``nir``).
-    index : the patch index (``y0``, ``x0``, attribute ``patch_size``), dims ``patch``.
-    labels : ``(patch,)`` int cluster of each patch; -1 = not clustered (ignored).
-    k : number of clusters (clusters without patches get size 0 and NaN means).
-    batch : patches read at a time (memory ≈ batch × bands × size² × 4 bytes).
-
-    Returns
-    -------
-    Dataset with ``size`` (patches, int64), ``valid_pixels`` (int64), ``ndvi_mean``
-    (``(nir - red) / (nir + red)``, float64) and ``reflectance_mean (cluster, band)``
-    (unitless). Means are over the valid pixels (every band finite) of the cluster's
-    patches; a pixel in two overlapping patches of a cluster counts twice.
-    """
-    check_bands(cube, ("red", "nir"))
-    labels = _check_labels(index, labels, k)
-    size = int(index.attrs["patch_size"])
-    bands = [str(b) for b in cube["band"].values]
-    i_red, i_nir = bands.index("red"), bands.index("nir")
-    n_patches = np.bincount(labels[labels >= 0], minlength=k)[:k].astype("int64")
-    ndvi_sum, ndvi_n = np.zeros(k), np.zeros(k, dtype="int64")
-    band_sum, pix_n = np.zeros((k, len(bands))), np.zeros(k, dtype="int64")
-    sel = np.flatnonzero(labels >= 0)
-    y0, x0 = index["y0"].values, index["x0"].values
-    for start in range(0, len(sel), batch):
-        ids = sel[start : start + batch]
-        win = read_windows(cube["reflectance"], y0[ids], x0[ids], size).astype("float64")
-        for w, c in zip(win, labels[ids]):
-            ok = np.isfinite(w).all(0)
-            band_sum[c] += w[:, ok].sum(1)
-            pix_n[c] += int(ok.sum())
-            red, nir = w[i_red][ok], w[i_nir][ok]
-            den = nir + red
-            good = den != 0
-            ndvi_sum[c] += ((nir[good] - red[good]) / den[good]).sum()
-            ndvi_n[c] += int(good.sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ndvi = np.where(ndvi_n > 0, ndvi_sum / np.maximum(ndvi_n, 1), np.nan)
-        refl = np.where(pix_n[:, None] > 0, band_sum / np.maximum(pix_n, 1)[:, None], np.nan)
-    ds = xr.Dataset(
-        {
-            "size": ("cluster", n_patches),
-            "valid_pixels": ("cluster", pix_n),
-            "ndvi_mean": ("cluster", ndvi),
-            "reflectance_mean": (("cluster", "band"), refl),
-        },
-        coords={"cluster": np.arange(k), "band": np.array(bands, dtype=object)},
-    )
-    ds["size"].attrs.update(units="patches", long_name="patches in the cluster")
-    ds["valid_pixels"].attrs.update(
-        units="pixels", long_name="valid pixels summed over the cluster's patches"
-    )
-    ds["ndvi_mean"].attrs.update(units="1", long_name="mean NDVI (nir - red) / (nir + red)")
-    ds["reflectance_mean"].attrs.update(units="1", long_name="mean reflectance")
-    ds.attrs.update(patch_size=size)
-    return ds
-
-
-def stats_table(stats: xr.Dataset) -> Any:
-    """``stats`` as a pandas DataFrame: one row a cluster, ``<band>_mean`` columns."""
-    import pandas as pd
-
-    df = pd.DataFrame(
-        {
-            "cluster": stats["cluster"].values,
-            "size": stats["size"].values,
-            "valid_pixels": stats["valid_pixels"].values,
-            "ndvi_mean": stats["ndvi_mean"].values,
-        }
-    )
-    for j, b in enumerate(stats["band"].values):
-        df[f"{b}_mean"] = stats["reflectance_mean"].values[:, j]
-    return df
 
 
 # ---------------------------------------------------------------------------- figures
@@ -177,6 +81,35 @@ def sample_patches(labels: np.ndarray, cluster: int, n: int, seed: int) -> np.nd
     return np.sort(rng.choice(members, size=n, replace=False))
 
 
+def _cells(size: int) -> tuple[int, int, int]:
+    """Return the gallery's ``(step, side, gap)``: pixels kept, cell side and gap for ``size`` px patches.
+
+    Each row is one image (its patches side by side, a white gap between them), reduced to
+    about the size it is shown at: one Axes a row, not one a patch (6 x faster to draw).
+    """
+    cell = max(1, round(min(COL_INCHES * DPI, ROW_INCHES * DPI) * 0.85))
+    step = max(1, size // cell)
+    side = -(-size // step)
+    return step, side, max(1, side // 16)
+
+
+def gallery_patches(labels: np.ndarray, k: int, per_cluster: int, seed: int) -> dict[int, np.ndarray]:
+    """Return the patches the gallery shows: ``{cluster: positions}`` (:func:`sample_patches`)."""
+    return {c: sample_patches(labels, c, per_cluster, seed) for c in range(k)}
+
+
+def sample_limits(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the 2–98 % stretch per band of RGB ``samples`` (each ``(3, h, w)``), as :func:`stretch_limits` does.
+
+    Without a valid pixel among them (nothing but no data to show) the stretch is [0, 1].
+    """
+    if samples:
+        pixels = np.concatenate([s.reshape(len(RGB), -1) for s in samples], axis=1)
+        if np.isfinite(pixels).any(1).all():
+            return percentile_limits(pixels, RGB)
+    return np.zeros(len(RGB)), np.ones(len(RGB))
+
+
 def write_gallery(
     cube: xr.Dataset,
     index: xr.Dataset,
@@ -188,39 +121,52 @@ def write_gallery(
     seed: int = 0,
     stats: xr.Dataset | None = None,
     limits: tuple[np.ndarray, np.ndarray] | None = None,
+    samples: dict[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """PNG grid of sample patches: one row a cluster (``k`` rows), ``per_cluster`` columns.
 
     Each row is titled with the cluster id, its size in patches and its mean NDVI; patches
-    are shown as RGB with one 2–98 % stretch a band for the whole region (so clusters compare).
-    ``stats`` (from :func:`cluster_stats`) and ``limits`` are computed when not given.
+    are shown as RGB with one 2–98 % stretch a band for the whole gallery (so clusters
+    compare). ``stats`` (from :func:`cluster_stats`) and ``limits`` are computed when not
+    given; ``samples`` (``{patch: (3, side, side)}`` RGB windows, every ``step``-th pixel, as
+    :func:`write_cluster_products` gets them from the statistics' tasks) are read when not
+    given, and then only the shown patches are read.
+
+    The stretch is the percentiles of the shown patches' pixels (:func:`sample_limits`).
+    It was those of a regular subsample of the whole cube (``render.stretch_limits``), whose
+    every chunk had to be decoded: minutes of reads at region scale for a picture of
+    ``k × per_cluster`` patches. The pixels drawn are a bounded sample of the clusters (up to
+    a million pixels, what ``stretch_limits`` took), and the stretch fits what is shown.
 
     Returns ``{"path", "rows", "cols", "width_px", "height_px", "patches"}``, ``patches``
     mapping each cluster to the patch positions shown. The image is exactly
     ``rows × 150`` px high.
     """
-    labels = _check_labels(index, labels, k)
+    labels = check_labels(index, labels, k)
     if per_cluster < 1:
         raise ConfigError(f"per_cluster must be at least 1, got {per_cluster}")
     check_bands(cube, RGB)
-    stats = cluster_stats(cube, index, labels, k) if stats is None else stats
-    lo, hi = stretch_limits(cube) if limits is None else limits
     size = int(index.attrs["patch_size"])
-    rgb = cube["reflectance"].sel(band=list(RGB))
-    y0, x0 = index["y0"].values, index["x0"].values
+    step, side, gap = _cells(size)
+    ids = gallery_patches(labels, k, per_cluster, seed)
+    if stats is None:  # one pass: the statistics' tasks read the shown patches too
+        stats, samples = stats_and_samples(
+            cube, index, labels, k, shown=np.concatenate(list(ids.values())), step=step
+        )
+    elif samples is None:
+        rgb = cube["reflectance"].sel(band=list(RGB))
+        y0, x0 = index["y0"].values, index["x0"].values
+        samples = {}
+        for c in range(k):  # one row of patches in memory
+            win = read_windows(rgb, y0[ids[c]], x0[ids[c]], size)
+            samples.update({int(i): w[:, ::step, ::step] for i, w in zip(ids[c], win)})
+    lo, hi = sample_limits([samples[int(i)] for c in range(k) for i in ids[c]]) if limits is None else limits
     plt = _pyplot()
     fig = plt.figure(figsize=(per_cluster * COL_INCHES, k * ROW_INCHES), dpi=DPI)
     rows = fig.subfigures(k, 1, squeeze=False)[:, 0]
-    # one image a row (the row's patches side by side, a white gap between them), reduced to
-    # about the size it is shown at: one Axes a row, not one a patch (6 x faster to draw)
-    cell = max(1, round(min(COL_INCHES * DPI, ROW_INCHES * DPI) * 0.85))
-    step = max(1, size // cell)
-    side = -(-size // step)
-    gap = max(1, side // 16)
     shown: dict[int, list[int]] = {}
     for c, sub in enumerate(rows):
-        ids = sample_patches(labels, c, per_cluster, seed)
-        shown[c] = ids.tolist()
+        shown[c] = ids[c].tolist()
         ndvi = float(stats["ndvi_mean"].values[c])
         sub.suptitle(
             f"cluster {c}: {int(stats['size'].values[c])} patches, mean NDVI "
@@ -230,11 +176,10 @@ def write_gallery(
         ax = sub.add_axes((0.01, 0.02, 0.98, 0.8))
         ax.set_axis_off()
         strip = np.full((side, per_cluster * (side + gap) - gap, 3), 255, dtype="uint8")
-        win = read_windows(rgb, y0[ids], x0[ids], size)  # one row of patches in memory
-        for j in range(len(ids)):
+        for j, i in enumerate(shown[c]):
             x = j * (side + gap)
-            strip[:, x : x + side] = to_rgb8(win[j][:, ::step, ::step], lo, hi)
-            ax.text(x + 2, 2, str(int(index["patch"].values[ids[j]])), fontsize=6, color="w", va="top")
+            strip[:, x : x + side] = to_rgb8(samples[i], lo, hi)
+            ax.text(x + 2, 2, str(int(index["patch"].values[i])), fontsize=6, color="w", va="top")
         ax.imshow(strip, interpolation="nearest", aspect="equal")
     path = Path(path)
     _save(fig, path)
@@ -308,6 +253,19 @@ def write_embedding_map(
 # ---------------------------------------------------------------------------- run products
 
 
+def _cluster_client(client: Any) -> Any:
+    """Context giving ``client``, else the worker's own client inside a task, else None."""
+    if client is not None:
+        return nullcontext(client)
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):  # not in a task on a worker
+        return nullcontext(None)
+    return worker_client()
+
+
 def write_cluster_products(
     store: str | Path,
     out_dir: str | Path,
@@ -317,6 +275,8 @@ def write_cluster_products(
     per_cluster: int = 8,
     max_points: int = 10_000,
     zone: str = "",
+    client: Any = None,
+    in_memory_bytes: int = IN_MEMORY_BYTES,
 ) -> xr.Dataset:
     """Write ``OUT/clusters/{gallery.png, embedding_map.png, stats.csv}`` for a run's store.
 
@@ -324,22 +284,44 @@ def write_cluster_products(
     (``OUT/agriland.zarr``); with ``zone`` (multi-zone runs) the groups ``ZONE/cube`` ...
     and the folder ``OUT/clusters/ZONE/``. Files are replaced atomically, so rerunning gives the same
     files (idempotent). Returns the :func:`cluster_stats` dataset.
+
+    The statistics and the gallery's patches come from one pass over the clustered patches
+    (:func:`cluster_stats`): a cube of at most ``in_memory_bytes`` is read once, here;
+    a larger one by the workers of ``client`` in parallel, a bounded block of patches a task,
+    or, called in a task on a worker (the publish stage draws the report so), by tasks that
+    task submits through ``distributed.worker_client``. Without a client and outside a
+    worker, this process reads the patches, one block at a time.
     """
     from agriland_scale.store import open_cube, open_product
 
     pre = f"{zone}/" if zone else ""
     cube = open_cube(store, pre + "cube")
-    if cube["reflectance"].nbytes <= IN_MEMORY_BYTES:  # one read, not one a batch of patches
+    small = cube["reflectance"].nbytes <= in_memory_bytes
+    if small:  # one read, not one a block of patches
         cube = cube.load()
     index = open_product(store, pre + "patches").load()
     labels = open_product(store, pre + "clusters")["labels"].values
     out = Path(out_dir) / "clusters" / zone
     out.mkdir(parents=True, exist_ok=True)
-    stats = cluster_stats(cube, index, labels, k)
+    ids = gallery_patches(check_labels(index, labels, k), k, per_cluster, seed)
+    shown = np.concatenate(list(ids.values()))
+    step = _cells(int(index.attrs["patch_size"]))[0]
+    with nullcontext(None) if small else _cluster_client(client) as workers:
+        stats, samples = stats_and_samples(
+            cube, index, labels, k, client=workers, store=store, group=pre + "cube", shown=shown, step=step
+        )
     with atomic_path(out / "stats.csv") as tmp:
         stats_table(stats).to_csv(tmp, index=False, float_format="%.6g")
     write_gallery(
-        cube, index, labels, k, out / "gallery.png", per_cluster=per_cluster, seed=seed, stats=stats
+        cube,
+        index,
+        labels,
+        k,
+        out / "gallery.png",
+        per_cluster=per_cluster,
+        seed=seed,
+        stats=stats,
+        samples=samples,
     )
     rows = np.flatnonzero(labels >= 0)
     if len(rows) > max_points:  # read only the embeddings that are mapped
