@@ -43,6 +43,7 @@ __all__ = [
     "EmbedConfig",
     "OutputConfig",
     "PatchConfig",
+    "PublishConfig",
     "RunConfig",
     "RuntimeConfig",
     "SearchConfig",
@@ -358,6 +359,24 @@ class SegmentConfig(_Model):
         return self
 
 
+class PublishConfig(_Model):
+    """How the publish stage lays out its files at region scale.
+
+    ``tile_px``: a raster product larger than this many pixels a side leaves as one COG per
+    output tile of the zone's fixed grid (``tile_px`` a side, from the raster's top-left
+    corner; a multiple of the COGs' 512 px blocks) with a GDAL VRT over them
+    (``cog/[ZONE_]NAME.vrt``, tiles in ``cog/[ZONE_]NAME/``) and a STAC item per tile; a
+    smaller one stays one COG (``cog/[ZONE_]NAME.tif``). ``vector_max_pixels``: the largest
+    mask (pixels, of one zone) vectorised into field polygons (``segment.vectorize``): the
+    workers vectorise it block by block, but every polygon goes through the client into one
+    GeoParquet file, so a larger zone is refused with a warning and no file (about two full
+    Sentinel-2 tiles by default).
+    """
+
+    tile_px: int = Field(default=4096, ge=512, multiple_of=512)
+    vector_max_pixels: int = Field(default=250_000_000, ge=1)
+
+
 class RuntimeConfig(_Model):
     """Dask runtime: a LocalCluster by default, or an existing scheduler's address.
 
@@ -365,7 +384,11 @@ class RuntimeConfig(_Model):
     interface by default (reach a remote one with ``ssh -L 8787:127.0.0.1:8787 HOST``);
     ``":8787"`` opens it to the network on purpose. ``commit_every_s``: seconds between
     commits of finished blocks to the product store (what a kill can lose at most; 0 commits
-    every block, which costs a commit each). ``inference_precision``: the compute dtype of
+    every block, which costs a commit each). ``block_px``: the side of the square blocks
+    raster products are written in (px; the unit a resumed run redoes, a few tens of MB of
+    cube at 2048, whatever the region's width); ``wave_tasks``: the most tasks handed to the
+    scheduler at a time beyond the blocks running (about 10 KB of scheduler memory each).
+    ``inference_precision``: the compute dtype of
     the model stages' predictions (weights and outputs stay float32; training is always
     float32). ``auto``: the U-Net in bfloat16 when every worker's CPU has bfloat16
     instructions (AVX512-BF16 or AMX: 1.7x the float32 speed; on the demo the probabilities
@@ -382,6 +405,8 @@ class RuntimeConfig(_Model):
     memory_limit: str = "12GiB"
     dashboard_address: str = "127.0.0.1:8787"
     commit_every_s: float = Field(default=5.0, ge=0)
+    block_px: int = Field(default=2048, ge=64)
+    wave_tasks: int = Field(default=20_000, ge=100)
     inference_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("scheduler")
@@ -415,6 +440,7 @@ class RunConfig(_Model):
     embed: EmbedConfig = EmbedConfig()
     cluster: ClusterConfig = ClusterConfig()
     segment: SegmentConfig = SegmentConfig()
+    publish: PublishConfig = PublishConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     output: OutputConfig = OutputConfig()
 

@@ -41,7 +41,7 @@ import xarray as xr
 import zarr
 
 from agriland_scale.errors import RunLocked
-from agriland_scale.pipeline.blocks import BlockGrid, Part, Waves, signature
+from agriland_scale.pipeline.blocks import BlockGrid, Part, Waves, signature, template
 from agriland_scale.store import has_group, main_version, open_repo, store_location, with_checksums
 
 __all__ = ["WIP", "WAVE_TASKS", "Products"]
@@ -301,6 +301,8 @@ class Products:
         complete. Returns :meth:`write_blocks`'s statistics per group (``tasks``, ``waves``,
         ``plan_s`` and ``commits`` are those of the whole write).
         """
+        if not products:
+            return {}
         dims = (dims,) if isinstance(dims, str) else tuple(dims)
         parts: list[Part] = []
         offset = 0
@@ -322,7 +324,7 @@ class Products:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
                 for p in parts:
-                    p.ds.to_zarr(
+                    template(p.ds).to_zarr(
                         session.store,
                         group=p.group,
                         mode="w",

@@ -36,16 +36,13 @@ from agriland_scale.models.segment import choose_inference_window, segment_regio
 from agriland_scale.models.train import train_cae, train_unet
 from agriland_scale.models.windows import training_windows
 from agriland_scale.patches import patch_index
+from agriland_scale.pipeline.blocks import BlockGrid
 from agriland_scale.pipeline.context import RunContext
 from agriland_scale.pipeline.runtime import MAIN_WORKER
-from agriland_scale.publish.cog import (
-    MASK_COLORMAP,
-    mosaic_zones,
-    write_cluster_cog,
-    write_cog,
-)
+from agriland_scale.publish.cog import PRODUCT_VARIABLES, mosaic_zones, write_cog
 from agriland_scale.publish.figures import quicklooks
 from agriland_scale.publish.stac import write_stac
+from agriland_scale.publish.tiles import CogJob, cog_jobs, write_vrt, write_window
 from agriland_scale.publish.vector import write_fields
 from agriland_scale.search.items import acquired, normalize_items
 from agriland_scale.search.stac import api_url, region_of, search_items
@@ -157,20 +154,22 @@ def cube_stage(ctx: RunContext) -> None:
                 rec["cube_computed_by"] = (
                     "the cluster" if workers is None else f"{MAIN_WORKER} (the workers loaded models)"
                 )
-                for epsg, cube in cubes.items():
-                    name = zone_name(epsg)
-                    prefix = f"{name}/" if multi else ""
-                    reused[name] = ctx.products.pending_blocks(prefix + "cube")
-                    written[name] = ctx.products.write_blocks(
-                        cube,
-                        prefix + "cube",
-                        "y",
-                        ctx.client,
-                        settings=ctx.settings("cube"),
-                        label=f"cube {name}",
-                        progress=ctx.progress,
-                        workers=workers,
-                    )
+                groups = {zone_name(e): (f"{zone_name(e)}/" if multi else "") + "cube" for e in cubes}
+                for name, group in groups.items():
+                    reused[name] = ctx.products.pending_blocks(group)
+                # the zones together: their blocks share the cluster (Products.write_together)
+                stats = ctx.products.write_together(
+                    [(cube, groups[zone_name(e)], f"cube {zone_name(e)}") for e, cube in cubes.items()],
+                    ("y", "x"),
+                    ctx.client,
+                    block=cfg.runtime.block_px,
+                    max_tasks=cfg.runtime.wave_tasks,
+                    settings=ctx.settings("cube"),
+                    progress=ctx.progress,
+                    workers=workers,
+                )
+                for name, group in groups.items():
+                    written[name] = stats[group]
                     if not written[name]["reused"]:
                         reused[name] = set()
         finally:  # also when a block fails: the next attempt keeps the records of the blocks it reuses
@@ -178,7 +177,15 @@ def cube_stage(ctx: RunContext) -> None:
                 name = zone_name(epsg)
                 if name not in reused:
                     reused[name] = ctx.products.pending_blocks((f"{name}/" if multi else "") + "cube")
-            parts = skipped.records({zone_name(e): c for e, c in cubes.items()}, reused, earlier)
+            grids = {
+                zone_name(e): BlockGrid.of(c, ("y", "x"), cfg.runtime.block_px) for e, c in cubes.items()
+            }
+            parts = skipped.records(
+                {zone_name(e): c for e, c in cubes.items()},
+                reused,
+                earlier,
+                block_of=lambda zone, row, col: grids[zone].block_at(row, col),
+            )
             inputs["skipped_assets"] = bad + parts
             for part in parts:
                 ctx.say(f"cube: {describe_skipped(part)}")
@@ -186,10 +193,13 @@ def cube_stage(ctx: RunContext) -> None:
         name = zone_name(epsg)
         prefix = f"{name}/" if multi else ""
         stats = written[name]
-        # opened without dask: the clear counts are read here, with no task graph (a few MB of
-        # counts cost less than the cluster's round trips); the rest is metadata
+        # opened without dask: a small cube's clear counts are read here, with no task graph (a
+        # few MB of counts cost less than the cluster's round trips); a region's are counted by
+        # the workers, a window a task, and only the counts come back; the rest is metadata
         cube = open_cube(ctx.store, prefix + "cube", dask=False)
-        chunks = chunk_valid_fraction(cube, cfg.cube.chunk)
+        chunks = chunk_valid_fraction(
+            cube, cfg.cube.chunk, client=ctx.client, store=ctx.store, group=prefix + "cube"
+        )
         info = {
             "epsg": epsg,
             "prefix": prefix,
@@ -245,7 +255,11 @@ def patches_stage(ctx: RunContext) -> None:
     p = ctx.cfg.patches
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
-        index = patch_index(cube, p.size, p.stride, client=ctx.client)  # counted by the workers
+        # counted by the workers (patches-index-... tasks, a window of patches each, reading
+        # the store): only one number a patch comes back
+        index = patch_index(
+            cube, p.size, p.stride, client=ctx.client, store=ctx.store, group=z["prefix"] + "cube"
+        )
         ctx.products.write(index, z["prefix"] + "patches")
         valid = index["valid_fraction"].values >= p.min_valid_fraction
         z["patches"] = {
@@ -317,6 +331,7 @@ def cae_stage(ctx: RunContext) -> None:
 
 def embeddings_stage(ctx: RunContext) -> None:
     e, p = ctx.cfg.embed, ctx.cfg.patches
+    todo = []
     for name, z in ctx.zones().items():
         index, _ = _index(ctx, z)
         emb = embed_patches(
@@ -334,16 +349,17 @@ def embeddings_stage(ctx: RunContext) -> None:
         emb["embedding"].attrs["model"] = run_relative(
             ctx.record["cae"]["encoder_path"], ctx.out, ctx.location
         )
-        stats = ctx.products.write_blocks(
-            emb,
-            z["prefix"] + "embeddings",
-            "patch",
-            ctx.client,
-            settings=ctx.settings("embeddings"),
-            label=f"embeddings {name}",
-            progress=ctx.progress,
-        )
-        z["embeddings_blocks"] = stats
+        todo.append((emb, z["prefix"] + "embeddings", f"embeddings {name}"))
+    stats = ctx.products.write_together(
+        todo,
+        "patch",
+        ctx.client,
+        max_tasks=ctx.cfg.runtime.wave_tasks,
+        settings=ctx.settings("embeddings"),
+        progress=ctx.progress,
+    )
+    for z in ctx.zones().values():
+        z["embeddings_blocks"] = stats[z["prefix"] + "embeddings"]
 
 
 def clusters_stage(ctx: RunContext) -> None:
@@ -483,6 +499,7 @@ def unet_stage(ctx: RunContext) -> None:
 def segmentation_stage(ctx: RunContext) -> None:
     s = ctx.cfg.segment
     labels = _labels(ctx) if s.labels else {}
+    todo = []
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
         seg = segment_region(
@@ -495,6 +512,8 @@ def segmentation_stage(ctx: RunContext) -> None:
             reflectance_max=s.reflectance_max,
             threshold=s.threshold,
             batch_size=s.batch_size,
+            # output chunks of 1024 px, or of the write block when that is smaller
+            block=min(1024, ctx.cfg.runtime.block_px),
             resources=ctx.res,
             group=z["prefix"] + "cube",
             inference_window=s.inference_window,
@@ -510,17 +529,18 @@ def segmentation_stage(ctx: RunContext) -> None:
             seg["training_label"] = labels[name].chunk(chunks)
             seg["training_label"].encoding.update(_FillValue=None)
             seg["training_label"].attrs.update(long_name="U-Net training label")
-        seg = write_georef(seg, cube.rio.crs)
-        stats = ctx.products.write_blocks(
-            seg,
-            z["prefix"] + "segmentation",
-            "y",
-            ctx.client,
-            settings=ctx.settings("segmentation"),
-            label=f"segmentation {name}",
-            progress=ctx.progress,
-        )
-        z["segmentation_blocks"] = stats
+        todo.append((write_georef(seg, cube.rio.crs), z["prefix"] + "segmentation", f"segmentation {name}"))
+    stats = ctx.products.write_together(
+        todo,
+        ("y", "x"),
+        ctx.client,
+        block=ctx.cfg.runtime.block_px,
+        max_tasks=ctx.cfg.runtime.wave_tasks,
+        settings=ctx.settings("segmentation"),
+        progress=ctx.progress,
+    )
+    for z in ctx.zones().values():
+        z["segmentation_blocks"] = stats[z["prefix"] + "segmentation"]
 
 
 def _files_task(draw: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, bytes]:
@@ -544,40 +564,85 @@ def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str)
     write_cluster_products(store, out_dir, k, seed, zone=zone)
 
 
-def _write_cogs(cogs: Path, products: dict[str, tuple[xr.Dataset, xr.Dataset]], k: int, multi: bool) -> None:
-    """Write each zone's cluster map (``k`` clusters), probability and mask COGs into ``cogs``.
+def _write_cogs(ctx: RunContext, k: int, multi: bool) -> Callable[[], list[str]]:
+    """Submit every zone's cluster map (``k`` clusters), probability and mask COGs to the workers.
 
-    ``products``: zone -> (clusters, segmentation); with ``multi``, file names start with the zone.
+    One task a COG (``publish-cog-PRODUCT-...``, :func:`~agriland_scale.publish.tiles.write_window`
+    in :func:`_files_task`): a product that fits one output tile (``publish.tile_px``) is one
+    COG, a larger one one COG a tile of the zone's grid. Returns the wait: it writes each
+    COG into ``OUT/cog`` as its task finishes (progress ``publish COGs``), then a VRT per
+    tiled product, and returns the files of ``OUT/cog`` it wrote (relative to OUT). With
+    ``multi``, file names start with the zone. Files of an earlier layout of the same
+    product (one COG, or tiles of another size) are removed.
     """
-    for name, (cl, seg) in products.items():
+    from uuid import uuid4
+
+    from distributed import as_completed
+
+    tile_px, out, cogs = ctx.cfg.publish.tile_px, ctx.out, ctx.out / COG_DIR
+    jobs: list[CogJob] = []
+    for name, z in ctx.zones().items():
         tag = f"{name}_" if multi else ""
-        write_cluster_cog(cl["cluster_map"], cogs / f"{tag}cluster_map.tif", k=k)
-        write_cog(
-            seg["probability"],
-            cogs / f"{tag}probability.tif",
-            nodata=255,
-            scale=1 / 254,
-            description="agricultural land probability",
-            units="1",
-        )
-        write_cog(
-            seg["mask"].fillna(255).astype("uint8"),
-            cogs / f"{tag}mask.tif",
-            nodata=255,
-            description="agricultural land mask",
-            colormap=MASK_COLORMAP,
-        )
+        for product, (group, var) in PRODUCT_VARIABLES.items():
+            h, w = open_product(ctx.store, z["prefix"] + group)[var].shape  # metadata only
+            jobs += cog_jobs(tag + product, product, z["prefix"] + group, h, w, tile_px)
+    for stem in {j.stem for j in jobs}:  # another layout of the same product, from an earlier publish
+        mine = {out / j.rel for j in jobs if j.stem == stem}
+        old = [cogs / f"{stem}.tif", cogs / f"{stem}.vrt", *(cogs / stem).glob(f"{stem}_r*_c*.tif")]
+        for f in old:
+            if f not in mine:
+                f.unlink(missing_ok=True)
+        if (cogs / stem).is_dir() and not any((cogs / stem).iterdir()):
+            (cogs / stem).rmdir()
+    run = uuid4().hex[:8]
+    futures = {
+        ctx.client.submit(
+            _files_task,
+            write_window,
+            ctx.store,
+            j.group,
+            j.product,
+            k,
+            None if j.tile is None else (j.tile.y0, j.tile.y1, j.tile.x0, j.tile.x1),
+            j.rel,
+            key=f"publish-cog-{j.product.replace('_', '-')}-{run}{i:06x}",
+            pure=False,
+        ): j
+        for i, j in enumerate(jobs)
+    }
+
+    def wait() -> list[str]:
+        written = []
+        ctx.progress("publish COGs", 0, len(futures))
+        for done, fut in enumerate(as_completed(futures), 1):
+            for rel, data in fut.result().items():  # a failed COG fails the stage, with its own error
+                with atomic_path(out / rel) as tmp:
+                    tmp.write_bytes(data)
+                written.append(rel)
+            fut.release()
+            ctx.progress("publish COGs", done, len(futures))
+        for stem in sorted({j.stem for j in jobs if j.tile is not None}):
+            tiles = [(j.rel.split("/", 1)[1], j.tile) for j in jobs if j.stem == stem and j.tile]
+            write_vrt(cogs / f"{stem}.vrt", tiles)
+            written.append(f"{COG_DIR}/{stem}.vrt")
+            ctx.say(f"publish: {stem} in {len(tiles)} tiles of {tile_px} px, cog/{stem}.vrt over them")
+        return written
+
+    return wait
 
 
 def publish_stage(ctx: RunContext) -> None:
     """Write the COGs, quicklooks, cluster report, field polygons, mosaic and STAC of the run.
 
-    Three things run at once: the cluster pictures (gallery, t-SNE map: matplotlib) are drawn
-    by tasks on the workers; the COGs are written by a thread of this process (GDAL compresses
-    outside the GIL); and this thread draws the report's maps of the products
-    (:attr:`.RunContext.report_figures`), whose first three make the quicklook.
+    The workers do the work, in parallel: the cluster pictures (gallery, t-SNE map:
+    matplotlib), the COGs (one task a COG or output tile, :func:`_write_cogs`), the overviews
+    the report's maps are drawn from (:attr:`.RunContext.report_figures`, whose first three
+    make the quicklook) and the field polygons, block by block; this process draws the maps
+    from the overviews and writes the files as they come back (workers may share no
+    filesystem with it).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+    from uuid import uuid4
 
     cfg, out, store = ctx.cfg, ctx.out, ctx.store
     zones = ctx.zones()
@@ -591,32 +656,43 @@ def publish_stage(ctx: RunContext) -> None:
             cfg.cluster.k,
             cfg.seed,
             zone=name if multi else "",
+            key=f"publish-pictures-{uuid4().hex}",
             pure=False,
         )
         for name in zones
     ]
-    groups, seg_by_zone, products = [], {}, {}
+    groups, seg_by_zone = [], {}
     for name, z in zones.items():
         pre = z["prefix"]
         seg_by_zone[name] = open_product(store, pre + "segmentation")
-        products[name] = (open_product(store, pre + "clusters"), seg_by_zone[name])
         groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
-    with ThreadPoolExecutor(1, thread_name_prefix="agriland-cogs") as pool:
-        written = pool.submit(_write_cogs, cogs, products, cfg.cluster.k, multi)
-        for name, z in zones.items():
-            ctx.report_figures[z["prefix"]] = quicklooks(
-                out, z["prefix"], quicklook=out / f"quicklook{'_' + name if multi else ''}.png"
-            )
-        written.result()  # a failed COG fails the stage, with its own error
+    written = _write_cogs(ctx, cfg.cluster.k, multi)
+    for i, (name, z) in enumerate(zones.items()):
+        ctx.progress("publish maps", i, len(zones))
+        ctx.report_figures[z["prefix"]] = quicklooks(
+            store,
+            z["prefix"],
+            quicklook=out / f"quicklook{'_' + name if multi else ''}.png",
+            client=ctx.client,
+        )
+    ctx.progress("publish maps", len(zones), len(zones))
+    cog_files = written()
     if cfg.segment.vectorize:
         for name, seg in seg_by_zone.items():
             tag = f"{name}_" if multi else ""
-            n = write_fields(
+            n = write_fields(  # None: refused (an AgrilandWarning), the mask is too large
                 seg["mask"],
                 out / "vector" / f"{tag}fields.parquet",
                 min_area_m2=cfg.segment.min_field_area_m2,
+                max_pixels=cfg.publish.vector_max_pixels,
+                client=ctx.client,
+                progress=partial(ctx.progress, f"publish fields {name}"),
             )
-            ctx.record.setdefault("vector", {})[name] = {"path": f"vector/{tag}fields.parquet", "polygons": n}
+            ctx.record.setdefault("vector", {})[name] = (
+                {"path": f"vector/{tag}fields.parquet", "polygons": n}
+                if n is not None
+                else {"refused": f"{seg['mask'].size:,} pixels > publish.vector_max_pixels"}
+            )
     if cfg.cube.mosaic_crs:
         mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
         ctx.products.write(mosaic, "mosaic")
@@ -636,7 +712,9 @@ def publish_stage(ctx: RunContext) -> None:
     ctx.record["products"] = {
         "zarr": ctx.products.location,
         "groups": groups,
-        "cogs": sorted(ctx.where(f"{COG_DIR}/{x.name}") for x in cogs.glob("*.tif")),
+        # one file a product and zone: its COG, or the VRT over its tiles (cog/NAME/NAME_rRRR_cCCC.tif)
+        "cogs": sorted(ctx.where(f"{COG_DIR}/{x.name}") for x in [*cogs.glob("*.tif"), *cogs.glob("*.vrt")]),
+        "cog_tiles": sum(1 for rel in cog_files if "/" in rel[len(COG_DIR) + 1 :]),
         "report": ctx.where("report.html"),
         "stac": ctx.where("stac/collection.json"),
     }

@@ -14,7 +14,15 @@ from agriland_scale.errors import ConfigError
 from agriland_scale.files import TMP_SUFFIX, atomic_path
 from agriland_scale.store import write_georef
 
-__all__ = ["MASK_COLORMAP", "cluster_colormap", "mosaic_zones", "write_cluster_cog", "write_cog"]
+__all__ = [
+    "MASK_COLORMAP",
+    "PRODUCT_VARIABLES",
+    "cluster_colormap",
+    "mosaic_zones",
+    "write_cluster_cog",
+    "write_cog",
+    "write_product_cog",
+]
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +252,38 @@ def write_cluster_cog(da: xr.DataArray, path: str | Path, *, k: int) -> None:
         description="DEC cluster id",
         colormap=cluster_colormap(k, nodata),
     )
+
+
+# COG product (file stem without the zone tag) -> (Zarr group, variable) it is written from
+PRODUCT_VARIABLES = {
+    "cluster_map": ("clusters", "cluster_map"),
+    "probability": ("segmentation", "probability"),
+    "mask": ("segmentation", "mask"),
+}
+
+
+def write_product_cog(da: xr.DataArray, path: str | Path, product: str, *, k: int) -> None:
+    """Write one of the run's COG products (a whole raster or a window of it) as publish does.
+
+    ``product`` is a key of :data:`PRODUCT_VARIABLES`: ``cluster_map`` (paletted ids,
+    :func:`write_cluster_cog` with ``k`` clusters), ``probability`` (uint8 scaled by 1/254,
+    nodata 255) or ``mask`` (uint8 0/1, nodata 255, :data:`MASK_COLORMAP`). Every tile of a
+    tiled product gets the same dtype, nodata, scale, colour table, description and unit.
+    """
+    if product == "cluster_map":
+        write_cluster_cog(da, path, k=k)
+    elif product == "probability":
+        write_cog(da, path, nodata=255, scale=1 / 254, description="agricultural land probability", units="1")
+    elif product == "mask":
+        write_cog(
+            da.fillna(255).astype("uint8"),
+            path,
+            nodata=255,
+            description="agricultural land mask",
+            colormap=MASK_COLORMAP,
+        )
+    else:
+        raise ValueError(f"unknown COG product {product!r}: one of {', '.join(PRODUCT_VARIABLES)}")
 
 
 def mosaic_zones(

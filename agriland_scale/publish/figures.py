@@ -1,7 +1,9 @@
 """The report's figures, as base64 PNGs: maps of a run's products over its composite, charts.
 
-Rasters are read every n-th pixel (at most :data:`MAX_PIXELS` a side), so a figure of a
-whole Sentinel-2 tile costs little memory.
+Rasters are read every n-th pixel (at most :data:`MAX_PIXELS` a side): each map's image is
+an overview made window by window by Dask tasks (:mod:`.overview`; on the workers, with a
+client), all maps and the mask's pixel counts in one computation, so only images of at most
+:data:`MAX_PIXELS` a side reach this process, whatever the region's size.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import xarray as xr
 from agriland_scale.errors import CorruptInput, EmptyRegion
 from agriland_scale.files import atomic_path
 from agriland_scale.models.files import read_sidecar, sidecar_path
+from agriland_scale.publish.overview import Count, Thin, compute_overviews
 from agriland_scale.render import display_bands, figure_png, percentile_limits, to_rgb
 from agriland_scale.store import try_open_product
 
@@ -101,9 +104,9 @@ def _step(da: xr.DataArray) -> int:
     return max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / MAX_PIXELS)))
 
 
-def _thin(da: xr.DataArray, step: int) -> np.ndarray:
-    """Every ``step``-th pixel of a (…, y, x) array, loaded (bounded memory for quicklooks)."""
-    return da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
+def _thin(da: xr.DataArray, group: str, bands: tuple[str, ...] = ()) -> Thin:
+    """Every n-th pixel (:func:`_step`) of ``da`` (variable of ``group``): an overview to compute."""
+    return Thin(group, str(da.name), da.sizes["y"], da.sizes["x"], _step(da), bands)
 
 
 def _extent(ds: xr.Dataset | xr.DataArray) -> tuple[float, float, float, float]:
@@ -112,17 +115,16 @@ def _extent(ds: xr.Dataset | xr.DataArray) -> tuple[float, float, float, float]:
     return left, right, bottom, top
 
 
-def _rgb(cube: xr.Dataset) -> tuple[np.ndarray, tuple[float, float, float, float], str] | None:
+def _rgb(
+    cube: xr.Dataset, sample: np.ndarray
+) -> tuple[np.ndarray, tuple[float, float, float, float], str] | None:
     """Make a 2–98 % stretched true-colour image (y, x, 3) of the composite, with its extent and CRS text.
 
-    One read: the stretch comes from the same every-n-th-pixel sample the image shows
-    (at most :data:`MAX_PIXELS` a side, ~150,000 pixels a band).
+    One read: the stretch comes from the same every-n-th-pixel ``sample`` the image shows
+    (at most :data:`MAX_PIXELS` a side, ~150,000 pixels a band; :func:`product_maps`).
     """
-    refl = cube.get("reflectance")
-    if refl is None:
-        return None
     bands = display_bands(cube)
-    sample = _thin(refl.sel(band=list(bands)), _step(refl)).astype("float32")
+    sample = sample.astype("float32")
     try:
         lo, hi = percentile_limits(sample, bands)
     except EmptyRegion:
@@ -148,14 +150,17 @@ def _map_figure(draw: Callable[[Any, Any], None]) -> bytes:
     return _png_bytes(fig)
 
 
-def quicklooks(store: Path, prefix: str = "", *, quicklook: str | Path | None = None) -> list[str]:
+def quicklooks(
+    store: Any, prefix: str = "", *, quicklook: str | Path | None = None, client: Any = None
+) -> list[str]:
     """HTML figures: composite, clusters over it, probability over it, mask (those that exist).
 
     ``prefix`` selects a zone's groups in a multi-zone store (``"utm18n/"``). With
     ``quicklook``, the first three maps are also written there side by side as one PNG
     (:func:`write_quicklook`): the run's quicklook costs no second read or drawing.
+    ``store`` and ``client``: as for :func:`product_maps`.
     """
-    maps = product_maps(store, prefix)
+    maps = product_maps(store, prefix, client=client)
     if quicklook is not None:
         write_quicklook(maps, quicklook)
     return [image(base64.b64encode(png).decode("ascii"), alt, caption) for png, alt, caption in maps]
@@ -187,18 +192,35 @@ def write_quicklook(maps: list[tuple[bytes, str, str]], path: str | Path) -> Non
         sheet.save(tmp, format="png", compress_level=PNG_COMPRESSION)
 
 
-def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
+def product_maps(store: Any, prefix: str = "", *, client: Any = None) -> list[tuple[bytes, str, str]]:
     """Draw the maps of a zone's products: composite, clusters, probability, mask (those that exist).
 
     Each is ``(PNG bytes, alt text, caption)``; there are none without a cube to show.
-    Every raster is read once, every n-th pixel (:data:`MAX_PIXELS` a side); each map is
-    :data:`MAP_INCHES` at :data:`DPI`. ``prefix`` selects a zone's groups (``"utm18n/"``).
+    Every raster is read once, window by window, every n-th pixel (:data:`MAX_PIXELS` a
+    side), with the mask's pixel counts in the same computation
+    (:func:`.overview.compute_overviews`): on ``client``'s workers when given (``store`` must
+    then be readable there: the run's store reader, not a local path), else on the default
+    Dask scheduler. Only the overviews reach this process. Each map is :data:`MAP_INCHES` at
+    :data:`DPI`. ``prefix`` selects a zone's groups (``"utm18n/"``).
     """
     cube = try_open_product(store, prefix + "cube")
     clusters = try_open_product(store, prefix + "clusters")
     seg = try_open_product(store, prefix + "segmentation")
-    rgb = _rgb(cube) if cube is not None else None
     figs: list[tuple[bytes, str, str]] = []
+    if cube is None or cube.get("reflectance") is None:
+        return figs
+    specs: dict[str, Thin | Count] = {
+        "rgb": _thin(cube["reflectance"], prefix + "cube", tuple(display_bands(cube)))
+    }
+    if clusters is not None and "cluster_map" in clusters:
+        specs["clusters"] = _thin(clusters["cluster_map"], prefix + "clusters")
+    if seg is not None and "probability" in seg:
+        specs["probability"] = _thin(seg["probability"], prefix + "segmentation")
+    if seg is not None and "mask" in seg:
+        specs["mask"] = _thin(seg["mask"], prefix + "segmentation")
+        specs["mask_counts"] = Count(prefix + "segmentation", "mask", seg.sizes["y"], seg.sizes["x"], 1)
+    got = compute_overviews(store, specs, client=client)
+    rgb = _rgb(cube, got["rgb"])
     if rgb is None:
         return figs
     img, ext, crs = rgb
@@ -214,7 +236,10 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
 
     if clusters is not None and "cluster_map" in clusters:
         cm = clusters["cluster_map"]
-        vals = np.ma.masked_less(cm.values, 0)
+        ids = got["clusters"]  # read with CF masking: NaN where no cluster, as -1 in the store
+        vals = np.ma.masked_less(
+            np.where(np.isnan(ids), -1, ids).astype("int16") if ids.dtype.kind == "f" else ids, 0
+        )
         k = int(clusters.sizes.get("cluster", int(vals.max()) + 1 if vals.count() else 1))
 
         def cluster_fig(fig: Any, ax: Any) -> None:
@@ -247,9 +272,7 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
 
         def prob_fig(fig: Any, ax: Any) -> None:
             ax.imshow(img, extent=ext)
-            im = ax.imshow(
-                _thin(prob, _step(prob)), extent=_extent(prob), cmap="magma", vmin=0, vmax=1, alpha=0.6
-            )
+            im = ax.imshow(got["probability"], extent=_extent(prob), cmap="magma", vmin=0, vmax=1, alpha=0.6)
             fig.colorbar(im, ax=ax, shrink=0.8, label="probability")
             _map_axes(ax, ext, crs, "U-Net agricultural-land probability")
 
@@ -263,10 +286,8 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
 
     if seg is not None and "mask" in seg:
         mask = seg["mask"]
-        full = mask.values
         res_x, res_y = (abs(v) for v in mask.rio.resolution())
-        arable = int(np.nansum(full == 1))
-        valid = int(np.isfinite(full).sum())
+        arable, valid = got["mask_counts"]
         ha = arable * res_x * res_y / 1e4
         share = 100 * arable / valid if valid else float("nan")
         thr = mask.attrs.get("threshold", "?")
@@ -278,7 +299,7 @@ def product_maps(store: Path, prefix: str = "") -> list[tuple[bytes, str, str]]:
             colours = {"other": "#e0e0e0", "agricultural": "#558b2f"}
             cmap = ListedColormap(list(colours.values()))
             ax.imshow(
-                _thin(mask, _step(mask)),
+                got["mask"],
                 extent=_extent(mask),
                 cmap=cmap,
                 vmin=0,

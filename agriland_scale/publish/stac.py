@@ -7,6 +7,9 @@
     <run>-probability/...                     utm18n_mask, in multi-zone runs), with the COG
                                               and its Zarr group as assets
     <run>-mask/...
+    <run>-mask_r000_c001/...                a product larger than one output tile: one Item a
+                                            tile COG (cog/mask/mask_r000_c001.tif; property
+                                            agriland:tile), its VRT an asset of the collection
     <run>-zarr/<run>-zarr.json              the whole Zarr store (every group; in a
                                             multi-zone run one Item a zone, <run>-utm18n-zarr)
     sources/<id>.json                       copies of source items whose self link is gone
@@ -56,6 +59,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import write_json
 from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
+from agriland_scale.publish.tiles import tiled_products
 from agriland_scale.store import ICECHUNK_MEDIA_TYPE, is_repo, product_groups, reader, store_location
 
 __all__ = [
@@ -453,6 +457,21 @@ def write_stac(out_dir: str | Path) -> Path:
             log.warning("%s is not a known product; left out of the STAC catalog", path)
             continue
         products.append(_cog_item(path, f"{run}-{path.stem}", *found, dates, store, all_groups, exports))
+    tiled = tiled_products(out / "cog")
+    for stem, tiles in tiled.items():  # a product too large for one COG: one Item an output tile
+        found = _cog_product(stem, zones)
+        if found is None:
+            log.warning("%s is not a known product; left out of the STAC catalog", stem)
+            continue
+        for path, row, col in tiles:
+            item = _cog_item(path, f"{run}-{path.stem}", *found, dates, store, all_groups, exports)
+            item.properties["agriland:tile"] = {
+                "product": stem,
+                "row": row,
+                "col": col,
+                "vrt": f"cog/{stem}.vrt",
+            }
+            products.append(item)
     for name, zone in zones.items():
         if (zone.get("prefix") or "") + "cube" in all_groups:
             zid = f"{run}-{name}-zarr" if zone.get("prefix") else f"{run}-zarr"
@@ -517,6 +536,10 @@ def write_stac(out_dir: str | Path) -> Path:
     for item in products:
         coll.add_item(item)
     coll.normalize_hrefs(str(stac_dir))
+    for stem in tiled:  # the VRT over a tiled product's COGs (GDAL reads it as one raster)
+        found = _cog_product(stem, zones)
+        title = f"{COG_PRODUCTS[found[0]][1] if found else stem}: GDAL VRT over its tile COGs"
+        coll.add_asset(f"{stem}-vrt", pystac.Asset(f"../cog/{stem}.vrt", title, media_type="application/xml"))
     coll.make_all_asset_hrefs_relative()
     _relative_source_links(coll)
     coll.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
