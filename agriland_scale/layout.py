@@ -365,7 +365,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "clusters": ("cluster", "seed"),
     "unet": UNET_KEYS,
     "segmentation": ("segment",),
-    "publish": (),
+    "publish": ("publish",),
 }
 
 

@@ -164,3 +164,19 @@ def test_one_stac_item_a_tile_covering_the_zone(two_tiles):
     # overlap: a UTM square is not one in lon/lat)
     assert west.intersection(east).area < 1e-6 * west.area and west.distance(east) < 1e-9
     assert "probability-vrt" in coll.assets
+
+
+def test_the_tiles_are_the_runs_files_linked_and_inspected(two_tiles):
+    """The tile COGs and VRTs are recorded as the run's files (so ``--force``/``--overwrite``
+    remove them, object storage mirrors them), linked in the report and listed by inspect."""
+    from agriland_scale.publish.inspect import summarise_run
+
+    out, record = two_tiles
+    files = set(record["files"]["publish"])
+    assert {"cog/probability.vrt", "cog/probability/probability_r000_c000.tif", "cog/mask.vrt"} <= files, (
+        files
+    )
+    html = (out / "report.html").read_text()
+    assert 'href="cog/probability.vrt"' in html and "tile COGs" in html
+    rows = {r["path"]: r for r in summarise_run(out)["products"]}
+    assert rows["cog/probability.vrt"]["exists"] and "cog/probability.tif" not in rows

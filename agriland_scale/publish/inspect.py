@@ -43,9 +43,14 @@ def _product_rows(out: Path, record: RunRecord) -> list[dict[str, Any]]:
     rels = [STORE]
     for name, z in (zones_of(record) or {"": {}}).items():
         tag = f"{name}_" if z.get("prefix") else ""  # zone-prefixed groups <=> zone-tagged COGs
-        rels += [f"cog/{tag}{c}.tif" for c in COG_NAMES]
+        # one COG, or (a product larger than one output tile) a VRT over its tile COGs
+        rels += [
+            f"cog/{tag}{c}.vrt" if (out / "cog" / f"{tag}{c}.vrt").exists() else f"cog/{tag}{c}.tif"
+            for c in COG_NAMES
+        ]
     if (out / "cog").is_dir():
-        rels += sorted(f"cog/{p.name}" for p in (out / "cog").glob("*.tif") if f"cog/{p.name}" not in rels)
+        found = [p for ext in ("*.tif", "*.vrt") for p in (out / "cog").glob(ext)]
+        rels += sorted(f"cog/{p.name}" for p in found if f"cog/{p.name}" not in rels)
     quick = sorted(p.name for p in out.glob("quicklook*.png")) or ["quicklook.png"]
     rels += quick + [
         "items.json",

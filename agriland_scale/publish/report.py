@@ -185,15 +185,30 @@ def _section_products(out: Path, record: RunRecord, drawn: dict[str, list[str]])
     return "<h2>Products</h2>" + "".join(parts)
 
 
+def _tiles(vrt: Path) -> int:
+    """Count the tile COGs beside a product's VRT (``cog/NAME.vrt`` over ``cog/NAME/*.tif``)."""
+    return len(list((vrt.parent / vrt.stem).glob("*.tif")))
+
+
 def _section_files(out: Path, record: RunRecord) -> str:
     """Link the run's files (relative to the run folder, like ``report.html`` itself): COGs, STAC, store."""
     products = record.get("products") or {}
     rows = []
-    cogs = sorted((out / COG_DIR).glob("*.tif")) if (out / COG_DIR).is_dir() else []
+    # one COG a product, or a VRT over a product's tile COGs (cog/NAME/NAME_rRRR_cCCC.tif)
+    cogs = (
+        sorted(f for ext in ("*.tif", "*.vrt") for f in (out / COG_DIR).glob(ext))
+        if (out / COG_DIR).is_dir()
+        else []
+    )
     if cogs:
         links = "<br>".join(
             f'<a href="{_e(f"{COG_DIR}/{f.name}")}">{_e(f"{COG_DIR}/{f.name}")}</a> '
-            f"<span class='muted'>({f.stat().st_size / 2**20:.1f} MiB)</span>"
+            + (
+                f"<span class='muted'>({f.stat().st_size / 2**20:.1f} MiB)</span>"
+                if f.suffix == ".tif"
+                else f"<span class='muted'>(GDAL VRT over {_tiles(f)} tile COGs in {COG_DIR}/{f.stem}/, "
+                f"{sum(t.stat().st_size for t in (f.parent / f.stem).glob('*.tif')) / 2**20:.1f} MiB)</span>"
+            )
             for f in cogs
         )
         rows.append(
