@@ -169,3 +169,19 @@ def test_no_private_odc_module_but_the_named_parser_with_its_fallback():
     assert found <= {("assets.py", "_mdtools")}, found
     text = (package / "cube" / "assets.py").read_text()
     assert "except ImportError" in text.split("odc.stac._mdtools", 1)[1][:200]
+
+
+def test_assets_no_reader_takes_as_rasters_are_named():
+    """An item whose band assets have a media type odc-stac does not read as a raster (a VRT
+    typed ``application/x-vrt``) gets a message naming the item and the media types, not a
+    bare AssertionError from deep in the cube."""
+    import json
+
+    import pystac
+
+    doc = json.loads((VIRGINIA / "item.json").read_text())
+    for a in doc["assets"].values():
+        a["type"] = "application/x-vrt"
+    item = pystac.Item.from_dict(doc)
+    with pytest.raises(BandMismatch, match=r"item .*odc-stac reads none of its assets.*application/x-vrt"):
+        cube_geobox([item], [-75.7, 37.62, -75.58, 37.71], 10.0)

@@ -104,7 +104,13 @@ def cube_geobox(items: Sequence[pystac.Item], region: Region | Sequence[float], 
             "(load_zone_cubes does this)"
         )
     crs = parsed[0].crs()
-    assert crs is not None  # normalised items carry proj:* (see normalize_items)
+    if crs is None:  # odc-stac read no asset of the item as a raster (e.g. an unknown media type)
+        types = {k: a.media_type for k, a in items[0].assets.items()}
+        raise BandMismatch(
+            f"item {items[0].id}: odc-stac reads none of its assets as a raster band (their media "
+            f"types: {types}); give the band assets a raster media type (e.g. 'image/tiff; "
+            "application=geotiff; profile=cloud-optimized') or none, and proj:* fields"
+        )
     footprints = [gb.extent for p in parsed for gb in p.geoboxes()[:1]]
     footprint = unary_union([f.to_crs(crs) for f in footprints])
     assert footprint is not None  # None only for no footprint at all
