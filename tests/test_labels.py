@@ -79,3 +79,36 @@ def test_raster_labels_in_any_crs_match_the_polygons(cube, tmp_path):
     both = (back != 255) & (ref.values != 255)
     assert both.sum() > 0.9 * (ref.values != 255).sum()
     assert (back[both] == ref.values[both]).mean() > 0.97
+
+
+def test_lazy_labels_rasterise_only_their_window_and_equal_the_whole(cube, tmp_path):
+    """``lazy=True`` (the segmentation stage over a region): the polygons' window is rasterised,
+    the zone around it is a lazy array of 255, and the values equal the whole-zone mask, also
+    for labels reaching past the cube's edge."""
+    import dask.array as dsa
+
+    whole = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"])
+    lazy = rasterize_labels(VIRGINIA / "labels.geojson", cube, ["arable"], lazy=True)
+    assert isinstance(lazy.data, dsa.Array)
+    # no chunk the size of the zone: the labels' window and the padding around it
+    assert max(lazy.data.chunks[0]) * max(lazy.data.chunks[1]) < whole.size, lazy.data.chunks
+    np.testing.assert_array_equal(lazy.values, whole.values)
+    assert lazy.rio.crs == whole.rio.crs and (lazy.x == whole.x).all()
+    # a polygon far outside the cube: nothing to label
+    far = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"class": "arable"},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[10, 10], [10.1, 10], [10.1, 10.1], [10, 10]]],
+                },
+            }
+        ],
+    }
+    p = tmp_path / "far.geojson"
+    p.write_text(json.dumps(far))
+    with pytest.raises(EmptyRegion, match="no label polygon"):
+        rasterize_labels(p, cube, ["arable"], lazy=True)

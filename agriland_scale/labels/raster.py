@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import rasterio.features
@@ -49,44 +49,63 @@ def read_polygons(path: str | Path) -> tuple[list[tuple[object, str]], CRS]:
     return out, crs
 
 
-def rasterize_labels(path: str | Path, like: xr.Dataset, positive: list[str]) -> xr.DataArray:
+def rasterize_labels(
+    path: str | Path, like: xr.Dataset, positive: list[str], *, lazy: bool = False
+) -> xr.DataArray:
     """Rasterise label polygons onto the grid of ``like`` (a cube): uint8 (y, x) mask.
 
     Polygons of a class in ``positive`` burn 1, others 0, the rest stays 255 (ignored).
     Positive polygons are burnt last, so they win where classes overlap.
+
+    ``lazy``: only the window of the grid that the polygons cover is rasterised (in memory:
+    that window, not the zone); the rest of the zone is a lazy dask array of 255 around it, as
+    the segmentation stage needs over a region of many tiles whose labels cover a few.
     """
     polys, crs = read_polygons(path)
     to_cube = Transformer.from_crs(crs, like.rio.crs, always_xy=True).transform
-
-    def burn(keep_positive: bool, value: int) -> list:
-        return [
-            (mapping(shapely.transform(g, to_cube, interleaved=False)), value)
-            for g, c in polys
-            if (c in positive) == keep_positive
-        ]
-
-    shapes_neg, shapes_pos = burn(False, 0), burn(True, 1)
-    shp = (like.sizes["y"], like.sizes["x"])
-    mask = np.full(shp, IGNORE, dtype="uint8")
-    for shapes in (shapes_neg, shapes_pos):
-        if shapes:
-            rasterio.features.rasterize(shapes, out=mask, transform=like.rio.transform())
-    return _label_array(
-        mask,
-        like,
-        path,
-        "no label polygon of {path} falls inside the cube (bounds {bounds} in {crs}): check the file's CRS",
+    moved = [(shapely.transform(g, to_cube, interleaved=False), c) for g, c in polys]
+    empty = (
+        "no label polygon of {path} falls inside the cube (bounds {bounds} in {crs}): check the file's CRS"
     )
+    h, w = like.sizes["y"], like.sizes["x"]
+    transform = like.rio.transform()
+    y0, y1, x0, x1 = 0, h, 0, w
+    if lazy:  # the polygons' window of the grid, px
+        left, bottom, right, top = shapely.total_bounds([g for g, _ in moved])
+        inv = ~transform
+        cols, rows = zip(*(inv * (x, y) for x, y in ((left, top), (right, bottom))))
+        y0, y1 = (int(np.clip(v, 0, h)) for v in (np.floor(min(rows)), np.ceil(max(rows))))
+        x0, x1 = (int(np.clip(v, 0, w)) for v in (np.floor(min(cols)), np.ceil(max(cols))))
+        if y1 <= y0 or x1 <= x0:
+            raise EmptyRegion(empty.format(path=path, bounds=like.rio.bounds(), crs=like.rio.crs))
+    mask = np.full((y1 - y0, x1 - x0), IGNORE, dtype="uint8")
+    for keep in (False, True):
+        shapes = [(mapping(g), int(keep)) for g, c in moved if (c in positive) == keep]
+        if shapes:
+            rasterio.features.rasterize(shapes, out=mask, transform=transform * transform.translation(x0, y0))
+    if not lazy:
+        return _label_array(mask, like, path, empty)
+    if (mask != IGNORE).sum() == 0:
+        raise EmptyRegion(empty.format(path=path, bounds=like.rio.bounds(), crs=like.rio.crs))
+    import dask.array as dsa
+
+    whole = dsa.pad(
+        dsa.from_array(mask, chunks=1024),
+        ((y0, h - y1), (x0, w - x1)),
+        mode="constant",
+        constant_values=IGNORE,
+    )
+    return _label_array(whole, like, path, empty, check=False)
 
 
 def _label_array(
-    mask: np.ndarray, like: xr.DataArray | xr.Dataset, path: str | Path, empty: str
+    mask: Any, like: xr.DataArray | xr.Dataset, path: str | Path, empty: str, *, check: bool = True
 ) -> xr.DataArray:
     """Wrap the uint8 label mask ``(y, x)`` as a DataArray on ``like``'s grid and CRS.
 
-    Raises :class:`EmptyRegion` (message ``empty``) when no pixel is labelled.
+    Raises :class:`EmptyRegion` (message ``empty``) when no pixel is labelled (``check``).
     """
-    if (mask != IGNORE).sum() == 0:
+    if check and (mask != IGNORE).sum() == 0:
         raise EmptyRegion(empty.format(path=path, bounds=like.rio.bounds(), crs=like.rio.crs))
     da = xr.DataArray(mask, dims=("y", "x"), coords={"y": like.y, "x": like.x}, name="label")
     da.attrs.update(
@@ -138,8 +157,13 @@ def read_raster_labels(path: str | Path, like: xr.DataArray | xr.Dataset) -> xr.
     )
 
 
-def load_labels(path: str | Path, cube: xr.Dataset, positive: list[str]) -> xr.DataArray:
+def load_labels(
+    path: str | Path, cube: xr.Dataset, positive: list[str], *, lazy: bool = False
+) -> xr.DataArray:
     """Labels of any accepted kind on the cube grid (uint8 1 / 0 / 255 = ignored).
+
+    ``lazy``: polygons are rasterised over their own window only, the zone around it a lazy
+    array (:func:`rasterize_labels`); the other kinds are read whole.
 
     - a VIA 2 JSON (the seed's format) next to the ``patches.json`` written by
       ``agriland export-labels``;
@@ -151,4 +175,4 @@ def load_labels(path: str | Path, cube: xr.Dataset, positive: list[str]) -> xr.D
         return read_raster_labels(p, cube)
     if p.suffix.lower() == ".json" and (p.parent / "patches.json").exists():
         return import_via(p, cube, positive=tuple(positive))
-    return rasterize_labels(p, cube, positive)
+    return rasterize_labels(p, cube, positive, lazy=lazy)

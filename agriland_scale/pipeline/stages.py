@@ -417,7 +417,8 @@ def clusters_stage(ctx: RunContext) -> None:
     )
 
 
-def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
+def _labels(ctx: RunContext, *, lazy: bool = False) -> dict[str, xr.DataArray]:
+    """Each zone's labels on its cube grid; ``lazy``: rasterised over the polygons' window only."""
     s = ctx.cfg.segment
     assert s.labels is not None  # called only with segment.labels set (checked by the preflight)
     label_path = str(resolve_path(s.labels, Path.cwd()))
@@ -425,7 +426,7 @@ def _labels(ctx: RunContext) -> dict[str, xr.DataArray]:
     for name, z in ctx.zones().items():
         try:
             labels[name] = load_labels(
-                label_path, open_cube(ctx.store, z["prefix"] + "cube"), s.positive_classes
+                label_path, open_cube(ctx.store, z["prefix"] + "cube"), s.positive_classes, lazy=lazy
             )
             labels[name].attrs["source"] = run_relative(label_path, ctx.out, ctx.location)  # no machine path
         except EmptyRegion as err:
@@ -498,7 +499,9 @@ def unet_stage(ctx: RunContext) -> None:
 
 def segmentation_stage(ctx: RunContext) -> None:
     s = ctx.cfg.segment
-    labels = _labels(ctx) if s.labels else {}
+    # the training labels beside the probability: over a region, only the labels' window is
+    # rasterised in this process (a whole zone's mask of 100 tiles would be 12 GB here)
+    labels = _labels(ctx, lazy=True) if s.labels else {}
     todo = []
     for name, z in ctx.zones().items():
         cube = open_cube(ctx.store, z["prefix"] + "cube")
