@@ -435,7 +435,8 @@ class Scheduler:
                 "127.0.0.1",
                 "--port",
                 "0",
-                "--no-dashboard",
+                "--dashboard-address",
+                "127.0.0.1:0",
                 "--scheduler-file",
                 str(sfile),
             ],
@@ -450,7 +451,20 @@ class Scheduler:
         time.sleep(0.2)
         self.ps = psutil.Process(self.proc.pid)
         self.client = Client(scheduler_file=str(sfile), timeout=60)
+        self.dashboard = self.client.dashboard_link  # http://127.0.0.1:PORT/status
         return self
+
+    def status_s(self) -> float | None:
+        """Seconds the dashboard's ``/status`` page takes to answer (None: no answer in 30 s)."""
+        import urllib.request
+
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(self.dashboard, timeout=30) as r:
+                r.read()
+        except OSError:
+            return None
+        return round(time.perf_counter() - t0, 3)
 
     def tasks(self) -> int:
         return int(self.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)))
@@ -517,6 +531,8 @@ def submitted(sched: Scheduler, rss: RssPeak, fn, timeout: float, settle_s: floa
         "client_peak_rss_gb": gb(rss.peak()),
         "scheduler_rss_gb": gb(sched.rss()),
         "scheduler_rss_before_gb": gb(base_rss),
+        # the dashboard with the wave submitted (issue: /status answers in <= 2 s)
+        "dashboard_status_s": sched.status_s(),
     }
 
 
@@ -966,6 +982,7 @@ def print_plan_table(plan: dict, tiles: list[int]) -> None:
             (f"{st}: plan+submit wall s", st, ("write", "wall_s"), "{:.1f}"),
             (f"{st}: client peak RSS GB", st, ("write", "client_peak_rss_gb"), "{:.2f}"),
             (f"{st}: scheduler RSS GB", st, ("write", "scheduler_rss_gb"), "{:.2f}"),
+            (f"{st}: dashboard /status s", st, ("write", "dashboard_status_s"), "{:.2f}"),
             (f"{st}: child status", st, ("status",), "{}"),
         ]
     w = 32
