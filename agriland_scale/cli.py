@@ -178,6 +178,17 @@ def _export(args: argparse.Namespace) -> int:
         f"{len(groups)} group(s) copied to the plain Zarr v{args.zarr_format} store {args.zarr}: "
         f"{', '.join(groups)}; open one with xarray.open_zarr(DEST, group=G, decode_coords='all')",
     )
+    # an export into a local run folder that has a STAC collection: its items get the export
+    # as an asset (the collection lists OUT/*.zarr), so the catalog is refreshed now
+    run, dest = args.run, Path(str(args.zarr))
+    if (
+        isinstance(run, Path)
+        and (run / "stac" / "collection.json").is_file()
+        and dest.parent.resolve() == run.resolve()
+    ):
+        from agriland_scale.publish.stac import write_stac
+
+        _message(args, f"STAC: {write_stac(run)} lists the export")
     return 0
 
 

@@ -141,3 +141,16 @@ def test_no_export_no_plain_asset(tmp_path):
     for item in coll.get_items():
         assert set(item.assets) <= {"cog", "zarr"}
         assert not any("xarray:open_kwargs" in a.extra_fields for a in item.assets.values())
+
+
+def test_agriland_export_into_the_run_refreshes_its_stac(tmp_path, capsys):
+    """``agriland export RUN --zarr RUN/NAME.zarr`` on a run with a STAC collection: the
+    catalog lists the export at once (before, only the next ``agriland report`` did)."""
+    from agriland_scale import cli
+    from agriland_scale.publish.stac import write_stac
+
+    out = _run(tmp_path / "run")
+    write_stac(out)
+    assert cli.main(["export", str(out), "--zarr", str(out / "plain.zarr"), "-q"]) == 0
+    coll = pystac.Collection.from_file(str(out / "stac" / "collection.json"))
+    assert any("plain.zarr" in item.assets for item in coll.get_items(recursive=True))
