@@ -156,7 +156,6 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
     n_patches = len(rows) * len(cols)
     px = h * w
     read_chunks = _ceil(h, rc) * _ceil(w, rc)
-    store_chunks = _ceil(h, c.chunk) * _ceil(w, c.chunk)
     factors = np.array([scale_offset(group[0], b) for b in c.bands])
     packed = c.storage == "int16" and bool(np.all(factors[:, 0] == factors[0, 0]))
     window = choose_inference_window(s.inference_window, s.window, s.overlap, h, w, encoder)
@@ -165,6 +164,7 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
     predict = sum(1 for a in r_groups if len(a)) * sum(1 for b in c_groups if len(b))
     out_blocks = _ceil(h, _SEGMENT_BLOCK) * _ceil(w, _SEGMENT_BLOCK)
     embed_tasks = _ceil(n_patches, e.batch_size * _EMBED_TASK_BATCHES)
+    n_win = max(1, (max(p.size, int(np.sqrt(64 * 2**20 / 2))) - p.size) // p.stride + 1)
     # the square write blocks of runtime.block_px (pipeline/blocks.py), over the stored chunks
     block = max(cfg.runtime.block_px // c.chunk, 1) * c.chunk
     write_blocks = _ceil(h, block) * _ceil(w, block)
@@ -194,8 +194,9 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
             # a read per band and chunk (every date in it), the composite and the clear count
             # per chunk, an open per band; one write task per square block
             "cube": read_chunks * (len(fine) + 2) + len(fine) + write_blocks,
-            # the clear counts of every stored chunk, summed by stride block
-            "patches": 3 * store_chunks + 1,
+            # a patches-index task a window of whole patches, 64 MiB of uint16 clear counts
+            # (patches.patch_valid_fraction)
+            "patches": _ceil(len(rows), n_win) * _ceil(len(cols), n_win),
             # a task embeds batch_size x 4 patches; one write task each
             "embeddings": 2 * embed_tasks,
             # predicted spans, blended blocks, the mask of each block; a write task per square block
