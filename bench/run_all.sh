@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/results
-names=("${@:-cube cube_http segment windows embed cluster run naive store unet_variants}")
+names=("${@:-cube cube_http segment windows embed cluster run naive store unet_variants region}")
 for name in ${names[@]}; do
   echo "== $name ($(date -u +%H:%M:%S))"
   case $name in
@@ -19,6 +19,8 @@ for name in ${names[@]}; do
     windows) cmd=(python bench/bench_windows.py --repeat 2 --json bench/results/windows.json) ;;
     store) cmd=(python bench/bench_store.py --rounds 2 --json bench/results/store.json) ;;
     unet_variants) cmd=(python bench/bench_unet_variants.py --out bench/results/unet_variants.json) ;;
+    engines) cmd=(python bench/bench_engines.py --batches 1,4,16 ${ENGINES_MODELS:+--models "$ENGINES_MODELS"} --json bench/results/engines.json) ;;
+    region) cmd=(python bench/bench_region.py ${REGION_RUN_PX:+--run --tile-px "$REGION_RUN_PX"} --json bench/results/region.json) ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
   esac
   nice -n 5 "${cmd[@]}" 2>&1 | grep -av -e '^WARNING: All log' -e '^I0000' -e '^E0000' -e 'oneDNN' \

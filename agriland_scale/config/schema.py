@@ -397,6 +397,16 @@ class RuntimeConfig(_Model):
     ``float32``: neither, results equal on every machine. The precision used is recorded in
     ``run.json`` and in the products' attributes; a resumed run recomputes the blocks of
     another precision (see :func:`~agriland_scale.pipeline.runtime.inference_precision`).
+    ``engine``: what predicts. ``tensorflow`` (default): the ``.keras`` models in Keras;
+    ``onnx``: their ONNX export (``MODEL.onnx`` beside the model, written at the end of
+    training, or exported once into the machine's cache) in ONNX Runtime, float32, with no
+    TensorFlow imported by the predicting worker (the ``[infer]`` extra); ``openvino``: that
+    export in OpenVINO, in bfloat16 where ``inference_precision`` chose it; ``auto``: per
+    model from ``bench/bench_engines.py`` (on a 2-core Xeon with AMX: the float32 encoder in
+    ONNX Runtime, 1.25-1.64x TensorFlow, else OpenVINO; the bfloat16 U-Net in OpenVINO,
+    3.9-6.7x TensorFlow float32 against TensorFlow bfloat16's 2.0-3.5x, equal masks;
+    TensorFlow for the float32 U-Net, where no engine was clearly faster, on GPU workers, and
+    where neither runtime is installed; see :func:`~agriland_scale.models.engines.choose_engine`).
     """
 
     scheduler: str | None = None
@@ -408,6 +418,7 @@ class RuntimeConfig(_Model):
     block_px: int = Field(default=2048, ge=64)
     wave_tasks: int = Field(default=20_000, ge=100)
     inference_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    engine: Literal["tensorflow", "onnx", "openvino", "auto"] = "tensorflow"
 
     @field_validator("scheduler")
     @classmethod

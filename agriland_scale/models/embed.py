@@ -14,6 +14,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from agriland_scale.errors import BandMismatch, ModelMismatch
+from agriland_scale.models import engines
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.files import check_keras_file, model_signature, read_sidecar
 from agriland_scale.patches import iter_batches, read_patches
@@ -155,11 +156,12 @@ def _embed_batch(
     batch_size: int,
     group: str = "cube",
     precision: str = "float32",
+    engine: str = "tensorflow",
 ) -> np.ndarray:
     out = np.full((len(y0), dim), np.nan, dtype="float32")
     if not valid.any():
         return out
-    model, lock = _worker.get_model(model_path, precision)
+    model, lock = _worker.get_model(model_path, precision, engine=engine)
     cube = open_cube(cube_store, group, dask=False)
     with lock:
         # the read under the model's lock too: a read beside a running predict takes a core
@@ -187,18 +189,23 @@ def embed_patches(
     tasks_batches: int = 4,
     group: str = "cube",
     precision: str = "float32",
+    engine: str = "tensorflow",
 ) -> xr.Dataset:
     """Lazy embeddings ``(patch, dim)`` float32 of every patch of ``index``; compute on a Dask client.
 
     Patches are read by the workers from the cube ``group`` of the Zarr store ``cube_store``.
     ``precision``: ``float32``, ``mixed_float16`` (float16 compute, for GPU workers) or
     ``mixed_bfloat16`` (CPUs with bfloat16 instructions); the embeddings are float32.
+    ``engine``: ``runtime.engine`` (``tensorflow``, ``onnx``, ``openvino`` or ``auto``, see
+    :func:`~agriland_scale.models.engines.choose_engine`); with ``onnx`` or ``openvino`` the
+    workers predict the model's ONNX export and import no TensorFlow.
 
     One task embeds ``tasks_batches * batch_size`` patches, so the graph has one task per
     few dozen patches and each ``predict`` call sees a full batch.
     """
     meta = check_model(model_path, "embedding", bands, reflectance_max, int(index.attrs["patch_size"]))
     dim = int(meta["embedding_dim"])
+    engine, precision = engines.prepare(engine, "embedding", model_path, precision, gpu=bool(resources))
     size = int(index.attrs["patch_size"])
     y0, x0 = index["y0"].values, index["x0"].values
     valid = index["valid_fraction"].values >= min_valid_fraction
@@ -219,6 +226,7 @@ def embed_patches(
                 batch_size,
                 group,
                 precision,
+                engine,
             )
             # named for the dashboard: "embed-batch" in the task stream and progress bars
             d = fn(*args, dask_key_name=f"embed-batch-{tokenize(*args)}")
@@ -233,6 +241,7 @@ def embed_patches(
         units="1",
         note="NaN for patches below min_valid_fraction",
         precision=precision,
+        **({"engine": engine} if engine != "tensorflow" else {}),  # tensorflow runs keep their attributes
     )
     ds["patch"].attrs.update(long_name="patch number (as in the patches group)")
     ds["dim"].attrs.update(long_name="embedding dimension")

@@ -36,7 +36,7 @@ from pystac.extensions.raster import DataType
 
 from agriland_scale.files import write_json
 
-__all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "write_mlm_item"]
+__all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "add_onnx_asset", "write_mlm_item"]
 
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.4.0/schema.json"
 EO_SCHEMA = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
@@ -236,3 +236,31 @@ def write_mlm_item(
     d["links"] = []
     write_json(d, out)
     return out
+
+
+def add_onnx_asset(model_path: str | Path, record: dict[str, Any]) -> Path | None:
+    """Add the ONNX export ``record`` (see :func:`~.engines.record_onnx`) to ``<model_path>.stac.json``.
+
+    An asset ``onnx`` with MLM ``artifact_type`` ``onnx``, the sha256 of the file and of the
+    ``.keras`` file it was exported from (``agriland:source_sha256``). None when the model
+    has no Item.
+    """
+    import json
+
+    item_path = Path(str(model_path) + ".stac.json")
+    if not item_path.is_file():
+        return None
+    d = json.loads(item_path.read_text())
+    d.setdefault("assets", {})["onnx"] = {
+        "href": f"./{record['file']}",
+        "type": "application/octet-stream; application=onnx",
+        "title": "ONNX export (runtime.engine: onnx)",
+        "roles": ["mlm:model"],
+        "mlm:artifact_type": "onnx",
+        "agriland:sha256": record["sha256"],
+        "agriland:source_sha256": record["source_sha256"],
+        # the bands mlm:input names, described on every mlm:model asset (as for the .keras one)
+        **{k: v for k, v in (d["assets"].get("model") or {}).items() if k == "eo:bands"},
+    }
+    write_json(d, item_path)
+    return item_path

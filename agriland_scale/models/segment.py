@@ -26,6 +26,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from agriland_scale.errors import ModelMismatch
+from agriland_scale.models import engines
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.embed import check_model
 from agriland_scale.patches import blend_weight, normalise, window_starts
@@ -263,12 +264,13 @@ def _predict_task(
     group: str = "cube",
     input_size: int | None = None,
     precision: str = "float32",
+    engine: str = "tensorflow",
 ) -> np.ndarray | None:
     """Return the weighted sum of the predictions of windows ``rs x cs`` over their span.
 
     See :func:`_weighted_sum`; runs on a worker, with its cached model.
     """
-    model, lock = _worker.get_model(model_path, precision, input_size)
+    model, lock = _worker.get_model(model_path, precision, input_size, engine)
     refl, clear = _open(cube_store, group, bands)
     return _weighted_sum(
         model,
@@ -336,6 +338,7 @@ def segment_region(
     group: str = "cube",
     inference_window: int | str | None = None,
     precision: str = "float32",
+    engine: str = "tensorflow",
 ) -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
@@ -348,7 +351,7 @@ def segment_region(
     ``inference_window`` px (:func:`choose_inference_window`), in batches of about the same
     number of pixels as ``batch_size`` training windows (bounded memory). ``precision``: the
     Keras dtype policy the U-Net computes in (``float32`` or ``mixed_bfloat16``, see
-    :func:`~agriland_scale.models.worker.get_model`).
+    :func:`~agriland_scale.models.worker.get_model`); ``engine``: as for :func:`~.embed.embed_patches`.
     """
     meta = check_model(model_path, "segmentation", bands, reflectance_max, window)
     H, W = cube.sizes["y"], cube.sizes["x"]
@@ -356,6 +359,9 @@ def segment_region(
     window = choose_inference_window(inference_window, trained, overlap, H, W, meta.get("encoder"))
     batch_size = max(1, round(batch_size * (trained / window) ** 2))
     input_size = window if window != trained else None
+    engine, precision = engines.prepare(
+        engine, "segmentation", model_path, precision, input_size, bool(resources)
+    )
     rs_all, cs_all = _grid(H, window, overlap), _grid(W, window, overlap)
     row_groups, col_groups = _groups(rs_all, H, window, block), _groups(cs_all, W, window, block)
     predict = dask.delayed(_predict_task, pure=True)
@@ -377,6 +383,7 @@ def segment_region(
                         group,
                         input_size,
                         precision,
+                        engine,
                     )
                     sums[bi, bj] = (
                         (int(rs.min()), int(cs.min())),
@@ -433,6 +440,7 @@ def segment_region(
         training_window=trained,
         overlap=overlap,
         precision=precision,
+        **({"engine": engine} if engine != "tensorflow" else {}),  # tensorflow runs keep their attributes
         valid_range=np.array([0, 254], dtype="uint8"),
     )
     ds["mask"].attrs.update(

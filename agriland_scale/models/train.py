@@ -21,6 +21,7 @@ import xarray as xr
 from agriland_scale.config.bands import canonical_band
 from agriland_scale.config.schema import EmbedConfig, SegmentConfig
 from agriland_scale.errors import CorruptInput
+from agriland_scale.models import engines
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.mlm import write_mlm_item
 from agriland_scale.models.windows import _metrics, training_windows, unet_augment_fn
@@ -384,6 +385,7 @@ def train_cae(
     region: str = "",
     group: str = "cube",
     progress_tag: str | None = None,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Train the CAE repeatably for ``seed``, also on a Dask worker (see :func:`_train_cae`).
 
@@ -407,6 +409,9 @@ def train_cae(
         The cube group of the store (``utm18n/cube`` in a multi-zone run).
     progress_tag : str, optional
         Relays per-step progress to the run that submitted the task.
+    onnx : bool
+        Also export the encoder to ``encoder.onnx`` beside it, for ``runtime.engine: onnx``
+        (recorded in its sidecar and MLM Item, :func:`~.engines.attach_onnx`).
 
     Returns
     -------
@@ -426,6 +431,8 @@ def train_cae(
             group=group,
             progress_tag=progress_tag,
         )
+        if onnx:
+            engines.attach_onnx(meta["encoder_path"])
     return _relocated(meta, local, out_path)
 
 
@@ -440,6 +447,7 @@ def train_unet(
     region: str = "",
     group: str = "cube",
     progress_tag: str | None = None,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Train the U-Net repeatably for ``seed``, also on a Dask worker (see :func:`_train_unet`).
 
@@ -464,6 +472,8 @@ def train_unet(
         The cube group of the store.
     progress_tag : str, optional
         Relays per-step progress to the run that submitted the task.
+    onnx : bool
+        Also export ``MODEL.onnx`` beside the model (as for :func:`train_cae`).
 
     Returns
     -------
@@ -482,6 +492,8 @@ def train_unet(
             group=group,
             progress_tag=progress_tag,
         )
+        if onnx:
+            engines.attach_onnx(local)
     return _relocated(meta, local, out_path)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.errors import CorruptInput, MissingDependency, ModelMismatch
+from agriland_scale.models import engines
 
 # the models this process keeps, least recently used first; a worker that outlives runs (an
 # `agriland cluster`, an existing cluster) keeps at most MAX_MODELS (a U-Net copy per window
@@ -90,7 +91,7 @@ def report_progress(
 
 
 def get_model(
-    path: str | Path, precision: str = "float32", input_size: int | None = None
+    path: str | Path, precision: str = "float32", input_size: int | None = None, engine: str = "tensorflow"
 ) -> tuple[Any, threading.Lock]:
     """Return the Keras model stored at ``path``, loaded once per process, and its run lock.
 
@@ -108,11 +109,21 @@ def get_model(
         Window side in px: a copy taking windows of that size (:func:`at_input_size`), kept
         beside the model when it differs from the model's own input size.
 
+    engine : str
+        ``tensorflow``, or ``onnx``: an :class:`~agriland_scale.models.engines.OnnxModel` of
+        the model's ONNX artifact (float32 whatever ``precision``; exported first if need be,
+        see :func:`~agriland_scale.models.engines.ensure_onnx`), with neither TensorFlow nor
+        Keras imported in this process; ``openvino``: an
+        :class:`~agriland_scale.models.engines.OpenVinoModel` of it (bfloat16 for
+        ``mixed_bfloat16``, else float32).
+
     Returns
     -------
     tuple
         The model and the lock its predictions run under.
     """
+    if engine in ("onnx", "openvino"):
+        return _get_onnx(path, input_size, engine, precision)
     configure_tensorflow()
     import keras
 
@@ -149,6 +160,30 @@ def get_model(
         return found
 
 
+def _get_onnx(
+    path: str | Path, input_size: int | None, engine: str, precision: str
+) -> tuple[Any, threading.Lock]:
+    """:func:`get_model` for the ``onnx`` and ``openvino`` engines (cached with the Keras models)."""
+    from agriland_scale.files import local_copy
+
+    p = local_copy(path)
+    key = (str(p.resolve()), p.stat().st_mtime, f"{engine}:{precision}", None)
+    with _lock:
+        if key not in _models:
+            _models[key] = (engines.load_onnx(path, None, engine, precision), threading.Lock())
+        _models.move_to_end(key)
+        found = _models[key]
+        if input_size is not None and found[0].input_shape[1] != input_size:
+            sized = key[:3] + (input_size,)
+            if sized not in _models:
+                _models[sized] = (engines.load_onnx(path, input_size, engine, precision), threading.Lock())
+            _models.move_to_end(sized)
+            found = _models[sized]
+        while len(_models) > MAX_MODELS:
+            _models.popitem(last=False)
+        return found
+
+
 def predict(model: Any, batch: Any, *, trace_only: bool = False) -> Any:
     """Predict a batch ``(n, h, w, bands)`` float32 with ``model`` (numpy in, numpy out).
 
@@ -157,8 +192,11 @@ def predict(model: Any, batch: Any, *, trace_only: bool = False) -> Any:
     batch size, then again with a relaxed shape at the second size (on the demo encoder:
     load 1.8 s, then 1.2 s + 1.5 s of tracing, against 0.5 s + 0.65 s here). The function is
     kept on the model object (models are cached for the process, see :func:`get_model`).
-    ``trace_only``: trace it now and return None, computing nothing.
+    ``trace_only``: trace it now and return None, computing nothing. An ONNX model
+    (``engine: onnx``) runs its session, without TensorFlow (nothing to trace).
     """
+    if isinstance(model, (engines.OnnxModel, engines.OpenVinoModel)):
+        return None if trace_only else model.predict(batch)
     import numpy as np
     import tensorflow as tf
 
@@ -272,7 +310,9 @@ def at_input_size(model: Any, size: int) -> Any:
     return copy
 
 
-def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32") -> dict[str, Any]:
+def warm_up(
+    models: list[tuple[str, int, int, bool]], precision: str = "float32", engine: str = "tensorflow"
+) -> dict[str, Any]:
     """Import TensorFlow, load ``models`` and trace their predict step, ahead of the stages.
 
     A run submits this to every worker while earlier stages run, so that TensorFlow's
@@ -286,8 +326,8 @@ def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32"
     models : list of (str, int, int, bool)
         Model files, the window side (px) they will predict on, their number of bands, and
         whether to trace them.
-    precision : str
-        As for :func:`get_model`.
+    precision, engine : str
+        As for :func:`get_model` (``engine: onnx`` imports no TensorFlow).
 
     Returns
     -------
@@ -297,11 +337,12 @@ def warm_up(models: list[tuple[str, int, int, bool]], precision: str = "float32"
     """
     t0 = time.perf_counter()
     try:
-        configure_tensorflow()
+        if engine == "tensorflow":
+            configure_tensorflow()
         import numpy as np
 
         for path, size, bands, trace in models:
-            model, lock = get_model(path, precision, size)
+            model, lock = get_model(path, precision, size, engine)
             with lock:
                 predict(model, np.zeros((1, size, size, bands), dtype="float32"), trace_only=not trace)
     except Exception as e:  # noqa: BLE001 - reported by the stage that needs it

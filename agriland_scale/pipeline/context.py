@@ -138,7 +138,8 @@ class RunContext:
         """
         if not models and not only_tensorflow:
             return
-        for future, w in warm_up_workers(self.client, models, self.precision(stage)):
+        engine = self.cfg.runtime.engine
+        for future, w in warm_up_workers(self.client, models, self.precision(stage), engine=engine):
             self.warming.append((future, tuple(m[0] for m in models), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:

@@ -50,6 +50,7 @@ def warm_up_workers(
     models: list[tuple[str, int, int, bool]],
     precision: str = "float32",
     name: str = "warm-up",
+    engine: str = "tensorflow",
 ) -> list[tuple[Future, str]]:
     """Start :func:`~agriland_scale.models.worker.warm_up` of ``models`` on each worker process.
 
@@ -66,6 +67,7 @@ def warm_up_workers(
                 warm_up,
                 models,
                 precision,
+                engine,
                 key=f"{name}-{i}-{uuid.uuid4().hex[:8]}",
                 workers=[w],
                 allow_other_workers=False,

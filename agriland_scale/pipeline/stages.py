@@ -315,6 +315,8 @@ def cae_stage(ctx: RunContext) -> None:
         group=zones[train_zone]["prefix"] + "cube",
         progress_tag=ctx.tag,
         resources=ctx.res,
+        # the artifact another engine predicts with, exported where it was trained
+        onnx=cfg.runtime.engine != "tensorflow",
         pure=False,
     )
     meta = fut.result()
@@ -345,6 +347,7 @@ def embeddings_stage(ctx: RunContext) -> None:
             resources=ctx.res,
             group=z["prefix"] + "cube",
             precision="mixed_float16" if e.mixed_precision and ctx.res else ctx.precision("embeddings"),
+            engine=ctx.cfg.runtime.engine,
         )
         emb["embedding"].attrs["model"] = run_relative(
             ctx.record["cae"]["encoder_path"], ctx.out, ctx.location
@@ -483,6 +486,7 @@ def unet_stage(ctx: RunContext) -> None:
         group=prefix + "cube",
         progress_tag=ctx.tag,
         resources=ctx.res,
+        onnx=cfg.runtime.engine != "tensorflow",
         pure=False,
     )
     meta = fut.result()
@@ -521,6 +525,7 @@ def segmentation_stage(ctx: RunContext) -> None:
             group=z["prefix"] + "cube",
             inference_window=s.inference_window,
             precision=ctx.precision("segmentation"),
+            engine=ctx.cfg.runtime.engine,
         )
         seg["probability"].attrs["model"] = run_relative(
             ctx.record["unet"]["model_path"], ctx.out, ctx.location

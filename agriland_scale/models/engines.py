@@ -1,0 +1,376 @@
+"""Inference engines: TensorFlow, or ONNX Runtime with no TensorFlow in the predicting process.
+
+``runtime.engine`` picks how the model stages predict. ``tensorflow``: the ``.keras`` file
+in Keras (:mod:`~agriland_scale.models.worker`). ``onnx``: an ONNX export of that file run
+by ONNX Runtime (CPUExecutionProvider), which imports and loads in under 1 s against
+TensorFlow's 5-8 s (bench/results/engines.txt) and keeps TensorFlow and Keras out of the
+worker. ``openvino``: the same artifact in OpenVINO, in bfloat16 where
+``runtime.inference_precision`` chose it (AMX / AVX512-BF16 kernels), also without TensorFlow. ``auto``: per model, from the measurements of ``bench/bench_engines.py``
+(:func:`choose_engine`).
+
+The ONNX artifact of ``MODEL.keras`` is ``MODEL.onnx`` beside it, written at the end of
+training and recorded in the model's sidecar (``artifacts.onnx``: its file, its sha256 and
+the sha256 of the ``.keras`` file it was exported from). A model without one (given by the
+user, or trained before) is exported once per machine into :func:`~agriland_scale.files.cache_dir`
+``/onnx/<sha256 of the .keras>[-<px>].onnx``, by a child process (the export needs TensorFlow;
+the process asking for it keeps none). An artifact whose recorded source sha256 is not the
+``.keras`` file's own is stale and never used: the cached export keyed by the file's own
+sha256 is used (made) instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from agriland_scale.errors import CorruptInput, MissingDependency
+
+__all__ = [
+    "ENGINES",
+    "OnnxModel",
+    "OpenVinoModel",
+    "artifact_path",
+    "attach_onnx",
+    "choose_engine",
+    "ensure_onnx",
+    "export_onnx",
+    "have_onnxruntime",
+    "load_onnx",
+    "prepare",
+    "record_onnx",
+    "sha256_file",
+]
+
+ENGINES = ("tensorflow", "onnx", "openvino", "auto")
+# the engines that run the ONNX artifact, and the Python module each needs
+_ONNX_ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+_sha_cache: dict[tuple[str, float, int], str] = {}
+_export_lock = threading.Lock()
+
+
+def have_onnxruntime(module: str = "onnxruntime") -> bool:
+    """Whether ONNX Runtime (or ``module``, e.g. ``openvino``) is installed here, found without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_engine(setting: str, task: str, precision: str = "float32", gpu: bool = False) -> str:
+    """Return the engine (``tensorflow``, ``onnx`` or ``openvino``) that predicts ``task`` at ``precision``.
+
+    ``setting`` is ``runtime.engine``; ``task`` ``embedding`` or ``segmentation``;
+    ``precision`` the Keras policy the stage would use in TensorFlow (``float32``,
+    ``mixed_bfloat16``, ``mixed_float16``); ``gpu``: the workers have GPUs. An explicit
+    ``onnx`` computes in float32 whatever the precision; ``openvino`` in bfloat16 for
+    ``mixed_bfloat16``, else float32.
+
+    ``auto`` follows ``bench/bench_engines.py`` (bench/results/engines.txt: 2-core Intel Xeon with
+    AVX-512, AVX512-BF16 and AMX, the demo's trained encoder and U-Net, batches 1-64, engines
+    alternated in one process; images/s as a multiple of TensorFlow float32):
+
+    * encoder, float32 (``inference_precision: auto`` keeps it in float32): ONNX Runtime
+      1.25-1.64x (OpenVINO float32 0.93-1.42x, less steady), max |d| 5e-7, and it starts in
+      under 1 s against TensorFlow's ~8 s (import, load, first call); without onnxruntime,
+      OpenVINO;
+    * U-Net, bfloat16 (``auto`` on a CPU computing it natively): OpenVINO bfloat16 3.9-6.7x
+      (TensorFlow bfloat16: 2.0-3.5x), 100 % equal masks, max |d| 3e-4 (TensorFlow's 4e-4);
+      without OpenVINO, TensorFlow (ONNX Runtime has no faster bfloat16 path here);
+    * U-Net, float32: ONNX Runtime 0.96-1.15x, OpenVINO 0.75-1.33x, within the machine's
+      noise: TensorFlow;
+    * GPU workers (or float16), or neither runtime installed: TensorFlow.
+
+    Raises
+    ------
+    MissingDependency
+        ``onnx`` or ``openvino`` was asked for and its runtime is not installed.
+    """
+    if setting == "tensorflow":
+        return "tensorflow"
+    if setting in _ONNX_ENGINES:
+        if not have_onnxruntime(_ONNX_ENGINES[setting]):
+            raise MissingDependency(
+                f"runtime.engine is {setting} but {_ONNX_ENGINES[setting]} is not installed in this "
+                "Python: install agriland-scale's [infer] extra (pip install 'agriland-scale[infer]') "
+                "or set runtime.engine to tensorflow"
+            )
+        return setting
+    if setting != "auto":
+        raise ValueError(f"unknown engine {setting!r}: one of {', '.join(ENGINES)}")
+    if gpu or precision not in ("float32", "mixed_bfloat16"):
+        return "tensorflow"
+    openvino, ort = have_onnxruntime("openvino"), have_onnxruntime()
+    if task == "embedding" and precision == "float32":
+        return "onnx" if ort else "openvino" if openvino else "tensorflow"
+    if task == "segmentation" and precision == "mixed_bfloat16" and openvino:
+        return "openvino"
+    return "tensorflow"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (kept per process by path, modification time and size)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_mtime, st.st_size)
+    if key not in _sha_cache:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _sha_cache[key] = h.hexdigest()
+    return _sha_cache[key]
+
+
+def artifact_path(model_path: str | Path) -> Path:
+    """``MODEL.onnx`` beside ``MODEL.keras``."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".onnx")
+
+
+def export_onnx(model_path: str | Path, out: str | Path, input_size: int | None = None) -> Path:
+    """Export the ``.keras`` model at ``model_path`` to ONNX at ``out`` (in this process: imports TensorFlow).
+
+    Keras 3's ``model.export(format="onnx")`` (tf2onnx) with a free batch size; ``input_size``
+    exports a copy taking windows of that side (px, see
+    :func:`~agriland_scale.models.worker.at_input_size`). Written to a temporary name, then
+    renamed: a reader never sees half a file.
+    """
+    from agriland_scale.models import worker
+
+    worker.configure_tensorflow()
+    import keras
+
+    from agriland_scale.models import dec, unet  # noqa: F401  (register custom objects)
+
+    model = keras.saving.load_model(model_path, compile=False)
+    if input_size is not None and model.input_shape[1] != input_size:
+        model = worker.at_input_size(model, input_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="patch")
+    try:
+        model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def record_onnx(model_path: str | Path, onnx_path: str | Path) -> dict[str, Any]:
+    """Return the sidecar record of an ONNX artifact: its file and sha256, and its source's sha256."""
+    return {
+        "file": Path(onnx_path).name,
+        "sha256": sha256_file(onnx_path),
+        "source_sha256": sha256_file(model_path),
+        "exporter": "keras.Model.export(format='onnx') (tf2onnx)",
+        "input": "float32 (batch, height, width, bands)",
+    }
+
+
+def attach_onnx(model_path: str | Path) -> dict[str, Any] | None:
+    """Export ``MODEL.onnx`` beside the ``.keras`` file and record it (end of training, TensorFlow loaded).
+
+    The record (:func:`record_onnx`) goes into the model's sidecar as ``artifacts.onnx`` and
+    into its MLM Item as asset ``onnx``. A failed export is a warning, not a failed training:
+    returns None, and an ``onnx`` engine exports the model into its cache later (or says why not).
+    """
+    import warnings
+
+    from agriland_scale.models.files import read_sidecar, write_sidecar
+    from agriland_scale.models.mlm import add_onnx_asset
+
+    try:
+        out = export_onnx(model_path, artifact_path(model_path))
+    except Exception as e:  # noqa: BLE001 - the .keras model is the product; ONNX is a copy
+        warnings.warn(f"no ONNX export of {model_path} ({type(e).__name__}: {str(e)[:200]})", stacklevel=2)
+        return None
+    rec = record_onnx(model_path, out)
+    meta = read_sidecar(model_path)
+    meta.setdefault("artifacts", {})["onnx"] = rec
+    write_sidecar(model_path, meta)
+    add_onnx_asset(model_path, rec)
+    return rec
+
+
+def _export_in_child(model_path: Path, out: Path, input_size: int | None) -> None:
+    """Export in a child process, so that this one never imports TensorFlow."""
+    cmd = [sys.executable, "-m", "agriland_scale.models.engines", str(model_path), str(out)]
+    if input_size is not None:
+        cmd.append(str(input_size))
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0 or not out.is_file():
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise CorruptInput(
+            f"cannot export the Keras model {model_path} to ONNX ({' | '.join(tail)[:400]}): "
+            "the export needs TensorFlow and tf2onnx (the [cpu] extra) on this machine; or set "
+            "runtime.engine to tensorflow"
+        )
+
+
+def ensure_onnx(model_path: str | Path, input_size: int | None = None, *, export: bool = True) -> Path:
+    """Return an ONNX artifact of the ``.keras`` file ``model_path`` that is not stale.
+
+    The artifact beside the model (recorded in its sidecar) when its recorded source sha256
+    is the model's own and its own sha256 matches; else the export cached for this machine
+    under the model's sha256 (made now by a child process when missing and ``export``).
+    ``input_size``: windows of that side (px) when it is not the model's own.
+
+    Raises
+    ------
+    CorruptInput
+        No usable artifact (``export`` False), or the export failed.
+    """
+    from agriland_scale.files import cache_dir, is_object_url, local_copy
+    from agriland_scale.models.files import read_sidecar
+
+    p = local_copy(model_path)
+    source = sha256_file(p)
+    try:
+        meta = read_sidecar(model_path)
+    except CorruptInput:
+        meta = {}
+    rec = (meta.get("artifacts") or {}).get("onnx") or {}
+    own = meta.get("patch_size")
+    if (input_size is None or input_size == own) and rec.get("source_sha256") == source:
+        beside = p.with_name(str(rec.get("file") or artifact_path(p).name))
+        if is_object_url(model_path):  # the artifact beside the model on object storage, cached
+            try:
+                beside = local_copy(str(model_path).rsplit("/", 1)[0] + "/" + str(rec.get("file")))
+            except Exception:  # noqa: BLE001 - no artifact there: export one into the cache
+                beside = Path("/nonexistent")
+        if (
+            rec.get("source_sha256") == source
+            and beside.is_file()
+            and sha256_file(beside) == rec.get("sha256")
+        ):
+            return beside
+    suffix = "" if input_size is None or input_size == own else f"-{input_size}"
+    cached = cache_dir() / "onnx" / f"{source}{suffix}.onnx"
+    if cached.is_file():
+        return cached
+    if not export:
+        raise CorruptInput(
+            f"the model {model_path} has no up-to-date ONNX artifact (its sidecar records "
+            f"source sha256 {str(rec.get('source_sha256'))[:12]}..., the file's is {source[:12]}...) "
+            "and none is cached: let the engine export it (TensorFlow and tf2onnx, the [cpu] "
+            "extra, on this machine once) or set runtime.engine to tensorflow"
+        )
+    with _export_lock:  # threads of one worker: one export
+        if not cached.is_file():
+            _export_in_child(p, cached, None if not suffix else input_size)
+    return cached
+
+
+def prepare(
+    setting: str, task: str, model_path: str, precision: str, input_size: int | None = None, gpu: bool = False
+) -> tuple[str, str]:
+    """Choose a stage's engine (:func:`choose_engine`) and, for ``onnx``, make its artifact here once.
+
+    Run where the stage's graph is built: a model on a local path gets its ONNX artifact
+    (beside it, or exported into this machine's cache, which local workers share) before any
+    task, so that workers find it and an export failure stops the stage at once. Returns the
+    engine and the precision its predictions compute in (``float32`` for ``onnx``).
+    """
+    from agriland_scale.files import is_object_url
+
+    engine = choose_engine(setting, task, precision, gpu)
+    if engine not in _ONNX_ENGINES:
+        return engine, precision
+    if not is_object_url(model_path):
+        ensure_onnx(model_path, input_size)
+    return engine, precision if engine == "openvino" and precision == "mixed_bfloat16" else "float32"
+
+
+class OnnxModel:
+    """An ONNX Runtime session predicting float32 batches ``(n, h, w, bands)``, numpy in and out.
+
+    ``spinning``: let ONNX Runtime's threads spin between calls (its default; see
+    bench/bench_engines.py, ``ort`` against ``ortspin``).
+    """
+
+    def __init__(self, path: str | Path, *, spinning: bool = False) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if not spinning:  # idle threads sleep between calls: they take no core from the worker's reads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        n = os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if n:
+            opts.intra_op_num_threads = int(n)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)
+        self.name = Path(self.path).stem
+
+    def predict(self, batch: Any) -> Any:
+        """Return the model's (first) output for ``batch`` (float32)."""
+        import numpy as np
+
+        x = np.ascontiguousarray(batch, dtype="float32")
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoModel:
+    """OpenVINO (CPU plugin) on the ONNX artifact, float32 batches in and out, as :class:`OnnxModel`.
+
+    ``precision``: ``mixed_bfloat16`` computes in bfloat16 (OpenVINO's ``bf16`` inference
+    precision: AMX / AVX512-BF16 kernels), anything else in float32.
+    """
+
+    def __init__(self, path: str | Path, precision: str = "float32") -> None:
+        import openvino as ov
+
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "mixed_bfloat16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        n = os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if n:
+            config["INFERENCE_NUM_THREADS"] = int(n)
+        self.path = str(path)
+        self.compiled = ov.Core().compile_model(self.path, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        shape = self.compiled.input(0).get_partial_shape()
+        self.input_shape = tuple(d.get_length() if d.is_static else None for d in shape)
+        self.name = Path(self.path).stem
+
+    def predict(self, batch: Any) -> Any:
+        """Return the model's (first) output for ``batch`` (float32)."""
+        import numpy as np
+
+        x = np.ascontiguousarray(batch, dtype="float32")
+        return self.request.infer({0: x})[self.compiled.output(0)].copy()
+
+
+def load_onnx(
+    model_path: str | Path, input_size: int | None = None, engine: str = "onnx", precision: str = "float32"
+) -> OnnxModel | OpenVinoModel:
+    """Return an :class:`OnnxModel` (or, for ``engine`` ``openvino``, an :class:`OpenVinoModel`) of ``model_path``.
+
+    The model runs its ONNX artifact (:func:`ensure_onnx`); ``precision`` matters to OpenVINO only.
+    """
+    choose_engine(engine, "")  # raises MissingDependency with the install hint
+    path = ensure_onnx(model_path, input_size)
+    try:
+        return OpenVinoModel(path, precision) if engine == "openvino" else OnnxModel(path)
+    except Exception as e:  # noqa: BLE001 - any loader failure means a bad file here
+        raise CorruptInput(
+            f"cannot load the ONNX artifact {path} of {model_path} ({type(e).__name__}: {str(e)[:200]}): "
+            "delete it to export it again, or set runtime.engine to tensorflow"
+        ) from None
+
+
+if __name__ == "__main__":  # python -m agriland_scale.models.engines MODEL.keras OUT.onnx [PX]
+    export_onnx(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
