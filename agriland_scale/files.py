@@ -98,13 +98,24 @@ def write_json_anyhow(obj: Any, path: str | Path) -> bool:
         return True
     except OSError:
         pass
+    # in place: compact (it must fit in the blocks the old record frees), and never left half
+    # written: if the new record does not fit, the old one goes back
     try:
-        with open(path, "r+", encoding="utf-8") as f:
-            f.truncate(0)
-            f.write(json.dumps(obj, indent=1, default=str))
-        return True
+        old = Path(path).read_bytes()
     except OSError:
         return False
+    new = json.dumps(obj, separators=(",", ":"), default=str).encode()
+    for data, ok in ((new, True), (old, False)):
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(0)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return ok
+        except OSError:
+            continue
+    return False
 
 
 # --- object storage: one layer (obstore) for every file that is not Zarr ---------------------

@@ -201,7 +201,7 @@ def test_pipeline_path_is_a_folder(tmp_path):
             "nosuch.key",
             (
                 r"override 'nosuch\.key': no such key 'nosuch' at the top level; valid keys there: "
-                r"cluster, cube, embed, name, output, patches, runtime, search, seed, segment"
+                r"cluster, cube, embed, name, output, patches, publish, runtime, search, seed, segment"
             ),
         ),
         ("seed.x", r"override 'seed\.x': 'seed' is a value \(42\), not a section"),

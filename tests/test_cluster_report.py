@@ -109,7 +109,7 @@ def test_cluster_stats_map_reduce_equals_the_old_loop(cube, index):
     k = 5
     labels = _random_labels(index.sizes["patch"], k)
     size, pix, ndvi, refl = _old_cluster_stats(cube, index, labels, k)
-    loaded = cube.load()
+    loaded = cube.compute()  # a loaded copy: the session fixture stays lazy for the other tests
     for window_bytes in (1, 4 * 2**20, 2**30):  # a patch a task, 3 x 3 patches, all
         st = cluster_stats(loaded, index, labels, k, window_bytes=window_bytes)
         assert st["size"].values.tolist() == size.tolist()
