@@ -92,7 +92,7 @@ def client():
 @pytest.fixture(scope="module")
 def published(store, client, tmp_path_factory):
     """``_write_cogs`` of the publish stage, on the workers, with 512 px output tiles."""
-    from agriland_scale.pipeline.stages import _write_cogs
+    from agriland_scale.pipeline.publishing import _write_cogs
 
     out = tmp_path_factory.mktemp("out")
     seen: list[tuple] = []
