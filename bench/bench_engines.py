@@ -12,7 +12,7 @@ the engines see the same load. Engines:
 * ``tfbf16``: the same on the ``mixed_bfloat16`` copy ``runtime.inference_precision`` uses
   (:func:`~agriland_scale.models.worker.with_precision`);
 * ``ort``: ONNX Runtime 1.x (CPUExecutionProvider) on the Keras 3 ONNX export
-  (:func:`~agriland_scale.models.engines.export_onnx`), float32, as the ``onnx`` engine runs it
+  (:func:`~agriland_scale.models.onnx_export.export_onnx`), float32, as the ``onnx`` engine runs it
   (:class:`~agriland_scale.models.engines.OnnxModel`: its threads do not spin between calls);
   ``ortspin``: the same with ONNX Runtime's default spinning threads;
 * ``ov32`` / ``ovbf16``: OpenVINO on the same ONNX file, inference precision hint f32 / bf16

@@ -113,7 +113,7 @@ def test_onnx_engine_predicts_like_tensorflow_with_no_tensorflow_imported(
     (neither tensorflow nor keras imported there) against TensorFlow float32, max |d| <= 1e-4 and
     >= 99.9 % equal mask pixels. The U-Net's artifact is the one exported at the end of training
     (sidecar record); the encoder has none and is exported once into the worker cache."""
-    from agriland_scale.models import engines, worker
+    from agriland_scale.models import engines, onnx_export, worker
     from agriland_scale.models.embed import _embed_batch
     from agriland_scale.models.files import read_sidecar
     from agriland_scale.models.segment import _open, predict_block
@@ -121,7 +121,7 @@ def test_onnx_engine_predicts_like_tensorflow_with_no_tensorflow_imported(
     cache = tmp_path / "cache"
     monkeypatch.setenv("AGRILAND_CACHE", str(cache))
     encoder, unet = str(small_models / "encoder.keras"), str(small_models / "unet.keras")
-    rec = engines.attach_onnx(unet)  # what training does at its end
+    rec = onnx_export.attach_onnx(unet)  # what training does at its end
     assert rec is not None and (small_models / "unet.onnx").is_file()
     assert read_sidecar(unet)["artifacts"]["onnx"] == rec
     assert rec["source_sha256"] == engines.sha256_file(unet)
@@ -185,13 +185,13 @@ def test_a_stale_artifact_is_never_used(small_models, tmp_path, monkeypatch):
     export allowed the engine refuses, saying why; else it exports into the cache under the
     model's own sha256."""
     from agriland_scale.errors import CorruptInput
-    from agriland_scale.models import engines
+    from agriland_scale.models import engines, onnx_export
     from agriland_scale.models.files import read_sidecar, write_sidecar
 
     monkeypatch.setenv("AGRILAND_CACHE", str(tmp_path / "cache"))
     unet = small_models / "unet.keras"
     if not (small_models / "unet.onnx").is_file():
-        engines.attach_onnx(unet)
+        onnx_export.attach_onnx(unet)
     assert engines.ensure_onnx(unet, export=False) == small_models / "unet.onnx"
     meta = read_sidecar(unet)
     stale = json.loads(json.dumps(meta))
@@ -206,7 +206,7 @@ def test_a_stale_artifact_is_never_used(small_models, tmp_path, monkeypatch):
             engines.ensure_onnx(unet, export=False)
     finally:
         write_sidecar(unet, meta)
-        engines.attach_onnx(unet)
+        onnx_export.attach_onnx(unet)
 
 
 def test_the_mlm_item_with_its_onnx_asset_stays_valid(tmp_path):

@@ -35,10 +35,8 @@ __all__ = [
     "OnnxModel",
     "OpenVinoModel",
     "artifact_path",
-    "attach_onnx",
     "choose_engine",
     "ensure_onnx",
-    "export_onnx",
     "have_onnxruntime",
     "load_onnx",
     "prepare",
@@ -132,38 +130,6 @@ def artifact_path(model_path: str | Path) -> Path:
     return p.with_name(p.stem + ".onnx")
 
 
-def export_onnx(model_path: str | Path, out: str | Path, input_size: int | None = None) -> Path:
-    """Export the ``.keras`` model at ``model_path`` to ONNX at ``out`` (in this process: imports TensorFlow).
-
-    Keras 3's ``model.export(format="onnx")`` (tf2onnx) with a free batch size; ``input_size``
-    exports a copy taking windows of that side (px, see
-    :func:`~agriland_scale.models.worker.at_input_size`). Written to a temporary name, then
-    renamed: a reader never sees half a file.
-    """
-    from agriland_scale.models import worker
-
-    worker.configure_tensorflow()
-    import keras
-
-    from agriland_scale.models import dec, unet  # noqa: F401  (register custom objects)
-
-    model = keras.saving.load_model(model_path, compile=False)
-    if input_size is not None and model.input_shape[1] != input_size:
-        model = worker.at_input_size(model, input_size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    import tensorflow as tf
-
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="patch")
-    try:
-        model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def record_onnx(model_path: str | Path, onnx_path: str | Path) -> dict[str, Any]:
     """Return the sidecar record of an ONNX artifact: its file and sha256, and its source's sha256."""
     return {
@@ -175,34 +141,9 @@ def record_onnx(model_path: str | Path, onnx_path: str | Path) -> dict[str, Any]
     }
 
 
-def attach_onnx(model_path: str | Path) -> dict[str, Any] | None:
-    """Export ``MODEL.onnx`` beside the ``.keras`` file and record it (end of training, TensorFlow loaded).
-
-    The record (:func:`record_onnx`) goes into the model's sidecar as ``artifacts.onnx`` and
-    into its MLM Item as asset ``onnx``. A failed export is a warning, not a failed training:
-    returns None, and an ``onnx`` engine exports the model into its cache later (or says why not).
-    """
-    import warnings
-
-    from agriland_scale.models.files import read_sidecar, write_sidecar
-    from agriland_scale.models.mlm import add_onnx_asset
-
-    try:
-        out = export_onnx(model_path, artifact_path(model_path))
-    except Exception as e:  # noqa: BLE001 - the .keras model is the product; ONNX is a copy
-        warnings.warn(f"no ONNX export of {model_path} ({type(e).__name__}: {str(e)[:200]})", stacklevel=2)
-        return None
-    rec = record_onnx(model_path, out)
-    meta = read_sidecar(model_path)
-    meta.setdefault("artifacts", {})["onnx"] = rec
-    write_sidecar(model_path, meta)
-    add_onnx_asset(model_path, rec)
-    return rec
-
-
 def _export_in_child(model_path: Path, out: Path, input_size: int | None) -> None:
     """Export in a child process, so that this one never imports TensorFlow."""
-    cmd = [sys.executable, "-m", "agriland_scale.models.engines", str(model_path), str(out)]
+    cmd = [sys.executable, "-m", "agriland_scale.models.onnx_export", str(model_path), str(out)]
     if input_size is not None:
         cmd.append(str(input_size))
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -370,7 +311,3 @@ def load_onnx(
             f"cannot load the ONNX artifact {path} of {model_path} ({type(e).__name__}: {str(e)[:200]}): "
             "delete it to export it again, or set runtime.engine to tensorflow"
         ) from None
-
-
-if __name__ == "__main__":  # python -m agriland_scale.models.engines MODEL.keras OUT.onnx [PX]
-    export_onnx(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

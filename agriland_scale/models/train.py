@@ -21,7 +21,7 @@ import xarray as xr
 from agriland_scale.config.bands import canonical_band
 from agriland_scale.config.schema import EmbedConfig, SegmentConfig
 from agriland_scale.errors import CorruptInput
-from agriland_scale.models import engines
+from agriland_scale.models import onnx_export
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.mlm import write_mlm_item
 from agriland_scale.models.windows import _metrics, training_windows, unet_augment_fn
@@ -411,7 +411,7 @@ def train_cae(
         Relays per-step progress to the run that submitted the task.
     onnx : bool
         Also export the encoder to ``encoder.onnx`` beside it, for ``runtime.engine: onnx``
-        (recorded in its sidecar and MLM Item, :func:`~.engines.attach_onnx`).
+        (recorded in its sidecar and MLM Item, :func:`~.onnx_export.attach_onnx`).
 
     Returns
     -------
@@ -432,7 +432,7 @@ def train_cae(
             progress_tag=progress_tag,
         )
         if onnx:
-            engines.attach_onnx(meta["encoder_path"])
+            onnx_export.attach_onnx(meta["encoder_path"])
     return _relocated(meta, local, out_path)
 
 
@@ -493,7 +493,7 @@ def train_unet(
             progress_tag=progress_tag,
         )
         if onnx:
-            engines.attach_onnx(local)
+            onnx_export.attach_onnx(local)
     return _relocated(meta, local, out_path)
 
 
