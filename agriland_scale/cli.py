@@ -129,7 +129,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from agriland_scale.pipeline.plan import format_plan, parse_throughput, plan_run
+    from agriland_scale.pipeline.plan import format_plan, plan_run
+    from agriland_scale.pipeline.throughput import parse_throughput
 
     cfg = load_config(args.pipeline, **_overrides(args.set))
     plan = plan_run(

@@ -13,8 +13,9 @@ from agriland_scale.config.load import load_config
 from agriland_scale.errors import ConfigError
 from agriland_scale.layout import STAGES
 from agriland_scale.patches import patch_grid
-from agriland_scale.pipeline.plan import format_plan, parse_throughput, plan_run
+from agriland_scale.pipeline.plan import format_plan, plan_run
 from agriland_scale.pipeline.preflight import preflight
+from agriland_scale.pipeline.throughput import parse_throughput
 from agriland_scale.search.stac import region_of
 
 from .conftest import DEMO_YAML, VIRGINIA
