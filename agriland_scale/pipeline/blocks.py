@@ -164,9 +164,6 @@ class BlockGraph:
         self.graph = _optimized(ds[lazy])
         self.token = uuid.uuid4().hex[:12]
 
-    def __len__(self) -> int:
-        return len(self.graph)
-
     def chunk_keys(self, name: str, i: int) -> np.ndarray:
         """Return the keys of variable ``name``'s chunks in block ``i``, as an array shaped like its chunk grid."""
         dims = self.vars[name][0]
@@ -190,11 +187,14 @@ class BlockGraph:
         """Return the write task's key: ``cube-block-7-…`` (the dashboard shows ``cube-block``)."""
         return f"{stage}-block-{i}-{self.token}"
 
-    def tasks(self, blocks: list[int], stage: str, fork: Any, group: str) -> tuple[dict, list[str], int]:
+    def tasks(
+        self, blocks: list[int], stage: str, fork: Any, group: str, needs: dict[int, set] | None = None
+    ) -> tuple[dict, list[str], int]:
         """Return the graph that writes ``blocks`` into ``fork``: ``(graph, write keys, tasks)``.
 
         Culled from the product's graph at the cost of these blocks' own tasks. The fork is
         one node of the graph that every write task refers to (sent once, not once a task).
+        ``needs``: the blocks' tasks as :meth:`needs` culled them already (taken out of it).
         """
         from dask._task_spec import DataNode, Dict, Task, TaskRef
 
@@ -202,7 +202,7 @@ class BlockGraph:
         dsk: dict = {fork_key: DataNode(fork_key, fork)}
         keys = []
         for i in blocks:
-            for k in self.needs(i):
+            for k in needs.pop(i) if needs and i in needs else self.needs(i):
                 dsk[k] = self.graph[k]
             chunks = Dict({n: _refs(self.chunk_keys(n, i)) for n in self.vars})
             key = self.block_key(stage, i)
@@ -346,6 +346,7 @@ class Waves:
         self.products, self.key, self.sig, self.parts = products, key, sig, parts
         self.client, self.progress, self.workers = client, progress, workers
         self.starts = [p.offset for p in parts]
+        self._needs: dict[int, set] = {}  # a queued block's tasks, culled once (cost, then submit)
 
     def part(self, i: int) -> Part:
         """Return the product that block ``i`` of the write belongs to."""
@@ -360,7 +361,9 @@ class Waves:
 
     def _cost(self, i: int, stats: dict[str, Any]) -> int:
         p = self.part(i)
-        return len(self._graph(p, stats).needs(i - p.offset)) + 1
+        if i not in self._needs:
+            self._needs[i] = self._graph(p, stats).needs(i - p.offset)
+        return len(self._needs[i]) + 1
 
     def _submit(self, wave: list[int], fork: Any, stats: dict[str, Any]) -> list:
         t0 = time.process_time()
@@ -369,7 +372,10 @@ class Waves:
         for p in self.parts:
             mine = [i - p.offset for i in wave if self.part(i) is p]
             if mine:
-                g, k, _ = self._graph(p, stats).tasks(mine, p.stage, fork, p.group)
+                needs = {
+                    i - p.offset: self._needs.pop(i) for i in wave if i in self._needs and self.part(i) is p
+                }
+                g, k, _ = self._graph(p, stats).tasks(mine, p.stage, fork, p.group, needs)
                 dsk.update(g)
                 keys += k
         # named, not hashed: dask would otherwise tokenize the whole wave to name it
