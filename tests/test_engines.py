@@ -53,9 +53,9 @@ def small_models(tmp_path_factory):
 
 
 def test_auto_follows_the_engine_table_and_falls_back_to_tensorflow(monkeypatch):
-    """``runtime.engine: auto`` (bench/results/engines.txt): the float32 encoder in ONNX Runtime,
-    else OpenVINO; the bfloat16 U-Net in OpenVINO, else TensorFlow; the float32 U-Net, GPU workers
-    and float16 in TensorFlow; TensorFlow where neither runtime is installed."""
+    """``runtime.engine: auto`` (bench/results/engines.txt): float32 models in ONNX Runtime,
+    else OpenVINO; bfloat16 models in OpenVINO, else TensorFlow; GPU workers and float16 in
+    TensorFlow; TensorFlow where neither runtime is installed."""
     from agriland_scale.errors import MissingDependency
     from agriland_scale.models import engines
 
@@ -65,7 +65,8 @@ def test_auto_follows_the_engine_table_and_falls_back_to_tensorflow(monkeypatch)
     assert engines.choose_engine("onnx", "segmentation", "mixed_bfloat16") == "onnx"
     assert engines.choose_engine("auto", "embedding", "float32") == "onnx"
     assert engines.choose_engine("auto", "segmentation", "mixed_bfloat16") == "openvino"
-    assert engines.choose_engine("auto", "segmentation", "float32") == "tensorflow"
+    assert engines.choose_engine("auto", "segmentation", "float32") == "onnx"
+    assert engines.choose_engine("auto", "embedding", "mixed_bfloat16") == "openvino"
     assert engines.choose_engine("auto", "embedding", "mixed_float16") == "tensorflow"
     assert engines.choose_engine("auto", "embedding", "float32", gpu=True) == "tensorflow"
     installed.discard("onnxruntime")
@@ -256,3 +257,151 @@ def test_training_exports_the_artifact_beside_the_model(cube_store, demo_cfg, tm
     item = json.loads((tmp_path / "unet.keras.stac.json").read_text())
     assert item["assets"]["onnx"]["agriland:source_sha256"] == rec["source_sha256"]
     assert engines.ensure_onnx(out, export=False) == tmp_path / "unet.onnx"
+
+
+def test_auto_takes_another_engine_only_where_its_artifact_is_here_or_the_stage_pays(
+    small_models, tmp_path, monkeypatch
+):
+    """``auto`` on a model without an ONNX artifact: TensorFlow for a small stage (an export costs
+    20-120 s), the engine of the table from EXPORT_PAYS_FROM images or once an artifact is
+    cached; an explicit engine is always honoured. Nothing is exported by the choice."""
+    from agriland_scale.models import engines
+
+    monkeypatch.setenv("AGRILAND_CACHE", str(tmp_path / "cache"))
+    enc = small_models / "encoder.keras"
+    big = engines.EXPORT_PAYS_FROM
+    assert engines.resolve("auto", "embedding", enc, units=49) == "tensorflow"
+    assert engines.resolve("auto", "embedding", enc) == "tensorflow"  # a warm-up: units unknown
+    assert engines.resolve("auto", "embedding", enc, units=big) == "onnx"
+    assert engines.resolve("onnx", "embedding", enc, units=1) == "onnx"
+    assert (
+        engines.resolve("auto", "segmentation", small_models / "unet.keras", "float32", units=big) == "onnx"
+    )
+    assert (
+        engines.resolve("auto", "segmentation", small_models / "unet.keras", "float16", units=big)
+        == "tensorflow"
+    )
+    assert not (tmp_path / "cache" / "onnx").exists()  # choosing exported nothing
+    cached = tmp_path / "cache" / "onnx" / f"{engines.sha256_file(enc)}.onnx"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"an export")  # what ensure_onnx made once on this machine
+    assert engines.has_artifact(enc)
+    assert engines.resolve("auto", "embedding", enc, units=1) == "onnx"
+    assert not engines.has_artifact(enc, input_size=2 * SIZE)  # another window: another export
+
+
+def test_tensorflow_is_imported_at_launch_only_when_a_stage_needs_it(small_models, tmp_path, monkeypatch):
+    """The launched cluster's workers import TensorFlow for training, for an engine that resolves
+    to TensorFlow, never for an inference-only run whose models have their artifacts (``auto``)
+    nor for the data stages alone. Clusters (DEC) need no TensorFlow any more."""
+    from agriland_scale.config.schema import RunConfig
+    from agriland_scale.models import engines
+    from agriland_scale.pipeline.launch import tensorflow_needed
+
+    monkeypatch.setenv("AGRILAND_CACHE", str(tmp_path / "cache"))
+    enc, unet = small_models / "encoder.keras", small_models / "unet.keras"
+
+    def cfg(engine="auto", **over):
+        base = {
+            "name": "t",
+            "search": {
+                "api": "local",
+                "catalog": "builtin:virginia",
+                "collections": ["c"],
+                "bbox": [0, 0, 1, 1],
+            },
+            "embed": {"model": str(enc)},
+            "segment": {"model": str(unet)},
+            "runtime": {"engine": engine},
+        }
+        for k, v in over.items():
+            base[k] = v
+        return RunConfig.model_validate(base)
+
+    everything = [
+        "search",
+        "cube",
+        "patches",
+        "cae",
+        "embeddings",
+        "clusters",
+        "unet",
+        "segmentation",
+        "publish",
+    ]
+    assert not tensorflow_needed(cfg(), ["search", "cube", "patches", "clusters", "publish"])
+    assert tensorflow_needed(cfg(), everything)  # no artifacts yet: auto keeps TensorFlow
+    assert tensorflow_needed(cfg("tensorflow"), everything)
+    for model in (enc, unet):
+        cached = tmp_path / "cache" / "onnx" / f"{engines.sha256_file(model)}.onnx"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(b"an export")
+    assert not tensorflow_needed(cfg(), everything)  # both exported: no TensorFlow anywhere
+    assert tensorflow_needed(cfg(), ["cae", "embeddings"]) is False
+    assert tensorflow_needed(cfg(embed={}), ["cae", "embeddings"])  # the CAE is trained: TensorFlow
+    assert tensorflow_needed(cfg(segment={"labels": "builtin:virginia/labels.geojson"}), ["unet"])
+
+
+_RUN_CHILD = """
+import json, sys
+from agriland_scale.config import load_config
+from agriland_scale.pipeline.runner import run
+a = json.loads(sys.argv[1])
+cfg = load_config(a["pipeline"]).with_overrides(**a["overrides"])
+run(cfg, a["out"], scheduler=a["scheduler"], report=lambda *x: None)
+print(json.dumps({m: m in sys.modules for m in ("tensorflow", "keras")}))
+"""
+
+
+def test_an_inference_only_run_with_artifacts_imports_no_tensorflow_anywhere(small_models, tmp_path):
+    """``runtime.engine: auto`` (the default) and given models whose ONNX artifacts are at hand:
+    the whole run (search to publish, clusters included) imports neither TensorFlow nor Keras in
+    the agriland process or on the worker, and the products say which engine made them."""
+    import xarray as xr
+    from distributed import Client, LocalCluster
+
+    from agriland_scale.models import onnx_export
+
+    for name in ("encoder.keras", "unet.keras"):
+        assert onnx_export.attach_onnx(str(small_models / name)) is not None
+    from tests.conftest import DEMO_YAML, FAST
+
+    overrides = {
+        **FAST,
+        "patches.size": SIZE,
+        "patches.stride": SIZE,
+        "embed.model": str(small_models / "encoder.keras"),
+        "segment.model": str(small_models / "unet.keras"),
+        "segment.window": SIZE,
+        "segment.overlap": 16,
+        "segment.inference_window": None,
+        "runtime.inference_precision": "float32",
+    }
+    env = os.environ | {"TF_NUM_INTRAOP_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            args = {
+                "pipeline": str(DEMO_YAML),
+                "overrides": overrides,
+                "out": str(tmp_path / "run"),
+                "scheduler": cluster.scheduler_address,
+            }
+            r = subprocess.run(
+                [sys.executable, "-c", _RUN_CHILD, json.dumps(args)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+                check=False,
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert json.loads(r.stdout.strip().splitlines()[-1]) == {"tensorflow": False, "keras": False}
+            on_workers = client.run(lambda: sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
+            assert list(on_workers.values()) == [[]]
+    from agriland_scale.store import open_product
+
+    emb = open_product(str(tmp_path / "run"), "embeddings")
+    seg = open_product(str(tmp_path / "run"), "segmentation")
+    assert emb["embedding"].attrs["engine"] == "onnx" and seg["probability"].attrs["engine"] == "onnx"
+    assert isinstance(emb, xr.Dataset) and int(emb["embedding"].notnull().any("dim").sum()) > 0
+    assert float(seg["probability"].max()) > 0

@@ -6,7 +6,8 @@ stored embeddings ``(patch, dim)``, one chunk of rows at a time:
 1. draw a seeded sample of at most ``sample_size`` valid rows;
 2. k-means: MiniBatchKMeans with ``n_init`` restarts on the sample, then ``partial_fit``
    over every chunk of valid rows starting from those centres;
-3. DEC (:func:`agriland_scale.models.dec.fit_dec`) refines the centres on the sample, then
+3. DEC (:func:`agriland_scale.models.dec_refine.refine_centroids`: NumPy, no TensorFlow)
+   refines the centres on the sample, then
    every chunk is soft-assigned and written to Zarr arrays (``labels``, ``kmeans_labels``,
    ``soft``, ``centroids``).
 
@@ -31,6 +32,7 @@ import zarr
 
 from agriland_scale.config.schema import ClusterConfig
 from agriland_scale.errors import CorruptInput, EmptyRegion
+from agriland_scale.models.dec_refine import refine_centroids, soft_assign
 from agriland_scale.patches import patch_map_transform
 from agriland_scale.store import write_georef
 
@@ -77,9 +79,6 @@ def _gather(emb: zarr.Array | xr.DataArray, rows: np.ndarray, chunk: int) -> np.
 
 def _soft(z: np.ndarray, centroids: np.ndarray, alpha: float) -> np.ndarray:
     """:func:`soft_assign` in row blocks, so its ``(rows, k, dim)`` broadcast stays small."""
-    # models.dec imports Keras: only where clustering runs (a worker), not in the client
-    from agriland_scale.models.dec import soft_assign
-
     k, d = centroids.shape
     step = max(1, _SOFT_BYTES // (8 * k * d))
     return np.concatenate(
@@ -137,8 +136,6 @@ def fit_clusters_streaming(
     dict with timings (s), ``dec_iterations``, ``dec_last_delta``, ``dec_converged``,
     ``n_clustered``, ``n_sample``, ``sizes`` (patches a cluster) and ``changed_vs_kmeans``.
     """
-    from agriland_scale.models.dec import fit_dec  # Keras, on the worker that clusters
-
     n, dim = int(emb.shape[0]), int(emb.shape[1])
     valid = np.asarray(valid, dtype=bool)
     if valid.shape != (n,):
@@ -175,7 +172,7 @@ def fit_clusters_streaming(
                 km.partial_fit(block.astype("float64"))
     t_km = time.perf_counter() - t0
     d = cfg.dec
-    res = fit_dec(
+    res = refine_centroids(
         z,
         km.cluster_centers_,
         alpha=d.alpha,

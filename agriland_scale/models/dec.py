@@ -23,25 +23,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from agriland_scale.models.dec_refine import soft_assign, target_distribution
+
 __all__ = ["ClusteringLayer", "DECResult", "fit_dec", "soft_assign", "target_distribution"]
-
-
-def soft_assign(z: np.ndarray, centroids: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-    """Student's-t soft assignments ``(n, k)`` of embeddings ``z (n, d)`` to ``centroids (k, d)``.
-
-    Squared distances as ``|z|^2 - 2 z.c + |c|^2`` in float64: memory ``(n, k)``, not
-    ``(n, k, d)`` (a sample of 10^4 embeddings at k = 100, d = 100 would need 800 MB).
-    """
-    z64, c64 = np.asarray(z, dtype="float64"), np.asarray(centroids, dtype="float64")
-    d2 = np.maximum((z64**2).sum(1)[:, None] - 2.0 * z64 @ c64.T + (c64**2).sum(1)[None, :], 0.0)
-    q = (1.0 + d2 / alpha) ** (-(alpha + 1.0) / 2.0)
-    return q / q.sum(1, keepdims=True)
-
-
-def target_distribution(q: np.ndarray) -> np.ndarray:
-    """DEC's auxiliary target ``p (n, k)`` from soft assignments ``q (n, k)``."""
-    w = q**2 / q.sum(0)
-    return w / w.sum(1, keepdims=True)
 
 
 @keras.saving.register_keras_serializable(package="agriland")

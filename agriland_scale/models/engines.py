@@ -34,19 +34,29 @@ __all__ = [
     "ENGINES",
     "OnnxModel",
     "OpenVinoModel",
+    "EXPORT_PAYS_FROM",
     "artifact_path",
     "choose_engine",
+    "has_artifact",
     "ensure_onnx",
     "have_onnxruntime",
     "load_onnx",
     "prepare",
     "record_onnx",
+    "resolve",
     "sha256_file",
 ]
 
 ENGINES = ("tensorflow", "onnx", "openvino", "auto")
 # the engines that run the ONNX artifact, and the Python module each needs
 _ONNX_ENGINES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+# ``auto`` exports a model that has no ONNX artifact only for a stage of at least this many
+# images (patches or windows): the export costs 20-120 s once (bench/results/engines.txt:
+# U-Net 21 s, ResNet-50 encoder 116 s on a loaded 2-core machine), the faster engine saves
+# 0.02-0.05 s an image, so it pays back from about one Sentinel-2 tile (1,849 patches of
+# 256 px); smaller runs (the demo: 49 patches) keep TensorFlow, which trained the model
+EXPORT_PAYS_FROM = 2000
 
 _sha_cache: dict[tuple[str, float, int], str] = {}
 _export_lock = threading.Lock()
@@ -78,9 +88,12 @@ def choose_engine(setting: str, task: str, precision: str = "float32", gpu: bool
       OpenVINO;
     * U-Net, bfloat16 (``auto`` on a CPU computing it natively): OpenVINO bfloat16 3.9-6.7x
       (TensorFlow bfloat16: 2.0-3.5x), 100 % equal masks, max |d| 3e-4 (TensorFlow's 4e-4);
-      without OpenVINO, TensorFlow (ONNX Runtime has no faster bfloat16 path here);
-    * U-Net, float32: ONNX Runtime 0.96-1.15x, OpenVINO 0.75-1.33x, within the machine's
-      noise: TensorFlow;
+      the encoder in bfloat16 (``inference_precision: bfloat16``): OpenVINO 2.6-8.6x
+      (TensorFlow bfloat16 1.2-2.0x); without OpenVINO, TensorFlow (ONNX Runtime has no
+      faster bfloat16 path here);
+    * U-Net, float32: ONNX Runtime 0.96-1.15x, OpenVINO 0.75-1.33x, equal within the
+      machine's noise, so the start decides: ONNX Runtime (0.4 s to import and load against
+      TensorFlow's 7 s), as for the encoder;
     * GPU workers (or float16), or neither runtime installed: TensorFlow.
 
     Raises
@@ -103,11 +116,9 @@ def choose_engine(setting: str, task: str, precision: str = "float32", gpu: bool
     if gpu or precision not in ("float32", "mixed_bfloat16"):
         return "tensorflow"
     openvino, ort = have_onnxruntime("openvino"), have_onnxruntime()
-    if task == "embedding" and precision == "float32":
-        return "onnx" if ort else "openvino" if openvino else "tensorflow"
-    if task == "segmentation" and precision == "mixed_bfloat16" and openvino:
-        return "openvino"
-    return "tensorflow"
+    if precision == "mixed_bfloat16":
+        return "openvino" if openvino else "tensorflow"
+    return "onnx" if ort else "openvino" if openvino else "tensorflow"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -210,19 +221,64 @@ def ensure_onnx(model_path: str | Path, input_size: int | None = None, *, export
     return cached
 
 
-def prepare(
-    setting: str, task: str, model_path: str, precision: str, input_size: int | None = None, gpu: bool = False
-) -> tuple[str, str]:
-    """Choose a stage's engine (:func:`choose_engine`) and, for ``onnx``, make its artifact here once.
+def has_artifact(model_path: str | Path, input_size: int | None = None) -> bool:
+    """Whether ``model_path`` has an ONNX artifact that is not stale (beside it, or cached here); exports nothing."""
+    try:
+        ensure_onnx(model_path, input_size, export=False)
+    except CorruptInput:
+        return False
+    except OSError:  # the model itself is missing: the stage that needs it says so
+        return False
+    return True
 
-    Run where the stage's graph is built: a model on a local path gets its ONNX artifact
-    (beside it, or exported into this machine's cache, which local workers share) before any
-    task, so that workers find it and an export failure stops the stage at once. Returns the
-    engine and the precision its predictions compute in (``float32`` for ``onnx``).
+
+def resolve(
+    setting: str,
+    task: str,
+    model_path: str | Path,
+    precision: str = "float32",
+    input_size: int | None = None,
+    *,
+    units: int | None = None,
+    gpu: bool = False,
+) -> str:
+    """Return the engine that predicts ``task`` with ``model_path``: :func:`choose_engine`, for ``auto`` by cost.
+
+    ``auto`` takes the engine of the table only where its artifact is at hand
+    (:func:`has_artifact`) or the stage is large enough for a one-time export to pay back:
+    ``units`` (images the stage predicts; None: not known yet, as at a warm-up) of at least
+    :data:`EXPORT_PAYS_FROM`. Otherwise TensorFlow. An explicit ``onnx`` or ``openvino`` is
+    always honoured (exporting when needed).
+    """
+    engine = choose_engine(setting, task, precision, gpu)
+    if setting != "auto" or engine not in _ONNX_ENGINES:
+        return engine
+    if (units or 0) >= EXPORT_PAYS_FROM or has_artifact(model_path, input_size):
+        return engine
+    return "tensorflow"
+
+
+def prepare(
+    setting: str,
+    task: str,
+    model_path: str,
+    precision: str,
+    input_size: int | None = None,
+    gpu: bool = False,
+    *,
+    units: int | None = None,
+) -> tuple[str, str]:
+    """Choose a stage's engine (:func:`resolve`) and, for ``onnx``, make its artifact here once.
+
+    Run where the stage's graph is built, with ``units`` the images the stage predicts: a
+    model on a local path gets its ONNX artifact (beside it, or exported into this machine's
+    cache, which local workers share) before any task, so that workers find it and an export
+    failure stops the stage at once. Returns the engine and the precision its predictions
+    compute in (``float32`` for ``onnx``).
     """
     from agriland_scale.files import is_object_url
 
-    engine = choose_engine(setting, task, precision, gpu)
+    engine = resolve(setting, task, model_path, precision, input_size, units=units, gpu=gpu)
     if engine not in _ONNX_ENGINES:
         return engine, precision
     if not is_object_url(model_path):

@@ -13,6 +13,7 @@ from typing import Any
 from agriland_scale.config.schema import RunConfig
 from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
+from agriland_scale.models.files import read_sidecar
 from agriland_scale.pipeline.launch import warm_up_workers
 from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import main_process_worker
@@ -138,9 +139,19 @@ class RunContext:
         """
         if not models and not only_tensorflow:
             return
-        engine = self.cfg.runtime.engine
-        for future, w in warm_up_workers(self.client, models, self.precision(stage), engine=engine):
-            self.warming.append((future, tuple(m[0] for m in models), w))
+        from agriland_scale.models.engines import resolve
+
+        precision = self.precision(stage)
+        task = "embedding" if stage == "embeddings" else "segmentation"
+        groups: dict[str, list[tuple[str, int, int, bool]]] = {}
+        for m in models:  # each model in the engine its stage will take (``auto``: if its artifact is here)
+            trained = (read_sidecar(m[0]).get("patch_size") if task == "segmentation" else None) or m[1]
+            size = None if m[1] == trained else m[1]
+            engine = resolve(self.cfg.runtime.engine, task, m[0], precision, size, gpu=bool(self.res))
+            groups.setdefault(engine, []).append(m)
+        for engine, group in groups.items() if models else [("tensorflow", [])]:
+            for future, w in warm_up_workers(self.client, group, precision, engine=engine):
+                self.warming.append((future, tuple(m[0] for m in group), w))
 
     def wait_for_warm_up(self, model: str, timeout: float = 600.0) -> float:
         """Wait for the warm-ups that load ``model`` or import TensorFlow; return the seconds waited.

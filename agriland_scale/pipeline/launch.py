@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from agriland_scale.pipeline.runtime import (
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
 
-__all__ = ["ClusterLaunch", "launch_for_run", "models_to_run", "warm_up_workers"]
+__all__ = ["ClusterLaunch", "launch_for_run", "models_to_run", "tensorflow_needed", "warm_up_workers"]
 
 
 def warm_up_workers(
@@ -91,8 +92,54 @@ def launch_for_run(
     if scheduler_address(cfg.runtime, scheduler):
         return None
     return ClusterLaunch(
-        cfg.runtime, import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite)
+        cfg.runtime,
+        import_tensorflow=models_to_run(out, until, force=force, overwrite=overwrite)
+        and tensorflow_needed(cfg, stages_needed(until)),
     )
+
+
+def tensorflow_needed(cfg: RunConfig, todo: Iterable[str]) -> bool:
+    """Whether the workers will need TensorFlow for the stages of ``todo``.
+
+    Training a model (the ``cae`` or ``unet`` stage without ``embed.model`` /
+    ``segment.model``) does; applying one does when ``runtime.engine`` resolves to
+    ``tensorflow`` for it (:func:`~agriland_scale.models.engines.resolve`; ``auto`` takes ONNX
+    Runtime or OpenVINO for a model whose ONNX artifact is at hand). The precision is this
+    process's guess: the U-Net in bfloat16 unless ``inference_precision`` is ``float32``.
+    A wrong guess costs only time: a warm-up or the stage imports TensorFlow later.
+    """
+    from agriland_scale.models.engines import resolve
+
+    todo = set(todo)
+    if not MODEL_STAGES & todo:
+        return False
+    rt = cfg.runtime
+    if rt.engine == "tensorflow":
+        return True
+    bf16 = "mixed_bfloat16"
+    for train, apply, model, task, precision in (
+        (
+            "cae",
+            "embeddings",
+            cfg.embed.model,
+            "embedding",
+            bf16 if rt.inference_precision == "bfloat16" else "float32",
+        ),
+        (
+            "unet",
+            "segmentation",
+            cfg.segment.model,
+            "segmentation",
+            "float32" if rt.inference_precision == "float32" else bf16,
+        ),
+    ):
+        if not {train, apply} & todo:
+            continue
+        if not model:  # trained in this run (or earlier: a cheap wrong guess)
+            return True
+        if apply in todo and resolve(rt.engine, task, model, precision) == "tensorflow":
+            return True
+    return False
 
 
 def models_to_run(out: Path | str, until: str | None, *, force: bool, overwrite: bool) -> bool:

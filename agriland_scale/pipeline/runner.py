@@ -58,7 +58,6 @@ from agriland_scale.layout import (
     GROUPS,
     ITEMS,
     LOGS_DIR,
-    MODEL_STAGES,
     MODELS_DIR,
     RECORD,
     STAGES,
@@ -71,6 +70,7 @@ from agriland_scale.layout import (
 from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
+from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.resume import Products
@@ -499,7 +499,7 @@ class _Runner:
                 [(e.model, self.cfg.patches.size, len(e.bands), True)]
                 if "embeddings" in todo and e.model and not (e.mixed_precision and res)
                 else [],
-                only_tensorflow=not ctx.warming and bool(MODEL_STAGES & set(todo)),
+                only_tensorflow=not ctx.warming and tensorflow_needed(self.cfg, todo),
             )
             # the dashboard dies with a LocalCluster: its task stream, profiles and worker
             # memory of this run are kept as one HTML page beside the run's log

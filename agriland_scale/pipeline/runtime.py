@@ -458,6 +458,9 @@ def _preload() -> float:
     return time.perf_counter() - t0
 
 
+_TASKS = {"embeddings": "embedding", "segmentation": "segmentation"}
+
+
 def given_models(cfg: RunConfig) -> dict[str, list[tuple[str, int, int, bool]]]:
     """List the models a run of ``cfg`` is given (``embed.model``, ``segment.model``), by stage.
 
@@ -538,12 +541,18 @@ def serve_cluster(
         )
         loaded = ""
         if models:
+            from agriland_scale.models.engines import resolve
             from agriland_scale.models.worker import warm_up
 
-            precision = inference_precision(client, cfg.inference_precision, gpu=bool(gpu_resources(client)))
+            gpu = bool(gpu_resources(client))
+            precision = inference_precision(client, cfg.inference_precision, gpu=gpu)
+            engine = {  # the engine each stage's run will take (auto: where the ONNX artifact is here)
+                stage: resolve(cfg.engine, _TASKS[stage], m[0][0], precision[stage], gpu=gpu)
+                for stage, m in models.items()
+            }
             done = client.gather(
                 [
-                    client.submit(warm_up, m, precision[stage], workers=[w], pure=False)
+                    client.submit(warm_up, m, precision[stage], engine[stage], workers=[w], pure=False)
                     for stage, m in models.items()
                     for w in workers
                 ]
