@@ -14,7 +14,10 @@ schedule, or given with ``--models DIR``), the two are run alternately as separa
   ``patches.stride: 256`` and the default ``segment.overlap`` (64 px: a seamless mosaic of the
   whole scene), once more with ``segment.overlap: 0``, and once with
   ``runtime.inference_precision: float32`` (the default ``auto`` computes the predictions in
-  bfloat16 on CPUs that have it natively, as this machine's does);
+  bfloat16 on CPUs that have it natively, as this machine's does), and once with
+  ``runtime.engine: tensorflow`` (the default ``auto`` predicts in ONNX Runtime / OpenVINO
+  where the models' ONNX artifacts are at hand: they are exported once before the rounds, as
+  a training-only run leaves them, and that export is reported apart as a fixed cost);
 - the same run at overlap 64 given ``--scheduler`` of an ``agriland cluster`` started once
   before the rounds (its workers keep TensorFlow and the loaded models between runs, as
   when a user maps several small regions in a row). The cluster's start-up is reported
@@ -238,7 +241,24 @@ def main() -> None:
         "agriland (overlap 64, float32)": pipeline(
             tmp, cat, bbox, "naive-a64-f32", **given, **{"runtime.inference_precision": "float32"}
         ),
+        # before runtime.engine: auto, every run predicted in TensorFlow
+        "agriland (overlap 64, TensorFlow)": pipeline(
+            tmp, cat, bbox, "naive-a64-tf", **given, **{"runtime.engine": "tensorflow"}
+        ),
     }
+    # the models' ONNX artifacts, as a training-only run (train-cae / train-unet) leaves them
+    # beside the models: exported once here into the machine's cache, a fixed cost reported apart
+    t0 = time.perf_counter()
+    for name in ("encoder.keras", "unet.keras"):
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from agriland_scale.models.engines import ensure_onnx; ensure_onnx({str(models / name)!r})",
+            ],
+            check=True,
+        )
+    export_s = time.perf_counter() - t0
     agri = str(Path(sys.executable).parent / "agriland")
     # the same run as "agriland (overlap 64)", given the address of an `agriland cluster`
     # started once before the rounds (its start-up is reported apart, as a fixed cost)
@@ -249,6 +269,7 @@ def main() -> None:
     breakdown: dict[str, list[dict]] = {k: [] for k in pipes}
     predicted: dict[str, int] = {}  # pixels the U-Net predicts in each agriland run
     precision: dict[str, dict[str, str]] = {}  # each agriland run's precision, by model stage
+    engines_used: dict[str, dict[str, str]] = {}  # and its engine (runtime.engine: auto by default)
     for r in range(args.rounds):
         out = tmp / f"naive-{r}"
         out.mkdir()
@@ -273,6 +294,7 @@ def main() -> None:
             breakdown[name].append({k: round(v, 2) for k, v in rec["timings_s"].items()})
             predicted[name] = _predicted(rec)
             precision[name] = rec.get("precision") or {}
+            engines_used[name] = {k: v.get("engine") for k, v in (rec.get("engines") or {}).items()}
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()), flush=True)
     cluster.send_signal(signal.SIGTERM)
     cluster.communicate(timeout=120)
@@ -291,6 +313,8 @@ def main() -> None:
     }
     result["precision"] = precision
     result["agriland_cluster_start_s"] = round(cluster_start_s, 1)
+    result["onnx_export_once_s"] = round(export_s, 1)
+    result["engines"] = engines_used
     # the embeddings stage against a batched predict in the same precision
     emb = statistics.median(r["embeddings"] for r in breakdown["agriland (overlap 64, float32)"])
     result["embeddings_stage_vs_batched_predict"] = round(batched["encoder_s"] / emb, 2)
@@ -322,6 +346,10 @@ def main() -> None:
         f"starting `agriland cluster` (once, before the rounds; workers with TensorFlow and both "
         f"models loaded): {cluster_start_s:.1f} s"
     )
+    print(
+        f"exporting both models to ONNX (once, before the rounds; what train-cae/train-unet do): {export_s:.1f} s"
+    )
+    print("engines of the agriland runs:", engines_used)
     print("\nnaive script, in-process (s):", {k: round(v, 2) for k, v in inner[-1].items()})
     print(
         f"batched predict of the {batched['patches']} patches: encoder {batched['encoder_s']} s, U-Net "

@@ -860,7 +860,9 @@ def run_child(args: list[str], timeout: float, max_rss: float) -> dict:
 
 
 # -- real runs -----------------------------------------------------------------------------
-def real_run(cache: Path, n: int, tile_px: int, dates: int, models: tuple[str, str], keep: Path) -> dict:
+def real_run(
+    cache: Path, n: int, tile_px: int, dates: int, models: tuple[str, str], keep: Path, engine: str = "auto"
+) -> dict:
     """``agriland run`` of the demo pipeline on ``n`` synthetic tiles; wall, stages, RSS, store."""
     import psutil
     import yaml
@@ -881,12 +883,13 @@ def real_run(cache: Path, n: int, tile_px: int, dates: int, models: tuple[str, s
             "segment.model": models[1],
             "segment.labels": None,
             "runtime.dashboard_address": ":0",
+            "runtime.engine": engine,
         }
     )
     keep.mkdir(parents=True, exist_ok=True)
-    pipe = keep / f"region-{n}x{tile_px}.yaml"
+    pipe = keep / f"region-{n}x{tile_px}-{engine}.yaml"
     pipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    out = keep / f"run-{n}x{tile_px}"
+    out = keep / f"run-{n}x{tile_px}-{engine}"
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -943,6 +946,8 @@ def real_run(cache: Path, n: int, tile_px: int, dates: int, models: tuple[str, s
         "store_objects": store_objects,
         "cogs_mb": round(sum(f.stat().st_size for f in cogs) / 1e6, 1),
         "patches": rec.get("patches", {}).get("count"),
+        "engine": engine,
+        "engines_used": rec.get("engines"),
         "out": str(out),
     }
 
@@ -1024,9 +1029,18 @@ def print_run_table(runs: dict) -> None:
         ("store MB", "store_mb"),
         ("store objects", "store_objects"),
         ("COGs MB", "cogs_mb"),
+        ("runtime.engine", "engine"),
         ("status", "status"),
     ):
         print(f"{label:<{w}}" + "".join(f"{str(runs[k].get(key, '')):>18}" for k in keys))
+    for stage in ("embeddings", "segmentation"):
+        print(
+            f"{stage + ' engine':<{w}}"
+            + "".join(
+                f"{'/'.join(str(v) for v in ((runs[k].get('engines_used') or {}).get(stage) or {}).values()):>18}"
+                for k in keys
+            )
+        )
     print(
         f"{'worker peak RSS GB':<{w}}"
         + "".join(f"{max((runs[k].get('worker_peak_rss_gb') or {'': 0}).values()):>18}" for k in keys)
@@ -1074,6 +1088,12 @@ def main() -> None:
     )
     ap.add_argument("--run", action="store_true", help="also run the demo pipeline for real")
     ap.add_argument("--run-tiles", type=ints, default=[1, 2])
+    ap.add_argument(
+        "--engines",
+        type=lambda v: v.split(","),
+        default=["auto"],
+        help="runtime.engine of the real runs, comma-separated (e.g. auto,tensorflow: each tile count with each)",
+    )
     ap.add_argument("--tile-px", type=int, default=FULL, help="tile side of the real runs (planning: 10980)")
     ap.add_argument("--models", type=Path, help="folder with encoder.keras and unet.keras (+ sidecars)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "agriland-bench-region")
@@ -1148,13 +1168,14 @@ def main() -> None:
         a.json.write_text(json.dumps(result, indent=1))
     if a.run:
         keep = a.keep or a.cache / "runs"
-        for n in a.run_tiles:
+        for n, engine in [(n, e) for e in a.engines for n in a.run_tiles]:
             print(
-                f"== real run: {n} tile(s) of {a.tile_px} px ({time.strftime('%H:%M:%S', time.gmtime())} UTC)",
+                f"== real run: {n} tile(s) of {a.tile_px} px, runtime.engine {engine} "
+                f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)",
                 flush=True,
             )
-            r = real_run(a.cache, n, a.tile_px, a.dates, models, keep)
-            result["runs"][f"{n}x{a.tile_px}"] = r
+            r = real_run(a.cache, n, a.tile_px, a.dates, models, keep, engine)
+            result["runs"][f"{n}x{a.tile_px}" + ("" if engine == "auto" else f"-{engine}")] = r
             print(f"  {json.dumps({k: v for k, v in r.items() if k != 'output_tail'})}", flush=True)
             if "output_tail" in r:
                 print(r["output_tail"][-1500:], flush=True)
