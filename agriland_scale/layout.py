@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, NamedTuple, TypedDict, cast
 
 from agriland_scale.errors import ConfigError, CorruptInput, OutputError
 
@@ -40,9 +40,12 @@ __all__ = [
     "PARTIAL_DIR",
     "RECORD",
     "STAGES",
+    "STAGE_FILES",
     "STAGE_SETTINGS",
+    "STAGE_TABLE",
     "STORE",
     "RunRecord",
+    "Stage",
     "dependents",
     "load_items",
     "load_run_record",
@@ -52,31 +55,6 @@ __all__ = [
     "zone_name",
     "zones_of",
 ]
-
-# the pipeline's stages, in the order a run executes them
-STAGES = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
-# the stages whose tasks run TensorFlow on the workers (training or applying a model)
-MODEL_STAGES = frozenset({"cae", "embeddings", "unet", "segmentation"})
-# what each stage reads
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "search": (),
-    "cube": ("search",),
-    "patches": ("cube",),
-    "cae": ("patches",),
-    "embeddings": ("cae",),
-    "clusters": ("embeddings",),
-    "unet": ("cube",),
-    "segmentation": ("unet",),
-    "publish": ("clusters", "segmentation"),
-}
-# the product group a stage writes (per zone)
-GROUPS = {
-    "cube": "cube",
-    "patches": "patches",
-    "embeddings": "embeddings",
-    "clusters": "clusters",
-    "segmentation": "segmentation",
-}
 
 STORE = "agriland.icechunk"
 RECORD = "run.json"
@@ -356,17 +334,127 @@ UNET_KEYS = (
 )
 
 
-STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "search": ("search",),
-    "cube": ("cube",),
-    "patches": ("patches",),
-    "cae": CAE_KEYS,
-    "embeddings": ("embed",),
-    "clusters": ("cluster", "seed"),
-    "unet": UNET_KEYS,
-    "segmentation": ("segment",),
-    "publish": ("publish",),
-}
+class Stage(NamedTuple):
+    """One row of :data:`STAGE_TABLE`: everything the package says about a stage, in one place."""
+
+    name: str
+    reads: tuple[str, ...]  # the stages whose outputs it reads (``--force`` redoes their dependents)
+    group: str | None  # the product group it writes in the store (per zone), if any
+    settings: tuple[str, ...]  # config keys or sections its outputs depend on (a change redoes it)
+    model: bool  # trains or applies a model (TensorFlow, unless runtime.engine spares it)
+    files: tuple[str, ...]  # what it writes in OUT besides the store (fnmatch patterns, relative)
+    summary: str  # what it does, in a line
+
+
+# the pipeline's stages, in the order a run executes them: the runner, the CLI, preflight,
+# ``inspect``, the report and the output-folder bookkeeping read them from here
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage(
+        "search",
+        (),
+        None,
+        ("search",),
+        False,
+        ("items.json",),
+        "STAC search: the items of the region and dates",
+    ),
+    Stage(
+        "cube",
+        ("search",),
+        "cube",
+        ("cube",),
+        False,
+        (),
+        "cloud-masked median composite, chunked, per UTM zone",
+    ),
+    Stage(
+        "patches",
+        ("cube",),
+        "patches",
+        ("patches",),
+        False,
+        (),
+        "the patch grid and each patch's valid fraction",
+    ),
+    Stage(
+        "cae",
+        ("patches",),
+        None,
+        CAE_KEYS,
+        True,
+        ("models/cae.*", "models/encoder.*"),
+        "trains the convolutional autoencoder (or takes embed.model)",
+    ),
+    Stage(
+        "embeddings", ("cae",), "embeddings", ("embed",), True, (), "one embedding a patch (the CAE encoder)"
+    ),
+    Stage(
+        "clusters",
+        ("embeddings",),
+        "clusters",
+        ("cluster", "seed"),
+        False,
+        (),
+        "streaming k-means, then DEC: a cluster and soft assignments a patch",
+    ),
+    Stage(
+        "unet",
+        ("cube",),
+        None,
+        UNET_KEYS,
+        True,
+        ("models/unet.*",),
+        "trains the U-Net (or takes segment.model)",
+    ),
+    Stage(
+        "segmentation",
+        ("unet",),
+        "segmentation",
+        ("segment",),
+        True,
+        (),
+        "agricultural-land probability and mask, overlapping windows blended",
+    ),
+    Stage(
+        "publish",
+        ("clusters", "segmentation"),
+        None,
+        ("publish",),
+        False,
+        (
+            "report.html",
+            "quicklook*.png",
+            "cog/*cluster_map.tif",
+            "cog/*probability.tif",
+            "cog/*mask.tif",
+            "cog/*cluster_map.vrt",
+            "cog/*probability.vrt",
+            "cog/*mask.vrt",
+            "cog/*cluster_map/*.tif",
+            "cog/*probability/*.tif",
+            "cog/*mask/*.tif",
+            "clusters/*.png",
+            "clusters/*.csv",
+            "clusters/*/*.png",
+            "clusters/*/*.csv",
+            "stac/*.json",
+            "stac/*/*.json",
+            "vector/*fields.parquet",
+        ),
+        "COGs, maps, cluster report, field polygons, STAC and the report",
+    ),
+)
+STAGES = tuple(s.name for s in STAGE_TABLE)
+# the stages whose tasks train or apply a model on the workers
+MODEL_STAGES = frozenset(s.name for s in STAGE_TABLE if s.model)
+# what each stage reads
+DEPENDS: dict[str, tuple[str, ...]] = {s.name: s.reads for s in STAGE_TABLE}
+# the product group a stage writes (per zone)
+GROUPS = {s.name: s.group for s in STAGE_TABLE if s.group}
+# config keys (or sections) whose values each stage's outputs depend on
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {s.name: s.settings for s in STAGE_TABLE}
+# the files stages write in OUT (fnmatch, relative): see pipeline.outdir.OUTPUT_PATTERNS
+STAGE_FILES = tuple(pattern for s in STAGE_TABLE for pattern in s.files)
 
 
 _PACKAGES = [

@@ -40,7 +40,7 @@ from typing import Any
 
 from agriland_scale.errors import OutputError, RunLocked
 from agriland_scale.files import TMP_SUFFIX
-from agriland_scale.layout import LOCK_NAME, LOGS_DIR, PARTIAL_DIR, RECORD, STORE
+from agriland_scale.layout import LOCK_NAME, LOGS_DIR, PARTIAL_DIR, RECORD, STAGE_FILES, STORE
 
 __all__ = [
     "LOCK_NAME",
@@ -189,30 +189,8 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
 # where the stages write (relative to OUT, fnmatch patterns): only files created or rewritten
 # there during a stage are recorded as the run's, so that a file a user saves into the run
 # folder while a stage runs (labels being drawn, a notebook) is never taken for ours
-OUTPUT_PATTERNS = (
-    "items.json",
-    "report.html",
-    "quicklook*.png",
-    "models/cae.*",
-    "models/encoder.*",
-    "models/unet.*",
-    "cog/*cluster_map.tif",
-    "cog/*probability.tif",
-    "cog/*mask.tif",
-    "cog/*cluster_map.vrt",
-    "cog/*probability.vrt",
-    "cog/*mask.vrt",
-    "cog/*cluster_map/*.tif",
-    "cog/*probability/*.tif",
-    "cog/*mask/*.tif",
-    "clusters/*.png",
-    "clusters/*.csv",
-    "clusters/*/*.png",
-    "clusters/*/*.csv",
-    "stac/*.json",
-    "stac/*/*.json",
-    "vector/*fields.parquet",
-)
+# (each stage's row of layout.STAGE_TABLE names its own)
+OUTPUT_PATTERNS = STAGE_FILES
 
 
 def is_output(rel: str) -> bool:
