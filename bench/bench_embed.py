@@ -26,6 +26,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4, help="tile the patch list N times (more work)")
     ap.add_argument("--task-batches", type=int, default=4, help="batches of patches per Dask task")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timings of each side (best kept)")
+    ap.add_argument(
+        "--engines",
+        type=lambda v: v.split(","),
+        default=["tensorflow"],
+        help="runtime.engine of the stage, comma-separated (e.g. tensorflow,onnx,openvino): each timed in every round",
+    )
     args = ap.parse_args()
     import dask
 
@@ -69,36 +75,43 @@ def main() -> None:
     model.predict(x[: e.batch_size], batch_size=e.batch_size, verbose=0)  # warm-up
 
     rt = RuntimeConfig(n_workers=1, threads_per_worker=threads, memory_limit="8GiB", dashboard_address=":0")
-    plain_times, stage_times = [], []
+    plain_times: list[float] = []
+    times: dict[str, list[float]] = {eng: [] for eng in args.engines}
+    embs: dict[str, np.ndarray] = {}
     with dask_client(rt):
-        warm = embed_patches(
-            encoder,
-            store,
-            index.isel(patch=slice(0, e.batch_size)),
-            e.bands,
-            e.reflectance_max,
-            batch_size=e.batch_size,
-            min_valid_fraction=0.0,
-        )
-        warm["embedding"].compute()  # model loaded on the worker, as in a run
-        for _ in range(args.rounds):  # alternate, keep the best of each: this machine is noisy
-            t = time.perf_counter()
-            ref = model.predict(x, batch_size=e.batch_size, verbose=0)
-            plain_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            emb = embed_patches(
+        for eng in args.engines:  # each engine's model loaded on the worker, as in a run
+            embed_patches(
                 encoder,
                 store,
-                index,
+                index.isel(patch=slice(0, e.batch_size)),
                 e.bands,
                 e.reflectance_max,
                 batch_size=e.batch_size,
                 min_valid_fraction=0.0,
-                tasks_batches=args.task_batches,
+                engine=eng,
             )["embedding"].compute()
-            stage_times.append(time.perf_counter() - t)
+        for _ in range(args.rounds):  # alternate, keep the best of each: this machine is noisy
+            t = time.perf_counter()
+            ref = model.predict(x, batch_size=e.batch_size, verbose=0)
+            plain_times.append(time.perf_counter() - t)
+            for eng in args.engines:
+                t = time.perf_counter()
+                embs[eng] = embed_patches(
+                    encoder,
+                    store,
+                    index,
+                    e.bands,
+                    e.reflectance_max,
+                    batch_size=e.batch_size,
+                    min_valid_fraction=0.0,
+                    tasks_batches=args.task_batches,
+                    engine=eng,
+                )["embedding"].values
+                times[eng].append(time.perf_counter() - t)
+    first = args.engines[0]
+    stage_times = times[first]
     t_plain, t_stage = min(plain_times), min(stage_times)
-    err = float(np.abs(emb.values - ref).max())
+    err = float(np.abs(embs[first] - ref).max())
     print(
         f"patches: {n} of {cfg.patches.size} px, bands {e.bands}, head {e.head}, "
         f"{threads} threads, {args.task_batches} batches a task, dask {dask.__version__}"
@@ -110,6 +123,13 @@ def main() -> None:
         f"best of {args.rounds} alternating rounds (plain {', '.join(f'{v:.1f}' for v in plain_times)} s; "
         f"stage {', '.join(f'{v:.1f}' for v in stage_times)} s)"
     )
+    for eng in args.engines[1:]:
+        t = min(times[eng])
+        d = float(np.abs(embs[eng] - ref).max())
+        print(
+            f"stage with runtime.engine {eng}: {n / t:.2f} patches/s ({t:.1f} s): {t_stage / t:.2f}x the "
+            f"{first} stage (rounds {', '.join(f'{v:.1f}' for v in times[eng])} s); max |diff| vs predict {d:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -250,10 +250,19 @@ def test_a_run_refused_before_it_starts_closes_the_cluster_launched_for_it(tmp_p
     assert not any(n in err for n in TF_NOISE), err
     assert [p.name for p in mine.rglob("*")] == ["models", "notes.txt"]
     assert launched, "the run started no worker process"
-    time.sleep(1)
-    assert not [
-        pid for pid in launched if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
-    ]
+
+    def alive() -> list[int]:
+        live = []
+        for pid in launched:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(pid).status() != "zombie":
+                    live.append(pid)
+        return live
+
+    deadline = time.monotonic() + 1  # gone within a second (looked at until then, not slept)
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
     assert [
         p.name for p in tmp.iterdir() if p.name.startswith("agriland")
     ] == []  # dask's scratch space stays

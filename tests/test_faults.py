@@ -184,7 +184,11 @@ def test_an_object_store_lost_mid_run_then_back(demo_run, external_cluster, tmp_
 
     cfg, out, _ = demo_run
     agriland = str(Path(sys.executable).parent / "agriland")
-    server = LocalS3(tmp_path / "seaweedfs").start()
+    server = LocalS3(tmp_path / "seaweedfs")
+    # stopped, it is killed after 0.5 s instead of 5 s: its graceful shutdown takes 25 s
+    # here, so LocalS3.stop kills it either way (its volumes survive a kill)
+    server.grace = 0.5
+    server.start()
     try:
         url = server.url("lost")
         pipeline, opts = _s3_pipeline(cfg, out, tmp_path, server, "first.yaml")

@@ -401,6 +401,7 @@ def test_the_test_s3_server_starts_again_when_a_port_is_taken_meanwhile(tmp_path
     monkeypatch.setattr(local_s3, "_free_port", first_a_taken_one)
     try:
         with local_s3.LocalS3(tmp_path) as server:
+            server.grace = 0.5  # its graceful stop takes 25 s: killed after 0.5 s, not 5 s
             assert server.endpoint != f"http://127.0.0.1:{taken}" and len(calls) == 8
             with pytest.raises(urllib.error.HTTPError):  # it answers: an unsigned request is refused
                 urllib.request.urlopen(server.endpoint, timeout=5)
@@ -422,6 +423,9 @@ def test_the_local_s3_server_leaves_nothing_in_tmp(tmp_path):
 
     before = litter()
     with LocalS3(tmp_path / "s3") as server:
+        # killed after 0.5 s, not 5 s: its graceful stop takes 25 s here, so it is killed
+        # either way, and the sockets it leaves are for LocalS3.stop to remove
+        server.grace = 0.5
         assert litter() - before  # its gRPC sockets, while it runs
         assert server.endpoint.startswith("http://127.0.0.1:")
     assert litter() <= before

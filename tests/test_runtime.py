@@ -17,12 +17,30 @@ def test_local_cluster_has_a_dashboard_and_limits_threads():
         assert int(da.ones((100, 100), chunks=10).sum().compute()) == 10_000
 
 
-def test_unreachable_scheduler_is_a_clear_error():
-    from agriland_scale.errors import SchedulerError
+def test_unreachable_scheduler_is_a_clear_error(monkeypatch):
+    """A real connection to a port where nothing listens fails with a clear error, after a
+    bounded wait. The client ``dask_client`` makes keeps its real connect-and-fail path; only
+    its connect timeout (20 s, which the suite would otherwise spend waiting) is shortened to
+    1 s here, after checking that ``dask_client`` asked for a finite one."""
+    import math
 
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    from agriland_scale.errors import SchedulerError
+    from agriland_scale.pipeline import runtime
+
+    asked: list[float | None] = []
+
+    def quick_client(address, *args, timeout=None, **kw):
+        asked.append(parse_timedelta(timeout) if timeout is not None else None)
+        return Client(address, *args, timeout="1s", **kw)
+
+    monkeypatch.setattr(runtime, "Client", quick_client)
     with pytest.raises(SchedulerError, match="no Dask scheduler answers at tcp://127.0.0.1:9"):
         with dask_client(RuntimeConfig(), "tcp://127.0.0.1:9"):
             pass
+    assert asked and asked[0] is not None and 0 < asked[0] < math.inf, asked  # never waits forever
 
 
 def test_dashboard_listens_on_loopback_only_by_default():

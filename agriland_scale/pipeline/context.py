@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.config.schema import RunConfig
+from agriland_scale.errors import AgrilandError
 from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.files import read_sidecar
@@ -145,9 +146,12 @@ class RunContext:
         task = "embedding" if stage == "embeddings" else "segmentation"
         groups: dict[str, list[tuple[str, int, int, bool]]] = {}
         for m in models:  # each model in the engine its stage will take (``auto``: if its artifact is here)
-            trained = (read_sidecar(m[0]).get("patch_size") if task == "segmentation" else None) or m[1]
-            size = None if m[1] == trained else m[1]
-            engine = resolve(self.cfg.runtime.engine, task, m[0], precision, size, gpu=bool(self.res))
+            try:
+                trained = (read_sidecar(m[0]).get("patch_size") if task == "segmentation" else None) or m[1]
+                size = None if m[1] == trained else m[1]
+                engine = resolve(self.cfg.runtime.engine, task, m[0], precision, size, gpu=bool(self.res))
+            except AgrilandError:  # a warm-up never fails: the stage that needs the model says why
+                engine = "tensorflow"
             groups.setdefault(engine, []).append(m)
         for engine, group in groups.items() if models else [("tensorflow", [])]:
             for future, w in warm_up_workers(self.client, group, precision, engine=engine):
