@@ -249,12 +249,13 @@ def main() -> None:
     # the models' ONNX artifacts, as a training-only run (train-cae / train-unet) leaves them
     # beside the models: exported once here into the machine's cache, a fixed cost reported apart
     t0 = time.perf_counter()
-    for name in ("encoder.keras", "unet.keras"):
+    # (the U-Net also at the 1024 px windows segment.inference_window: auto takes on this scene)
+    for name, size in (("encoder.keras", None), ("unet.keras", None), ("unet.keras", 1024)):
         subprocess.run(
             [
                 sys.executable,
                 "-c",
-                f"from agriland_scale.models.engines import ensure_onnx; ensure_onnx({str(models / name)!r})",
+                f"from agriland_scale.models.engines import ensure_onnx; ensure_onnx({str(models / name)!r}, {size})",
             ],
             check=True,
         )
