@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from affine import Affine
 
+from agriland_scale.config.bands import ReflectanceMax, reflectance_scale
 from agriland_scale.errors import RegionError
 
 __all__ = [
@@ -285,7 +286,7 @@ def read_patches(
     x0: np.ndarray,
     size: int,
     bands: list[str],
-    reflectance_max: float,
+    reflectance_max: ReflectanceMax | Sequence[float],
 ) -> np.ndarray:
     """Read patches as a model input batch ``(n, size, size, n_bands)`` float32 in [0, 1].
 
@@ -299,8 +300,9 @@ def read_patches(
         Patch side, pixels.
     bands : list of str
         The model's bands, in its order.
-    reflectance_max : float
-        Reflectance that maps to 1 (:func:`normalise`); NaN (no data) becomes 0.
+    reflectance_max : float, 'auto', mapping or sequence of float
+        Reflectance that maps to 1 (:func:`normalise`), one for every band or per band
+        (:func:`~agriland_scale.config.bands.reflectance_scale`); NaN (no data) becomes 0.
 
     Returns
     -------
@@ -308,17 +310,21 @@ def read_patches(
         ``(n, size, size, n_bands)`` float32, band last (the Keras layout).
     """
     windows = read_windows(reflectance.sel(band=bands), y0, x0, size)
-    return normalise(np.ascontiguousarray(np.moveaxis(windows, 1, -1)), reflectance_max)
+    scale = reflectance_scale(reflectance_max, bands)
+    return normalise(np.ascontiguousarray(np.moveaxis(windows, 1, -1)), scale)
 
 
-def normalise(x: np.ndarray, reflectance_max: float) -> np.ndarray:
-    """Make model input from float32 reflectance, in place.
+def normalise(x: np.ndarray, reflectance_max: float | Sequence[float]) -> np.ndarray:
+    """Make model input from float32 reflectance, band last ``(..., n_bands)``, in place.
 
     Returns ``x / reflectance_max`` clipped to [0, 1], NaN (no data) and -inf to 0, +inf to 1.
+    ``reflectance_max``: one reflectance for every band, or one a band (``(n_bands,)``, along
+    the last axis).
     """
+    rmax = np.asarray(reflectance_max, dtype="float32")
     np.fmax(x, 0.0, out=x)  # NaN -> 0 (fmax ignores NaN), negatives -> 0
-    np.fmin(x, reflectance_max, out=x)
-    return np.divide(x, np.float32(reflectance_max), out=x)
+    np.fmin(x, rmax, out=x)
+    return np.divide(x, rmax, out=x)
 
 
 def window_starts(length: int, window: int, stride: int, offset: int) -> np.ndarray:

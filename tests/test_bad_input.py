@@ -499,10 +499,10 @@ CASES = [
         "missing-band",
         ["run", "{P}", "--out", "{OUT}"],
         lambda t: {
-            "P": _write_pipeline(t, _edit(**{"cube.bands": ["red", "green", "blue", "nir", "swir16"]}))
+            "P": _write_pipeline(t, _edit(**{"cube.bands": ["red", "green", "blue", "nir", "rededge1"]}))
         },
         "fresh",
-        r"has no asset for band\(s\) \['swir16'\]",
+        r"has no asset for band\(s\) \['rededge1'\]",
     ),
     (
         "item-without-datetime",

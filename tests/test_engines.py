@@ -405,3 +405,26 @@ def test_an_inference_only_run_with_artifacts_imports_no_tensorflow_anywhere(sma
     assert emb["embedding"].attrs["engine"] == "onnx" and seg["probability"].attrs["engine"] == "onnx"
     assert isinstance(emb, xr.Dataset) and int(emb["embedding"].notnull().any("dim").sum()) > 0
     assert float(seg["probability"].max()) > 0
+
+
+def test_a_training_only_run_exports_the_artifact_for_the_runs_that_apply_the_model(monkeypatch):
+    """Under ``auto`` the training stages export the ONNX artifact when the run ends with them
+    (``train-cae``, ``train-unet``, ``--until``): the model is trained to be applied elsewhere. A
+    run that trains and applies at once does not (its own stage exports where it pays); an
+    explicit engine always does; without ONNX Runtime nothing is exported."""
+    from types import SimpleNamespace
+
+    from agriland_scale.pipeline import stages
+
+    def ctx(engine, *wanted):
+        return SimpleNamespace(cfg=SimpleNamespace(runtime=SimpleNamespace(engine=engine)), wanted=wanted)
+
+    whole = ("search", "cube", "patches", "cae", "embeddings", "clusters", "unet", "segmentation", "publish")
+    assert stages._export_after_training(ctx("auto", "search", "cube", "patches", "cae"), "cae")
+    assert stages._export_after_training(ctx("auto", *whole[:7]), "unet")
+    assert not stages._export_after_training(ctx("auto", *whole), "cae")
+    assert not stages._export_after_training(ctx("auto", *whole), "unet")
+    assert stages._export_after_training(ctx("openvino", *whole), "unet")
+    assert not stages._export_after_training(ctx("tensorflow", "cae"), "cae")
+    monkeypatch.setattr(stages, "have_onnxruntime", lambda module="onnxruntime": False)
+    assert not stages._export_after_training(ctx("auto", "cae"), "cae")

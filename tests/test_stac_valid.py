@@ -304,9 +304,27 @@ def test_mlm_items_are_valid(tmp_path):
             "post_processing_function": None,
         },
     )
+    # per-band normalisation (issue 33): one value_scaling a band, in the input's band order
+    per_band = {"red": 0.3, "green": 0.3, "blue": 0.3, "nir": 0.5}
+    unet4 = write_mlm_item(
+        tmp_path / "unet4.keras",
+        meta
+        | {"model": "unet", "task": "segmentation", "encoder": "plain", "bands": list(per_band)}
+        | {"normalisation": {"reflectance_max": per_band}},
+        bbox_lonlat=bbox,
+        n_params=12345,
+        output={
+            "name": "agricultural land probability",
+            "tasks": ["semantic-segmentation"],
+            "result": {"shape": [-1, 64, 64, 1], "dim_order": ["batch", "height", "width", "channel"]}
+            | {"data_type": "float32"},
+        },
+    )
+    scaling = json.loads(unet4.read_text())["properties"]["mlm:input"][0]["value_scaling"]
+    assert [v["maximum"] for v in scaling] == list(per_band.values())
     assert json.loads(encoder.read_text())["properties"]["mlm:tasks"] == ["similarity-search"]
     assert json.loads(unet.read_text())["properties"]["mlm:tasks"] == ["semantic-segmentation"]
-    _end(validate_files([encoder, unet]))
+    _end(validate_files([encoder, unet, unet4]))
 
 
 # --- slow: the real demo run ---------------------------------------------------------------------

@@ -38,6 +38,8 @@ def _catalog(folder: Path) -> list[float]:
     for name, shift in (("A", 0), ("B", SIDE * 10)):
         doc = json.loads(json.dumps(item))
         doc["id"] = f"virginia_{name}"
+        # the 10 m bands the run reads (the 20 m SWIR files would need their own grid here)
+        doc["assets"] = {k: a for k, a in doc["assets"].items() if a.get("gsd") == 10}
         for key, a in doc["assets"].items():
             src = (VIRGINIA / a["href"]).resolve()
             if shift:

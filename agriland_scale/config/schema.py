@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from agriland_scale.config.bands import Bands
+from agriland_scale.config.bands import Bands, ReflectanceMax, check_reflectance_max
 from agriland_scale.config.checks import (
     MAX_PIPELINE_VALUES,
     REFERENCE,
@@ -249,8 +249,12 @@ class EmbedConfig(_Model):
     ``.weights.h5`` file, or ``none``. ``head``: ``flatten`` is the seed's
     Flatten(8x8x2048) -> Dense 4096 -> Dense 100 (~537 M weights); ``gap`` replaces the Flatten
     by global average pooling (2048 -> 4096 -> 100, ~9 M weights in the head).
-    ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1].
-    ``model``: an encoder trained before (``models/encoder.keras`` of ``agriland train-cae``
+    ``reflectance_max`` maps reflectance [0, reflectance_max] to model input [0, 1], per band:
+    one number for every band, ``auto`` (default: the per-band values of
+    :data:`~agriland_scale.config.bands.DEFAULT_REFLECTANCE_MAX`, 0.3 for the visible bands
+    as in the seed, 0.5 for NIR, 0.4 / 0.3 for SWIR 1.6 / 2.2 um, from the demo scene's 99.5th
+    percentiles), a mapping band -> number (bands left out take those defaults) or a list, one
+    number a band in order. ``model``: an encoder trained before (``models/encoder.keras`` of ``agriland train-cae``
     or of another run): the CAE is then not trained, and its bands, normalisation and patch
     size must match. ``mixed_precision``: embed in float16 with float32 weights when the
     cluster's workers advertise a ``GPU`` resource (ignored on CPU workers, where float16 is
@@ -263,10 +267,15 @@ class EmbedConfig(_Model):
     head: Literal["flatten", "gap"] = "flatten"
     embedding_dim: int = Field(default=100, ge=2)
     dense_units: int = Field(default=4096, ge=8)
-    reflectance_max: float = Field(default=0.3, gt=0)
+    reflectance_max: ReflectanceMax = "auto"
     batch_size: int = Field(default=16, ge=1)
     mixed_precision: bool = False
     train: CAETrainConfig = CAETrainConfig()
+
+    @model_validator(mode="after")
+    def _reflectance_max(self) -> EmbedConfig:
+        check_reflectance_max(self.reflectance_max, self.bands, "embed.reflectance_max")
+        return self
 
 
 class DECConfig(_Model):
@@ -320,14 +329,20 @@ class SegmentConfig(_Model):
     else = 0; pixels outside every polygon are ignored in training). ``window`` and
     ``overlap`` are in pixels; windows are blended with a smooth weight. ``model``: a U-Net
     trained before (``agriland train-unet`` or another run): no training then, and labels
-    are optional.
+    are optional. ``reflectance_max``: per band, as for :class:`EmbedConfig`.
+
+    ``threshold``: the probability (0..1) from which a pixel is agricultural in the mask. Not
+    set (``null``, the default): the threshold chosen after training on the validation strip
+    (the one of 0.05, 0.10 ... 0.95 with the highest IoU, recorded in the model's sidecar, in
+    run.json and in the report), or 0.5 for a model whose sidecar has none. A number set here
+    wins over it.
     """
 
     model: str | None = None
     encoder: Literal["plain", "resnet50", "inceptionv3"] = "inceptionv3"
     weights: str = "imagenet"
     bands: Bands = Field(default_factory=lambda: ["red", "green", "blue"], min_length=1)
-    reflectance_max: float = Field(default=0.3, gt=0)
+    reflectance_max: ReflectanceMax = "auto"
     labels: str | None = None
     positive_classes: list[str] = Field(default_factory=lambda: ["arable"])
     window: int = Field(default=256, ge=32)
@@ -336,7 +351,7 @@ class SegmentConfig(_Model):
     # from the training window up to 1024) that predicts the fewest pixels; an int fixes it;
     # null keeps the training window. Larger than ``window`` needs a plain or ResNet-50 U-Net.
     inference_window: Literal["auto"] | int | None = "auto"
-    threshold: float = Field(default=0.5, gt=0, lt=1)
+    threshold: float | None = Field(default=None, gt=0, lt=1)
     batch_size: int = Field(default=8, ge=1)
     # field polygons from the mask as GeoParquet (DIR/vector/fields.parquet); smaller ones dropped
     vectorize: bool = False
@@ -345,6 +360,7 @@ class SegmentConfig(_Model):
 
     @model_validator(mode="after")
     def _overlap(self) -> SegmentConfig:
+        check_reflectance_max(self.reflectance_max, self.bands, "segment.reflectance_max")
         if self.overlap >= self.window // 2:
             raise ValueError(
                 f"segment.overlap ({self.overlap}) must be less than half the window "
@@ -397,7 +413,7 @@ class RuntimeConfig(_Model):
     ``float32``: neither, results equal on every machine. The precision used is recorded in
     ``run.json`` and in the products' attributes; a resumed run recomputes the blocks of
     another precision (see :func:`~agriland_scale.pipeline.runtime.inference_precision`).
-    ``engine``: what predicts. ``tensorflow`` (default): the ``.keras`` models in Keras;
+    ``engine``: what predicts. ``tensorflow``: the ``.keras`` models in Keras;
     ``onnx``: their ONNX export (``MODEL.onnx`` beside the model, written at the end of
     training, or exported once into the machine's cache) in ONNX Runtime, float32, with no
     TensorFlow imported by the predicting worker (the ``[infer]`` extra); ``openvino``: that
@@ -406,7 +422,10 @@ class RuntimeConfig(_Model):
     ONNX Runtime, 1.25-1.64x TensorFlow, else OpenVINO; the bfloat16 U-Net in OpenVINO,
     3.9-6.7x TensorFlow float32 against TensorFlow bfloat16's 2.0-3.5x, equal masks;
     TensorFlow for the float32 U-Net, where no engine was clearly faster, on GPU workers, and
-    where neither runtime is installed; see :func:`~agriland_scale.models.engines.choose_engine`).
+    where neither runtime is installed; see :func:`~agriland_scale.models.engines.choose_engine`),
+    and only for a model whose ONNX artifact is at hand or a stage of at least
+    :data:`~agriland_scale.models.engines.EXPORT_PAYS_FROM` images, where a one-time export
+    pays back; a small run of a model trained in it keeps TensorFlow (the default, ``auto``).
     """
 
     scheduler: str | None = None
@@ -418,7 +437,7 @@ class RuntimeConfig(_Model):
     block_px: int = Field(default=2048, ge=64)
     wave_tasks: int = Field(default=20_000, ge=100)
     inference_precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    engine: Literal["tensorflow", "onnx", "openvino", "auto"] = "tensorflow"
+    engine: Literal["tensorflow", "onnx", "openvino", "auto"] = "auto"
 
     @field_validator("scheduler")
     @classmethod

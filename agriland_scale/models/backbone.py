@@ -165,11 +165,17 @@ def transfer_weights(
         b.set_weights(new)
 
 
-def load_weights_file(model: keras.Model, path: str) -> None:
+def load_weights_file(model: keras.Model, path: str, bands: Sequence[str] | None = None) -> None:
     """Load weights from a ``.keras`` model file or a ``.weights.h5`` file into ``model``.
 
     ``path`` may be an object-storage URL (``s3://...``): the file is fetched into this
     machine's cache first (the worker that trains may share no folder with the client).
+
+    A ``.keras`` file of a 3-band model (RGB, the same architecture) meets a model of another
+    band count as ImageNet weights do (:func:`transfer_weights`): its first convolution's
+    kernel is adapted to ``bands`` (canonical names; default red, green, blue, then other
+    bands) by :func:`adapt_first_conv`, the colours of the file's kernel taken from its sidecar
+    (``MODEL.keras.json``, ``bands``) when it has one, else red, green, blue.
     """
     from agriland_scale.files import local_copy
 
@@ -179,14 +185,43 @@ def load_weights_file(model: keras.Model, path: str) -> None:
         p = Path("/nonexistent") / Path(str(path)).name
     if not p.exists():
         raise CorruptInput(f"weights file {path} does not exist: give an existing file, 'imagenet' or 'none'")
+    n_bands = model.input_shape[-1]
     try:
         if p.suffix == ".keras":
             other = keras.saving.load_model(p, compile=False)
-            model.set_weights(other.get_weights())
+            if other.input_shape[-1] == 3 and n_bands != 3:
+                transfer_weights(other, model, _file_bands(bands, n_bands), _file_order(p))
+            else:
+                model.set_weights(other.get_weights())
         else:
             model.load_weights(p)
     except (ValueError, OSError) as e:
         raise CorruptInput(
             f"cannot load weights from {p} into {model.name}: {e}. The file may be "
             "damaged or made for another architecture/bands"
+            + (
+                " (a weights-only file must fit the model exactly; the weights of an RGB model "
+                "are adapted to more bands from its .keras file)"
+                if p.suffix != ".keras"
+                else ""
+            )
         ) from None
+
+
+def _file_bands(bands: Sequence[str] | None, n_bands: int) -> list[str]:
+    if bands is not None:
+        return list(bands)
+    return list(_RGB[:n_bands]) + [f"band{i}" for i in range(3, n_bands)]
+
+
+def _file_order(path: Path) -> tuple[str, ...]:
+    """Return the colours of a weights file's 3 input channels: its sidecar's bands, else RGB."""
+    import json
+
+    try:
+        found = json.loads(Path(str(path) + ".json").read_text()).get("bands")
+    except (OSError, ValueError, AttributeError):
+        return _RGB
+    if isinstance(found, list) and sorted(map(str, found)) == sorted(_RGB):
+        return tuple(map(str, found))
+    return _RGB

@@ -7,12 +7,15 @@ get NaN embeddings and are left out of clustering.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from agriland_scale.config.bands import ReflectanceMax, reflectance_scale
 from agriland_scale.errors import BandMismatch, ModelMismatch
 from agriland_scale.models import engines
 from agriland_scale.models import worker as _worker
@@ -20,7 +23,7 @@ from agriland_scale.models.files import check_keras_file, model_signature, read_
 from agriland_scale.patches import iter_batches, read_patches
 from agriland_scale.store import open_cube
 
-__all__ = ["check_model", "embed_patches"]
+__all__ = ["check_model", "check_normalisation", "embed_patches"]
 
 
 # what the sidecar's "task" / "model" say for each kind of model a stage takes
@@ -31,7 +34,13 @@ _TASKS = {
 
 
 def check_model(
-    model_path: str, task: str, bands: list[str], reflectance_max: float, size: int, *, key: str | None = None
+    model_path: str,
+    task: str,
+    bands: list[str],
+    reflectance_max: ReflectanceMax | Sequence[float],
+    size: int,
+    *,
+    key: str | None = None,
 ) -> dict:
     """Refuse a model file that does not fit ``task`` or the run's bands and patch size.
 
@@ -42,8 +51,8 @@ def check_model(
     (a U-Net giving a probability a pixel). Checks, without TensorFlow: the file exists and is
     a complete ``.keras`` archive; its sidecar (``MODEL.keras.json``) names that task (an
     encoder's sidecar also says ``model: cae_encoder``, so the full autoencoder is refused);
-    bands, ``reflectance_max`` and patch size agree. ``key`` (e.g. ``segment.model``) names
-    the config key in messages.
+    bands, ``reflectance_max`` (per band, :func:`check_normalisation`) and patch size agree.
+    ``key`` (e.g. ``segment.model``) names the config key in messages.
 
     Raises
     ------
@@ -83,12 +92,7 @@ def check_model(
             f"{where} was trained on bands {meta.get('bands')} but the run "
             f"gives {list(bands)}: use the same bands, in the same order, or retrain"
         )
-    rmax = (meta.get("normalisation") or {}).get("reflectance_max")
-    if rmax is None or abs(rmax - reflectance_max) > 1e-9:
-        raise BandMismatch(
-            f"{where} expects reflectance_max {rmax}, the run uses "
-            f"{reflectance_max}: set it to {rmax} or retrain"
-        )
+    check_normalisation(meta, bands, reflectance_max, where, key)
     _check_signature(model_path, where, task, meta, len(bands))
     if meta.get("patch_size") != size:
         what = "patches.size" if task == "embedding" else "segment.window"
@@ -97,6 +101,53 @@ def check_model(
             f"{size}: set {what} to {meta.get('patch_size')}"
         )
     return meta
+
+
+def _scale_text(scale: tuple[float, ...], bands: Sequence[str]) -> str:
+    if len(set(scale)) == 1:
+        return f"{scale[0]:g}"
+    return "{" + ", ".join(f"{b}: {v:g}" for b, v in zip(bands, scale)) + "}"
+
+
+def check_normalisation(
+    meta: dict,
+    bands: Sequence[str],
+    reflectance_max: ReflectanceMax | Sequence[float],
+    where: str,
+    key: str | None = None,
+) -> None:
+    """Refuse a run whose ``reflectance_max`` maps any band otherwise than the model was trained.
+
+    The sidecar's ``normalisation.reflectance_max`` is one number (every band; all sidecars
+    before per-band normalisation) or a mapping band -> reflectance; both are compared per
+    band (:func:`~agriland_scale.config.bands.reflectance_scale`), to 1e-9.
+
+    Raises
+    ------
+    BandMismatch
+        Naming the model's and the run's reflectance per band and the setting that matches.
+    """
+    trained = (meta.get("normalisation") or {}).get("reflectance_max")
+    model_bands = list(meta.get("bands") or bands)
+    try:  # a number or a mapping band -> number; anything else is unusable
+        want = () if isinstance(trained, (str, list)) else reflectance_scale(trained, model_bands)
+    except (TypeError, ValueError, AttributeError):
+        want = ()
+    have = reflectance_scale(reflectance_max, bands)
+    if len(want) == len(have) and all(abs(a - b) <= 1e-9 for a, b in zip(want, have)):
+        return
+    setting = f"{key.rsplit('.', 1)[0]}.reflectance_max" if key else "reflectance_max"
+    if not want:
+        raise BandMismatch(
+            f"{where} records no usable normalisation (reflectance_max {trained!r} in its "
+            f"sidecar), the run maps reflectance {_scale_text(have, bands)} to 1: retrain it, or "
+            "write its normalisation into the sidecar"
+        )
+    raise BandMismatch(
+        f"{where} was trained with reflectance_max {_scale_text(want, model_bands)} (the "
+        f"reflectance that maps to 1, per band), the run uses {_scale_text(have, bands)}: set "
+        f"{setting} to {_scale_text(want, model_bands)} or retrain"
+    )
 
 
 def _check_signature(model_path: str, where: str, task: str, meta: dict, n_bands: int) -> None:
@@ -151,7 +202,7 @@ def _embed_batch(
     valid: np.ndarray,
     size: int,
     bands: list[str],
-    reflectance_max: float,
+    reflectance_max: Sequence[float],
     dim: int,
     batch_size: int,
     group: str = "cube",
@@ -181,7 +232,7 @@ def embed_patches(
     cube_store: str,
     index: xr.Dataset,
     bands: list[str],
-    reflectance_max: float,
+    reflectance_max: ReflectanceMax | Sequence[float],
     *,
     batch_size: int,
     min_valid_fraction: float,
@@ -204,11 +255,14 @@ def embed_patches(
     few dozen patches and each ``predict`` call sees a full batch.
     """
     meta = check_model(model_path, "embedding", bands, reflectance_max, int(index.attrs["patch_size"]))
+    reflectance_max = reflectance_scale(reflectance_max, bands)  # one a band, for the tasks
     dim = int(meta["embedding_dim"])
-    engine, precision = engines.prepare(engine, "embedding", model_path, precision, gpu=bool(resources))
     size = int(index.attrs["patch_size"])
     y0, x0 = index["y0"].values, index["x0"].values
     valid = index["valid_fraction"].values >= min_valid_fraction
+    engine, precision = engines.prepare(
+        engine, "embedding", model_path, precision, gpu=bool(resources), units=int(valid.sum())
+    )
     parts = []
     fn = dask.delayed(_embed_batch, pure=True)
     with dask.annotate(resources=resources or {}):

@@ -20,7 +20,7 @@ from keras import layers
 
 from agriland_scale.models.backbone import build_backbone, load_weights_file
 
-__all__ = ["build_cae", "encoder_from_cae"]
+__all__ = ["build_cae", "cae_augmenter", "encoder_from_cae"]
 
 
 def build_cae(
@@ -63,8 +63,20 @@ def build_cae(
     recon = layers.Conv2D(n_bands, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
     model = keras.Model(inp, [recon, emb], name=f"cae_resnet50_{head}")
     if weights not in ("imagenet", "none"):
-        load_weights_file(model, weights)
+        load_weights_file(model, weights, bands)
     return model
+
+
+def cae_augmenter(seed: int) -> keras.Sequential:
+    """Build the seed's CAE augmentation: rotation 90 deg, shifts 0.3, zoom 0.5-1.5, flips (seeded)."""
+    return keras.Sequential(
+        [
+            layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
+            layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
+            layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
+            layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
+        ]
+    )
 
 
 def encoder_from_cae(cae: keras.Model) -> keras.Model:

@@ -15,7 +15,19 @@ from typing import Any
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import is_object_url, local_copy, write_json
 
-__all__ = ["check_keras_file", "model_signature", "read_sidecar", "sidecar_path", "write_sidecar"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "check_keras_file",
+    "model_signature",
+    "model_threshold",
+    "read_sidecar",
+    "sidecar_path",
+    "write_sidecar",
+]
+
+# the mask's threshold for a U-Net whose sidecar records none (trained before thresholds were
+# chosen on validation) and no segment.threshold set
+DEFAULT_THRESHOLD = 0.5
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -58,6 +70,19 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
             "copy it again with the model, or retrain"
         )
     return meta
+
+
+def model_threshold(meta: dict[str, Any]) -> float:
+    """Return the mask threshold a U-Net's sidecar records (chosen on validation), else 0.5.
+
+    ``meta`` is the sidecar (:func:`read_sidecar`); its ``threshold`` is a probability in
+    (0, 1). A sidecar of a model trained before thresholds were chosen has none:
+    :data:`DEFAULT_THRESHOLD` then.
+    """
+    t = meta.get("threshold")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1:
+        return float(t)
+    return DEFAULT_THRESHOLD
 
 
 def check_keras_file(model_path: str | Path, where: str | None = None) -> None:

@@ -34,6 +34,7 @@ from pystac.extensions.mlm import (
 )
 from pystac.extensions.raster import DataType
 
+from agriland_scale.config.bands import reflectance_scale
 from agriland_scale.files import write_json
 
 __all__ = ["EO_SCHEMA", "MLM_SCHEMA", "MLM_TASKS", "add_onnx_asset", "write_mlm_item"]
@@ -150,7 +151,8 @@ def write_mlm_item(
     model_path = Path(model_path)
     x0, y0, x1, y1 = (float(v) for v in bbox_lonlat)
     size, bands = int(meta["patch_size"]), list(meta["bands"])
-    rmax = float(meta["normalisation"]["reflectance_max"])
+    # one reflectance for every band, or one a band (a mapping band -> reflectance)
+    scale = reflectance_scale(meta["normalisation"]["reflectance_max"], bands)
     task = "semantic-segmentation" if meta.get("task") == "segmentation" else "similarity-search"
     output = dict(output, tasks=_mlm_tasks(list(output.get("tasks") or [task])))
     what = "semantic segmentation" if task == "semantic-segmentation" else "patch embeddings"
@@ -180,10 +182,16 @@ def write_mlm_item(
         value_scaling=None,
     )
     # two steps (clip, then min-max): MLM 1.4 allows a list; pystac's create takes one
-    model_input.properties["value_scaling"] = [
-        ValueScaling.create(ValueScalingType.CLIP, minimum=0.0, maximum=rmax).to_dict(),
-        ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=rmax).to_dict(),
-    ]
+    if len(set(scale)) == 1:
+        rmax = scale[0]
+        model_input.properties["value_scaling"] = [
+            ValueScaling.create(ValueScalingType.CLIP, minimum=0.0, maximum=rmax).to_dict(),
+            ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=rmax).to_dict(),
+        ]
+    else:  # MLM: one value_scaling object a band, in the order of the input's bands
+        model_input.properties["value_scaling"] = [
+            ValueScaling.create(ValueScalingType.MIN_MAX, minimum=0.0, maximum=v).to_dict() for v in scale
+        ]
     model_input.properties["resize_type"] = None
     MLMExtension.ext(item, add_if_missing=True).apply(
         name=f"agriland-{meta.get('model')}",

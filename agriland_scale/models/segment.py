@@ -18,6 +18,7 @@ predictions on 2048 x 2048 px, 49 % on 10240 x 10240 px.)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import dask
 import dask.array as da
@@ -25,10 +26,12 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from agriland_scale.config.bands import ReflectanceMax, reflectance_scale
 from agriland_scale.errors import ModelMismatch
 from agriland_scale.models import engines
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.embed import check_model
+from agriland_scale.models.files import model_threshold
 from agriland_scale.patches import blend_weight, normalise, window_starts
 from agriland_scale.store import open_cube, write_georef
 
@@ -124,7 +127,7 @@ def _weighted_sum(
     cs: np.ndarray,
     *,
     window: int,
-    reflectance_max: float,
+    reflectance_max: float | Sequence[float],
     batch_size: int,
     lock=None,
 ) -> np.ndarray | None:
@@ -133,6 +136,7 @@ def _weighted_sum(
     The span starts at global pixel ``(rs.min(), cs.min())`` and is ``rs.max() - rs.min() +
     window`` px high (likewise wide). Windows without a clear pixel are skipped: they
     contribute to no pixel that is kept. ``None`` when every window is skipped.
+    ``reflectance_max``: one reflectance for every band, or one a band of ``reflectance``.
     """
     H, W = clear.shape
     y_lo, y_hi = int(rs.min()), int(rs.max()) + window
@@ -151,7 +155,7 @@ def _weighted_sum(
     # read the span once, padding with 0 (no data) outside the image
     span = np.zeros((reflectance.shape[0], y_hi - y_lo, x_hi - x_lo), dtype="float32")
     span[:, ry0 - y_lo : ry1 - y_lo, rx0 - x_lo : rx1 - x_lo] = np.asarray(reflectance[:, ry0:ry1, rx0:rx1])
-    span = np.ascontiguousarray(np.moveaxis(normalise(span, reflectance_max), 0, -1))
+    span = normalise(np.ascontiguousarray(np.moveaxis(span, 0, -1)), reflectance_max)
     weight = _weight(window)
     acc = np.zeros((y_hi - y_lo, x_hi - x_lo), dtype="float64")
     for s in range(0, len(offsets), batch_size):
@@ -211,7 +215,7 @@ def predict_block(
     *,
     window: int,
     overlap: int,
-    reflectance_max: float,
+    reflectance_max: float | Sequence[float],
     batch_size: int,
     lock=None,
 ) -> np.ndarray:
@@ -259,7 +263,7 @@ def _predict_task(
     cs: np.ndarray,
     bands: list[str],
     window: int,
-    reflectance_max: float,
+    reflectance_max: float | Sequence[float],
     batch_size: int,
     group: str = "cube",
     input_size: int | None = None,
@@ -330,8 +334,8 @@ def segment_region(
     *,
     window: int,
     overlap: int,
-    reflectance_max: float,
-    threshold: float,
+    reflectance_max: ReflectanceMax,
+    threshold: float | None,
     batch_size: int,
     block: int = 1024,
     resources: dict | None = None,
@@ -352,17 +356,31 @@ def segment_region(
     number of pixels as ``batch_size`` training windows (bounded memory). ``precision``: the
     Keras dtype policy the U-Net computes in (``float32`` or ``mixed_bfloat16``, see
     :func:`~agriland_scale.models.worker.get_model`); ``engine``: as for :func:`~.embed.embed_patches`.
+
+    ``reflectance_max``: per band or one for all (:func:`~agriland_scale.config.bands.reflectance_scale`),
+    as the model was trained. ``threshold``: the probability from which the mask is 1;
+    ``None`` takes the threshold chosen on validation recorded in the model's sidecar
+    (``threshold``), or 0.5 for a model without one.
     """
     meta = check_model(model_path, "segmentation", bands, reflectance_max, window)
+    threshold = model_threshold(meta) if threshold is None else float(threshold)
+    scale = reflectance_scale(reflectance_max, bands)  # one reflectance a band, for the tasks
     H, W = cube.sizes["y"], cube.sizes["x"]
     trained = window
     window = choose_inference_window(inference_window, trained, overlap, H, W, meta.get("encoder"))
     batch_size = max(1, round(batch_size * (trained / window) ** 2))
     input_size = window if window != trained else None
-    engine, precision = engines.prepare(
-        engine, "segmentation", model_path, precision, input_size, bool(resources)
-    )
     rs_all, cs_all = _grid(H, window, overlap), _grid(W, window, overlap)
+    engine, precision = engines.prepare(
+        engine,
+        "segmentation",
+        model_path,
+        precision,
+        input_size,
+        bool(resources),
+        # in training windows' worth of pixels: what the export's one-time cost is paid back by
+        units=round(len(rs_all) * len(cs_all) * (window / trained) ** 2),
+    )
     row_groups, col_groups = _groups(rs_all, H, window, block), _groups(cs_all, W, window, block)
     predict = dask.delayed(_predict_task, pure=True)
     blend = dask.delayed(_blend_task, pure=True)
@@ -378,7 +396,7 @@ def segment_region(
                         cs,
                         bands,
                         window,
-                        reflectance_max,
+                        scale,
                         batch_size,
                         group,
                         input_size,

@@ -6,12 +6,8 @@ patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sid
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,8 @@ from agriland_scale.errors import CorruptInput
 from agriland_scale.models import onnx_export
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.mlm import write_mlm_item
-from agriland_scale.models.windows import _metrics, training_windows, unet_augment_fn
+from agriland_scale.models.saving import lonlat_bounds, normalisation, relocated, saved_to
+from agriland_scale.models.windows import _metrics, choose_threshold, training_windows, unet_augment_fn
 from agriland_scale.patches import read_patches
 from agriland_scale.store import open_cube
 
@@ -81,21 +78,6 @@ def _relay_callback(label: str, epochs: int, steps: int, tag: str | None):
     return Relay()
 
 
-def _cae_augmenter(seed: int):
-    import keras
-    from keras import layers
-
-    # seed: rotation 90 deg, shifts 0.3, zoom 0.5-1.5, horizontal + vertical flips
-    return keras.Sequential(
-        [
-            layers.RandomRotation(0.25, fill_mode="reflect", seed=seed),
-            layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", seed=seed + 1),
-            layers.RandomZoom((-0.5, 0.5), fill_mode="reflect", seed=seed + 2),
-            layers.RandomFlip("horizontal_and_vertical", seed=seed + 3),
-        ]
-    )
-
-
 def _train_cae(
     cube_store: str,
     y0: np.ndarray,
@@ -120,7 +102,7 @@ def _train_cae(
     import keras
     import tensorflow as tf
 
-    from agriland_scale.models.encoder import build_cae
+    from agriland_scale.models.encoder import build_cae, cae_augmenter
 
     t0 = time.perf_counter()
     _phase(progress_tag, CAE_LABEL, f"reading {len(y0)} patches…", total=total)
@@ -142,7 +124,7 @@ def _train_cae(
     history: dict[str, list[float]] = {}
     tc = cfg.train
     if tc.epochs > 0:
-        aug = _cae_augmenter(seed) if tc.augment else None
+        aug = cae_augmenter(seed) if tc.augment else None
         ds = tf.data.Dataset.from_tensor_slices(x).shuffle(len(x), seed=seed).repeat()
         ds = ds.batch(tc.batch_size)
         if aug is not None:
@@ -178,10 +160,7 @@ def _train_cae(
         "model": cae.name,
         "task": "embedding",
         "bands": list(cfg.bands),
-        "normalisation": {
-            "type": "reflectance / reflectance_max, clipped to [0, 1]",
-            "reflectance_max": cfg.reflectance_max,
-        },
+        "normalisation": normalisation(cfg.reflectance_max, cfg.bands),
         "patch_size": size,
         "head": cfg.head,
         "embedding_dim": cfg.embedding_dim,
@@ -201,7 +180,7 @@ def _train_cae(
     write_mlm_item(
         encoder_path,
         meta | {"model": "cae_encoder"},
-        bbox_lonlat=_lonlat_bounds(cube),
+        bbox_lonlat=lonlat_bounds(cube),
         n_params=encoder.count_params(),
         output={
             "name": "embedding",
@@ -236,7 +215,10 @@ def _train_unet(
     Masked binary cross-entropy (unlabelled pixels ignored), Adam; validation windows come
     from a spatially separate part (``cfg.train.validation`` side); early stopping on
     validation loss with the best weights kept. IoU, F1 and pixel accuracy on the
-    validation windows are computed after every epoch and returned.
+    validation windows are computed after every epoch and returned. After training, the
+    mask threshold with the best validation IoU (of 0.05 ... 0.95, :func:`choose_threshold`) is
+    recorded as ``threshold``, with the validation metrics at it (precision, recall, mean
+    probability against the labelled agricultural fraction: the over-prediction).
     """
     _phase(progress_tag, UNET_LABEL, _TENSORFLOW)
     _worker.configure_tensorflow()
@@ -317,16 +299,16 @@ def _train_unet(
     _phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
     model.save(out_path)
     Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
-    final = _metrics(yva, model.predict(xva, batch_size=cfg.batch_size, verbose=0))
+    pva = model.predict(xva, batch_size=cfg.batch_size, verbose=0)
+    # the mask's threshold: the one of 0.05 ... 0.95 with the best IoU on the validation strip
+    threshold, ious = choose_threshold(yva, pva)
+    final = _metrics(yva, pva, threshold)
     meta = {
         "model": model.name,
         "task": "segmentation",
         "encoder": cfg.encoder,
         "bands": list(cfg.bands),
-        "normalisation": {
-            "type": "reflectance / reflectance_max, clipped to [0, 1]",
-            "reflectance_max": cfg.reflectance_max,
-        },
+        "normalisation": normalisation(cfg.reflectance_max, cfg.bands),
         "patch_size": win,
         "initial_weights": cfg.weights,
         "label_source": label_source,
@@ -342,6 +324,13 @@ def _train_unet(
         "seed": seed,
         "loss": tc.loss,
         "per_epoch": per_epoch,
+        "threshold": threshold,
+        "threshold_choice": {
+            "on": "validation windows",
+            "criterion": "iou",
+            "iou_by_threshold": ious,
+            "at_0.5": _metrics(yva, pva, 0.5),
+        },
         "validation_metrics": final,
         "seconds": time.perf_counter() - t0,
     }
@@ -349,7 +338,7 @@ def _train_unet(
     write_mlm_item(
         out_path,
         meta,
-        bbox_lonlat=_lonlat_bounds(cube),
+        bbox_lonlat=lonlat_bounds(cube),
         n_params=model.count_params(),
         output={
             "name": "agricultural land probability",
@@ -364,13 +353,6 @@ def _train_unet(
         },
     )
     return meta
-
-
-def _lonlat_bounds(cube) -> list[float]:
-    """Return the cube's extent in lon/lat (EPSG:4326) degrees, rounded to 6 decimals."""
-    from rasterio.warp import transform_bounds
-
-    return [round(v, 6) for v in transform_bounds(cube.rio.crs, "EPSG:4326", *cube.rio.bounds())]
 
 
 def train_cae(
@@ -418,7 +400,7 @@ def train_cae(
     dict
         The model's metadata: history (loss per epoch), seconds, paths.
     """
-    with _worker.seeded(seed), _saved_to(out_path) as local:
+    with _worker.seeded(seed), saved_to(out_path) as local:
         meta = _train_cae(
             cube_store,
             y0,
@@ -433,7 +415,7 @@ def train_cae(
         )
         if onnx:
             onnx_export.attach_onnx(meta["encoder_path"])
-    return _relocated(meta, local, out_path)
+    return relocated(meta, local, out_path)
 
 
 def train_unet(
@@ -480,7 +462,7 @@ def train_unet(
     dict
         The model's metadata: validation metrics, per-epoch history, seconds.
     """
-    with _worker.seeded(seed), _saved_to(out_path) as local:
+    with _worker.seeded(seed), saved_to(out_path) as local:
         meta = _train_unet(
             cube_store,
             label,
@@ -494,34 +476,4 @@ def train_unet(
         )
         if onnx:
             onnx_export.attach_onnx(local)
-    return _relocated(meta, local, out_path)
-
-
-@contextlib.contextmanager
-def _saved_to(out_path: str) -> Iterator[str]:
-    """Give the local path a model is saved to; for an object-storage ``out_path``, upload after.
-
-    A model for ``s3://.../models/unet.keras`` is saved in a temporary folder of the worker,
-    then every file saved beside it (the model, its encoder, sidecars, MLM items) is put next
-    to ``out_path``, one object each, when training succeeded.
-    """
-    from agriland_scale.files import is_object_url, join_url, upload_file
-
-    if not is_object_url(out_path):
-        yield out_path
-        return
-    with tempfile.TemporaryDirectory(prefix="agriland-model-") as d:
-        local = str(Path(d) / out_path.rstrip("/").rpartition("/")[2])
-        yield local
-        parent = out_path.rstrip("/").rpartition("/")[0]
-        for f in sorted(Path(d).iterdir()):
-            if f.is_file():
-                upload_file(f, join_url(parent, f.name))
-
-
-def _relocated(meta: dict[str, Any], local: str, out_path: str) -> dict[str, Any]:
-    """Replace the local save paths in a model's metadata by where the model was put."""
-    if local == out_path:
-        return meta
-    parent, here = out_path.rstrip("/").rpartition("/")[0], str(Path(local).parent)
-    return json.loads(json.dumps(meta, default=str).replace(here, parent))
+    return relocated(meta, local, out_path)

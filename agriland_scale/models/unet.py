@@ -78,7 +78,8 @@ def build_unet(
     n_bands : int
         The number of input bands.
     weights : str
-        ``imagenet`` (encoder), a file (whole model) or ``none``.
+        ``imagenet`` (encoder), a file (whole model; an RGB model's file meets more bands as
+        ImageNet weights do, see :func:`~.backbone.load_weights_file`) or ``none``.
     filters : tuple of int
         Filters of the plain encoder's levels.
     bands : sequence of str, optional
@@ -121,7 +122,7 @@ def build_unet(
     out = layers.Conv2D(1, 1, activation="sigmoid", name="probability", dtype="float32")(x)
     model = keras.Model(inp, out, name=f"unet_{encoder}")
     if weights not in ("imagenet", "none"):
-        load_weights_file(model, weights)
+        load_weights_file(model, weights, bands)
     return model
 
 

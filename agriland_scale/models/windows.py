@@ -14,7 +14,7 @@ from agriland_scale.errors import LabelError
 from agriland_scale.labels.classes import IGNORE
 from agriland_scale.patches import window_starts
 
-__all__ = ["training_windows", "unet_augment_fn", "unet_windows"]
+__all__ = ["THRESHOLDS", "choose_threshold", "training_windows", "unet_augment_fn", "unet_windows"]
 
 
 def unet_windows(
@@ -166,12 +166,67 @@ def training_windows(
     return tr, va, split
 
 
-def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+# the thresholds tried on the validation strip: 0.05, 0.10 ... 0.95
+THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Compute validation metrics of probabilities ``p`` against labels ``y`` (labelled pixels).
+
+    ``y``: uint8 labels (1 agricultural, 0 other, 255 ignored), ``p``: probabilities 0..1 of
+    the same shape. Returns, at ``threshold``: ``iou``, ``f1``, ``pixel_accuracy``,
+    ``precision``, ``recall`` (of the agricultural class); and, independent of it,
+    ``mean_probability`` (the mean predicted probability over labelled pixels) against
+    ``labelled_fraction`` (the fraction of labelled pixels that are agricultural), whose
+    difference is the over-prediction; ``predicted_fraction``: pixels at or above the
+    threshold, of the labelled ones. Fractions in 0..1; NaN when no pixel is labelled.
+    """
     valid = y != IGNORE
-    yt, yp = y[valid] == 1, p[valid] >= 0.5
+    yt, pv = y[valid] == 1, p[valid]
+    yp = pv >= threshold
     tp, fp, fn = float((yt & yp).sum()), float((~yt & yp).sum()), float((yt & ~yp).sum())
+    some = bool(valid.any())
     return {
         "iou": tp / max(tp + fp + fn, 1),
         "f1": 2 * tp / max(2 * tp + fp + fn, 1),
-        "pixel_accuracy": float((yt == yp).mean()) if valid.any() else float("nan"),
+        "pixel_accuracy": float((yt == yp).mean()) if some else float("nan"),
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(tp + fn, 1),
+        "mean_probability": float(pv.mean(dtype="float64")) if some else float("nan"),
+        "labelled_fraction": float(yt.mean()) if some else float("nan"),
+        "predicted_fraction": float(yp.mean()) if some else float("nan"),
     }
+
+
+def choose_threshold(
+    y: np.ndarray, p: np.ndarray, grid: tuple[float, ...] = THRESHOLDS
+) -> tuple[float, dict[str, float]]:
+    """Pick the mask threshold with the highest IoU of ``p`` against ``y`` on the validation windows.
+
+    Parameters
+    ----------
+    y : numpy.ndarray
+        uint8 labels (1 / 0 / 255 = ignored) of the validation windows, e.g. ``(n, h, w, 1)``.
+    p : numpy.ndarray
+        The U-Net's probabilities (0..1) on them, of the same shape.
+    grid : tuple of float
+        The thresholds tried (default 0.05, 0.10 ... 0.95).
+
+    Returns
+    -------
+    tuple
+        (the threshold, ``{threshold: IoU}`` for every threshold tried, keys as strings such
+        as ``"0.45"``). Ties go to the threshold nearest 0.5 (no labelled agricultural pixel:
+        0.5). The IoU at the chosen threshold is measured on the pixels it was chosen on, so
+        it is optimistic; the IoU at 0.5 beside it is not.
+    """
+    valid = y != IGNORE
+    yt, pv = y[valid] == 1, p[valid]
+    n_pos = float(yt.sum())
+    ious = {}
+    for t in grid:
+        yp = pv >= t
+        tp = float((yt & yp).sum())
+        ious[f"{t:g}"] = tp / max(n_pos + float(yp.sum()) - tp, 1)
+    best = max(grid, key=lambda t: (round(ious[f"{t:g}"], 12), -abs(t - 0.5)))
+    return float(best), ious

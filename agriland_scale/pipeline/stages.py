@@ -30,7 +30,8 @@ from agriland_scale.labels.classes import IGNORE
 from agriland_scale.labels.raster import load_labels
 from agriland_scale.layout import ITEMS, zone_name
 from agriland_scale.models.embed import check_model, embed_patches
-from agriland_scale.models.files import read_sidecar
+from agriland_scale.models.engines import have_onnxruntime
+from agriland_scale.models.files import model_threshold, read_sidecar
 from agriland_scale.models.segment import choose_inference_window, segment_region
 from agriland_scale.models.train import train_cae, train_unet
 from agriland_scale.models.windows import training_windows
@@ -310,8 +311,7 @@ def cae_stage(ctx: RunContext) -> None:
         group=zones[train_zone]["prefix"] + "cube",
         progress_tag=ctx.tag,
         resources=ctx.res,
-        # the artifact another engine predicts with, exported where it was trained
-        onnx=cfg.runtime.engine != "tensorflow",
+        onnx=_export_after_training(ctx, "cae"),
         pure=False,
     )
     meta = fut.result()
@@ -324,6 +324,30 @@ def cae_stage(ctx: RunContext) -> None:
         f"CAE trained on {train_zone}: {e.train.epochs} epoch(s) x {e.train.steps_per_epoch} "
         f"steps in {meta['seconds']:.0f} s"
     )
+
+
+def _export_after_training(ctx: RunContext, stage: str) -> bool:
+    """Whether training stage ``stage`` exports the ONNX artifact beside its model.
+
+    Always for ``runtime.engine`` ``onnx`` or ``openvino``. Under ``auto``, when the run ends
+    with this training (``agriland train-cae``/``train-unet``, ``--until cae``/``unet``: a model
+    trained to be applied elsewhere) and ONNX Runtime is installed: the runs that apply it then
+    start without TensorFlow. A run that trains and applies the model at once exports only
+    where its stage is large enough (:func:`~agriland_scale.models.engines.resolve`): the
+    demo's export would cost more (20-45 s) than it saves.
+    """
+    engine = ctx.cfg.runtime.engine
+    if engine in ("onnx", "openvino"):
+        return True
+    return engine == "auto" and ctx.wanted[-1] == stage and have_onnxruntime()
+
+
+def _engine_used(ctx: RunContext, stage: str, attrs: dict[str, Any]) -> None:
+    """Record in run.json the engine and precision that predicted ``stage`` (``engines``)."""
+    ctx.record.setdefault("engines", {})[stage] = {
+        "engine": attrs.get("engine", "tensorflow"),
+        "precision": attrs.get("precision"),
+    }
 
 
 def embeddings_stage(ctx: RunContext) -> None:
@@ -347,6 +371,7 @@ def embeddings_stage(ctx: RunContext) -> None:
         emb["embedding"].attrs["model"] = run_relative(
             ctx.record["cae"]["encoder_path"], ctx.out, ctx.location
         )
+        _engine_used(ctx, "embeddings", emb["embedding"].attrs)
         todo.append((emb, z["prefix"] + "embeddings", f"embeddings {name}"))
     stats = ctx.products.write_together(
         todo,
@@ -443,6 +468,8 @@ def unet_stage(ctx: RunContext) -> None:
             "given": True,
             "training_region": meta.get("training_region"),
             "validation_metrics": meta.get("validation_metrics"),
+            "threshold": meta.get("threshold"),
+            **_mask_threshold(s.threshold, meta),
         }
         ctx.say(f"U-Net: using {s.model} (trained on '{meta.get('training_region')}')")
         return
@@ -481,7 +508,7 @@ def unet_stage(ctx: RunContext) -> None:
         group=prefix + "cube",
         progress_tag=ctx.tag,
         resources=ctx.res,
-        onnx=cfg.runtime.engine != "tensorflow",
+        onnx=_export_after_training(ctx, "unet"),
         pure=False,
     )
     meta = fut.result()
@@ -489,11 +516,24 @@ def unet_stage(ctx: RunContext) -> None:
     ctx.record["unet"] = {k: v for k, v in meta.items() if k != "per_epoch"} | {
         "zone": train_zone,
         "model_path": path,
+        **_mask_threshold(s.threshold, meta),
     }
     ctx.say(
         f"U-Net ({s.encoder}) trained on {train_zone} in {meta['seconds']:.0f} s, "
-        f"validation IoU {meta['validation_metrics']['iou']:.3f}"
+        f"validation IoU {meta['validation_metrics']['iou']:.3f} at threshold "
+        f"{meta['threshold']:g} (chosen on validation)"
     )
+
+
+def _mask_threshold(setting: float | None, meta: dict[str, Any]) -> dict[str, Any]:
+    """Return what run.json says of the mask's threshold: ``segment.threshold``, else the model's."""
+    if setting is not None:
+        return {"mask_threshold": setting, "mask_threshold_from": "segment.threshold"}
+    chosen = meta.get("threshold") is not None
+    return {
+        "mask_threshold": model_threshold(meta),
+        "mask_threshold_from": "validation" if chosen else "default (the model records none)",
+    }
 
 
 def segmentation_stage(ctx: RunContext) -> None:
@@ -525,6 +565,7 @@ def segmentation_stage(ctx: RunContext) -> None:
         seg["probability"].attrs["model"] = run_relative(
             ctx.record["unet"]["model_path"], ctx.out, ctx.location
         )
+        _engine_used(ctx, "segmentation", seg["probability"].attrs)
         if name in labels:
             prob_chunks = seg["probability"].chunks
             assert prob_chunks is not None  # segment_region's products are lazy (dask)

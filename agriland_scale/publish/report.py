@@ -267,6 +267,52 @@ def _kept_epoch(unet: dict[str, Any]) -> str:
     return f"<p>{text}.</p>"
 
 
+def _inputs_and_threshold(unet: dict[str, Any], record: RunRecord) -> str:
+    """Say the U-Net's bands and normalisation, the mask's threshold and its over-prediction.
+
+    ``unet`` is the model's sidecar (or run.json's ``unet``): ``bands``,
+    ``normalisation.reflectance_max``, ``threshold`` (chosen on validation),
+    ``threshold_choice`` and ``validation_metrics`` (``mean_probability``,
+    ``labelled_fraction``, ``predicted_fraction``, at the chosen threshold).
+    """
+    bits = []
+    bands = unet.get("bands")
+    if isinstance(bands, list) and bands:
+        rmax = (unet.get("normalisation") or {}).get("reflectance_max")
+        norm = (
+            ", ".join(f"{b} {v:g}" for b, v in rmax.items())
+            if isinstance(rmax, dict)
+            else (f"{rmax:g} for every band" if isinstance(rmax, (int, float)) else "?")
+        )
+        bits.append(f"Bands {_e(', '.join(map(str, bands)))} (reflectance mapped to 1: {_e(norm)}).")
+    setting = ((record.get("config") or {}).get("segment") or {}).get("threshold")
+    chosen = unet.get("threshold")
+    at05 = ((unet.get("threshold_choice") or {}).get("at_0.5") or {}).get("iou")
+    if isinstance(setting, (int, float)):
+        bits.append(
+            f"Mask threshold {setting:g}, set by segment.threshold"
+            + (f" (the validation strip chose {chosen:g})." if isinstance(chosen, (int, float)) else ".")
+        )
+    elif isinstance(chosen, (int, float)):
+        bits.append(
+            f"Mask threshold {chosen:g}, chosen on the validation strip (highest IoU of 0.05 ... 0.95"
+            + (f"; IoU at 0.5: {at05:.3f}" if isinstance(at05, (int, float)) else "")
+            + "); the metrics below are at it."
+        )
+    else:
+        bits.append("Mask threshold 0.5 (the model records no threshold chosen on validation).")
+    vm = unet.get("validation_metrics") or {}
+    mean_p, lab = vm.get("mean_probability"), vm.get("labelled_fraction")
+    if isinstance(mean_p, (int, float)) and isinstance(lab, (int, float)):
+        pred = vm.get("predicted_fraction")
+        bits.append(
+            f"Over-prediction: mean probability {mean_p:.3f} against {lab:.3f} of the labelled "
+            f"validation pixels agricultural ({mean_p - lab:+.3f})"
+            + (f"; {pred:.3f} of them in the mask." if isinstance(pred, (int, float)) else ".")
+        )
+    return f"<p>{' '.join(bits)}</p>" if bits else ""
+
+
 def _section_clusters(out: Path, record: RunRecord) -> str:
     parts = []
     info = record.get("clusters") or {}
@@ -302,13 +348,14 @@ def _section_training(out: Path, record: RunRecord) -> str:
     vm = unet.get("validation_metrics")
     if vm:
         val = unet.get("validation") or {}
-        rows = [[_e(k), f"{v:.3f}"] for k, v in vm.items()]
+        rows = [[_e(k), f"{v:.3f}"] for k, v in vm.items() if isinstance(v, (int, float))]
         parts.append(
             f"<p>Validation on {_e(unet.get('validation_windows'))} window(s) of the "
             f"{_e(val.get('side'))} strip (split at pixel {_e(val.get('split_px'))}), "
             f"{_e(unet.get('train_windows'))} training window(s):</p>"
         )
         parts.append(_kept_epoch(unet))
+        parts.append(_inputs_and_threshold(unet, record))
         parts.append(_table(["metric", "value"], rows, {1}))
     summary_models = []
     for f in sorted(models.glob("*.keras")) if models.is_dir() else []:
