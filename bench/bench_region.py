@@ -585,8 +585,8 @@ def plan_child(
     from agriland_scale import load_config
     from agriland_scale.config.region import Region
     from agriland_scale.pipeline.context import stage_settings
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.store import open_cube
+    from agriland_scale.store.resume import Products
 
     rss = RssPeak()
     enc, unet = models
@@ -1052,8 +1052,8 @@ def fingerprint() -> dict:
     import hashlib
 
     files = [
-        "agriland_scale/pipeline/resume.py",
-        "agriland_scale/pipeline/blocks.py",
+        "agriland_scale/store/resume.py",
+        "agriland_scale/store/blocks.py",
         "agriland_scale/pipeline/stages.py",
         "agriland_scale/cube/load.py",
         "agriland_scale/patches.py",

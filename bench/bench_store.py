@@ -8,7 +8,7 @@
   (the folder, or every object under the prefix), and the store's commits and their total time
   (``run.json`` ``store``).
 - **Commit overhead per block row**: a real cube (the demo's reflectance, 16 block rows of 64 px)
-  written with :class:`~agriland_scale.pipeline.resume.Products` committing every block
+  written with :class:`~agriland_scale.store.resume.Products` committing every block
   (``runtime.commit_every_s: 0``) and committing once, locally and on S3: the time a commit
   takes (the client's ``commit`` calls, timed), and the two writes' wall times.
 - **Engine metadata after ``--force`` twice**: a local run redone twice with ``--force
@@ -17,7 +17,7 @@
 - **The cost of the chunk checksums** (issue 31, item 5): the demo's real cube (packed int16
   reflectance and clear counts, Blosc LZ4, written block by block as the cube stage writes it)
   and embeddings at region scale (float32, 16384 patches x 100, Zarr's default Zstd), written
-  into new local stores with :class:`~agriland_scale.pipeline.resume.Products` with the CRC32C
+  into new local stores with :class:`~agriland_scale.store.resume.Products` with the CRC32C
   checksum of every chunk (as the pipeline writes) and without it, alternately, in the same
   run: the bytes of the stores (all, and their chunk objects), the write times and the time to
   read every value back (medians over the rounds). ``--checksum-only`` measures only this.
@@ -103,9 +103,9 @@ def _commit_overhead(location: str, rows: int = 1024, block: int = 64) -> dict:
     from agriland_scale import load_config
     from agriland_scale.config.schema import RuntimeConfig
     from agriland_scale.cube.load import load_cube
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.pipeline.runtime import dask_client
     from agriland_scale.search.stac import local_stac_api, search_items
+    from agriland_scale.store.resume import Products
 
     cfg = load_config(REPO / "agriland_scale" / "data" / "demo.yaml")
     with local_stac_api(cfg.search.catalog) as url:
@@ -157,7 +157,7 @@ def _checksum_cost(work: Path, rounds: int) -> dict:
     import numpy as np
     import xarray as xr
 
-    import agriland_scale.pipeline.resume as resume
+    import agriland_scale.store.resume as resume
     from agriland_scale import load_config
     from agriland_scale.config.schema import RuntimeConfig
     from agriland_scale.cube.load import load_cube

@@ -236,8 +236,8 @@ def test_corrupt_tile_in_the_cube_is_named_or_left_out(middle_tile, demo_cfg):
 def test_corrupt_tile_on_a_dask_worker_names_the_asset(middle_tile, demo_cfg, tmp_path):
     """On a real (separate-process) worker: the named reader travels with the graph."""
     from agriland_scale.config.schema import RuntimeConfig
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.pipeline.runtime import dask_client
+    from agriland_scale.store.resume import Products
 
     # blocks of one stored chunk (256 px): the block holding the bad tile is named
     cube = load_cube(

@@ -12,8 +12,8 @@ import xarray as xr
 
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import BlockFailed
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
+from agriland_scale.store.resume import Products
 
 
 def test_bad_chunk_is_named_and_the_rest_is_kept(cube, tmp_path):

@@ -39,8 +39,8 @@ def store(cube, tmp_path_factory):
     from agriland_scale.models.files import write_sidecar
     from agriland_scale.models.segment import segment_region
     from agriland_scale.models.unet import build_unet
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.store import export_zarr, open_cube, write_georef
+    from agriland_scale.store.resume import Products
 
     tmp = tmp_path_factory.mktemp("cf")
     path = str(tmp / "export.zarr")

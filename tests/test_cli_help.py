@@ -176,8 +176,8 @@ def test_quiet_and_verbose_exclude_each_other(capsys):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run folder whose store holds one small georeferenced group."""
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.store import write_georef
+    from agriland_scale.store.resume import Products
 
     run = tmp_path_factory.mktemp("cli") / "run"
     y, x = 4174335.0 - 10 * np.arange(8), 438295.0 + 10 * np.arange(8)

@@ -81,8 +81,8 @@ GROUPS = ["utm17n/segmentation", "utm18n/cube", "utm18n/patches", "utm18n/segmen
 def exports(tmp_path_factory):
     """A run's store with ``{zone}/segmentation`` for two zones, ``utm18n/cube`` (3-D) and
     ``utm18n/patches`` (no CRS), and its exports: ``{2: v2 path, 3: v3 path, "run": run folder}``."""
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.store import export_zarr
+    from agriland_scale.store.resume import Products
 
     tmp = tmp_path_factory.mktemp("exports")
     products = Products(tmp / "run")

@@ -27,9 +27,9 @@ import xarray as xr
 
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import OutputError
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
 from agriland_scale.store import has_group, history, open_run, reader, write_georef
+from agriland_scale.store.resume import Products
 
 RT = RuntimeConfig(n_workers=2, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
 
@@ -187,7 +187,7 @@ WRITER = """
 import sys, time
 import xarray as xr
 from agriland_scale.config.schema import RuntimeConfig
-from agriland_scale.pipeline.resume import Products
+from agriland_scale.store.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
 from agriland_scale.store import open_cube, write_georef
 

@@ -186,7 +186,7 @@ def test_report_of_a_run_that_failed_at_segmentation(published, tmp_path):
         run,
         ignore=shutil.ignore_patterns("*.keras", "unet*", "stac", "cog", "report.html", "quicklook.png"),
     )
-    from agriland_scale.pipeline.resume import Products
+    from agriland_scale.store.resume import Products
 
     Products(run).discard("segmentation")  # as a --force segmentation that then failed leaves it
     rec = json.loads((run / "run.json").read_text())

@@ -23,9 +23,9 @@ import yaml
 
 from agriland_scale.errors import OutputExists
 from agriland_scale.layout import dependents, stages_needed
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runner import run
 from agriland_scale.store import has_group, history, reader
+from agriland_scale.store.resume import Products
 
 pytestmark = pytest.mark.slow
 

@@ -28,9 +28,9 @@ EPSG = 32618
 
 
 def _run(out: Path) -> Path:
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.publish.cog import write_cog
     from agriland_scale.store import write_georef
+    from agriland_scale.store.resume import Products
 
     y = 4174340.0 - 5 - 10 * np.arange(32)
     x = 438290.0 + 5 + 10 * np.arange(48)

@@ -156,9 +156,9 @@ def small_run(tmp_path_factory, items, cube_store):
     still 'running' in run.json), with real items, cube, COGs and Zarr store."""
     import numpy as np
 
-    from agriland_scale.pipeline.resume import Products
     from agriland_scale.publish.cog import write_cog
     from agriland_scale.store import export_zarr, open_cube
+    from agriland_scale.store.resume import Products
 
     out = tmp_path_factory.mktemp("stac-run")
     Products(out).write(open_cube(cube_store), "cube")

@@ -30,7 +30,6 @@ from agriland_scale.cli import main
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import CorruptInput
 from agriland_scale.layout import STORE
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
 from agriland_scale.publish.inspect import format_summary, summarise_run
 from agriland_scale.store import (
@@ -43,6 +42,7 @@ from agriland_scale.store import (
     reader,
     write_georef,
 )
+from agriland_scale.store.resume import Products
 
 RT = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
 

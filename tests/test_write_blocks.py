@@ -15,8 +15,8 @@ import zarr
 
 from agriland_scale.config.schema import RuntimeConfig
 from agriland_scale.errors import BlockFailed
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import dask_client
+from agriland_scale.store.resume import Products
 
 
 def _window(marks: str) -> np.ndarray:
@@ -177,7 +177,7 @@ def test_square_blocks_in_waves_resume_only_the_missing_blocks(tmp_path):
 def test_a_block_is_planned_from_its_own_tasks_whatever_the_width():
     """The tasks of one square block are culled from its own chunks' dependencies: the same
     number for a narrow and a wide raster (no pass over the whole graph per block)."""
-    from agriland_scale.pipeline.blocks import BlockGraph, BlockGrid
+    from agriland_scale.store.blocks import BlockGraph, BlockGrid
 
     sizes = []
     for width in (8, 64):
@@ -191,7 +191,7 @@ def test_a_block_is_planned_from_its_own_tasks_whatever_the_width():
 
 
 def test_group_chunks_bounds_every_block():
-    from agriland_scale.pipeline.blocks import group_chunks
+    from agriland_scale.store.blocks import group_chunks
 
     assert group_chunks((1024,) * 5, 2048) == [(0, 2, 0, 2048), (2, 4, 2048, 4096), (4, 5, 4096, 5120)]
     assert group_chunks((3000, 100), 2048) == [(0, 1, 0, 3000), (1, 2, 3000, 3100)]  # a large chunk alone

@@ -496,7 +496,7 @@ class SkippedReads:
         Each record holds ``item``, ``asset``, ``href``, ``problem`` (:data:`READ_SKIPPED`),
         ``error`` (the first read's), ``zone``, ``chunks`` (parts of the cube's stored chunk
         size left as nodata) and ``blocks`` (``{block number: chunks}``, the blocks of
-        :meth:`~agriland_scale.pipeline.resume.Products.write_blocks`): a few numbers an
+        :meth:`~agriland_scale.store.resume.Products.write_blocks`): a few numbers an
         asset, whatever the size of the region.
 
         Parameters

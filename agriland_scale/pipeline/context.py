@@ -16,8 +16,8 @@ from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.files import read_sidecar
 from agriland_scale.pipeline.launch import warm_up_workers
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import main_process_worker
+from agriland_scale.store.resume import Products
 
 __all__ = ["Progress", "Report", "RunContext"]
 

@@ -89,7 +89,7 @@ def _zone_plan(group: list[pystac.Item], cfg: RunConfig, region: Any, encoder: s
     out_blocks = _ceil(h, _SEGMENT_BLOCK) * _ceil(w, _SEGMENT_BLOCK)
     embed_tasks = _ceil(n_patches, e.batch_size * _EMBED_TASK_BATCHES)
     n_win = max(1, (max(p.size, int(np.sqrt(64 * 2**20 / 2))) - p.size) // p.stride + 1)
-    # the square write blocks of runtime.block_px (pipeline/blocks.py), over the stored chunks
+    # the square write blocks of runtime.block_px (store/blocks.py), over the stored chunks
     block = max(cfg.runtime.block_px // c.chunk, 1) * c.chunk
     write_blocks = _ceil(h, block) * _ceil(w, block)
     seg_block = max(cfg.runtime.block_px // _SEGMENT_BLOCK, 1) * _SEGMENT_BLOCK

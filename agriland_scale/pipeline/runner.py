@@ -73,7 +73,6 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.remote import Mirror, checked_out
-from agriland_scale.pipeline.resume import Products
 from agriland_scale.pipeline.runtime import (
     StorageOptions,
     dask_client,
@@ -83,6 +82,7 @@ from agriland_scale.pipeline.runtime import (
 )
 from agriland_scale.pipeline.stages import STAGE_FUNCTIONS
 from agriland_scale.publish.report import write_report
+from agriland_scale.store.resume import Products
 
 if TYPE_CHECKING:
     from agriland_scale.pipeline.launch import ClusterLaunch

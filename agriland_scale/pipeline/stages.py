@@ -36,13 +36,13 @@ from agriland_scale.models.segment import choose_inference_window, segment_regio
 from agriland_scale.models.train import train_cae, train_unet
 from agriland_scale.models.windows import training_windows
 from agriland_scale.patches import patch_index
-from agriland_scale.pipeline.blocks import BlockGrid
 from agriland_scale.pipeline.context import RunContext
 from agriland_scale.pipeline.publishing import publish_stage
 from agriland_scale.pipeline.runtime import MAIN_WORKER
 from agriland_scale.search.items import acquired, normalize_items
 from agriland_scale.search.stac import api_url, region_of, search_items
 from agriland_scale.store import open_cube, open_product, run_relative, write_georef
+from agriland_scale.store.blocks import BlockGrid
 
 __all__ = ["STAGE_FUNCTIONS"]
 

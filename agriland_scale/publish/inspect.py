@@ -101,7 +101,7 @@ def _store_damage(out: Path, record: RunRecord) -> str | None:
     snapshot); a store that is not there yet, or out of reach, is not damage.
     """
     from agriland_scale.errors import CorruptInput
-    from agriland_scale.repo import check_store
+    from agriland_scale.store.repo import check_store
 
     try:
         check_store(_location(out, record))

@@ -41,8 +41,8 @@ import xarray as xr
 import zarr
 
 from agriland_scale.errors import RunLocked
-from agriland_scale.pipeline.blocks import BlockGrid, Part, Waves, signature, template
-from agriland_scale.store import has_group, main_version, open_repo, store_location, with_checksums
+from agriland_scale.store.blocks import BlockGrid, Part, Waves, signature, template
+from agriland_scale.store.groups import has_group, main_version, open_repo, store_location, with_checksums
 
 __all__ = ["WIP", "WAVE_TASKS", "Products"]
 

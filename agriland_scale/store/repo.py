@@ -4,7 +4,7 @@ A run's products are one Icechunk repository (transactional Zarr v3): ``OUT/agri
 on local disk, or a prefix of a bucket (``s3://``, ``gs://``, ``az://``). The branch ``main``
 holds only complete products; every change to it is a commit (a version), so a reader opens a
 consistent snapshot and earlier versions stay readable (:func:`history`, :func:`reader`).
-:mod:`agriland_scale.store` reads groups from it; :mod:`agriland_scale.pipeline.resume`
+:mod:`agriland_scale.store` reads groups from it; :mod:`agriland_scale.store.resume`
 writes it.
 """
 

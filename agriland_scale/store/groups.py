@@ -5,7 +5,7 @@ transactional storage engine for Zarr: ``OUT/agriland.icechunk`` on local disk, 
 of a bucket (``s3://``, ``gs://``, ``az://``). The branch ``main`` holds only complete
 products; every change to it is one commit (a version), so a reader opens a consistent
 snapshot and earlier versions stay readable (:func:`history`, ``open_run(..., version=)``).
-:mod:`agriland_scale.pipeline.resume` writes it.
+:mod:`agriland_scale.store.resume` writes it.
 
 A spatial group is on a (y, x) grid in the zone's CRS with a CF grid mapping
 (``spatial_ref``), so that ``xarray.open_zarr(store, group=..., decode_coords="all")`` and
@@ -26,11 +26,11 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 
-from agriland_scale.checksums import with_checksums
 from agriland_scale.errors import CorruptInput, OutputError
 from agriland_scale.files import short_error
 from agriland_scale.layout import STORE, local_folder
-from agriland_scale.repo import (  # the repository's API, also here for the readers of groups
+from agriland_scale.store.checksums import with_checksums
+from agriland_scale.store.repo import (  # the repository's API, also here for the readers of groups
     _URL,
     ICECHUNK_MEDIA_TYPE,
     history,
@@ -336,7 +336,7 @@ def write_group(ds: xr.Dataset, store: str | Path, group: str) -> None:
     """Write ``ds`` as ``group`` of a plain Zarr (v3) store, replacing an older version of it.
 
     For scratch stores, tests and benchmarks; a run's products go through its Icechunk store
-    (:class:`agriland_scale.pipeline.resume.Products`). Dask-backed variables are computed by
+    (:class:`agriland_scale.store.resume.Products`). Dask-backed variables are computed by
     the active Dask client while writing.
     """
     with warnings.catch_warnings():

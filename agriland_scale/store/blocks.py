@@ -1,6 +1,6 @@
 """Write units of bounded size, and their tasks planned at the cost of their own graph.
 
-A product written by :meth:`~agriland_scale.pipeline.resume.Products.write_blocks` is cut
+A product written by :meth:`~agriland_scale.store.resume.Products.write_blocks` is cut
 into **blocks**: along each block dimension (``("y", "x")`` for a raster, ``("patch",)`` for
 a table of patches) consecutive Dask chunks are grouped until the next one would pass
 ``block`` elements (a chunk larger than ``block`` is a block of its own). A raster block is
@@ -11,7 +11,7 @@ The product's task graph is optimised and materialised **once** (:class:`BlockGr
 linear in the graph). The tasks of any set of blocks are then culled from it by walking the
 dependencies back from the blocks' chunks, which costs what those blocks' own tasks cost, never
 a pass over the whole graph. That is what lets the writer hand the scheduler a bounded wave
-of blocks at a time (:func:`~agriland_scale.pipeline.resume.Products.write_blocks`): the
+of blocks at a time (:func:`~agriland_scale.store.resume.Products.write_blocks`): the
 scheduler holds a few thousand tasks, not the region's million.
 """
 
