@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from agriland_scale.models.dec_refine import soft_assign, target_distribution
+from agriland_scale.models.dec_refine import dec_schedule, soft_assign, target_distribution
 
 __all__ = ["ClusteringLayer", "DECResult", "fit_dec", "soft_assign", "target_distribution"]
 
@@ -109,27 +109,14 @@ def fit_dec(
         emb = encoder.predict(z, batch_size=256, verbose=0)
         return soft_assign(emb, layer.get_weights()[0], alpha)
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(z))
-    labels_prev = None
-    delta, converged, it, pos = 1.0, False, 0, 0
-    p = None
-    for it in range(max_iter):
-        if it % update_interval == 0:
-            q = assign()
-            p = target_distribution(q)
-            labels = q.argmax(1)
-            delta = float((labels != labels_prev).mean()) if labels_prev is not None else 1.0
-            labels_prev = labels
-            if it > 0 and delta < tol:
-                converged = True
-                break
-        idx = order[pos : pos + batch_size]
-        if len(idx) < batch_size:
-            order = rng.permutation(len(z))
-            pos = 0
-            idx = order[:batch_size]
-        pos += batch_size
-        assert p is not None  # set at iteration 0 (0 % update_interval == 0)
-        model.train_on_batch(z[idx], p[idx])
+    it, delta, converged = dec_schedule(
+        len(z),
+        assign,
+        lambda idx, pb: model.train_on_batch(z[idx], pb),
+        max_iter=max_iter,
+        update_interval=update_interval,
+        tol=tol,
+        batch_size=batch_size,
+        seed=seed,
+    )
     return DECResult(layer.get_weights()[0], it, delta, converged, encoder)

@@ -18,11 +18,12 @@ second against seconds in Keras).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Refined", "refine_centroids", "soft_assign", "target_distribution"]
+__all__ = ["Refined", "dec_schedule", "refine_centroids", "soft_assign", "target_distribution"]
 
 _EPS = 1e-7  # keras.backend.epsilon(): the KL divergence clips both sides to [eps, 1]
 
@@ -92,18 +93,58 @@ def refine_centroids(
     :func:`~agriland_scale.models.dec.fit_dec` for the same ``seed``.
     """
     z = np.asarray(z, dtype="float32")
-    mu = np.array(init_centroids, dtype="float32")
-    velocity = np.zeros_like(mu)
     lr, mom = np.float32(learning_rate), np.float32(momentum)
+    state = {"mu": np.array(init_centroids, dtype="float32")}
+    state["velocity"] = np.zeros_like(state["mu"])
+
+    def step(idx: np.ndarray, pb: np.ndarray) -> None:
+        """Keras's SGD with momentum: ``v = momentum v - lr g; mu += v``."""
+        g = _gradient(z[idx], pb.astype("float32"), state["mu"], alpha)
+        state["velocity"] = mom * state["velocity"] - lr * g
+        state["mu"] = state["mu"] + state["velocity"]
+
+    it, delta, converged = dec_schedule(
+        len(z),
+        lambda: soft_assign(z, state["mu"], alpha),
+        step,
+        max_iter=max_iter,
+        update_interval=update_interval,
+        tol=tol,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    return Refined(state["mu"], it, delta, converged)
+
+
+def dec_schedule(
+    n: int,
+    assign: Callable[[], np.ndarray],
+    step: Callable[[np.ndarray, np.ndarray], object],
+    *,
+    max_iter: int,
+    update_interval: int,
+    tol: float,
+    batch_size: int,
+    seed: int,
+) -> tuple[int, float, bool]:
+    """DEC's schedule over ``n`` rows, shared by :func:`refine_centroids` and :func:`~.dec.fit_dec`.
+
+    Every ``update_interval`` iterations the soft assignments ``assign() (n, k)`` give a new
+    target ``P`` (:func:`target_distribution`), and training stops when fewer than ``tol`` of
+    the hard labels changed since the previous refresh; otherwise each iteration calls
+    ``step(rows, P[rows])`` on the next ``batch_size`` rows of a seeded permutation (a new one
+    when it runs out). Returns the last iteration, the fraction of labels changed at the last
+    refresh and whether it converged.
+    """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(z))
+    order = rng.permutation(n)
     labels_prev = None
     delta, converged, it, pos = 1.0, False, 0, 0
     p = None
     for it in range(max_iter):
         if it % update_interval == 0:
-            q = soft_assign(z, mu, alpha)
-            p = target_distribution(q).astype("float32")
+            q = assign()
+            p = target_distribution(q)
             labels = q.argmax(1)
             delta = float((labels != labels_prev).mean()) if labels_prev is not None else 1.0
             labels_prev = labels
@@ -112,11 +153,10 @@ def refine_centroids(
                 break
         idx = order[pos : pos + batch_size]
         if len(idx) < batch_size:
-            order = rng.permutation(len(z))
+            order = rng.permutation(n)
             pos = 0
             idx = order[:batch_size]
         pos += batch_size
         assert p is not None  # set at iteration 0 (0 % update_interval == 0)
-        velocity = mom * velocity - lr * _gradient(z[idx], p[idx], mu, alpha)
-        mu = mu + velocity
-    return Refined(mu, it, delta, converged)
+        step(idx, p[idx])
+    return it, delta, converged
