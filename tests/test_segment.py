@@ -137,10 +137,29 @@ def test_segment_region_on_a_cluster_matches_predict_block(small_unet, cube, tmp
 
     names = {key_split(k) for k in seg["probability"].data.__dask_graph__()}
     assert {"segment-windows", "segment-blend"} <= names, names
+    # in bands of one block column: no window task is shared across a band's edge (each band
+    # predicts the windows reaching into it), and the map is the same
+    banded = segment_region(model_path, store, local, bands, threshold=0.5, block=384, band=384, **kw)
+    from dask._task_spec import convert_legacy_graph
+
+    graph = convert_legacy_graph(dict(banded["probability"].data.__dask_graph__()))
+    windows: dict[int, set] = {}
+    for j in range(3):  # the window tasks each band's chunks need
+        stack = [k for row in banded["probability"].data.__dask_keys__() for k in row if k[2] == j]
+        seen: set = set()
+        while stack:
+            k = stack.pop()
+            if k not in seen:
+                seen.add(k)
+                stack.extend(graph[k].dependencies)
+        windows[j] = {k for k in seen if key_split(k) == "segment-windows"}
+    assert len(windows) == 3 and all(windows.values())
+    assert not (windows[0] & windows[1]) and not (windows[1] & windows[2]) and not (windows[0] & windows[2])
     rt = RuntimeConfig(n_workers=1, threads_per_worker=2, memory_limit="4GiB", dashboard_address=":0")
     with dask_client(rt):
         prob = seg["probability"].values
         write_group(seg, store, "segmentation")
+        np.testing.assert_allclose(banded["probability"].values, prob, atol=1e-6)
     np.testing.assert_allclose(prob, ref, atol=1e-6)
     assert np.array_equal(np.isnan(prob), local["clear_count"].values == 0)
     out = open_product(store, "segmentation").load()

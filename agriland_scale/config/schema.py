@@ -353,6 +353,10 @@ class SegmentConfig(_Model):
     inference_window: Literal["auto"] | int | None = "auto"
     threshold: float | None = Field(default=None, gt=0, lt=1)
     batch_size: int = Field(default=8, ge=1)
+    # column bands (px, best a multiple of runtime.block_px) written one after the other: the
+    # windows across a band's edge are predicted once a band (a few % more predictions), so
+    # that a worker holds the overlapping windows of a band's width, not the region's; 0: none
+    band_px: int = Field(default=8192, ge=0)
     # field polygons from the mask as GeoParquet (DIR/vector/fields.parquet); smaller ones dropped
     vectorize: bool = False
     min_field_area_m2: float = Field(default=0.0, ge=0)

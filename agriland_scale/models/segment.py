@@ -13,6 +13,12 @@ over the windows' span; a second layer makes each output block from the sums of 
 that reach it. (Predicting, in each block, every window touching it would repeat the windows
 that straddle block borders: with 1024 px blocks and 256/64 px windows, 19 % more
 predictions on 2048 x 2048 px, 49 % on 10240 x 10240 px.)
+
+A span's sum is held until every block it reaches is blended. Written row by row, that is a
+row of spans, so a worker's memory would follow the region's width; in column **bands**
+(``segment.band_px``) that share no task, written band by band
+(:meth:`~agriland_scale.store.blocks.BlockGrid.order`), it follows the band's width. The
+price: the windows across a band's edge are predicted once for each band.
 """
 
 from __future__ import annotations
@@ -343,6 +349,7 @@ def segment_region(
     inference_window: int | str | None = None,
     precision: str = "float32",
     engine: str = "tensorflow",
+    band: int | None = None,
 ) -> xr.Dataset:
     """Lazy ``probability`` (float32 0..1, NaN = nodata) and ``mask`` (uint8 1/0, 255 = nodata).
 
@@ -356,6 +363,12 @@ def segment_region(
     number of pixels as ``batch_size`` training windows (bounded memory). ``precision``: the
     Keras dtype policy the U-Net computes in (``float32`` or ``mixed_bfloat16``, see
     :func:`~agriland_scale.models.worker.get_model`); ``engine``: as for :func:`~.embed.embed_patches`.
+
+    ``band``: column bands of ``band`` px (a multiple of ``block``) whose blocks share no
+    task: the windows that straddle a band's edge are predicted once for each band they
+    reach (one or two window columns an edge), so that a writer going band by band
+    (:meth:`~agriland_scale.store.blocks.BlockGrid.order`) holds the overlapping windows'
+    sums of a band's width, whatever the region's. ``None``: one band, every window once.
 
     ``reflectance_max``: per band or one for all (:func:`~agriland_scale.config.bands.reflectance_scale`),
     as the model was trained. ``threshold``: the probability from which the mask is 1;
@@ -382,32 +395,56 @@ def segment_region(
         units=round(len(rs_all) * len(cs_all) * (window / trained) ** 2),
     )
     row_groups, col_groups = _groups(rs_all, H, window, block), _groups(cs_all, W, window, block)
-    predict = dask.delayed(_predict_task, pure=True)
+    per_band = max(1, band // block) if band else len(col_groups)  # blocks a band holds
+
+    def predict(rs: np.ndarray, cs: np.ndarray, salt: int | None = None):
+        # the weighted sum of windows rs x cs over their span: (origin, end, delayed task)
+        args = (
+            model_path,
+            cube_store,
+            rs,
+            cs,
+            bands,
+            window,
+            scale,
+            batch_size,
+            group,
+            input_size,
+            precision,
+            engine,
+        )
+        name = tokenize(*args) if salt is None else tokenize(*args, "band", salt)
+        with dask.annotate(resources=resources or {}):
+            task = dask.delayed(_predict_task, pure=True)(*args, dask_key_name=f"segment-windows-{name}")
+        return (int(rs.min()), int(cs.min())), (int(rs.max()) + window, int(cs.max()) + window), task
+
+    # each window once, in the span of the block holding its centre
+    sums = {
+        (bi, bj): predict(rs, cs)
+        for bi, rs in enumerate(row_groups)
+        for bj, cs in enumerate(col_groups)
+        if len(rs) and len(cs)
+    }
+    edges: dict[tuple[int, int, int], tuple | None] = {}
+
+    def span(i: int, j: int, b: int) -> tuple | None:
+        """Return the span of block (i, j) as the blocks of band ``b`` see it.
+
+        A block of another band lends band ``b`` its windows that reach into ``b``, predicted
+        again for ``b``: its own span is then needed by its own band only, so a band's spans
+        are freed when its blocks are written (memory follows the band's width, not the
+        region's), at the cost of predicting the windows across a band edge twice.
+        """
+        if j // per_band == b:
+            return sums.get((i, j))
+        if (i, j, b) not in edges:
+            x0, x1 = b * per_band * block, (b + 1) * per_band * block
+            rs, cs = row_groups[i], col_groups[j]
+            cs = cs[(cs < x1) & (cs + window > x0)]
+            edges[i, j, b] = predict(rs, cs, salt=b) if len(rs) and len(cs) else None
+        return edges[i, j, b]
+
     blend = dask.delayed(_blend_task, pure=True)
-    sums = {}  # (block row, block col) -> (span origin, span end, delayed weighted sum)
-    with dask.annotate(resources=resources or {}):
-        for bi, rs in enumerate(row_groups):
-            for bj, cs in enumerate(col_groups):
-                if len(rs) and len(cs):
-                    args = (
-                        model_path,
-                        cube_store,
-                        rs,
-                        cs,
-                        bands,
-                        window,
-                        scale,
-                        batch_size,
-                        group,
-                        input_size,
-                        precision,
-                        engine,
-                    )
-                    sums[bi, bj] = (
-                        (int(rs.min()), int(cs.min())),
-                        (int(rs.max()) + window, int(cs.max()) + window),
-                        predict(*args, dask_key_name=f"segment-windows-{tokenize(*args)}"),
-                    )
     reach = -(-window // block)  # a span reaches at most this many blocks past its own
     rows = []
     for bi, gy in enumerate(range(0, H, block)):
@@ -416,9 +453,9 @@ def segment_region(
             h, w = min(block, H - gy), min(block, W - gx)
             near = [
                 v
-                for i in range(bi - reach, bi + reach + 1)
-                for j in range(bj - reach, bj + reach + 1)
-                if (v := sums.get((i, j))) is not None
+                for i in range(max(bi - reach, 0), min(bi + reach + 1, len(row_groups)))
+                for j in range(max(bj - reach, 0), min(bj + reach + 1, len(col_groups)))
+                if (v := span(i, j, bj // per_band)) is not None
                 and v[0][0] < gy + h
                 and v[1][0] > gy
                 and v[0][1] < gx + w

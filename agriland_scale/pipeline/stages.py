@@ -561,6 +561,7 @@ def segmentation_stage(ctx: RunContext) -> None:
             inference_window=s.inference_window,
             precision=ctx.precision("segmentation"),
             engine=ctx.cfg.runtime.engine,
+            band=s.band_px or None,
         )
         seg["probability"].attrs["model"] = run_relative(
             ctx.record["unet"]["model_path"], ctx.out, ctx.location
@@ -582,6 +583,7 @@ def segmentation_stage(ctx: RunContext) -> None:
         max_tasks=ctx.cfg.runtime.wave_tasks,
         settings=ctx.settings("segmentation"),
         progress=ctx.progress,
+        band=s.band_px or None,  # band by band, as segment_region shares windows
     )
     for z in ctx.zones().values():
         z["segmentation_blocks"] = stats[z["prefix"] + "segmentation"]

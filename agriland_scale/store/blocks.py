@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -30,9 +29,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from agriland_scale.errors import BlockFailed
-
-__all__ = ["BlockGraph", "BlockGrid", "Part", "Waves", "signature", "template"]
+__all__ = ["BlockGraph", "BlockGrid", "signature", "template", "write_block"]
 
 
 def signature(
@@ -136,6 +133,21 @@ class BlockGrid:
         ]
         return int(np.ravel_multi_index(idx, [len(g) for g in self.groups]))
 
+    def order(self, band: int | None = None) -> list[int]:
+        """Return the blocks in the order they are written: row-major, or band by band.
+
+        ``band`` (elements along the last block dimension: px for a raster): column bands of
+        that width, one after the other, each written top to bottom (row-major inside it). A
+        product whose blocks share data with their neighbours (the segmentation's overlapping
+        windows, :func:`~agriland_scale.models.segment.segment_region`) then holds a band's
+        width of it at a time, not the region's. ``None`` (or one block dimension): row-major.
+        """
+        n = len(self)
+        if not band or len(self.dims) < 2:
+            return list(range(n))
+        last = self.groups[-1]
+        return sorted(range(n), key=lambda i: (last[self.index(i)[-1]][2] // band, i))
+
     def describe(self, i: int) -> str:
         """``y 2048:4096, x 0:2048``: the block in words, for messages."""
         return ", ".join(f"{d} {s.start}:{s.stop}" for d, s in self.region(i).items())
@@ -161,7 +173,10 @@ class BlockGraph:
         self.grid = grid
         self.vars = {n: (ds[n].variable.dims, ds[n].attrs, ds[n].encoding) for n in lazy}
         self.keys = {n: _key_array(ds[n].data.__dask_keys__()) for n in lazy}
-        self.graph = _optimized(ds[lazy])
+        hlg = ds[lazy].__dask_graph__()
+        self.graph = _optimized(hlg, ds[lazy].__dask_keys__())
+        # the tasks' annotations (the model tasks' ``resources``): a materialised graph has none
+        self.annotations = _annotations(hlg, self.graph)
         self.token = uuid.uuid4().hex[:12]
 
     def chunk_keys(self, name: str, i: int) -> np.ndarray:
@@ -213,8 +228,8 @@ class BlockGraph:
         return dsk, keys, len(dsk)
 
 
-def _optimized(ds: xr.Dataset) -> dict:
-    """Return the graph of ``ds``'s dask arrays, optimised as :func:`dask.array.optimize` does, uncut.
+def _optimized(hlg: Any, keys: list) -> dict:
+    """Return the graph ``hlg`` (of ``keys``), optimised as :func:`dask.array.optimize` does, uncut.
 
     Blockwise layers fused, root tasks fused and linear chains fused, keeping every chunk's
     key; but not culled: dask's cull of the whole graph costs as much as the rest together
@@ -227,12 +242,42 @@ def _optimized(ds: xr.Dataset) -> dict:
     from dask.core import flatten
     from dask.utils import ensure_dict
 
-    keys = list(flatten(ds.__dask_keys__()))
-    dsk = fuse_roots(optimize_blockwise(ds.__dask_graph__(), keys=keys), keys=keys)
+    keys = list(flatten(keys))
+    dsk = fuse_roots(optimize_blockwise(hlg, keys=keys), keys=keys)
     graph = convert_legacy_graph(ensure_dict(dsk))
     if dask.config.get("optimization.fuse.active") is False:
         return graph
     return fuse_linear_task_spec(graph, keys=keys)
+
+
+def _annotations(hlg: Any, graph: dict) -> dict[str, dict]:
+    """``{annotation: {key: value}}`` of ``hlg``'s annotated layers, for the tasks of ``graph``.
+
+    What :func:`dask.annotate` gave a layer (``resources`` for the model tasks, so that they
+    run on GPU workers): materialising the graph drops it, the waves hand it back
+    (:class:`~agriland_scale.store.waves.Waves`). A task fused into another (a model task and
+    the chunk cut from it) lends its annotations to the fused task. Only annotated layers are
+    walked, and the graph only when one is.
+    """
+    from dask._task_spec import Task, _execute_subgraph
+
+    annotated = [layer for layer in hlg.layers.values() if layer.annotations]
+    if not annotated:
+        return {}
+    fused_into = {
+        inner: key
+        for key, task in graph.items()
+        if isinstance(task, Task) and task.func is _execute_subgraph
+        for inner in task.args[0]
+    }
+    out: dict[str, dict] = {}
+    for layer in annotated:
+        for kind, value in layer.annotations.items():
+            for k in layer:
+                key = k if k in graph else fused_into.get(k)
+                if key is not None:
+                    out.setdefault(kind, {})[key] = value(k) if callable(value) else value
+    return out
 
 
 def _key_array(keys: list) -> np.ndarray:
@@ -302,155 +347,3 @@ def is_packed(attrs: dict[str, Any]) -> bool:
     region of it, where it would pack the store's values again.
     """
     return "scale_factor" in attrs or "add_offset" in attrs
-
-
-@dataclass
-class Part:
-    """One product of a write (one zone's cube, say): its blocks are ``offset + i`` of the write."""
-
-    ds: xr.Dataset
-    group: str
-    label: str
-    grid: BlockGrid
-    offset: int
-    sig: str
-    reused: int = 0
-    written: int = 0
-    graph: BlockGraph | None = None
-
-    @property
-    def stage(self) -> str:
-        """``cube`` for ``utm18n/cube``: how its tasks are named on the dashboard (``cube-block``)."""
-        return self.group.rstrip("/").rsplit("/", 1)[-1]
-
-
-class Waves:
-    """Hands the blocks of one or more products to the scheduler in bounded waves.
-
-    Each wave is planned from its own blocks' tasks (:meth:`BlockGraph.tasks`) and holds at
-    most ``max_tasks`` tasks beyond the blocks running; a new wave follows as blocks finish.
-    The forks that come back are merged into one session on ``wip`` and committed every
-    ``products.commit_every_s`` seconds, naming the blocks (numbered over the whole write).
-    """
-
-    def __init__(
-        self,
-        products: Any,
-        key: str,
-        sig: str,
-        parts: list[Part],
-        client: Any,
-        progress: Any,
-        workers: list[str] | None,
-    ):
-        self.products, self.key, self.sig, self.parts = products, key, sig, parts
-        self.client, self.progress, self.workers = client, progress, workers
-        self.starts = [p.offset for p in parts]
-        self._needs: dict[int, set] = {}  # a queued block's tasks, culled once (cost, then submit)
-
-    def part(self, i: int) -> Part:
-        """Return the product that block ``i`` of the write belongs to."""
-        return self.parts[int(np.searchsorted(self.starts, i, side="right")) - 1]
-
-    def _graph(self, p: Part, stats: dict[str, Any]) -> BlockGraph:
-        if p.graph is None:
-            t0 = time.process_time()
-            p.graph = BlockGraph(p.ds, p.grid)
-            stats["plan_s"] += time.process_time() - t0
-        return p.graph
-
-    def _cost(self, i: int, stats: dict[str, Any]) -> int:
-        p = self.part(i)
-        if i not in self._needs:
-            self._needs[i] = self._graph(p, stats).needs(i - p.offset)
-        return len(self._needs[i]) + 1
-
-    def _submit(self, wave: list[int], fork: Any, stats: dict[str, Any]) -> list:
-        t0 = time.process_time()
-        dsk: dict = {}
-        keys: list[str] = []
-        for p in self.parts:
-            mine = [i - p.offset for i in wave if self.part(i) is p]
-            if mine:
-                needs = {
-                    i - p.offset: self._needs.pop(i) for i in wave if i in self._needs and self.part(i) is p
-                }
-                g, k, _ = self._graph(p, stats).tasks(mine, p.stage, fork, p.group, needs)
-                dsk.update(g)
-                keys += k
-        # named, not hashed: dask would otherwise tokenize the whole wave to name it
-        from dask._expr import LLGExpr
-
-        expr = LLGExpr(dsk, _determ_token=uuid.uuid4().hex)
-        stats["plan_s"] += time.process_time() - t0
-        stats["tasks"] += len(dsk)
-        stats["waves"] += 1
-        return self.client.get(expr, keys, sync=False, workers=self.workers)
-
-    def run(self, todo: list[int], written: int, max_tasks: int, stats: dict[str, Any]) -> None:
-        """Write blocks ``todo`` of the write; ``written``: those an earlier attempt committed."""
-        from distributed import as_completed
-
-        products = self.products
-        session = products.repo.writable_session("wip")
-        fork = session.fork()
-        # the products advance together: their blocks interleaved by their place in each
-        queue = sorted(todo, key=lambda i: ((i - self.part(i).offset) / len(self.part(i).grid), i))
-        which: dict[str, tuple[int, int]] = {}  # future key -> (block, its tasks)
-        in_flight: dict[str, Any] = {}
-        pending = as_completed()
-        load = 0
-
-        def fill() -> None:
-            nonlocal load
-            wave: list[int] = []
-            costs: list[int] = []
-            while queue:
-                c = self._cost(queue[0], stats)
-                if load + sum(costs) + c > max_tasks and (wave or in_flight):
-                    break
-                wave.append(queue.pop(0))
-                costs.append(c)
-            if wave:
-                for i, c, f in zip(wave, costs, self._submit(wave, fork, stats)):
-                    which[f.key] = (i, c)
-                    in_flight[f.key] = f
-                    pending.add(f)
-                load += sum(costs)
-
-        merged: list[int] = []
-        last = time.monotonic()
-        n = sum(len(p.grid) for p in self.parts)
-        fill()
-        try:
-            for fut in pending:
-                i, c = which.pop(fut.key)
-                in_flight.pop(fut.key, None)
-                load -= c
-                p = self.part(i)
-                if fut.status == "error":
-                    err = fut.exception()
-                    for f in in_flight.values():
-                        f.cancel()
-                    products.commit_blocks(session, self.key, self.sig, merged, complete=False)
-                    assert p.graph is not None
-                    raise BlockFailed(
-                        f"{p.label}: block {i - p.offset} ({p.graph.grid.describe(i - p.offset)}) failed: "
-                        f"{type(err).__name__}: {err}. The {written} blocks written so far are kept: "
-                        "fix the cause and run again to continue"
-                    ) from err
-                session.merge(fut.result())  # finished: the fork comes back at once
-                fut.release()
-                merged.append(i)
-                written += 1
-                p.written += 1
-                if self.progress:
-                    self.progress(p.label, p.written, len(p.grid))
-                if written < n and time.monotonic() - last >= products.commit_every_s:
-                    session = products.commit_blocks(session, self.key, self.sig, merged, complete=False)
-                    merged, last = [], time.monotonic()
-                fill()
-        except KeyboardInterrupt:  # keep what is merged: the next attempt need not redo it
-            products.commit_blocks(session, self.key, self.sig, merged, complete=False)
-            raise
-        products.commit_blocks(session, self.key, self.sig, merged, complete=True)

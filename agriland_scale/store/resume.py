@@ -41,8 +41,9 @@ import xarray as xr
 import zarr
 
 from agriland_scale.errors import RunLocked
-from agriland_scale.store.blocks import BlockGrid, Part, Waves, signature, template
+from agriland_scale.store.blocks import BlockGrid, signature, template
 from agriland_scale.store.groups import has_group, main_version, open_repo, store_location, with_checksums
+from agriland_scale.store.waves import Part, Waves
 
 __all__ = ["WIP", "WAVE_TASKS", "Products"]
 
@@ -246,6 +247,7 @@ class Products:
         settings: dict[str, Any] | None = None,
         workers: list[str] | None = None,
         max_tasks: int | None = None,
+        band: int | None = None,
     ) -> dict[str, Any]:
         """Write the dask-backed ``ds`` block by block with ``client``, resumably.
 
@@ -261,7 +263,9 @@ class Products:
         naming the group and the block's place; the blocks finished before it are committed
         first. ``workers``: the addresses of the workers that compute and write the blocks
         (all of their tasks); any worker by default. Every array is stored with a CRC32C
-        checksum (:func:`~agriland_scale.store.with_checksums`).
+        checksum (:func:`~agriland_scale.store.with_checksums`). The blocks are written row by
+        row, or band by band with ``band`` (px, :meth:`~.blocks.BlockGrid.order`): every task
+        of a block has the block's place as its priority (:mod:`.waves`).
 
         Returns
         -------
@@ -279,6 +283,7 @@ class Products:
             settings=settings,
             workers=workers,
             max_tasks=max_tasks,
+            band=band,
         )[group]
 
     def write_together(
@@ -292,6 +297,7 @@ class Products:
         settings: dict[str, Any] | None = None,
         workers: list[str] | None = None,
         max_tasks: int | None = None,
+        band: int | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Write several products together, e.g. a stage's UTM zones: ``[(ds, group, label)]``.
 
@@ -312,7 +318,7 @@ class Products:
                 grid = BlockGrid.of(ds, dims, block)
             except ValueError as e:
                 raise ValueError(f"{group}: {e}") from None
-            parts.append(Part(ds, group, label, grid, offset, signature(ds, dims, block, settings)))
+            parts.append(Part(ds, group, label, grid, offset, signature(ds, dims, block, settings), band))
             offset += len(grid)
         n = offset
         key = "+".join(p.group for p in parts)
