@@ -899,6 +899,7 @@ def real_run(
     ps = psutil.Process(proc.pid)
     peaks: dict[int, list] = {}  # pid -> [peak rss, name]
     total = [0]
+    series: list[tuple[float, int]] = []  # (unix time, the largest worker's rss)
 
     def sample():
         while proc.poll() is None:
@@ -907,6 +908,8 @@ def real_run(
             for pid, (r, name) in now.items():
                 p = peaks.setdefault(pid, [0, name])
                 p[0] = max(p[0], r)
+            workers_now = [r for pid, (r, name) in now.items() if pid != proc.pid and "python" in name]
+            series.append((time.time(), max(workers_now, default=0)))
             time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -941,6 +944,7 @@ def real_run(
         "timings_s": {k: round(v, 1) for k, v in rec["timings_s"].items()},
         "client_peak_rss_gb": gb(client[0]),
         "worker_peak_rss_gb": workers,
+        "worker_peak_by_stage_gb": by_stage(rec, series),
         "tree_peak_rss_gb": gb(total[0]),
         "store_mb": round(store_bytes / 1e6, 1),
         "store_objects": store_objects,
@@ -950,6 +954,28 @@ def real_run(
         "engines_used": rec.get("engines"),
         "out": str(out),
     }
+
+
+def by_stage(rec: dict, series: list[tuple[float, int]]) -> dict[str, float]:
+    """The largest worker's peak RSS (GB) during each stage of the run recorded in ``rec``.
+
+    The stages run one after the other and end at ``finished``: each stage's window is laid
+    back from there by the durations in ``timings_s`` (the bookkeeping between stages, a
+    second or so, goes to the stage before).
+    """
+    from datetime import datetime
+
+    from agriland_scale.layout import STAGES
+
+    end = datetime.strptime(rec["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp() + 1  # whole seconds
+    out: dict[str, float] = {}
+    for stage in reversed([s for s in STAGES if s in rec["timings_s"]]):
+        start = end - rec["timings_s"][stage]
+        inside = [r for t, r in series if start <= t <= end]
+        if inside:
+            out[stage] = gb(max(inside))
+        end = start
+    return dict(reversed(list(out.items())))
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -1045,6 +1071,12 @@ def print_run_table(runs: dict) -> None:
         f"{'worker peak RSS GB':<{w}}"
         + "".join(f"{max((runs[k].get('worker_peak_rss_gb') or {'': 0}).values()):>18}" for k in keys)
     )
+    for s in stages:
+        if any(s in (runs[k].get("worker_peak_by_stage_gb") or {}) for k in keys):
+            print(
+                f"{'  ' + s + ' worker GB':<{w}}"
+                + "".join(f"{(runs[k].get('worker_peak_by_stage_gb') or {}).get(s, ''):>18}" for k in keys)
+            )
 
 
 def fingerprint() -> dict:
