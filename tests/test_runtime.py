@@ -236,6 +236,7 @@ def test_warm_ups_never_go_to_a_worker_in_this_process(tmp_path):
     while they import TensorFlow) gets no warm-up (this process would import TensorFlow)."""
     from agriland_scale.config.schema import RunConfig
     from agriland_scale.pipeline.context import RunContext
+    from agriland_scale.pipeline.folder import RunFolder
     from agriland_scale.pipeline.runtime import main_process_worker
 
     cfg = RunConfig.model_validate(
@@ -253,8 +254,7 @@ def test_warm_ups_never_go_to_a_worker_in_this_process(tmp_path):
     with dask_client(cfg.runtime) as client:
         ctx = RunContext(
             cfg=cfg,
-            out=tmp_path,
-            record={},
+            folder=RunFolder(tmp_path),
             products=None,
             client=client,
             res=None,
@@ -288,6 +288,7 @@ def test_the_cube_is_computed_in_this_process_only_while_the_run_s_workers_warm_
 
     from agriland_scale.config.schema import RunConfig
     from agriland_scale.pipeline.context import RunContext
+    from agriland_scale.pipeline.folder import RunFolder
 
     base = {
         "name": "t",
@@ -304,8 +305,7 @@ def test_the_cube_is_computed_in_this_process_only_while_the_run_s_workers_warm_
         with dask_client(cfg.runtime) as client:
             ctx = RunContext(
                 cfg=cfg,
-                out=tmp_path,
-                record={},
+                folder=RunFolder(tmp_path),
                 products=None,
                 client=client,
                 res=None,

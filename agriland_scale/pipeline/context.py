@@ -15,6 +15,7 @@ from agriland_scale.errors import AgrilandError
 from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.files import read_sidecar
+from agriland_scale.pipeline.folder import RunFolder
 from agriland_scale.pipeline.launch import warm_up_workers
 from agriland_scale.pipeline.runtime import main_process_worker
 from agriland_scale.store.resume import Products
@@ -36,11 +37,9 @@ class RunContext:
     ----------
     cfg : RunConfig
         The run's configuration.
-    out : Path
-        The output folder (absolute).
-    record : dict
-        The run record (``run.json``, :class:`~agriland_scale.layout.RunRecord`); stages add
-        what they found (zones, patch counts, model paths), the runner writes it.
+    folder : RunFolder
+        Where the run lives and its record (:class:`~.folder.RunFolder`; ``out``,
+        ``record``, ``location`` and ``mirror`` are its parts).
     products : Products
         Writes product groups into the store, resumably.
     client : distributed.Client
@@ -55,11 +54,6 @@ class RunContext:
         ``progress(label, done, total[, info, milestone])``: blocks or training steps.
     wanted : tuple of str
         The stages this invocation runs or keeps, in order.
-    location : str
-        Where the run lives: ``out`` itself, or the object-storage URL ``out`` is the
-        working copy of (:mod:`.remote`).
-    mirror : Mirror or None
-        Puts the working copy's files on the object store (a run on object storage).
     warming : list
         The model warm-ups started for later stages: ``(future, the model files it loads
         (none: TensorFlow only), the worker it is pinned to)``; the runner cancels what is
@@ -76,8 +70,7 @@ class RunContext:
     """
 
     cfg: RunConfig
-    out: Path
-    record: dict[str, Any]
+    folder: RunFolder
     products: Products
     client: Any
     res: dict[str, float] | None
@@ -85,12 +78,30 @@ class RunContext:
     say: Report
     progress: Progress
     wanted: tuple[str, ...]
-    location: str = ""
-    mirror: Any = None
     warming: list[tuple[Any, tuple[str, ...], str]] = field(default_factory=list)
     report_figures: dict[str, list[str]] = field(default_factory=dict)
     own_cluster: bool = False
     worker_log: str = ""
+
+    @property
+    def out(self) -> Path:
+        """The output folder (absolute; the working copy of a run on object storage)."""
+        return self.folder.path
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The run record (``run.json``): stages add what they found, the runner saves it."""
+        return self.folder.record  # type: ignore[return-value]
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: ``out`` itself, or the object-storage URL ``out`` is the working copy of."""
+        return self.folder.location
+
+    @property
+    def mirror(self) -> Any:
+        """Puts the working copy's files on the object store (a run on object storage), else None."""
+        return self.folder.mirror
 
     @property
     def store(self) -> Any:
@@ -104,11 +115,11 @@ class RunContext:
     @property
     def models(self) -> Path:
         """Where trained models go in the run folder (or its working copy), ``OUT/models``."""
-        return self.out / MODELS_DIR
+        return self.folder.models
 
     def where(self, rel: str) -> str:
         """Where the run's file ``rel`` (relative to OUT) lives: a path, or a URL on object storage."""
-        return join_url(self.location, rel) if is_object_url(self.location) else str(self.out / rel)
+        return self.folder.where(rel)
 
     def model_location(self, name: str) -> str:
         """Where the training task saves model ``name``: ``OUT/models/NAME``, a path or a URL.

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from agriland_scale.cluster.report import write_cluster_products
-from agriland_scale.files import atomic_path, write_json
-from agriland_scale.layout import COG_DIR, RECORD
+from agriland_scale.files import atomic_path
+from agriland_scale.layout import COG_DIR
 from agriland_scale.pipeline.context import RunContext
 from agriland_scale.publish.cog import PRODUCT_VARIABLES, mosaic_zones, write_cog
 from agriland_scale.publish.figures import quicklooks
@@ -201,7 +201,7 @@ def publish_stage(ctx: RunContext) -> None:
         "report": ctx.where("report.html"),
         "stac": ctx.where("stac/collection.json"),
     }
-    write_json(ctx.record, out / RECORD)
+    ctx.folder.save()
     write_stac(out)
 
 

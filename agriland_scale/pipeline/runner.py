@@ -30,7 +30,6 @@ is refused until that stage is forced.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
@@ -42,17 +41,11 @@ from typing import TYPE_CHECKING, Any
 import dask
 
 from agriland_scale.config.schema import RunConfig
-from agriland_scale.errors import AgrilandError
 from agriland_scale.faults import storage_fault
 from agriland_scale.files import (
     delete_prefix,
-    is_object_url,
     join_url,
-    probe_location,
     short_error,
-    use_storage_options,
-    write_json,
-    write_json_anyhow,
 )
 from agriland_scale.layout import (
     GROUPS,
@@ -60,19 +53,16 @@ from agriland_scale.layout import (
     LOGS_DIR,
     MODELS_DIR,
     RECORD,
-    STAGES,
     STORE,
     dependents,
-    local_folder,
-    package_versions,
     stages_needed,
 )
 from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
+from agriland_scale.pipeline.folder import RunFolder, open_folder
 from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
-from agriland_scale.pipeline.remote import Mirror, checked_out
 from agriland_scale.pipeline.runtime import (
     StorageOptions,
     dask_client,
@@ -134,7 +124,8 @@ def run(
     wanted = stages_needed(until)
     forced = dependents(force)
     say = _say(report)
-    with _location(cfg, out, command, say) as (out, location, mirror):
+    with open_folder(cfg, out, command, say) as folder:
+        out, location, mirror = folder.path, folder.location, folder.mirror
         with outdir.locked(out, command, notice=say):
             old = prepare_output(out, cfg, overwrite, force)
             preflight(cfg, wanted, None if overwrite else old, forced, scheduler)
@@ -153,48 +144,12 @@ def run(
                     [f for s in dependents(force) | {"report"} for f in (old.get("files") or {}).get(s, [])],
                     f"--force {' '.join(force)}",
                 )
-            return _run_locked(
-                cfg, out, old, wanted, force, scheduler, say, progress, until, location, mirror, launch
-            )
-
-
-@contextlib.contextmanager
-def _location(
-    cfg: RunConfig, out: str | Path, command: str, say: Report
-) -> Iterator[tuple[Path, str, Mirror | None]]:
-    """Give the run's folder, its location and, for object storage, its mirror, under the run's lock.
-
-    A local ``out`` is the run's folder. An object-storage ``out`` is checked (reachable,
-    bucket, credentials, write permission) before anything else, locked
-    (:class:`~.remote.RemoteLock`), and its files are fetched into this machine's working copy
-    (:func:`~.remote.working_copy`), which is put back after every stage and at the end.
-    """
-    if not is_object_url(out):
-        folder = local_folder(out)
-        yield folder, str(folder), None
-        return
-    location = str(out).rstrip("/")
-    # the pipeline's credentials for every URL of this kind the run opens, here and on its
-    # workers (_Runner.run), before the environment's
-    use_storage_options(location, cfg.output.storage_options)
-    try:
-        probe_location(location, cfg.output.storage_options)
-        with checked_out(location, command, cfg.output.storage_options, notice=say) as (local, mirror):
-            say(f"run on object storage: {location} (working copy {local})")
-            yield local, location, mirror
-    except Exception as e:
-        # a store lost between stages (a push, the lock): said while its endpoint is known
-        fault = None if isinstance(e, AgrilandError) else storage_fault(e, location)
-        if fault is not None:
-            raise fault from e
-        raise
-    finally:
-        use_storage_options(location, None)
+            return _run_locked(cfg, folder, old, wanted, force, scheduler, say, progress, until, launch)
 
 
 def _run_locked(
     cfg: RunConfig,
-    out: Path,
+    folder: RunFolder,
     old: dict[str, Any] | None,
     wanted: list[str],
     force: list[str],
@@ -202,54 +157,18 @@ def _run_locked(
     say: Report,
     progress: Progress | None,
     until: str | None,
-    location: str,
-    mirror: Mirror | None,
     launch: ClusterLaunch | None,
 ) -> dict[str, Any]:
+    out = folder.path
     (out / MODELS_DIR).mkdir(exist_ok=True)
-    record: dict[str, Any] = {
-        "config": json.loads(cfg.model_dump_json()),
-        "versions": package_versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "timings_s": {},
-        "stages": {},
-        "files": {},
-    }
-    if old:
-        kept = {k: v for k, v in old.items() if k not in record or k in ("timings_s", "stages", "files")}
-        record |= kept
-        record["stages"] = dict(old.get("stages") or {})
-        record["files"] = {k: list(v) for k, v in (old.get("files") or {}).items()}
-        record["timings_s"] = {k: v for k, v in (old.get("timings_s") or {}).items() if k != "total"}
-        record.setdefault("attempts", 1)
-        record["attempts"] += 1
-    record["location"] = location
-    products = Products(location, cfg.output.storage_options, commit_every_s=cfg.runtime.commit_every_s)
+    record: dict[str, Any] = folder.start(cfg, old)  # type: ignore[assignment]
+    products = Products(
+        folder.location, cfg.output.storage_options, commit_every_s=cfg.runtime.commit_every_s
+    )
     if force:
-        # what the forced stages made goes before they are redone: no reader may open a
-        # product, COG, gallery or STAC file that is no longer current. The record says so
-        # first, so that an interrupted deletion is redone by the next run, not taken as done.
-        doomed: list[str] = []
-        for stage in sorted(dependents(force), key=STAGES.index):
-            if record["stages"].pop(stage, None):
-                record["timings_s"].pop(stage, None)
-            doomed += record["files"].pop(stage, [])
-        doomed += record["files"].pop("report", [])
-        for key in ("products", "performance_report"):
-            record.pop(key, None)
-        record.setdefault("pending_removal", []).extend(doomed)
-        write_json(record, out / RECORD)
-        for stage in sorted(dependents(force), key=STAGES.index):
-            for zone in (record.get("zones") or {}).values():
-                if stage in GROUPS:
-                    products.discard(zone.get("prefix", "") + GROUPS[stage])
-                if stage == "unet":  # the label raster it trained on
-                    products.discard(zone.get("prefix", "") + "labels")
-            if stage == "publish":
-                products.discard("mosaic")
-    if record.get("pending_removal"):  # this run's --force, or an earlier one cut short
-        outdir.remove_files(out, record.pop("pending_removal"))
-    write_json(record, out / RECORD)  # a record from the start: a killed run is ours too
+        folder.forget(force, products)
+    folder.remove_pending()
+    folder.save()  # a record from the start: a killed run is ours too
     handler = _log_file(out)
     say(f"log: {handler.baseFilename}")
     t_run = time.perf_counter()
@@ -257,9 +176,7 @@ def _run_locked(
     figures: dict[str, list[str]] = {}  # the report's product maps, drawn by the publish stage
     finished = False
     try:
-        _Runner(cfg, out, record, products, say, progress, location, mirror).run(
-            wanted, scheduler, closing, figures, launch
-        )
+        _Runner(cfg, folder, products, say, progress).run(wanted, scheduler, closing, figures, launch)
         finished = True
     finally:
         record["timings_s"]["total"] = time.perf_counter() - t_run
@@ -276,9 +193,9 @@ def _run_locked(
         def save() -> None:
             """Write the record; after a failure, as well as the folder allows (its error goes on)."""
             if finished:
-                write_json(record, out / RECORD)
-            elif not write_json_anyhow(record, out / RECORD):
-                log.warning("could not record the end of the run in %s", out / RECORD)
+                folder.save()
+            elif not folder.save_anyhow():
+                log.warning("could not record the end of the run in %s", folder.record_path)
 
         save()
         if until is None or until == "publish":
@@ -381,16 +298,15 @@ class _Runner:
     def __init__(
         self,
         cfg: RunConfig,
-        out: Path,
-        record: dict[str, Any],
+        folder: RunFolder,
         products: Products,
         say: Report,
         progress: Progress | None,
-        location: str = "",
-        mirror: Mirror | None = None,
     ):
-        self.cfg, self.out, self.record, self.products, self.say = cfg, out, record, products, say
-        self.location, self.mirror = location or str(out), mirror
+        self.cfg, self.folder, self.products, self.say = cfg, folder, products, say
+        self.out = folder.path
+        self.record: dict[str, Any] = folder.record  # type: ignore[assignment]
+        self.location, self.mirror = folder.location, folder.mirror
 
         def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
             if progress:  # a milestone (a training's phase or finished epoch) says so
@@ -464,8 +380,7 @@ class _Runner:
             # training tasks relay their progress (epoch, step, loss) as events of this run
             ctx = RunContext(
                 cfg=self.cfg,
-                out=self.out,
-                record=rec,
+                folder=self.folder,
                 products=self.products,
                 client=client,
                 res=res,
@@ -473,8 +388,6 @@ class _Runner:
                 say=self.say,
                 progress=self.progress,
                 wanted=tuple(wanted),
-                location=self.location,
-                mirror=self.mirror,
                 report_figures=figures if figures is not None else {},
                 own_cluster=not (scheduler or self.cfg.runtime.scheduler),
                 worker_log=str(worker_log),
@@ -489,7 +402,7 @@ class _Runner:
 
             client.subscribe_topic(PROGRESS_TOPIC, on_event)
             rec["gpu"] = bool(res)
-            write_json(rec, self.out / RECORD)
+            self.folder.save()
             todo = [s for s in wanted if not self._finished(s)]
             # TensorFlow's import and a given encoder's load and trace overlap search and cube
             # (the import may have started with the launched cluster)
@@ -539,9 +452,7 @@ class _Runner:
                     self.say(f"{stage}: waited {waited:.1f} s for the workers' TensorFlow and model warm-up")
             t0 = time.perf_counter()
             rec["stages"][stage] = "running"
-            write_json(rec, self.out / RECORD)
-            if self.mirror is not None:  # readers of the object store see the stage running
-                self.mirror.push()
+            self.folder.save(push=True)  # readers of an object store see the stage running
             before = outdir.snapshot(self.out)
             try:
                 # what a stage computes implicitly (reading its inputs back from the store:
@@ -553,14 +464,14 @@ class _Runner:
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see cli)
                 rec["stages"][stage] = "interrupted"
                 rec["error"] = f"{stage}: interrupted"
-                write_json_anyhow(rec, self.out / RECORD)  # at once: the cluster may take a while to close
+                self.folder.save_anyhow()  # at once: the cluster may take a while to close
                 raise
             except BaseException as e:
                 # a full disk, a folder turned read-only, a lost object store: said as such
                 fault = storage_fault(e, self.location) if isinstance(e, Exception) else None
                 rec["stages"][stage] = "failed"
                 rec["error"] = f"{stage}: {fault or e}"
-                write_json_anyhow(rec, self.out / RECORD)  # also where the folder is the problem
+                self.folder.save_anyhow()  # also where the folder is the problem
                 if fault is not None:
                     raise fault from e
                 raise
@@ -572,8 +483,7 @@ class _Runner:
                 )
                 if self.mirror is not None:  # the stage's files on the object store, one object each
                     try:
-                        write_json(rec, self.out / RECORD)
-                        self.mirror.push()
+                        self.folder.save(push=True)
                     except Exception as e:
                         if rec["stages"][stage] == "running":  # the stage itself went well
                             raise
@@ -581,5 +491,5 @@ class _Runner:
                         log.info("could not put the run's files on %s: %s", self.location, short_error(e))
             rec["stages"][stage] = "done"
             rec.pop("error", None)
-            write_json(rec, self.out / RECORD)
+            self.folder.save()
             self.say(f"[{stage}] {rec['timings_s'][stage]:.1f} s")
