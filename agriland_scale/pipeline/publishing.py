@@ -16,8 +16,9 @@ from agriland_scale.cluster.report import write_cluster_products
 from agriland_scale.files import atomic_path
 from agriland_scale.layout import COG_DIR
 from agriland_scale.pipeline.context import RunContext
-from agriland_scale.publish.cog import PRODUCT_VARIABLES, mosaic_zones, write_cog
+from agriland_scale.publish.cog import PRODUCT_VARIABLES
 from agriland_scale.publish.figures import quicklooks
+from agriland_scale.publish.mosaic import mosaic_zones
 from agriland_scale.publish.stac import write_stac
 from agriland_scale.publish.tiles import CogJob, cog_jobs, write_vrt, write_window
 from agriland_scale.publish.vector import write_fields
@@ -47,7 +48,7 @@ def _cluster_products(store: Any, k: int, seed: int, out_dir: str, *, zone: str)
     write_cluster_products(store, out_dir, k, seed, zone=zone)
 
 
-def _write_cogs(ctx: RunContext, k: int, multi: bool) -> Callable[[], list[str]]:
+def _write_cogs(ctx: RunContext, k: int, multi: bool, mosaic: bool = False) -> Callable[[], list[str]]:
     """Submit every zone's cluster map (``k`` clusters), probability and mask COGs to the workers.
 
     One task a COG (``publish-cog-PRODUCT-...``, :func:`~agriland_scale.publish.tiles.write_window`
@@ -55,7 +56,8 @@ def _write_cogs(ctx: RunContext, k: int, multi: bool) -> Callable[[], list[str]]
     COG, a larger one one COG a tile of the zone's grid. Returns the wait: it writes each
     COG into ``OUT/cog`` as its task finishes (progress ``publish COGs``), then a VRT per
     tiled product, and returns the files of ``OUT/cog`` it wrote (relative to OUT). With
-    ``multi``, file names start with the zone. Files of an earlier layout of the same
+    ``multi``, file names start with the zone; with ``mosaic``, the store's ``mosaic``
+    probability is ``mosaic_probability`` (tiled likewise). Files of an earlier layout of the same
     product (one COG, or tiles of another size) are removed.
     """
     from uuid import uuid4
@@ -69,6 +71,9 @@ def _write_cogs(ctx: RunContext, k: int, multi: bool) -> Callable[[], list[str]]
         for product, (group, var) in PRODUCT_VARIABLES.items():
             h, w = open_product(ctx.store, z["prefix"] + group)[var].shape  # metadata only
             jobs += cog_jobs(tag + product, product, z["prefix"] + group, h, w, tile_px)
+    if mosaic:
+        h, w = open_product(ctx.store, "mosaic")["probability"].shape
+        jobs += cog_jobs("mosaic_probability", "probability", "mosaic", h, w, tile_px)
     for stem in {j.stem for j in jobs}:  # another layout of the same product, from an earlier publish
         mine = {out / j.rel for j in jobs if j.stem == stem}
         old = [cogs / f"{stem}.tif", cogs / f"{stem}.vrt", *(cogs / stem).glob(f"{stem}_r*_c*.tif")]
@@ -149,7 +154,22 @@ def publish_stage(ctx: RunContext) -> None:
         pre = z["prefix"]
         seg_by_zone[name] = open_product(store, pre + "segmentation")
         groups += [pre + g for g in ("cube", "patches", "embeddings", "clusters", "segmentation")]
-    written = _write_cogs(ctx, cfg.cluster.k, multi)
+    if cfg.cube.mosaic_crs:  # every zone in one CRS, reprojected chunk by chunk on the workers
+        mosaic = mosaic_zones(
+            seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution, max_pixels=cfg.cube.max_pixels
+        )
+        ctx.products.write_blocks(
+            mosaic,
+            "mosaic",
+            ("y", "x"),
+            ctx.client,
+            block=cfg.runtime.block_px,
+            label="publish mosaic",
+            progress=ctx.progress,
+            max_tasks=cfg.runtime.wave_tasks,
+        )
+        groups.append("mosaic")
+    written = _write_cogs(ctx, cfg.cluster.k, multi, mosaic=bool(cfg.cube.mosaic_crs))
     for i, (name, z) in enumerate(zones.items()):
         ctx.progress("publish maps", i, len(zones))
         ctx.report_figures[z["prefix"]] = quicklooks(
@@ -176,18 +196,6 @@ def publish_stage(ctx: RunContext) -> None:
                 if n is not None
                 else {"refused": f"{seg['mask'].size:,} pixels > publish.vector_max_pixels"}
             )
-    if cfg.cube.mosaic_crs:
-        mosaic = mosaic_zones(seg_by_zone, cfg.cube.mosaic_crs, cfg.cube.mosaic_resolution)
-        ctx.products.write(mosaic, "mosaic")
-        write_cog(
-            mosaic["probability"],
-            cogs / "mosaic_probability.tif",
-            nodata=255,
-            scale=1 / 254,
-            description="agricultural land probability, zones reprojected",
-            units="1",
-        )
-        groups.append("mosaic")
     for files in ctx.client.gather(pictures):  # a failed picture fails the stage, with its own error
         for rel, data in files.items():
             with atomic_path(out / rel) as tmp:

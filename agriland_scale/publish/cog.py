@@ -12,13 +12,11 @@ import xarray as xr
 
 from agriland_scale.errors import ConfigError
 from agriland_scale.files import TMP_SUFFIX, atomic_path
-from agriland_scale.store import write_georef
 
 __all__ = [
     "MASK_COLORMAP",
     "PRODUCT_VARIABLES",
     "cluster_colormap",
-    "mosaic_zones",
     "write_cluster_cog",
     "write_cog",
     "write_product_cog",
@@ -284,70 +282,3 @@ def write_product_cog(da: xr.DataArray, path: str | Path, product: str, *, k: in
         )
     else:
         raise ValueError(f"unknown COG product {product!r}: one of {', '.join(PRODUCT_VARIABLES)}")
-
-
-def mosaic_zones(
-    segs: dict[str, xr.Dataset], crs: str, resolution: float | None, max_pixels: int = 400_000_000
-) -> xr.Dataset:
-    """Reproject every zone's ``probability`` to one ``crs`` at ``resolution`` and merge them.
-
-    Bilinear resampling (a probability is continuous); where zones overlap, the first zone
-    wins. Loads the zones' probabilities in memory: meant for regions of moderate size; the
-    per-zone products stay the reference.
-
-    Parameters
-    ----------
-    segs : dict of str to xarray.Dataset
-        Zone name -> segmentation (with ``probability`` ``(y, x)`` in the zone's UTM CRS).
-    crs : str
-        The mosaic's CRS (anything pyproj accepts).
-    resolution : float or None
-        Pixel size in units of ``crs``; None: the first zone's pixel size (projected ``crs``
-        only).
-    max_pixels : int
-        The largest mosaic allowed.
-
-    Returns
-    -------
-    xarray.Dataset
-        ``probability`` ``(y, x)`` (0..1, float) in ``crs``, NaN where no zone covers.
-
-    Raises
-    ------
-    ConfigError
-        If ``crs`` is geographic without ``resolution``, or the mosaic would exceed
-        ``max_pixels``.
-    """
-    from pyproj import CRS
-    from rasterio.enums import Resampling
-    from rioxarray.merge import merge_arrays
-
-    if resolution is None:
-        if CRS.from_user_input(crs).is_geographic:
-            raise ConfigError(
-                f"cube.mosaic_crs {crs} is geographic: set cube.mosaic_resolution in degrees (e.g. 0.0001)"
-            )
-        resolution = float(abs(next(iter(segs.values())).rio.transform().a))
-    bounds = [s.rio.transform_bounds(crs) for s in segs.values()]
-    w = (max(b[2] for b in bounds) - min(b[0] for b in bounds)) / resolution
-    h = (max(b[3] for b in bounds) - min(b[1] for b in bounds)) / resolution
-    if w * h > max_pixels:
-        raise ConfigError(
-            f"the mosaic in {crs} at {resolution:g} would be {w:,.0f} x {h:,.0f} px: "
-            "the zones are far apart. Use the per-zone products, or a coarser "
-            "cube.mosaic_resolution"
-        )
-    parts = []
-    for seg in segs.values():
-        prob = seg["probability"].load().rio.write_nodata(np.nan, encoded=False)
-        parts.append(
-            prob.rio.reproject(crs, resolution=resolution, resampling=Resampling.bilinear, nodata=np.nan)
-        )
-    merged = merge_arrays(parts, nodata=np.nan) if len(parts) > 1 else parts[0]
-    merged.attrs = {
-        "long_name": "agricultural land probability, zones reprojected",
-        "units": "1",
-        "zones": list(segs),
-    }
-    merged.encoding = {}
-    return write_georef(merged.to_dataset(name="probability"), crs)
