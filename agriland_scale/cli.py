@@ -357,7 +357,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "search":
             return _search(args)
         if args.command == "cluster":
-            from agriland_scale.pipeline.runtime import given_models, serve_cluster
+            from agriland_scale.pipeline.serve import given_models, serve_cluster
 
             cfg = load_config(args.pipeline) if args.pipeline else None
             serve_cluster(

@@ -115,7 +115,7 @@ def test_a_taken_port_is_a_clear_error_for_agriland_cluster():
     import socket
 
     from agriland_scale.errors import SchedulerError
-    from agriland_scale.pipeline.runtime import serve_cluster
+    from agriland_scale.pipeline.serve import serve_cluster
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
