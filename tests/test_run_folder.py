@@ -22,7 +22,9 @@ CFG = RunConfig.model_validate(
 
 def test_nothing_but_the_run_folder_writes_run_json():
     package = Path(agriland_scale.__file__).parent
-    writes = re.compile(r"write_json(_anyhow)?\([^)]*(RECORD|run\.json)|RECORD\)\.write_|\"run\.json\"\)\.write_")
+    writes = re.compile(
+        r"write_json(_anyhow)?\([^)]*(RECORD|run\.json)|RECORD\)\.write_|\"run\.json\"\)\.write_"
+    )
     offenders = [
         f"{p.relative_to(package)}:{n}"
         for p in package.rglob("*.py")
