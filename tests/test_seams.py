@@ -18,7 +18,7 @@ hard tiling (256 px tiles, no overlap)  0.0664    0.0174    3.80   0.99
 (mean |dp|; "line rank": mean percentile rank of the border lines' mean |dp| among the
 interior lines'; 99th percentiles: blended 0.109 / 0.108, hard 0.230 / 0.128. With
 ``blend_weight``'s default floor of 1e-3 the blended ratio was 1.17 for a 20-step model, see
-``segment._weight``.) The asserted margins: blended ratio <= 1.2 and rank <= 0.8; hard tiling
+``blend._weight``.) The asserted margins: blended ratio <= 1.2 and rank <= 0.8; hard tiling
 ratio >= 2 and rank >= 0.95, which shows that the test detects seams.
 
 Whole image: the same weights in a model of any input size (``build_unet(size=None)``)

@@ -37,8 +37,9 @@ from agriland_scale.config.schema import RunConfig
 from agriland_scale.cube.load import check_grid_size, cube_geobox, load_bands, read_chunk, solar_days
 from agriland_scale.errors import ConfigError, NoItemsFound
 from agriland_scale.layout import STAGES, stages_needed, zone_name
+from agriland_scale.models.blend import _grid, choose_inference_window
 from agriland_scale.models.files import read_sidecar
-from agriland_scale.models.segment import _grid, _groups, choose_inference_window
+from agriland_scale.models.segment import _groups
 from agriland_scale.patches import patch_grid
 from agriland_scale.pipeline.preflight import preflight
 from agriland_scale.pipeline.throughput import (
