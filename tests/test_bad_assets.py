@@ -17,8 +17,9 @@ import pytest
 import rasterio
 
 from agriland_scale.config.schema import CubeConfig
-from agriland_scale.cube.assets import READ_SKIPPED, SkippedReads, check_assets
+from agriland_scale.cube.assets import READ_SKIPPED, check_assets
 from agriland_scale.cube.load import load_bands, load_cube, load_zone_cubes, read_chunk
+from agriland_scale.cube.reads import SkippedReads
 from agriland_scale.errors import AgrilandWarning, BlockFailed, CorruptInput
 from agriland_scale.search.items import normalize_items
 from agriland_scale.search.stac import local_stac_api, search_items

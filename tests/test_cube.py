@@ -166,8 +166,8 @@ def test_no_private_odc_module_but_the_named_parser_with_its_fallback():
     package = Path(__file__).resolve().parents[1] / "agriland_scale"
     private = re.compile(r"^\s*(from|import)\s+odc\.\w+\.(_\w+)", re.M)
     found = {(f.name, m.group(2)) for f in package.rglob("*.py") for m in private.finditer(f.read_text())}
-    assert found <= {("assets.py", "_mdtools")}, found
-    text = (package / "cube" / "assets.py").read_text()
+    assert found <= {("reads.py", "_mdtools")}, found
+    text = (package / "cube" / "reads.py").read_text()
     assert "except ImportError" in text.split("odc.stac._mdtools", 1)[1][:200]
 
 

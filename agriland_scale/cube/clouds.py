@@ -19,7 +19,7 @@ from odc.geo.geobox import GeoBox
 
 from agriland_scale.config.bands import canonical_band
 from agriland_scale.config.schema import CubeConfig
-from agriland_scale.cube.assets import read_items
+from agriland_scale.cube.reads import read_items
 from agriland_scale.errors import ConfigError
 from agriland_scale.search.items import scale_offset
 

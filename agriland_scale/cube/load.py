@@ -31,10 +31,10 @@ from odc.geo.geom import Geometry, unary_union
 from agriland_scale.config.bands import ALIASES, CLASS_BANDS, canonical_band
 from agriland_scale.config.region import Region
 from agriland_scale.config.schema import CubeConfig
-from agriland_scale.cube.assets import read_items
 from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, dilate, s2cloudless_mask
 from agriland_scale.cube.composite import PACK_FILL, PACK_LIMIT, _cube_block
 from agriland_scale.cube.masks import region_mask
+from agriland_scale.cube.reads import read_items
 from agriland_scale.errors import (
     BandMismatch,
     ConfigError,

@@ -21,9 +21,10 @@ import xarray as xr
 
 from agriland_scale.cluster.fit import NOT_CLUSTERED, cluster_map, fit_clusters_streaming
 from agriland_scale.config.files import resolve_path
-from agriland_scale.cube.assets import READ_SKIPPED, SkippedReads, check_assets, describe_skipped
+from agriland_scale.cube.assets import READ_SKIPPED, check_assets, describe_skipped
 from agriland_scale.cube.load import load_bands, load_zone_cubes
 from agriland_scale.cube.masks import chunk_valid_fraction
+from agriland_scale.cube.reads import SkippedReads
 from agriland_scale.errors import AgrilandWarning, ConfigError, EmptyRegion, NoItemsFound
 from agriland_scale.files import write_json
 from agriland_scale.labels.classes import IGNORE
