@@ -6,8 +6,9 @@ Modules, from the bottom up (an ``import-linter`` contract keeps this order):
   versions (snapshots and tags), readers at a version;
 * :mod:`.checksums`: CRC32C checksums on every stored chunk, checked on read;
 * :mod:`.groups`: products as Zarr groups: write and open them with their CRS (CF), the cube,
-  the run as one ``DataTree``, exports to plain Zarr;
-* :mod:`.blocks`: a product's graph cut into square blocks of bounded size, written in waves;
+  the run as one ``DataTree``; :mod:`.export`: copies to plain Zarr;
+* :mod:`.blocks`: a product's graph cut into square blocks of bounded size; :mod:`.waves`:
+  handed to the scheduler in bounded waves, in order;
 * :mod:`.resume`: :class:`~.resume.Products`, the writer of a run: blocks committed as they
   finish, a resumed run writes only what is missing.
 
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from agriland_scale.store.export import export_zarr
 from agriland_scale.store.groups import (
     CF_CONVENTIONS,
     CLUSTER_IDS,
     ICECHUNK_MEDIA_TYPE,
     StoreLike,
-    export_zarr,
     fast_compressors,
     gdal_crs,
     has_group,
