@@ -59,8 +59,15 @@ from rasterio.warp import transform_bounds, transform_geom
 from agriland_scale.errors import CorruptInput
 from agriland_scale.files import write_json
 from agriland_scale.layout import RunRecord, load_items, load_run_record, local_folder, zones_of
+from agriland_scale.publish.stac_zarr import (
+    ZARR_MEDIA_TYPE,
+    add_zarr_assets,
+    icechunk_asset,
+    zarr_asset,
+    zarr_exports,
+)
 from agriland_scale.publish.tiles import tiled_products
-from agriland_scale.store import ICECHUNK_MEDIA_TYPE, is_repo, product_groups, reader, store_location
+from agriland_scale.store import is_repo, product_groups, reader, store_location
 
 __all__ = [
     "COG_PRODUCTS",
@@ -73,13 +80,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ZARR_MEDIA_TYPE = "application/vnd+zarr"
 # the licence of the Copernicus Sentinel data the products are derived from (not an SPDX id)
 SENTINEL_LICENSE_URL = "https://sentinels.copernicus.eu/documents/247904/690755/Sentinel_Data_Legal_Notice"
 SENTINEL_LICENSE_TITLE = "Legal notice on the use of Copernicus Sentinel Data and Service Information"
 # stage states that are final (run.json also says "running" while a stage runs)
 _FINAL_STATES = ("done", "failed", "interrupted")
-XARRAY_ASSETS = "https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"
 
 # COG product (file stem without the zone tag) -> (Zarr group, title, unit)
 COG_PRODUCTS: dict[str, tuple[str, str, str | None]] = {
@@ -193,91 +198,6 @@ def _raster_band(src: rasterio.DatasetReader, unit: str | None) -> RasterBand:
     return band
 
 
-def _open_kwargs(group: str | None, *, consolidated: bool) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"engine": "zarr", "consolidated": consolidated, "decode_coords": "all"}
-    if group:
-        kwargs["group"] = group
-    return kwargs
-
-
-def icechunk_asset(store: str, group: str | None, title: str) -> pystac.Asset:
-    """Make the asset of a group (or the whole) of the run's store, an Icechunk repository.
-
-    An Icechunk repository is not a plain Zarr store: ``xarray.open_dataset(href)`` cannot
-    open it, so the asset carries no ``xarray:open_kwargs`` (the xarray-assets extension's
-    kwargs are for ``open_dataset(href, ...)``). It says how to open it instead: in its
-    ``description`` (the code) and in ``agriland:icechunk`` (machine-readable: the storage
-    function of ``icechunk``, the branch, and the ``open_kwargs`` of ``xarray.open_dataset`` on
-    the session's store). :func:`zarr_asset` describes a plain Zarr export, which
-    ``xarray.open_dataset(href, **xarray:open_kwargs)`` opens.
-    """
-    kwargs = _open_kwargs(group, consolidated=False)
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return pystac.Asset(
-        href=store,
-        media_type=ICECHUNK_MEDIA_TYPE,
-        title=title,
-        roles=["data"],
-        description=(
-            "Zarr v3 groups in an Icechunk repository (branch main), not a plain Zarr store: "
-            "xarray.open_dataset(href) cannot open it. Open it with icechunk: store = "
-            "icechunk.Repository.open(icechunk.local_filesystem_storage(href))"
-            f".readonly_session('main').store; xarray.open_dataset(store, {args}); "
-            "or agriland_scale.store.reader(href) for the store, agriland_scale.open_run(href) "
-            "for every group. 'agriland export RUN --zarr DEST' writes a plain Zarr copy."
-        ),
-        extra_fields={
-            "agriland:icechunk": {
-                "storage": "local_filesystem_storage",
-                "branch": "main",
-                "open_kwargs": kwargs,
-            }
-        },
-    )
-
-
-def zarr_asset(path: str | Path, group: str | None, title: str) -> pystac.Asset:
-    """Make the asset of a group (or the root) of a plain Zarr store (``agriland export``).
-
-    The export's metadata is consolidated, so ``xarray.open_dataset(href, **open_kwargs)``
-    with the asset's ``xarray:open_kwargs`` (xarray-assets extension: engine ``zarr``,
-    ``consolidated``, ``group``, ``decode_coords``) opens the group with its CRS.
-    """
-    return pystac.Asset(
-        href=str(Path(path).resolve()),
-        media_type=ZARR_MEDIA_TYPE,
-        title=title,
-        roles=["data"],
-        description="plain Zarr copy of the run's products (agriland export): open with "
-        "xarray.open_dataset(href, **xarray:open_kwargs)",
-        extra_fields={"xarray:open_kwargs": _open_kwargs(group, consolidated=True)},
-    )
-
-
-def _exports(out: Path) -> dict[Path, list[str]]:
-    """Plain Zarr exports in the run folder (``OUT/*.zarr``, from ``agriland export``) -> their groups."""
-    found = {}
-    for path in sorted(out.glob("*.zarr")):
-        if path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
-            try:
-                found[path] = product_groups(str(path))
-            except Exception as e:  # not ours to describe: say so and go on
-                log.warning("%s is not a readable Zarr store (%s); left out of the STAC catalog", path, e)
-    return found
-
-
-def _add_zarr_assets(
-    item: pystac.Item, store: str, group: str | None, title: str, exports: dict[Path, list[str]], needs: str
-) -> None:
-    """Add the Icechunk asset (``zarr``) and one asset per export holding ``needs`` (its ``name``)."""
-    item.add_asset("zarr", icechunk_asset(store, group, title))
-    for path, groups in exports.items():
-        if needs in groups:
-            item.add_asset(path.name, zarr_asset(path, needs, f"{title} (plain Zarr copy {path.name})"))
-            if XARRAY_ASSETS not in item.stac_extensions:
-                item.stac_extensions.append(XARRAY_ASSETS)
-
-
 def _cog_product(stem: str, zones: dict[str, dict[str, Any]]) -> tuple[str, str] | None:
     """``utm18n_mask`` -> (``mask``, ``utm18n/``); ``mask`` -> (``mask``, ``""``); unknown -> None."""
     for name, z in zones.items():
@@ -314,7 +234,7 @@ def _cog_item(
     item.add_asset("cog", asset)
     RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
     if group in groups:
-        _add_zarr_assets(item, store, group, f"{title}: Zarr group '{group}'", exports, group)
+        add_zarr_assets(item, store, group, f"{title}: Zarr group '{group}'", exports, group)
     return item
 
 
@@ -345,7 +265,7 @@ def _zarr_item(
         item, _epsg_code(crs), [shape.get("y", 0), shape.get("x", 0)], zone["transform"], zone["bounds"]
     )
     item.properties["agriland:groups"] = [prefix + g for g in groups]
-    _add_zarr_assets(
+    add_zarr_assets(
         item,
         store,
         prefix.rstrip("/") or None,
@@ -442,7 +362,7 @@ def write_stac(out_dir: str | Path) -> Path:
         created = pystac.utils.datetime_to_str(pystac.utils.str_to_datetime(created))
     store = store_location(out)
     all_groups = product_groups(reader(store)) if is_repo(store) else []
-    exports = _exports(out)
+    exports = zarr_exports(out)
     stac_dir = out / "stac"
     if stac_dir.exists():
         shutil.rmtree(stac_dir)
