@@ -100,7 +100,7 @@ def _run(pipeline: Path, args: argparse.Namespace, until: str | None = None) -> 
 
 
 def _search(args: argparse.Namespace) -> int:
-    from agriland_scale.cube.load import describe_search
+    from agriland_scale.cube.describe import describe_search
     from agriland_scale.search.stac import api_url, region_of, search_items
 
     cfg = load_config(args.pipeline)

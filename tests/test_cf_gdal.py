@@ -386,7 +386,8 @@ def test_l2a_cube_is_surface_reflectance():
     import pystac
 
     from agriland_scale.config.schema import CubeConfig
-    from agriland_scale.cube.load import load_cube, processing_level
+    from agriland_scale.cube.cf import processing_level
+    from agriland_scale.cube.load import load_cube
 
     data = Path(__file__).parent / "data"
     l2a = pystac.Item.from_file(str(data / "l2a-29rkh" / "item.json"))

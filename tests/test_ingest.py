@@ -18,7 +18,8 @@ from agriland_scale.config.bands import canonical_band
 from agriland_scale.config.region import Region, read_region_file
 from agriland_scale.config.schema import CubeConfig, SearchConfig
 from agriland_scale.cube.assets import check_assets
-from agriland_scale.cube.load import describe_search, load_cube, load_zone_cubes
+from agriland_scale.cube.describe import describe_search
+from agriland_scale.cube.load import load_cube, load_zone_cubes
 from agriland_scale.cube.masks import check_not_empty
 from agriland_scale.errors import AgrilandWarning, BandMismatch, CorruptInput, EmptyRegion, RegionError
 from agriland_scale.search.items import normalize_items, scale_offset

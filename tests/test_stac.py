@@ -41,7 +41,7 @@ def test_api_that_does_not_answer():
 
 
 def test_describe_search_estimates_without_loading(items, demo_cfg):
-    from agriland_scale.cube.load import describe_search
+    from agriland_scale.cube.describe import describe_search
     from agriland_scale.search.items import item_epsg
 
     info = describe_search(items, demo_cfg.cube.bands, demo_cfg.search.bbox, 10)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import dask.array as dsa
 import numpy as np
@@ -31,6 +30,7 @@ from odc.geo.geom import Geometry, unary_union
 from agriland_scale.config.bands import ALIASES, CLASS_BANDS, canonical_band
 from agriland_scale.config.region import Region
 from agriland_scale.config.schema import CubeConfig
+from agriland_scale.cube.cf import REFLECTANCE_STANDARD_NAMES, composite_time, processing_level  # noqa: F401
 from agriland_scale.cube.clouds import S2CLOUDLESS_BANDS, dilate, s2cloudless_mask
 from agriland_scale.cube.composite import PACK_FILL, PACK_LIMIT, _cube_block
 from agriland_scale.cube.masks import region_mask
@@ -41,8 +41,7 @@ from agriland_scale.errors import (
     CorruptInput,
     NoItemsFound,
 )
-from agriland_scale.search.items import acquired, group_by_zone, item_epsg, normalize_items, scale_offset
-from agriland_scale.search.stac import item_tile
+from agriland_scale.search.items import acquired, group_by_zone, normalize_items, scale_offset
 from agriland_scale.store import fast_compressors, write_georef
 
 __all__ = [
@@ -51,7 +50,6 @@ __all__ = [
     "composite_time",
     "cube_geobox",
     "dilate",
-    "describe_search",
     "load_bands",
     "load_cube",
     "load_zone_cubes",
@@ -407,130 +405,3 @@ def load_cube(
     out = out.assign_coords(composite_time(items))
     assert geobox.crs is not None  # cube_geobox always sets the zone's CRS
     return write_georef(out, geobox.crs.epsg or str(geobox.crs))
-
-
-# the CF standard name of the reflectance of each Sentinel-2 processing level
-REFLECTANCE_STANDARD_NAMES = {
-    "L1C": "toa_bidirectional_reflectance",
-    "L2A": "surface_bidirectional_reflectance",
-}
-
-
-def processing_level(items: Sequence[pystac.Item]) -> str | None:
-    """Return the items' Sentinel-2 processing level, ``L1C`` or ``L2A``, when they all have the same one.
-
-    Read from ``processing:level``, else ``s2:product_type`` (``S2MSI1C``, ``S2MSI2A``), else
-    the collection id (``sentinel-2-l2a``); None when an item says neither or they differ.
-    """
-    levels = set()
-    for item in items:
-        p = item.properties
-        text = str(p.get("processing:level") or p.get("s2:product_type") or item.collection_id or "").upper()
-        levels.add(
-            "L2A"
-            if "L2A" in text or text.endswith("2A")
-            else "L1C"
-            if "L1C" in text or text.endswith("1C")
-            else None
-        )
-    return levels.pop() if len(levels) == 1 else None
-
-
-def composite_time(items: Sequence[pystac.Item]) -> dict[str, xr.Variable]:
-    """Return the CF time coordinates of a composite of ``items``: ``time`` and ``time_bounds``.
-
-    ``time_bounds`` (dim ``nv``, 2) holds the first and the last acquisition (UTC; an item's
-    ``start_datetime`` / ``end_datetime`` where it covers a range); ``time``, a scalar
-    coordinate (no dimension: the cube stays ``(band, y, x)``), the middle of that range, with
-    ``bounds: time_bounds``. Both are stored as int64 seconds since 1970-01-01. Empty when no
-    item has a time.
-    """
-    from datetime import timezone
-
-    def utc(when: Any) -> np.datetime64:
-        if when.tzinfo is not None:
-            when = when.astimezone(timezone.utc).replace(tzinfo=None)
-        return np.datetime64(when, "s")
-
-    starts = [utc(t) for i in items if (t := i.common_metadata.start_datetime or i.datetime) is not None]
-    ends = [utc(t) for i in items if (t := i.common_metadata.end_datetime or i.datetime) is not None]
-    if not starts or not ends:
-        return {}
-    first, last = min(starts), max(ends)
-    enc = {"units": "seconds since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64"}
-    # "bounds" in the encoding, as xarray decodes it: written as the attribute, and time_bounds
-    # then not listed in a (non-CF) global "coordinates" attribute
-    time = xr.Variable(
-        (),
-        first + (last - first) // 2,
-        {"standard_name": "time", "long_name": "time of the composite (middle of its acquisitions)"},
-        enc | {"bounds": "time_bounds"},
-    )
-    bounds = xr.Variable(
-        ("nv",),
-        np.array([first, last]),
-        {"long_name": "first and last acquisition of the composite"},
-        dict(enc),
-    )
-    return {"time": time, "time_bounds": bounds}
-
-
-def describe_search(
-    items: list[pystac.Item], bands: list[str], region: Region | tuple[float, ...], resolution: float
-) -> dict[str, Any]:
-    """Describe what a run would load, without reading any pixel.
-
-    Per item: id, datetime, cloud cover, tile, EPSG. Per UTM zone: items, grid shape of the
-    region at ``resolution`` m and estimated pixels and bytes (uint16 source reads and the
-    float32 composite).
-
-    Parameters
-    ----------
-    items : list of pystac.Item
-        The items a search found (normalised here).
-    bands : list of str
-        The bands the cube holds.
-    region : Region or tuple of float
-        The region, or a (min lon, min lat, max lon, max lat) bbox in degrees (EPSG:4326).
-    resolution : float
-        The cube's pixel size in metres (UTM).
-
-    Returns
-    -------
-    dict
-        ``{"items": [...], "zones": {"EPSG:nnnnn": {...}}, "bands": [...]}``; a zone whose
-        grid cannot be made holds ``items`` and ``error`` only.
-    """
-    items = normalize_items(items, bands)  # canonical keys; proj:* from headers if missing
-    rows = [
-        {
-            "id": i.id,
-            "datetime": acquired(i),
-            "cloud_cover": i.properties.get("eo:cloud_cover"),
-            "tile": item_tile(i),
-            "epsg": item_epsg(i),
-        }
-        for i in items
-    ]
-    zones: dict[str, Any] = {}
-    by_epsg: dict[Any, list[pystac.Item]] = {}
-    for i, r in zip(items, rows):
-        by_epsg.setdefault(r["epsg"], []).append(i)
-    for epsg, group in sorted(by_epsg.items(), key=lambda kv: str(kv[0])):
-        try:
-            gb = cube_geobox(group, region, resolution)
-        except Exception as e:  # noqa: BLE001 - reported per zone, nothing is loaded
-            zones[f"EPSG:{epsg}"] = {"items": len(group), "error": str(e)}
-            continue
-        h, w = gb.shape
-        n_dates = len({(acquired(i) or "")[:10] for i in group})
-        px = h * w
-        zones[f"EPSG:{epsg}"] = {
-            "items": len(group),
-            "dates": n_dates,
-            "shape": [h, w],
-            "pixels": px,
-            "source_bytes": px * len(bands) * n_dates * 2,
-            "composite_bytes": px * len(bands) * 4,
-        }
-    return {"items": rows, "zones": zones, "bands": list(bands)}
