@@ -1,4 +1,4 @@
-"""What a run would load, described before any pixel is read (``agriland search --describe``)."""
+"""What a run would load, described before any pixel is read (``agriland search``)."""
 
 from __future__ import annotations
 
