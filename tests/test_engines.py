@@ -414,7 +414,7 @@ def test_a_training_only_run_exports_the_artifact_for_the_runs_that_apply_the_mo
     explicit engine always does; without ONNX Runtime nothing is exported."""
     from types import SimpleNamespace
 
-    from agriland_scale.pipeline import stages
+    from agriland_scale.pipeline import model_stages as stages
 
     def ctx(engine, *wanted):
         return SimpleNamespace(cfg=SimpleNamespace(runtime=SimpleNamespace(engine=engine)), wanted=wanted)

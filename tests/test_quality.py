@@ -193,7 +193,7 @@ def test_mask_uses_the_recorded_threshold_unless_one_is_given(trained, cube, tmp
 
 
 def test_config_tells_an_unset_threshold_from_a_given_one(demo_cfg):
-    from agriland_scale.pipeline.stages import _mask_threshold
+    from agriland_scale.pipeline.model_stages import _mask_threshold
 
     assert SegmentConfig().threshold is None
     assert demo_cfg.segment.threshold is None  # the demo takes the validation's
