@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from agriland_scale.models import train
+from agriland_scale.pipeline.folder import RunFolder
 from agriland_scale.pipeline.runner import _Runner
 from agriland_scale.terminal import Display
 
@@ -38,7 +39,7 @@ def clock(monkeypatch):
 
 def _runner_progress(display: Display):
     """The runner's progress function, as training events and block stages call it."""
-    runner = _Runner(None, Path("."), {}, None, lambda _: None, display)  # type: ignore[arg-type]
+    runner = _Runner(None, RunFolder(Path(".")), None, lambda _: None, display)  # type: ignore[arg-type]
 
     def relay(msg: dict) -> None:  # what the runner's on_event does with a training task's event
         runner.progress(msg["label"], msg["done"], msg["total"], msg["info"] or " ", msg["milestone"])
@@ -173,7 +174,7 @@ def test_performance_report_opens_offline(tmp_path):
     """The Dask performance report carries BokehJS inline: no script from cdn.bokeh.org."""
     from distributed import Client, LocalCluster
 
-    from agriland_scale.pipeline.runner import _performance_report
+    from agriland_scale.pipeline.runlog import performance_report as _performance_report
 
     path = tmp_path / "perf.html"
     with (

@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,11 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.folder import RunFolder, open_folder
 from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
+from agriland_scale.pipeline.runlog import RUN_LOG as _RUN_LOG
+from agriland_scale.pipeline.runlog import close_log as _close_log
+from agriland_scale.pipeline.runlog import log_file as _log_file
+from agriland_scale.pipeline.runlog import performance_report as _performance_report
+from agriland_scale.pipeline.runlog import say_and_log as _say
 from agriland_scale.pipeline.runtime import (
     StorageOptions,
     dask_client,
@@ -221,75 +226,6 @@ def _run_locked(
             )
         _close_log(handler)
     return record
-
-
-_RUN_LOG = logging.getLogger("agriland_scale.run")
-
-
-@contextlib.contextmanager
-def _performance_report(path: Path) -> Iterator[None]:
-    """Write a ``distributed.performance_report`` into ``path``, with BokehJS inline.
-
-    Skipped when the run is interrupted (collecting it then would delay the exit), and
-    never failing the run.
-    """
-    from distributed import performance_report
-
-    # BokehJS inline (about 1 MB): the page opens offline, not only where its CDN answers
-    rep = performance_report(filename=str(path), mode="inline")
-    try:
-        rep.__enter__()
-    except Exception as e:  # noqa: BLE001 - e.g. a scheduler that refuses run_on_scheduler
-        log.warning("no Dask performance report for this run: %s", e)
-        yield
-        return
-    interrupted = False
-    try:
-        yield
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        if not interrupted:
-            try:
-                rep.__exit__(None, None, None)
-            except Exception as e:  # noqa: BLE001 - a report problem must never hide the run's own result
-                log.warning("could not write the Dask performance report %s: %s", path, short_error(e))
-
-
-def _say(report: Report | None) -> Report:
-    def say(msg: str) -> None:
-        _RUN_LOG.info(msg)
-        if report is not None:
-            report(msg)
-
-    return say
-
-
-def _log_file(out: Path) -> logging.FileHandler:
-    """Send this package's INFO (and warnings) for this run to ``OUT/logs/run-TIME.log``."""
-    logs = out / LOGS_DIR
-    logs.mkdir(exist_ok=True)
-    h = logging.FileHandler(logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
-    h.setLevel(logging.INFO)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    pkg = logging.getLogger("agriland_scale")
-    h._agriland_level = pkg.level  # type: ignore[attr-defined]
-    if pkg.getEffectiveLevel() > logging.INFO:
-        pkg.setLevel(logging.INFO)
-    pkg.addHandler(h)
-    logging.getLogger("py.warnings").addHandler(h)
-    logging.captureWarnings(True)
-    return h
-
-
-def _close_log(h: logging.FileHandler) -> None:
-    pkg = logging.getLogger("agriland_scale")
-    pkg.removeHandler(h)
-    pkg.setLevel(h._agriland_level)  # type: ignore[attr-defined]
-    logging.getLogger("py.warnings").removeHandler(h)
-    logging.captureWarnings(False)
-    h.close()
 
 
 class _Runner:
