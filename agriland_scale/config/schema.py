@@ -409,14 +409,21 @@ class RuntimeConfig(_Model):
     cube at 2048, whatever the region's width); ``wave_tasks``: the most tasks handed to the
     scheduler at a time beyond the blocks running (about 10 KB of scheduler memory each).
     ``inference_precision``: the compute dtype of
-    the model stages' predictions (weights and outputs stay float32; training is always
-    float32). ``auto``: the U-Net in bfloat16 when every worker's CPU has bfloat16
+    the model stages' predictions (weights and outputs stay float32; training: see
+    ``train_precision``). ``auto``: the U-Net in bfloat16 when every worker's CPU has bfloat16
     instructions (AVX512-BF16 or AMX: 1.7x the float32 speed; on the demo the probabilities
     move by mean 0.0007, 99.94 % of mask pixels equal) and no worker has a GPU, the encoder
     in float32 (bfloat16 changed the demo's clusters); ``bfloat16``: both models;
     ``float32``: neither, results equal on every machine. The precision used is recorded in
     ``run.json`` and in the products' attributes; a resumed run recomputes the blocks of
     another precision (see :func:`~agriland_scale.pipeline.runtime.inference_precision`).
+    ``train_precision``: the compute dtype of the CAE's and the U-Net's training. ``bfloat16``:
+    Keras mixed precision ``mixed_bfloat16`` (bfloat16 compute, float32 master weights, output
+    layers in float32; on a 2-core Xeon with AMX a training step 1.6x (CAE) and 1.9x (U-Net)
+    faster, see ``bench/results/train_precision.txt``); ``float32``: as before; ``auto``:
+    bfloat16 on a training worker whose CPU computes it natively (AVX512-BF16 or AMX) and has
+    no GPU, else float32 (the same per machine). The saved models are float32 either way; the
+    precision used is recorded as ``train_precision`` in the model's sidecar and ``run.json``.
     ``engine``: what predicts. ``tensorflow``: the ``.keras`` models in Keras;
     ``onnx``: their ONNX export (``MODEL.onnx`` beside the model, written at the end of
     training, or exported once into the machine's cache) in ONNX Runtime, float32, with no
@@ -441,6 +448,7 @@ class RuntimeConfig(_Model):
     block_px: int = Field(default=2048, ge=64)
     wave_tasks: int = Field(default=20_000, ge=100)
     inference_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    train_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     engine: Literal["tensorflow", "onnx", "openvino", "auto"] = "auto"
 
     @field_validator("scheduler")

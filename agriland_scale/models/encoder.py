@@ -5,7 +5,8 @@ Encoder: ResNet-50 (no top) on ``(size, size, n_bands)`` in [0, 1] -> conv map
 Head ``flatten`` (seed): Flatten -> Dense 4096 ReLU (Glorot). Head ``gap``: global average
 pooling -> Dense 4096 ReLU (far lighter). Decoder (training only), from the conv map: five
 [Conv2DTranspose stride 2 + Conv2D] pairs with 512, 256, 128, 64, 64 filters, LeakyReLU(0.1)
-and BatchNorm, then a ``n_bands`` sigmoid conv back to the input size.
+and BatchNorm, then a ``n_bands`` sigmoid conv back to the input size. The two output layers
+compute in float32 under any dtype policy (a ``mixed_bfloat16`` training builds the rest in it).
 
 As in the seed, the reconstruction loss trains the backbone and decoder; the Dense head
 that produces the embedding hangs off the conv map and is not on the reconstruction path.
@@ -49,8 +50,12 @@ def build_cae(
     init = keras.initializers.GlorotUniform(seed=seed)
     h = layers.Flatten()(fmap) if head == "flatten" else layers.GlobalAveragePooling2D()(fmap)
     h = layers.Dense(dense_units, activation="relu", kernel_initializer=init, name="dense_head")(h)
+    # the outputs compute in float32 whatever the dtype policy (mixed precision's advice)
     emb = layers.Dense(
-        embedding_dim, kernel_initializer=keras.initializers.GlorotUniform(seed + 1), name="embedding"
+        embedding_dim,
+        kernel_initializer=keras.initializers.GlorotUniform(seed + 1),
+        name="embedding",
+        dtype="float32",
     )(h)
     x = fmap
     for f in (512, 256, 128, 64, 64):
@@ -60,7 +65,9 @@ def build_cae(
         x = layers.Conv2D(f, 3, padding="same")(x)
         x = layers.LeakyReLU(0.1)(x)
         x = layers.BatchNormalization()(x)
-    recon = layers.Conv2D(n_bands, 3, padding="same", activation="sigmoid", name="reconstruction")(x)
+    recon = layers.Conv2D(
+        n_bands, 3, padding="same", activation="sigmoid", name="reconstruction", dtype="float32"
+    )(x)
     model = keras.Model(inp, [recon, emb], name=f"cae_resnet50_{head}")
     if weights not in ("imagenet", "none"):
         load_weights_file(model, weights, bands)

@@ -2,7 +2,8 @@
 
 Helpers of :mod:`~agriland_scale.models.train`: a model saved for an object-storage URL is
 saved locally on the worker, then uploaded with every file beside it; the sidecar's
-normalisation and the training cube's lon/lat extent.
+normalisation and the training cube's lon/lat extent; the training's precision (Keras dtype
+policy) and the float32 copy of a model trained in mixed precision, which is what is saved.
 """
 
 from __future__ import annotations
@@ -16,7 +17,89 @@ from typing import Any
 
 from agriland_scale.config.bands import reflectance_record
 
-__all__ = ["lonlat_bounds", "normalisation", "relocated", "saved_to"]
+__all__ = [
+    "as_float32",
+    "dtype_policy",
+    "lonlat_bounds",
+    "normalisation",
+    "relocated",
+    "saved_to",
+    "training_policy",
+]
+
+# ``runtime.train_precision`` -> the Keras dtype policy the models are built and trained under
+TRAIN_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+# the models ``auto`` trains in bfloat16 where the CPU computes it natively: both kept the
+# demo's validation IoU / clusters within the goal (bench/results/train_precision.txt)
+AUTO_BFLOAT16 = ("cae", "unet")
+
+
+def training_policy(
+    setting: str, model: str, *, gpu: bool | None = None, cpuinfo: str = "/proc/cpuinfo"
+) -> str:
+    """Return the Keras dtype policy that trains ``model`` (``cae``, ``unet``) for ``setting``.
+
+    ``setting`` is ``runtime.train_precision``: ``float32``, ``bfloat16`` (``mixed_bfloat16``:
+    bfloat16 compute, float32 master weights) or ``auto``: ``mixed_bfloat16`` for a model of
+    :data:`AUTO_BFLOAT16` when this machine's CPU computes bfloat16 natively
+    (:func:`~agriland_scale.models.worker.cpu_has_bfloat16`, read from ``cpuinfo``) and it has
+    no GPU (``gpu``; None: asks TensorFlow), else ``float32``; the rule of
+    ``runtime.inference_precision``, resolved where the training runs. The same machine
+    always gives the same answer, which the model's sidecar records (``train_precision``).
+    """
+    if setting in TRAIN_POLICIES:
+        return TRAIN_POLICIES[setting]
+    if setting != "auto":
+        raise ValueError(f"train precision {setting!r}: give auto, float32 or bfloat16")
+    from agriland_scale.models.worker import cpu_has_bfloat16
+
+    if model not in AUTO_BFLOAT16 or not cpu_has_bfloat16(cpuinfo):
+        return "float32"
+    if gpu is None:
+        import tensorflow as tf
+
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    return "float32" if gpu else "mixed_bfloat16"
+
+
+@contextlib.contextmanager
+def dtype_policy(policy: str) -> Iterator[None]:
+    """Build Keras layers under the global dtype ``policy``; the previous policy is back after, also on errors."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def as_float32(model: Any) -> Any:
+    """Return ``model`` itself when every layer is float32, else a float32 copy with its weights.
+
+    A functional model trained in mixed precision (its layers' dtype policy ``mixed_bfloat16``:
+    float32 variables, bfloat16 compute) is rebuilt from its config with every policy float32
+    (nested models included) and given its weights (float32 already): the copy is the model a
+    float32 training builds, so saving, inference, ONNX export and checksums do not depend on
+    the training's precision.
+    """
+    config = model.get_config()
+
+    def swap(o: Any) -> Any:
+        if isinstance(o, dict):
+            if o.get("class_name") == "DTypePolicy" and isinstance(o.get("config"), dict):
+                return dict(o, config=dict(o["config"], name="float32"))
+            return {k: swap(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [swap(v) for v in o]
+        return o
+
+    if swap(config) == config:
+        return model
+    copy = model.__class__.from_config(swap(config))
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def normalisation(reflectance_max, bands: list[str]) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """Training entry points: the self-supervised CAE and the U-Net, with the seed's augmentation.
 
 Both run as one task on a Dask worker (the GPU one when the cluster has it), read their
-patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sidecar.
+patches from the Zarr cube, and save a ``.keras`` model with a JSON metadata sidecar. With
+``precision`` (``runtime.train_precision``) giving ``mixed_bfloat16`` the model is built and
+trained in bfloat16 with float32 master weights (the demo's steps 1.6-1.9x faster on a CPU with
+AMX), its output layers in float32, and saved as its float32 copy: the saved model is the same
+kind of file whichever precision trained it (the sidecar records ``train_precision``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from agriland_scale.errors import CorruptInput
 from agriland_scale.models import onnx_export
 from agriland_scale.models import worker as _worker
 from agriland_scale.models.mlm import write_mlm_item
-from agriland_scale.models.saving import lonlat_bounds, normalisation, relocated, saved_to
+from agriland_scale.models.saving import (
+    as_float32,
+    dtype_policy,
+    lonlat_bounds,
+    normalisation,
+    relocated,
+    saved_to,
+    training_policy,
+)
 from agriland_scale.models.windows import _metrics, choose_threshold, training_windows, unet_augment_fn
 from agriland_scale.patches import read_patches
 from agriland_scale.store import open_cube
@@ -96,6 +108,7 @@ def _train_cae(
     region: str = "",
     group: str = "cube",
     progress_tag: str | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Train the CAE on patches at (y0, x0) of the cube; save it to ``out_path`` (.keras).
 
@@ -115,17 +128,19 @@ def _train_cae(
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
     _phase(progress_tag, CAE_LABEL, "building the model…", total=total)
-    cae = build_cae(
-        size,
-        len(cfg.bands),
-        head=cfg.head,
-        weights=cfg.weights,
-        embedding_dim=cfg.embedding_dim,
-        dense_units=cfg.dense_units,
-        seed=seed,
-        bands=[canonical_band(b) for b in cfg.bands],
-    )
-    recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
+    policy = training_policy(precision, "cae")
+    with dtype_policy(policy):
+        cae = build_cae(
+            size,
+            len(cfg.bands),
+            head=cfg.head,
+            weights=cfg.weights,
+            embedding_dim=cfg.embedding_dim,
+            dense_units=cfg.dense_units,
+            seed=seed,
+            bands=[canonical_band(b) for b in cfg.bands],
+        )
+        recon_model = keras.Model(cae.input, cae.get_layer("reconstruction").output)
     recon_model.compile(
         optimizer=keras.optimizers.Adam(cfg.train.learning_rate),
         loss="mse",
@@ -159,6 +174,7 @@ def _train_cae(
     from agriland_scale.models.files import write_sidecar
 
     _phase(progress_tag, CAE_LABEL, "saving the model…", total, total)
+    cae = as_float32(cae)  # a mixed-precision training saves its float32 copy
     cae.save(out_path)
     # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
     Path(out_path).with_suffix(".checkpoint.keras").unlink(missing_ok=True)
@@ -182,6 +198,7 @@ def _train_cae(
         "batch_size": tc.batch_size,
         "learning_rate": tc.learning_rate,
         "seed": seed,
+        "train_precision": policy,
         "history": history,
         "seconds": time.perf_counter() - t0,
     }
@@ -216,6 +233,7 @@ def _train_unet(
     region: str = "",
     group: str = "cube",
     progress_tag: str | None = None,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Train a U-Net on windows of the cube labelled by ``label``.
 
@@ -267,9 +285,11 @@ def _train_unet(
     xva, yva = load(va)
     _phase(progress_tag, UNET_LABEL, "building the model…")
     n_b = xtr.shape[-1]
-    model = build_unet(
-        cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands]
-    )
+    policy = training_policy(precision, "unet")
+    with dtype_policy(policy):
+        model = build_unet(
+            cfg.encoder, win, n_b, weights=cfg.weights, bands=[canonical_band(b) for b in cfg.bands]
+        )
     steps = max(1, (len(xtr) * max(tc.augment_factor, 1)) // tc.batch_size)
     model.compile(
         optimizer=keras.optimizers.Adam(tc.learning_rate),
@@ -310,6 +330,7 @@ def _train_unet(
             verbose=0,
         )
     _phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
+    model = as_float32(model)  # a mixed-precision training saves (and validates) its float32 copy
     model.save(out_path)
     Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)
     pva = model.predict(xva, batch_size=cfg.batch_size, verbose=0)
@@ -335,6 +356,7 @@ def _train_unet(
         "learning_rate": tc.learning_rate,
         "augment_factor": tc.augment_factor,
         "seed": seed,
+        "train_precision": policy,
         "loss": tc.loss,
         "per_epoch": per_epoch,
         "threshold": threshold,
@@ -381,6 +403,7 @@ def train_cae(
     group: str = "cube",
     progress_tag: str | None = None,
     onnx: bool = False,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Train the CAE repeatably for ``seed``, also on a Dask worker (see :func:`_train_cae`).
 
@@ -407,6 +430,9 @@ def train_cae(
     onnx : bool
         Also export the encoder to ``encoder.onnx`` beside it, for ``runtime.engine: onnx``
         (recorded in its sidecar and MLM Item, :func:`~.onnx_export.attach_onnx`).
+    precision : str
+        ``runtime.train_precision`` (``auto``, ``float32``, ``bfloat16``), resolved on the
+        worker that trains (:func:`~.saving.training_policy`); recorded as ``train_precision``.
 
     Returns
     -------
@@ -425,6 +451,7 @@ def train_cae(
             region=region,
             group=group,
             progress_tag=progress_tag,
+            precision=precision,
         )
         if onnx:
             onnx_export.attach_onnx(meta["encoder_path"])
@@ -443,6 +470,7 @@ def train_unet(
     group: str = "cube",
     progress_tag: str | None = None,
     onnx: bool = False,
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """Train the U-Net repeatably for ``seed``, also on a Dask worker (see :func:`_train_unet`).
 
@@ -469,6 +497,8 @@ def train_unet(
         Relays per-step progress to the run that submitted the task.
     onnx : bool
         Also export ``MODEL.onnx`` beside the model (as for :func:`train_cae`).
+    precision : str
+        ``runtime.train_precision``, as for :func:`train_cae`.
 
     Returns
     -------
@@ -486,6 +516,7 @@ def train_unet(
             region=region,
             group=group,
             progress_tag=progress_tag,
+            precision=precision,
         )
         if onnx:
             onnx_export.attach_onnx(local)

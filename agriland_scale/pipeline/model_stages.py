@@ -100,6 +100,7 @@ def cae_stage(ctx: RunContext) -> None:
         progress_tag=ctx.tag,
         resources=ctx.res,
         onnx=_export_after_training(ctx, "cae"),
+        precision=ctx.cfg.runtime.train_precision,  # resolved on the worker that trains
         pure=False,
     )
     meta = fut.result()
@@ -300,6 +301,7 @@ def unet_stage(ctx: RunContext) -> None:
         progress_tag=ctx.tag,
         resources=ctx.res,
         onnx=_export_after_training(ctx, "unet"),
+        precision=ctx.cfg.runtime.train_precision,  # resolved on the worker that trains
         pure=False,
     )
     meta = fut.result()
