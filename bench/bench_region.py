@@ -567,6 +567,8 @@ def write_call(products, ds, group: str, raster: bool, client, cfg, settings: di
         dims = "y" if raster else "patch"
     if "max_tasks" in params:
         kw["max_tasks"] = getattr(cfg.runtime, "wave_tasks", None)
+    if "band" in params and raster and group.endswith("segmentation"):  # band by band, as the stage
+        kw["band"] = getattr(cfg.segment, "band_px", 0) or None
     if together is not None:
         return lambda: together([(ds, group, group)], dims, client, **kw)
     return lambda: products.write_blocks(ds, group, dims, client, label=group, **kw)
@@ -766,6 +768,8 @@ def plan_child(
                 inference_window=s_.inference_window,
                 # as segmentation_stage: output chunks of 1024 px, or the write block when smaller
                 **({"block": min(1024, cfg.runtime.block_px)} if hasattr(cfg.runtime, "block_px") else {}),
+                # as segmentation_stage: column bands that share no window task
+                **({"band": s_.band_px or None} if hasattr(s_, "band_px") else {}),
             )
             return write_georef(out, cube.rio.crs)
 
