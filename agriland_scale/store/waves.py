@@ -129,7 +129,8 @@ class Waves:
                 needs = {i - p.offset: self._needs.pop(i) for i in mine if i in self._needs}
                 for i in mine:
                     local = i - p.offset
-                    needs.setdefault(local, graph.needs(local))
+                    if local not in needs:  # culled once: by _cost, else here
+                        needs[local] = graph.needs(local)
                     for k in needs[local] | {graph.block_key(p.stage, local)}:
                         priority[k] = max(priority.get(k, self.order[i]), self.order[i])
                 g, k, _ = graph.tasks([i - p.offset for i in mine], p.stage, fork, p.group, needs)
