@@ -63,6 +63,7 @@ from agriland_scale.pipeline.context import Progress, Report, RunContext, model_
 from agriland_scale.pipeline.folder import RunFolder, open_folder
 from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
+from agriland_scale.pipeline.remote import Mirror
 from agriland_scale.pipeline.runlog import RUN_LOG as _RUN_LOG
 from agriland_scale.pipeline.runlog import close_log as _close_log
 from agriland_scale.pipeline.runlog import log_file as _log_file
@@ -240,9 +241,6 @@ class _Runner:
         progress: Progress | None,
     ):
         self.cfg, self.folder, self.products, self.say = cfg, folder, products, say
-        self.out = folder.path
-        self.record: dict[str, Any] = folder.record  # type: ignore[assignment]
-        self.location, self.mirror = folder.location, folder.mirror
 
         def prog(label: str, done: int, total: int, info: str = "", milestone: bool = False) -> None:
             if progress:  # a milestone (a training's phase or finished epoch) says so
@@ -263,6 +261,22 @@ class _Runner:
                 _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
 
         self.progress = prog
+
+    @property
+    def out(self) -> Path:
+        return self.folder.path
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.folder.record  # type: ignore[return-value]
+
+    @property
+    def location(self) -> str:
+        return self.folder.location
+
+    @property
+    def mirror(self) -> Mirror | None:
+        return self.folder.mirror
 
     def _finished(self, stage: str) -> bool:
         if self.record["stages"].get(stage) != "done":

@@ -65,10 +65,15 @@ def _block_mean(src: xr.DataArray, factor: int) -> xr.DataArray:
     data = src.data if isinstance(src.data, da.Array) else da.from_array(src.data)
     side = factor * max(1, 1024 // factor)  # chunks of whole squares
     data = da.pad(data, ((0, -ny % factor), (0, -nx % factor)), constant_values=np.nan).rechunk(side)
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a square without a clear pixel: NaN
-        coarse = da.coarsen(np.nanmean, data, {0: factor, 1: factor})
+    coarse = da.coarsen(_nanmean, data, {0: factor, 1: factor})
     return wrap_xr(coarse, src.odc.geobox.zoom_out(factor), nodata=np.nan)
+
+
+def _nanmean(x: np.ndarray, axis: tuple[int, ...] | None = None, **kwargs) -> np.ndarray:
+    """:func:`numpy.nanmean`, quiet where a square has no clear pixel (NaN there); runs in the tasks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=axis, **kwargs)
 
 
 def mosaic_zones(
