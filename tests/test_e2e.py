@@ -86,10 +86,9 @@ def test_cogs_models_and_run_record(demo_run):
     # recorded with the products it made
     from agriland_scale.models.worker import cpu_has_bfloat16
 
-    assert saved["precision"] == {
-        "embeddings": "float32",
-        "segmentation": "mixed_bfloat16" if cpu_has_bfloat16() else "float32",
-    }
+    assert saved["precision"] == dict.fromkeys(
+        ("embeddings", "segmentation"), "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
+    )
     for group, var in (("segmentation", "probability"), ("embeddings", "embedding")):
         assert xr.open_zarr(reader(out), group=group)[var].attrs["precision"] == saved["precision"][group]
     run_logs = sorted((out / "logs").glob("run-*.log"))

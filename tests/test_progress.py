@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agriland_scale.models import train
+from agriland_scale.models import callbacks, train
 from agriland_scale.pipeline.folder import RunFolder
 from agriland_scale.pipeline.runner import _Runner
 from agriland_scale.terminal import Display
@@ -73,12 +73,12 @@ def test_training_without_a_terminal_prints_phases_and_epochs(monkeypatch, clock
 
     # what the training task sends: its phases, then the Keras callback's steps and epochs
     epochs, steps = 3, 4
-    train._phase("t", train.CAE_LABEL, train._TENSORFLOW, total=epochs * steps)
+    callbacks.phase("t", callbacks.CAE_LABEL, callbacks.WAITING_FOR_TENSORFLOW, total=epochs * steps)
     clock.now += 60
-    train._phase("t", train.CAE_LABEL, "building the model…", total=epochs * steps)
+    callbacks.phase("t", callbacks.CAE_LABEL, "building the model…", total=epochs * steps)
     clock.now += 30
-    train._phase("t", train.CAE_LABEL, "tracing the first step…", total=epochs * steps)
-    cb = train._relay_callback(train.CAE_LABEL, epochs, steps, "t")
+    callbacks.phase("t", callbacks.CAE_LABEL, "tracing the first step…", total=epochs * steps)
+    cb = callbacks.relay_callback(callbacks.CAE_LABEL, epochs, steps, "t")
     for epoch in range(epochs):
         cb.on_epoch_begin(epoch)
         for batch in range(steps):
@@ -124,10 +124,18 @@ def test_a_bar_starts_with_the_first_phase_and_shows_it(clock):
     display = Display(False, file=io.StringIO())
     display.bars = True  # as on a terminal
     _, relay = _runner_progress(display)
-    relay({"label": "U-Net training", "done": 0, "total": 0, "info": train._TENSORFLOW, "milestone": True})
+    relay(
+        {
+            "label": "U-Net training",
+            "done": 0,
+            "total": 0,
+            "info": callbacks.WAITING_FOR_TENSORFLOW,
+            "milestone": True,
+        }
+    )
     assert display._progress is not None
     task = display._progress.tasks[0]
-    assert task.total is None and task.fields["info"] == train._TENSORFLOW
+    assert task.total is None and task.fields["info"] == callbacks.WAITING_FOR_TENSORFLOW
     started = task.start_time
     relay(
         {"label": "U-Net training", "done": 3, "total": 40, "info": "epoch 1/2, loss 0.4", "milestone": False}
@@ -189,3 +197,28 @@ def test_performance_report_opens_offline(tmp_path):
     assert "cdn.bokeh.org/bokeh" not in page
     assert "Bokeh.set_log_level" in page or "root.Bokeh" in page  # BokehJS itself, inline
     assert len(page) > 500_000
+
+
+def test_training_checkpoints_come_at_most_once_a_period(tmp_path, monkeypatch):
+    """An epoch's end saves the model only once ``every_s`` has passed since the training began
+    or the last save: a short training (the demo's) writes no checkpoint at all, a long one
+    keeps one from at most a period plus an epoch ago."""
+    import keras
+
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    x = np.zeros((4, 2), "float32")
+
+    def fit(every_s: float, clock: list[float]) -> tuple[int, bool]:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        path = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}.keras"  # a file a training
+        cb = callbacks.timed_checkpoint(
+            path, every_s, clock=lambda: clock.pop(0) if len(clock) > 1 else clock[0]
+        )
+        model.fit(x, x[:, :1], epochs=3, verbose=0, callbacks=[cb])
+        return cb.saved, path.exists()
+
+    # clock: made, train begins at 0, epoch ends at 20, 40, 60 s (after each save: the same again)
+    assert fit(60.0, [0.0, 0.0, 20.0, 40.0, 60.0, 60.0]) == (1, True)
+    assert fit(60.0, [0.0, 0.0, 20.0, 40.0, 59.0]) == (0, False)  # nothing written
+    assert fit(10.0, [0.0, 0.0, 20.0, 20.0, 40.0, 40.0, 60.0, 60.0]) == (3, True)

@@ -81,8 +81,8 @@ def test_own_workers_exit_at_once_with_their_streams_flushed(tmp_path):
 
 
 def test_inference_precision_is_one_for_the_run():
-    """``auto`` gives the U-Net bfloat16 only where every worker's CPU has it, never beside a
-    GPU, and keeps the encoder in float32; the explicit settings apply to both models. A
+    """``auto`` gives both models bfloat16 only where every worker's CPU has it, never beside a
+    GPU; the explicit settings apply to both models. A
     resumed run recomputes model blocks of another precision: it is part of the model stages'
     settings (float32 runs keep their old ones)."""
     from agriland_scale.config.schema import RunConfig
@@ -94,10 +94,9 @@ def test_inference_precision_is_one_for_the_run():
     cfg = RuntimeConfig(n_workers=1, threads_per_worker=1, memory_limit="2GiB", dashboard_address=":0")
     with dask_client(cfg) as client:
         native = cpu_has_bfloat16()
-        assert inference_precision(client, "auto", False) == {
-            "embeddings": f32,
-            "segmentation": bf if native else f32,
-        }
+        assert inference_precision(client, "auto", False) == dict.fromkeys(
+            ("embeddings", "segmentation"), bf if native else f32
+        )
         assert inference_precision(client, "auto", True) == {"embeddings": f32, "segmentation": f32}
         assert inference_precision(client, "float32", False) == {"embeddings": f32, "segmentation": f32}
         assert inference_precision(client, "bfloat16", True) == {"embeddings": bf, "segmentation": bf}

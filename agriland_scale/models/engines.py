@@ -82,14 +82,14 @@ def choose_engine(setting: str, task: str, precision: str = "float32", gpu: bool
     AVX-512, AVX512-BF16 and AMX, the demo's trained encoder and U-Net, batches 1-64, engines
     alternated in one process; images/s as a multiple of TensorFlow float32):
 
-    * encoder, float32 (``inference_precision: auto`` keeps it in float32): ONNX Runtime
-      1.25-1.64x (OpenVINO float32 0.93-1.42x, less steady), max |d| 5e-7, and it starts in
-      under 1 s against TensorFlow's ~8 s (import, load, first call); without onnxruntime,
-      OpenVINO;
-    * U-Net, bfloat16 (``auto`` on a CPU computing it natively): OpenVINO bfloat16 3.9-6.7x
-      (TensorFlow bfloat16: 2.0-3.5x), 100 % equal masks, max |d| 3e-4 (TensorFlow's 4e-4);
-      the encoder in bfloat16 (``inference_precision: bfloat16``): OpenVINO 2.6-8.6x
-      (TensorFlow bfloat16 1.2-2.0x); without OpenVINO, TensorFlow (ONNX Runtime has no
+    * encoder, float32 (``inference_precision: float32``, or a CPU without native bfloat16):
+      ONNX Runtime 1.25-1.64x (OpenVINO float32 0.93-1.42x, less steady), max |d| 5e-7, and
+      it starts in under 1 s against TensorFlow's ~8 s (import, load, first call); without
+      onnxruntime, OpenVINO;
+    * bfloat16 (``inference_precision: auto`` on a CPU computing it natively): the U-Net in
+      OpenVINO bfloat16 3.9-6.7x (TensorFlow bfloat16: 2.0-3.5x), 100 % equal masks, max
+      |d| 3e-4 (TensorFlow's 4e-4); the encoder in OpenVINO bfloat16 2.6-8.6x (TensorFlow
+      bfloat16 1.2-2.0x), max |d| 1.7e-3; without OpenVINO, TensorFlow (ONNX Runtime has no
       faster bfloat16 path here);
     * U-Net, float32: ONNX Runtime 0.96-1.15x, OpenVINO 0.75-1.33x, equal within the
       machine's noise, so the start decides: ONNX Runtime (0.4 s to import and load against

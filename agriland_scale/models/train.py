@@ -23,6 +23,14 @@ from agriland_scale.config.schema import EmbedConfig, SegmentConfig
 from agriland_scale.errors import CorruptInput
 from agriland_scale.models import onnx_export
 from agriland_scale.models import worker as _worker
+from agriland_scale.models.callbacks import (
+    CAE_LABEL,
+    UNET_LABEL,
+    WAITING_FOR_TENSORFLOW,
+    phase,
+    relay_callback,
+    timed_checkpoint,
+)
 from agriland_scale.models.mlm import write_mlm_item
 from agriland_scale.models.saving import (
     as_float32,
@@ -42,58 +50,12 @@ __all__ = ["train_cae", "train_unet"]
 log = logging.getLogger(__name__)
 
 
-CAE_LABEL, UNET_LABEL = "CAE training", "U-Net training"
-_TENSORFLOW = "waiting for the worker's TensorFlow…"
 # a schedule of at most this many steps trains eagerly (``run_eagerly``): tracing the training
 # step costs more than it saves. Measured (the demo's CAE, batch 8, 2 cores): graph mode 22 s
 # for the first step (tracing) then 3.1 s a step, eager 6.5 s then 4.6 s a step, so eager is
 # cheaper up to about 11 steps (smoke runs, tests); the demo's 18 steps and longer schedules
 # keep graph mode. The same config always trains the same way (the seed's repeatability holds).
 EAGER_MAX_STEPS = 10
-
-
-def _phase(tag: str | None, label: str, text: str, done: int = 0, total: int = 0) -> None:
-    """Tell the client that started the task which phase a training is in (before its steps).
-
-    A milestone of :func:`agriland_scale.models.worker.report_progress` with no step done
-    (``total`` 0: not counted yet); the first one, at the task's start, starts the training's
-    clock on the client.
-    """
-    _worker.report_progress(tag, label, done, total, text, True)
-
-
-def _relay_callback(label: str, epochs: int, steps: int, tag: str | None):
-    """Make a Keras callback sending training progress to the client that started the task.
-
-    Progress (epoch, step, loss and metrics) goes through
-    :func:`agriland_scale.models.worker.report_progress`: at most every half second, and at every
-    epoch's end (with the validation metrics).
-    """
-    import keras
-
-    class Relay(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.epoch, self.last = 0, 0.0
-
-        def _send(self, step: int, logs: dict | None, end: bool) -> None:
-            vals = ", ".join(f"{k} {float(v):.4g}" for k, v in (logs or {}).items())
-            info = f"epoch {self.epoch + 1}/{epochs}" + (f", {vals}" if vals else "")
-            _worker.report_progress(tag, label, self.epoch * steps + step, epochs * steps, info, end)
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
-
-        def on_train_batch_end(self, batch, logs=None):
-            now = time.monotonic()
-            if now - self.last >= 0.5:
-                self.last = now
-                self._send(batch + 1, logs, False)
-
-        def on_epoch_end(self, epoch, logs=None):
-            self._send(steps, logs, True)
-
-    return Relay()
 
 
 def _train_cae(
@@ -116,7 +78,7 @@ def _train_cae(
     training history and timing. With ``cfg.train.epochs == 0`` the model is saved untrained.
     """
     total = cfg.train.epochs * cfg.train.steps_per_epoch
-    _phase(progress_tag, CAE_LABEL, _TENSORFLOW, total=total)
+    phase(progress_tag, CAE_LABEL, WAITING_FOR_TENSORFLOW, total=total)
     _worker.configure_tensorflow()
     import keras
     import tensorflow as tf
@@ -124,10 +86,10 @@ def _train_cae(
     from agriland_scale.models.encoder import build_cae, cae_augmenter
 
     t0 = time.perf_counter()
-    _phase(progress_tag, CAE_LABEL, f"reading {len(y0)} patches…", total=total)
+    phase(progress_tag, CAE_LABEL, f"reading {len(y0)} patches…", total=total)
     cube = open_cube(cube_store, group, dask=False)
     x = read_patches(cube["reflectance"], y0, x0, size, cfg.bands, cfg.reflectance_max)
-    _phase(progress_tag, CAE_LABEL, "building the model…", total=total)
+    phase(progress_tag, CAE_LABEL, "building the model…", total=total)
     policy = training_policy(precision, "cae")
     with dtype_policy(policy):
         cae = build_cae(
@@ -155,12 +117,10 @@ def _train_cae(
         if aug is not None:
             ds = ds.map(lambda b: aug(b, training=True))
         ds = ds.map(lambda b: (b, b)).prefetch(2)
-        # a checkpoint after every epoch (the autoencoder's weights), for long schedules
-        ckpt = keras.callbacks.ModelCheckpoint(
-            str(Path(out_path).with_suffix(".checkpoint.keras")), save_freq="epoch"
-        )
-        relay = _relay_callback(CAE_LABEL, tc.epochs, tc.steps_per_epoch, progress_tag)
-        _phase(progress_tag, CAE_LABEL, "tracing the first step…", total=total)
+        # a checkpoint at an epoch's end once a minute at most, for long schedules
+        ckpt = timed_checkpoint(Path(out_path).with_suffix(".checkpoint.keras"))
+        relay = relay_callback(CAE_LABEL, tc.epochs, tc.steps_per_epoch, progress_tag)
+        phase(progress_tag, CAE_LABEL, "tracing the first step…", total=total)
         h = recon_model.fit(
             ds,
             epochs=tc.epochs,
@@ -173,7 +133,7 @@ def _train_cae(
     from agriland_scale.models.encoder import encoder_from_cae
     from agriland_scale.models.files import write_sidecar
 
-    _phase(progress_tag, CAE_LABEL, "saving the model…", total, total)
+    phase(progress_tag, CAE_LABEL, "saving the model…", total, total)
     cae = as_float32(cae)  # a mixed-precision training saves its float32 copy
     cae.save(out_path)
     # the per-epoch checkpoint guards a long schedule until it ends; then the model replaces it
@@ -248,7 +208,7 @@ def _train_unet(
     recorded as ``threshold``, with the validation metrics at it (precision, recall, mean
     probability against the labelled agricultural fraction: the over-prediction).
     """
-    _phase(progress_tag, UNET_LABEL, _TENSORFLOW)
+    phase(progress_tag, UNET_LABEL, WAITING_FOR_TENSORFLOW)
     _worker.configure_tensorflow()
     import keras
     import tensorflow as tf
@@ -280,10 +240,10 @@ def _train_unet(
         lab = np.stack([label[r : r + win, c : c + win] for r, c in offsets])[..., None]
         return img, lab
 
-    _phase(progress_tag, UNET_LABEL, f"reading {len(tr)} training and {len(va)} validation windows…")
+    phase(progress_tag, UNET_LABEL, f"reading {len(tr)} training and {len(va)} validation windows…")
     xtr, ytr = load(tr)
     xva, yva = load(va)
-    _phase(progress_tag, UNET_LABEL, "building the model…")
+    phase(progress_tag, UNET_LABEL, "building the model…")
     n_b = xtr.shape[-1]
     policy = training_policy(precision, "unet")
     with dtype_policy(policy):
@@ -314,12 +274,12 @@ def _train_unet(
     ckpt = str(Path(out_path).with_suffix(".best.keras"))
     callbacks = [
         Metrics(),
-        _relay_callback(UNET_LABEL, tc.epochs, steps, progress_tag),
+        relay_callback(UNET_LABEL, tc.epochs, steps, progress_tag),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience, restore_best_weights=True),
         keras.callbacks.ModelCheckpoint(ckpt, monitor="val_loss", save_best_only=True),
     ]
     if tc.epochs > 0:
-        _phase(progress_tag, UNET_LABEL, "tracing the first step…", total=tc.epochs * steps)
+        phase(progress_tag, UNET_LABEL, "tracing the first step…", total=tc.epochs * steps)
         model.fit(
             ds,
             epochs=tc.epochs,
@@ -329,7 +289,7 @@ def _train_unet(
             shuffle=False,
             verbose=0,
         )
-    _phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
+    phase(progress_tag, UNET_LABEL, "saving the model…", tc.epochs * steps, tc.epochs * steps)
     model = as_float32(model)  # a mixed-precision training saves (and validates) its float32 copy
     model.save(out_path)
     Path(ckpt).unlink(missing_ok=True)  # the best weights are in the model (restore_best_weights)

@@ -105,7 +105,7 @@ def tensorflow_needed(cfg: RunConfig, todo: Iterable[str]) -> bool:
     ``segment.model``) does; applying one does when ``runtime.engine`` resolves to
     ``tensorflow`` for it (:func:`~agriland_scale.models.engines.resolve`; ``auto`` takes ONNX
     Runtime or OpenVINO for a model whose ONNX artifact is at hand). The precision is this
-    process's guess: the U-Net in bfloat16 unless ``inference_precision`` is ``float32``.
+    process's guess: both models in bfloat16 unless ``inference_precision`` is ``float32``.
     A wrong guess costs only time: a warm-up or the stage imports TensorFlow later.
     """
     from agriland_scale.models.engines import resolve
@@ -123,7 +123,7 @@ def tensorflow_needed(cfg: RunConfig, todo: Iterable[str]) -> bool:
             "embeddings",
             cfg.embed.model,
             "embedding",
-            bf16 if rt.inference_precision == "bfloat16" else "float32",
+            "float32" if rt.inference_precision == "float32" else bf16,
         ),
         (
             "unet",
