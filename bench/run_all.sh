@@ -12,7 +12,7 @@ for name in ${names[@]}; do
     cube) cmd=(python bench/bench_cube.py --json bench/results/cube.json) ;;
     cube_http) cmd=(python bench/bench_cube.py --assets http --json bench/results/cube_http.json) ;;
     segment) cmd=(python bench/bench_segment.py --repeat 2 --json bench/results/segment.json) ;;
-    embed) cmd=(python bench/bench_embed.py --repeat 11) ;;
+    embed) cmd=(python bench/bench_embed.py --repeat 11 --engines tensorflow,onnx,openvino:mixed_bfloat16) ;;
     cluster) cmd=(python bench/bench_cluster.py) ;;
     run) cmd=(python bench/bench_run.py --json bench/results/run.json) ;;
     naive) cmd=(python bench/bench_naive.py --rounds 3 ${NAIVE_MODELS:+--models "$NAIVE_MODELS"} --json bench/results/naive.json) ;;

@@ -205,8 +205,12 @@ def test_an_expired_lease_that_nobody_took_is_refreshed_and_goes_on(s3_env, cach
 
 
 CHILD = r"""
-import sys, time
+import signal, sys, time
 from agriland_scale.errors import AgrilandError
+# Ctrl-C handled in Python, as in a terminal: a test run started in the background (nohup,
+# `&` without job control) hands its children SIGINT ignored, and the lost lease could then
+# only stop the writer at its next check, which this one never makes
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from agriland_scale.pipeline.remote import checked_out
 
 try:
