@@ -72,8 +72,12 @@ def naive(models: Path, out: Path, k: int, seed: int) -> dict:
     t0 = time.perf_counter()
     encoder = keras.saving.load_model(models / "encoder.keras", compile=False)
     unet = keras.saving.load_model(models / "unet.keras", compile=False)
-    rmax_e = json.loads((models / "encoder.keras.json").read_text())["normalisation"]["reflectance_max"]
-    rmax_u = json.loads((models / "unet.keras.json").read_text())["normalisation"]["reflectance_max"]
+
+    def rmax(sidecar: str) -> np.ndarray:  # one number, or one a band (per-band normalisation)
+        v = json.loads((models / sidecar).read_text())["normalisation"]["reflectance_max"]
+        return np.asarray([v[b] for b in BANDS] if isinstance(v, dict) else v, dtype="float32")
+
+    rmax_e, rmax_u = rmax("encoder.keras.json"), rmax("unet.keras.json")
     t["load_models"] = time.perf_counter() - t0
     srcs = [rasterio.open(SHARED / FILES[b]) for b in BANDS]
     h, w = srcs[0].height, srcs[0].width

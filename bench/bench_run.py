@@ -183,6 +183,7 @@ def efficiency(out: Path) -> dict:
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "2")
     import numpy as np
 
+    from agriland_scale.config.bands import reflectance_scale
     from agriland_scale.models import worker as _worker
     from agriland_scale.patches import read_patches, window_starts
     from agriland_scale.store import open_cube, open_product, reader
@@ -223,7 +224,8 @@ def efficiency(out: Path) -> dict:
             for c in cs
         ]
     )
-    wins = np.clip(wins / s["reflectance_max"], 0, 1)
+    scale = np.asarray(reflectance_scale(s["reflectance_max"], s["bands"]), dtype="float32")  # one a band
+    wins = np.clip(wins / scale, 0, 1)
     unet, _ = _worker.get_model(rec["unet"]["model_path"])
     unet.predict(wins[: s["batch_size"]], batch_size=s["batch_size"], verbose=0)
     t0 = time.perf_counter()
