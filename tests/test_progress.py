@@ -211,7 +211,7 @@ def test_training_checkpoints_come_at_most_once_a_period(tmp_path, monkeypatch):
     def fit(every_s: float, clock: list[float]) -> tuple[int, bool]:
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer="sgd", loss="mse")
-        path = tmp_path / f"ckpt-{len(list(tmp_path.iterdir()))}.keras"  # a file a training
+        path = tmp_path / f"run-{len(list(tmp_path.iterdir()))}" / "ckpt.keras"  # a folder a training, made
         cb = callbacks.timed_checkpoint(
             path, every_s, clock=lambda: clock.pop(0) if len(clock) > 1 else clock[0]
         )

@@ -98,6 +98,7 @@ def timed_checkpoint(
 
         def on_epoch_end(self, epoch, logs=None):
             if clock() - self.last >= every_s:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)  # as Keras's ModelCheckpoint
                 self.model.save(str(path))
                 self.last, self.saved = clock(), self.saved + 1
 
