@@ -39,8 +39,8 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "run the whole pipeline on the embedded demo region (offline)",
         "Run the whole pipeline on the embedded demo region (a Sentinel-2 L1C window in Virginia),\n"
         "offline: a local STAC server, the Zarr cube, 256 px patches, CAE embeddings, k-means + DEC\n"
-        "clusters, U-Net probability mosaics, COGs, report.html and STAC. 4 to 5 minutes on 2 CPU\n"
-        "cores that compute bfloat16 (AMX, AVX512-BF16), about 7 without. Rerunning the same\n"
+        "clusters, U-Net probability mosaics, COGs, report.html and STAC. 2 to 3 minutes on 2 CPU\n"
+        "cores that compute bfloat16 (AMX, AVX512-BF16), about 4 without. Rerunning the same\n"
         "command continues an unfinished run.",
         "  agriland demo --out demo-out\n  agriland demo --out demo-out --set embed.train.epochs=1 -v",
     ),
