@@ -125,17 +125,10 @@ def test_policy_is_restored_when_training_fails(cube_store, demo_cfg, tmp_path, 
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_auto_on_a_cpu_without_bfloat16_trains_float32(cube_store, demo_cfg, tmp_path, monkeypatch):
-    """``auto`` where the CPU lacks bfloat16 instructions: float32, recorded as such."""
-    import keras
-
-    from agriland_scale.models import saving, worker
+def _train_tiny_cae(cube_store, demo_cfg, tmp_path, precision: str) -> dict:
+    """One step of a small-headed CAE on 4 patches of 32 px, saved as ``tmp_path/cae.keras``."""
     from agriland_scale.models.train import train_cae
 
-    assert saving.training_policy("auto", "cae", gpu=False) == (
-        "mixed_bfloat16" if worker.cpu_has_bfloat16() else "float32"
-    )
-    monkeypatch.setattr(worker, "cpu_has_bfloat16", lambda cpuinfo="/proc/cpuinfo": False)
     e = demo_cfg.embed
     cfg = e.model_copy(
         update={
@@ -145,8 +138,20 @@ def test_auto_on_a_cpu_without_bfloat16_trains_float32(cube_store, demo_cfg, tmp
         }
     )
     ys = xs = np.array([0, 32, 64, 96])
-    out = tmp_path / "cae.keras"
-    meta = train_cae(cube_store, ys, xs, cfg, 32, str(out), seed=0, precision="auto")
+    return train_cae(cube_store, ys, xs, cfg, 32, str(tmp_path / "cae.keras"), seed=0, precision=precision)
+
+
+def test_auto_on_a_cpu_without_bfloat16_trains_float32(cube_store, demo_cfg, tmp_path, monkeypatch):
+    """``auto`` where the CPU lacks bfloat16 instructions: float32, recorded as such."""
+    import keras
+
+    from agriland_scale.models import saving, worker
+
+    assert saving.training_policy("auto", "cae", gpu=False) == (
+        "mixed_bfloat16" if worker.cpu_has_bfloat16() else "float32"
+    )
+    monkeypatch.setattr(worker, "cpu_has_bfloat16", lambda cpuinfo="/proc/cpuinfo": False)
+    meta = _train_tiny_cae(cube_store, demo_cfg, tmp_path, "auto")
     assert meta["train_precision"] == "float32"
     assert json.loads((tmp_path / "encoder.keras.json").read_text())["train_precision"] == "float32"
     assert keras.config.dtype_policy().name == "float32"
@@ -157,19 +162,7 @@ def test_bfloat16_cae_training_saves_float32_cae_and_encoder(cube_store, demo_cf
     CAE and encoder are float32 throughout and their sidecars say mixed_bfloat16."""
     import keras
 
-    from agriland_scale.models.train import train_cae
-
-    e = demo_cfg.embed
-    cfg = e.model_copy(
-        update={
-            "dense_units": 16,
-            "embedding_dim": 8,
-            "train": e.train.model_copy(update={"epochs": 1, "steps_per_epoch": 1, "batch_size": 2}),
-        }
-    )
-    ys = xs = np.array([0, 32, 64, 96])
-    out = tmp_path / "cae.keras"
-    meta = train_cae(cube_store, ys, xs, cfg, 32, str(out), seed=0, precision="bfloat16")
+    meta = _train_tiny_cae(cube_store, demo_cfg, tmp_path, "bfloat16")
     assert meta["train_precision"] == "mixed_bfloat16"
     assert keras.config.dtype_policy().name == "float32"
     for name in ("cae.keras", "encoder.keras"):

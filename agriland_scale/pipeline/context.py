@@ -15,7 +15,7 @@ from agriland_scale.errors import AgrilandError
 from agriland_scale.files import is_object_url, join_url, object_version
 from agriland_scale.layout import MODELS_DIR, STAGE_SETTINGS
 from agriland_scale.models.files import read_sidecar
-from agriland_scale.pipeline.folder import RunFolder
+from agriland_scale.pipeline.folder import InFolder, RunFolder
 from agriland_scale.pipeline.launch import warm_up_workers
 from agriland_scale.pipeline.runtime import main_process_worker
 from agriland_scale.store.resume import Products
@@ -30,7 +30,7 @@ Progress = Callable[..., None]
 
 
 @dataclass(frozen=True)
-class RunContext:
+class RunContext(InFolder):
     """One run as its stages see it.
 
     Attributes
@@ -82,26 +82,6 @@ class RunContext:
     report_figures: dict[str, list[str]] = field(default_factory=dict)
     own_cluster: bool = False
     worker_log: str = ""
-
-    @property
-    def out(self) -> Path:
-        """The output folder (absolute; the working copy of a run on object storage)."""
-        return self.folder.path
-
-    @property
-    def record(self) -> dict[str, Any]:
-        """The run record (``run.json``): stages add what they found, the runner saves it."""
-        return self.folder.record  # type: ignore[return-value]
-
-    @property
-    def location(self) -> str:
-        """Where the run lives: ``out`` itself, or the object-storage URL ``out`` is the working copy of."""
-        return self.folder.location
-
-    @property
-    def mirror(self) -> Any:
-        """Puts the working copy's files on the object store (a run on object storage), else None."""
-        return self.folder.mirror
 
     @property
     def store(self) -> Any:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from agriland_scale.layout import RunRecord
     from agriland_scale.store.resume import Products
 
-__all__ = ["RunFolder", "open_folder"]
+__all__ = ["InFolder", "RunFolder", "open_folder"]
 
 
 @dataclass
@@ -160,6 +160,36 @@ class RunFolder:
 
         if self.record.get("pending_removal"):
             outdir.remove_files(self.path, self.record.pop("pending_removal"))
+
+
+class InFolder:
+    """The parts of a :class:`RunFolder` as attributes of an object that has one (``folder``).
+
+    For the runner and the stages' :class:`~agriland_scale.pipeline.context.RunContext`: they
+    read the folder's current path, record, location and mirror, never keep copies of them.
+    """
+
+    folder: RunFolder
+
+    @property
+    def out(self) -> Path:
+        """The output folder (absolute; the working copy of a run on object storage)."""
+        return self.folder.path
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The run record (``run.json``): stages add what they found, the runner saves it."""
+        return self.folder.record  # type: ignore[return-value]
+
+    @property
+    def location(self) -> str:
+        """Where the run lives: ``out`` itself, or the object-storage URL ``out`` is the working copy of."""
+        return self.folder.location
+
+    @property
+    def mirror(self) -> Mirror | None:
+        """Puts the working copy's files on the object store (a run on object storage), else None."""
+        return self.folder.mirror
 
 
 @contextlib.contextmanager

@@ -60,10 +60,9 @@ from agriland_scale.layout import (
 from agriland_scale.models.worker import PROGRESS_TOPIC
 from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
-from agriland_scale.pipeline.folder import RunFolder, open_folder
+from agriland_scale.pipeline.folder import InFolder, RunFolder, open_folder
 from agriland_scale.pipeline.launch import tensorflow_needed
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
-from agriland_scale.pipeline.remote import Mirror
 from agriland_scale.pipeline.runlog import RUN_LOG as _RUN_LOG
 from agriland_scale.pipeline.runlog import close_log as _close_log
 from agriland_scale.pipeline.runlog import log_file as _log_file
@@ -229,7 +228,7 @@ def _run_locked(
     return record
 
 
-class _Runner:
+class _Runner(InFolder):
     """Runs the stages of one run: status, timing, files and resume in ``record`` (run.json)."""
 
     def __init__(
@@ -261,22 +260,6 @@ class _Runner:
                 _RUN_LOG.info("%s: %d/%d blocks", label, done, total)
 
         self.progress = prog
-
-    @property
-    def out(self) -> Path:
-        return self.folder.path
-
-    @property
-    def record(self) -> dict[str, Any]:
-        return self.folder.record  # type: ignore[return-value]
-
-    @property
-    def location(self) -> str:
-        return self.folder.location
-
-    @property
-    def mirror(self) -> Mirror | None:
-        return self.folder.mirror
 
     def _finished(self, stage: str) -> bool:
         if self.record["stages"].get(stage) != "done":

@@ -447,14 +447,11 @@ def inference_precision(client: Client, setting: str, gpu: bool) -> dict[str, st
     (``gpu``), else float32. One answer for the whole run, so that its products do not depend
     on which worker computed which block.
 
-    Measured on this project's 2-core AMX CPU (``bench/results/embed_precision.txt``): the
-    embeddings stage of a full tile (7,056 patches) 3.6x faster in OpenVINO bfloat16 than in
-    ONNX Runtime float32, embeddings within 0.4 % (relative L2), and the clusters drawn from
-    them as close to the float32 ones (adjusted Rand index 0.69, same seed) as two float32
-    clusterings with different seeds are to each other (0.67): bfloat16 moves the clusters
-    no more than the seed does. The segmentation's probabilities move by less than their
-    uint8 storage step on most pixels (demo: mean |dp| 0.0007, 99.94 % of mask pixels
-    equal). ``float32`` is the setting for products equal across machines.
+    Measured on a 2-core AMX CPU (``bench/results/embed_precision.txt``): a full tile's
+    embeddings 3.98x faster (OpenVINO bfloat16 against ONNX Runtime float32), and their
+    clusters as close to float32's (adjusted Rand index 0.74, same seed) as two float32 seeds'
+    are (0.72); the demo U-Net's probabilities moved by mean |dp| 0.0007 (99.94 % of mask
+    pixels equal). ``float32`` gives products equal across machines.
 
     Returns
     -------
