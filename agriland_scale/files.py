@@ -181,7 +181,7 @@ def use_storage_options(location: str | Path, storage_options: dict[str, Any] | 
     """Make ``storage_options`` this process's credentials for URLs of ``location``'s kind.
 
     A run on object storage calls it with its ``output.storage_options`` (and so do its
-    workers, through :class:`~agriland_scale.pipeline.runtime.StorageOptions`): every part of
+    workers, through :class:`~agriland_scale.pipeline.plugins.StorageOptions`): every part of
     the run that opens a URL of the same kind (``s3://``, ``gs://``, ``az://``) without options
     of its own, the publish stage, a model given as a URL, a worker's block writes, uses them,
     not the environment or the cloud metadata address. Empty options forget them.

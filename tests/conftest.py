@@ -230,7 +230,7 @@ def s3_cluster(s3_server, tmp_path_factory):
     """A `dask scheduler` and two `dask worker` processes that share no folder with the client:
     each worker runs in its own empty working directory, with its own cache
     (``AGRILAND_CACHE``) and Dask scratch space, and no S3 credentials in its environment
-    (a run gives them its pipeline's, :class:`~agriland_scale.pipeline.runtime.StorageOptions`).
+    (a run gives them its pipeline's, :class:`~agriland_scale.pipeline.plugins.StorageOptions`).
     Yields ``(address, [worker working dirs], [worker caches])``."""
     # TensorFlow with the demo run's 2 intra-op threads (runtime.threads_per_worker): oneDNN's
     # results for a batch of one patch differ in the last bits between 1 and 2 threads, and

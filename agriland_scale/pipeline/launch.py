@@ -14,7 +14,7 @@ embeddings stage ended 2.4 s sooner (median). A cluster started in a thread besi
 imports gained nothing: the two shared this process's interpreter lock.
 
 The workers' standard error goes to a temporary file of each worker process until the run's
-worker log exists (TensorFlow's import writes to it); :class:`~.runtime.StderrToFile` moves
+worker log exists (TensorFlow's import writes to it); :class:`~.plugins.StderrToFile` moves
 what it holds into the log and removes it.
 """
 
@@ -32,13 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.layout import MODEL_STAGES, RECORD, stages_needed
-from agriland_scale.pipeline.runtime import (
-    MAIN_WORKER,
-    FastExit,
-    StderrToFile,
-    local_cluster,
-    scheduler_address,
-)
+from agriland_scale.pipeline.plugins import FastExit, StderrToFile
+from agriland_scale.pipeline.runtime import MAIN_WORKER, local_cluster, scheduler_address
 
 if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster

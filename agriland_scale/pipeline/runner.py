@@ -62,6 +62,7 @@ from agriland_scale.pipeline import outdir
 from agriland_scale.pipeline.context import Progress, Report, RunContext, model_version, zones_with_data
 from agriland_scale.pipeline.folder import InFolder, RunFolder, open_folder
 from agriland_scale.pipeline.launch import tensorflow_needed
+from agriland_scale.pipeline.plugins import StorageOptions
 from agriland_scale.pipeline.preflight import preflight, prepare_output, refuse_deleting_inputs, remove_run
 from agriland_scale.pipeline.runlog import RUN_LOG as _RUN_LOG
 from agriland_scale.pipeline.runlog import close_log as _close_log
@@ -69,7 +70,6 @@ from agriland_scale.pipeline.runlog import log_file as _log_file
 from agriland_scale.pipeline.runlog import performance_report as _performance_report
 from agriland_scale.pipeline.runlog import say_and_log as _say
 from agriland_scale.pipeline.runtime import (
-    StorageOptions,
     dask_client,
     gpu_resources,
     inference_precision,

@@ -18,9 +18,8 @@ from distributed import Client
 from agriland_scale.config.schema import RunConfig, RuntimeConfig
 from agriland_scale.errors import ConfigError, SchedulerError
 from agriland_scale.files import cache_dir
+from agriland_scale.pipeline.plugins import FastExit, StderrToFile
 from agriland_scale.pipeline.runtime import (
-    FastExit,
-    StderrToFile,
     gpu_resources,
     inference_precision,
     local_cluster,
