@@ -137,7 +137,7 @@ def test_kill_agriland_process_mid_embeddings(demo_run, external_cluster, tmp_pa
     rec = json.loads((copy / "run.json").read_text())
     blocks = rec["zones"]["utm18n"]["embeddings_blocks"]
     print(f"killed after {done_before} of 4 embedding blocks; the rerun reused {blocks['reused']}")
-    assert (blocks["blocks"], blocks["reused"]) == (4, done_before)
+    assert (blocks["blocks"], blocks["reused"]) == (16, done_before)
     assert set(rec["stages"].values()) == {"done"} and not Products(copy).pending_blocks("embeddings")
     np.testing.assert_array_equal(_embeddings(copy), _embeddings(out))
     for s in ("search", "cube", "patches", "cae"):
@@ -151,14 +151,15 @@ def _segmentation(out: Path) -> xr.Dataset:
 def test_kill_agriland_process_mid_segmentation_redoes_only_missing_squares(
     demo_run, external_cluster, tmp_path
 ):
-    """SIGKILL the CLI while it writes the segmentation in square blocks of 512 px (4 over the
-    demo's 1024 x 1024 px); the next run computes only the squares no commit holds, and the
+    """SIGKILL the CLI while it writes the segmentation in square blocks of 256 px (16 over the
+    demo's 1024 x 1024 px: with 4 of 512 px, the whole stage once committed before the kill
+    landed); the next run computes only the squares no commit holds, and the
     product equals an uninterrupted run's with the same blocks, bit for bit (no seam where an
     attempt stopped)."""
     cfg, out, _ = demo_run
     copy = _copy_run(out, tmp_path / "copy")
     pipeline = tmp_path / "pipeline.yaml"
-    small = cfg.with_overrides(**{"runtime.commit_every_s": 0, "runtime.block_px": 512})
+    small = cfg.with_overrides(**{"runtime.commit_every_s": 0, "runtime.block_px": 256})
     pipeline.write_text(yaml.safe_dump(small.model_dump(mode="json")))
     agriland = [
         str(Path(sys.executable).parent / "agriland"),
@@ -177,17 +178,17 @@ def test_kill_agriland_process_mid_segmentation_redoes_only_missing_squares(
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     done_before = _committed_blocks(copy, "segmentation")
-    assert _stage(copy, "segmentation") == "running" and 1 <= done_before < 4, done_before
+    assert _stage(copy, "segmentation") == "running" and 1 <= done_before < 16, done_before
     again = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     blocks = json.loads((copy / "run.json").read_text())["zones"]["utm18n"]["segmentation_blocks"]
-    print(f"killed after {done_before} of 4 segmentation squares; the rerun reused {blocks['reused']}")
-    assert (blocks["blocks"], blocks["reused"]) == (4, done_before)
+    print(f"killed after {done_before} of 16 segmentation squares; the rerun reused {blocks['reused']}")
+    assert (blocks["blocks"], blocks["reused"]) == (16, done_before)
     resumed, uninterrupted = _segmentation(copy), _segmentation(out)
     for name in ("probability", "mask"):
         np.testing.assert_array_equal(resumed[name].values, uninterrupted[name].values)
     stored = xr.open_zarr(reader(copy), group="segmentation", consolidated=False)
-    assert stored["probability"].chunks == ((512, 512), (512, 512))  # written in 512 px squares
+    assert stored["probability"].chunks == ((256,) * 4, (256,) * 4)  # written in 256 px squares
 
 
 def test_kill_worker_mid_embeddings(demo_run, external_cluster, tmp_path):
